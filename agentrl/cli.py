@@ -1,0 +1,91 @@
+"""The ``agentrl`` command. Each subcommand imports what it needs when it runs, so ``--help`` is instant."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+__all__ = ["main"]
+
+
+def _cmd_envs(args: argparse.Namespace) -> int:
+    """List registered environments with their descriptions; report plug-ins that fail to load."""
+    from agentrl.errors import PluginError
+    from agentrl.registry import broken_plugins, list_envs
+
+    rows, broken = [], dict(broken_plugins())
+    for env_spec in list_envs():
+        try:
+            rows.append((env_spec.id, env_spec.summary(), env_spec.source))
+        except PluginError as exc:
+            broken[env_spec.id] = str(exc)
+    broken.update(broken_plugins())
+    width = max((len(r[0]) for r in rows), default=0)
+    for env_id, summary, source in rows:
+        line = f"{env_id:<{width}}  {summary}"
+        print(f"{line}  [{source}]" if args.verbose else line)
+    if not rows:
+        print("no environments registered")
+    for name, reason in sorted(broken.items()):
+        print(f"broken plug-in {name}: {reason}", file=sys.stderr)
+    return 0
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    """Run the env checker on one registered environment."""
+    import agentrl
+    from agentrl.checker import check_env
+
+    env = agentrl.make(args.env)
+    tokenizer = None
+    if args.model:
+        from agentrl.models.loading import load_tokenizer
+
+        tokenizer = load_tokenizer(args.model)
+    passed = check_env(env, tokenizer=tokenizer)
+    print(f"{args.env}: passed {', '.join(passed)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="agentrl", description="Train and evaluate LLM agents with RL in multi-turn environments."
+    )
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command")
+
+    envs = sub.add_parser("envs", help="list registered environments")
+    envs.add_argument("-v", "--verbose", action="store_true", help="also show where each env comes from")
+    envs.set_defaults(func=_cmd_envs)
+
+    check = sub.add_parser("check", help="check an environment against the Env contract")
+    check.add_argument("env", help="environment id, e.g. toy-guess-v0")
+    check.add_argument("--model", help="also check token masks with this model's tokenizer ('tiny', a path or hub id)")
+    check.set_defaults(func=_cmd_check)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``agentrl`` console script."""
+    from agentrl.errors import AgentRLError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        from agentrl import __version__
+
+        print(__version__)
+        return 0
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except AgentRLError as exc:
+        print(f"agentrl: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,665 @@
+"""Tools: schemas from typed functions, parsing model output, validation and execution.
+
+:func:`parse_tool_calls` and :func:`parse_openai_tool_calls` never raise on bad model output; :func:`call_tool`
+turns every failure into text for the model. pydantic and jsonschema are imported inside the functions using them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import inspect
+import json
+import re
+import sys
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from agentrl.errors import ConfigError, ToolCallError
+from agentrl.types import Message, ToolCall, ToolSchema
+
+__all__ = [
+    "ParsedTurn",
+    "Tool",
+    "as_tool",
+    "call_tool",
+    "format_tool_calls",
+    "parse_openai_tool_calls",
+    "parse_tool_calls",
+    "tool",
+    "tool_error_message",
+    "validate_call",
+]
+
+Binder = Callable[[dict[str, Any]], tuple[tuple[Any, ...], dict[str, Any]]]
+ToolsLike = Mapping[str, Any] | Iterable[Any]
+
+
+@dataclass(frozen=True)
+class Tool:
+    """A tool the model can call: an OpenAI function schema and, optionally, its implementation.
+
+    Attributes:
+        name: The name the model calls the tool by.
+        description: What the tool does, written for the model.
+        parameters: JSON schema of the arguments (an object schema).
+        fn: The implementation, sync or async; None for a schema-only tool.
+        bind: Maps schema-valid JSON arguments to ``fn``'s ``(args, kwargs)``, building enums and pydantic
+            models; None calls ``fn(**arguments)``.
+    """
+
+    name: str
+    description: str
+    parameters: dict[str, Any]
+    fn: Callable[..., Any] | None = None
+    bind: Binder | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name or any(c.isspace() for c in self.name):
+            raise ConfigError(f"tool name must be a non-empty string without whitespace, got {self.name!r}")
+        if not isinstance(self.parameters, dict) or self.parameters.get("type") != "object":
+            raise ConfigError(f'tool {self.name!r}: parameters must be a JSON schema with "type": "object"')
+
+    @classmethod
+    def from_function(cls, fn: Callable[..., Any], name: str | None = None) -> Tool:
+        """Build a tool from a typed function (sync or async) with a Google-style docstring.
+
+        The docstring's first paragraph is the description and its ``Args:`` entries describe the parameters.
+        Parameters without defaults are required, unknown arguments rejected; constraints go in the type hint
+        (``Annotated[int, Field(ge=0)]``). ``name`` defaults to ``fn.__name__``.
+
+        Raises:
+            ConfigError: No name, a parameter without a type hint or JSON schema, or ``*args``/``**kwargs``.
+        """
+        tool_name = name or getattr(fn, "__name__", None)
+        if not tool_name or tool_name == "<lambda>":
+            raise ConfigError(f"{fn!r} has no usable __name__; pass name= to Tool.from_function")
+        summary, arg_docs = _parse_docstring(inspect.getdoc(fn) or "")
+        parameters, bind = _signature_schema(fn, tool_name, arg_docs)
+        return cls(tool_name, summary, parameters, fn, bind)
+
+    @classmethod
+    def from_model(
+        cls, model_cls: type[Any], fn: Callable[..., Any] | None = None, name: str | None = None
+    ) -> Tool:
+        """Build a tool whose arguments are the fields of a pydantic model.
+
+        Args:
+            model_cls: A ``pydantic.BaseModel`` subclass; its docstring's first paragraph is the description.
+            fn: Called with the validated model instance; None for a schema-only tool.
+            name: Defaults to the class name.
+
+        Raises:
+            ConfigError: The model has no JSON schema.
+        """
+        try:
+            schema = _strip_titles(model_cls.model_json_schema())
+        except Exception as exc:  # pydantic raises several error types for fields it cannot describe
+            raise ConfigError(f"cannot build a JSON schema for {model_cls!r}: {exc}") from exc
+        schema.pop("description", None)
+        summary, _ = _parse_docstring(model_cls.__dict__.get("__doc__") or "")
+        if model_cls.model_config.get("extra") != "allow":
+            # Arguments pydantic would drop silently are named to the model instead.
+            schema.setdefault("additionalProperties", False)
+
+        def bind(arguments: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+            return (model_cls.model_validate(arguments),), {}
+
+        return cls(name or model_cls.__name__, summary, schema, fn, bind)
+
+    @classmethod
+    def from_schema(cls, schema: Mapping[str, Any], fn: Callable[..., Any] | None = None) -> Tool:
+        """Build a tool from ``{"type": "function", "function": {"name", "description", "parameters"}}`` or
+        its inner dict; ``fn`` (None for a schema-only tool) is called as ``fn(**arguments)``.
+
+        Raises:
+            ConfigError: The name is missing or ``parameters`` is not a valid JSON schema.
+        """
+        from jsonschema import Draft202012Validator
+        from jsonschema.exceptions import SchemaError
+
+        spec = schema.get("function", {}) if schema.get("type") == "function" else schema
+        if not isinstance(spec, Mapping) or not isinstance(spec.get("name"), str):
+            raise ConfigError(f'a tool schema needs a string "name", got {dict(schema)!r}')
+        parameters = json.loads(json.dumps(spec.get("parameters") or {"type": "object", "properties": {}}))
+        try:
+            Draft202012Validator.check_schema(parameters)
+        except SchemaError as exc:
+            raise ConfigError(f"tool {spec['name']!r}: invalid parameters schema: {exc.message}") from exc
+        return cls(spec["name"], spec.get("description") or "", parameters, fn)
+
+    def schema(self) -> ToolSchema:
+        """The OpenAI function-tool schema (a fresh copy, safe to mutate)."""
+        function = {"name": self.name, "description": self.description, "parameters": self.parameters}
+        return {"type": "function", "function": json.loads(json.dumps(function))}
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Call the implementation directly, without validation; TypeError for a schema-only tool."""
+        if self.fn is None:
+            raise TypeError(f"tool {self.name!r} is schema-only and has no function to call")
+        return self.fn(*args, **kwargs)
+
+    @functools.cached_property
+    def _validator(self) -> Any:
+        # cached_property writes the instance __dict__ directly, which a frozen dataclass allows.
+        from jsonschema import Draft202012Validator
+
+        return Draft202012Validator(self.parameters)
+
+
+def tool(fn: Callable[..., Any] | None = None, *, name: str | None = None) -> Any:
+    """Decorator, ``@tool`` or ``@tool(name=...)``: :meth:`Tool.from_function`, returning a callable Tool."""
+    if fn is None:
+        return functools.partial(Tool.from_function, name=name)
+    return Tool.from_function(fn, name)
+
+
+def as_tool(obj: Any) -> Tool:
+    """Coerce a Tool, a typed function, a pydantic model class or an OpenAI schema dict into a :class:`Tool`.
+
+    Raises:
+        ConfigError: ``obj`` is none of these, or cannot be described.
+    """
+    if isinstance(obj, Tool):
+        return obj
+    if isinstance(obj, Mapping):
+        return Tool.from_schema(obj)
+    pydantic = sys.modules.get("pydantic")  # a class can only be a BaseModel if pydantic is already imported
+    if pydantic is not None and isinstance(obj, type) and issubclass(obj, pydantic.BaseModel):
+        return Tool.from_model(obj)
+    if callable(obj):
+        return Tool.from_function(obj)
+    raise ConfigError(f"cannot make a tool from {obj!r}; pass a Tool, function, pydantic model or schema")
+
+
+def _tool_map(tools: ToolsLike) -> dict[str, Tool]:
+    if isinstance(tools, Tool):
+        return {tools.name: tools}
+    if isinstance(tools, Mapping):
+        return {str(name): as_tool(obj) for name, obj in tools.items()}
+    registry: dict[str, Tool] = {}
+    for obj in tools:
+        item = as_tool(obj)
+        if item.name in registry:
+            raise ConfigError(f"two tools are named {item.name!r}; tool names must be unique")
+        registry[item.name] = item
+    return registry
+
+
+# ---------------------------------------------------------------------------------------------- schemas
+
+_SECTION = re.compile(r"^(\w+(?: \w+)?):\s*$")
+_ARG_SECTIONS = {"Args", "Arguments", "Parameters", "Params", "Attributes", "Keyword Args"}
+_ARG_ITEM = re.compile(r"^\*{0,2}(\w+)\s*(?:\([^)]*\))?\s*:\s*(.*)$")
+_SCHEMA_MAPS = {"properties", "$defs", "definitions", "patternProperties", "dependentSchemas"}
+_DATA_KEYS = {"enum", "const", "default", "examples"}
+
+
+def _parse_docstring(doc: str) -> tuple[str, dict[str, str]]:
+    """Split a Google-style docstring into its first paragraph and its ``Args:``/``Attributes:`` entries."""
+    lines = inspect.cleandoc(doc).splitlines()
+    summary: list[str] = []
+    for line in lines:
+        if not line.strip() or _SECTION.match(line):
+            break
+        summary.append(line.strip())
+    entries: dict[str, str] = {}
+    in_args, current, indent = False, None, None
+    for line in lines:
+        if not line.strip():
+            continue
+        header = _SECTION.match(line)
+        if header or not line[0].isspace():
+            in_args, current, indent = header is not None and header.group(1) in _ARG_SECTIONS, None, None
+            continue
+        if not in_args:
+            continue
+        width = len(line) - len(line.lstrip())
+        item = _ARG_ITEM.match(line.strip())
+        if item and (indent is None or width <= indent):
+            indent, current = width, item.group(1)
+            entries[current] = item.group(2).strip()
+        elif current is not None:
+            entries[current] = f"{entries[current]} {line.strip()}".strip()
+    return " ".join(summary), entries
+
+
+def _signature_schema(fn: Callable[..., Any], name: str, arg_docs: Mapping[str, str]) -> tuple[dict, Binder]:
+    """The JSON schema of ``fn``'s parameters and the binder that calls it with validated values."""
+    from pydantic import ConfigDict, Field, create_model
+
+    try:
+        params = list(inspect.signature(fn, eval_str=True).parameters.values())
+    except (NameError, TypeError, ValueError) as exc:
+        raise ConfigError(f"cannot read the signature of tool {name!r}: {exc}") from exc
+    fields: dict[str, Any] = {}
+    for i, param in enumerate(params):
+        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            raise ConfigError(f"tool {name!r}: replace *{param.name} by named parameters")
+        if type(param.default).__name__ == "FieldInfo":
+            raise ConfigError(f"tool {name!r}: write `{param.name}: Annotated[<type>, Field(...)]`")
+        if param.annotation is param.empty:
+            raise ConfigError(f"tool {name!r}: parameter {param.name!r} needs a type hint")
+        extra: dict[str, Any] = {"description": arg_docs[param.name]} if param.name in arg_docs else {}
+        default = ... if param.default is param.empty else param.default
+        # Aliased internal names let parameters be called `json`, `schema` or `model_config`.
+        fields[f"p{i}"] = (param.annotation, Field(default, alias=param.name, **extra))
+    try:
+        model = create_model(f"{name}_arguments", __config__=ConfigDict(extra="forbid"), **fields)
+        schema = _strip_titles(model.model_json_schema())
+    except Exception as exc:  # pydantic raises several error types for types it cannot describe
+        raise ConfigError(f"tool {name!r}: cannot build a JSON schema from its type hints: {exc}") from exc
+    positional = [i for i, p in enumerate(params) if p.kind is p.POSITIONAL_ONLY]
+    positional_names = {params[i].name for i in positional}
+
+    def bind(arguments: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        values = model.model_validate(arguments)
+        args = tuple(getattr(values, f"p{i}") for i in positional)
+        # Only arguments the model gave are passed, so the function's own defaults apply to the rest.
+        given = values.model_fields_set
+        kwargs = {p.name: getattr(values, f"p{i}") for i, p in enumerate(params) if f"p{i}" in given}
+        return args, {k: v for k, v in kwargs.items() if k not in positional_names}
+
+    return schema, bind
+
+
+def _strip_titles(node: Any) -> Any:
+    """Drop pydantic's generated ``title`` keys: they repeat the names and cost prompt tokens."""
+    if isinstance(node, list):
+        return [_strip_titles(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        if key == "title" and isinstance(value, str):
+            continue
+        if key in _DATA_KEYS:
+            out[key] = value
+        elif key in _SCHEMA_MAPS and isinstance(value, dict):
+            out[key] = {name: _strip_titles(sub) for name, sub in value.items()}
+        else:
+            out[key] = _strip_titles(value)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- parsing
+
+_OPEN, _CLOSE = "<tool_call>", "</tool_call>"
+_TAG = re.compile(r"</?tool_call>")
+_NON_WS = re.compile(r"[^ \t\n\r]|\Z")  # JSON's whitespace only
+_DECODER = json.JSONDecoder()
+_FORMAT = 'write each call as <tool_call>{"name": "<tool name>", "arguments": {<arguments>}}</tool_call>'
+
+
+@dataclass(frozen=True)
+class ParsedTurn:
+    """An assistant turn split into its text and its tool calls.
+
+    Attributes:
+        content: The text outside the tool-call blocks, stripped.
+        calls: The well-formed calls in order. Hermes text gets ids ``call_0``, ``call_1``, ...; OpenAI
+            ``tool_calls`` keep the server's ids.
+        errors: One error per malformed call, in order; ``str(error)`` is written for the model to read.
+    """
+
+    content: str
+    calls: tuple[ToolCall, ...] = ()
+    errors: tuple[ToolCallError, ...] = ()
+
+
+def parse_tool_calls(text: str) -> ParsedTurn:
+    """Parse Hermes/Qwen-style ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` blocks.
+
+    ``arguments`` may be an object, a JSON string holding one, or absent (no arguments). Never raises:
+    each malformed block (unclosed, invalid JSON, wrong shape) becomes one error and is left out of
+    ``content``; the well-formed calls around it are still returned.
+    """
+    content: list[str] = []
+    calls: list[ToolCall] = []
+    errors: list[ToolCallError] = []
+    pos, block = 0, 0
+    while (tag := _TAG.search(text, pos)) is not None:
+        content.append(text[pos : tag.start()])
+        if tag.group() == _CLOSE:
+            errors.append(ToolCallError(f"found {_CLOSE} without an opening {_OPEN}; {_FORMAT}"))
+            pos = tag.end()
+            continue
+        block += 1
+        pos, value = _scan_block(text, tag.end(), f"tool call {block}")
+        result = value if isinstance(value, ToolCallError) else _call_from_object(value, block, len(calls))
+        if isinstance(result, ToolCallError):
+            errors.append(result)
+        else:
+            calls.append(result)
+    content.append(text[pos:])
+    return ParsedTurn("".join(content).strip(), tuple(calls), tuple(errors))
+
+
+def _scan_block(text: str, start: int, label: str) -> tuple[int, Any]:
+    """Decode the block opened just before ``start``: where it ends, and its JSON value or a ToolCallError."""
+    # Decoding first lets a JSON string contain a literal </tool_call>.
+    try:
+        value, after = _DECODER.raw_decode(text, _skip_ws(text, start))
+    except (ValueError, RecursionError):
+        pass
+    else:
+        close = _skip_ws(text, after)
+        if text.startswith(_CLOSE, close):
+            return close + len(_CLOSE), value
+    nxt = _TAG.search(text, start)
+    if nxt is None:
+        return len(text), ToolCallError(f"{label}: {_OPEN} is never closed (output cut off?); add {_CLOSE}")
+    if nxt.group() == _OPEN:
+        return nxt.start(), ToolCallError(f"{label}: {_OPEN} is not closed before the next one; {_FORMAT}")
+    body = text[start : nxt.start()].strip()
+    if not body:
+        return nxt.end(), ToolCallError(f"{label}: the block is empty; {_FORMAT}")
+    value, problem = _loads(body)
+    return nxt.end(), ToolCallError(f"{label}: {problem}") if problem else value
+
+
+def _skip_ws(text: str, pos: int) -> int:
+    end = _NON_WS.search(text, pos)
+    return end.start() if end else len(text)
+
+
+def _loads(doc: str) -> tuple[Any, str | None]:
+    """``json.loads`` that reports failure as text for the model: the reason, where, and an excerpt."""
+    try:
+        return json.loads(doc), None
+    except json.JSONDecodeError as exc:
+        before = doc[max(0, exc.pos - 24) : exc.pos].replace("\n", "\\n")
+        after = doc[exc.pos : exc.pos + 24].replace("\n", "\\n")
+        hint = "; put each call in its own block" if exc.msg == "Extra data" else ""
+        where = f"line {exc.lineno}, column {exc.colno}"
+        return None, f"invalid JSON: {exc.msg} at {where} (marked >>>): {before}>>>{after}{hint}"
+    except (ValueError, RecursionError) as exc:  # integers past the digit limit, absurd nesting
+        return None, f"invalid JSON: {type(exc).__name__}: {exc}"
+
+
+def _call_from_object(value: Any, block: int, index: int) -> ToolCall | ToolCallError:
+    label = f"tool call {block}"
+    if not isinstance(value, dict):
+        return ToolCallError(f"{label}: expected a JSON object, got {_preview(value)}; {_FORMAT}")
+    if "name" not in value:
+        return ToolCallError(f'{label}: missing "name"; {_FORMAT}')
+    name = value["name"]
+    if not isinstance(name, str) or not name:
+        return ToolCallError(f'{label}: "name" must be a non-empty string, got {_preview(name)}')
+    unexpected = sorted(set(value) - {"name", "arguments"})
+    if unexpected:
+        return ToolCallError(f"{label} ({name}): unexpected key(s) {', '.join(map(repr, unexpected))}")
+    arguments = _decode_arguments(value.get("arguments", {}), f"{label} ({name})")
+    return arguments if isinstance(arguments, ToolCallError) else ToolCall(name, arguments, f"call_{index}")
+
+
+def _decode_arguments(raw: Any, label: str) -> dict[str, Any] | ToolCallError:
+    if isinstance(raw, str):
+        if not raw.strip():  # servers send "" for a call without arguments
+            return {}
+        raw, problem = _loads(raw)
+        if problem:
+            return ToolCallError(f'{label}: "arguments" is a string but not a JSON object: {problem}')
+    if not isinstance(raw, dict):
+        return ToolCallError(f'{label}: "arguments" must be a JSON object, got {_preview(raw)}')
+    return raw
+
+
+def parse_openai_tool_calls(tool_calls: Sequence[Any] | None, content: str | None = None) -> ParsedTurn:
+    """Parse the ``tool_calls`` of an OpenAI-compatible chat completion message.
+
+    Args:
+        tool_calls: Entries ``{"id", "type": "function", "function": {"name", "arguments": "<JSON>"}}``
+            as dicts; None means no calls.
+        content: The message's text, passed through (None becomes "").
+
+    Returns:
+        The turn; calls keep the server's ids (``call_<index>`` when missing). Never raises: each malformed
+        entry becomes one error naming its position and id.
+    """
+    calls: list[ToolCall] = []
+    errors: list[ToolCallError] = []
+    if tool_calls is not None and not isinstance(tool_calls, (list, tuple)):
+        errors.append(ToolCallError(f"tool_calls must be a list, got {type(tool_calls).__name__}"))
+        tool_calls = None
+    for index, entry in enumerate(tool_calls or ()):
+        result = _openai_entry(entry, index)
+        if isinstance(result, ToolCallError):
+            errors.append(result)
+        else:
+            calls.append(result)
+    return ParsedTurn(content or "", tuple(calls), tuple(errors))
+
+
+def _openai_entry(entry: Any, index: int) -> ToolCall | ToolCallError:
+    label = f"tool call {index + 1}"
+    if not isinstance(entry, Mapping):
+        return ToolCallError(f"{label}: expected an object, got {type(entry).__name__}")
+    call_id = entry.get("id")
+    if isinstance(call_id, str) and call_id:
+        label = f"{label} (id {call_id!r})"
+    else:
+        call_id = f"call_{index}"
+    if entry.get("type", "function") != "function":
+        return ToolCallError(f'{label}: unsupported type {_preview(entry.get("type"))}; only "function" is')
+    function = entry.get("function")
+    if not isinstance(function, Mapping):
+        return ToolCallError(f'{label}: "function" must be an object with "name" and "arguments"')
+    name = function.get("name")
+    if not isinstance(name, str) or not name:
+        return ToolCallError(f'{label}: "function.name" must be a non-empty string, got {_preview(name)}')
+    arguments = _decode_arguments(function.get("arguments", ""), f"{label} ({name})")
+    return arguments if isinstance(arguments, ToolCallError) else ToolCall(name, arguments, call_id)
+
+
+def format_tool_calls(calls: Iterable[ToolCall]) -> str:
+    """Render calls as Hermes ``<tool_call>`` blocks, one per call, joined by newlines.
+
+    :func:`parse_tool_calls` reads the result back to the same names and arguments.
+    """
+    blocks = []
+    for call in calls:
+        body = json.dumps({"name": call.name, "arguments": dict(call.arguments)}, ensure_ascii=False)
+        # A literal tag inside a string would end the block for regex-based parsers; \u003c decodes the same.
+        body = body.replace(_OPEN, "\\u003ctool_call>").replace(_CLOSE, "\\u003c/tool_call>")
+        blocks.append(f"{_OPEN}\n{body}\n{_CLOSE}")
+    return "\n".join(blocks)
+
+
+def _preview(value: Any, limit: int = 60) -> str:
+    text = json.dumps(value, ensure_ascii=False, default=repr)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+# ---------------------------------------------------------------------------------------------- validation
+
+_BOUNDS = {
+    "minimum": ">= {}", "maximum": "<= {}", "exclusiveMinimum": "> {}", "exclusiveMaximum": "< {}",
+    "minLength": "at least {} characters", "maxLength": "at most {} characters",
+    "minItems": "at least {} items", "maxItems": "at most {} items", "multipleOf": "a multiple of {}",
+    "minProperties": "at least {} keys", "maxProperties": "at most {} keys", "pattern": "a string matching {!r}",
+}  # fmt: skip
+
+
+def validate_call(call: ToolCall, tools: ToolsLike) -> ToolCall:
+    """Check that ``call`` names a known tool and that its arguments satisfy the tool's JSON schema.
+
+    Args:
+        call: The parsed call.
+        tools: ``{name: Tool}`` or a sequence of tools (anything :func:`as_tool` accepts).
+
+    Returns:
+        ``call`` itself.
+
+    Raises:
+        ToolCallError: The tool is unknown (the message lists the tools, with a did-you-mean), or the
+            arguments break the schema (the message names each bad, missing or unexpected argument).
+    """
+    registry = _tool_map(tools)
+    found = registry.get(call.name)
+    if found is None:
+        names = sorted(registry)
+        if not names:
+            raise ToolCallError(f"unknown tool {call.name!r}: no tools are available")
+        close = difflib.get_close_matches(call.name, names, n=1)
+        guess = f" Did you mean {close[0]!r}?" if close else ""
+        raise ToolCallError(
+            f"unknown tool {call.name!r}.{guess} Available tools: {', '.join(map(repr, names))}"
+        )
+    order = {"required": 0, "additionalProperties": 1}  # missing, then unexpected, then argument by argument
+    errors = sorted(
+        found._validator.iter_errors(dict(call.arguments)),
+        key=lambda e: (list(map(str, e.path)), order.get(e.validator, 2)),
+    )
+    problems = "".join(f"\n- {line}" for error in errors for line in _describe_error(error, found.parameters))
+    if problems:
+        raise ToolCallError(f"invalid arguments for tool {call.name!r}:{problems}")
+    return call
+
+
+def _describe_error(error: Any, root: Mapping[str, Any]) -> list[str]:
+    """Lines naming the argument, the expectation and the value given, for one jsonschema error."""
+    path = list(error.absolute_path)
+    where = f"argument {_path_text(path)!r}" if path else "arguments"
+    kind, expected = error.validator, error.validator_value
+    if kind == "required":
+        missing = [key for key in expected if key not in error.instance]
+        if not path:
+            return [f"missing required argument {key!r}" for key in missing]
+        return [f"{where}: missing required field {key!r}" for key in missing]
+    if kind == "additionalProperties" and expected is False:
+        allowed = sorted(error.schema.get("properties", {}))
+        accepted = f" (accepted: {', '.join(map(repr, allowed))})" if allowed else " (it takes none)"
+        noun = "argument" if not path else f"field in {where}:"
+        return [f"unexpected {noun} {key!r}{accepted}" for key in error.instance if key not in allowed]
+    if kind in ("anyOf", "oneOf") and error.context:
+        # When one alternative has the right type, its inner errors say more than "expected X or Y".
+        branches: dict[Any, list[Any]] = {}
+        for sub in error.context:
+            branches.setdefault(sub.relative_schema_path[0], []).append(sub)
+        shape = ("type", "enum", "const")
+        near = [
+            b
+            for b in branches.values()
+            if not any(len(s.absolute_path) == len(path) and s.validator in shape for s in b)
+        ]
+        if len(near) == 1:
+            return [line for sub in near[0] for line in _describe_error(sub, root)]
+    if kind == "type":
+        want = " or ".join(expected) if isinstance(expected, list) else str(expected)
+    elif kind in ("anyOf", "oneOf"):
+        want = " or ".join(_describe_schema(s, root) for s in expected)
+    elif kind in ("enum", "const"):
+        want = _describe_schema({kind: expected}, root)
+    elif kind in _BOUNDS:
+        want = _BOUNDS[kind].format(expected)
+    else:
+        return [f"{where}: {error.message}"]
+    return [f"{where}: expected {want}, got {_preview(error.instance)}"]
+
+
+def _path_text(path: list[Any]) -> str:
+    return str(path[0]) + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path[1:])
+
+
+def _describe_schema(schema: Any, root: Mapping[str, Any], depth: int = 0) -> str:
+    """A few words for what a schema accepts, e.g. ``integer``, ``one of "a", "b"``, ``object or null``."""
+    if not isinstance(schema, Mapping) or depth > 8:
+        return "a value matching the schema"
+    ref = schema.get("$ref")
+    if isinstance(ref, str) and ref.startswith("#/"):
+        target: Any = root
+        for part in ref[2:].split("/"):
+            target = target.get(part, {}) if isinstance(target, Mapping) else {}
+        return _describe_schema(target, root, depth + 1)
+    if "enum" in schema:
+        values = [_preview(v, 30) for v in schema["enum"][:10]]
+        return "one of " + ", ".join(values) + (", …" if len(schema["enum"]) > 10 else "")
+    if "const" in schema:
+        return _preview(schema["const"])
+    if "type" in schema:
+        return " or ".join(schema["type"]) if isinstance(schema["type"], list) else str(schema["type"])
+    for key in ("anyOf", "oneOf"):
+        if isinstance(schema.get(key), list):
+            return " or ".join(_describe_schema(s, root, depth + 1) for s in schema[key])
+    return "a value matching the schema"
+
+
+# ---------------------------------------------------------------------------------------------- execution
+
+
+async def call_tool(call: ToolCall, tools: ToolsLike) -> Message:
+    """Validate ``call``, run its tool (awaited if async, sync ones directly) and answer with a tool message.
+
+    Returns:
+        ``{"role": "tool", "tool_call_id", "name", "content"}``: a string result as is, any other as JSON.
+        A validation error or any Exception from the tool becomes content ``"Error: ..."``; cancellation
+        and KeyboardInterrupt propagate.
+
+    Raises:
+        ConfigError: The tool exists but has no implementation, or ``tools`` is malformed.
+    """
+    registry = _tool_map(tools)
+    message: Message = {"role": "tool", "tool_call_id": call.id or "", "name": call.name, "content": ""}
+    try:
+        target = registry[validate_call(call, registry).name]
+    except ToolCallError as exc:
+        message["content"] = _error_text(exc)
+        return message
+    if target.fn is None:
+        raise ConfigError(f"tool {target.name!r} is schema-only; give it a function with fn=")
+    try:
+        args, kwargs = target.bind(dict(call.arguments)) if target.bind else ((), dict(call.arguments))
+    except Exception as exc:  # a pydantic validator rejected what the JSON schema allowed
+        message["content"] = _error_text(ToolCallError(_binding_problem(call.name, exc)))
+        return message
+    try:
+        result = target.fn(*args, **kwargs)
+        if inspect.isawaitable(result):
+            result = await result
+        message["content"] = _to_text(result)
+    except Exception as exc:  # a failing tool is an observation for the model, not a crash of the episode
+        message["content"] = _error_text(exc)
+    return message
+
+
+def tool_error_message(error: BaseException, call_id: str | None = None) -> Message:
+    """The tool message that reports ``error`` (e.g. one of :attr:`ParsedTurn.errors`) to the model.
+
+    Args:
+        error: A ToolCallError gives content ``"Error: <message>"``; any other exception gives
+            ``"Error: <ExcType>: <message>"``.
+        call_id: The id of the call being answered; omitted from the message when None.
+    """
+    message: Message = {"role": "tool", "content": _error_text(error)}
+    if call_id is not None:
+        message["tool_call_id"] = call_id
+    return message
+
+
+def _error_text(error: BaseException) -> str:
+    if isinstance(error, ToolCallError):
+        return f"Error: {error}"
+    return f"Error: {type(error).__name__}: {error}"
+
+
+def _binding_problem(name: str, exc: Exception) -> str:
+    details = [f"{type(exc).__name__}: {exc}"]
+    if type(exc).__name__ == "ValidationError":  # pydantic's; its str() adds documentation URLs
+        errors = exc.errors(include_url=False)  # type: ignore[attr-defined]
+        details = [
+            f"argument {_path_text(list(e['loc']))!r}: {e['msg']}" if e["loc"] else e["msg"] for e in errors
+        ]
+    return f"invalid arguments for tool {name!r}:" + "".join(f"\n- {d}" for d in details)
+
+
+def _to_text(result: Any) -> str:
+    if isinstance(result, str):
+        return result
+    if callable(getattr(result, "model_dump_json", None)) and not isinstance(result, type):
+        return result.model_dump_json()
+    if dataclasses.is_dataclass(result) and not isinstance(result, type):
+        result = dataclasses.asdict(result)
+    return json.dumps(result, ensure_ascii=False, default=str)
