@@ -25,6 +25,7 @@ from typing import Any
 
 from agentrl.core import Env, ResetResult, StepResult
 from agentrl.errors import EnvCheckError
+from agentrl.types import StopReason
 
 __all__ = ["DEFAULT_PROBES", "check_env"]
 
@@ -142,7 +143,7 @@ def _check_masks(env: Env, tokenizer: Any, seed: int, actions: Sequence[str]) ->
             break
         ledger.add_observation(renderer.observation_ids(history, renderer.decode(ids), new_obs))
         history += [renderer.assistant_message(renderer.decode(ids)), *new_obs]
-    trajectory = ledger.finish(stop_reason="terminated")
+    trajectory = ledger.finish(StopReason.TERMINATED)
     trained = [i for i, m in enumerate(trajectory.loss_mask) if m]
     if trained != sampled_positions:
         raise _fail("masks", f"loss mask covers positions {trained[:20]}..., the sampled tokens are "
@@ -155,7 +156,8 @@ def _run_gymnasium_checker(env: Env) -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            gym_check_env(env)
+            # With no spec and no render modes there is nothing to render-check; gymnasium would only warn.
+            gym_check_env(env, skip_render_check=env.spec is None and not env.metadata.get("render_modes"))
         except AssertionError as exc:
             raise _fail("gymnasium", str(exc)) from exc
     messages = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
@@ -189,6 +191,7 @@ def check_env(
         raise _fail("types", f"{type(env).__name__} is not an agentrl.Env subclass")
     env = env.unwrapped
     actions = list(actions if actions is not None else DEFAULT_PROBES)
+    children_before = _child_pids()
     passed = []
 
     first = _play(env, seed, actions)
@@ -212,20 +215,19 @@ def check_env(
         _run_gymnasium_checker(env)
         passed.append("gymnasium")
 
-    _check_close(env, make_env)
+    _check_close(env, make_env, children_before)
     passed.append("close")
     return passed
 
 
-def _check_close(env: Env, make_env: Callable[[], Env] | None) -> None:
-    before = _child_pids()
+def _check_close(env: Env, make_env: Callable[[], Env] | None, before: set[int]) -> None:
     env.close()
     try:
         env.close()
     except Exception as exc:
         raise _fail("close", f"a second close() raised {type(exc).__name__}: {exc}; close must be idempotent") from exc
     if make_env is None and env.spec is not None:
-        make_env = env.spec.make
+        make_env = env.spec.make  # type: ignore[assignment]  # gymnasium types it as returning its Env
     if make_env is not None:
         fresh = make_env()
         fresh.reset(seed=0)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import string
 import threading
+import weakref
 from collections.abc import Coroutine, Sequence
 from typing import Any, NamedTuple, TypeVar
 
@@ -97,7 +98,7 @@ class ChatSpace(spaces.Space[list[Message]]):
     def sample(self, mask: Any = None, probability: Any = None) -> list[Message]:
         count = int(self.np_random.integers(0, 4))
         return [
-            {"role": str(self.np_random.choice(ROLES)), "content": _random_text(self.np_random, 64)}  # type: ignore[misc]
+            {"role": str(self.np_random.choice(ROLES)), "content": _random_text(self.np_random, 64)}  # type: ignore[typeddict-item]
             for _ in range(count)
         ]
 
@@ -138,9 +139,12 @@ class _LoopThread:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
 
     def stop(self) -> None:
+        if self.loop.is_closed():
+            return
         self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join()
-        self.loop.close()
+        if threading.current_thread() is not self.thread:
+            self.thread.join()
+            self.loop.close()
 
 
 class Env(gymnasium.Env[list[Message], str]):
@@ -180,6 +184,8 @@ class Env(gymnasium.Env[list[Message], str]):
     def _run_sync(self, coro: Coroutine[Any, Any, _T]) -> _T:
         if self._bridge is None:
             self._bridge = _LoopThread()
+            # An env dropped without close() must not leave its loop thread running forever.
+            weakref.finalize(self, self._bridge.stop)
         return self._bridge.run(coro)
 
     # ---- reset -------------------------------------------------------------------------------------

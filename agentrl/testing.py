@@ -29,7 +29,7 @@ class EchoEnv(Env):
 
     def __init__(self, rounds: int = 3):
         self.rounds = rounds
-        self.max_turns = rounds
+        self.max_turns: int = rounds
         self._words: list[str] = []
         self._turn = 0
 
@@ -78,7 +78,7 @@ class GuessEnv(Env):
 
     def __init__(self, high: int = 100, max_turns: int = 8, format_penalty: float = 0.1):
         self.high = high
-        self.max_turns = max_turns
+        self.max_turns: int = max_turns
         self.format_penalty = format_penalty
         self._secret = 0
         self._turn = 0

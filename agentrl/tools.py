@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from agentrl._schema_text import describe_error, path_text, preview
 from agentrl.errors import ConfigError, ToolCallError
 from agentrl.types import Message, ToolCall, ToolSchema
 
@@ -382,12 +383,12 @@ def _loads(doc: str) -> tuple[Any, str | None]:
 def _call_from_object(value: Any, block: int, index: int) -> ToolCall | ToolCallError:
     label = f"tool call {block}"
     if not isinstance(value, dict):
-        return ToolCallError(f"{label}: expected a JSON object, got {_preview(value)}; {_FORMAT}")
+        return ToolCallError(f"{label}: expected a JSON object, got {preview(value)}; {_FORMAT}")
     if "name" not in value:
         return ToolCallError(f'{label}: missing "name"; {_FORMAT}')
     name = value["name"]
     if not isinstance(name, str) or not name:
-        return ToolCallError(f'{label}: "name" must be a non-empty string, got {_preview(name)}')
+        return ToolCallError(f'{label}: "name" must be a non-empty string, got {preview(name)}')
     unexpected = sorted(set(value) - {"name", "arguments"})
     if unexpected:
         return ToolCallError(f"{label} ({name}): unexpected key(s) {', '.join(map(repr, unexpected))}")
@@ -403,7 +404,7 @@ def _decode_arguments(raw: Any, label: str) -> dict[str, Any] | ToolCallError:
         if problem:
             return ToolCallError(f'{label}: "arguments" is a string but not a JSON object: {problem}')
     if not isinstance(raw, dict):
-        return ToolCallError(f'{label}: "arguments" must be a JSON object, got {_preview(raw)}')
+        return ToolCallError(f'{label}: "arguments" must be a JSON object, got {preview(raw)}')
     return raw
 
 
@@ -443,13 +444,13 @@ def _openai_entry(entry: Any, index: int) -> ToolCall | ToolCallError:
     else:
         call_id = f"call_{index}"
     if entry.get("type", "function") != "function":
-        return ToolCallError(f'{label}: unsupported type {_preview(entry.get("type"))}; only "function" is')
+        return ToolCallError(f'{label}: unsupported type {preview(entry.get("type"))}; only "function" is')
     function = entry.get("function")
     if not isinstance(function, Mapping):
         return ToolCallError(f'{label}: "function" must be an object with "name" and "arguments"')
     name = function.get("name")
     if not isinstance(name, str) or not name:
-        return ToolCallError(f'{label}: "function.name" must be a non-empty string, got {_preview(name)}')
+        return ToolCallError(f'{label}: "function.name" must be a non-empty string, got {preview(name)}')
     arguments = _decode_arguments(function.get("arguments", ""), f"{label} ({name})")
     return arguments if isinstance(arguments, ToolCallError) else ToolCall(name, arguments, call_id)
 
@@ -468,19 +469,7 @@ def format_tool_calls(calls: Iterable[ToolCall]) -> str:
     return "\n".join(blocks)
 
 
-def _preview(value: Any, limit: int = 60) -> str:
-    text = json.dumps(value, ensure_ascii=False, default=repr)
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
 # ---------------------------------------------------------------------------------------------- validation
-
-_BOUNDS = {
-    "minimum": ">= {}", "maximum": "<= {}", "exclusiveMinimum": "> {}", "exclusiveMaximum": "< {}",
-    "minLength": "at least {} characters", "maxLength": "at most {} characters",
-    "minItems": "at least {} items", "maxItems": "at most {} items", "multipleOf": "a multiple of {}",
-    "minProperties": "at least {} keys", "maxProperties": "at most {} keys", "pattern": "a string matching {!r}",
-}  # fmt: skip
 
 
 def validate_call(call: ToolCall, tools: ToolsLike) -> ToolCall:
@@ -513,78 +502,10 @@ def validate_call(call: ToolCall, tools: ToolsLike) -> ToolCall:
         found._validator.iter_errors(dict(call.arguments)),
         key=lambda e: (list(map(str, e.path)), order.get(e.validator, 2)),
     )
-    problems = "".join(f"\n- {line}" for error in errors for line in _describe_error(error, found.parameters))
+    problems = "".join(f"\n- {line}" for error in errors for line in describe_error(error, found.parameters))
     if problems:
         raise ToolCallError(f"invalid arguments for tool {call.name!r}:{problems}")
     return call
-
-
-def _describe_error(error: Any, root: Mapping[str, Any]) -> list[str]:
-    """Lines naming the argument, the expectation and the value given, for one jsonschema error."""
-    path = list(error.absolute_path)
-    where = f"argument {_path_text(path)!r}" if path else "arguments"
-    kind, expected = error.validator, error.validator_value
-    if kind == "required":
-        missing = [key for key in expected if key not in error.instance]
-        if not path:
-            return [f"missing required argument {key!r}" for key in missing]
-        return [f"{where}: missing required field {key!r}" for key in missing]
-    if kind == "additionalProperties" and expected is False:
-        allowed = sorted(error.schema.get("properties", {}))
-        accepted = f" (accepted: {', '.join(map(repr, allowed))})" if allowed else " (it takes none)"
-        noun = "argument" if not path else f"field in {where}:"
-        return [f"unexpected {noun} {key!r}{accepted}" for key in error.instance if key not in allowed]
-    if kind in ("anyOf", "oneOf") and error.context:
-        # When one alternative has the right type, its inner errors say more than "expected X or Y".
-        branches: dict[Any, list[Any]] = {}
-        for sub in error.context:
-            branches.setdefault(sub.relative_schema_path[0], []).append(sub)
-        shape = ("type", "enum", "const")
-        near = [
-            b
-            for b in branches.values()
-            if not any(len(s.absolute_path) == len(path) and s.validator in shape for s in b)
-        ]
-        if len(near) == 1:
-            return [line for sub in near[0] for line in _describe_error(sub, root)]
-    if kind == "type":
-        want = " or ".join(expected) if isinstance(expected, list) else str(expected)
-    elif kind in ("anyOf", "oneOf"):
-        want = " or ".join(_describe_schema(s, root) for s in expected)
-    elif kind in ("enum", "const"):
-        want = _describe_schema({kind: expected}, root)
-    elif kind in _BOUNDS:
-        want = _BOUNDS[kind].format(expected)
-    else:
-        return [f"{where}: {error.message}"]
-    return [f"{where}: expected {want}, got {_preview(error.instance)}"]
-
-
-def _path_text(path: list[Any]) -> str:
-    return str(path[0]) + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path[1:])
-
-
-def _describe_schema(schema: Any, root: Mapping[str, Any], depth: int = 0) -> str:
-    """A few words for what a schema accepts, e.g. ``integer``, ``one of "a", "b"``, ``object or null``."""
-    if not isinstance(schema, Mapping) or depth > 8:
-        return "a value matching the schema"
-    ref = schema.get("$ref")
-    if isinstance(ref, str) and ref.startswith("#/"):
-        target: Any = root
-        for part in ref[2:].split("/"):
-            target = target.get(part, {}) if isinstance(target, Mapping) else {}
-        return _describe_schema(target, root, depth + 1)
-    if "enum" in schema:
-        values = [_preview(v, 30) for v in schema["enum"][:10]]
-        return "one of " + ", ".join(values) + (", …" if len(schema["enum"]) > 10 else "")
-    if "const" in schema:
-        return _preview(schema["const"])
-    if "type" in schema:
-        return " or ".join(schema["type"]) if isinstance(schema["type"], list) else str(schema["type"])
-    for key in ("anyOf", "oneOf"):
-        if isinstance(schema.get(key), list):
-            return " or ".join(_describe_schema(s, root, depth + 1) for s in schema[key])
-    return "a value matching the schema"
 
 
 # ---------------------------------------------------------------------------------------------- execution
@@ -650,7 +571,7 @@ def _binding_problem(name: str, exc: Exception) -> str:
     if type(exc).__name__ == "ValidationError":  # pydantic's; its str() adds documentation URLs
         errors = exc.errors(include_url=False)  # type: ignore[attr-defined]
         details = [
-            f"argument {_path_text(list(e['loc']))!r}: {e['msg']}" if e["loc"] else e["msg"] for e in errors
+            f"argument {path_text(list(e['loc']))!r}: {e['msg']}" if e["loc"] else e["msg"] for e in errors
         ]
     return f"invalid arguments for tool {name!r}:" + "".join(f"\n- {d}" for d in details)
 

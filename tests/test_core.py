@@ -101,7 +101,7 @@ def test_async_env_keeps_one_loop_across_calls():
     env.step("x")
     assert loops[0] is loops[1]
     env.close()
-    assert not any(t.name == "agentrl-env-loop" and t.is_alive() for t in threading.enumerate())
+    assert not any(t.name == "agentrl-env-loop" and t.is_alive() for t in threading.enumerate()), [(t.name, t.ident) for t in threading.enumerate()]
 
 
 def test_spaces_contain_what_envs_return_and_reject_the_rest():
@@ -128,3 +128,15 @@ def test_wrapper_forwards_async_twins():
     result = asyncio.run(env.astep(word.upper()))
     assert result.reward == 1.0 and result.terminated
     asyncio.run(env.aclose())
+
+
+def test_an_async_env_dropped_without_close_stops_its_loop_thread():
+    import gc
+
+    env = GuessEnv()
+    env.reset(seed=0)
+    thread = env._bridge.thread
+    del env
+    gc.collect()
+    thread.join(timeout=10)
+    assert not thread.is_alive()
