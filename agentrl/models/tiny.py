@@ -257,6 +257,7 @@ def build_tiny_model(out_dir: str | os.PathLike[str], seed: int = DEFAULT_SEED) 
     """
     import torch
     from transformers import AutoTokenizer, GenerationConfig, Qwen2ForCausalLM
+    from transformers.utils import logging as hf_logging
 
     out = Path(out_dir)
     if _is_built(out, seed):
@@ -270,7 +271,13 @@ def build_tiny_model(out_dir: str | os.PathLike[str], seed: int = DEFAULT_SEED) 
         bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id
     )
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a 4 MB write needs no progress bar on the user's terminal
+    try:
+        model.save_pretrained(out)
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
     tokenizer.save_pretrained(out)
     marker = {"build_id": _build_id(seed), "seed": seed, "format": _BUILD_FORMAT}
     (out / _MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
