@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import json
+import os
 import subprocess
 import sys
 from typing import Annotated, Any, Literal
@@ -29,8 +30,13 @@ from agentrl.tools import (
 )
 from agentrl.types import ToolCall
 
+# CI runs a short, reproducible fuzz; AGENTRL_FUZZ_EXAMPLES=20000 runs a long, random one.
+_LONG_FUZZ = int(os.environ.get("AGENTRL_FUZZ_EXAMPLES", "0"))
 FUZZ = settings(
-    max_examples=120, derandomize=True, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+    max_examples=_LONG_FUZZ or 120,
+    derandomize=not _LONG_FUZZ,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
 )
 
 
