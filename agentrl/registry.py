@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import difflib
 import functools
-import importlib
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from agentrl._plugins import load_object
 from agentrl.errors import EnvNotFoundError, PluginError, RegistryError
 
 __all__ = ["ENTRY_POINT_GROUP", "EnvSpec", "list_envs", "make", "register", "register_plugins", "spec"]
@@ -68,21 +68,7 @@ class EnvSpec:
 
     def load(self) -> EnvFactory:
         """Import and return the entry point. Raises :class:`PluginError` naming the env and its source."""
-        if not isinstance(self.entry_point, str):
-            return self.entry_point
-        module_name, _, attr = self.entry_point.partition(":")
-        try:
-            target: Any = importlib.import_module(module_name)
-            for part in attr.split(".") if attr else ():
-                target = getattr(target, part)
-        except Exception as exc:
-            raise PluginError(
-                f"environment {self.id!r} ({self.source}) failed to load from {self.entry_point!r}: "
-                f"{type(exc).__name__}: {exc}. Reinstall or fix that package; other environments are unaffected."
-            ) from exc
-        if not callable(target):
-            raise PluginError(f"environment {self.id!r}: {self.entry_point!r} is not a class or factory")
-        return target
+        return load_object(self.entry_point, f"environment {self.id!r} ({self.source})")
 
     def summary(self) -> str:
         """The description, loading the entry point if none was registered."""

@@ -27,13 +27,13 @@ from __future__ import annotations
 
 import abc
 import difflib
-import importlib
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from types import TracebackType
 from typing import Any, ClassVar
 
+from agentrl._plugins import load_object
 from agentrl.errors import AgentRLError, ConfigError, PluginError
 
 __all__ = [
@@ -302,21 +302,7 @@ def list_sandboxes() -> list[str]:
 
 
 def _load(name: str, target: str | SandboxFactory) -> SandboxFactory:
-    if not isinstance(target, str):
-        return target
-    module_name, _, attr = target.partition(":")
-    try:
-        obj: Any = importlib.import_module(module_name)
-        for part in attr.split(".") if attr else ():
-            obj = getattr(obj, part)
-    except Exception as exc:
-        raise PluginError(
-            f"sandbox backend {name!r} failed to load from {target!r}: {type(exc).__name__}: {exc}. "
-            "Reinstall or fix the package that provides it."
-        ) from exc
-    if not callable(obj):
-        raise PluginError(f"sandbox backend {name!r}: {target!r} is not a class or factory")
-    return obj
+    return load_object(target, f"sandbox backend {name!r}")
 
 
 def open_sandbox(name: str, limits: SandboxLimits | None = None, **options: Any) -> Sandbox:
