@@ -1,0 +1,1 @@
+"""Rollout: the Policy protocol, the multi-turn runner and the generation backends (hf, vllm, openai)."""
