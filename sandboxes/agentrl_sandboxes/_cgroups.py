@@ -17,7 +17,7 @@ import signal
 import time
 from pathlib import Path
 
-__all__ = ["Cgroup", "create_cgroup", "reap_stale_cgroups"]
+__all__ = ["Cgroup", "cgroup_of", "create_cgroup", "reap_stale_cgroups", "reap_stale_cgroups_everywhere"]
 
 log = logging.getLogger(__name__)
 _CONTROLLERS = ("memory", "pids", "cpu")
@@ -164,13 +164,13 @@ def _owner_alive(pid: int) -> bool:
     return True
 
 
-def reap_stale_cgroups(parents: list[Path]) -> int:
+def reap_stale_cgroups(parents: list[Path]) -> list[str]:
     """Kill what is left in, and remove, groups whose owner process is gone (a crash or SIGKILL of the owner).
 
     Returns:
-        How many groups were removed.
+        The directories removed.
     """
-    removed = 0
+    removed = []
     for parent in parents:
         with contextlib.suppress(OSError):
             for entry in parent.iterdir():
@@ -178,8 +178,44 @@ def reap_stale_cgroups(parents: list[Path]) -> int:
                 if match and entry.is_dir() and not _owner_alive(int(match.group(1))):
                     group = Cgroup(1, {"any": entry})  # v1-style kill: scan cgroup.procs (also in v2)
                     group.kill()
-                    removed += group.remove(timeout=0.5)
+                    if group.remove(timeout=0.5):
+                        removed.append(str(entry))
     return removed
+
+
+def _parents() -> list[Path]:
+    """The directories our groups are created in: under this process's own group, per controller."""
+    mounts, own = _mounts(), _own_paths()
+    return [mounts[c] / own[c].lstrip("/") for c in (*_CONTROLLERS, "unified") if c in mounts and c in own]
+
+
+def reap_stale_cgroups_everywhere() -> list[str]:
+    """:func:`reap_stale_cgroups` over every controller this process can use; [] where none is readable."""
+    try:
+        return reap_stale_cgroups(_parents())
+    except OSError:
+        return []
+
+
+def cgroup_of(pid: int) -> Cgroup | None:
+    """The cgroup a running process is in (e.g. a container's), for reading its counters; None if unknown."""
+    try:
+        mounts = _mounts()
+        entries = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    v1: dict[str, Path] = {}
+    unified = None
+    for line in entries:
+        _, controllers, path = line.split(":", 2)
+        if not controllers:
+            unified = mounts["unified"] / path.lstrip("/") if "unified" in mounts else None
+        for control in controllers.split(",") if controllers else ():
+            if control in _CONTROLLERS and control in mounts:
+                v1[control] = mounts[control] / path.lstrip("/")
+    if "memory" in v1:
+        return Cgroup(1, v1)
+    return Cgroup(2, {"memory": unified, "pids": unified}) if unified is not None else None
 
 
 def create_cgroup(name: str, *, memory: int, processes: int, cpus: float) -> Cgroup | None:
@@ -189,9 +225,9 @@ def create_cgroup(name: str, *, memory: int, processes: int, cpus: float) -> Cgr
     """
     try:
         mounts, own = _mounts(), _own_paths()
+        reap_stale_cgroups(_parents())
     except OSError:
         return None
-    reap_stale_cgroups([mounts[c] / own[c].lstrip("/") for c in (*_CONTROLLERS, "unified") if c in mounts and c in own])
     v1 = [c for c in _CONTROLLERS if c in mounts and c in own]
     if v1:
         dirs: dict[str, Path] = {}

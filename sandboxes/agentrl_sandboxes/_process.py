@@ -21,11 +21,11 @@ import subprocess
 from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from agentrl.sandbox import SandboxLimits
 
-__all__ = ["ServerLost", "ServerProcess", "bwrap_argv", "descendants"]
+__all__ = ["Channel", "ServerLost", "ServerProcess", "bwrap_argv", "descendants"]
 
 log = logging.getLogger(__name__)
 _MAX_HEADER = 1 << 20
@@ -33,6 +33,55 @@ _MAX_HEADER = 1 << 20
 
 class ServerLost(Exception):
     """The fork-server stopped answering (it died, or wrote something that is not a reply)."""
+
+
+class _Writer(Protocol):
+    def write(self, data: bytes) -> None: ...
+    async def drain(self) -> None: ...
+
+
+class _Reader(Protocol):
+    async def readexactly(self, n: int) -> bytes: ...
+
+
+class Channel:
+    """The fork-server's wire protocol over any byte stream pair (a pipe, a container's attach socket).
+
+    A message is a 4-byte big-endian length, a JSON header, then the raw blobs whose sizes the header lists.
+    Replies are untrusted: a malformed or oversized one is :class:`ServerLost`.
+    """
+
+    def __init__(self, writer: _Writer, reader: _Reader, reply_limit: int):
+        self.writer, self.reader, self.reply_limit = writer, reader, reply_limit
+
+    async def call(self, header: dict[str, Any], blobs: Sequence[bytes] = ()) -> tuple[dict[str, Any], list[bytes]]:
+        """Send one request and read its reply.
+
+        Raises:
+            ServerLost: the fork-server is gone or replied with something malformed.
+        """
+        data = json.dumps({**header, "blobs": [len(b) for b in blobs]}).encode()
+        try:
+            self.writer.write(b"".join([struct.pack(">I", len(data)), data, *blobs]))
+            await self.writer.drain()
+        except (ConnectionError, RuntimeError, OSError) as exc:
+            raise ServerLost(str(exc)) from exc
+        return await self.recv()
+
+    async def recv(self) -> tuple[dict[str, Any], list[bytes]]:
+        """Read one message. Raises :class:`ServerLost` on EOF or a malformed or oversized message."""
+        reader = self.reader
+        try:
+            (size,) = struct.unpack(">I", await reader.readexactly(4))
+            if size > _MAX_HEADER:
+                raise ServerLost(f"oversized reply header ({size} bytes)")
+            header = json.loads(await reader.readexactly(size))
+            sizes = header.get("blobs", []) if isinstance(header, dict) else None
+            if not isinstance(sizes, list) or sum(sizes) > self.reply_limit:
+                raise ServerLost("malformed reply")
+            return header, [await reader.readexactly(n) for n in sizes]
+        except (asyncio.IncompleteReadError, ConnectionError, OSError, ValueError, TypeError, AttributeError) as exc:
+            raise ServerLost(str(exc)) from exc
 
 
 def _parents() -> dict[int, int]:
@@ -114,6 +163,8 @@ class ServerProcess:
         self._pidfd: int | None = None
         self._stderr_tail: deque[bytes] = deque(maxlen=32)
         self._stderr_task = asyncio.ensure_future(self._drain_stderr())
+        assert proc.stdin is not None and proc.stdout is not None
+        self.channel = Channel(proc.stdin, proc.stdout, reply_limit)
 
     @classmethod
     async def spawn(
@@ -174,36 +225,12 @@ class ServerProcess:
         return sorted(found)
 
     async def call(self, header: dict[str, Any], blobs: Sequence[bytes] = ()) -> tuple[dict[str, Any], list[bytes]]:
-        """Send one request and read its reply.
-
-        Raises:
-            ServerLost: the fork-server is gone or replied with something malformed.
-        """
-        stdin = self.proc.stdin
-        assert stdin is not None
-        data = json.dumps({**header, "blobs": [len(b) for b in blobs]}).encode()
-        try:
-            stdin.write(b"".join([struct.pack(">I", len(data)), data, *blobs]))
-            await stdin.drain()
-        except (ConnectionError, RuntimeError) as exc:
-            raise ServerLost(str(exc)) from exc
-        return await self.recv()
+        """Send one request and read its reply (see :meth:`Channel.call`)."""
+        return await self.channel.call(header, blobs)
 
     async def recv(self) -> tuple[dict[str, Any], list[bytes]]:
-        """Read one message. Raises :class:`ServerLost` on EOF or a malformed or oversized message."""
-        stdout = self.proc.stdout
-        assert stdout is not None
-        try:
-            (size,) = struct.unpack(">I", await stdout.readexactly(4))
-            if size > _MAX_HEADER:
-                raise ServerLost(f"oversized reply header ({size} bytes)")
-            header = json.loads(await stdout.readexactly(size))
-            sizes = header.get("blobs", []) if isinstance(header, dict) else None
-            if not isinstance(sizes, list) or sum(sizes) > self.reply_limit:
-                raise ServerLost("malformed reply")
-            return header, [await stdout.readexactly(n) for n in sizes]
-        except (asyncio.IncompleteReadError, ConnectionError, ValueError, TypeError, AttributeError) as exc:
-            raise ServerLost(str(exc)) from exc
+        """Read one message (see :meth:`Channel.recv`)."""
+        return await self.channel.recv()
 
     def error_output(self) -> str:
         """The end of what bubblewrap or the fork-server wrote to stderr (for start-up errors)."""
