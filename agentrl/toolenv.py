@@ -342,26 +342,28 @@ class ToolEnv(Env):
 
     async def _run_call(self, call: ToolCall, index: int) -> tuple[Message, CallRecord]:
         if index >= self.max_calls_per_turn:
-            error = ToolCallError(f"at most {self.max_calls_per_turn} tool calls per turn; this one was not run")
-            return tool_error_message(error, call.id), CallRecord(call.name, call.arguments, str(error), "invalid")
+            extra = ToolCallError(f"at most {self.max_calls_per_turn} tool calls per turn; this one was not run")
+            return self._failed(call, extra, "invalid")
         try:
             validate_call(call, self._tools)
-        except ToolCallError as error:
-            message = tool_error_message(error, call.id)
-            return message, CallRecord(call.name, call.arguments, message["content"], "invalid")
+        except ToolCallError as invalid:
+            return self._failed(call, invalid, "invalid")
         try:
             message = await asyncio.wait_for(call_tool(call, self._tools), self.tool_timeout)
         except (asyncio.TimeoutError, TimeoutError):
-            message = tool_error_message(
-                TimeoutError(f"tool {call.name!r} did not finish within {self.tool_timeout:g} s"), call.id
-            )
-            message["name"] = call.name
-            return message, CallRecord(call.name, call.arguments, message["content"], "timeout")
+            late = TimeoutError(f"tool {call.name!r} did not finish within {self.tool_timeout:g} s")
+            return self._failed(call, late, "timeout")
         content = message["content"]
         if len(content) > self.max_output_chars:
             cut = len(content) - self.max_output_chars
             message["content"] = f"{content[: self.max_output_chars]}\n[... {cut} more characters cut]"
         status = "error" if content.startswith("Error: ") else "ok"
+        return message, CallRecord(call.name, call.arguments, message["content"], status)
+
+    @staticmethod
+    def _failed(call: ToolCall, error: BaseException, status: str) -> tuple[Message, CallRecord]:
+        message = tool_error_message(error, call.id)
+        message["name"] = call.name
         return message, CallRecord(call.name, call.arguments, message["content"], status)
 
     # ---- demonstrations ----------------------------------------------------------------------------

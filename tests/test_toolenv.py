@@ -407,3 +407,15 @@ def test_close_leaves_no_thread_behind():
     while set(threading.enumerate()) - before and time.monotonic() < deadline:
         time.sleep(0.01)
     assert set(threading.enumerate()) - before == set()
+
+
+def test_the_example_runs(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "tool_env.py"
+    proc = subprocess.run([sys.executable, str(example)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "passed: types, robustness, seeding, async, gymnasium, close" in proc.stdout
+    assert "reward=1.0 {'format': 0.0, 'outcome': 1.0}" in proc.stdout
