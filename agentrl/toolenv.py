@@ -250,7 +250,8 @@ class ToolEnv(Env):
             call = '<tool_call>{"name": ..., "arguments": {...}}</tool_call>'
             self.system_prompt += f"\n\nTools (call one as {call}):\n{listing}"
         self.description = description or self.description or "A tool-using task set (ToolEnv)"
-        self._answer_re = re.compile(rf"<{answer_tag}>(.*?)</{answer_tag}>", re.S) if answer_tag else None
+        tag = re.escape(answer_tag or "")
+        self._answer_re = re.compile(rf"<{tag}>(.*?)</{tag}>", re.S) if answer_tag else None
         self.task: Task | None = None
         self._turns: list[Turn] = []
         self._done = True
