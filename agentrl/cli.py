@@ -48,6 +48,36 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sandbox_build(args: argparse.Namespace) -> int:
+    """Build the docker sandbox's image locally (no registry needed)."""
+    from agentrl.errors import ConfigError
+    from agentrl.sandbox import sandbox_class
+
+    backend = sandbox_class("docker")
+    build = getattr(backend, "build_image", None)
+    if build is None:
+        raise ConfigError("the installed 'docker' sandbox backend has no image to build")
+    build(tag=args.tag, base=args.base, suite=args.suite, mirror=args.mirror, rebuild=args.rebuild)
+    return 0
+
+
+def _cmd_sandbox_gc(args: argparse.Namespace) -> int:
+    """Remove what sandboxes left behind when their owner died (containers, cgroups), for every backend."""
+    from agentrl.errors import PluginError
+    from agentrl.sandbox import SandboxUnavailableError, list_sandboxes, sandbox_class
+
+    failed = 0
+    for name in args.backend or list_sandboxes():
+        try:
+            removed = sandbox_class(name).reap(everything=args.all)  # type: ignore[attr-defined]
+        except (SandboxUnavailableError, PluginError) as exc:
+            print(f"{name}: skipped: {exc}", file=sys.stderr)
+            failed += bool(args.backend)  # a backend asked for by name must be reachable
+            continue
+        print(f"{name}: removed {len(removed)}" + (f" ({', '.join(removed)})" if removed else ""))
+    return 1 if failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="agentrl", description="Train and evaluate LLM agents with RL in multi-turn environments."
@@ -63,6 +93,20 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("env", help="environment id, e.g. toy-guess-v0")
     check.add_argument("--model", help="also check token masks with this model's tokenizer ('tiny', a path or hub id)")
     check.set_defaults(func=_cmd_check)
+
+    sandbox = sub.add_parser("sandbox", help="build the docker sandbox image; reap leaked sandboxes")
+    sandbox_sub = sandbox.add_subparsers(dest="sandbox_command", required=True)
+    build = sandbox_sub.add_parser("build", help="build the docker sandbox's image locally (no registry needed)")
+    build.add_argument("--tag", help="image tag (default: agentrl/sandbox-python:<Dockerfile hash>)")
+    build.add_argument("--base", help="build on this local image (with /usr/bin/python3) instead of debootstrap")
+    build.add_argument("--suite", help="Debian release for debootstrap (default: this machine's)")
+    build.add_argument("--mirror", help="Debian mirror for debootstrap (default: the one apt uses here)")
+    build.add_argument("--rebuild", action="store_true", help="build even if the image exists")
+    build.set_defaults(func=_cmd_sandbox_build)
+    gc = sandbox_sub.add_parser("gc", help="remove containers and cgroups of sandboxes whose owner died")
+    gc.add_argument("--all", action="store_true", help="also remove sandboxes of owners still running")
+    gc.add_argument("--backend", action="append", help="only this backend (repeatable; default: all)")
+    gc.set_defaults(func=_cmd_sandbox_gc)
     return parser
 
 

@@ -49,6 +49,7 @@ __all__ = [
     "list_sandboxes",
     "open_sandbox",
     "register_sandbox",
+    "sandbox_class",
 ]
 
 ENTRY_POINT_GROUP = "agentrl.sandboxes"
@@ -254,6 +255,21 @@ class Sandbox(abc.ABC):
             Nothing: failures to release host resources are logged, never raised.
         """
 
+    @classmethod
+    def reap(cls, *, everything: bool = False) -> list[str]:
+        """Release what sandboxes of this backend left behind when their owner died (``agentrl sandbox gc``).
+
+        Args:
+            everything: also release the sandboxes of owners that are still running.
+
+        Returns:
+            What was removed, one short description each (empty where the backend leaves nothing behind).
+
+        Raises:
+            SandboxUnavailableError: the backend's service (e.g. the docker engine) cannot be reached.
+        """
+        return []
+
     async def __aenter__(self) -> Sandbox:
         try:
             await self.start()
@@ -305,6 +321,29 @@ def _load(name: str, target: str | SandboxFactory) -> SandboxFactory:
     return load_object(target, f"sandbox backend {name!r}")
 
 
+def sandbox_class(name: str) -> SandboxFactory:
+    """The class (or factory) registered as ``name``, without building a sandbox.
+
+    Raises:
+        SandboxNotFoundError: no backend by that name (the message suggests close names and how to install).
+        PluginError: the backend's package failed to import.
+    """
+    target = _REGISTRY.get(name)
+    if target is None:
+        target = _entry_points().get(name)
+    if target is None:
+        known = list_sandboxes()
+        close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
+        hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+        raise SandboxNotFoundError(
+            f"no sandbox backend {name!r}.{hint} Installed: {', '.join(map(repr, known)) or 'none'}. "
+            f"Backends are found in the '{ENTRY_POINT_GROUP}' entry-point group: `pip install` the package "
+            "that provides it (the bundled 'local' and 'docker' backends come with agentrl: reinstall it with "
+            "`pip install -e .` if they are missing), or call agentrl.sandbox.register_sandbox(name, 'module:Class')."
+        )
+    return _load(name, target)
+
+
 def open_sandbox(name: str, limits: SandboxLimits | None = None, **options: Any) -> Sandbox:
     """Build the sandbox backend registered as ``name``; use it with ``async with``.
 
@@ -317,20 +356,7 @@ def open_sandbox(name: str, limits: SandboxLimits | None = None, **options: Any)
         SandboxNotFoundError: no backend by that name (the message suggests close names and how to install).
         PluginError: the backend's package failed to import, or its factory returned no :class:`Sandbox`.
     """
-    target = _REGISTRY.get(name)
-    if target is None:
-        target = _entry_points().get(name)
-    if target is None:
-        known = list_sandboxes()
-        close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
-        hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-        raise SandboxNotFoundError(
-            f"no sandbox backend {name!r}.{hint} Installed: {', '.join(map(repr, known)) or 'none'}. "
-            f"Backends are found in the '{ENTRY_POINT_GROUP}' entry-point group: `pip install` the package "
-            "that provides it (the bundled 'local' backend comes with agentrl: reinstall it with "
-            "`pip install -e .` if it is missing), or call agentrl.sandbox.register_sandbox(name, 'module:Class')."
-        )
-    sandbox = _load(name, target)(limits=limits, **options)
+    sandbox = sandbox_class(name)(limits=limits, **options)
     if not isinstance(sandbox, Sandbox):
         raise PluginError(f"sandbox backend {name!r} returned {type(sandbox).__name__}, not an agentrl Sandbox")
     return sandbox

@@ -1,8 +1,9 @@
-"""Hostile programs against the local sandbox: each is contained, and leaves nothing running behind it.
+"""Hostile programs against every sandbox backend (local and docker): each is contained, and leaves nothing behind.
 
-The checks live in :func:`test_sandbox_local.hostile`: after ``exec`` returns only the fork-server is left in
-the sandbox's pid namespace, the next program still runs, and after ``close`` the namespace is empty and no
-process of the sandbox uid remains. Assertions are on containment, never on speed.
+Each test runs once per backend (the ``backend`` fixture in conftest.py). The checks live in
+:func:`test_sandbox_local.hostile`: after ``exec`` returns only the fork-server is left in the sandbox's pid
+namespace, the next program still runs, and after ``close`` the namespace is empty and no process of the
+sandbox uid remains. Assertions are on containment, never on speed.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import ipaddress
 import signal
 import socket
 import textwrap
@@ -29,7 +31,18 @@ def nothing_left_behind():
     yield from no_leaks()
 
 
-def test_process_cap_stops_a_fork_bomb():
+def bridge_gateway() -> str:
+    from agentrl_sandboxes.docker import docker_client
+
+    client = docker_client()
+    try:
+        config = client.networks.get("bridge").attrs["IPAM"]["Config"][0]
+        return config.get("Gateway") or str(ipaddress.ip_network(config["Subnet"])[1])  # docker0's address
+    finally:
+        client.close()
+
+
+def test_process_cap_stops_a_fork_bomb(backend):
     program = textwrap.dedent("""
         import os, time
         n = 0
@@ -42,19 +55,19 @@ def test_process_cap_stops_a_fork_bomb():
         except OSError as exc:
             print(n, exc.errno)
     """)
-    result, _ = run(hostile(program, SandboxLimits(processes=16)))
+    result, _ = run(hostile(backend, program, SandboxLimits(processes=16)))
     count, err = map(int, result.stdout.split())
     assert err == errno.EAGAIN and count <= 16
 
 
 @pytest.mark.slow
-def test_endless_fork_bomb_times_out_and_dies():
+def test_endless_fork_bomb_times_out_and_dies(backend):
     program = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n"
-    result, _ = run(hostile(program, SandboxLimits(processes=32), timeout=2))
+    result, _ = run(hostile(backend, program, SandboxLimits(processes=32), timeout=2))
     assert result.timed_out and result.signal == signal.SIGKILL
 
 
-def test_thread_bomb_is_capped():
+def test_thread_bomb_is_capped(backend):
     program = textwrap.dedent("""
         import threading, time
         threads = []
@@ -67,18 +80,18 @@ def test_thread_bomb_is_capped():
             print(len(threads))
             import os; os._exit(0)
     """)
-    result, _ = run(hostile(program, SandboxLimits(processes=16)))
+    result, _ = run(hostile(backend, program, SandboxLimits(processes=16)))
     assert int(result.stdout) <= 16
 
 
-def test_memory_bomb_in_one_process_is_refused():
+def test_memory_bomb_in_one_process_is_refused(backend):
     program = "blocks = []\nwhile True:\n    blocks.append(b'x' * (16 * 1024 * 1024))\n"
-    result, _ = run(hostile(program, SandboxLimits(memory=256 * MiB)))
+    result, _ = run(hostile(backend, program, SandboxLimits(memory=256 * MiB)))
     assert result.exit_code == 1 and "MemoryError" in result.stderr
 
 
 @pytest.mark.slow
-def test_memory_bomb_in_many_processes_is_capped():
+def test_memory_bomb_in_many_processes_is_capped(backend):
     program = textwrap.dedent("""
         import os
         pids = []
@@ -96,30 +109,31 @@ def test_memory_bomb_in_many_processes_is_capped():
     """)
 
     async def check(sb, result):
-        if sb._cgroup is not None and "memory" in sb._cgroup.dirs:  # the total is capped only by a cgroup
+        group = getattr(sb, "_cgroup", None)  # local: the total is capped only where a cgroup is available
+        if backend == "docker" or (group is not None and "memory" in group.dirs):
             assert result.oom, result
 
     limits = SandboxLimits(memory=256 * MiB, disk=1 * MiB, shm=1 * MiB, processes=16, wall_time=20)
-    run(hostile(program, limits, after=check))
+    run(hostile(backend, program, limits, after=check))
 
 
-def test_infinite_loop_hits_the_deadline():
-    result, _ = run(hostile("while True:\n    pass\n", timeout=1))
+def test_infinite_loop_hits_the_deadline(backend):
+    result, _ = run(hostile(backend, "while True:\n    pass\n", timeout=1))
     assert result.timed_out and result.signal == signal.SIGKILL and result.wall_time >= 1
 
 
-def test_cpu_time_limit():
-    result, _ = run(hostile("while True:\n    pass\n", SandboxLimits(cpu_time=1, wall_time=30)))
+def test_cpu_time_limit(backend):
+    result, _ = run(hostile(backend, "while True:\n    pass\n", SandboxLimits(cpu_time=1, wall_time=30)))
     assert result.timed_out and result.signal in (signal.SIGXCPU, signal.SIGKILL) and result.cpu_time >= 0.9
 
 
-def test_sleep_past_timeout_and_ignoring_sigterm():
+def test_sleep_past_timeout_and_ignoring_sigterm(backend):
     program = "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nprint('up', flush=True)\ntime.sleep(100)\n"
-    result, _ = run(hostile(program, timeout=1))
+    result, _ = run(hostile(backend, program, timeout=1))
     assert result.timed_out and result.stdout == "up\n"  # output before the deadline is kept
 
 
-def test_setsid_daemon_does_not_outlive_its_program():
+def test_setsid_daemon_does_not_outlive_its_program(backend):
     program = textwrap.dedent("""
         import os, time
         if os.fork() == 0:
@@ -139,17 +153,17 @@ def test_setsid_daemon_does_not_outlive_its_program():
                           "[p for p in os.listdir('/proc') if p.isdigit() and int(p) not in (1, os.getpid())])")
         assert r.stdout == "False []\n", r.stdout
 
-    result, _ = run(hostile(program, after=check))
+    result, _ = run(hostile(backend, program, after=check))
     assert result.stdout == "parent done\n" and not result.timed_out
 
 
-def test_child_holding_stdout_open_does_not_hang_exec():
+def test_child_holding_stdout_open_does_not_hang_exec(backend):
     program = "import subprocess\nsubprocess.Popen(['sleep', '100'])\nprint('bye')\n"
-    result, _ = run(hostile(program, timeout=30))
+    result, _ = run(hostile(backend, program, timeout=30))
     assert result.stdout == "bye\n" and not result.timed_out and result.wall_time < 20
 
 
-def test_output_flood_is_capped_and_drained():
+def test_output_flood_is_capped_and_drained(backend):
     program = textwrap.dedent("""
         import os
         chunk = b'y' * 65536
@@ -158,12 +172,12 @@ def test_output_flood_is_capped_and_drained():
             os.write(2, chunk)
         print('finished')
     """)
-    result, _ = run(hostile(program, SandboxLimits(output_bytes=64 * 1024), timeout=60))
+    result, _ = run(hostile(backend, program, SandboxLimits(output_bytes=64 * 1024), timeout=60))
     assert result.exit_code == 0 and result.stdout_truncated and result.stderr_truncated
     assert len(result.stdout) == 64 * 1024 and len(result.stderr) == 64 * 1024
 
 
-def test_nothing_outside_the_work_dir_is_writable():
+def test_nothing_outside_the_work_dir_is_writable(backend):
     program = textwrap.dedent("""
         import os
         ok = []
@@ -179,12 +193,12 @@ def test_nothing_outside_the_work_dir_is_writable():
         open('/dev/shm/fine', 'w').write('1')
         print(ok)
     """)
-    result, _ = run(hostile(program))
+    result, _ = run(hostile(backend, program))
     assert result.stdout == "[]\n", result
     assert not Path("/usr/agentrl-probe").exists() and not Path("/agentrl-probe").exists()
 
 
-def test_host_secrets_and_environment_are_invisible(monkeypatch):
+def test_host_secrets_and_environment_are_invisible(backend, monkeypatch):
     monkeypatch.setenv("AGENTRL_TEST_SECRET", "hunter2")
     program = textwrap.dedent("""
         import os
@@ -197,12 +211,17 @@ def test_host_secrets_and_environment_are_invisible(monkeypatch):
                 seen.append(type(exc).__name__)
         print(seen)
     """)
-    result, _ = run(hostile(program))
-    assert "hunter2" not in result.stdout and "root:" not in result.stdout
-    assert "b'" not in result.stdout.split("}", 1)[1], result.stdout  # every file read failed
+    result, _ = run(hostile(backend, program))
+    environment, *reads = eval(result.stdout)  # what the program printed: a dict, then bytes or error names
+    assert "hunter2" not in result.stdout and "AGENTRL_TEST_SECRET" not in environment
+    failed = dict(zip(['/etc/shadow', '/etc/passwd', '/root/.bashrc', '/proc/1/environ', '/var/run/docker.sock',
+                       '/run/docker.sock', '/home'], reads, strict=True))
+    if backend == "docker":  # the image's own /etc/passwd (Debian's base-passwd), not the host's secrets
+        assert failed.pop("/etc/passwd").startswith(b"root:x:0:0:")
+    assert all(isinstance(v, str) for v in failed.values()), failed  # every other read failed
 
 
-def test_no_network_not_even_host_loopback():
+def test_no_network_not_even_host_loopback(backend):
     server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     server.bind(("127.0.0.1", 0))
     server.listen()
@@ -222,15 +241,17 @@ def test_no_network_not_even_host_loopback():
         print(results)
     """)
     try:
-        result, _ = run(hostile(program))
+        result, _ = run(hostile(backend, program))
     finally:
         server.close()
     assert result.stdout == f"{[errno.EAFNOSUPPORT] * 5}\n", result
 
 
-def test_network_is_available_when_asked():
+def test_network_is_available_when_asked(backend):
+    # A container on docker's bridge reaches the host at the bridge's gateway, not at the host's loopback.
+    host = "127.0.0.1" if backend == "local" else bridge_gateway()
     server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    server.bind(("127.0.0.1", 0))
+    server.bind((host, 0))
     server.listen()
     port = server.getsockname()[1]
 
@@ -242,15 +263,15 @@ def test_network_is_available_when_asked():
 
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
-    program = f"import socket\ns = socket.create_connection(('127.0.0.1', {port}), timeout=5)\nprint(s.recv(5))\n"
+    program = f"import socket\ns = socket.create_connection(('{host}', {port}), timeout=5)\nprint(s.recv(5))\n"
     try:
-        result, _ = run(hostile(program, SandboxLimits(network=True)))
+        result, _ = run(hostile(backend, program, SandboxLimits(network=True)))
     finally:
         server.close()
     assert result.stdout == "b'hello'\n", result
 
 
-def test_the_program_cannot_kill_the_sandbox():
+def test_the_program_cannot_kill_the_sandbox(backend):
     program = textwrap.dedent("""
         import ctypes, fcntl, os, signal
         libc = ctypes.CDLL(None, use_errno=True)
@@ -272,12 +293,12 @@ def test_the_program_cannot_kill_the_sandbox():
         results.append(libc.syscall(424, fd, 9, None, 0) == -1 and ctypes.get_errno())
         print(results)
     """)
-    result, starts = run(hostile(program))
+    result, starts = run(hostile(backend, program))
     assert result.stdout == f"{[errno.EPERM] * 7}\n", result
     assert starts == 1 and not result.sandbox_restarted
 
 
-def test_filling_tmp_and_shm_hits_their_size():
+def test_filling_tmp_and_shm_hits_their_size(backend):
     program = textwrap.dedent("""
         import errno
         for path in ('/tmp/fill', '/dev/shm/fill'):
@@ -288,17 +309,17 @@ def test_filling_tmp_and_shm_hits_their_size():
             except OSError as exc:
                 print(path, exc.errno == errno.ENOSPC)
     """)
-    result, _ = run(hostile(program, SandboxLimits(disk=2 * MiB, shm=1 * MiB)))
+    result, _ = run(hostile(backend, program, SandboxLimits(disk=2 * MiB, shm=1 * MiB)))
     assert result.stdout == "/tmp/fill True\n/dev/shm/fill True\n", result
 
 
-def test_file_size_limit():
+def test_file_size_limit(backend):
     program = "try:\n    open('big', 'wb').write(b'a' * 3_000_000)\nexcept OSError as exc:\n    print(exc.errno)\n"
-    result, _ = run(hostile(program, SandboxLimits(file_size=1 * MiB)))
+    result, _ = run(hostile(backend, program, SandboxLimits(file_size=1 * MiB)))
     assert result.stdout == f"{errno.EFBIG}\n", result
 
 
-def test_rlimits_cannot_be_raised():
+def test_rlimits_cannot_be_raised(backend):
     program = textwrap.dedent("""
         import resource
         out = []
@@ -311,19 +332,19 @@ def test_rlimits_cannot_be_raised():
                 pass
         print(out)
     """)
-    result, _ = run(hostile(program))
+    result, _ = run(hostile(backend, program))
     assert result.stdout == "[]\n", result
 
 
-def test_fd_exhaustion_is_capped():
+def test_fd_exhaustion_is_capped(backend):
     program = "import os\nfds = []\ntry:\n    while True:\n        fds.append(os.open('/dev/null', os.O_RDONLY))\n" \
               "except OSError as exc:\n    print(len(fds), exc.errno)\n"
-    result, _ = run(hostile(program, SandboxLimits(open_files=64)))
+    result, _ = run(hostile(backend, program, SandboxLimits(open_files=64)))
     count, err = map(int, result.stdout.split())
     assert err == errno.EMFILE and count <= 64
 
 
-def test_kernel_attack_surface_is_refused():
+def test_kernel_attack_surface_is_refused(backend):
     program = textwrap.dedent("""
         import ctypes, errno, fcntl, os, termios
         libc = ctypes.CDLL(None, use_errno=True)
@@ -356,25 +377,25 @@ def test_kernel_attack_surface_is_refused():
                 out[path] = exc.errno
         print(out)
     """)
-    result, _ = run(hostile(program))
+    result, _ = run(hostile(backend, program))
     assert "allowed" not in result.stdout and "EPERM" not in result.stdout, result
     values = eval(result.stdout)  # a dict of errno values printed by the program
     assert all(v == errno.EPERM for k, v in values.items() if not k.startswith("/proc")), values
     assert all(v in (errno.EACCES, errno.EPERM, errno.ENOENT) for k, v in values.items() if k.startswith("/proc"))
 
 
-def test_nested_namespaces_and_proc_snooping():
+def test_nested_namespaces_and_proc_snooping(backend):
     program = textwrap.dedent("""
         import os, subprocess
         r = subprocess.run(['unshare', '-r', 'true'], capture_output=True)
         print(r.returncode != 0, sorted(int(p) for p in os.listdir('/proc') if p.isdigit()))
     """)
-    result, _ = run(hostile(program))
+    result, _ = run(hostile(backend, program))
     ok, pids = result.stdout.split(" ", 1)
     assert ok == "True" and max(eval(pids)) < 10, result  # only the sandbox's own few processes are visible
 
 
-def test_symlink_hardlink_and_fifo_escapes_through_returned_files():
+def test_symlink_hardlink_and_fifo_escapes_through_returned_files(backend):
     program = textwrap.dedent("""
         import os
         os.symlink('/usr/bin/python3', 'link')
@@ -394,11 +415,11 @@ def test_symlink_hardlink_and_fifo_escapes_through_returned_files():
         with pytest.raises(SandboxFileError):
             await sb.write_file("link", "overwrite")
 
-    result, _ = run(hostile(program, after=check))
+    result, _ = run(hostile(backend, program, after=check))
     assert result.stdout == f"hardlink {errno.EXDEV}\n", result
 
 
-def test_nothing_persists_into_the_next_program():
+def test_nothing_persists_into_the_next_program(backend):
     program = textwrap.dedent("""
         import os
         open('/tmp/left', 'w').write('1')
@@ -413,10 +434,10 @@ def test_nothing_persists_into_the_next_program():
         r = await sb.exec("import os; print(os.listdir('/tmp'), os.listdir('/dev/shm'))")
         assert r.stdout == "[] []\n", r
 
-    run(hostile(program, after=check))
+    run(hostile(backend, program, after=check))
 
 
-def test_undeletable_work_dir_is_replaced_and_staged_files_survive():
+def test_undeletable_work_dir_is_replaced_and_staged_files_survive(backend):
     program = textwrap.dedent("""
         import os
         os.chdir('/tmp')
@@ -432,11 +453,11 @@ def test_undeletable_work_dir_is_replaced_and_staged_files_survive():
         assert r.stdout == "['input.txt'] kept\n", r
         assert sb.starts == 2
 
-    run(hostile(program, after=check))
+    run(hostile(backend, program, after=check))
 
 
 @pytest.mark.slow
-def test_spinning_on_all_cores_is_killed():
+def test_spinning_on_all_cores_is_killed(backend):
     program = "import os\nfor _ in range(3):\n    os.fork()\nwhile True:\n    pass\n"
-    result, _ = run(hostile(program, timeout=2))
+    result, _ = run(hostile(backend, program, timeout=2))
     assert result.timed_out

@@ -22,7 +22,13 @@ import pytest
 from agentrl_sandboxes.local import LocalSandbox
 
 from agentrl.errors import ConfigError
-from agentrl.sandbox import SandboxClosedError, SandboxFileError, SandboxLimits, SandboxUnavailableError
+from agentrl.sandbox import (
+    SandboxClosedError,
+    SandboxFileError,
+    SandboxLimits,
+    SandboxUnavailableError,
+    open_sandbox,
+)
 
 BWRAP = LocalSandbox().bwrap
 pytestmark = pytest.mark.skipif(BWRAP is None, reason="bubblewrap is missing: apt-get install bubblewrap")
@@ -85,13 +91,13 @@ def nothing_left_behind():
     yield from no_leaks()
 
 
-def assert_only_supervisors(sb: LocalSandbox) -> None:
+def assert_only_supervisors(sb) -> None:
     assert set(sb.host_pids()) == set(sb.supervisor_pids), "a process outlived its program"
 
 
-async def hostile(program, limits=None, *, timeout=None, after=None, **options):
+async def hostile(backend, program, limits=None, *, timeout=None, after=None, **options):
     """Run ``program``, check the sandbox is clean and alive, close it, check its namespace is gone."""
-    async with LocalSandbox(limits or SandboxLimits(wall_time=10), **options) as sb:
+    async with open_sandbox(backend, limits or SandboxLimits(wall_time=10), **options) as sb:
         ns = os.readlink(f"/proc/{sb.supervisor_pids[0]}/ns/pid")
         result = await sb.exec(program, timeout=timeout)
         assert_only_supervisors(sb)

@@ -297,10 +297,11 @@ class Server:
             prctl(self.libc, PR_SET_DUMPABLE, 1)  # ours again (own /proc/self); the server's fds are closed
             limits = self.limits
             cpu = max(1, int(limits["cpu_time"] + 0.999))
-            for name, value in (("RLIMIT_CORE", 0), ("RLIMIT_AS", limits["memory"]),
-                                ("RLIMIT_DATA", limits["memory"]), ("RLIMIT_FSIZE", limits["file_size"]),
-                                ("RLIMIT_NOFILE", limits["open_files"]),
-                                ("RLIMIT_NPROC", limits["processes"] + 2)):
+            caps = [("RLIMIT_CORE", 0), ("RLIMIT_AS", limits["memory"]), ("RLIMIT_DATA", limits["memory"]),
+                    ("RLIMIT_FSIZE", limits["file_size"]), ("RLIMIT_NOFILE", limits["open_files"])]
+            if self.config.get("nproc_rlimit", True):  # counted per uid in a user namespace; off where a
+                caps.append(("RLIMIT_NPROC", limits["processes"] + 2))  # pids cgroup caps the sandbox instead
+            for name, value in caps:
                 resource.setrlimit(getattr(resource, name), (value, value))
             resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
             with open("/proc/self/oom_score_adj", "w") as f:

@@ -25,7 +25,7 @@ import platform
 import struct
 from dataclasses import dataclass
 
-__all__ = ["SeccompUnsupported", "program_filter", "sandbox_filter"]
+__all__ = ["DENIED", "SeccompUnsupported", "program_filter", "sandbox_filter"]
 
 # BPF opcodes and seccomp return values (linux/filter.h, linux/seccomp.h).
 _LD_ABS_W, _JEQ, _JSET, _JGE, _RET = 0x20, 0x15, 0x45, 0x35, 0x06
@@ -70,6 +70,8 @@ _DENIED = [
     "quotactl", "quotactl_fd", "uselib", "vhangup", "iopl", "ioperm", "modify_ldt", "lookup_dcookie",
     "nfsservctl", "pidfd_getfd", "kcmp", "fanotify_init",
 ]
+DENIED: tuple[str, ...] = tuple(_DENIED)
+"""Syscalls refused outright in every sandbox (by name; the docker backend's profile lists them too)."""
 _AF_UNIX, _AF_INET, _AF_INET6, _AF_NETLINK = 1, 2, 10, 16
 _TIOCSTI, _TIOCLINUX, _FIOSETOWN, _SIOCSPGRP = 0x5412, 0x541C, 0x8901, 0x8902
 _F_SETOWN, _F_SETOWN_EX = 8, 15

@@ -1,0 +1,63 @@
+"""Shared fixtures. Test modules live flat in tests/ and may import each other's helpers by module name."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+_DOCKER_REASON: list[str] = []
+
+
+def _start_dockerd() -> None:
+    """Start a docker engine when none runs and we may (root, Debian's docker.io installed)."""
+    if os.geteuid() != 0 or shutil.which("dockerd") is None or Path("/var/run/docker.sock").exists():
+        return
+    with open("/var/log/agentrl-test-dockerd.log", "ab") as log:  # the daemon keeps its own copy of the fd
+        subprocess.Popen(["dockerd"], stdout=log, stderr=log, start_new_session=True)
+    for _ in range(100):
+        if Path("/var/run/docker.sock").exists():
+            return
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="session")
+def docker_image() -> str:
+    """The docker sandbox's image, built if missing, on an engine started if needed.
+
+    Skips (with the reason) where no engine can run, unless ``AGENTRL_REQUIRE_DOCKER=1`` (set by CI), where
+    that is a failure.
+    """
+    from agentrl.sandbox import SandboxUnavailableError
+
+    if _DOCKER_REASON:
+        _skip_or_fail(_DOCKER_REASON[0])
+    try:
+        from agentrl_sandboxes.docker import DockerSandbox, docker_client
+
+        _start_dockerd()
+        docker_client().close()
+        return DockerSandbox.build_image(echo=lambda line: print(f"[docker image] {line}", file=sys.stderr))
+    except (SandboxUnavailableError, ImportError) as exc:
+        _DOCKER_REASON.append(f"no docker engine for the docker sandbox tests: {exc}")
+        _skip_or_fail(_DOCKER_REASON[0])
+        raise
+
+
+def _skip_or_fail(reason: str) -> None:
+    if os.environ.get("AGENTRL_REQUIRE_DOCKER") == "1":
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
+@pytest.fixture(params=["local", pytest.param("docker", marks=pytest.mark.docker)])
+def backend(request: pytest.FixtureRequest) -> str:
+    """Each sandbox backend by name; the docker one only where an engine runs (see :func:`docker_image`)."""
+    if request.param == "docker":
+        request.getfixturevalue("docker_image")
+    return request.param
