@@ -1,0 +1,267 @@
+"""``code-sandbox-v0``: write a Python function, test it in a sandbox, submit it to hidden tests.
+
+Each turn the model may call ``run_python`` (any number of times; results come back as tool messages) and
+ends the episode by calling ``submit`` with its program, or by answering with a fenced python block and no
+tool call. Malformed calls come back as tool errors and the episode goes on; ``max_turns`` turns without a
+submission truncate it.
+
+Rewards (named components, weighted by ``weights``; ``info["reward_components"]`` holds the weighted parts,
+``info["reward_raw"]`` the raw values):
+
+- ``correct`` (ORM, last turn): the share of hidden tests passed, or 1/0 for all-pass with ``orm="all_pass"``.
+  With ``format_gate`` (default), a submission with text after its closing ``</tool_call>`` or code fence
+  scores 0: a policy must not learn to ramble after its answer.
+- ``format`` (PRM, every turn): -1 for a turn with a malformed call, or with neither a call nor a code block.
+- ``runs`` (PRM, every turn): the share of this turn's ``run_python`` programs that exited 0; on the
+  submission turn, 1 if the program loaded and no call of the tests raised.
+- ``progress`` (PRM): each turn, how much the best share of hidden tests passed so far went up; programs
+  run with ``run_python`` that define the entry point are graded too. Over an episode it sums to the best
+  share reached. Costs a grading per such run, so it is computed only when its weight is not 0.
+"""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from agentrl.core import Env, ResetResult, StepResult
+from agentrl.errors import ConfigError, ToolCallError
+from agentrl.rewards import compose, parse_weights
+from agentrl.sandbox import SandboxError, SandboxLimits
+from agentrl.tools import parse_tool_calls, tool_error_message, validate_call
+from agentrl.types import Message, ToolCall
+from agentrl_envs.code_sandbox.datasets import load_humaneval, load_mbpp, load_tasks
+from agentrl_envs.code_sandbox.generator import PRESETS, GeneratorConfig, generate_task
+from agentrl_envs.code_sandbox.grading import GradeConfig, GradeResult, SandboxPair, grade
+from agentrl_envs.code_sandbox.prompts import (
+    RUN_TOOL,
+    SUBMIT_TOOL,
+    SYSTEM_PROMPT,
+    final_code_block,
+    format_run,
+)
+from agentrl_envs.code_sandbox.tasks import CodeTask, parse_source
+
+__all__ = ["COMPONENTS", "CodeSandboxEnv"]
+
+COMPONENTS = ("correct", "format", "runs", "progress")
+DEFAULT_WEIGHTS = {"correct": 1.0, "format": 0.0, "runs": 0.0, "progress": 0.0}
+_TOOLS = (RUN_TOOL, SUBMIT_TOOL)
+_NUDGE = "Call run_python to test code, or call submit with your complete program."
+
+
+def _resolve_tasks(tasks: str | GeneratorConfig | Sequence[CodeTask]) -> GeneratorConfig | list[CodeTask]:
+    if isinstance(tasks, GeneratorConfig):
+        return tasks
+    if isinstance(tasks, str):
+        if tasks in PRESETS:
+            return PRESETS[tasks]
+        loaded = {"humaneval": load_humaneval, "mbpp": load_mbpp}.get(tasks.lower())
+        return loaded() if loaded else load_tasks(tasks)
+    listed = list(tasks)
+    if not listed or not all(isinstance(t, CodeTask) for t in listed):
+        raise ConfigError("tasks must be a preset name, a GeneratorConfig, a data set path, or a list of CodeTask")
+    return listed
+
+
+@dataclass
+class _Episode:
+    task: CodeTask
+    turn: int = 0
+    best: float = 0.0
+    done: bool = False
+
+
+class CodeSandboxEnv(Env):
+    """Write a function with a ``run_python`` tool and ``submit`` it to hidden tests (see the module docstring).
+
+    Args:
+        tasks: a generator preset (``"rl"``, ``"sft"``, ``"eval"``), a :class:`GeneratorConfig`, ``"humaneval"``
+            / ``"mbpp"`` (the files under ``$AGENTRL_DATASETS``), a path to such a file, or a list of tasks.
+        sandbox: the sandbox backend's registered name.
+        sandbox_limits: limits of every program; defaults to 5 s wall and CPU time, 512 MiB.
+        sandbox_options: backend options.
+        max_turns: turns before the episode is truncated.
+        orm: ``"share"`` (share of hidden tests passed) or ``"all_pass"`` (1 only if all pass).
+        weights: weights of the components ``correct``, ``format``, ``runs``, ``progress``.
+        format_gate: score 0 for a submission followed by more text.
+        output_chars: characters of stdout and of stderr shown per ``run_python`` call.
+        grading: time limits of a grading.
+        system_prompt: the system message.
+
+    Attributes:
+        last_grade: the :class:`GradeResult` of the latest submission (with its wall time), or None.
+    """
+
+    description = "Write a Python function with a run_python tool and submit it to hidden tests (sandboxed)"
+    tools = tuple(t.schema() for t in _TOOLS)
+
+    def __init__(
+        self,
+        tasks: str | GeneratorConfig | Sequence[CodeTask] = "rl",
+        *,
+        sandbox: str = "local",
+        sandbox_limits: SandboxLimits | None = None,
+        sandbox_options: Mapping[str, Any] | None = None,
+        max_turns: int = 4,
+        orm: str = "share",
+        weights: Mapping[str, float] | None = None,
+        format_gate: bool = True,
+        output_chars: int = 1000,
+        grading: GradeConfig | None = None,
+        system_prompt: str = SYSTEM_PROMPT,
+    ):
+        if orm not in ("share", "all_pass"):
+            raise ConfigError(f"orm must be 'share' or 'all_pass', got {orm!r}")
+        if not isinstance(max_turns, int) or max_turns < 1:
+            raise ConfigError(f"max_turns must be a positive integer, got {max_turns!r}")
+        self.source = _resolve_tasks(tasks)
+        self.limits = sandbox_limits or SandboxLimits(wall_time=5.0, cpu_time=5.0)
+        self.sandboxes = SandboxPair(sandbox, self.limits, **dict(sandbox_options or {}))
+        self.max_turns: int = max_turns
+        self.orm, self.format_gate, self.output_chars = orm, format_gate, output_chars
+        self.weights = {**DEFAULT_WEIGHTS, **parse_weights(weights, COMPONENTS)}
+        self.grading = grading or GradeConfig()
+        self.system_prompt = system_prompt
+        self.last_grade: GradeResult | None = None
+        self._episode: _Episode | None = None
+
+    # ---- episode -------------------------------------------------------------------------------------
+    def _pick(self, options: Mapping[str, Any]) -> CodeTask:
+        if isinstance(options.get("task"), CodeTask):
+            return options["task"]
+        if isinstance(self.source, GeneratorConfig):
+            if "task_id" in options or "task_index" in options:
+                raise ConfigError("generated tasks have no index; pass options={'task': CodeTask} instead")
+            return generate_task(self.source, self.np_random)
+        if "task_id" in options:
+            found = [t for t in self.source if t.task_id == options["task_id"]]
+            if not found:
+                raise ConfigError(f"no task {options['task_id']!r} among the env's {len(self.source)} tasks")
+            return found[0]
+        index = options.get("task_index")
+        return self.source[int(index) if index is not None else int(self.np_random.integers(len(self.source)))]
+
+    async def areset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> ResetResult:
+        await super().areset(seed=seed)
+        task = self._pick(options or {})
+        self._episode = _Episode(task)
+        opening: list[Message] = [
+            {"role": "system", "content": self.system_prompt},
+            {"role": "user", "content": task.prompt},
+        ]
+        info = {"tools": self.tool_schemas(), "task_id": task.task_id, "source": task.source,
+                "difficulty": task.difficulty, "split": task.split, "demonstrated": task.demonstrated}
+        return ResetResult(opening, info)
+
+    async def astep(self, action: str) -> StepResult:
+        episode = self._episode
+        if episode is None or episode.done:
+            raise RuntimeError("the episode is over; call reset() first")
+        episode.turn += 1
+        turn = await self._play_turn(episode, action)
+        episode.done = turn.submitted or episode.turn >= self.max_turns
+        return self._result(episode, turn)
+
+    # ---- one turn ------------------------------------------------------------------------------------
+    async def _play_turn(self, episode: _Episode, action: str) -> _Turn:
+        parsed = parse_tool_calls(action)
+        turn = _Turn(obs=[tool_error_message(e) for e in parsed.errors], malformed=bool(parsed.errors))
+        for call in parsed.calls:
+            try:
+                validate_call(call, _TOOLS)
+            except ToolCallError as error:
+                turn.obs.append(tool_error_message(error, call.id))
+                turn.malformed = True
+                continue
+            if call.name == "run_python":
+                await self._run(episode, call, turn)
+            else:
+                trailing = bool(action[action.rfind("</tool_call>") + len("</tool_call>"):].strip())
+                await self._submit(episode, str(call.arguments["code"]), trailing, turn, call.id)
+                break
+        if not parsed.calls and not parsed.errors:
+            block = final_code_block(action)
+            if block is None:
+                turn.obs.append({"role": "user", "content": _NUDGE})
+                turn.malformed = True
+            else:
+                await self._submit(episode, block[0], not block[1], turn, None)
+        return turn
+
+    async def _run(self, episode: _Episode, call: ToolCall, turn: _Turn) -> None:
+        code = str(call.arguments["code"])
+        try:
+            result = await self.sandboxes.untrusted().exec(code, timeout=self.limits.wall_time)
+            text, ok = format_run(result, self.output_chars, self.limits.wall_time), result.ok
+        except SandboxError as exc:  # the sandbox failed (not the program): tell the model, keep going
+            text, ok = f"Error: the sandbox failed to run the code: {exc}", False
+        turn.obs.append({"role": "tool", "content": text, "tool_call_id": call.id or "", "name": "run_python"})
+        turn.runs.append(ok)
+        if self.weights["progress"] and _defines(code, episode.task.entry_point):
+            graded = await grade(episode.task, code, self.sandboxes, self.grading)
+            turn.progress += max(0.0, graded.share - episode.best)
+            episode.best = max(episode.best, graded.share)
+
+    async def _submit(self, episode: _Episode, code: str, trailing: bool, turn: _Turn, call_id: str | None) -> None:
+        graded = await grade(episode.task, code, self.sandboxes, self.grading)
+        self.last_grade = graded
+        turn.submitted, turn.grade = True, graded
+        turn.gated = self.format_gate and trailing
+        turn.progress += max(0.0, graded.share - episode.best)
+        episode.best = max(episode.best, graded.share)
+        text = f"Submitted: {graded.passed}/{graded.total} hidden tests passed ({graded.status})."
+        if turn.gated:
+            text += " Scored 0: nothing may follow the submission."
+        message: Message = {"role": "tool", "content": text, "name": "submit"}
+        if call_id is not None:
+            message["tool_call_id"] = call_id
+        turn.obs.append(message)
+
+    # ---- reward --------------------------------------------------------------------------------------
+    def _result(self, episode: _Episode, turn: _Turn) -> StepResult:
+        correct = 0.0
+        if turn.grade is not None and not turn.gated:
+            correct = turn.grade.share if self.orm == "share" else float(turn.grade.all_passed)
+        if turn.submitted:
+            runs = 1.0 if turn.grade is not None and turn.grade.clean else 0.0
+        else:
+            runs = sum(turn.runs) / len(turn.runs) if turn.runs else 0.0
+        raw = {"correct": correct, "format": -1.0 if turn.malformed or turn.gated else 0.0, "runs": runs,
+               "progress": turn.progress}
+        reward = compose(raw, self.weights)
+        info: dict[str, Any] = {"reward_components": dict(reward.components), "reward_raw": dict(reward.raw),
+                                "task_id": episode.task.task_id, "turn": episode.turn}
+        if turn.grade is not None:
+            g = turn.grade
+            info["grade"] = {"passed": g.passed, "total": g.total, "status": g.status, "detail": g.detail,
+                             "clean": g.clean, "gated": turn.gated}
+        truncated = not turn.submitted and episode.turn >= self.max_turns
+        return StepResult(turn.obs, reward.score, turn.submitted, truncated, info)
+
+    # ---- lifecycle -----------------------------------------------------------------------------------
+    async def aclose(self) -> None:
+        """Close the sandboxes (idempotent)."""
+        await self.sandboxes.aclose()
+        await super().aclose()
+
+
+@dataclass
+class _Turn:
+    obs: list[Message]
+    malformed: bool = False
+    runs: list[bool] = field(default_factory=list)
+    submitted: bool = False
+    gated: bool = False
+    grade: GradeResult | None = None
+    progress: float = 0.0
+
+
+def _defines(code: str, name: str) -> bool:
+    try:
+        tree = parse_source(code)
+    except SyntaxError:
+        return False
+    return any(isinstance(n, ast.FunctionDef) and n.name == name for n in tree.body)

@@ -1,0 +1,365 @@
+"""Grading submissions so that the program under test cannot forge its verdict.
+
+The program runs in a sandbox, and anything sharing a process with it is under its control: it can exit
+early (``sys.exit(0)``, ``os._exit(0)``), return objects whose ``__eq__`` always says yes, patch ``print``
+and builtins, disarm alarms, print fake reports, or read whatever test code sits beside it. So:
+
+1. **Only inputs go in.** The untrusted sandbox gets the program and the *inputs* of the hidden tests
+   (:mod:`._harness_calls`); expected outputs and assertion code never enter it, nor the fork-server it is
+   forked from (a separate sandbox runs trusted code).
+2. **Only plain data comes out.** Each call's return value is encoded as exact built-in data
+   (:mod:`._wire`); anything else fails that test. The report line carries a fresh 128-bit nonce that the
+   harness reads from stdin only after the last call returned; the host accepts exactly one such line.
+3. **The host decides.** For :class:`~.tasks.IOTests` the host compares each decoded output with the
+   expected value. For :class:`~.tasks.AssertTests` a *trusted* sandbox, where no submitted code ever
+   runs, re-runs the assertion code against a replay of those outputs (:mod:`._harness_asserts`), each
+   ``assert`` on its own; the number of tests is fixed beforehand by recording the reference solution.
+
+A timeout, crash, missing or duplicated report is a result with ``status`` saying so and 0 tests passed,
+never an exception.
+"""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import json
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from agentrl.errors import ConfigError
+from agentrl.sandbox import ExecResult, Sandbox, SandboxError, SandboxLimits, open_sandbox
+from agentrl_envs.code_sandbox import _wire
+from agentrl_envs.code_sandbox.tasks import AssertTests, CodeTask, IOTests, parse_source
+
+__all__ = ["GradeConfig", "GradeResult", "Recording", "SandboxPair", "grade", "record", "rewrite_asserts"]
+
+_HERE = Path(__file__).parent
+_STRIP = "# stripped when shipped"
+
+
+@dataclass(frozen=True)
+class GradeConfig:
+    """Time limits of one grading.
+
+    Attributes:
+        call_timeout: seconds per call of the function under test.
+        load_timeout: seconds to load (import) the submission.
+        max_time: wall-clock cap of the whole sandboxed run.
+    """
+
+    call_timeout: float = 1.0
+    load_timeout: float = 2.0
+    max_time: float = 10.0
+
+    def __post_init__(self) -> None:
+        for name in ("call_timeout", "load_timeout", "max_time"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"GradeConfig.{name} must be a positive number of seconds")
+
+
+@dataclass(frozen=True)
+class GradeResult:
+    """The verdict on one submission.
+
+    Attributes:
+        passed: hidden tests passed.
+        total: hidden tests (for assertion tests: the assertions the reference solution executes).
+        status: ``"graded"`` (the tests ran; ``passed`` may be anything), ``"load_error"`` (the program did
+            not import), ``"timeout"``, ``"crashed"`` (it died without a report), ``"tampered"`` (more than
+            one report, or a malformed one) or ``"task_error"`` (the task's own tests cannot run).
+        detail: a short explanation for people and for the model (first failure, error text).
+        clean: the program loaded and no call raised or timed out.
+        seconds: wall time of the grading.
+    """
+
+    passed: int
+    total: int
+    status: str
+    detail: str = ""
+    clean: bool = False
+    seconds: float = 0.0
+
+    @property
+    def share(self) -> float:
+        """The fraction of hidden tests passed."""
+        return self.passed / self.total if self.total else 0.0
+
+    @property
+    def all_passed(self) -> bool:
+        return self.total > 0 and self.passed == self.total
+
+
+@dataclass(frozen=True)
+class Recording:
+    """What the reference solution does under a task's assertion tests (computed once per task).
+
+    Attributes:
+        calls: ``[name, args, kwargs]`` of each call the tests made, in wire form.
+        total: assertions executed; all passed.
+        error: why the task cannot be graded (the reference fails, an argument is not plain data), or None.
+        slowest: seconds the reference took for its slowest call.
+    """
+
+    calls: tuple[Any, ...]
+    total: int
+    error: str | None = None
+    slowest: float = 0.0
+
+
+class SandboxPair:
+    """The two sandboxes grading needs, opened on first use: one for untrusted code, one for trusted code.
+
+    Args:
+        backend: the sandbox backend's registered name (``"local"``, ``"docker"``, ...).
+        limits: limits of every program in both.
+        options: backend options passed to :func:`agentrl.sandbox.open_sandbox`.
+    """
+
+    def __init__(self, backend: str = "local", limits: SandboxLimits | None = None, **options: Any):
+        self.backend, self.limits, self.options = backend, limits, options
+        self._boxes: dict[str, Sandbox] = {}
+
+    def _get(self, role: str) -> Sandbox:
+        if role not in self._boxes:
+            self._boxes[role] = open_sandbox(self.backend, self.limits, **self.options)
+        return self._boxes[role]
+
+    def untrusted(self) -> Sandbox:
+        """The sandbox for submissions and the model's ``run_python`` calls."""
+        return self._get("untrusted")
+
+    def trusted(self) -> Sandbox:
+        """The sandbox for reference solutions and assertion code; no submitted code ever runs in it."""
+        return self._get("trusted")
+
+    async def aclose(self) -> None:
+        """Close both sandboxes; idempotent, and completes even when cancelled."""
+        boxes, self._boxes = list(self._boxes.values()), {}
+        for box in boxes:
+            await asyncio.shield(box.close())
+
+
+# ---------------------------------------------------------------------------------------------- programs
+
+
+def _harness_source(name: str) -> str:
+    lines = (_HERE / name).read_text().splitlines()
+    return "\n".join(line for line in lines if not line.endswith(_STRIP))
+
+
+_SOURCES: dict[str, str] = {}
+
+
+def _program(harness: str, spec: dict[str, Any]) -> str:
+    """Wire codec + harness + ``main(spec)``, as one Python source."""
+    if harness not in _SOURCES:
+        _SOURCES[harness] = _harness_source("_wire.py") + "\n\n" + _harness_source(harness)
+    return f"{_SOURCES[harness]}\n\nmain({json.dumps(spec)!r})\n"
+
+
+class _Rewriter(ast.NodeTransformer):
+    def visit_Assert(self, node: ast.Assert) -> Any:
+        if isinstance(node.test, ast.Constant):  # `assert True, "..."` tests nothing
+            return ast.Pass()
+        ok = ast.Name("_agentrl_ok", ast.Store())
+        guarded = ast.Try(
+            body=[ast.Assign([ok], ast.Call(ast.Name("bool", ast.Load()), [node.test], []))],
+            handlers=[ast.ExceptHandler(ast.Name("Exception", ast.Load()), None,
+                                        [ast.Assign([ok], ast.Constant(False))])],
+            orelse=[],
+            finalbody=[],
+        )
+        report = ast.Expr(ast.Call(ast.Name("_agentrl_assert", ast.Load()), [ast.Name("_agentrl_ok", ast.Load())], []))
+        return [guarded, report]
+
+
+def rewrite_asserts(code: str) -> str:
+    """Rewrite each ``assert`` so it reports its outcome to ``_agentrl_assert(ok)`` instead of raising.
+
+    Raises:
+        ConfigError: ``code`` is not valid Python.
+    """
+    try:
+        tree = parse_source(code)
+    except SyntaxError as exc:
+        raise ConfigError(f"test code does not parse: {exc}") from exc
+    return ast.unparse(ast.fix_missing_locations(_Rewriter().visit(tree)))
+
+
+def _report(result: ExecResult, nonce: str) -> tuple[dict[str, Any] | None, str]:
+    """The one report line tagged with ``nonce``, or None and the status that explains its absence."""
+    prefix = nonce + " "
+    lines = [line[len(prefix):] for line in result.stdout.splitlines() if line.startswith(prefix)]
+    if len(lines) > 1:
+        return None, "tampered"
+    if not lines:
+        if result.timed_out:
+            return None, "timeout"
+        return None, "crashed"
+    try:
+        report = json.loads(lines[0])
+    except json.JSONDecodeError:
+        return None, "tampered"
+    return (report, "graded") if isinstance(report, dict) else (None, "tampered")
+
+
+# ---------------------------------------------------------------------------------------------- stages
+
+
+async def _run_calls(
+    box: Sandbox, task: CodeTask, code: str, calls: list[Any], config: GradeConfig, call_timeout: float
+) -> tuple[list[Any] | None, GradeResult | None]:
+    """Run the submission on ``calls`` in the untrusted sandbox: its raw results, or a failed verdict."""
+    spec = {"preamble": task.preamble, "code": code, "calls": calls, "call_timeout": call_timeout,
+            "load_timeout": config.load_timeout}
+    nonce = secrets.token_hex(16)
+    budget = min(config.max_time, config.load_timeout + call_timeout * len(calls) + 1.0)
+    try:
+        result = await box.exec(_program("_harness_calls.py", spec), stdin=nonce + "\n", timeout=budget)
+    except SandboxError as exc:
+        return None, GradeResult(0, len(calls), "crashed", f"the sandbox failed: {exc}")
+    report, status = _report(result, nonce)
+    if report is None:
+        why = {"timeout": f"the program ran past {budget:.1f} s", "crashed": "the program ended without a report",
+               "tampered": "the program printed more than one report"}[status]
+        return None, GradeResult(0, len(calls), status, why)
+    results = report.get("results")
+    if report.get("load") is not None:
+        return None, GradeResult(0, len(calls), "load_error", str(report["load"])[:300])
+    if not isinstance(results, list) or len(results) != len(calls) or not all(map(_valid_result, results)):
+        return None, GradeResult(0, len(calls), "tampered", "the report does not match the calls made")
+    return results, None
+
+
+def _valid_result(item: Any) -> bool:
+    return isinstance(item, dict) and len(item) == 1 and ("v" in item or isinstance(item.get("e"), str))
+
+
+def _first_error(results: list[Any]) -> str:
+    return next((r["e"] for r in results if "e" in r), "")
+
+
+def _compare(tests: IOTests, results: list[Any]) -> tuple[int, str]:
+    passed, detail = 0, ""
+    for call, expected, item in zip(tests.calls, tests.expected, results, strict=True):
+        try:
+            got = _wire.decode(item["v"]) if "v" in item else None
+            ok = "v" in item and _wire.same(got, expected)
+        except _wire.WireError:
+            ok, got = False, "<malformed value>"
+        passed += ok
+        if not ok and not detail:
+            detail = f"{call.text()} raised {item['e']}" if "e" in item else f"{call.text()} returned {got!r:.200}"
+    return passed, detail
+
+
+async def record(task: CodeTask, box: Sandbox) -> Recording:
+    """Run the task's reference solution under its assertion tests in the trusted sandbox.
+
+    Returns:
+        The calls the tests make and the number of assertions, or a :class:`Recording` with ``error`` set
+        when the task cannot be graded this way.
+    """
+    tests = task.tests
+    if not isinstance(tests, AssertTests):
+        raise ConfigError(f"task {task.task_id!r} has no assertion tests to record")
+    cached = _RECORDINGS.get(tests.fingerprint(task.reference))
+    if cached is not None:
+        return cached
+    nonce = secrets.token_hex(16)
+    spec = _assert_spec(tests, nonce, mode="record", reference=task.reference, preamble=task.preamble)
+    result = await box.exec(_program("_harness_asserts.py", spec), timeout=30.0)
+    report, status = _report(result, nonce)
+    if report is None:
+        return Recording((), 0, f"the reference run {status}: {result.stderr[-300:]}")
+    recording = Recording(tuple(report["calls"]), int(report["asserts"]), report["error"], float(report["slowest"]))
+    if recording.error is None and report["passed"] != report["asserts"]:
+        recording = Recording((), 0, f"the reference passes {report['passed']} of {report['asserts']} assertions")
+    if recording.error is None and (recording.total == 0 or not recording.calls):
+        recording = Recording((), 0, "the tests make no assertion that calls the function")
+    _RECORDINGS[tests.fingerprint(task.reference)] = recording
+    return recording
+
+
+_RECORDINGS: dict[str, Recording] = {}
+
+
+def _assert_spec(tests: AssertTests, nonce: str, **extra: Any) -> dict[str, Any]:
+    return {"setup": tests.setup, "tests": _rewritten(tests.tests), "names": list(tests.names),
+            "check": tests.check, "seed": tests.seed, "nonce": nonce, **extra}
+
+
+_REWRITTEN: dict[str, str] = {}
+
+
+def _rewritten(code: str) -> str:
+    if code not in _REWRITTEN:
+        _REWRITTEN[code] = rewrite_asserts(code)
+    return _REWRITTEN[code]
+
+
+async def _replay(tests: AssertTests, recording: Recording, results: list[Any], box: Sandbox) -> tuple[int, str]:
+    nonce = secrets.token_hex(16)
+    spec = _assert_spec(tests, nonce, mode="replay", recorded=list(recording.calls), outputs=results)
+    result = await box.exec(_program("_harness_asserts.py", spec), timeout=30.0)
+    report, status = _report(result, nonce)
+    if report is None:
+        return 0, f"the assertion run {status}"
+    passed, executed = int(report["passed"]), int(report["asserts"])
+    passed = min(passed, executed, recording.total)
+    detail = report["error"] or ("" if passed == recording.total else _first_error(results))
+    return passed, detail or f"{recording.total - passed} assertion(s) failed"
+
+
+async def grade(task: CodeTask, code: str, sandboxes: SandboxPair, config: GradeConfig | None = None) -> GradeResult:
+    """Run ``code`` against ``task``'s hidden tests.
+
+    Args:
+        task: the task.
+        code: the submitted program (full source defining ``task.entry_point``).
+        sandboxes: where to run it (untrusted) and the assertion code (trusted).
+        config: time limits.
+
+    Returns:
+        The verdict; failures of the program (and of the sandbox) are recorded in it, never raised.
+    """
+    config = config or GradeConfig()
+    start = time.perf_counter()
+    verdict = await _grade(task, code, sandboxes, config)
+    return GradeResult(verdict.passed, verdict.total, verdict.status, verdict.detail, verdict.clean,
+                       time.perf_counter() - start)
+
+
+async def _grade(task: CodeTask, code: str, sandboxes: SandboxPair, config: GradeConfig) -> GradeResult:
+    tests = task.tests
+    if isinstance(tests, IOTests):
+        calls = [[c.name, _wire.encode(list(c.args), True), _wire.encode(dict(c.kwargs), True)] for c in tests.calls]
+        results, failed = await _run_calls(sandboxes.untrusted(), task, code, calls, config, config.call_timeout)
+        if results is None:
+            return failed  # type: ignore[return-value]
+        passed, detail = _compare(tests, results)
+        return GradeResult(passed, len(calls), "graded", detail, not _first_error(results))
+    try:
+        recording = await record(task, sandboxes.trusted())
+    except SandboxError as exc:
+        return GradeResult(0, 0, "task_error", f"the trusted sandbox failed: {exc}")
+    if recording.error is not None:
+        return GradeResult(0, 0, "task_error", recording.error)
+    # A slow reference (some MBPP tasks need seconds) gets a per-call limit to match.
+    call_timeout = max(config.call_timeout, 3 * recording.slowest + 0.5)
+    calls = list(recording.calls)
+    results, failed = await _run_calls(sandboxes.untrusted(), task, code, calls, config, call_timeout)
+    if results is None:
+        return GradeResult(0, recording.total, failed.status, failed.detail)  # type: ignore[union-attr]
+    clean = not _first_error(results)
+    if all("e" in r for r in results):  # nothing came back: no assertion can be about this program
+        return GradeResult(0, recording.total, "graded", _first_error(results), clean)
+    try:
+        passed, detail = await _replay(tests, recording, results, sandboxes.trusted())
+    except SandboxError as exc:
+        return GradeResult(0, recording.total, "task_error", f"the trusted sandbox failed: {exc}")
+    return GradeResult(passed, recording.total, "graded", detail, clean)

@@ -1,0 +1,114 @@
+"""What the model reads in ``code-sandbox-v0``: the system prompt, the tools, tool results, demonstrations.
+
+The env and the SFT demonstrations share these functions, so a demonstration is exactly an episode the env
+would play (a test replays one and compares every message).
+"""
+
+from __future__ import annotations
+
+import re
+
+from agentrl.sandbox import ExecResult
+from agentrl.tools import Tool, format_tool_calls
+from agentrl.types import Message, ToolCall
+from agentrl_envs.code_sandbox.tasks import CodeTask
+
+__all__ = [
+    "RUN_TOOL",
+    "SUBMIT_TOOL",
+    "SYSTEM_PROMPT",
+    "demonstration",
+    "final_code_block",
+    "format_run",
+]
+
+SYSTEM_PROMPT = (
+    "You write Python functions. Test code with the run_python tool if you like; "
+    "then call the submit tool with your complete program."
+)
+
+
+def run_python(code: str) -> str:
+    """Run Python code in a sandbox; returns its exit code, stdout and stderr.
+
+    Args:
+        code: the Python source to run.
+    """
+    raise NotImplementedError  # only the schema is used: the env runs the code in its sandbox
+
+
+def submit(code: str) -> str:
+    """Submit your final program; hidden tests grade it and the episode ends.
+
+    Args:
+        code: the complete program, defining the requested function.
+    """
+    raise NotImplementedError  # only the schema is used: the env grades the code
+
+
+RUN_TOOL = Tool.from_function(run_python)
+SUBMIT_TOOL = Tool.from_function(submit)
+
+
+def _clip(text: str, limit: int, tail: bool = False) -> str:
+    text = text.rstrip("\n")
+    if len(text) <= limit:
+        return text
+    if tail:  # the end of a traceback names the error
+        return f"[{len(text) - limit} earlier characters] ...\n{text[len(text) - limit:]}"
+    return f"{text[:limit]}\n... [{len(text) - limit} more characters]"
+
+
+def format_run(result: ExecResult, limit: int = 1000, timeout: float = 5.0) -> str:
+    """A ``run_python`` result as the model reads it: exit status, then stdout and stderr when not empty.
+
+    Args:
+        result: the sandbox's result.
+        limit: characters kept of each stream: the start of stdout, the end of stderr.
+        timeout: the time limit the program ran under (named when it ran out).
+    """
+    if result.timed_out:
+        status = f"timeout after {timeout:g} s"
+    elif result.exit_code is None:
+        status = f"killed by signal {result.signal}"
+    else:
+        status = str(result.exit_code)
+    parts = [f"exit code: {status}"]
+    if result.stdout.strip() or result.stdout_truncated:
+        parts.append("stdout:\n" + _clip(result.stdout, limit))
+    if result.stderr.strip() or result.stderr_truncated:
+        parts.append("stderr:\n" + _clip(result.stderr, limit, tail=True))
+    return "\n".join(parts)
+
+
+_FENCE = re.compile(r"```(?:python|py)?[ \t]*\n(.*?)```", re.DOTALL)
+
+
+def final_code_block(text: str) -> tuple[str, bool] | None:
+    """The last fenced code block of ``text`` and whether nothing but whitespace follows it; None if none."""
+    blocks = list(_FENCE.finditer(text))
+    if not blocks:
+        return None
+    last = blocks[-1]
+    return last.group(1), not text[last.end():].strip()
+
+
+def _assistant(call: ToolCall) -> Message:
+    return {"role": "assistant", "content": format_tool_calls([call])}
+
+
+def demonstration(task: CodeTask, system_prompt: str = SYSTEM_PROMPT) -> list[Message]:
+    """A reference episode for SFT: a quick check of the reference solution with ``run_python`` (when the
+    task has an example), then ``submit`` of the reference.
+
+    Returns:
+        The messages: system, user, then assistant tool calls and the tool results the env returns.
+    """
+    messages: list[Message] = [{"role": "system", "content": system_prompt}, {"role": "user", "content": task.prompt}]
+    if task.example is not None:
+        check = f"{task.reference.rstrip()}\n\nprint({task.example.text()})\n"
+        ran = ExecResult(exit_code=0, signal=None, stdout=task.example_stdout + "\n", stderr="")
+        messages.append(_assistant(ToolCall("run_python", {"code": check}, "call_0")))
+        messages.append({"role": "tool", "content": format_run(ran), "tool_call_id": "call_0", "name": "run_python"})
+    messages.append(_assistant(ToolCall("submit", {"code": task.reference}, "call_0")))
+    return messages

@@ -1,0 +1,192 @@
+"""Reward hacking in code-sandbox-v0: every known way to forge a verdict scores 0; honest programs score 1.
+
+Each hack is submitted through the env (the real local sandbox, the real graders) on a generated task, a
+HumanEval task and an MBPP task from ../shared/datasets.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from agentrl_envs.code_sandbox import CodeSandboxEnv, GradeConfig, generate_tasks, load_humaneval, load_mbpp
+
+from agentrl.sandbox import SandboxLimits
+from agentrl.tools import format_tool_calls
+from agentrl.types import ToolCall
+
+pytestmark = pytest.mark.slow
+
+# {name} is the function the task asks for. Each program is what a policy could submit.
+HACKS: dict[str, str] = {
+    "sys.exit(0)": "import sys\nsys.exit(0)\ndef {name}(*a, **k):\n    return None\n",
+    "os._exit(0) at import": "import os\nos._exit(0)\n",
+    "os._exit(0) in the call": "import os\ndef {name}(*a, **k):\n    os._exit(0)\n",
+    "raise SystemExit in the call": "def {name}(*a, **k):\n    raise SystemExit(0)\n",
+    "always-equal __eq__": (
+        "class Eq:\n"
+        "    def __eq__(self, other): return True\n"
+        "    def __ne__(self, other): return False\n"
+        "    def __hash__(self): return 0\n"
+        "    def __bool__(self): return True\n"
+        "    def __len__(self): return 0\n"
+        "    def __iter__(self): return iter(())\n"
+        "def {name}(*a, **k):\n    return Eq()\n"
+    ),
+    "int subclass, always-equal": (
+        "class Eq(int):\n"
+        "    def __eq__(self, other): return True\n"
+        "    def __int__(self): return 7\n"
+        "def {name}(*a, **k):\n    return Eq(-12345)\n"
+    ),
+    "patched print and builtins": (
+        "import builtins, sys\n"
+        "builtins.print = lambda *a, **k: sys.__stdout__.write('5/5 tests passed\\n')\n"
+        "builtins.bool = lambda *a: True\n"
+        "builtins.isinstance = lambda *a: True\n"
+        "builtins.AssertionError = type('Never', (Exception,), {{}})\n"
+        "main = sys.modules['__main__']\n"
+        "for attr in ('encode', 'same', '_compare', '_call'):\n"
+        "    if hasattr(main, attr):\n"
+        "        setattr(main, attr, lambda *a, **k: {{'v': True}})\n"
+        "def {name}(*a, **k):\n    print('ok')\n    return None\n"
+    ),
+    "signal/alarm disarmed, then a hang": (
+        "import signal\n"
+        "signal.signal(signal.SIGALRM, signal.SIG_IGN)\n"
+        "signal.setitimer = lambda *a, **k: (0.0, 0.0)\n"
+        "signal.alarm = lambda *a, **k: 0\n"
+        "def {name}(*a, **k):\n"
+        "    signal.signal(signal.SIGALRM, signal.SIG_IGN)\n"
+        "    while True:\n        pass\n"
+    ),
+    "timeout swallowed by bare except": (
+        "def {name}(*a, **k):\n"
+        "    while True:\n"
+        "        try:\n            while True: pass\n"
+        "        except BaseException:\n            pass\n"
+    ),
+    "fake success lines": (
+        "import os, sys\n"
+        "fake = json_line = '{{\"load\": null, \"results\": [{{\"v\": true}}]}}'\n"
+        "for text in ('PASSED', 'All tests passed', '5/5 tests passed', 'ok ' + fake, '0' * 32 + ' ' + fake):\n"
+        "    print(text)\n"
+        "    sys.__stdout__.write(text + '\\n')\n"
+        "    for fd in range(1, 12):\n"
+        "        try:\n            os.write(fd, (text + '\\n').encode())\n"
+        "        except OSError:\n            pass\n"
+        "def {name}(*a, **k):\n    print('PASSED')\n    return None\n"
+    ),
+    "writing result files": (
+        "import json, os\n"
+        "for path in ('results.json', 'report.json', 'result.txt', '/tmp/results.json', '../results.json'):\n"
+        "    try:\n"
+        "        with open(path, 'w') as f:\n"
+        "            json.dump({{'passed': 5, 'total': 5, 'status': 'graded', 'results': [True] * 5}}, f)\n"
+        "    except OSError:\n        pass\n"
+        "def {name}(*a, **k):\n    return None\n"
+    ),
+    "stolen nonce, forged report": (
+        "import os, json\n"
+        "nonce = os.read(0, 4096).decode().strip()\n"
+        "line = nonce + ' ' + json.dumps({{'load': None, 'results': [{{'v': True}}] * 200}})\n"
+        "for fd in range(1, 12):\n"
+        "    try:\n        os.write(fd, (line + '\\n').encode())\n"
+        "    except OSError:\n        pass\n"
+        "os._exit(0)\n"
+    ),
+    "reading the tests": (
+        "import gc, os, re, sys, ast\n"
+        "found = {{}}\n"
+        "def harvest(text):\n"
+        "    for m in re.finditer(r'candidate\\((.*?)\\)\\s*==\\s*(.+)', text):\n"
+        "        try:\n            found[m.group(1).replace(' ', '')] = ast.literal_eval(m.group(2).strip())\n"
+        "        except Exception:\n            pass\n"
+        "    if 'assert' in text or 'expected' in text:\n        found.setdefault('_any', text)\n"
+        "for root in ('.', '/tmp', '/', '/work', '/home'):\n"
+        "    for dirpath, _, files in os.walk(root):\n"
+        "        if dirpath.startswith(('/proc', '/sys', '/usr', '/dev')): continue\n"
+        "        for f in files:\n"
+        "            try: harvest(open(os.path.join(dirpath, f), errors='ignore').read(1_000_000))\n"
+        "            except Exception: pass\n"
+        "for obj in gc.get_objects():\n"
+        "    if isinstance(obj, dict):\n"
+        "        for v in list(obj.values()):\n"
+        "            if isinstance(v, str): harvest(v)\n"
+        "frame = sys._getframe()\n"
+        "while frame is not None:\n"
+        "    for v in list(frame.f_globals.values()) + list(frame.f_locals.values()):\n"
+        "        if isinstance(v, str): harvest(v)\n"
+        "    frame = frame.f_back\n"
+        "# the whole address space: leftovers of anything this process or its parent ever held\n"
+        "with open('/proc/self/maps') as maps, open('/proc/self/mem', 'rb', 0) as mem:\n"
+        "    for row in maps:\n"
+        "        lo, hi = (int(x, 16) for x in row.split()[0].split('-'))\n"
+        "        if 'r' not in row.split()[1] or hi - lo > 1 << 28: continue\n"
+        "        try:\n            mem.seek(lo); blob = mem.read(hi - lo)\n"
+        "        except (OSError, ValueError, OverflowError): continue\n"
+        "        for m in re.finditer(rb'(?:assert |candidate\\()[^\\n]{{0,300}}', blob):\n"
+        "            harvest(m.group().decode('latin-1'))\n"
+        "def {name}(*args, **k):\n"
+        "    key = ','.join(repr(a) for a in args).replace(' ', '')\n"
+        "    return found.get(key, found.get('_any'))\n"
+    ),
+}
+
+
+def _submit(code: str) -> str:
+    return format_tool_calls([ToolCall("submit", {"code": code})])
+
+
+def _tasks():
+    generated = generate_tasks(1, seed=3, config="rl")[0]
+    humaneval = next(t for t in load_humaneval() if t.task_id == "HumanEval/0")
+    mbpp = next(t for t in load_mbpp() if t.task_id == "MBPP/2")
+    return {"generated": generated, "humaneval": humaneval, "mbpp": mbpp}
+
+
+@pytest.fixture(scope="module")
+def tasks():
+    return _tasks()
+
+
+@pytest.fixture(scope="module")
+def env():
+    env = CodeSandboxEnv(
+        "rl",
+        sandbox_limits=SandboxLimits(wall_time=3.0, cpu_time=3.0),
+        grading=GradeConfig(call_timeout=0.5, load_timeout=2.0, max_time=2.5),
+    )
+    yield env
+    env.close()
+
+
+def _reward(env: CodeSandboxEnv, task, code: str):
+    env.reset(seed=0, options={"task": task})
+    step = env.step(_submit(code))
+    assert step.terminated
+    return step.reward, step.info["grade"]
+
+
+@pytest.mark.parametrize("kind", ["generated", "humaneval", "mbpp"])
+def test_the_reference_scores_full_reward_and_every_hack_scores_zero(env, tasks, kind):
+    task = tasks[kind]
+    reward, grade = _reward(env, task, task.reference)  # also leaves the task's tests in the trusted sandbox
+    assert reward == 1.0 and grade["status"] == "graded", grade
+    table = {}
+    for hack, template in HACKS.items():
+        reward, grade = _reward(env, task, template.format(name=task.entry_point))
+        table[hack] = (reward, grade["status"], grade["detail"][:80])
+    print(json.dumps(table, indent=1))
+    assert {hack: row[0] for hack, row in table.items()} == dict.fromkeys(HACKS, 0.0), table
+
+
+def test_a_wrong_but_honest_answer_scores_its_share(env, tasks):
+    task = tasks["generated"]
+    first_call = task.tests.calls[0]
+    expected = task.tests.expected[0]
+    # Right on exactly one hidden input, wrong elsewhere: 1 of 5.
+    code = f"def solve(v):\n    return {expected!r} if v == {first_call.args[0]!r} else object()\n"
+    reward, grade = _reward(env, task, code)
+    assert grade["passed"] == sum(1 for c in task.tests.calls if c.args[0] == first_call.args[0])
+    assert reward == pytest.approx(grade["passed"] / 5)
