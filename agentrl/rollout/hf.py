@@ -1,0 +1,378 @@
+"""The ``hf`` backend: a transformers causal LM on CPU or GPU, with dynamic batching and a KV cache.
+
+Requests from concurrent episodes queue up; after a short window (or as soon as ``max_batch`` are waiting)
+they run as one batch: the prompts are left-padded and prefilled together, then decoded token by token
+with the model's KV cache (finished rows leave the batch). Each request keeps its own sampling
+parameters and random generator, so a seeded request samples the same tokens whatever it is batched with.
+
+The torch work runs on one worker thread, so the event loop (envs, tools, other episodes) stays
+responsive while the model computes, and a weight update never interleaves with a batch.
+
+Logprobs are those of the distribution sampled from: ``log_softmax`` of ``logits / temperature`` after
+top-k, then top-p filtering (:func:`sampling_logprobs`, which learners can reuse to stay on-policy). Greedy
+requests (``temperature == 0``) take the argmax and report the logprob under ``log_softmax(logits)``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from agentrl.errors import ConfigError
+from agentrl.rollout.policy import FinishReason, Generation, SamplingParams
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["HFPolicy", "sampling_logprobs"]
+
+
+def sampling_logprobs(logits: torch.Tensor, temperature: Any, top_k: Any = 0, top_p: Any = 1.0) -> torch.Tensor:
+    """Log-probabilities of the distribution a sampler draws from, for every token of the vocabulary.
+
+    ``logits / temperature``, then top-k (keep the k largest; ties at the k-th value are kept), then top-p
+    (drop the least likely tokens whose total probability is at most ``1 - top_p``; the most likely token
+    always stays), then ``log_softmax``. Filtered tokens get ``-inf``. A temperature of 0 means greedy and
+    is treated as 1 (the logprob of the argmax under the model's own distribution).
+
+    Args:
+        logits: ``(..., V)`` raw logits.
+        temperature, top_k, top_p: scalars, or tensors of shape ``logits.shape[:-1]`` (one per row).
+
+    Returns:
+        A float32 tensor shaped like ``logits``.
+    """
+    import torch
+
+    scores = logits.float()
+    shape = scores.shape[:-1]
+    temp = torch.as_tensor(temperature, dtype=scores.dtype, device=scores.device).expand(shape)
+    k = torch.as_tensor(top_k, dtype=torch.long, device=scores.device).expand(shape)
+    p = torch.as_tensor(top_p, dtype=scores.dtype, device=scores.device).expand(shape)
+    scores = scores / torch.where(temp > 0, temp, torch.ones_like(temp)).unsqueeze(-1)
+    if bool((k > 0).any()):
+        vocab = scores.shape[-1]
+        k = torch.where(k > 0, k.clamp(max=vocab), torch.full_like(k, vocab))
+        kth = scores.sort(dim=-1, descending=True).values.gather(-1, (k - 1).unsqueeze(-1))
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if bool((p < 1).any()):
+        ascending, order = scores.sort(dim=-1)
+        cumulative = ascending.softmax(dim=-1).cumsum(dim=-1)
+        drop = cumulative <= (1 - p).unsqueeze(-1)
+        drop[..., -1] = False
+        scores = scores.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
+    return scores.log_softmax(dim=-1)
+
+
+@dataclass
+class _Request:
+    prompt: list[int]
+    sampling: SamplingParams
+    future: asyncio.Future[Generation]
+
+
+class HFPolicy:
+    """A transformers model as a :class:`~agentrl.rollout.policy.Policy` (registered as ``"hf"``).
+
+    Args:
+        model: a hub id, a local model directory, ``"tiny"``, or a loaded ``torch.nn.Module`` (a causal LM).
+        tokenizer: its tokenizer, for the EOS id; loaded from ``model`` when that is a name.
+        device: where the model runs (``"cpu"``, ``"cuda:0"``, ...).
+        dtype: the weights' dtype (a ``torch.dtype`` or its name); None keeps the checkpoint's.
+        max_batch: the most requests decoded together.
+        batch_window_s: how long the first waiting request waits for others to join its batch.
+        max_context: the context window; defaults to the model's ``max_position_embeddings``.
+        seed: seeds the generator of requests that carry no seed of their own.
+
+    Raises:
+        ConfigError: the model cannot be loaded, or a setting is invalid.
+    """
+
+    name = "hf"
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any = None,
+        *,
+        device: Any = "cpu",
+        dtype: Any = None,
+        max_batch: int = 64,
+        batch_window_s: float = 0.002,
+        max_context: int | None = None,
+        seed: int = 0,
+    ):
+        import torch
+
+        if not isinstance(max_batch, int) or max_batch < 1:
+            raise ConfigError(f"max_batch must be a positive integer, got {max_batch!r}")
+        if isinstance(model, str | os.PathLike):
+            from agentrl.models.loading import load_model, load_tokenizer
+
+            tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model)
+            model = load_model(model, dtype=dtype, device=device)
+        elif not isinstance(model, torch.nn.Module):
+            raise ConfigError(f"model must be a name, a path or a torch.nn.Module, got {type(model).__name__}")
+        else:
+            model = model.to(device=device, dtype=_dtype(dtype)) if dtype is not None else model.to(device)
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.device = torch.device(device)
+        self.vocab_size: int = model.get_input_embeddings().num_embeddings
+        self.max_context: int = max_context or getattr(model.config, "max_position_embeddings", None) or 2048
+        self.eos_token_ids = _eos_ids(model, tokenizer)
+        # Prefill needs logits at the last position only; most models can skip the others.
+        self._last_only = {"logits_to_keep": 1} if "logits_to_keep" in _parameters(model.forward) else {}
+        self.pad_id = self.eos_token_ids[0] if self.eos_token_ids else 0
+        self.max_batch, self.batch_window_s = max_batch, batch_window_s
+        self.version = 0
+        self._rng = torch.Generator(device=self.device).manual_seed(seed)
+        self._executor: ThreadPoolExecutor | None = ThreadPoolExecutor(1, thread_name_prefix="agentrl-hf")
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pending: list[_Request] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._busy = False
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # ---- Policy protocol ---------------------------------------------------------------------------
+    async def generate(self, prompt: Sequence[Any], sampling: SamplingParams) -> Generation:
+        """Sample a continuation of ``prompt`` (token ids), batched with concurrent requests.
+
+        Raises:
+            ConfigError: messages instead of ids, ids outside the vocabulary, or no room left in the context.
+            RuntimeError: the policy was closed.
+        """
+        request = _Request(self._check_prompt(prompt, sampling), sampling, asyncio.get_running_loop().create_future())
+        self._enqueue(request)
+        return await request.future
+
+    async def update_weights(self, named_tensors: Any) -> None:
+        """Load ``(name, tensor)`` pairs (or a state dict) into the model between batches; bump :attr:`version`.
+
+        Raises:
+            ConfigError: a name the model does not have.
+        """
+        items = named_tensors.items() if hasattr(named_tensors, "items") else named_tensors
+        await asyncio.get_running_loop().run_in_executor(self._worker(), self._load_weights, list(items))
+        self.version += 1
+
+    async def aclose(self) -> None:
+        """Stop the worker thread; pending requests fail. Idempotent."""
+        executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=False, cancel_futures=True)
+        for request in self._pending:
+            if not request.future.done():
+                request.future.set_exception(RuntimeError("the hf policy was closed"))
+        self._pending = []
+
+    # ---- batching on the event loop ----------------------------------------------------------------
+    def _enqueue(self, request: _Request) -> None:
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:  # a new event loop (e.g. another asyncio.run): start afresh
+            self._loop, self._pending, self._timer, self._busy = loop, [], None, False
+        self._pending.append(request)
+        if self._busy:
+            return  # the running batch starts the next one when it ends
+        if len(self._pending) >= self.max_batch:
+            self._start_batch()
+        elif self._timer is None:
+            self._timer = loop.call_later(self.batch_window_s, self._start_batch)
+
+    def _start_batch(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._pending = [r for r in self._pending if not r.future.done()]  # drop cancelled requests
+        if self._busy or not self._pending:
+            return
+        batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
+        self._busy = True
+        task = asyncio.get_running_loop().create_task(self._run_batch(batch))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run_batch(self, batch: list[_Request]) -> None:
+        try:
+            prompts, params = [r.prompt for r in batch], [r.sampling for r in batch]
+            results = await asyncio.get_running_loop().run_in_executor(
+                self._worker(), self._generate_batch, prompts, params
+            )
+            for request, result in zip(batch, results, strict=True):
+                if not request.future.done():
+                    request.future.set_result(result)
+        except Exception as exc:  # one failed batch fails its requests, each recorded on its episode
+            for request in batch:
+                if not request.future.done():
+                    request.future.set_exception(exc)
+        finally:
+            self._busy = False
+            if self._pending:
+                self._start_batch()
+
+    def _worker(self) -> ThreadPoolExecutor:
+        if self._executor is None:
+            raise RuntimeError("the hf policy was closed; make a new one")
+        return self._executor
+
+    def _check_prompt(self, prompt: Sequence[Any], sampling: SamplingParams) -> list[int]:
+        if not prompt or not all(isinstance(t, int) for t in prompt):
+            raise ConfigError(
+                "the hf backend takes a non-empty list of token ids; render messages with "
+                "agentrl.models.chat.ChatRenderer.prompt_ids first"
+            )
+        ids = list(prompt)
+        if min(ids) < 0 or max(ids) >= self.vocab_size:
+            raise ConfigError(f"prompt token ids must be in [0, {self.vocab_size}); got {min(ids)}..{max(ids)}")
+        if len(ids) >= self.max_context:
+            raise ConfigError(f"a prompt of {len(ids)} tokens leaves no room in the {self.max_context}-token context")
+        return ids
+
+    # ---- torch work (worker thread) ----------------------------------------------------------------
+    def _load_weights(self, items: list[tuple[str, Any]]) -> None:
+        import torch
+
+        with torch.no_grad():
+            result = self.model.load_state_dict(dict(items), strict=False)
+        if result.unexpected_keys:
+            known = ", ".join(list(self.model.state_dict())[:5])
+            raise ConfigError(f"update_weights: the model has no {result.unexpected_keys[:5]} (it has e.g. {known})")
+
+    def _generate_batch(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[Generation]:
+        import torch
+
+        version = self.version
+        with torch.inference_mode():
+            rows = len(prompts)
+            caps = [min(s.max_tokens, self.max_context - len(p)) for p, s in zip(prompts, params, strict=True)]
+            stops = [set(self.eos_token_ids) | set(s.stop_token_ids) for s in params]
+            sampler = _RowSampler(params, caps, self._rng, self.device)
+            input_ids, attention, positions = self._left_pad(prompts)
+            out = self.model(
+                input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True, **self._last_only
+            )
+            cache, logits = out.past_key_values, out.logits[:, -1, :]
+            positions = positions[:, -1:]
+            sampled: list[list[int]] = [[] for _ in range(rows)]
+            logprobs: list[list[float]] = [[] for _ in range(rows)]
+            finish: list[FinishReason] = ["length"] * rows
+            alive = list(range(rows))
+            alive_index = torch.arange(rows, device=self.device)
+            for step in range(max(caps)):
+                ids, lps = sampler.sample(logits, alive_index, step)
+                keep = []
+                for j, (row, token, lp) in enumerate(zip(alive, ids.tolist(), lps.tolist(), strict=True)):
+                    sampled[row].append(token)
+                    logprobs[row].append(lp)
+                    if token in stops[row]:
+                        finish[row] = "stop"
+                    elif len(sampled[row]) < caps[row]:
+                        keep.append(j)
+                if not keep:
+                    break
+                if len(keep) < len(alive):  # finished rows leave the batch and its KV cache
+                    index = torch.tensor(keep, device=self.device)
+                    cache.batch_select_indices(index)
+                    ids, attention, positions = ids[index], attention[index], positions[index]
+                    alive, alive_index = [alive[j] for j in keep], alive_index[index]
+                attention = torch.cat([attention, attention.new_ones(len(alive), 1)], dim=1)
+                positions = positions + 1
+                out = self.model(
+                    input_ids=ids.unsqueeze(1),
+                    attention_mask=attention,
+                    position_ids=positions,
+                    past_key_values=cache,
+                    use_cache=True,
+                )
+                cache, logits = out.past_key_values, out.logits[:, -1, :]
+        return [
+            Generation(tuple(sampled[i]), tuple(logprobs[i]), finish[i], policy_version=version) for i in range(rows)
+        ]
+
+    def _left_pad(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(ids, attention_mask, position_ids)`` of shape ``(B, L)``, prompts right-aligned."""
+        import torch
+
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        attention = torch.zeros((len(prompts), width), dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            ids[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+            attention[row, width - len(prompt) :] = 1
+        positions = (attention.cumsum(dim=1) - 1).clamp(min=0)
+        return ids.to(self.device), attention.to(self.device), positions.to(self.device)
+
+
+class _RowSampler:
+    """Per-row sampling: each row has its own temperature, top-k, top-p and random stream.
+
+    Sampling is by inverse CDF with one uniform number per row and step, drawn up front from the row's
+    generator (seeded by the request), so a row's tokens do not depend on the rows beside it and one
+    vectorized search replaces a ``multinomial`` call per row.
+    """
+
+    def __init__(self, params: Sequence[SamplingParams], caps: Sequence[int], rng: torch.Generator, device: Any):
+        import torch
+
+        self.greedy = torch.tensor([s.temperature == 0 for s in params], device=device)
+        self.temperature = torch.tensor([s.temperature for s in params], device=device)
+        # Greedy rows report the unfiltered distribution: filtering never changes the argmax.
+        self.top_k = torch.tensor([0 if s.temperature == 0 else s.top_k for s in params], device=device)
+        self.top_p = torch.tensor([1.0 if s.temperature == 0 else s.top_p for s in params], device=device)
+        width = max(caps)
+        uniforms = torch.zeros((len(params), width), dtype=torch.float64)
+        for row, (s, cap) in enumerate(zip(params, caps, strict=True)):
+            if s.temperature > 0:
+                generator = torch.Generator().manual_seed(s.seed) if s.seed is not None else rng
+                uniforms[row, :cap] = torch.rand(cap, generator=generator, dtype=torch.float64)
+        self.uniforms = uniforms.to(device)
+
+    def sample(self, logits: torch.Tensor, rows: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``step``-th token of each of ``rows`` (indices of the rows still alive): ``(ids, logprobs)``."""
+        import torch
+
+        logprobs = sampling_logprobs(logits, self.temperature[rows], self.top_k[rows], self.top_p[rows])
+        cdf = logprobs.double().exp().cumsum(dim=-1)
+        target = (self.uniforms[rows, step] * cdf[:, -1]).unsqueeze(-1)
+        drawn = torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp(max=logits.shape[-1] - 1)
+        ids = torch.where(self.greedy[rows], logprobs.argmax(dim=-1), drawn)
+        return ids, logprobs.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
+    """Every end-of-sequence id the model or tokenizer declares, tokenizer's first."""
+    found: list[int] = []
+    candidates: Iterable[Any] = (
+        getattr(tokenizer, "eos_token_id", None),
+        getattr(getattr(model, "generation_config", None), "eos_token_id", None),
+        getattr(getattr(model, "config", None), "eos_token_id", None),
+    )
+    for value in candidates:
+        for token in value if isinstance(value, list | tuple) else [value]:
+            if isinstance(token, int) and token not in found:
+                found.append(token)
+    return found
+
+
+def _parameters(fn: Any) -> set[str]:
+    import inspect
+
+    try:
+        return set(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        return set()
+
+
+def _dtype(dtype: Any) -> Any:
+    import torch
+
+    if isinstance(dtype, str):
+        resolved = getattr(torch, dtype, None)
+        if not isinstance(resolved, torch.dtype):
+            raise ConfigError(f"unknown dtype {dtype!r}; use e.g. 'float32' or 'bfloat16'")
+        return resolved
+    return dtype
