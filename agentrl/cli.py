@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 __all__ = ["main"]
 
@@ -78,6 +79,23 @@ def _cmd_sandbox_gc(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _add_bench_parsers(sub: Any) -> None:
+    import importlib
+
+    from agentrl.bench import BENCHES
+
+    bench = sub.add_parser("bench", help="benchmarks, each side by side with its baseline")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
+    for name, (module_name, summary) in BENCHES.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue  # a bench whose module is not installed is simply not offered
+        parser = bench_sub.add_parser(name, help=summary, description=summary)
+        module.add_arguments(parser)
+        parser.set_defaults(func=module.main)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="agentrl", description="Train and evaluate LLM agents with RL in multi-turn environments."
@@ -107,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     gc.add_argument("--all", action="store_true", help="also remove sandboxes of owners still running")
     gc.add_argument("--backend", action="append", help="only this backend (repeatable; default: all)")
     gc.set_defaults(func=_cmd_sandbox_gc)
+    _add_bench_parsers(sub)
     return parser
 
 

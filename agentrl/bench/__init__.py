@@ -1,0 +1,13 @@
+"""Benchmarks run as ``agentrl bench <name>``: each measures a baseline side by side and prints ratios.
+
+A bench module provides ``add_arguments(parser)`` and ``main(args) -> int``, and is listed in
+:data:`BENCHES`; it imports heavy modules inside ``main`` only, so ``agentrl --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+BENCHES: dict[str, tuple[str, str]] = {
+    "sandbox": ("agentrl.bench.sandbox", "sandbox backends vs a plain subprocess runner: latency and programs/s"),
+    "rollout": ("agentrl.bench.rollout", "runner overhead (turns/s) and hf vs vllm generation tokens/s"),
+}
+"""name -> (module, one-line help)."""
