@@ -44,6 +44,7 @@ from agentrl.rewards.answers import (
 
 __all__ = [
     "MathVerifier",
+    "VerifierLease",
     "VerifierStats",
     "averify",
     "default_verifier",
@@ -169,6 +170,7 @@ class MathVerifier:
         self._all: list[_Worker] = []
         self._counts = {name: 0 for name in VerifierStats.__dataclass_fields__}
         self._started = 0
+        self._leases = 0
         self._finalizer = weakref.finalize(self, _kill_all, self._all)
 
     @property
@@ -253,6 +255,20 @@ class MathVerifier:
         """Async :meth:`verify`: waits in a thread, so the event loop keeps running."""
         return await asyncio.to_thread(self.verify, gold, pred)
 
+    def lease(self) -> VerifierLease:
+        """A handle for an owner (an env) that shares this verifier: when the last open lease closes, the
+        workers stop (and start again on the next use), so no process outlives the envs that used it."""
+        with self._lock:
+            self._leases += 1
+        return VerifierLease(self)
+
+    def _release(self) -> None:
+        with self._lock:
+            self._leases -= 1
+            last = self._leases == 0
+        if last:
+            self.close()
+
     def close(self) -> None:
         """Stop every worker. Idempotent; the verifier restarts workers if used again."""
         with self._lock:
@@ -268,6 +284,26 @@ class MathVerifier:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class VerifierLease:
+    """An owner's share of a :class:`MathVerifier` (see :meth:`MathVerifier.lease`)."""
+
+    def __init__(self, verifier: MathVerifier):
+        self.verifier = verifier
+        self._open = True
+
+    async def averify(self, gold: str, pred: str) -> bool:
+        return await self.verifier.averify(gold, pred)
+
+    def verify(self, gold: str, pred: str) -> bool:
+        return self.verifier.verify(gold, pred)
+
+    def close(self) -> None:
+        """Give the share back. Idempotent."""
+        if self._open:
+            self._open = False
+            self.verifier._release()
 
 
 _default: MathVerifier | None = None
