@@ -6,10 +6,12 @@
   (Hermes ``<tool_call>`` format); malformed calls come back as tool errors; an outcome reward at the end.
 
 Both are registered through the ``agentrl.envs`` entry-point group, like any plug-in.
+:class:`ScriptedPolicy` answers from a script, to drive envs through the runner without a model.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from agentrl.core import Env, ResetResult, StepResult
@@ -17,7 +19,7 @@ from agentrl.errors import ToolCallError
 from agentrl.tools import Tool, parse_tool_calls, tool_error_message, validate_call
 from agentrl.types import Message
 
-__all__ = ["EchoEnv", "GuessEnv"]
+__all__ = ["EchoEnv", "GuessEnv", "ScriptedPolicy"]
 
 WORDS = ("apple", "river", "stone", "cloud", "maple", "tiger", "piano", "lemon", "ocean", "candle")
 
@@ -121,3 +123,44 @@ class GuessEnv(Env):
         components = {"solved": 1.0 if solved else 0.0, "format": 0.0 if well_formed else -self.format_penalty}
         truncated = not solved and self._turn >= self.max_turns
         return StepResult(obs, sum(components.values()), solved, truncated, {"reward_components": components})
+
+
+class ScriptedPolicy:
+    """A :class:`~agentrl.rollout.policy.Policy` that answers from a script: no model, no latency.
+
+    It drives envs through the runner in tests and measures the runner's own overhead in
+    ``agentrl bench rollout``. Each answer is the script's text, tokenized, plus the tokenizer's EOS; every
+    sampled token gets ``logprob``.
+
+    Args:
+        tokenizer: the tokenizer whose ids it returns.
+        reply: a fixed answer, or a function from the decoded prompt to the answer.
+        logprob: the logprob reported for each token.
+        max_context: the context window it claims.
+    """
+
+    name = "scripted"
+
+    def __init__(
+        self, tokenizer: Any, reply: str | Callable[[str], str], *, logprob: float = -0.5, max_context: int = 4096
+    ):
+        self.tokenizer, self.reply, self.logprob = tokenizer, reply, logprob
+        self.version, self.max_context = 0, max_context
+        self._ids: dict[str, tuple[int, ...]] = {}
+
+    async def generate(self, prompt: Sequence[Any], sampling: Any) -> Any:
+        from agentrl.rollout.policy import Generation
+
+        text = self.reply if isinstance(self.reply, str) else self.reply(self.tokenizer.decode(list(prompt)))
+        ids = self._ids.get(text)
+        if ids is None:
+            ids = self._ids[text] = (*self.tokenizer.encode(text, add_special_tokens=False), self.tokenizer.eos_token_id)
+        cut = len(ids) > sampling.max_tokens
+        ids = ids[: sampling.max_tokens]
+        return Generation(ids, (self.logprob,) * len(ids), "length" if cut else "stop", policy_version=self.version)
+
+    async def update_weights(self, named_tensors: Any) -> None:
+        self.version += 1
+
+    async def aclose(self) -> None:
+        return None

@@ -1,0 +1,357 @@
+"""The runner: scripted policies drive every env; masks, groups, seeds, limits and failures, each checked."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import re
+import time
+
+import pytest
+
+import agentrl
+from agentrl.core import Env, ResetResult, StepResult
+from agentrl.errors import ConfigError
+from agentrl.models.loading import load_tokenizer
+from agentrl.rollout.policy import Generation, SamplingParams
+from agentrl.rollout.runner import RolloutLimits, Runner, Task, derive_seed, rollout
+from agentrl.testing import EchoEnv, GuessEnv, ScriptedPolicy
+from agentrl.types import StopReason
+
+IM_END = "<|im_end|>"
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer("tiny")
+
+
+def turn_index(prompt: str) -> int:
+    """Which assistant turn a prompt asks for (the generation prompt opens one more assistant message)."""
+    return prompt.count("<|im_start|>assistant") - 1
+
+
+def echo_reply(prompt: str) -> str:
+    return re.findall(r"Say: (\w+)", prompt)[-1]
+
+
+def guess_reply(prompt: str) -> str:
+    """Binary search over the guesses and answers so far."""
+    low, high = 1, 100
+    guesses = [int(n) for n in re.findall(r'"number": (\d+)', prompt)]
+    answers = re.findall(r"<tool_response>\n(\w+)\n", prompt)
+    for guess, answer in zip(guesses, answers, strict=False):
+        low, high = (guess + 1, high) if answer == "higher" else (low, guess - 1) if answer == "lower" else (low, high)
+    return f'<tool_call>\n{{"name": "guess", "arguments": {{"number": {(low + high) // 2}}}}}\n</tool_call>'
+
+
+def mask_runs(tokenizer, trajectory):
+    """Maximal runs of equal mask, decoded: [(text, mask), ...]."""
+    out, start, mask = [], 0, trajectory.loss_mask
+    for i in range(1, len(mask) + 1):
+        if i == len(mask) or mask[i] != mask[start]:
+            out.append((tokenizer.decode(trajectory.token_ids[start:i]), mask[start]))
+            start = i
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- toy envs
+@pytest.mark.parametrize("exact_glue", [False, True], ids=["anchored-glue", "exact-glue"])
+def test_sync_echo_env_masks_are_exact_across_turns(tokenizer, exact_glue):
+    policy = ScriptedPolicy(tokenizer, echo_reply, logprob=-0.25)
+    groups = rollout("toy-echo-v0", policy, tokenizer, 3, group_size=2, exact_glue=exact_glue)
+    assert [g.group_id for g in groups] == ["task-0", "task-1", "task-2"]
+    for group in groups:
+        for trajectory in group:
+            assert trajectory.stop_reason is StopReason.TERMINATED and trajectory.error is None
+            assert [t.reward for t in trajectory.turns] == [1.0, 1.0, 1.0]
+            assert [dict(t.reward_components) for t in trajectory.turns] == [{"correct": 1.0}] * 3
+            words = [m["content"] for m in trajectory.messages if m["role"] == "assistant"]
+            prompt = tokenizer.decode(trajectory.token_ids[: trajectory.prompt_length])
+            expected = [(prompt, 0)]
+            for n, word in enumerate(words):
+                expected.append((word + IM_END, 1))
+                if n + 1 < len(words):
+                    expected.append((f"\n<|im_start|>user\nSay: {words[n + 1]}{IM_END}\n<|im_start|>assistant\n", 0))
+            assert mask_runs(tokenizer, trajectory) == expected
+            assert {lp for lp, m in zip(trajectory.logprobs, trajectory.loss_mask, strict=True) if m} == {-0.25}
+            assert trajectory.meta["finish_reasons"] == ["stop"] * 3
+            assert trajectory.meta["env"] == "toy-echo-v0" and trajectory.meta["group_id"] == group.group_id
+        # The G samples of a task face the same task: same reset seed, same words.
+        assert len({t.meta["reset_seed"] for t in group}) == 1
+        assert len({tuple(m["content"] for m in t.messages) for t in group}) == 1
+    assert len({g.trajectories[0].meta["reset_seed"] for g in groups}) == 3
+
+
+def test_async_guess_env_with_tool_calls(tokenizer):
+    groups = rollout("toy-guess-v0", ScriptedPolicy(tokenizer, guess_reply), tokenizer, 4, group_size=2)
+    for trajectory in (t for g in groups for t in g):
+        assert trajectory.stop_reason is StopReason.TERMINATED
+        assert trajectory.turns[-1].reward == 1.0 and trajectory.total_reward == 1.0
+        runs = mask_runs(tokenizer, trajectory)
+        assert [m for _, m in runs] == [0] + [1, 0] * (len(trajectory.turns) - 1) + [1]
+        for text, mask in runs[1:]:
+            if mask:
+                assert text.startswith("<tool_call>") and text.endswith("</tool_call>" + IM_END)
+            else:
+                assert "<tool_response>" in text and text.endswith("<|im_start|>assistant\n")
+
+
+def test_anchored_and_exact_glue_give_identical_ledgers(tokenizer):
+    def play(env_id, reply, exact):
+        groups = rollout(env_id, ScriptedPolicy(tokenizer, reply), tokenizer, 3, group_size=1, exact_glue=exact)
+        return [t.token_ids for g in groups for t in g]
+
+    for env_id, reply in (("toy-echo-v0", echo_reply), ("toy-guess-v0", guess_reply)):
+        assert play(env_id, reply, False) == play(env_id, reply, True)
+
+
+# ---------------------------------------------------------------------------------------------- registry
+def demonstrated_episode(env_id: str, env: Env):
+    """A task of ``env`` and the assistant turns that solve it, or None where no scripted solution exists."""
+    if hasattr(env, "demonstration"):
+        return Task(options={"task": 0}), env.demonstration(0)
+    if env_id == "code-sandbox-v0":
+        from agentrl_envs.code_sandbox import demonstration, generate_tasks
+
+        task = generate_tasks(1, seed=0)[0]
+        return Task(options={"task": task}), demonstration(task)
+    return None
+
+
+@pytest.mark.parametrize("env_id", [s.id for s in agentrl.list_envs()])
+def test_a_scripted_policy_solves_every_registered_env_through_the_runner(tokenizer, env_id):
+    if env_id in ("toy-echo-v0", "toy-guess-v0"):
+        reply = echo_reply if env_id == "toy-echo-v0" else guess_reply
+        task, turns = Task(), None
+    else:
+        env = agentrl.make(env_id)
+        try:
+            found = demonstrated_episode(env_id, env)
+        finally:
+            env.close()
+        if found is None:
+            pytest.skip(f"{env_id} offers no scripted solution (no demonstration() method)")
+        task, messages = found
+        turns = [m["content"] for m in messages if m["role"] == "assistant"]
+
+        def reply(prompt: str) -> str:
+            return turns[turn_index(prompt)]
+
+    groups = rollout(env_id, ScriptedPolicy(tokenizer, reply), tokenizer, [task], group_size=2, concurrency=2)
+    for trajectory in groups[0]:
+        assert trajectory.stop_reason is StopReason.TERMINATED, trajectory.error
+        assert trajectory.total_reward > 0
+        sampled = [tokenizer.decode(trajectory.token_ids[t.start : t.end]) for t in trajectory.turns]
+        said = [m["content"] for m in trajectory.messages if m["role"] == "assistant"]
+        assert sampled == [s + IM_END for s in said]
+        if turns is not None:
+            assert said == turns
+        # Everything outside the turns is mask 0, and is what the env wrote (never an assistant turn).
+        assert sum(trajectory.loss_mask) == sum(t.end - t.start for t in trajectory.turns)
+
+
+# ---------------------------------------------------------------------------------------------- failures
+class TroubleEnv(Env):
+    """Say "ok" three times; ``options["mode"]`` picks a failure on the second turn."""
+
+    async def areset(self, *, seed=None, options=None):
+        await super().areset(seed=seed)
+        self.mode, self.turn = (options or {}).get("mode", "ok"), 0
+        if self.mode == "crash_reset":
+            raise RuntimeError("reset exploded")
+        word = "FAIL" if self.mode == "backend" else "ok"
+        return ResetResult([{"role": "user", "content": f"Say: {word}"}], {"tools": []})
+
+    async def astep(self, action):
+        self.turn += 1
+        if self.turn == 2 and self.mode == "crash":
+            raise RuntimeError("env exploded")
+        if self.turn == 2 and self.mode == "hang":
+            await asyncio.Event().wait()  # a tool call that never answers
+        if self.mode == "flood":
+            return StepResult([{"role": "tool", "content": "x " * 3000}], 0.0, False, False, {})
+        reward = float("nan") if self.mode == "nan" else 1.0
+        done = self.turn >= 3
+        obs = [] if done else [{"role": "user", "content": "Say: ok"}]
+        return StepResult(obs, reward, done, False, {"reward_components": {"ok": reward}})
+
+
+class SlowEchoEnv(EchoEnv):
+    """A sync env whose second step blocks its thread (a hung subprocess, say)."""
+
+    def step(self, action):
+        if self._turn == 1:
+            time.sleep(1.0)
+        return super().step(action)
+
+
+class FlakyBackend(ScriptedPolicy):
+    async def generate(self, prompt, sampling):
+        if "FAIL" in self.tokenizer.decode(list(prompt)):
+            raise RuntimeError("backend down")
+        return await super().generate(prompt, sampling)
+
+
+def test_failures_end_one_episode_each_with_the_right_reason_while_the_rest_finish(tokenizer):
+    modes = ["ok", "crash", "hang", "flood", "backend", "crash_reset", "nan", "ok"]
+    policy = FlakyBackend(tokenizer, echo_reply, max_context=1024)
+    limits = RolloutLimits(deadline_s=1.0)
+    started = time.perf_counter()
+    groups = rollout(
+        TroubleEnv, policy, tokenizer, [Task(options={"mode": m}, id=m) for m in modes], group_size=2, limits=limits
+    )
+    elapsed = time.perf_counter() - started
+    by_mode = {g.group_id: g.trajectories for g in groups}
+    expected = {
+        "ok": (StopReason.TERMINATED, None, 3),
+        "crash": (StopReason.ERROR, "RuntimeError: env exploded", 2),
+        "hang": (StopReason.DEADLINE, None, 2),
+        "flood": (StopReason.CONTEXT_OVERFLOW, None, 1),
+        "backend": (StopReason.ERROR, "RuntimeError: backend down", 0),
+        "crash_reset": (StopReason.ERROR, "RuntimeError: reset exploded", 0),
+        "nan": (StopReason.ERROR, "ValueError: the env returned a non-finite reward nan", 1),
+    }
+    for mode, (stop, error, turns) in expected.items():
+        for trajectory in by_mode[mode]:
+            assert (trajectory.stop_reason, trajectory.error, len(trajectory.turns)) == (stop, error, turns), mode
+    ok = [t for m, ts in by_mode.items() if m == "ok" for t in ts]
+    assert all(t.total_reward == 3.0 for t in ok)
+    # The overflowing observation is not in the ledger: the ledger stays inside the context window.
+    assert all(len(t.token_ids) <= 1024 for ts in by_mode.values() for t in ts)
+    assert elapsed < 10, "one hung episode must not hold the others up"
+
+
+def test_a_blocked_sync_env_hits_the_deadline(tokenizer):
+    limits = RolloutLimits(deadline_s=0.3)
+    [group] = rollout(SlowEchoEnv, ScriptedPolicy(tokenizer, echo_reply), tokenizer, 1, group_size=2, limits=limits)
+    assert [t.stop_reason for t in group] == [StopReason.DEADLINE] * 2
+    assert all(t.turns[0].reward == 1.0 and t.meta["elapsed_s"] < 0.9 for t in group)
+
+
+# ---------------------------------------------------------------------------------------------- limits
+WRONG_GUESS = '<tool_call>\n{"name": "guess", "arguments": {"number": 0}}\n</tool_call>'
+
+
+def play_guess(tokenizer, *, env=GuessEnv, reply=WRONG_GUESS, **options):
+    [group] = rollout(env, ScriptedPolicy(tokenizer, reply), tokenizer, 1, **options)
+    return group.trajectories[0]
+
+
+def test_limits_each_end_the_episode_with_their_own_reason(tokenizer):
+    call_tokens = len(tokenizer.encode(WRONG_GUESS, add_special_tokens=False)) + 1
+    truncated = play_guess(tokenizer, env=lambda: GuessEnv(max_turns=3))
+    assert (truncated.stop_reason, len(truncated.turns), truncated.truncated) == (StopReason.TRUNCATED, 3, True)
+    max_turns = play_guess(tokenizer, limits=RolloutLimits(max_turns=2))
+    assert (max_turns.stop_reason, len(max_turns.turns)) == (StopReason.MAX_TURNS, 2)
+
+    budget = play_guess(tokenizer, limits=RolloutLimits(max_sampled_tokens=2 * call_tokens + 5))
+    assert (budget.stop_reason, len(budget.turns), budget.num_sampled) == (StopReason.MAX_TOKENS, 3, 2 * call_tokens + 5)
+    assert budget.meta["finish_reasons"] == ["stop", "stop", "length"] and budget.turns[-1].reward == 0.0
+    # The cut turn was never shown to the env: it answered two turns.
+    assert sum(m["role"] == "tool" for m in budget.messages) == 2
+
+    prompt = play_guess(tokenizer, limits=RolloutLimits(max_turns=1)).prompt_length
+    context = play_guess(tokenizer, limits=RolloutLimits(max_context=prompt + call_tokens + 10))
+    assert context.stop_reason is StopReason.CONTEXT_OVERFLOW and len(context.token_ids) <= prompt + call_tokens + 10
+
+    cut = play_guess(tokenizer, env=lambda: GuessEnv(max_turns=3), sampling=SamplingParams(max_tokens=4))
+    # A per-turn cap is the sampler's setting, not an episode limit: the env judges the cut text.
+    assert cut.stop_reason is StopReason.TRUNCATED and cut.meta["finish_reasons"] == ["length"] * 3
+    assert all(t.end - t.start == 4 for t in cut.turns)
+    assert all(t.stop_reason.is_truncation for t in (truncated, max_turns, budget, context))
+
+
+def test_runner_refuses_bad_settings(tokenizer):
+    policy = ScriptedPolicy(tokenizer, "x")
+    with pytest.raises(ConfigError, match="concurrency"):
+        Runner("toy-echo-v0", policy, tokenizer, concurrency=0)
+    with pytest.raises(ConfigError, match="max_turns"):
+        RolloutLimits(max_turns=0)
+    with pytest.raises(ConfigError, match="group_size"):
+        asyncio.run(Runner("toy-echo-v0", policy, tokenizer).run(1, group_size=0))
+    with pytest.raises(agentrl.EnvNotFoundError):
+        Runner("no-such-env-v0", policy, tokenizer)
+
+
+# ---------------------------------------------------------------------------------------------- seeds
+class SeedRecorder(ScriptedPolicy):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.seeds = []
+
+    async def generate(self, prompt, sampling):
+        self.seeds.append(sampling.seed)
+        return await super().generate(prompt, sampling)
+
+
+def test_seeds_derive_from_run_task_sample_and_turn(tokenizer):
+    def seeds(run_seed):
+        policy = SeedRecorder(tokenizer, echo_reply)
+        rollout("toy-echo-v0", policy, tokenizer, 2, group_size=3, seed=run_seed, concurrency=1)
+        return policy.seeds
+
+    first = seeds(0)
+    assert len(first) == 2 * 3 * 3 and len(set(first)) == len(first)
+    assert first[0] == derive_seed(0, 0, 0, 0) and first[1] == derive_seed(0, 0, 0, 1)
+    assert seeds(0) == first and set(seeds(1)).isdisjoint(first)
+
+
+def test_hf_sampling_through_the_runner_is_reproducible(tokenizer):
+    from agentrl.rollout.hf import HFPolicy
+
+    policy = HFPolicy("tiny", tokenizer)
+    sampling = SamplingParams(max_tokens=6, temperature=1.0)
+
+    def run(seed):
+        groups = rollout("toy-echo-v0", policy, tokenizer, 2, group_size=3, seed=seed, sampling=sampling)
+        return [[t.token_ids for t in g] for g in groups]
+
+    first = run(0)
+    assert run(0) == first
+    assert all(len(set(group)) == 3 for group in first)  # the samples of a group differ
+    assert run(1) != first
+
+
+def test_text_only_backends_give_untrainable_trajectories(tokenizer):
+    class TextOnly(ScriptedPolicy):
+        async def generate(self, prompt, sampling):
+            word = echo_reply(self.tokenizer.decode(list(prompt)))
+            return Generation((), None, "stop", text=word, trainable=False)
+
+    [group] = rollout("toy-echo-v0", TextOnly(tokenizer, ""), tokenizer, 1)
+    trajectory = group.trajectories[0]
+    assert trajectory.stop_reason is StopReason.TERMINATED and trajectory.total_reward == 3.0
+    assert not trajectory.trainable and set(trajectory.logprobs) == {0.0}
+
+
+def test_weight_versions_are_recorded(tokenizer):
+    policy = ScriptedPolicy(tokenizer, echo_reply)
+    asyncio.run(policy.update_weights([]))
+    [group] = rollout("toy-echo-v0", policy, tokenizer, 1)
+    assert group.trajectories[0].policy_version == 1
+
+
+def test_runner_overhead_is_small(tokenizer):
+    """Not a benchmark (see `agentrl bench rollout`): a floor that catches an accidental slowdown."""
+    policy = ScriptedPolicy(tokenizer, WRONG_GUESS)
+    runner_options = {"limits": RolloutLimits(max_turns=8), "concurrency": 32}
+    started = time.process_time()
+    groups = rollout("toy-guess-v0", policy, tokenizer, 16, group_size=4, **runner_options)
+    turns = sum(len(t.turns) for g in groups for t in g)
+    assert turns == 16 * 4 * 8
+    assert turns / (time.process_time() - started) > 300
+
+
+def test_sampling_params_passed_to_the_policy_keep_the_users_settings(tokenizer):
+    policy = SeedRecorder(tokenizer, echo_reply)
+    seen = []
+
+    async def generate(prompt, sampling):
+        seen.append(sampling)
+        return await SeedRecorder.generate(policy, prompt, sampling)
+
+    policy.generate = generate
+    user = SamplingParams(max_tokens=40, temperature=0.7, top_p=0.9, top_k=5, stop_token_ids=(7,))
+    rollout("toy-echo-v0", policy, tokenizer, 1, sampling=user)
+    assert all(dataclasses.replace(s, seed=None) == dataclasses.replace(user, seed=None) for s in seen)
