@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import importlib.util
 import json
 import math
 from collections import Counter, OrderedDict, namedtuple
@@ -19,6 +20,7 @@ from agentrl_envs.code_sandbox import (
     _wire,
     generate_tasks,
     grade,
+    grading,
     load_humaneval,
     load_mbpp,
     load_tasks,
@@ -246,3 +248,12 @@ def test_exceptions_replay_as_the_same_builtin_type(pair):
     wrong = "def root(x):\n    return int(abs(x) ** 0.5)\n"
     right, half = _grade_all(pair, [(task, reference), (task, wrong)])
     assert (right.passed, right.total) == (2, 2) and (half.passed, half.total) == (1, 2)
+
+
+def test_the_harness_falls_back_to_source_on_another_interpreter(pair, monkeypatch):
+    task = generate_tasks(1, seed=12, config="rl")[0]
+    prefix = grading._prefix("_harness_calls.py")
+    other = prefix.replace(repr(importlib.util.MAGIC_NUMBER), repr(b"\x00\x00\r\n"), 1)
+    assert other != prefix
+    monkeypatch.setitem(grading._PREFIXES, "_harness_calls.py", other)
+    assert _grade_all(pair, [(task, task.reference)])[0].passed == 5

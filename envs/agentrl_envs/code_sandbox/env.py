@@ -29,7 +29,7 @@ from typing import Any
 from agentrl.core import Env, ResetResult, StepResult
 from agentrl.errors import ConfigError, ToolCallError
 from agentrl.rewards import compose, parse_weights
-from agentrl.sandbox import SandboxError, SandboxLimits
+from agentrl.sandbox import SandboxError, SandboxLimits, list_sandboxes
 from agentrl.tools import parse_tool_calls, tool_error_message, validate_call
 from agentrl.types import Message, ToolCall
 from agentrl_envs.code_sandbox.datasets import load_humaneval, load_mbpp, load_tasks
@@ -117,6 +117,8 @@ class CodeSandboxEnv(Env):
             raise ConfigError(f"orm must be 'share' or 'all_pass', got {orm!r}")
         if not isinstance(max_turns, int) or max_turns < 1:
             raise ConfigError(f"max_turns must be a positive integer, got {max_turns!r}")
+        if sandbox not in list_sandboxes():
+            raise ConfigError(f"no sandbox backend {sandbox!r}; installed: {list_sandboxes()}")
         self.source = _resolve_tasks(tasks)
         self.limits = sandbox_limits or SandboxLimits(wall_time=5.0, cpu_time=5.0)
         self.sandboxes = SandboxPair(sandbox, self.limits, **dict(sandbox_options or {}))
@@ -194,7 +196,8 @@ class CodeSandboxEnv(Env):
     async def _run(self, episode: _Episode, call: ToolCall, turn: _Turn) -> None:
         code = str(call.arguments["code"])
         try:
-            result = await self.sandboxes.untrusted().exec(code, timeout=self.limits.wall_time)
+            sandbox = await self.sandboxes.untrusted()
+            result = await sandbox.exec(code, timeout=self.limits.wall_time)
             text, ok = format_run(result, self.output_chars, self.limits.wall_time), result.ok
         except SandboxError as exc:  # the sandbox failed (not the program): tell the model, keep going
             text, ok = f"Error: the sandbox failed to run the code: {exc}", False

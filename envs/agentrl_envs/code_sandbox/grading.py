@@ -23,7 +23,11 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import base64
+import importlib.util
 import json
+import logging
+import marshal
 import secrets
 import time
 from dataclasses import dataclass
@@ -37,6 +41,7 @@ from agentrl_envs.code_sandbox.tasks import AssertTests, CodeTask, IOTests, pars
 
 __all__ = ["GradeConfig", "GradeResult", "Recording", "SandboxPair", "grade", "record", "rewrite_asserts"]
 
+log = logging.getLogger(__name__)
 _HERE = Path(__file__).parent
 _STRIP = "# stripped when shipped"
 
@@ -122,25 +127,34 @@ class SandboxPair:
     def __init__(self, backend: str = "local", limits: SandboxLimits | None = None, **options: Any):
         self.backend, self.limits, self.options = backend, limits, options
         self._boxes: dict[str, Sandbox] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
 
-    def _get(self, role: str) -> Sandbox:
+    async def _get(self, role: str) -> Sandbox:
+        loop = asyncio.get_running_loop()
+        if self._boxes and loop is not self._loop:
+            # Sandboxes hold subprocesses bound to the loop that started them (e.g. an earlier asyncio.run).
+            await self.aclose()
+        self._loop = loop
         if role not in self._boxes:
             self._boxes[role] = open_sandbox(self.backend, self.limits, **self.options)
         return self._boxes[role]
 
-    def untrusted(self) -> Sandbox:
+    async def untrusted(self) -> Sandbox:
         """The sandbox for submissions and the model's ``run_python`` calls."""
-        return self._get("untrusted")
+        return await self._get("untrusted")
 
-    def trusted(self) -> Sandbox:
+    async def trusted(self) -> Sandbox:
         """The sandbox for reference solutions and assertion code; no submitted code ever runs in it."""
-        return self._get("trusted")
+        return await self._get("trusted")
 
     async def aclose(self) -> None:
-        """Close both sandboxes; idempotent, and completes even when cancelled."""
+        """Close both sandboxes; idempotent, completes even when cancelled, and never raises."""
         boxes, self._boxes = list(self._boxes.values()), {}
         for box in boxes:
-            await asyncio.shield(box.close())
+            try:
+                await asyncio.shield(box.close())
+            except Exception as exc:  # e.g. closed from another event loop: its processes are killed anyway
+                log.warning("closing a %s sandbox failed: %s", self.backend, exc)
 
 
 # ---------------------------------------------------------------------------------------------- programs
@@ -151,14 +165,31 @@ def _harness_source(name: str) -> str:
     return "\n".join(line for line in lines if not line.endswith(_STRIP))
 
 
-_SOURCES: dict[str, str] = {}
+_PREFIXES: dict[str, str] = {}
+
+
+def _prefix(harness: str) -> str:
+    """The part of a harness program that is the same every time: it defines the codec and ``main``.
+
+    Compiling the ~13 kB source costs milliseconds per grading, so the compiled code travels as a marshal
+    literal, used when the sandbox's interpreter has the host's bytecode magic; the source is the fallback.
+    """
+    if harness not in _PREFIXES:
+        source = _harness_source("_wire.py") + "\n\n" + _harness_source(harness)
+        code = base64.b64encode(marshal.dumps(compile(source, f"<{harness}>", "exec", optimize=2))).decode()
+        _PREFIXES[harness] = (
+            "import binascii, marshal, _frozen_importlib_external as _boot\n"
+            f"if _boot.MAGIC_NUMBER == {importlib.util.MAGIC_NUMBER!r}:\n"
+            f"    exec(marshal.loads(binascii.a2b_base64({code!r})))\n"
+            "else:\n"
+            f"    exec(compile({source!r}, {f'<{harness}>'!r}, 'exec'))\n"
+        )
+    return _PREFIXES[harness]
 
 
 def _program(harness: str, spec: dict[str, Any]) -> str:
     """Wire codec + harness + ``main(spec)``, as one Python source."""
-    if harness not in _SOURCES:
-        _SOURCES[harness] = _harness_source("_wire.py") + "\n\n" + _harness_source(harness)
-    return f"{_SOURCES[harness]}\n\nmain({json.dumps(spec)!r})\n"
+    return f"{_prefix(harness)}main({json.dumps(spec)!r})\n"
 
 
 class _Rewriter(ast.NodeTransformer):
@@ -338,13 +369,13 @@ async def _grade(task: CodeTask, code: str, sandboxes: SandboxPair, config: Grad
     tests = task.tests
     if isinstance(tests, IOTests):
         calls = [[c.name, _wire.encode(list(c.args), True), _wire.encode(dict(c.kwargs), True)] for c in tests.calls]
-        results, failed = await _run_calls(sandboxes.untrusted(), task, code, calls, config, config.call_timeout)
+        results, failed = await _run_calls(await sandboxes.untrusted(), task, code, calls, config, config.call_timeout)
         if results is None:
             return failed  # type: ignore[return-value]
         passed, detail = _compare(tests, results)
         return GradeResult(passed, len(calls), "graded", detail, not _first_error(results))
     try:
-        recording = await record(task, sandboxes.trusted())
+        recording = await record(task, await sandboxes.trusted())
     except SandboxError as exc:
         return GradeResult(0, 0, "task_error", f"the trusted sandbox failed: {exc}")
     if recording.error is not None:
@@ -352,14 +383,14 @@ async def _grade(task: CodeTask, code: str, sandboxes: SandboxPair, config: Grad
     # A slow reference (some MBPP tasks need seconds) gets a per-call limit to match.
     call_timeout = max(config.call_timeout, 3 * recording.slowest + 0.5)
     calls = list(recording.calls)
-    results, failed = await _run_calls(sandboxes.untrusted(), task, code, calls, config, call_timeout)
+    results, failed = await _run_calls(await sandboxes.untrusted(), task, code, calls, config, call_timeout)
     if results is None:
         return GradeResult(0, recording.total, failed.status, failed.detail)  # type: ignore[union-attr]
     clean = not _first_error(results)
     if all("e" in r for r in results):  # nothing came back: no assertion can be about this program
         return GradeResult(0, recording.total, "graded", _first_error(results), clean)
     try:
-        passed, detail = await _replay(tests, recording, results, sandboxes.trusted())
+        passed, detail = await _replay(tests, recording, results, await sandboxes.trusted())
     except SandboxError as exc:
         return GradeResult(0, recording.total, "task_error", f"the trusted sandbox failed: {exc}")
     return GradeResult(passed, recording.total, "graded", detail, clean)
