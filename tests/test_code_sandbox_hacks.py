@@ -6,7 +6,7 @@ HumanEval task and an MBPP task from ../shared/datasets.
 
 from __future__ import annotations
 
-import json
+import asyncio
 
 import pytest
 from agentrl_envs.code_sandbox import CodeSandboxEnv, GradeConfig, generate_tasks, load_humaneval, load_mbpp
@@ -102,7 +102,6 @@ HACKS: dict[str, str] = {
         "    for m in re.finditer(r'candidate\\((.*?)\\)\\s*==\\s*(.+)', text):\n"
         "        try:\n            found[m.group(1).replace(' ', '')] = ast.literal_eval(m.group(2).strip())\n"
         "        except Exception:\n            pass\n"
-        "    if 'assert' in text or 'expected' in text:\n        found.setdefault('_any', text)\n"
         "for root in ('.', '/tmp', '/', '/work', '/home'):\n"
         "    for dirpath, _, files in os.walk(root):\n"
         "        if dirpath.startswith(('/proc', '/sys', '/usr', '/dev')): continue\n"
@@ -129,7 +128,7 @@ HACKS: dict[str, str] = {
         "            harvest(m.group().decode('latin-1'))\n"
         "def {name}(*args, **k):\n"
         "    key = ','.join(repr(a) for a in args).replace(' ', '')\n"
-        "    return found.get(key, found.get('_any'))\n"
+        "    return found.get(key)\n"
     ),
 }
 
@@ -177,7 +176,8 @@ def test_the_reference_scores_full_reward_and_every_hack_scores_zero(env, tasks,
     for hack, template in HACKS.items():
         reward, grade = _reward(env, task, template.format(name=task.entry_point))
         table[hack] = (reward, grade["status"], grade["detail"][:80])
-    print(json.dumps(table, indent=1))
+    for hack, (reward, status, detail) in table.items():
+        print(f"\n{kind:<9} | {hack:<36} | reward {reward:g} | {status:<10} | {detail}", end="")
     assert {hack: row[0] for hack, row in table.items()} == dict.fromkeys(HACKS, 0.0), table
 
 
@@ -190,3 +190,36 @@ def test_a_wrong_but_honest_answer_scores_its_share(env, tasks):
     reward, grade = _reward(env, task, code)
     assert grade["passed"] == sum(1 for c in task.tests.calls if c.args[0] == first_call.args[0])
     assert reward == pytest.approx(grade["passed"] / 5)
+
+
+def test_the_test_reading_hack_works_where_the_tests_are_readable(tasks):
+    """Positive control: next to a test file, as in-process harnesses keep it, the hack finds the answers."""
+    from agentrl.sandbox import open_sandbox
+
+    task = tasks["humaneval"]
+    program = HACKS["reading the tests"].format(name="has_close_elements") + (
+        "print(has_close_elements([1.0, 2.0, 3.9, 4.0, 5.0, 2.2], 0.05),"
+        " has_close_elements([1.0, 2.0, 5.9, 4.0, 5.0], 0.95))\n")
+
+    async def run():
+        async with open_sandbox("local") as box:
+            return await box.exec(program, files={"test_humaneval.py": task.tests.tests}, timeout=20)
+
+    result = asyncio.run(run())
+    assert result.stdout.split() == ["False", "True"], result
+
+
+@pytest.mark.parametrize("hack", ["sys.exit(0)", "os._exit(0) at import", "always-equal __eq__"])
+def test_these_hacks_pass_a_naive_in_process_harness(tasks, hack):
+    """Positive control: program + tests + ``check(candidate)`` in one process, verdict = exit status 0."""
+    from agentrl.sandbox import open_sandbox
+
+    task = tasks["humaneval"]
+    naive = f"{HACKS[hack].format(name=task.entry_point)}\n{task.tests.tests}\ncheck({task.entry_point})\n"
+
+    async def run():
+        async with open_sandbox("local") as box:
+            return await box.exec(naive, timeout=20)
+
+    fooled = asyncio.run(run())
+    assert fooled.exit_code == 0, fooled

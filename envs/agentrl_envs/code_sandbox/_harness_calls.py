@@ -19,6 +19,7 @@ import sys
 from agentrl_envs.code_sandbox._wire import WireError, decode, encode  # stripped when shipped
 
 MAX_RESULT_CHARS = 32_000
+MAX_REPORT_CHARS = 400_000  # well under the sandbox's default 1 MiB of kept stdout
 
 
 class CallTimeout(BaseException):
@@ -94,8 +95,11 @@ def main(spec_text):
     except BaseException as exc:  # SyntaxError, SystemExit, anything the program raises at import time
         report["load"] = _describe(exc)
     else:
+        room = MAX_REPORT_CHARS
         for name, args_wire, kwargs_wire in spec["calls"]:
-            report["results"].append(_call(namespace, name, args_wire, kwargs_wire, spec["call_timeout"]))
+            result = _call(namespace, name, args_wire, kwargs_wire, spec["call_timeout"])
+            room -= len(json.dumps(result, separators=(",", ":")))
+            report["results"].append(result if room > 0 else {"e": "OutputTooLarge"})
     nonce = _read_nonce()
     line = nonce + " " + json.dumps(report, separators=(",", ":")) + "\n"
     data = line.encode("utf-8", "backslashreplace")

@@ -256,7 +256,7 @@ async def _run_calls(
     report, status = _report(result, nonce)
     if report is None:
         why = {"timeout": f"the program ran past {budget:.1f} s", "crashed": "the program ended without a report",
-               "tampered": "the program printed more than one report"}[status]
+               "tampered": "the report was duplicated or malformed"}[status]
         return None, GradeResult(0, len(calls), status, why)
     results = report.get("results")
     if report.get("load") is not None:
