@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from agentrl.rewards._math_bench import load_cases
 from agentrl.rewards.answers import (
     extract_answer,
     extract_answer_tag,
@@ -23,18 +24,6 @@ from agentrl.rewards.math import MathVerifier, verify
 CASES = Path(__file__).parent / "data" / "math_equivalence.txt"
 
 
-def load_cases(path: Path = CASES) -> list[tuple[bool, str, str, str]]:
-    """``(equal, category, gold, pred)`` from the ``<+|-> <category> <gold> ⇔ <pred>`` file."""
-    cases = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if not line.strip() or line.startswith("#"):
-            continue
-        verdict, category, rest = line.split(" ", 2)
-        gold, pred = rest.split("⇔")
-        cases.append((verdict == "+", category, gold.strip(), pred.strip().replace("\\n", "\n")))
-    return cases
-
-
 @pytest.fixture(scope="module")
 def verifier():
     with MathVerifier(workers=2, timeout=10.0) as v:
@@ -42,7 +31,7 @@ def verifier():
 
 
 def test_the_case_file_is_large_and_balanced():
-    cases = load_cases()
+    cases = load_cases(CASES)
     verdicts = Counter(equal for equal, *_ in cases)
     assert len(cases) >= 500 and verdicts[False] >= 200 and verdicts[True] >= 300
     assert len({category for _, category, *_ in cases}) >= 25
@@ -50,7 +39,7 @@ def test_the_case_file_is_large_and_balanced():
 
 @pytest.mark.slow
 def test_accuracy_on_our_answer_equivalence_cases(verifier):
-    cases = load_cases()
+    cases = load_cases(CASES)
     results = verifier.verify_many([(gold, pred) for _, _, gold, pred in cases])
     wrong = [(c, g, p) for (equal, c, g, p), r in zip(cases, results, strict=True) if r != equal]
     accuracy = 1 - len(wrong) / len(cases)

@@ -39,6 +39,16 @@ def _answer(equivalent: Any, request: dict[str, Any]) -> dict[str, Any]:
         signal.setitimer(signal.ITIMER_REAL, 0)
 
 
+_WARM_UP = (
+    ("1", "1"),
+    ("\\frac{\\sqrt{3}}{2}", "\\frac{1}{2}\\sqrt{3}"),
+    ("(-\\infty, 2] \\cup (3, \\infty)", "x \\le 2"),
+    ("\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}", "\\begin{pmatrix} 1 \\\\ 3 \\end{pmatrix}"),
+    ("x^2 - 1", "(x-1)(x+1)"),
+    ("y = 2x + 1", "\\{1, 2\\}"),
+)
+
+
 def main() -> None:
     logging.disable(logging.CRITICAL)  # math-verify logs every parse failure and disabled timeout
     sys.setrecursionlimit(10_000)
@@ -52,7 +62,8 @@ def main() -> None:
         out.flush()
         return
     signal.signal(signal.SIGALRM, _on_timer)
-    equivalent("1", "1")  # warm the parser before saying ready
+    for gold, pred in _WARM_UP:  # build the LaTeX parser's caches before the first timed request
+        equivalent(gold, pred)
     out.write(json.dumps({"ready": True}) + "\n")
     out.flush()
     for line in sys.stdin:
