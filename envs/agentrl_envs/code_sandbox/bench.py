@@ -1,9 +1,10 @@
-"""Grading speed: ``python -m agentrl_envs.code_sandbox.bench [--programs 128] [--parallel 1 2 4]``.
+"""Grading speed: ``python -m agentrl_envs.code_sandbox.bench [--programs 128] [--parallel 1 2 4] [--validate]``.
 
 Grades a batch of submissions (as an RL step would: one per sampled completion) and prints milliseconds
 per grading, sequentially in one sandbox pair and spread over several pairs at once. Submissions are the
 references of generated tasks (half of them broken, so failing paths are timed too), then HumanEval and
-MBPP references (their one-off recording of the tests is timed apart).
+MBPP references (their one-off recording of the tests is timed apart). ``--validate`` first grades every
+HumanEval and MBPP reference solution and prints how many score full marks.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import statistics
 import time
 from collections.abc import Sequence
 
+from agentrl_envs.code_sandbox import grading
 from agentrl_envs.code_sandbox.datasets import load_humaneval, load_mbpp
 from agentrl_envs.code_sandbox.generator import generate_tasks
 from agentrl_envs.code_sandbox.grading import SandboxPair, grade, record
@@ -39,6 +41,18 @@ def _line(name: str, parallel: int, wall: float, seconds: list[float]) -> str:
             f"max {max(seconds) * 1000:5.0f} ms)")
 
 
+async def validate() -> None:
+    """Grade every data set reference; each should pass all of its tests."""
+    pair = SandboxPair()
+    try:
+        for name, tasks in (("humaneval", load_humaneval()), ("mbpp", load_mbpp())):
+            results = [await grade(task, task.reference, pair) for task in tasks]
+            failed = [(t.task_id, r.status, r.detail) for t, r in zip(tasks, results, strict=True) if not r.all_passed]
+            print(f"{name:<10} references with full marks: {len(tasks) - len(failed)}/{len(tasks)} {failed[:5]}")
+    finally:
+        await pair.aclose()
+
+
 async def main(programs: int, parallel: Sequence[int]) -> None:
     tasks = generate_tasks(programs, seed=0, config="rl")
     generated = [(t, t.reference if i % 2 else t.reference.replace("return", "return 0 or")) for i, t in
@@ -48,6 +62,7 @@ async def main(programs: int, parallel: Sequence[int]) -> None:
     pairs = [SandboxPair() for _ in range(max(parallel))]
     try:
         await _batch(generated[:4], pairs)  # start every sandbox
+        grading._RECORDINGS.clear()  # time the recordings even after --validate made them
         for name, items in (("humaneval", humaneval), ("mbpp", mbpp)):
             start = time.perf_counter()
             for task, _ in items:
@@ -66,5 +81,8 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--programs", type=int, default=128)
     parser.add_argument("--parallel", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--validate", action="store_true", help="grade every data set reference first")
     args = parser.parse_args()
+    if args.validate:
+        asyncio.run(validate())
     asyncio.run(main(args.programs, args.parallel))
