@@ -355,3 +355,17 @@ def test_sampling_params_passed_to_the_policy_keep_the_users_settings(tokenizer)
     user = SamplingParams(max_tokens=40, temperature=0.7, top_p=0.9, top_k=5, stop_token_ids=(7,))
     rollout("toy-echo-v0", policy, tokenizer, 1, sampling=user)
     assert all(dataclasses.replace(s, seed=None) == dataclasses.replace(user, seed=None) for s in seen)
+
+
+@pytest.mark.slow
+def test_bench_rollout_prints_both_tables():
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "agentrl.cli", "bench", "rollout", "--episodes", "8", "--batch", "4",
+               "--new-tokens", "4", "--rounds", "1", "--backends", "hf", "generate"]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    for needle in ("runner overhead", "null (async)", "toy-echo-v0 (sync)", "hf (agentrl decode loop)",
+                   "transformers generate", "turns/CPU-s"):
+        assert needle in proc.stdout
