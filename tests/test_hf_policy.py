@@ -176,8 +176,10 @@ def test_update_weights_changes_the_output_and_bumps_the_version(model, tokenize
     assert [g.token_ids for g in after] != [g.token_ids for g in before]
     reference = HFPolicy(perturbed(load_model("tiny"), seed=99, scale=0.2), tokenizer)
     assert [g.token_ids for g in generate_all(reference, prompts, [greedy] * 3)] == [g.token_ids for g in after]
+    bad = {"model.norm.weight": torch.zeros_like(new_weights["model.norm.weight"]), "no_such_weight": torch.zeros(1)}
     with pytest.raises(ConfigError, match="no_such_weight"):
-        asyncio.run(policy.update_weights({"no_such_weight": torch.zeros(1)}))
+        asyncio.run(policy.update_weights(bad))
+    assert policy.version == 1 and generate_all(policy, prompts, [greedy] * 3) == after  # nothing was loaded
 
 
 def test_bad_prompts_are_refused_with_the_fix(policy, tokenizer):

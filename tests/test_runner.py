@@ -293,8 +293,22 @@ def test_seeds_derive_from_run_task_sample_and_turn(tokenizer):
 
     first = seeds(0)
     assert len(first) == 2 * 3 * 3 and len(set(first)) == len(first)
-    assert first[0] == derive_seed(0, 0, 0, 0) and first[1] == derive_seed(0, 0, 0, 1)
+    assert first[0] == derive_seed(0, 0, 0, 0, 0) and first[1] == derive_seed(0, 0, 0, 0, 1)
     assert seeds(0) == first and set(seeds(1)).isdisjoint(first)
+
+
+def test_successive_runs_draw_fresh_tasks_and_a_new_runner_replays_them(tokenizer):
+    async def calls(n):
+        runner = Runner("toy-echo-v0", ScriptedPolicy(tokenizer, echo_reply), tokenizer, seed=3)
+        out = [await runner.run(2, group_size=2) for _ in range(n)]
+        await runner.aclose()
+        return [[t.meta["reset_seed"] for g in groups for t in g] for groups in out]
+
+    first, second = asyncio.run(calls(2))
+    assert first[0] == first[1] and set(first).isdisjoint(second)
+    assert asyncio.run(calls(2)) == [first, second]
+    [fixed] = rollout("toy-echo-v0", ScriptedPolicy(tokenizer, echo_reply), tokenizer, [Task(seed=5)])
+    assert fixed.trajectories[0].meta["reset_seed"] == 5
 
 
 def test_hf_sampling_through_the_runner_is_reproducible(tokenizer):

@@ -130,7 +130,7 @@ class HFPolicy:
         self.pad_id = self.eos_token_ids[0] if self.eos_token_ids else 0
         self.max_batch, self.batch_window_s = max_batch, batch_window_s
         self.version = 0
-        self._rng = torch.Generator(device=self.device).manual_seed(seed)
+        self._rng = torch.Generator().manual_seed(seed)  # on CPU: the uniforms are drawn there
         self._executor: ThreadPoolExecutor | None = ThreadPoolExecutor(1, thread_name_prefix="agentrl-hf")
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pending: list[_Request] = []
@@ -158,7 +158,6 @@ class HFPolicy:
         """
         items = named_tensors.items() if hasattr(named_tensors, "items") else named_tensors
         await asyncio.get_running_loop().run_in_executor(self._worker(), self._load_weights, list(items))
-        self.version += 1
 
     async def aclose(self) -> None:
         """Stop the worker thread; pending requests fail. Idempotent."""
@@ -236,11 +235,14 @@ class HFPolicy:
     def _load_weights(self, items: list[tuple[str, Any]]) -> None:
         import torch
 
+        state, own = dict(items), self.model.state_dict()
+        unknown = [name for name in state if name not in own]
+        if unknown:  # checked before loading anything, so a bad update leaves the weights as they were
+            known = ", ".join(list(own)[:5])
+            raise ConfigError(f"update_weights: the model has no {unknown[:5]} (it has e.g. {known})")
         with torch.no_grad():
-            result = self.model.load_state_dict(dict(items), strict=False)
-        if result.unexpected_keys:
-            known = ", ".join(list(self.model.state_dict())[:5])
-            raise ConfigError(f"update_weights: the model has no {result.unexpected_keys[:5]} (it has e.g. {known})")
+            self.model.load_state_dict(state, strict=False)
+        self.version += 1  # on the worker thread, so the next batch reads the new version with the new weights
 
     def _generate_batch(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[Generation]:
         import torch

@@ -17,8 +17,10 @@ stop reason, and the other episodes finish. A sample cut by the context or the b
 the env: the turn stays in the ledger (reward 0) and the episode ends with that limit's reason.
 
 Groups and seeds: each task is played ``group_size`` times (a GRPO group). All samples of a task reset the
-env with the same seed (so they face the same task), and every turn samples with a seed derived from
-``(run seed, task index, sample index, turn)``, so a run is reproducible and samples differ.
+env with the same seed (so they face the same task), derived from ``(run seed, call, task index)`` unless
+the task names its own; every turn samples with a seed derived from ``(run seed, call, task index, sample
+index, turn)``. ``call`` counts the runner's :meth:`Runner.run` calls, so successive training steps see
+fresh tasks and samples, while a new runner with the same seed replays the same sequence of calls.
 """
 
 from __future__ import annotations
@@ -103,6 +105,7 @@ class _Episode:
     """Mutable state of one episode while it runs (the ledger survives cancellation by a deadline)."""
 
     task: Task
+    call: int
     task_index: int
     sample_index: int
     reset_seed: int
@@ -164,6 +167,7 @@ class Runner:
         self.limits = limits or RolloutLimits()
         self._spec_max_turns = _registered_max_turns(env)
         self.concurrency, self.seed = concurrency, seed
+        self.calls = 0  # run() calls so far: each call draws fresh seeds, so training steps differ
         check_template(tokenizer, template)
         self.anchored_glue = not exact_glue and _anchored_glue_holds(tokenizer, template)
         self._idle: list[Env] = []
@@ -183,7 +187,8 @@ class Runner:
         if group_size < 1:
             raise ConfigError(f"group_size must be >= 1, got {group_size}")
         task_list = _as_tasks(tasks)
-        episodes = [self._new_episode(t, i, s) for i, t in enumerate(task_list) for s in range(group_size)]
+        call, self.calls = self.calls, self.calls + 1
+        episodes = [self._new_episode(t, call, i, s) for i, t in enumerate(task_list) for s in range(group_size)]
         results: list[Trajectory | None] = [None] * len(episodes)
         queue: asyncio.Queue[int] = asyncio.Queue()
         for n in range(len(episodes)):
@@ -192,7 +197,7 @@ class Runner:
         async def worker() -> None:
             while not queue.empty():
                 n = queue.get_nowait()
-                results[n] = await self.play(episodes[n])
+                results[n] = await self._play(episodes[n])
 
         await asyncio.gather(*(worker() for _ in range(min(self.concurrency, len(episodes)))))
         done = [r for r in results if r is not None]
@@ -208,11 +213,11 @@ class Runner:
             await self._close_env(env)
 
     # ---- one episode -------------------------------------------------------------------------------
-    def _new_episode(self, task: Task, task_index: int, sample_index: int) -> _Episode:
-        reset_seed = task.seed if task.seed is not None else derive_seed(self.seed, task_index)
-        return _Episode(task, task_index, sample_index, reset_seed)
+    def _new_episode(self, task: Task, call: int, task_index: int, sample_index: int) -> _Episode:
+        reset_seed = task.seed if task.seed is not None else derive_seed(self.seed, call, task_index)
+        return _Episode(task, call, task_index, sample_index, reset_seed)
 
-    async def play(self, episode: _Episode) -> Trajectory:
+    async def _play(self, episode: _Episode) -> Trajectory:
         """Play one episode to its end and freeze its ledger; never raises for a failed episode."""
         started = time.monotonic()
         env: Env | None = None
@@ -258,7 +263,7 @@ class Runner:
             cap, limit = self._turn_cap(len(ledger.ids), _sampled(ledger))
             if limit is not None:
                 return limit
-            generation = await self.policy.generate(ledger.ids, self._sampling(episode, turn, cap))
+            generation = await self.policy.generate(tuple(ledger.ids), self._sampling(episode, turn, cap))
             ids, logprobs = self._record(episode, generation, renderer)
             ledger.add_sampled(ids, logprobs)
             if generation.finish_reason == "length" and len(ids) >= cap and cap < self.sampling.max_tokens:
@@ -314,7 +319,7 @@ class Runner:
         return StopReason.CONTEXT_OVERFLOW if room <= left else StopReason.MAX_TOKENS
 
     def _sampling(self, episode: _Episode, turn: int, cap: int) -> SamplingParams:
-        seed = derive_seed(self.seed, episode.task_index, episode.sample_index, turn)
+        seed = derive_seed(self.seed, episode.call, episode.task_index, episode.sample_index, turn)
         return dataclasses.replace(self.sampling, max_tokens=cap, seed=seed)
 
     def _record(
@@ -339,6 +344,7 @@ class Runner:
             "sample_index": episode.sample_index,
             "reset_seed": episode.reset_seed,
             "run_seed": self.seed,
+            "call": episode.call,
             "finish_reasons": list(episode.finish_reasons),
             "elapsed_s": round(elapsed, 6),
         }
