@@ -30,7 +30,7 @@ import dataclasses
 import hashlib
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -234,10 +234,10 @@ class Runner:
                 self._idle.append(env)
         return self._finish(episode, stop, error, time.monotonic() - started)
 
-    async def _within_deadline(self, turns: Any) -> StopReason:
+    async def _within_deadline(self, turns: Coroutine[Any, Any, StopReason]) -> StopReason:
         """Run the episode's turns; past the deadline, cancel them and report ``DEADLINE``."""
         if self.limits.deadline_s is None:
-            return await turns  # type: ignore[no-any-return]
+            return await turns
         task = asyncio.ensure_future(turns)
         try:
             done, _ = await asyncio.wait({task}, timeout=self.limits.deadline_s)
@@ -245,12 +245,12 @@ class Runner:
             if not task.done():
                 task.cancel()
         if task in done:
-            return task.result()  # type: ignore[no-any-return]
+            return task.result()
         await asyncio.gather(task, return_exceptions=True)  # let it unwind, so the ledger is final
         return StopReason.DEADLINE
 
     async def _turns(self, env: Env, episode: _Episode) -> StopReason:
-        """The multi-turn loop of one episode; returns why it ended (exceptions propagate to :meth:`play`)."""
+        """The multi-turn loop of one episode; returns why it ended (exceptions propagate to :meth:`_play`)."""
         opening, info = await env.areset(seed=episode.reset_seed, options=_options(episode.task))
         opening, history = list(opening), list(opening)
         renderer = _Renderer(self.tokenizer, info.get("tools") or env.tool_schemas(), self.template, opening)
