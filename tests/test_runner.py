@@ -12,6 +12,7 @@ import pytest
 import agentrl
 from agentrl.core import Env, ResetResult, StepResult
 from agentrl.errors import ConfigError
+from agentrl.models.chat import ChatRenderer
 from agentrl.models.loading import load_tokenizer
 from agentrl.rollout.policy import Generation, SamplingParams
 from agentrl.rollout.runner import RolloutLimits, Runner, Task, derive_seed, rollout
@@ -74,6 +75,9 @@ def test_sync_echo_env_masks_are_exact_across_turns(tokenizer, exact_glue):
                 if n + 1 < len(words):
                     expected.append((f"\n<|im_start|>user\nSay: {words[n + 1]}{IM_END}\n<|im_start|>assistant\n", 0))
             assert mask_runs(tokenizer, trajectory) == expected
+            # The ledger is the tokenization of the whole conversation through the chat template.
+            whole = ChatRenderer(tokenizer).render(list(trajectory.messages), add_generation_prompt=False)
+            assert list(trajectory.token_ids) == tokenizer.encode(whole, add_special_tokens=False)[: len(trajectory.token_ids)]
             assert {lp for lp, m in zip(trajectory.logprobs, trajectory.loss_mask, strict=True) if m} == {-0.25}
             assert trajectory.meta["finish_reasons"] == ["stop"] * 3
             assert trajectory.meta["env"] == "toy-echo-v0" and trajectory.meta["group_id"] == group.group_id

