@@ -49,7 +49,15 @@ from typing import Any
 from agentrl.errors import AgentRLError, ConfigError, MissingDependencyError
 from agentrl.rollout.policy import FinishReason, Generation, SamplingParams
 
-__all__ = ["VLLMError", "VLLMPolicy", "WorkerExtension", "check_weights", "vllm_sampling_params"]
+__all__ = [
+    "VLLMError",
+    "VLLMPolicy",
+    "WorkerExtension",
+    "check_weights",
+    "pack_tensor",
+    "unpack_tensor",
+    "vllm_sampling_params",
+]
 
 _GIB = 1 << 30
 _EXTENSION = f"{__name__}.WorkerExtension"
@@ -67,12 +75,38 @@ class WorkerExtension:
     def agentrl_reload_weights(self, named_tensors: Sequence[Sequence[Any]]) -> int:
         """Copy ``(name, tensor)`` pairs (checkpoint names, as in the HF state dict) into the model.
 
+        From another process the tensors arrive packed as ``(name, dtype, shape, bytes)`` (see
+        :func:`pack_tensor`), since vLLM's RPC encoding only rebuilds tensors where its types say so.
+
         Returns:
-            How many tensors were passed.
+            How many tensors were loaded.
         """
-        pairs = [(str(name), tensor) for name, tensor in named_tensors]
+        pairs = [
+            (str(item[0]), unpack_tensor(*item[1:]) if len(item) == 4 else item[1]) for item in named_tensors
+        ]
         self.model_runner.reload_weights(weights_iterator=iter(pairs))
         return len(pairs)
+
+
+def pack_tensor(tensor: Any) -> tuple[str, list[int], bytes]:
+    """``(dtype name, shape, raw bytes)`` of a tensor, for a process boundary that carries only plain data."""
+    import torch
+
+    cpu = tensor.detach().to("cpu").contiguous()
+    return (
+        str(cpu.dtype).removeprefix("torch."),
+        list(cpu.shape),
+        cpu.reshape(-1).view(torch.uint8).numpy().tobytes(),
+    )
+
+
+def unpack_tensor(dtype: str, shape: Sequence[int], data: bytes) -> Any:
+    """The inverse of :func:`pack_tensor`."""
+    import torch
+
+    return (
+        torch.frombuffer(bytearray(data), dtype=torch.uint8).view(getattr(torch, dtype)).reshape(list(shape))
+    )
 
 
 @dataclass
@@ -87,7 +121,7 @@ class _Request:
 
 @dataclass
 class _WeightUpdate:
-    pairs: list[tuple[str, Any]]
+    pairs: list[tuple[Any, ...]]
     done: Future[float]
 
 
@@ -215,12 +249,16 @@ class VLLMPolicy:
         if self._closed:
             raise VLLMError("the vllm policy was closed; make a new one")
         items = named_tensors.items() if isinstance(named_tensors, Mapping) else named_tensors
-        pairs = [(str(name), _detached(tensor, self.multiprocess)) for name, tensor in items]
+        pairs = [(str(name), tensor.detach()) for name, tensor in items]
         if self._weight_shapes is None:
             self._weight_shapes = await asyncio.to_thread(_checkpoint_shapes, self._model_path)
         check_weights(pairs, *self._weight_shapes)
+        # In-process, vLLM copies straight from the learner's tensors; across processes they go as bytes.
+        payload: list[tuple[Any, ...]] = (
+            [(name, *pack_tensor(t)) for name, t in pairs] if self.multiprocess else list(pairs)
+        )
         done: Future[float] = Future()
-        self._inbox.put(_WeightUpdate(pairs, done))
+        self._inbox.put(_WeightUpdate(payload, done))
         self.last_sync_s = await asyncio.wrap_future(done)
 
     async def aclose(self) -> None:
@@ -347,7 +385,7 @@ class VLLMPolicy:
             self._llm.collective_rpc("agentrl_reload_weights", args=(update.pairs,))
             self._llm.reset_prefix_cache()  # cached KV blocks were computed by the old weights
         except Exception as exc:
-            known = ", ".join(name for name, _ in update.pairs[:3])
+            known = ", ".join(item[0] for item in update.pairs[:3])
             update.done.set_exception(
                 ConfigError(
                     f"vLLM could not load the new weights ({type(exc).__name__}: {exc}). Pass the learner's "
@@ -548,11 +586,6 @@ def _eos_ids(llm: Any) -> list[int]:
             if isinstance(token, int) and token not in found:
                 found.append(token)
     return found
-
-
-def _detached(tensor: Any, to_cpu: bool) -> Any:
-    tensor = tensor.detach()
-    return tensor.to("cpu").contiguous() if to_cpu else tensor
 
 
 def _shutdown(llm: Any) -> None:
