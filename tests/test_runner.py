@@ -343,6 +343,26 @@ def test_text_only_backends_give_untrainable_trajectories(tokenizer):
     assert not trajectory.trainable and set(trajectory.logprobs) == {0.0}
 
 
+def test_chat_backends_get_the_conversation_as_messages(tokenizer):
+    class ChatOnly(ScriptedPolicy):
+        async def generate(self, prompt, sampling):
+            assert all(isinstance(m, dict) and "role" in m for m in prompt)
+            self.prompts.append([dict(m) for m in prompt])
+            return Generation((), None, "stop", text=re.findall(r"Say: (\w+)", prompt[-1]["content"])[-1],
+                              trainable=False)
+
+    policy = ChatOnly(tokenizer, "")
+    policy.prompts = []
+    [group] = rollout("toy-echo-v0", policy, tokenizer, 1, prompt_format="messages")
+    trajectory = group.trajectories[0]
+    assert trajectory.stop_reason is StopReason.TERMINATED and trajectory.total_reward == 3.0
+    assert not trajectory.trainable
+    assert [len(p) for p in policy.prompts] == [2, 4, 6]
+    assert policy.prompts[-1] == [dict(m) for m in trajectory.messages[:6]]
+    with pytest.raises(ConfigError, match="prompt_format"):
+        Runner("toy-echo-v0", policy, tokenizer, prompt_format="text")
+
+
 def test_weight_versions_are_recorded(tokenizer):
     policy = ScriptedPolicy(tokenizer, echo_reply)
     asyncio.run(policy.update_weights([]))

@@ -136,6 +136,9 @@ class Runner:
             rendered from the opening messages plus the new turn (constant cost per turn instead of
             growing with the conversation), when a probe conversation shows both give the same tokens for
             this template; otherwise the whole conversation is rendered anyway.
+        prompt_format: ``"token_ids"`` (the ledger's ids, what trainable backends take) or ``"messages"``
+            (the conversation so far, for chat endpoints of API models: their text is re-tokenized into
+            the ledger and the trajectory is marked untrainable).
 
     Raises:
         ConfigError: bad limits or concurrency.
@@ -155,9 +158,12 @@ class Runner:
         template: str | None = None,
         env_kwargs: Mapping[str, Any] | None = None,
         exact_glue: bool = False,
+        prompt_format: str = "token_ids",
     ):
         from agentrl.models.chat import check_template
 
+        if prompt_format not in ("token_ids", "messages"):
+            raise ConfigError(f"prompt_format must be 'token_ids' or 'messages', got {prompt_format!r}")
         if not isinstance(concurrency, int) or concurrency < 1:
             raise ConfigError(f"concurrency must be a positive integer, got {concurrency!r}")
         self.env_id = env if isinstance(env, str) else getattr(env, "__name__", type(env).__name__)
@@ -167,6 +173,7 @@ class Runner:
         self.limits = limits or RolloutLimits()
         self._spec_max_turns = _registered_max_turns(env)
         self.concurrency, self.seed = concurrency, seed
+        self.send_messages = prompt_format == "messages"
         self.calls = 0  # run() calls so far: each call draws fresh seeds, so training steps differ
         check_template(tokenizer, template)
         self.anchored_glue = not exact_glue and _anchored_glue_holds(tokenizer, template)
@@ -265,7 +272,8 @@ class Runner:
             cap, limit = self._turn_cap(len(ledger.ids), _sampled(ledger))
             if limit is not None:
                 return limit
-            generation = await self.policy.generate(tuple(ledger.ids), self._sampling(episode, turn, cap))
+            prompt = list(history) if self.send_messages else tuple(ledger.ids)
+            generation = await self.policy.generate(prompt, self._sampling(episode, turn, cap))
             ids, logprobs = self._record(episode, generation, renderer)
             ledger.add_sampled(ids, logprobs)
             if generation.finish_reason == "length" and len(ids) >= cap and cap < self.sampling.max_tokens:
