@@ -249,3 +249,34 @@ def test_runner_episodes_on_vllm(policy):
         assert t.error is None and t.policy_version == policy.version and t.trainable
         sampled = [lp for lp, m in zip(t.logprobs, t.loss_mask, strict=True) if m]
         assert sampled and all(lp < 0 for lp in sampled)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_tensors_cross_processes_as_bytes(dtype):
+    from agentrl.rollout.vllm import pack_tensor, unpack_tensor
+
+    tensor = torch.randn(3, 5).to(dtype).t()  # non-contiguous on purpose
+    packed = pack_tensor(tensor)
+    assert isinstance(packed[2], bytes) and packed[1] == [5, 3]
+    assert torch.equal(unpack_tensor(*packed), tensor)
+
+
+def test_multiprocess_engine_generates_and_syncs(prompts):
+    """vLLM's engine in its own processes (spawned; pytest's entry point is guarded): same ids, sync by bytes."""
+    require_vllm()
+    from agentrl.rollout.vllm import VLLMPolicy
+
+    new_state = perturbed_state(seed=1)
+    expected = hf_generations(new_state, prompts[:2], [GREEDY] * 2)
+    policy = VLLMPolicy("tiny", multiprocess=True, max_batch=8)
+
+    async def main():
+        try:
+            await policy.update_weights(new_state)
+            return await gather(policy, prompts[:2], [GREEDY] * 2)
+        finally:
+            await policy.aclose()
+
+    for ours, theirs in zip(run(main()), expected, strict=True):
+        assert ours.token_ids == theirs.token_ids and ours.policy_version == 1
+        assert ours.logprobs == pytest.approx(theirs.logprobs, abs=1e-4)

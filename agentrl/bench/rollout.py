@@ -173,10 +173,27 @@ def _vllm_runner(prompts: list[list[int]], args: argparse.Namespace) -> tuple[Ca
 
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # vLLM logs to stdout; keep the table readable
     try:
-        policy = make_policy("vllm", model="tiny", max_batch=args.batch, **VLLM_OPTIONS)
+        policy: Any = make_policy("vllm", model="tiny", max_batch=args.batch, **VLLM_OPTIONS)
+        sync_s = _weight_sync_s(policy)
     except Exception as exc:  # a bench reports a backend that cannot start and measures the others
         return None, f"vllm could not start: {type(exc).__name__}: {exc}"
-    return _policy_runner(policy, prompts, args.new_tokens), ""
+    note = (f"vllm: start-up {policy.startup_s:.1f} s; weight sync {sync_s * 1000:.0f} ms (the tiny model's full "
+            f"state dict, median of 5), {'in' if not policy.multiprocess else 'across'} process")
+    return _policy_runner(policy, prompts, args.new_tokens), note
+
+
+def _weight_sync_s(policy: Any) -> float:
+    """Median seconds of ``policy.update_weights`` with the tiny model's own weights (so outputs stay put)."""
+    from agentrl.models.loading import load_model
+
+    state = load_model("tiny").state_dict()
+
+    async def sync() -> float:
+        started = time.perf_counter()
+        await policy.update_weights(state)
+        return time.perf_counter() - started
+
+    return statistics.median(asyncio.run(sync()) for _ in range(5))
 
 
 Row = tuple[str, int, list[float], int]
@@ -225,6 +242,7 @@ def _generation_rows(args: argparse.Namespace, tokenizer: Any) -> tuple[list[lis
         if run is None:
             notes.append(f"vllm: not measured: {why}")
         else:
+            notes.append(why)
             phases.append(_measure({HF_ROW: _policy_runner(hf, prompts, args.new_tokens), "vllm": run}, args.rounds))
     return phases, notes
 
