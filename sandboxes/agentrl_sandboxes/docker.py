@@ -222,6 +222,14 @@ class ContainerServer:
                 self._pidfd = None
 
 
+def _close_quietly(*objects: Any) -> None:
+    """Close the SDK's HTTP response and socket objects of an attach (innermost last), ignoring errors."""
+    for obj in objects:
+        if obj is not None:
+            with contextlib.suppress(Exception):
+                obj.close()
+
+
 def _remove_container(client: Any, container_id: str, timeout: float = 10.0) -> None:
     import docker.errors
 
@@ -332,23 +340,28 @@ class DockerSandbox(ForkServerSandbox):
             ) from exc
         except docker.errors.APIError as exc:
             raise SandboxUnavailableError(f"docker refused the sandbox container: {exc.explanation or exc}") from exc
+        sock: socket.socket | None = None
         try:
             attached = client.api.attach_socket(container_id, params={"stdin": 1, "stdout": 1, "stderr": 1,
                                                                        "stream": 1})
             raw = getattr(attached, "_sock", attached)
-            sock = socket.socket(fileno=os.dup(raw.fileno()))  # ours alone; the SDK's wrapper is closed
-            attached.close()
+            sock = socket.socket(fileno=os.dup(raw.fileno()))  # ours alone; the SDK's objects are closed
+            _close_quietly(getattr(attached, "_response", None), attached, raw)
             client.api.start(container_id)
             state = client.api.inspect_container(container_id)["State"]
-        except BaseException:
+            local = str(client.api.base_url).startswith(("http+docker://localhost", "http+unix://"))
+            host_pid = int(state.get("Pid") or 0) if local else None
+            sock.setblocking(False)
+            limits = self.limits
+            return ContainerServer(client, container_id, sock, host_pid or None,
+                                   reply_limit=2 * limits.output_bytes + limits.file_size + (1 << 20))
+        except BaseException as exc:
+            if sock is not None:
+                sock.close()
             _remove_container(client, container_id)
+            if isinstance(exc, OSError):  # the fork-server was gone before we could watch it
+                raise SandboxUnavailableError(f"the sandbox container exited at once: {exc}") from exc
             raise
-        local = str(client.api.base_url).startswith(("http+docker://localhost", "http+unix://"))
-        host_pid = int(state.get("Pid") or 0) if local else None
-        sock.setblocking(False)
-        limits = self.limits
-        return ContainerServer(client, container_id, sock, host_pid or None,
-                               reply_limit=2 * limits.output_bytes + limits.file_size + (1 << 20))
 
     def _container_config(self, client: Any) -> dict[str, Any]:
         from docker.types import LogConfig, Ulimit
