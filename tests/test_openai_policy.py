@@ -340,3 +340,8 @@ def test_runner_on_vllm_serve(server):
     for t in trajectories:
         assert t.error is None and t.trainable
         assert all(lp < 0 for lp, m in zip(t.logprobs, t.loss_mask, strict=True) if m)
+    # The chat path, as for an API model: the server renders the conversation; text only, never trained on.
+    groups = rollout("toy-echo-v0", served_policy(server), load_tokenizer("tiny"), 2, sampling=sampling,
+                     prompt_format="messages")  # fmt: skip
+    chats = [t for g in groups for t in g.trajectories]
+    assert len(chats) == 2 and all(t.error is None and not t.trainable and len(t.turns) >= 1 for t in chats)
