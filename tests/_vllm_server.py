@@ -73,7 +73,9 @@ def vllm_server(model_dir: str, timeout_s: float = 420.0) -> Iterator[Server]:
         "--dtype", "float32", "--max-model-len", "2048", "--enforce-eager", "--gpu-memory-utilization", "0.1",
         "--logprobs-mode", "processed_logprobs", "--max-num-seqs", "64",
     ]  # fmt: skip
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
+    # The server's async engine needs vLLM's engine processes, whatever this process's setting.
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+           "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}  # fmt: skip
     started = time.monotonic()
     with open(log, "wb") as out:
         process = subprocess.Popen(

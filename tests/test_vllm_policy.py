@@ -269,6 +269,7 @@ def test_multiprocess_engine_generates_and_syncs(prompts):
     new_state = perturbed_state(seed=1)
     expected = hf_generations(new_state, prompts[:2], [GREEDY] * 2)
     policy = VLLMPolicy("tiny", multiprocess=True, max_batch=8)
+    assert type(policy._llm.llm_engine.engine_core).__name__ == "SyncMPClient"  # the engine is elsewhere
 
     async def main():
         try:

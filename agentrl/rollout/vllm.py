@@ -60,6 +60,7 @@ __all__ = [
 ]
 
 _GIB = 1 << 30
+_MP_VARIABLE = "VLLM_ENABLE_V1_MULTIPROCESSING"
 _EXTENSION = f"{__name__}.WorkerExtension"
 
 
@@ -505,7 +506,7 @@ def _fail_all(requests: list[_Request], updates: deque[_WeightUpdate], error: VL
 
 def _multiprocess(value: bool | None) -> bool:
     if value is None:
-        return os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0") == "1"
+        return os.environ.get(_MP_VARIABLE, "0") == "1"
     return bool(value)
 
 
@@ -551,8 +552,14 @@ def _build_llm(
     elif on_cpu and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
         options["kv_cache_memory_bytes"] = _GIB
     options.update(vllm_options)
-    # vLLM reads this when the engine is built; it decides where the engine core and worker run.
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if multiprocess else "0"
+    # vLLM reads this while the engine is built (where the engine core and worker run); it is restored
+    # after, so processes started later (e.g. a `vllm serve`) do not inherit it.
+    previous = os.environ.get(_MP_VARIABLE)
+    os.environ[_MP_VARIABLE] = "1" if multiprocess else "0"
+    # An in-process engine built earlier froze vLLM's view of the environment; let this one read it anew.
+    disable_cache = getattr(vllm.envs, "disable_envs_cache", None)
+    if disable_cache is not None:
+        disable_cache()
     set_num_threads = torch.set_num_threads
     try:
         return vllm.LLM(resolve_model(model), **options)
@@ -563,6 +570,10 @@ def _build_llm(
     finally:
         # vLLM's CPU worker disables torch.set_num_threads for its process; in-process that would be ours.
         torch.set_num_threads = set_num_threads
+        if previous is None:
+            os.environ.pop(_MP_VARIABLE, None)
+        else:
+            os.environ[_MP_VARIABLE] = previous
 
 
 def _checkpoint_dtype(resolved: str) -> str:
