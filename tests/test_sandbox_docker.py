@@ -198,3 +198,31 @@ def test_gc_spares_live_owners_unless_told_everything():
 def test_sandbox_cli_build_is_a_no_op_when_built(docker_image):
     done = subprocess.run([sys.executable, "-m", "agentrl.cli", "sandbox", "build"], capture_output=True, text=True)
     assert done.returncode == 0 and f"{docker_image} is already built" in done.stdout, done.stderr
+
+
+def test_gvisor_runtime_where_the_engine_has_it():
+    from agentrl_sandboxes.docker import docker_client
+
+    client = docker_client()
+    try:
+        runtimes = client.info().get("Runtimes") or {}
+    finally:
+        client.close()
+    if "runsc" not in runtimes:
+        pytest.skip("optional: docker has no 'runsc' runtime (apt-get install runsc; register it in daemon.json)")
+
+    async def body():
+        async with open_sandbox("docker", SandboxLimits(wall_time=10), runtime="runsc") as sb:
+            host_kernel = os.uname().release
+            r = await sb.exec(f"import os, platform, socket\nprint(platform.release() != {host_kernel!r}, os.getuid())\n"
+                              "socket.socket(socket.AF_INET).connect(('1.1.1.1', 53))")
+            assert r.stdout == "True 65534\n" and "Errno 97" in r.stderr, r  # gVisor's kernel; no network
+            r = await sb.exec("while True:\n    pass\n", timeout=1)
+            assert r.timed_out and r.signal == signal.SIGKILL
+            r = await sb.exec("import os\nif os.fork() == 0:\n    os.setsid()\n    import time; time.sleep(60)\n")
+            r = await sb.exec("import os; print([p for p in os.listdir('/proc') if p.isdigit() and p not in ('1', str(os.getpid()))])")
+            assert r.stdout == "[]\n", r  # the daemon of the previous program is gone
+            return sb.container_id
+
+    container_id = run(body())
+    assert wait_until(lambda: not ours(id=container_id))

@@ -239,9 +239,12 @@ class Server:
     def supervise(self, pid, streams, start, timeout):
         cap = self.limits["output_bytes"]
         outputs, totals = {1: bytearray(), 2: bytearray()}, {1: 0, 2: 0}
-        pidfd = os.pidfd_open(pid)
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:  # a kernel without pidfds (e.g. gVisor): poll the child's exit every 10 ms instead
+            pidfd = None
         poller = select.poll()
-        for fd in (*streams, pidfd):
+        for fd in (*streams, *([pidfd] if pidfd is not None else [])):
             poller.register(fd, select.POLLIN)
         open_streams, status, rusage, timed_out, wall = set(streams), None, None, False, None
         deadline, drain_until = start + timeout, None
@@ -255,13 +258,19 @@ class Server:
                     break  # writers are dead; only an unkillable holder could keep a pipe open
                 until = drain_until if status is not None else (None if timed_out else deadline)
                 wait_ms = -1 if until is None else max(0, int((until - now) * 1000) + 1)
-                for fd, _ in poller.poll(wait_ms):
-                    if fd == pidfd:
-                        _, status, rusage = os.wait4(pid, 0)
-                        wall = time.monotonic() - start
-                        poller.unregister(pidfd)
+                if pidfd is None and status is None:
+                    wait_ms = 10 if wait_ms < 0 else min(wait_ms, 10)
+                events = poller.poll(wait_ms)
+                if status is None and (pidfd is None or any(fd == pidfd for fd, _ in events)):
+                    done, status_now, usage = os.wait4(pid, os.WNOHANG if pidfd is None else 0)
+                    if done:
+                        status, rusage, wall = status_now, usage, time.monotonic() - start
+                        if pidfd is not None:
+                            poller.unregister(pidfd)
                         self.kill_all()  # the program is over: nothing it started may outlive it
                         drain_until = time.monotonic() + 2.0
+                for fd, _ in events:
+                    if fd == pidfd:
                         continue
                     chunk = os.read(fd, 1 << 16)
                     if not chunk:
@@ -274,7 +283,8 @@ class Server:
                         outputs[stream] += chunk[:room]
                     totals[stream] += len(chunk)
         finally:
-            os.close(pidfd)
+            if pidfd is not None:
+                os.close(pidfd)
         result = {
             "exit_code": os.WEXITSTATUS(status) if os.WIFEXITED(status) else None,
             "signal": os.WTERMSIG(status) if os.WIFSIGNALED(status) else None,

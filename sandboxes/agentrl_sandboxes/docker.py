@@ -54,6 +54,7 @@ _SERVER_SOURCE = Path(__file__).with_name("_forkserver.py")
 _LABEL = "agentrl.sandbox"
 _OWNER = "agentrl.owner"
 _OVERHEAD = 64 * 1024 * 1024  # the fork-server, page tables
+_GVISOR_THREADS = 256  # gVisor's own threads count against the container's pids cgroup
 _INSTALL = ("install and start a docker engine (Debian: `apt-get install docker.io && dockerd &`), "
             "and the SDK with `pip install 'agentrl[docker]'`")
 
@@ -196,7 +197,7 @@ class ContainerServer:
         """Host pids of every process in the container (by pid namespace; [] for a remote engine)."""
         found = []
         for name in os.listdir("/proc") if self.pid_ns else ():
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError, ValueError):
                 if os.readlink(f"/proc/{name}/ns/pid") == self.pid_ns:
                     found.append(int(name))
         return sorted(found)
@@ -317,8 +318,10 @@ class DockerSandbox(ForkServerSandbox):
                     f"{server.error_output() or exc or 'no output'}"
                 ) from exc
             filters = [_seccomp.program_filter(server_pid=1), _seccomp.sandbox_filter(network=limits.network)]
+            # Under runc every sandbox's uid 65534 shares one host-wide process count, so the pids cgroup caps
+            # processes instead of RLIMIT_NPROC; gVisor counts per sandbox in its own kernel: use both there.
             config = {"work": "/tmp", "kill_mode": "namespace", "keep_workdir": self.keep_workdir,
-                      "limits": limits.to_dict(), "nproc_rlimit": False}
+                      "limits": limits.to_dict(), "nproc_rlimit": self.runtime == "runsc"}
             await configure(server, config, filters)
         except BaseException:
             server.kill_now()
@@ -349,8 +352,10 @@ class DockerSandbox(ForkServerSandbox):
             _close_quietly(getattr(attached, "_response", None), attached, raw)
             client.api.start(container_id)
             state = client.api.inspect_container(container_id)["State"]
+            # The fork-server's host pid, where the host sees it: a local engine, and not under gVisor (whose
+            # processes live in its own kernel; its State.Pid is the gVisor sandbox process).
             local = str(client.api.base_url).startswith(("http+docker://localhost", "http+unix://"))
-            host_pid = int(state.get("Pid") or 0) if local else None
+            host_pid = int(state.get("Pid") or 0) if local and self.runtime != "runsc" else None
             sock.setblocking(False)
             limits = self.limits
             return ContainerServer(client, container_id, sock, host_pid or None,
@@ -359,6 +364,8 @@ class DockerSandbox(ForkServerSandbox):
             if sock is not None:
                 sock.close()
             _remove_container(client, container_id)
+            if isinstance(exc, docker.errors.APIError):
+                raise SandboxUnavailableError(f"docker could not start the sandbox container: {exc}") from exc
             if isinstance(exc, OSError):  # the fork-server was gone before we could watch it
                 raise SandboxUnavailableError(f"the sandbox container exited at once: {exc}") from exc
             raise
@@ -372,7 +379,7 @@ class DockerSandbox(ForkServerSandbox):
             network_mode="bridge" if limits.network else "none",
             cap_drop=["ALL"],
             security_opt=["no-new-privileges:true", f"seccomp={json.dumps(seccomp_profile(network=limits.network))}"],
-            pids_limit=limits.processes + 2,
+            pids_limit=limits.processes + 2 + (_GVISOR_THREADS if self.runtime == "runsc" else 0),
             mem_limit=memory,
             memswap_limit=memory,
             nano_cpus=int(limits.cpus * 1e9),
