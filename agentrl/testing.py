@@ -148,7 +148,7 @@ class ScriptedPolicy:
         self.version, self.max_context = 0, max_context
         self._ids: dict[str, tuple[int, ...]] = {}
 
-    async def generate(self, prompt: Sequence[Any], sampling: Any) -> Any:
+    async def generate(self, prompt: Sequence[Any], sampling: Any, *, tools: Any = None) -> Any:
         from agentrl.rollout.policy import Generation
 
         text = self.reply if isinstance(self.reply, str) else self.reply(self.tokenizer.decode(list(prompt)))

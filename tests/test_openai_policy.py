@@ -23,7 +23,13 @@ from agentrl.models.chat import ChatRenderer
 from agentrl.models.loading import load_model, load_tokenizer
 from agentrl.models.tiny import tiny_model_path
 from agentrl.rollout.hf import HFPolicy, sampling_logprobs
-from agentrl.rollout.openai import OpenAIError, OpenAIPolicy, generation_from_chat, generation_from_completion
+from agentrl.rollout.openai import (
+    OpenAIError,
+    OpenAIPolicy,
+    chat_messages,
+    generation_from_chat,
+    generation_from_completion,
+)
 from agentrl.rollout.policy import Policy, SamplingParams, make_policy
 from agentrl.tools import parse_tool_calls
 
@@ -176,6 +182,35 @@ def test_chat_tool_calls_become_hermes_blocks():
     parsed = parse_tool_calls(generation.text or "")
     assert [(c.name, dict(c.arguments)) for c in parsed.calls] == [("calc", {"expr": "1+1"})]
     assert parsed.content.strip() == "Let me add."
+
+
+def test_chat_requests_carry_tools_and_tie_each_tool_reply_to_its_call(scripted):
+    guess = {"type": "function", "function": {"name": "guess", "parameters": {"type": "object"}}}
+    bare = {"name": "look", "parameters": {"type": "object"}}
+    conversation = [
+        {"role": "user", "content": "Find it."},
+        {"role": "assistant", "content": 'Try two.\n<tool_call>\n{"name": "guess", "arguments": {"number": 2}}\n'
+                                         '</tool_call>\n<tool_call>\n{"name": "look", "arguments": {}}\n</tool_call>'},
+        {"role": "tool", "tool_call_id": "call_0", "name": "guess", "content": "higher"},
+        {"role": "tool", "tool_call_id": "call_1", "name": "look", "content": "nothing"},
+        {"role": "assistant", "content": "<tool_call>\n{bad json\n</tool_call>"},
+        {"role": "tool", "tool_call_id": "", "name": "error", "content": "Error: malformed call"},
+    ]
+    url, script = scripted(reply(200, {"choices": [{"message": {"content": "<answer>7</answer>"}}]}))
+    generation = run(fast_policy(url).generate(conversation, SamplingParams(max_tokens=8), tools=[guess, bare]))
+    assert generation.text == "<answer>7</answer>" and not generation.trainable
+    path, _, body = script.requests[0]
+    assert path == "/v1/chat/completions"
+    assert body["tools"] == [guess, {"type": "function", "function": bare}]
+    sent = body["messages"]
+    assert sent[1]["content"] == "Try two." and [c["id"] for c in sent[1]["tool_calls"]] == ["call_1_0", "call_1_1"]
+    assert json.loads(sent[1]["tool_calls"][0]["function"]["arguments"]) == {"number": 2}
+    assert [(m["role"], m.get("tool_call_id")) for m in sent[2:4]] == [("tool", "call_1_0"), ("tool", "call_1_1")]
+    # A malformed call has no structured call to answer: its error report goes back as a user message.
+    assert "tool_calls" not in sent[4] and sent[5] == {"role": "user", "content": "Error: malformed call"}
+    assert chat_messages(conversation[:1]) == conversation[:1]
+    run(fast_policy(url).generate(conversation[:1], SamplingParams(max_tokens=8)))
+    assert "tools" not in script.requests[1][2]
 
 
 def test_retries_429_and_5xx_with_backoff(scripted):

@@ -345,8 +345,8 @@ def test_text_only_backends_give_untrainable_trajectories(tokenizer):
 
 def test_chat_backends_get_the_conversation_as_messages(tokenizer):
     class ChatOnly(ScriptedPolicy):
-        async def generate(self, prompt, sampling):
-            assert all(isinstance(m, dict) and "role" in m for m in prompt)
+        async def generate(self, prompt, sampling, *, tools=None):
+            assert all(isinstance(m, dict) and "role" in m for m in prompt) and tools is None  # echo has no tools
             self.prompts.append([dict(m) for m in prompt])
             return Generation((), None, "stop", text=re.findall(r"Say: (\w+)", prompt[-1]["content"])[-1],
                               trainable=False)
@@ -361,6 +361,27 @@ def test_chat_backends_get_the_conversation_as_messages(tokenizer):
     assert policy.prompts[-1] == [dict(m) for m in trajectory.messages[:6]]
     with pytest.raises(ConfigError, match="prompt_format"):
         Runner("toy-echo-v0", policy, tokenizer, prompt_format="text")
+
+
+def test_chat_backends_get_the_envs_tools_and_token_backends_do_not(tokenizer):
+    seen = []
+
+    class ChatWithTools(ScriptedPolicy):
+        async def generate(self, prompt, sampling, *, tools=None):
+            seen.append(tools)
+            return Generation((), None, "stop", text=WRONG_GUESS, trainable=False)
+
+    env = agentrl.make("toy-guess-v0")
+    rollout("toy-guess-v0", ChatWithTools(tokenizer, ""), tokenizer, 1, prompt_format="messages",
+            limits=RolloutLimits(max_turns=2))
+    assert seen == [env.tool_schemas()] * 2 and seen[0][0]["function"]["name"] == "guess"
+
+    class TokenOnly(ScriptedPolicy):
+        async def generate(self, prompt, sampling):  # no tools parameter: token prompts never get one
+            return await super().generate(prompt, sampling)
+
+    [group] = rollout("toy-guess-v0", TokenOnly(tokenizer, WRONG_GUESS), tokenizer, 1, limits=RolloutLimits(max_turns=2))
+    assert [t.stop_reason for t in group.trajectories] == [StopReason.MAX_TURNS]
 
 
 def test_weight_versions_are_recorded(tokenizer):

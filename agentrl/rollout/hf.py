@@ -139,8 +139,12 @@ class HFPolicy:
         self._tasks: set[asyncio.Task[None]] = set()
 
     # ---- Policy protocol ---------------------------------------------------------------------------
-    async def generate(self, prompt: Sequence[Any], sampling: SamplingParams) -> Generation:
+    async def generate(
+        self, prompt: Sequence[Any], sampling: SamplingParams, *, tools: Sequence[Any] | None = None
+    ) -> Generation:
         """Sample a continuation of ``prompt`` (token ids), batched with concurrent requests.
+
+        ``tools`` is not used: a token prompt already holds the tools, rendered by the chat template.
 
         Raises:
             ConfigError: messages instead of ids, ids outside the vocabulary, or no room left in the context.

@@ -31,9 +31,9 @@ from typing import Any
 
 from agentrl.errors import AgentRLError, ConfigError, MissingDependencyError
 from agentrl.rollout.policy import Generation, SamplingParams
-from agentrl.types import Message
+from agentrl.types import Message, ToolSchema
 
-__all__ = ["OpenAIError", "OpenAIPolicy", "generation_from_chat", "generation_from_completion"]
+__all__ = ["OpenAIError", "OpenAIPolicy", "chat_messages", "generation_from_chat", "generation_from_completion"]
 
 RETRY_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504})
 _TOKEN_ID = re.compile(r"token_id:(\d+)")
@@ -119,7 +119,11 @@ class OpenAIPolicy:
 
     # ---- Policy protocol ---------------------------------------------------------------------------
     async def generate(
-        self, prompt: Sequence[int] | Sequence[Message], sampling: SamplingParams
+        self,
+        prompt: Sequence[int] | Sequence[Message],
+        sampling: SamplingParams,
+        *,
+        tools: Sequence[ToolSchema] | None = None,
     ) -> Generation:
         """Sample one continuation: token ids through ``/completions``, messages through ``/chat/completions``.
 
@@ -134,7 +138,7 @@ class OpenAIPolicy:
             body = self._completion_body(ids, sampling)
             return generation_from_completion(await self._post("/completions", body))
         if all(isinstance(m, Mapping) and "role" in m for m in prompt):
-            body = self._chat_body(prompt, sampling)  # type: ignore[arg-type]
+            body = self._chat_body(prompt, sampling, tools)  # type: ignore[arg-type]
             return generation_from_chat(await self._post("/chat/completions", body))
         raise ConfigError(
             "prompt must be a list of token ids or a list of chat messages ({'role', 'content'})"
@@ -178,16 +182,20 @@ class OpenAIPolicy:
                 body["stop_token_ids"] = list(sampling.stop_token_ids)
         return body
 
-    def _chat_body(self, messages: Sequence[Message], sampling: SamplingParams) -> dict[str, Any]:
+    def _chat_body(
+        self, messages: Sequence[Message], sampling: SamplingParams, tools: Sequence[ToolSchema] | None = None
+    ) -> dict[str, Any]:
         body: dict[str, Any] = {
             "model": self.model,
-            "messages": [dict(m) for m in messages],
+            "messages": chat_messages(messages),
             "max_tokens": sampling.max_tokens,
             "temperature": sampling.temperature,
             "top_p": sampling.top_p,
         }
         if sampling.seed is not None:
             body["seed"] = sampling.seed
+        if tools:
+            body["tools"] = [dict(t) if "type" in t else {"type": "function", "function": dict(t)} for t in tools]
         return body
 
     async def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -308,6 +316,40 @@ def generation_from_completion(reply: Mapping[str, Any]) -> Generation:
     if logprobs is not None and len(logprobs) != len(ids):
         logprobs = None
     return Generation(ids, logprobs, _finish(choice), text=text, trainable=logprobs is not None)
+
+
+def chat_messages(messages: Sequence[Message]) -> list[dict[str, Any]]:
+    """The conversation as chat APIs want it: tool calls structured, each tool reply tied to its call.
+
+    Assistant turns hold Hermes ``<tool_call>`` blocks as text (that is what envs parse); chat APIs reject
+    a ``tool`` message unless the assistant message before it lists the call in ``tool_calls`` with the same
+    id. Calls get ids ``call_<turn>_<k>`` where they have none, and the tool messages after an assistant
+    turn take those ids in order; a tool message with no call left to answer (e.g. the env's report of a
+    malformed call) is sent as a user message.
+    """
+    from agentrl.tools import parse_tool_calls
+
+    out: list[dict[str, Any]] = []
+    pending: list[str] = []
+    for turn, message in enumerate(messages):
+        entry = dict(message)
+        if entry.get("role") == "assistant" and not entry.get("tool_calls"):
+            parsed = parse_tool_calls(str(entry.get("content") or ""))
+            pending = [f"call_{turn}_{k}" for k in range(len(parsed.calls))]
+            if parsed.calls:
+                entry["content"] = parsed.content or None
+                entry["tool_calls"] = [
+                    {"id": call_id, "type": "function",
+                     "function": {"name": call.name, "arguments": json.dumps(call.arguments, ensure_ascii=False)}}
+                    for call_id, call in zip(pending, parsed.calls, strict=True)
+                ]
+        elif entry.get("role") == "tool":
+            if pending:
+                entry["tool_call_id"] = pending.pop(0)
+            else:
+                entry = {"role": "user", "content": str(entry.get("content") or "")}
+        out.append(entry)
+    return out
 
 
 def generation_from_chat(reply: Mapping[str, Any]) -> Generation:

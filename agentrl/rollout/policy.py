@@ -20,7 +20,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 from agentrl._plugins import load_object
 from agentrl.errors import ConfigError, RegistryError
-from agentrl.types import Message
+from agentrl.types import Message, ToolSchema
 
 __all__ = [
     "Generation",
@@ -108,8 +108,17 @@ class Policy(Protocol):
     version: int
     max_context: int
 
-    async def generate(self, prompt: Sequence[int] | Sequence[Message], sampling: SamplingParams) -> Generation:
+    async def generate(
+        self,
+        prompt: Sequence[int] | Sequence[Message],
+        sampling: SamplingParams,
+        *,
+        tools: Sequence[ToolSchema] | None = None,
+    ) -> Generation:
         """Sample one continuation of ``prompt`` (token ids; messages only for text-only backends).
+
+        ``tools`` are the env's tool schemas, passed with message prompts only: chat APIs take them as a
+        request field. Token-id prompts already hold them, rendered by the chat template.
 
         Raises:
             ConfigError: the request cannot be served as asked (e.g. messages given to an ids-only backend).

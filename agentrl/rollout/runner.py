@@ -273,7 +273,11 @@ class Runner:
             if limit is not None:
                 return limit
             prompt = list(history) if self.send_messages else tuple(ledger.ids)
-            generation = await self.policy.generate(prompt, self._sampling(episode, turn, cap))
+            sampling = self._sampling(episode, turn, cap)
+            if self.send_messages:  # chat APIs take the tools as a field; token prompts have them rendered
+                generation = await self.policy.generate(prompt, sampling, tools=tools or None)
+            else:
+                generation = await self.policy.generate(prompt, sampling)
             ids, logprobs = self._record(episode, generation, renderer)
             ledger.add_sampled(ids, logprobs)
             if generation.finish_reason == "length" and len(ids) >= cap and cap < self.sampling.max_tokens:

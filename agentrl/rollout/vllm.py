@@ -217,8 +217,12 @@ class VLLMPolicy:
         self._thread.start()
 
     # ---- Policy protocol ---------------------------------------------------------------------------
-    async def generate(self, prompt: Sequence[Any], sampling: SamplingParams) -> Generation:
+    async def generate(
+        self, prompt: Sequence[Any], sampling: SamplingParams, *, tools: Sequence[Any] | None = None
+    ) -> Generation:
         """Sample a continuation of ``prompt`` (token ids), batched with concurrent requests.
+
+        ``tools`` is not used: a token prompt already holds the tools, rendered by the chat template.
 
         Raises:
             ConfigError: messages instead of ids, ids outside the vocabulary, or no room left in the context.
