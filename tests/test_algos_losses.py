@@ -14,6 +14,7 @@ from agentrl.algos.losses import (
     entropy_from_logits,
     kl_estimate,
     kl_penalized_rewards,
+    policy_loss,
     ppo_clip_loss,
     sft_nll_loss,
     token_logprobs,
@@ -177,6 +178,74 @@ def test_aggregate_ignores_nan_at_masked_positions() -> None:
     value = aggregate(loss, t([[1, 0]]), "token-mean")
     (grad,) = torch.autograd.grad(value, loss)
     assert value.item() == 1.0 and grad.tolist() == [[1.0, 0.0]]
+
+
+def test_token_mean_with_a_global_token_count() -> None:
+    # micro-batch of a larger batch with 10 policy tokens in all: (1 + 2 + 4) / 10
+    assert aggregate(LOSS, LOSS_MASK, "token-mean", norm=10).item() == pytest.approx(0.7)
+
+
+# ---------------------------------------------------------------------------------------------- policy loss
+def _trl_style_loss(
+    logprobs: torch.Tensor,
+    old: torch.Tensor,
+    ref: torch.Tensor,
+    adv_B: torch.Tensor,
+    mask: torch.Tensor,
+    is_ratio: torch.Tensor,
+    beta: float,
+    loss_type: str,
+    max_len: int,
+) -> torch.Tensor:
+    """GRPO's per-token loss and reductions written out independently, in the form TRL's trainer uses."""
+    coef_1 = torch.exp(logprobs - old)
+    coef_2 = torch.clamp(coef_1, 1 - 0.2, 1 + 0.28)
+    per_token = -torch.min(coef_1 * adv_B.unsqueeze(1), coef_2 * adv_B.unsqueeze(1)) * is_ratio
+    per_token = per_token + beta * (torch.exp(ref - logprobs) - (ref - logprobs) - 1)
+    m = mask.to(per_token.dtype)
+    if loss_type == "grpo":
+        return ((per_token * m).sum(-1) / m.sum(-1).clamp(min=1.0)).mean()
+    if loss_type == "dr_grpo":
+        return (per_token * m).sum() / (per_token.size(0) * max_len)
+    return (per_token * m).sum() / m.sum().clamp(min=1.0)
+
+
+@pytest.mark.parametrize(
+    ("loss_type", "mode"),
+    [("grpo", "seq-mean-token-mean"), ("dr_grpo", "seq-mean-token-sum-norm"), ("dapo", "token-mean")],
+)
+def test_policy_loss_matches_the_grpo_formulas(loss_type: str, mode: str) -> None:
+    gen = torch.Generator().manual_seed(1)
+    B, T = 4, 6
+    base = -torch.rand(B, T, generator=gen, dtype=torch.float64) * 2
+    old = base + 0.3 * torch.randn(B, T, generator=gen, dtype=torch.float64)
+    ref = base + 0.3 * torch.randn(B, T, generator=gen, dtype=torch.float64)
+    sampler = old + 0.2 * torch.randn(B, T, generator=gen, dtype=torch.float64)
+    mask = (torch.rand(B, T, generator=gen) < 0.7).long()
+    mask[:, 0] = 1
+    adv_B = torch.randn(B, generator=gen, dtype=torch.float64)
+    is_w = truncated_is_weights(old, sampler, cap=2.0)
+    ours_lp = base.clone().requires_grad_(True)
+    theirs_lp = base.clone().requires_grad_(True)
+    out = policy_loss(
+        ours_lp, old, adv_B.unsqueeze(1).expand(B, T), mask, eps_low=0.2, eps_high=0.28,
+        ref_logprobs_B_T=ref, beta=0.04, is_weights_B_T=is_w, aggregation=mode,
+        norm=T if loss_type == "dr_grpo" else None,  # type: ignore[arg-type]
+    )  # fmt: skip
+    theirs = _trl_style_loss(theirs_lp, old, ref, adv_B, mask, is_w, 0.04, loss_type, T)
+    (g_ours,) = torch.autograd.grad(out.loss, ours_lp)
+    (g_theirs,) = torch.autograd.grad(theirs, theirs_lp)
+    torch.testing.assert_close(out.loss, theirs, atol=1e-12, rtol=0)
+    torch.testing.assert_close(g_ours, g_theirs, atol=1e-12, rtol=0)
+    assert 0.0 <= out.clip_fraction.item() <= 1.0 and out.kl.item() > 0
+    assert not out.pg_loss.requires_grad
+
+
+def test_policy_loss_needs_a_reference_for_kl() -> None:
+    x = t([[-1.0]])
+    with pytest.raises(ValueError, match="ref_logprobs"):
+        policy_loss(x, x, x, t([[1]]), beta=0.1)
+    assert policy_loss(x, x, t([[2.0]]), t([[1]])).loss.item() == pytest.approx(-2.0)
 
 
 # ---------------------------------------------------------------------------------------------- IS, SFT

@@ -13,10 +13,13 @@ token of a turn bootstraps from the value of the first token of the next turn.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
+
+    from agentrl.data.trajectory import Trajectory
 
 __all__ = [
     "batch_normalize",
@@ -25,9 +28,11 @@ __all__ = [
     "group_advantages",
     "reinforce_pp_advantages",
     "rloo_advantages",
+    "sequence_to_tokens",
     "turn_advantages",
     "turn_index_from_mask",
     "turn_returns",
+    "turn_rewards_from_trajectories",
     "turn_values_to_tokens",
 ]
 
@@ -128,11 +133,11 @@ def discounted_returns(
     return advantages
 
 
-def group_advantages(rewards_G: torch.Tensor, *, scale: bool = True, eps: float = 1e-6) -> torch.Tensor:
+def group_advantages(rewards_G: torch.Tensor, *, scale: bool = True, eps: float = 1e-4) -> torch.Tensor:
     """Group-relative advantages over the last dimension: GRPO ``(r - mean) / (std + eps)``, Dr. GRPO ``r - mean``.
 
-    ``std`` is the sample standard deviation (Bessel-corrected, as TRL's GRPO computes it), so a group whose
-    rewards all agree gets advantages of 0.
+    ``std`` is the sample standard deviation and ``eps`` defaults to 1e-4, both as in TRL's GRPO, so a group
+    whose rewards all agree gets advantages of 0.
 
     Args:
         rewards_G: each sample's reward; ``(..., G)`` for several groups at once.
@@ -197,6 +202,33 @@ def reinforce_pp_advantages(
 
 
 # ---------------------------------------------------------------------------------------------- turns
+def sequence_to_tokens(advantages_B: torch.Tensor, mask_B_T: torch.Tensor) -> torch.Tensor:
+    """Give every policy token of row ``b`` the advantage ``advantages_B[b]``; 0 on mask-0 tokens."""
+    import torch
+
+    return torch.where(
+        mask_B_T != 0, advantages_B.unsqueeze(-1), torch.zeros_like(advantages_B).unsqueeze(-1)
+    )
+
+
+def turn_rewards_from_trajectories(trajectories: Sequence[Trajectory]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-turn rewards of each trajectory, padded to the most turns: ``(turn_rewards_B_K, turn_mask_B_K)``.
+
+    The rows of a group, in order, are what :func:`turn_advantages` takes (``(G, K)``, or ``(N, G, K)`` after
+    a reshape when the groups are the same size).
+    """
+    import torch
+
+    K = max((len(t.turns) for t in trajectories), default=0)
+    rewards = torch.zeros(len(trajectories), K, dtype=torch.float64)
+    mask = torch.zeros(len(trajectories), K, dtype=torch.int64)
+    for b, trajectory in enumerate(trajectories):
+        n = len(trajectory.turns)
+        rewards[b, :n] = torch.tensor([turn.reward for turn in trajectory.turns], dtype=torch.float64)
+        mask[b, :n] = 1
+    return rewards, mask
+
+
 def turn_returns(
     turn_rewards_B_K: torch.Tensor, turn_mask_B_K: torch.Tensor, gamma: float = 1.0
 ) -> torch.Tensor:
@@ -242,6 +274,10 @@ def turn_advantages(
           policy.
         - ``"normalized"``: ``(R - mean_k) / (std_k + eps)``, GRPO's normalisation per turn position. Biased
           (the mean bias, and the std rescales turn positions by amounts that depend on the policy).
+
+        Measured on the test's 3-turn stop/continue problem with G = 4 (exact expectation over all 256
+        groups): ``leave_one_out`` matches the exact gradient to 1e-12; ``mean`` is off by 29.6% of the
+        gradient's norm and ``normalized`` by 21.3%, its turn-2 component 63% too small.
 
     Args:
         turn_rewards_G_K: per-turn rewards of ``G`` samples of one task, padded to ``K`` turns; ``(..., G, K)``

@@ -22,10 +22,12 @@ __all__ = [
     "AGGREGATIONS",
     "AdaptiveKLController",
     "Aggregation",
+    "PolicyLoss",
     "aggregate",
     "entropy_from_logits",
     "kl_estimate",
     "kl_penalized_rewards",
+    "policy_loss",
     "ppo_clip_loss",
     "sft_nll_loss",
     "token_logprobs",
@@ -219,7 +221,8 @@ def aggregate(
     """Reduce a per-token loss to a scalar over the masked tokens.
 
     Modes:
-        - ``"token-mean"`` (DAPO): sum over all masked tokens / their count; long sequences weigh more.
+        - ``"token-mean"`` (DAPO): sum over all masked tokens / their count (or / ``norm`` when given: pass
+          the token count of the whole batch when it is split into micro-batches); long sequences weigh more.
         - ``"seq-mean-token-mean"`` (original GRPO): each sequence's token mean, then the mean over sequences.
         - ``"seq-mean-token-sum-norm"`` (Dr. GRPO): each sequence's token sum divided by the constant ``norm``
           (e.g. the max completion length), then the mean over sequences; no length bias.
@@ -239,7 +242,7 @@ def aggregate(
     masked = torch.where(keep, loss_B_T, torch.zeros((), dtype=loss_B_T.dtype, device=loss_B_T.device))
     weight = keep.to(masked.dtype)
     if mode == "token-mean":
-        return masked.sum() / weight.sum().clamp(min=1.0)
+        return masked.sum() / (weight.sum().clamp(min=1.0) if norm is None else norm)
     if segment_ids_B_T is None:
         sums, counts = masked.sum(dim=-1), weight.sum(dim=-1)
     else:
@@ -256,6 +259,78 @@ def aggregate(
             "'seq-mean-token-sum-norm' needs norm > 0 (e.g. the max completion length in tokens)"
         )
     return sums.sum() / (sums.numel() * norm) if sums.numel() else sums.sum()
+
+
+@dataclass(frozen=True)
+class PolicyLoss:
+    """What :func:`policy_loss` returns; every field but ``loss`` is detached, for logging.
+
+    Attributes:
+        loss: the scalar to backpropagate.
+        pg_loss: the clipped-surrogate part, aggregated.
+        kl: the mean per-token KL estimate over policy tokens (0 when no reference was given).
+        clip_fraction: the fraction of policy tokens whose clipped branch was taken.
+        ratio_mean: the mean of ``pi / pi_old`` over policy tokens.
+    """
+
+    loss: torch.Tensor
+    pg_loss: torch.Tensor
+    kl: torch.Tensor
+    clip_fraction: torch.Tensor
+    ratio_mean: torch.Tensor
+
+
+def policy_loss(
+    logprobs_B_T: torch.Tensor,
+    old_logprobs_B_T: torch.Tensor,
+    advantages_B_T: torch.Tensor,
+    mask_B_T: torch.Tensor,
+    *,
+    eps_low: float = 0.2,
+    eps_high: float | None = None,
+    dual_clip: float | None = None,
+    ref_logprobs_B_T: torch.Tensor | None = None,
+    beta: float = 0.0,
+    kl_kind: Literal["k1", "k2", "k3"] = "k3",
+    is_weights_B_T: torch.Tensor | None = None,
+    aggregation: Aggregation = "token-mean",
+    norm: float | None = None,
+) -> PolicyLoss:
+    """The GRPO/PPO policy loss: per token ``w * clipped_surrogate + beta * kl``, aggregated over the mask.
+
+    The order is TRL's GRPO: importance weights (``w``, e.g. :func:`truncated_is_weights`) multiply the
+    surrogate only; the KL term (a loss term here; for a KL reward penalty use :func:`kl_penalized_rewards`
+    and leave ``beta`` at 0) is added after. No reference logprobs are needed when ``beta`` is 0.
+
+    Raises:
+        ValueError: ``beta > 0`` without ``ref_logprobs_B_T``, or what the parts raise.
+    """
+    import torch
+
+    if beta > 0 and ref_logprobs_B_T is None:
+        raise ValueError("beta > 0 needs ref_logprobs_B_T (the reference model's logprobs); or set beta=0")
+    pg, clipped = ppo_clip_loss(
+        logprobs_B_T, old_logprobs_B_T, advantages_B_T, eps_low, eps_high, dual_clip, mask_B_T=mask_B_T
+    )
+    if is_weights_B_T is not None:
+        pg = pg * is_weights_B_T.detach()
+    per_token = pg
+    kl = torch.zeros((), dtype=pg.dtype, device=pg.device)
+    if ref_logprobs_B_T is not None:
+        kl_B_T = kl_estimate(logprobs_B_T, ref_logprobs_B_T, kl_kind, mask_B_T=mask_B_T)
+        if beta != 0:
+            per_token = per_token + beta * kl_B_T
+        kl = aggregate(kl_B_T.detach(), mask_B_T)
+    loss = aggregate(per_token, mask_B_T, aggregation, norm=norm)
+    with torch.no_grad():
+        ratio = torch.exp(_log_ratio(logprobs_B_T, old_logprobs_B_T, mask_B_T))
+        return PolicyLoss(
+            loss=loss,
+            pg_loss=aggregate(pg.detach(), mask_B_T, aggregation, norm=norm),
+            kl=kl,
+            clip_fraction=aggregate(clipped, mask_B_T),
+            ratio_mean=aggregate(ratio, mask_B_T),
+        )
 
 
 def truncated_is_weights(
