@@ -141,6 +141,16 @@ def test_batch_normalize_and_reinforce_pp() -> None:
 
 
 # ---------------------------------------------------------------------------------------------- turns
+def test_turn_level_gae_agrees_with_turn_returns() -> None:
+    episodes = [_episode([0.5, -1.0, 2.0]), _episode([1.0, 3.0])]
+    batch = collate(episodes).to_torch()
+    mask, rewards = batch.loss_mask_B_T, batch.turn_rewards_B_T.double()
+    per_token = discounted_returns(rewards, mask, 0.7, turn_level=True)
+    rewards_B_K, mask_B_K = turn_rewards_from_trajectories(episodes)
+    expected = turn_values_to_tokens(turn_returns(rewards_B_K, mask_B_K, 0.7), turn_index_from_mask(mask))
+    torch.testing.assert_close(per_token, expected)
+
+
 def test_turn_returns_discount_per_turn() -> None:
     rewards = t([[1.0, 2.0, 3.0], [1.0, 2.0, 99.0]])
     mask = t([[1, 1, 1], [1, 1, 0]], torch.int64)
@@ -260,16 +270,23 @@ def _exact_gradient() -> torch.Tensor:
 def _estimates(kinds_N_G: torch.Tensor, baseline: str) -> torch.Tensor:
     """The gradient estimate of each group: (1/G) sum_i sum_k A_ik * score_ik, shape (N, K)."""
     _, rewards_kind, mask_kind, score_kind = _kind_tables(THETA)
-    adv_N_G_K = turn_advantages(rewards_kind[kinds_N_G], mask_kind[kinds_N_G], baseline=baseline)
+    if baseline.startswith("outcome_"):  # one advantage per episode from its total reward, on every turn
+        totals_N_G = rewards_kind.sum(dim=1)[kinds_N_G]
+        adv_N_G = rloo_advantages(totals_N_G) if baseline == "outcome_rloo" else group_advantages(totals_N_G)
+        adv_N_G_K = adv_N_G.unsqueeze(-1) * mask_kind[kinds_N_G]
+    else:
+        adv_N_G_K = turn_advantages(rewards_kind[kinds_N_G], mask_kind[kinds_N_G], baseline=baseline)
     return (adv_N_G_K * score_kind[kinds_N_G]).sum(dim=1) / G
 
 
-def _expected_estimate(baseline: str) -> torch.Tensor:
-    """The estimator's exact expectation: every one of the (K+1)^G groups weighted by its probability."""
+def _expected_estimate(baseline: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The estimator's exact mean and variance: every one of the (K+1)^G groups weighted by its probability."""
     probs, _, _, _ = _kind_tables(THETA)
     groups = t(list(itertools.product(KINDS, repeat=G)), torch.int64)  # (256, G)
-    weights = probs[groups].prod(dim=1)
-    return (weights.unsqueeze(1) * _estimates(groups, baseline)).sum(dim=0)
+    weights = probs[groups].prod(dim=1).unsqueeze(1)
+    estimates = _estimates(groups, baseline)
+    mean = (weights * estimates).sum(dim=0)
+    return mean, (weights * (estimates - mean) ** 2).sum(dim=0)
 
 
 def test_exact_gradient_matches_finite_differences() -> None:
@@ -291,14 +308,20 @@ def test_leave_one_out_turn_advantages_are_unbiased_and_naive_ones_are_not() -> 
     Prints the measured bias (run with ``-s``): relative error ``|E[g] - grad| / |grad|`` per estimator.
     """
     exact = _exact_gradient()
-    expectation = {name: _expected_estimate(name) for name in ("leave_one_out", "mean", "normalized")}
+    names = ("leave_one_out", "mean", "normalized", "outcome_rloo", "outcome_grpo")
+    moments = {name: _expected_estimate(name) for name in names}
+    expectation = {name: mean for name, (mean, _) in moments.items()}
     relative = {name: float((e - exact).norm() / exact.norm()) for name, e in expectation.items()}
     print(f"\nexact gradient {exact.tolist()}")
     for name, e in expectation.items():
         cosine = float(e @ exact / (e.norm() * exact.norm()))
-        print(f"E[{name}] = {e.tolist()}  relative bias {relative[name]:.4f}  cosine {cosine:.4f}")
+        total_var = float(moments[name][1].sum())
+        print(
+            f"E[{name}] = {e.tolist()}  relative bias {relative[name]:.4f}  cosine {cosine:.4f}  var {total_var:.4f}"
+        )
     torch.testing.assert_close(expectation["leave_one_out"], exact, atol=1e-12, rtol=1e-12)
-    assert relative["mean"] > 0.05 and relative["normalized"] > 0.05
+    torch.testing.assert_close(expectation["outcome_rloo"], exact, atol=1e-12, rtol=1e-12)
+    assert relative["mean"] > 0.05 and relative["normalized"] > 0.05 and relative["outcome_grpo"] > 0.05
 
     # Monte Carlo: the mean over N sampled groups lands within 4 standard errors of the exact gradient
     # (a chance failure has probability < 1e-4 per component for the unbiased estimator).

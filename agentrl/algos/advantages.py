@@ -277,7 +277,8 @@ def turn_advantages(
 
         Measured on the test's 3-turn stop/continue problem with G = 4 (exact expectation over all 256
         groups): ``leave_one_out`` matches the exact gradient to 1e-12; ``mean`` is off by 29.6% of the
-        gradient's norm and ``normalized`` by 21.3%, its turn-2 component 63% too small.
+        gradient's norm and ``normalized`` by 21.3%, its turn-2 component 63% too small. There, the
+        outcome-level RLOO is unbiased too, with a slightly lower total variance (0.0398 vs 0.0413).
 
     Args:
         turn_rewards_G_K: per-turn rewards of ``G`` samples of one task, padded to ``K`` turns; ``(..., G, K)``
