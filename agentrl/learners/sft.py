@@ -1,0 +1,418 @@
+"""Supervised fine-tuning on multi-turn tool-use demonstrations: the tool-format phase before RL.
+
+Each demonstration (OpenAI-style messages plus the ``tools`` offered) becomes a token ledger built the
+way the rollout runner builds one: the opening prompt, then per assistant turn the tokens the policy
+would have sampled (text, tool-call markup and the end-of-turn token: mask 1), then what the template
+puts before the next generation (closing glue, tool results, user turns, the next generation prompt:
+mask 0). The loss is the NLL of the mask-1 tokens only, so a tool result never receives gradient.
+
+Usage::
+
+    from agentrl.learners.sft import SFTConfig, env_demonstrations, train_sft
+
+    demos = env_demonstrations(agentrl.make("math-v0", tools=["calculator"]), range(64))
+    result = train_sft(SFTConfig(max_steps=200, output_dir="runs/sft"), demos)
+    model = load_model(result.checkpoint)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from agentrl.data.trajectory import LedgerBuilder, Trajectory
+from agentrl.errors import ConfigError, TemplateError
+from agentrl.learners import _train
+from agentrl.models.chat import ChatRenderer
+from agentrl.types import Message, StopReason, ToolSchema
+
+__all__ = [
+    "Demonstration",
+    "SFTConfig",
+    "SFTResult",
+    "StepLog",
+    "demonstration_ledger",
+    "env_demonstrations",
+    "masked_nll",
+    "read_messages_jsonl",
+    "train_sft",
+]
+
+
+# ---- configuration --------------------------------------------------------------------------------
+class SFTConfig(BaseModel):
+    """Everything an SFT run reads. Invalid values raise :class:`~agentrl.errors.ConfigError`."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model: str = Field("tiny", description="model to start from: 'tiny', a hub id or a local directory")
+    template: str | None = Field(
+        None, description="chat template: None for the tokenizer's own, 'chatml' or a Jinja string"
+    )
+    max_steps: int = Field(200, ge=1, description="optimizer steps to take, e.g. 200")
+    batch_size: int = Field(32, ge=1, description="rows (conversations, or packs of them) per step, e.g. 32")
+    max_seq_len: int = Field(
+        2048, ge=2, description="tokens per row; longer conversations are cut, e.g. 2048"
+    )
+    pack: bool = Field(False, description="pack several conversations into each row of max_seq_len tokens")
+    lr: float = Field(2e-3, gt=0, le=1, description="peak AdamW learning rate, e.g. 2e-3 for the tiny model")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW decay on weight matrices, e.g. 0.0 or 0.01")
+    betas: tuple[float, float] = Field(
+        (0.9, 0.999), description="AdamW betas, each in [0, 1), e.g. (0.9, 0.999)"
+    )
+    warmup_steps: int = Field(30, ge=0, description="linear warm-up steps, fewer than max_steps, e.g. 30")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine floor as a fraction of lr, in [0, 1]")
+    grad_clip: float | None = Field(
+        1.0, gt=0, description="max global gradient norm, or None for no clipping"
+    )
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="'fp32', or 'bf16' autocast for the forward"
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="recompute activations in backward to save memory"
+    )
+    device: str = Field("cpu", description="torch device, e.g. 'cpu' or 'cuda:0'")
+    seed: int = Field(0, description="seeds the data order and the global generators")
+    output_dir: Path | None = Field(None, description="where step-NNNNNN checkpoints go; None saves nothing")
+    save_every: int | None = Field(
+        None, ge=1, description="checkpoint every N steps (and at the end), or None"
+    )
+    keep_last: int | None = Field(
+        None, ge=1, description="keep only the newest N checkpoints, or None for all"
+    )
+    resume_from: Path | None = Field(None, description="a step-NNNNNN checkpoint to resume (weights + state)")
+
+    def __init__(self, **data: Any):
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise ConfigError(_explain(exc)) from None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SFTConfig:
+        if self.warmup_steps >= self.max_steps and self.warmup_steps > 0:
+            raise ValueError(
+                f"warmup_steps ({self.warmup_steps}) must be fewer than max_steps ({self.max_steps}); "
+                "lower warmup_steps or raise max_steps"
+            )
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas {self.betas} must each be in [0, 1), e.g. (0.9, 0.999)")
+        if self.save_every is not None and self.output_dir is None:
+            raise ValueError("save_every needs output_dir: set output_dir to where checkpoints should go")
+        return self
+
+
+def _explain(exc: ValidationError) -> str:
+    """One line per bad field: its value, what is wrong, and the field's documentation (the fix)."""
+    lines = []
+    for error in exc.errors():
+        name = ".".join(str(part) for part in error["loc"]) or "SFTConfig"
+        field = SFTConfig.model_fields.get(str(error["loc"][0])) if error["loc"] else None
+        hint = f" ({name}: {field.description})" if field is not None and field.description else ""
+        got = f" got {error['input']!r};" if error["loc"] else ""
+        lines.append(f"SFTConfig.{name}:{got} {error['msg'].removeprefix('Value error, ')}{hint}")
+    return "invalid SFT config:\n  " + "\n  ".join(lines)
+
+
+# ---- data ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Demonstration:
+    """One reference conversation: chat messages (system/user/assistant/tool) and the tools offered."""
+
+    messages: Sequence[Message]
+    tools: Sequence[ToolSchema] = ()
+
+
+def env_demonstrations(env: Any, tasks: Iterable[Any]) -> list[Demonstration]:
+    """The reference demonstrations of ``env`` (its ``demonstration(task)`` method) with its tool schemas.
+
+    Raises:
+        ConfigError: the env offers no ``demonstration`` method.
+    """
+    if not callable(getattr(env, "demonstration", None)):
+        raise ConfigError(
+            f"{type(env).__name__} has no demonstration(task) method; build Demonstration(messages, tools) "
+            "lists yourself or read an OpenAI-messages JSONL with read_messages_jsonl"
+        )
+    tools = env.tool_schemas()
+    return [Demonstration(tuple(env.demonstration(task)), tuple(tools)) for task in tasks]
+
+
+def read_messages_jsonl(path: str | Path) -> list[Demonstration]:
+    """Read ``{"messages": [...], "tools": [...]}`` lines (OpenAI chat format; ``tools`` optional).
+
+    Raises:
+        ConfigError: a line is not JSON or lacks a ``messages`` list; the message names file and line.
+    """
+    demos = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ConfigError(
+                    f"{path}:{lineno}: not JSON ({exc}); write one JSON object per line"
+                ) from None
+            if not isinstance(record, dict) or not isinstance(record.get("messages"), list):
+                raise ConfigError(f'{path}:{lineno}: expected {{"messages": [...], "tools": [...]}}')
+            demos.append(Demonstration(tuple(record["messages"]), tuple(record.get("tools") or ())))
+    return demos
+
+
+def demonstration_ledger(renderer: ChatRenderer, messages: Sequence[Message]) -> Trajectory:
+    """Tokenize a conversation into the ledger the rollout runner would have recorded for it.
+
+    Assistant turns (their text, tool-call markup and end-of-turn token) get mask 1; everything else 0.
+    Messages after the last assistant turn are dropped (the runner stops there too).
+
+    Raises:
+        ConfigError: no assistant message, or an unknown role.
+        TemplateError: the template does not render an assistant turn as prefix + text + end-of-turn.
+    """
+    roles = {"system", "user", "assistant", "tool"}
+    bad = [m.get("role") for m in messages if m.get("role") not in roles]
+    if bad:
+        raise ConfigError(f"unknown message role {bad[0]!r}; use one of {sorted(roles)}")
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    if not turns:
+        raise ConfigError("a demonstration needs at least one assistant message to learn from")
+    history = list(messages[: turns[0]])
+    ledger = LedgerBuilder(renderer.prompt_ids(history), history)
+    for n, k in enumerate(turns):
+        text = _assistant_text(renderer, history, messages[k])
+        ids = renderer.encode(text)
+        ledger.add_sampled(ids, None)
+        sampled = renderer.decode(ids)
+        message = renderer.assistant_message(sampled)  # content text, as the env receives it in a rollout
+        if n + 1 == len(turns):
+            ledger.add_messages([message])
+            break
+        answer = list(messages[k + 1 : turns[n + 1]])
+        if answer:
+            ledger.add_observation(renderer.observation_ids(history, sampled, answer))
+        else:  # two assistant turns in a row: only the glue and the next generation prompt
+            before = renderer.render(history, add_generation_prompt=True) + sampled
+            after = renderer.render([*history, message], add_generation_prompt=True)
+            ledger.add_observation(renderer.encode(after[len(before) :]))
+        ledger.add_messages([message, *answer])
+        history += [message, *answer]
+    return ledger.finish(StopReason.TERMINATED, meta={"source": "demonstration"})
+
+
+def _assistant_text(renderer: ChatRenderer, history: Sequence[Message], message: Message) -> str:
+    """What the policy must generate for ``message``: its rendering after the generation prompt, up to and
+    including the end-of-turn token (structured ``tool_calls`` come out as the template's markup)."""
+    eos = renderer.tokenizer.eos_token or ""
+    before = renderer.render(history, add_generation_prompt=True)
+    after = renderer.render([*history, message], add_generation_prompt=False)
+    end = after.find(eos, len(before)) if eos else -1
+    if not after.startswith(before) or end < 0:
+        raise TemplateError(
+            "the chat template does not render an assistant turn as the generation prompt followed by the "
+            f"turn's text and {eos!r}; pass template='chatml' or fix the template"
+        )
+    return after[len(before) : end + len(eos)]
+
+
+# ---- loss (moves to agentrl/algos/losses.py once that module offers a masked NLL) ---------------------
+def masked_nll(logits_B_T_V: torch.Tensor, ids_B_T: torch.Tensor, mask_B_T: torch.Tensor) -> torch.Tensor:
+    """Mean negative log-likelihood of the tokens where ``mask_B_T`` is 1 (token-mean over the batch).
+
+    ``mask_B_T[b, t] == 1`` means token ``t`` is a target; it is predicted by the logits at ``t - 1``, so
+    position 0 can never be a target. Returns 0 (with a gradient path) when no token is a target.
+    """
+    logprobs = torch.log_softmax(logits_B_T_V[:, :-1].float(), dim=-1)
+    target_logprobs_B_T = logprobs.gather(-1, ids_B_T[:, 1:].unsqueeze(-1)).squeeze(-1)
+    mask = mask_B_T[:, 1:].to(target_logprobs_B_T.dtype)
+    return -(target_logprobs_B_T * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+# ---- batching -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Row:
+    """One training row: token ids, loss mask and position ids (restarting at each packed conversation)."""
+
+    ids: tuple[int, ...]
+    mask: tuple[int, ...]
+    positions: tuple[int, ...]
+
+
+def _rows(ledgers: Sequence[Trajectory], max_len: int, pack: bool, seed: int) -> tuple[list[_Row], int]:
+    """Cut each ledger to ``max_len`` tokens and, with ``pack``, fill rows greedily in a seeded order.
+
+    Returns the rows and how many conversations were cut. Conversations left with no target are dropped.
+    """
+    cut = sum(len(t.token_ids) > max_len for t in ledgers)
+    pieces = [(tuple(t.token_ids[:max_len]), tuple(t.loss_mask[:max_len])) for t in ledgers]
+    pieces = [(ids, mask) for ids, mask in pieces if any(mask[1:])]
+    if not pack:
+        return [_Row(ids, mask, tuple(range(len(ids)))) for ids, mask in pieces], cut
+    order = torch.randperm(len(pieces), generator=torch.Generator().manual_seed(seed)).tolist()
+    rows: list[_Row] = []
+    ids_acc: list[int] = []
+    mask_acc: list[int] = []
+    pos_acc: list[int] = []
+    for i in order:
+        ids, mask = pieces[i]
+        if ids_acc and len(ids_acc) + len(ids) > max_len:
+            rows.append(_Row(tuple(ids_acc), tuple(mask_acc), tuple(pos_acc)))
+            ids_acc, mask_acc, pos_acc = [], [], []
+        ids_acc += ids
+        mask_acc += mask
+        pos_acc += range(len(ids))
+    if ids_acc:
+        rows.append(_Row(tuple(ids_acc), tuple(mask_acc), tuple(pos_acc)))
+    return rows, cut
+
+
+def _collate(rows: Sequence[_Row], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Right-pad rows into ``ids_B_T``, ``mask_B_T``, ``positions_B_T`` and ``attention_B_T``."""
+    width = max(len(r.ids) for r in rows)
+
+    def pad(values: Sequence[int], fill: int) -> list[int]:
+        return [*values, *([fill] * (width - len(values)))]
+
+    return {
+        "ids_B_T": torch.tensor([pad(r.ids, pad_id) for r in rows], device=device),
+        "mask_B_T": torch.tensor([pad(r.mask, 0) for r in rows], device=device),
+        "positions_B_T": torch.tensor([pad(r.positions, 0) for r in rows], device=device),
+        "attention_B_T": torch.tensor([pad([1] * len(r.ids), 0) for r in rows], device=device),
+    }
+
+
+def _forward(model: Any, batch: Mapping[str, torch.Tensor], packed: bool) -> torch.Tensor:
+    """Logits for a batch. Packed rows pass position ids and no attention mask: transformers then builds
+    a block-diagonal mask from where the positions restart (only without a KV cache, hence use_cache=False),
+    so packed conversations never attend to each other."""
+    if packed:
+        return model(input_ids=batch["ids_B_T"], position_ids=batch["positions_B_T"], use_cache=False).logits
+    return model(input_ids=batch["ids_B_T"], attention_mask=batch["attention_B_T"], use_cache=False).logits
+
+
+# ---- the loop -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StepLog:
+    """One optimizer step: its loss (before the update), learning rate, target tokens and wall seconds."""
+
+    step: int
+    loss: float
+    lr: float
+    tokens: int
+    grad_norm: float
+    seconds: float
+
+
+@dataclass(frozen=True)
+class SFTResult:
+    """What :func:`train_sft` returns: the trained model, its last checkpoint and the per-step log."""
+
+    model: Any
+    tokenizer: Any
+    history: tuple[StepLog, ...]
+    checkpoint: Path | None
+    num_rows: int
+    num_cut: int
+
+
+def train_sft(
+    config: SFTConfig,
+    demonstrations: Sequence[Demonstration],
+    on_step: Callable[[StepLog], None] | None = None,
+) -> SFTResult:
+    """Fine-tune ``config.model`` on the assistant tokens of ``demonstrations``.
+
+    Args:
+        config: the run's settings.
+        demonstrations: conversations with tool calls; each is tokenized with the model's chat template.
+        on_step: called after every optimizer step with its :class:`StepLog`.
+
+    Returns:
+        The trained model (in train mode), the tokenizer, the log and the final checkpoint's path (None
+        without ``output_dir``).
+
+    Raises:
+        ConfigError: no demonstration has a target token within ``max_seq_len``.
+        TemplateError: the chat template cannot reproduce the rollout's tokens.
+    """
+    from agentrl.models.loading import load_model, load_tokenizer
+
+    _train.seed_everything(config.seed)
+    device = torch.device(config.device)
+    start = config.resume_from if config.resume_from is not None else config.model
+    tokenizer = load_tokenizer(start)
+    model = load_model(start, dtype=torch.float32, device=device)
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    model.train()
+
+    # Tokenize every conversation exactly as a rollout would have recorded it.
+    ledgers = [demonstration_ledger(ChatRenderer(tokenizer, d.tools, config.template), d.messages)
+               for d in demonstrations]  # fmt: skip
+    rows, num_cut = _rows(ledgers, config.max_seq_len, config.pack, config.seed)
+    if not rows:
+        raise ConfigError(
+            f"none of the {len(ledgers)} demonstrations has an assistant token within max_seq_len="
+            f"{config.max_seq_len}; raise max_seq_len or pass demonstrations with assistant turns"
+        )
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    optimizer = _train.make_optimizer(model, config.lr, config.weight_decay, config.betas)
+    scheduler = _train.make_scheduler(optimizer, config.warmup_steps, config.max_steps, config.min_lr_ratio)
+    step = 0
+    if config.resume_from is not None:
+        step = _train.load_training_state(config.resume_from, optimizer, scheduler).step
+    meta = {"config": config.model_dump(mode="json"), "learner": "sft"}
+
+    history: list[StepLog] = []
+    checkpoint: Path | None = None
+    batches = _train.iterate_batches(len(rows), config.batch_size, config.seed, start_step=step)
+    while step < config.max_steps:
+        started = time.perf_counter()
+        batch = _collate([rows[i] for i in next(batches)], pad_id, device)
+        with _train.autocast(config.precision, device):
+            logits_B_T_V = _forward(model, batch, config.pack)
+        loss = masked_nll(logits_B_T_V, batch["ids_B_T"], batch["mask_B_T"])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        max_norm = config.grad_clip if config.grad_clip is not None else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        lr = optimizer.param_groups[0]["lr"]
+        optimizer.step()
+        scheduler.step()
+        step += 1
+
+        log = StepLog(step, loss.item(), lr, int(batch["mask_B_T"][:, 1:].sum()), float(grad_norm),
+                      time.perf_counter() - started)  # fmt: skip
+        history.append(log)
+        if on_step is not None:
+            on_step(log)
+        at_save = config.save_every is not None and step % config.save_every == 0
+        if config.output_dir is not None and (at_save or step == config.max_steps):
+            checkpoint = _save(config, model, tokenizer, optimizer, scheduler, step, meta)
+    return SFTResult(model, tokenizer, tuple(history), checkpoint, len(rows), num_cut)
+
+
+def _save(config: SFTConfig, model: Any, tokenizer: Any, optimizer: Any, scheduler: Any, step: int,
+          meta: Mapping[str, Any]) -> Path:  # fmt: skip
+    """Write ``step-NNNNNN`` atomically, then drop checkpoints beyond ``keep_last``."""
+    assert config.output_dir is not None
+    path = _train.save_checkpoint(
+        _train.step_dir(config.output_dir, step), model, tokenizer,
+        optimizer=optimizer, scheduler=scheduler, step=step, meta=meta,
+    )  # fmt: skip
+    if config.keep_last is not None:
+        import shutil
+
+        for old in _train.checkpoint_dirs(config.output_dir)[: -config.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    return path
