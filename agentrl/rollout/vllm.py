@@ -47,6 +47,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from agentrl.errors import AgentRLError, ConfigError, MissingDependencyError
+from agentrl.rollout._vllm_weights import (
+    WorkerExtension,
+    check_weights,
+    checkpoint_dtype,
+    checkpoint_shapes,
+    pack_tensor,
+    unpack_tensor,
+)
 from agentrl.rollout.policy import FinishReason, Generation, SamplingParams
 
 __all__ = [
@@ -61,53 +69,11 @@ __all__ = [
 
 _GIB = 1 << 30
 _MP_VARIABLE = "VLLM_ENABLE_V1_MULTIPROCESSING"
-_EXTENSION = f"{__name__}.WorkerExtension"
+_EXTENSION = "agentrl.rollout._vllm_weights.WorkerExtension"
 
 
 class VLLMError(AgentRLError, RuntimeError):
     """The vLLM engine failed a request, or the policy was closed."""
-
-
-class WorkerExtension:
-    """Mixed into vLLM's worker class (``worker_extension_cls``) so weight reloads are a named RPC."""
-
-    model_runner: Any
-
-    def agentrl_reload_weights(self, named_tensors: Sequence[Sequence[Any]]) -> int:
-        """Copy ``(name, tensor)`` pairs (checkpoint names, as in the HF state dict) into the model.
-
-        From another process the tensors arrive packed as ``(name, dtype, shape, bytes)`` (see
-        :func:`pack_tensor`), since vLLM's RPC encoding only rebuilds tensors where its types say so.
-
-        Returns:
-            How many tensors were loaded.
-        """
-        pairs = [
-            (str(item[0]), unpack_tensor(*item[1:]) if len(item) == 4 else item[1]) for item in named_tensors
-        ]
-        self.model_runner.reload_weights(weights_iterator=iter(pairs))
-        return len(pairs)
-
-
-def pack_tensor(tensor: Any) -> tuple[str, list[int], bytes]:
-    """``(dtype name, shape, raw bytes)`` of a tensor, for a process boundary that carries only plain data."""
-    import torch
-
-    cpu = tensor.detach().to("cpu").contiguous()
-    return (
-        str(cpu.dtype).removeprefix("torch."),
-        list(cpu.shape),
-        cpu.reshape(-1).view(torch.uint8).numpy().tobytes(),
-    )
-
-
-def unpack_tensor(dtype: str, shape: Sequence[int], data: bytes) -> Any:
-    """The inverse of :func:`pack_tensor`."""
-    import torch
-
-    return (
-        torch.frombuffer(bytearray(data), dtype=torch.uint8).view(getattr(torch, dtype)).reshape(list(shape))
-    )
 
 
 @dataclass
@@ -256,7 +222,7 @@ class VLLMPolicy:
         items = named_tensors.items() if isinstance(named_tensors, Mapping) else named_tensors
         pairs = [(str(name), tensor.detach()) for name, tensor in items]
         if self._weight_shapes is None:
-            self._weight_shapes = await asyncio.to_thread(_checkpoint_shapes, self._model_path)
+            self._weight_shapes = await asyncio.to_thread(checkpoint_shapes, self._model_path)
         check_weights(pairs, *self._weight_shapes)
         # In-process, vLLM copies straight from the learner's tensors; across processes they go as bytes.
         payload: list[tuple[Any, ...]] = (
@@ -426,54 +392,6 @@ def vllm_sampling_params(sampling: SamplingParams, max_tokens: int | None = None
     )
 
 
-def check_weights(
-    pairs: Sequence[tuple[str, Any]], shapes: Mapping[str, tuple[int, ...]], optional: set[str]
-) -> None:
-    """Check a weight update against the model's parameter ``shapes`` (all required but ``optional``).
-
-    Raises:
-        ConfigError: unknown names, wrong shapes, or required names missing (each listed, a few at most).
-    """
-    if not shapes:  # the architecture is not one transformers can describe: vLLM checks what it can
-        return
-    given = {name: tuple(tensor.shape) for name, tensor in pairs}
-    unknown = sorted(set(given) - set(shapes))
-    wrong = sorted(
-        f"{n} {given[n]} != {shapes[n]}" for n in set(given) & set(shapes) if given[n] != shapes[n]
-    )
-    missing = sorted(set(shapes) - set(given) - optional)
-    problems = [
-        f"{label}: {', '.join(names[:4])}{' ...' if len(names) > 4 else ''}"
-        for label, names in (("unknown names", unknown), ("wrong shapes", wrong), ("missing", missing))
-        if names
-    ]
-    if problems:
-        raise ConfigError(
-            f"update_weights: the weights do not fit the model ({'; '.join(problems)}). Pass the learner's "
-            "full state dict (e.g. model.state_dict()) with the checkpoint's parameter names; vLLM reloads "
-            "every layer, so a partial update is not possible."
-        )
-
-
-def _checkpoint_shapes(resolved: str) -> tuple[dict[str, tuple[int, ...]], set[str]]:
-    """``({name: shape}, optional names)`` of the checkpoint's transformers model, built on the meta device.
-
-    Optional: tied weights (an LM head sharing the embedding). Empty when transformers cannot build it.
-    """
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    try:
-        config = AutoConfig.from_pretrained(resolved)
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
-    except Exception:
-        return {}, set()
-    shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    tied = {name for name in shapes if name.startswith("lm_head.")} if config.tie_word_embeddings else set()
-    return shapes, tied
-
-
 def _generation(output: Any, version: int) -> Generation:
     completion = output.outputs[0]
     ids = tuple(int(t) for t in completion.token_ids)
@@ -542,7 +460,7 @@ def _build_llm(
     on_cpu = current_platform.is_cpu()
     options: dict[str, Any] = {
         "tokenizer": resolve_model(tokenizer) if tokenizer is not None else None,
-        "dtype": dtype or _checkpoint_dtype(resolve_model(model)),
+        "dtype": dtype or checkpoint_dtype(resolve_model(model)),
         "seed": seed,
         "max_model_len": max_context,
         "max_num_seqs": max_batch,
@@ -578,18 +496,6 @@ def _build_llm(
             os.environ.pop(_MP_VARIABLE, None)
         else:
             os.environ[_MP_VARIABLE] = previous
-
-
-def _checkpoint_dtype(resolved: str) -> str:
-    """The dtype the checkpoint's config names (``"auto"`` when it names none)."""
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(resolved)
-    except (OSError, ValueError):
-        return "auto"  # vLLM reports the loading problem itself
-    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    return str(dtype).removeprefix("torch.") if dtype is not None else "auto"
 
 
 def _eos_ids(llm: Any) -> list[int]:
