@@ -19,7 +19,7 @@ from agentrl.errors import ToolCallError
 from agentrl.tools import Tool, parse_tool_calls, tool_error_message, validate_call
 from agentrl.types import Message
 
-__all__ = ["EchoEnv", "GuessEnv", "ScriptedPolicy"]
+__all__ = ["DigitsEnv", "EchoEnv", "GuessEnv", "ScriptedPolicy"]
 
 WORDS = ("apple", "river", "stone", "cloud", "maple", "tiger", "piano", "lemon", "ocean", "candle")
 
@@ -51,8 +51,29 @@ class EchoEnv(Env):
         reward = 1.0 if action.strip() == self._words[self._turn] else 0.0
         self._turn += 1
         terminated = self._turn == self.rounds
-        obs: list[Message] = [] if terminated else [{"role": "user", "content": f"Say: {self._words[self._turn]}"}]
+        obs: list[Message] = (
+            [] if terminated else [{"role": "user", "content": f"Say: {self._words[self._turn]}"}]
+        )
         return StepResult(obs, reward, terminated, False, {"reward_components": {"correct": reward}})
+
+
+class DigitsEnv(Env):
+    """Reply with digits: the reward is the share of the reply's characters that are digits (one turn).
+
+    A dense reward an untrained model already earns a little of, for seeded "reward goes up" tests.
+    """
+
+    description = "Reply with digits only (one turn; reward = share of characters that are digits)"
+    max_turns = 1
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> ResetResult:
+        super().reset(seed=seed)
+        return ResetResult([{"role": "user", "content": "Write digits."}], {})
+
+    def step(self, action: str) -> StepResult:
+        text = action.strip()
+        share = sum(c.isdigit() for c in text) / len(text) if text else 0.0
+        return StepResult([], share, True, False, {"reward_components": {"digits": share}})
 
 
 def guess(number: int) -> str:
@@ -120,7 +141,10 @@ class GuessEnv(Env):
         if not parsed.calls and not parsed.errors:
             obs.append({"role": "user", "content": "Call the guess tool with a whole number."})
         well_formed = bool(parsed.calls) and bad_calls == 0
-        components = {"solved": 1.0 if solved else 0.0, "format": 0.0 if well_formed else -self.format_penalty}
+        components = {
+            "solved": 1.0 if solved else 0.0,
+            "format": 0.0 if well_formed else -self.format_penalty,
+        }
         truncated = not solved and self._turn >= self.max_turns
         return StepResult(obs, sum(components.values()), solved, truncated, {"reward_components": components})
 
@@ -142,7 +166,12 @@ class ScriptedPolicy:
     name = "scripted"
 
     def __init__(
-        self, tokenizer: Any, reply: str | Callable[[str], str], *, logprob: float = -0.5, max_context: int = 4096
+        self,
+        tokenizer: Any,
+        reply: str | Callable[[str], str],
+        *,
+        logprob: float = -0.5,
+        max_context: int = 4096,
     ):
         self.tokenizer, self.reply, self.logprob = tokenizer, reply, logprob
         self.version, self.max_context = 0, max_context
@@ -154,10 +183,15 @@ class ScriptedPolicy:
         text = self.reply if isinstance(self.reply, str) else self.reply(self.tokenizer.decode(list(prompt)))
         ids = self._ids.get(text)
         if ids is None:
-            ids = self._ids[text] = (*self.tokenizer.encode(text, add_special_tokens=False), self.tokenizer.eos_token_id)
+            ids = self._ids[text] = (
+                *self.tokenizer.encode(text, add_special_tokens=False),
+                self.tokenizer.eos_token_id,
+            )
         cut = len(ids) > sampling.max_tokens
         ids = ids[: sampling.max_tokens]
-        return Generation(ids, (self.logprob,) * len(ids), "length" if cut else "stop", policy_version=self.version)
+        return Generation(
+            ids, (self.logprob,) * len(ids), "length" if cut else "stop", policy_version=self.version
+        )
 
     async def update_weights(self, named_tensors: Any) -> None:
         self.version += 1

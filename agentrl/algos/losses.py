@@ -295,12 +295,14 @@ def policy_loss(
     is_weights_B_T: torch.Tensor | None = None,
     aggregation: Aggregation = "token-mean",
     norm: float | None = None,
+    segment_ids_B_T: torch.Tensor | None = None,
 ) -> PolicyLoss:
     """The GRPO/PPO policy loss: per token ``w * clipped_surrogate + beta * kl``, aggregated over the mask.
 
     The order is TRL's GRPO: importance weights (``w``, e.g. :func:`truncated_is_weights`) multiply the
     surrogate only; the KL term (a loss term here; for a KL reward penalty use :func:`kl_penalized_rewards`
     and leave ``beta`` at 0) is added after. No reference logprobs are needed when ``beta`` is 0.
+    ``segment_ids_B_T`` marks the sequences of packed rows for the sequence-mean aggregations.
 
     Raises:
         ValueError: ``beta > 0`` without ``ref_logprobs_B_T``, or what the parts raise.
@@ -321,12 +323,12 @@ def policy_loss(
         if beta != 0:
             per_token = per_token + beta * kl_B_T
         kl = aggregate(kl_B_T.detach(), mask_B_T)
-    loss = aggregate(per_token, mask_B_T, aggregation, norm=norm)
+    loss = aggregate(per_token, mask_B_T, aggregation, norm=norm, segment_ids_B_T=segment_ids_B_T)
     with torch.no_grad():
         ratio = torch.exp(_log_ratio(logprobs_B_T, old_logprobs_B_T, mask_B_T))
         return PolicyLoss(
             loss=loss,
-            pg_loss=aggregate(pg.detach(), mask_B_T, aggregation, norm=norm),
+            pg_loss=aggregate(pg.detach(), mask_B_T, aggregation, norm=norm, segment_ids_B_T=segment_ids_B_T),
             kl=kl,
             clip_fraction=aggregate(clipped, mask_B_T),
             ratio_mean=aggregate(ratio, mask_B_T),

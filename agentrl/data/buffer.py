@@ -193,7 +193,11 @@ def _pack(lengths: Sequence[int], row_tokens: int) -> list[list[int]]:
 
 
 def collate(
-    trajectories: Sequence[Trajectory], *, pad_id: int = 0, packing: bool = False, row_tokens: int | None = None
+    trajectories: Sequence[Trajectory],
+    *,
+    pad_id: int = 0,
+    packing: bool = False,
+    row_tokens: int | None = None,
 ) -> Batch:
     """Lay trajectories out as a :class:`Batch`.
 
@@ -213,7 +217,9 @@ def collate(
     if packing:
         row_tokens = row_tokens or max(lengths)
         if max(lengths) > row_tokens:
-            raise ConfigError(f"a trajectory of {max(lengths)} tokens does not fit packed rows of {row_tokens}")
+            raise ConfigError(
+                f"a trajectory of {max(lengths)} tokens does not fit packed rows of {row_tokens}"
+            )
         rows = _pack(lengths, row_tokens)
     else:
         rows = [[i] for i in range(len(trajectories))]
@@ -275,7 +281,9 @@ def logprob_mismatch(sampler_logprobs: Any, learner_logprobs: Any, mask: Any) ->
     """
     sampler, learner, keep = _as_numpy(sampler_logprobs), _as_numpy(learner_logprobs), _as_numpy(mask) != 0
     if not sampler.shape == learner.shape == keep.shape:
-        raise ValueError(f"shapes differ: sampler {sampler.shape}, learner {learner.shape}, mask {keep.shape}")
+        raise ValueError(
+            f"shapes differ: sampler {sampler.shape}, learner {learner.shape}, mask {keep.shape}"
+        )
     if not keep.any():
         return MismatchStats(0.0, 0.0, 0.0, 0)
     log_ratio = learner[keep] - sampler[keep]
@@ -400,19 +408,22 @@ class TrajectoryBuffer:
 
     def filter_overlong(self) -> int:
         """Drop trajectories whose last turn was cut by a length limit (:func:`is_overlong`)."""
-        return self._keep(lambda t: not is_overlong(t))
+        return self.keep(lambda t: not is_overlong(t))
 
     def apply_overlong_penalty(self, max_length: int, cache: int, factor: float = 1.0) -> None:
         """Add DAPO's soft overlong penalty (on sampled-token count) to each trajectory's last turn."""
         self.groups = [
             g.replace(
-                _with_final_reward(t, "overlong", soft_overlong_penalty(t.num_sampled, max_length, cache, factor))
+                _with_final_reward(
+                    t, "overlong", soft_overlong_penalty(t.num_sampled, max_length, cache, factor)
+                )
                 for t in g
             )
             for g in self.groups
         ]
 
-    def _keep(self, predicate: Callable[[Trajectory], bool]) -> int:
+    def keep(self, predicate: Callable[[Trajectory], bool]) -> int:
+        """Keep the trajectories ``predicate`` accepts (groups left empty go); returns how many were dropped."""
         before = len(self)
         kept = (g.replace(t for t in g if predicate(t)) for g in self.groups)
         self.groups = [g for g in kept if len(g)]
@@ -481,4 +492,3 @@ def _tag_group(trajectory: Trajectory, group_id: str) -> Trajectory:
         return trajectory
     meta: Mapping[str, Any] = {**trajectory.meta, GROUP_KEY: group_id}
     return dataclasses.replace(trajectory, meta=meta)
-

@@ -17,7 +17,7 @@ import os
 import random
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ import torch
 from agentrl.errors import ConfigError
 
 __all__ = [
+    "Joint",
     "TrainingState",
     "autocast",
     "checkpoint_dirs",
@@ -143,6 +144,24 @@ def autocast(precision: str, device: torch.device | str) -> contextlib.AbstractC
     return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
 
 
+class Joint:
+    """Several optimizers (or schedulers) saved and restored as one ``state_dict`` (e.g. actor and critic)."""
+
+    def __init__(self, parts: Sequence[Any]):
+        self.parts = list(parts)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"parts": [part.state_dict() for part in self.parts]}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if len(state["parts"]) != len(self.parts):
+            raise ConfigError(
+                f"the checkpoint holds {len(state['parts'])} optimizer states, this run has {len(self.parts)}"
+            )
+        for part, part_state in zip(self.parts, state["parts"], strict=True):
+            part.load_state_dict(part_state)
+
+
 # ---- checkpoints --------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class TrainingState:
@@ -157,10 +176,11 @@ def save_checkpoint(
     model: Any,
     tokenizer: Any = None,
     *,
-    optimizer: torch.optim.Optimizer | None = None,
+    optimizer: torch.optim.Optimizer | Joint | None = None,
     scheduler: Any = None,
     step: int = 0,
     meta: Mapping[str, Any] | None = None,
+    extras: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write a loadable, resumable checkpoint to ``path`` atomically (replacing one already there).
 
@@ -171,6 +191,8 @@ def save_checkpoint(
         optimizer / scheduler: their ``state_dict`` goes into ``training_state.pt`` for resuming.
         step: optimizer steps taken.
         meta: JSON-serialisable metadata (e.g. the config) kept in both state files.
+        extras: more objects with ``save_pretrained`` (a LoRA adapter, a critic), each written into the
+            subdirectory of its name.
 
     Returns:
         ``path`` as a ``Path``.
@@ -185,6 +207,8 @@ def save_checkpoint(
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        for name, extra in (extras or {}).items():
+            extra.save_pretrained(tmp / name, safe_serialization=True)
         state = {
             "step": step,
             "meta": dict(meta or {}),
@@ -205,7 +229,7 @@ def save_checkpoint(
 
 def load_training_state(
     path: str | os.PathLike[str],
-    optimizer: torch.optim.Optimizer | None = None,
+    optimizer: torch.optim.Optimizer | Joint | None = None,
     scheduler: Any = None,
     *,
     restore_rng: bool = True,

@@ -23,14 +23,15 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field
 
 from agentrl.data.trajectory import LedgerBuilder, Trajectory
 from agentrl.errors import ConfigError, TemplateError
-from agentrl.learners import _train
+from agentrl.learners import _model, _train
+from agentrl.learners._config import TrainConfig
 from agentrl.models.chat import ChatRenderer
 from agentrl.types import Message, StopReason, ToolSchema
 
@@ -48,78 +49,15 @@ __all__ = [
 
 
 # ---- configuration --------------------------------------------------------------------------------
-class SFTConfig(BaseModel):
-    """Everything an SFT run reads. Invalid values raise :class:`~agentrl.errors.ConfigError`."""
+class SFTConfig(TrainConfig):
+    """Everything an SFT run reads (the shared fields are documented on :class:`TrainConfig`).
+    Invalid values raise :class:`~agentrl.errors.ConfigError`."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    model: str = Field("tiny", description="model to start from: 'tiny', a hub id or a local directory")
-    template: str | None = Field(
-        None, description="chat template: None for the tokenizer's own, 'chatml' or a Jinja string"
-    )
-    max_steps: int = Field(200, ge=1, description="optimizer steps to take, e.g. 200")
     batch_size: int = Field(32, ge=1, description="rows (conversations, or packs of them) per step, e.g. 32")
     max_seq_len: int = Field(
         2048, ge=2, description="tokens per row; longer conversations are cut, e.g. 2048"
     )
     pack: bool = Field(False, description="pack several conversations into each row of max_seq_len tokens")
-    lr: float = Field(2e-3, gt=0, le=1, description="peak AdamW learning rate, e.g. 2e-3 for the tiny model")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW decay on weight matrices, e.g. 0.0 or 0.01")
-    betas: tuple[float, float] = Field(
-        (0.9, 0.999), description="AdamW betas, each in [0, 1), e.g. (0.9, 0.999)"
-    )
-    warmup_steps: int = Field(30, ge=0, description="linear warm-up steps, fewer than max_steps, e.g. 30")
-    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine floor as a fraction of lr, in [0, 1]")
-    grad_clip: float | None = Field(
-        1.0, gt=0, description="max global gradient norm, or None for no clipping"
-    )
-    precision: Literal["fp32", "bf16"] = Field(
-        "fp32", description="'fp32', or 'bf16' autocast for the forward"
-    )
-    gradient_checkpointing: bool = Field(
-        False, description="recompute activations in backward to save memory"
-    )
-    device: str = Field("cpu", description="torch device, e.g. 'cpu' or 'cuda:0'")
-    seed: int = Field(0, description="seeds the data order and the global generators")
-    output_dir: Path | None = Field(None, description="where step-NNNNNN checkpoints go; None saves nothing")
-    save_every: int | None = Field(
-        None, ge=1, description="checkpoint every N steps (and at the end), or None"
-    )
-    keep_last: int | None = Field(
-        None, ge=1, description="keep only the newest N checkpoints, or None for all"
-    )
-    resume_from: Path | None = Field(None, description="a step-NNNNNN checkpoint to resume (weights + state)")
-
-    def __init__(self, **data: Any):
-        try:
-            super().__init__(**data)
-        except ValidationError as exc:
-            raise ConfigError(_explain(exc)) from None
-
-    @model_validator(mode="after")
-    def _consistent(self) -> SFTConfig:
-        if self.warmup_steps >= self.max_steps and self.warmup_steps > 0:
-            raise ValueError(
-                f"warmup_steps ({self.warmup_steps}) must be fewer than max_steps ({self.max_steps}); "
-                "lower warmup_steps or raise max_steps"
-            )
-        if not all(0 <= b < 1 for b in self.betas):
-            raise ValueError(f"betas {self.betas} must each be in [0, 1), e.g. (0.9, 0.999)")
-        if self.save_every is not None and self.output_dir is None:
-            raise ValueError("save_every needs output_dir: set output_dir to where checkpoints should go")
-        return self
-
-
-def _explain(exc: ValidationError) -> str:
-    """One line per bad field: its value, what is wrong, and the field's documentation (the fix)."""
-    lines = []
-    for error in exc.errors():
-        name = ".".join(str(part) for part in error["loc"]) or "SFTConfig"
-        field = SFTConfig.model_fields.get(str(error["loc"][0])) if error["loc"] else None
-        hint = f" ({name}: {field.description})" if field is not None and field.description else ""
-        got = f" got {error['input']!r};" if error["loc"] else ""
-        lines.append(f"SFTConfig.{name}:{got} {error['msg'].removeprefix('Value error, ')}{hint}")
-    return "invalid SFT config:\n  " + "\n  ".join(lines)
 
 
 # ---- data ---------------------------------------------------------------------------------------
@@ -344,16 +282,9 @@ def train_sft(
         ConfigError: no demonstration has a target token within ``max_seq_len``.
         TemplateError: the chat template cannot reproduce the rollout's tokens.
     """
-    from agentrl.models.loading import load_model, load_tokenizer
-
     _train.seed_everything(config.seed)
     device = torch.device(config.device)
-    start = config.resume_from if config.resume_from is not None else config.model
-    tokenizer = load_tokenizer(start)
-    model = load_model(start, dtype=torch.float32, device=device)
-    if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    model.train()
+    model, tokenizer = _model.load_trainable(config)
 
     # Tokenize every conversation exactly as a rollout would have recorded it.
     ledgers = [demonstration_ledger(ChatRenderer(tokenizer, d.tools, config.template), d.messages)
@@ -398,21 +329,5 @@ def train_sft(
             on_step(log)
         at_save = config.save_every is not None and step % config.save_every == 0
         if config.output_dir is not None and (at_save or step == config.max_steps):
-            checkpoint = _save(config, model, tokenizer, optimizer, scheduler, step, meta)
+            checkpoint = _model.save_step(config, model, tokenizer, optimizer, scheduler, step, meta)
     return SFTResult(model, tokenizer, tuple(history), checkpoint, len(rows), num_cut)
-
-
-def _save(config: SFTConfig, model: Any, tokenizer: Any, optimizer: Any, scheduler: Any, step: int,
-          meta: Mapping[str, Any]) -> Path:  # fmt: skip
-    """Write ``step-NNNNNN`` atomically, then drop checkpoints beyond ``keep_last``."""
-    assert config.output_dir is not None
-    path = _train.save_checkpoint(
-        _train.step_dir(config.output_dir, step), model, tokenizer,
-        optimizer=optimizer, scheduler=scheduler, step=step, meta=meta,
-    )  # fmt: skip
-    if config.keep_last is not None:
-        import shutil
-
-        for old in _train.checkpoint_dirs(config.output_dir)[: -config.keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
-    return path

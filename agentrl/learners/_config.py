@@ -1,0 +1,100 @@
+"""The settings every learner shares (model, optimizer, schedule, precision, LoRA, checkpoints), as one
+pydantic base each learner's config extends. Invalid values raise :class:`~agentrl.errors.ConfigError`
+with one line per bad field naming the value, the problem and what the field expects.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from agentrl.errors import ConfigError
+
+__all__ = ["LoRAConfig", "TrainConfig", "explain"]
+
+
+class _Strict(BaseModel):
+    """Frozen, no unknown keys, and validation errors re-raised as one readable ConfigError."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    def __init__(self, **data: Any):
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise ConfigError(explain(type(self), exc)) from None
+
+
+class LoRAConfig(_Strict):
+    """Low-rank adapters (peft) instead of full fine-tuning; the base weights stay frozen."""
+
+    r: int = Field(8, ge=1, description="adapter rank, e.g. 8")
+    alpha: int = Field(16, gt=0, description="scaling numerator (the update is scaled by alpha / r), e.g. 16")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapter input, in [0, 1)")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="module names to adapt, e.g. ['q_proj', 'v_proj'], or 'all-linear'"
+    )
+
+
+class TrainConfig(_Strict):
+    """Fields every learner reads. Subclasses add their own and document them at the field."""
+
+    model: str = Field("tiny", description="model to start from: 'tiny', a hub id or a local directory")
+    template: str | None = Field(
+        None, description="chat template: None for the tokenizer's own, 'chatml' or a Jinja string"
+    )
+    max_steps: int = Field(200, ge=1, description="optimizer steps to take, e.g. 200")
+    lr: float = Field(2e-3, gt=0, le=1, description="peak AdamW learning rate, e.g. 2e-3 for the tiny model")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW decay on weight matrices, e.g. 0.0 or 0.01")
+    betas: tuple[float, float] = Field(
+        (0.9, 0.999), description="AdamW betas, each in [0, 1), e.g. (0.9, 0.999)"
+    )
+    warmup_steps: int = Field(30, ge=0, description="linear warm-up steps, fewer than max_steps, e.g. 30")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine floor as a fraction of lr, in [0, 1]")
+    grad_clip: float | None = Field(
+        1.0, gt=0, description="max global gradient norm, or None for no clipping"
+    )
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="'fp32', or 'bf16' autocast for the forward"
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="recompute activations in backward to save memory"
+    )
+    lora: LoRAConfig | None = Field(None, description="train LoRA adapters (peft) instead of all weights")
+    device: str = Field("cpu", description="torch device, e.g. 'cpu' or 'cuda:0'")
+    seed: int = Field(0, description="seeds the data order, the sampling and the global generators")
+    output_dir: Path | None = Field(None, description="where step-NNNNNN checkpoints go; None saves nothing")
+    save_every: int | None = Field(
+        None, ge=1, description="checkpoint every N steps (and at the end), or None"
+    )
+    keep_last: int | None = Field(
+        None, ge=1, description="keep only the newest N checkpoints, or None for all"
+    )
+    resume_from: Path | None = Field(None, description="a step-NNNNNN checkpoint to resume (weights + state)")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainConfig:
+        if self.warmup_steps >= self.max_steps and self.warmup_steps > 0:
+            raise ValueError(
+                f"warmup_steps ({self.warmup_steps}) must be fewer than max_steps ({self.max_steps}); "
+                "lower warmup_steps or raise max_steps"
+            )
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas {self.betas} must each be in [0, 1), e.g. (0.9, 0.999)")
+        if self.save_every is not None and self.output_dir is None:
+            raise ValueError("save_every needs output_dir: set output_dir to where checkpoints should go")
+        return self
+
+
+def explain(cls: type[BaseModel], exc: ValidationError) -> str:
+    """One line per bad field: its value, what is wrong, and the field's documentation (the fix)."""
+    lines = []
+    for error in exc.errors():
+        name = ".".join(str(part) for part in error["loc"]) or cls.__name__
+        field = cls.model_fields.get(str(error["loc"][0])) if error["loc"] else None
+        hint = f" ({name}: {field.description})" if field is not None and field.description else ""
+        got = f" got {error['input']!r};" if error["loc"] else ""
+        lines.append(f"{cls.__name__}.{name}:{got} {error['msg'].removeprefix('Value error, ')}{hint}")
+    return f"invalid {cls.__name__}:\n  " + "\n  ".join(lines)

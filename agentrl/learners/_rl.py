@@ -1,0 +1,287 @@
+"""What the online RL learners (GRPO, PPO) share: the rollout settings, the rollout backend with its weight
+sync, the group filters, and the layout of per-trajectory values (advantages, old logprobs) onto batches.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import Counter, defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import Field, model_validator
+
+from agentrl.algos import Aggregation
+from agentrl.data.buffer import Batch, TrajectoryGroup, collate, drop_zero_variance
+from agentrl.data.trajectory import Trajectory
+from agentrl.learners import _model
+from agentrl.learners._config import TrainConfig
+from agentrl.rollout.policy import SamplingParams
+from agentrl.rollout.runner import RolloutLimits, Runner
+from agentrl.types import StopReason
+
+__all__ = [
+    "RLConfig",
+    "RLResult",
+    "RLStepLog",
+    "clip_and_step",
+    "filter_groups",
+    "make_runner",
+    "microbatches",
+    "place",
+    "step_log",
+    "sync_weights",
+    "to_batch",
+]
+
+
+class RLConfig(TrainConfig):
+    """Rollout, filtering and update settings shared by the online learners."""
+
+    env: str = Field(
+        ..., description="registered env id to play, e.g. 'code-sandbox-v0' (see `agentrl envs`)"
+    )
+    env_kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for agentrl.make")
+    lr: float = Field(2e-4, gt=0, le=1, description="peak AdamW learning rate, e.g. 2e-4 tiny, 1e-6 for 7B")
+    betas: tuple[float, float] = Field((0.9, 0.99), description="AdamW betas, each in [0, 1)")
+    warmup_steps: int = Field(5, ge=0, description="linear warm-up optimizer steps, e.g. 5")
+    prompts_per_step: int = Field(8, ge=1, description="tasks played per step, e.g. 8")
+    group_size: int = Field(8, ge=1, description="samples per task (G), e.g. 8")
+    max_new_tokens: int = Field(64, ge=1, description="the most tokens sampled per turn, e.g. 64")
+    temperature: float = Field(
+        1.0, gt=0, description="sampling temperature; logprobs are taken at the same one (on-policy)"
+    )
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass (1.0 = off)")
+    top_k: int = Field(0, ge=0, description="keep the k most likely tokens (0 = off)")
+    max_turns: int | None = Field(None, ge=1, description="assistant turns per episode; None: the env's")
+    max_sampled_tokens: int | None = Field(None, ge=1, description="sampled tokens per episode; None: no cap")
+    max_context: int | None = Field(None, ge=2, description="tokens per episode; None: the model's window")
+    episode_deadline_s: float | None = Field(
+        None, gt=0, description="wall-clock seconds per episode, or None"
+    )
+    rollout: Literal["hf", "vllm"] = Field(
+        "hf",
+        description="sampler: 'hf' (the learner's own module, no copy) or 'vllm' (weights synced each step)",
+    )
+    rollout_options: dict[str, Any] = Field(
+        default_factory=dict, description="extra options for the rollout backend, e.g. {'max_batch': 128}"
+    )
+    concurrency: int = Field(256, ge=1, description="episodes in flight at once")
+    dynamic_sampling: bool = Field(
+        False, description="drop groups whose rewards all agree (DAPO); they carry no group-relative signal"
+    )
+    overlong: Literal["keep", "filter", "soft"] = Field(
+        "keep",
+        description="samples cut by a length limit: 'keep', 'filter' (no loss) or 'soft' (DAPO penalty)",
+    )
+    overlong_cache: int = Field(
+        16, ge=0, description="'soft': tokens before the limit where the penalty ramps"
+    )
+    mu: int = Field(1, ge=1, description="passes over each rollout batch (PPO epochs, GRPO's mu), e.g. 1")
+    minibatches: int = Field(1, ge=1, description="optimizer steps per pass (the batch split evenly), e.g. 1")
+    micro_batch_size: int | None = Field(
+        None,
+        ge=1,
+        description="trajectories per forward (gradient accumulation), or None for the whole minibatch",
+    )
+    packing: bool = Field(True, description="pack several trajectories per row (no padding) in the update")
+    eps_low: float = Field(0.2, ge=0, description="PPO clip below 1, e.g. 0.2")
+    eps_high: float | None = Field(
+        None, ge=0, description="clip above 1 (clip-higher, e.g. 0.28); None: eps_low"
+    )
+    dual_clip: float | None = Field(
+        None, gt=1, description="dual-clip bound c > 1 for negative advantages, or None"
+    )
+    tis_cap: float | None = Field(
+        None,
+        gt=0,
+        description="truncated importance sampling cap for sampler/learner mismatch, e.g. 2.0; None: off",
+    )
+    entropy_coef: float = Field(0.0, ge=0, description="entropy bonus weight, e.g. 0.0 or 1e-3")
+    aggregation: Aggregation = Field(
+        "token-mean",
+        description="loss reduction: 'token-mean' (DAPO), 'seq-mean-token-mean' (GRPO), "
+        "'seq-mean-token-sum-norm' (Dr. GRPO)",
+    )
+
+    @model_validator(mode="after")
+    def _rl_consistent(self) -> RLConfig:
+        if self.minibatches > self.prompts_per_step * self.group_size:
+            raise ValueError(
+                f"minibatches ({self.minibatches}) exceeds the {self.prompts_per_step * self.group_size} samples "
+                "per step; lower minibatches or raise prompts_per_step / group_size"
+            )
+        return self
+
+    @property
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(self.max_new_tokens, self.temperature, self.top_p, self.top_k)
+
+    @property
+    def updates_per_step(self) -> int:
+        return self.mu * self.minibatches
+
+    @property
+    def max_episode_tokens(self) -> int:
+        """Sampled tokens one episode can have: the Dr. GRPO loss constant."""
+        return self.max_sampled_tokens or self.max_new_tokens * (self.max_turns or 1)
+
+
+# ---- rollout ------------------------------------------------------------------------------------
+def make_runner(config: RLConfig, model: Any, tokenizer: Any) -> Runner:
+    """The runner for ``config.env`` with its rollout backend: ``hf`` samples with ``model`` itself (same
+    module: a weight sync moves nothing), ``vllm`` loads ``config.model`` and gets weights each sync."""
+    from agentrl.rollout.policy import make_policy
+
+    options = dict(config.rollout_options)
+    if config.rollout == "hf":
+        options.setdefault("max_batch", config.prompts_per_step * config.group_size)
+        policy = make_policy("hf", model=model, tokenizer=tokenizer, device=config.device, seed=config.seed,
+                             **options)  # fmt: skip
+    else:
+        policy = make_policy("vllm", model=config.model, seed=config.seed, **options)
+    limits = RolloutLimits(
+        max_turns=config.max_turns, max_sampled_tokens=config.max_sampled_tokens,
+        max_context=config.max_context, deadline_s=config.episode_deadline_s,
+    )  # fmt: skip
+    return Runner(
+        config.env, policy, tokenizer, sampling=config.sampling, limits=limits, concurrency=config.concurrency,
+        seed=config.seed, template=config.template, env_kwargs=config.env_kwargs,
+    )  # fmt: skip
+
+
+async def sync_weights(runner: Runner, model: Any) -> None:
+    """Hand the learner's weights to the sampler and bump its version (nothing to copy when it shares them)."""
+    shared = getattr(runner.policy, "model", None) is model
+    await runner.policy.update_weights(() if shared else _model.export_weights(model))
+
+
+# ---- filters ------------------------------------------------------------------------------------
+def filter_groups(
+    groups: Sequence[TrajectoryGroup], config: RLConfig
+) -> tuple[list[TrajectoryGroup], dict[str, int]]:
+    """Apply the learner's filters in order; returns the kept groups and how many samples each dropped.
+
+    - episodes that failed (``ERROR``) or cannot be trained on are not the policy's doing: dropped;
+    - ``overlong="filter"``: samples cut by a length limit are dropped, ``"soft"``: DAPO's length penalty
+      is added to their final reward;
+    - ``dynamic_sampling``: groups whose rewards all agree are dropped.
+    """
+    from agentrl.data.buffer import TrajectoryBuffer
+
+    buffer = TrajectoryBuffer(groups)
+    before = len(buffer)
+    buffer.keep(lambda t: t.trainable and t.stop_reason is not StopReason.ERROR)
+    dropped = {"failed": before - len(buffer), "overlong": 0, "zero_variance": 0}
+    if config.overlong == "filter":
+        dropped["overlong"] = buffer.filter_overlong()
+    elif config.overlong == "soft":
+        buffer.apply_overlong_penalty(config.max_episode_tokens, config.overlong_cache)
+    kept = buffer.groups
+    if config.dynamic_sampling:
+        n = sum(len(g) for g in kept)
+        kept = drop_zero_variance(kept)
+        dropped["zero_variance"] = n - sum(len(g) for g in kept)
+    return kept, dropped
+
+
+# ---- batches ------------------------------------------------------------------------------------
+def microbatches(trajectories: Sequence[Trajectory], config: RLConfig, seed: int) -> list[list[list[int]]]:
+    """Indices into ``trajectories``: a seeded shuffle split into ``minibatches`` (one optimizer step each),
+    each split into micro-batches of ``micro_batch_size`` (one forward each)."""
+    order = torch.randperm(len(trajectories), generator=torch.Generator().manual_seed(seed)).tolist()
+    minis = [chunk.tolist() for chunk in np.array_split(np.array(order), config.minibatches) if len(chunk)]
+    size = config.micro_batch_size or max(len(m) for m in minis)
+    return [[mini[i : i + size] for i in range(0, len(mini), size)] for mini in minis]
+
+
+def to_batch(trajectories: Sequence[Trajectory], pad_id: int, config: RLConfig) -> Batch:
+    """Collate on the learner's device; with ``config.packing``, rows as long as the longest trajectory
+    filled first-fit, so short samples share rows instead of padding."""
+    return collate(trajectories, pad_id=pad_id, packing=config.packing).to_torch(config.device)
+
+
+def place(batch: Batch, values: Sequence[np.ndarray], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Lay per-trajectory arrays (aligned with each ``token_ids``) out as ``(B, T)`` like ``batch``; 0 on padding.
+
+    ``values[i]`` belongs to ``batch.trajectories[i]`` (segment ``i``).
+    """
+    segments, positions = batch.segment_ids_B_T, batch.position_ids_B_T
+    offsets = np.cumsum([0, *(len(v) for v in values[:-1])])
+    flat = torch.as_tensor(np.concatenate(values), dtype=dtype, device=segments.device)
+    index = torch.as_tensor(offsets, device=segments.device)[segments.clamp(min=0)] + positions
+    return torch.where(segments >= 0, flat[index], torch.zeros((), dtype=dtype, device=segments.device))
+
+
+# ---- steps and logs ------------------------------------------------------------------------------
+def clip_and_step(model: Any, optimizer: torch.optim.Optimizer, scheduler: Any, config: RLConfig) -> float:
+    max_norm = config.grad_clip if config.grad_clip is not None else math.inf
+    params = [p for p in model.parameters() if p.requires_grad]
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    optimizer.step()
+    scheduler.step()
+    return grad_norm
+
+
+@dataclass(frozen=True)
+class RLStepLog:
+    """One RL step: rewards of what was played, what the filters kept, and the update's statistics."""
+
+    step: int
+    reward_mean: float
+    reward_std: float
+    reward_components: Mapping[str, float]
+    samples: int
+    trained_samples: int
+    dropped: Mapping[str, int]
+    stop_reasons: Mapping[str, int]
+    response_tokens_mean: float
+    sampled_tokens: int
+    lr: float
+    update: Mapping[str, float]
+    rollout_seconds: float
+    update_seconds: float
+    seconds: float
+    policy_version: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class RLResult:
+    """What an RL learner returns: the trained model (train mode), tokenizer, per-step log, last checkpoint."""
+
+    model: Any
+    tokenizer: Any
+    history: tuple[RLStepLog, ...]
+    checkpoint: Path | None
+    extras: Mapping[str, Any] = field(default_factory=dict)
+
+
+def step_log(step: int, groups: Sequence[TrajectoryGroup], trained: Sequence[Trajectory], dropped: Mapping[str, int],
+             lr: float, update: Mapping[str, float], rollout_s: float, started: float, runner: Any) -> RLStepLog:  # fmt: skip
+    """Summarise one step for logs and progress bars (shared by the RL learners)."""
+    played = [t for g in groups for t in g]
+    rewards = np.array([t.total_reward for t in played])
+    components: defaultdict[str, float] = defaultdict(float)
+    for t in played:
+        for turn in t.turns:
+            for name, value in turn.reward_components.items():
+                components[name] += value / len(played)
+    now = time.perf_counter()
+    return RLStepLog(
+        step=step, reward_mean=float(rewards.mean()) if len(rewards) else 0.0,
+        reward_std=float(rewards.std()) if len(rewards) else 0.0, reward_components=dict(components),
+        samples=len(played), trained_samples=len(trained), dropped=dict(dropped),
+        stop_reasons=dict(Counter(t.stop_reason.value for t in played)),
+        response_tokens_mean=float(np.mean([t.num_sampled for t in played])) if played else 0.0,
+        sampled_tokens=sum(t.num_sampled for t in played), lr=lr, update=dict(update),
+        rollout_seconds=rollout_s, update_seconds=now - started - rollout_s, seconds=now - started,
+        policy_version=runner.policy.version,
+    )  # fmt: skip

@@ -1,0 +1,254 @@
+"""GRPO and its variants on multi-turn environments: play G samples per task, score them with the env,
+turn the rewards into group-relative advantages, update the policy on its own sampled tokens only.
+
+One step::
+
+    rollout      G samples for each of ``prompts_per_step`` tasks (the runner, the rollout backend)
+    filters      drop failed episodes; overlong filter or soft penalty; dynamic sampling (DAPO)
+    advantages   grpo (r - mean) / std | dr_grpo r - mean | rloo | reinforce_pp | turn (per-turn returns,
+                 leave-one-out baseline per turn position)
+    update       mu passes x minibatches optimizer steps of the clipped surrogate (+ k1/k2/k3 KL to a
+                 reference when beta > 0; + entropy bonus; truncated IS for sampler mismatch)
+    weight sync  to the rollout backend (free for ``hf``: it samples with the learner's module)
+
+The named recipes are settings of one loop (see :data:`PRESETS`): GRPO (std-scaled advantages, sequence
+mean of token means), Dr. GRPO (no std, token sums over a constant), DAPO (token mean, clip-higher,
+dynamic sampling, soft overlong penalty). No reference model is loaded when ``beta`` is 0.
+
+Usage::
+
+    from agentrl.learners.grpo import GRPOConfig, train_grpo
+
+    result = train_grpo(GRPOConfig(env="math-v0", model="runs/sft/step-000200", max_steps=100))
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from agentrl import algos
+from agentrl.data.buffer import TrajectoryGroup, collate
+from agentrl.data.trajectory import Trajectory
+from agentrl.learners import _model, _rl, _train
+
+__all__ = ["PRESETS", "GRPOConfig", "sample_advantages", "train_grpo", "update_policy"]
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "grpo": {"advantage": "grpo", "aggregation": "seq-mean-token-mean"},
+    "dr_grpo": {"advantage": "dr_grpo", "aggregation": "seq-mean-token-sum-norm"},
+    "dapo": {"advantage": "grpo", "aggregation": "token-mean", "eps_high": 0.28, "dynamic_sampling": True,
+             "overlong": "soft"},
+}  # fmt: skip
+"""Field values of the named recipes: ``GRPOConfig(**PRESETS["dapo"], env=...)``."""
+
+
+class GRPOConfig(_rl.RLConfig):
+    """A GRPO run (shared fields: :class:`~agentrl.learners._rl.RLConfig` and ``TrainConfig``)."""
+
+    advantage: Literal["grpo", "dr_grpo", "rloo", "reinforce_pp", "turn"] = Field(
+        "grpo",
+        description="estimator: 'grpo', 'dr_grpo', 'rloo', 'reinforce_pp' or 'turn' (per-turn rewards)",
+    )
+    gamma: float = Field(1.0, ge=0, le=1, description="discount for 'reinforce_pp' (per token) and 'turn'")
+    beta: float = Field(0.0, ge=0, description="KL-to-reference weight in the loss; 0 loads no reference")
+    kl_kind: Literal["k1", "k2", "k3"] = Field("k3", description="KL estimator for beta > 0, e.g. 'k3'")
+
+
+# ---- advantages -----------------------------------------------------------------------------------
+def sample_advantages(groups: Sequence[TrajectoryGroup], config: GRPOConfig) -> list[np.ndarray]:
+    """One advantage array per trajectory (aligned with its ``token_ids``, 0 off the policy tokens), in
+    group order. A group left with one sample (after filters) has no baseline: its advantages are 0."""
+    if config.advantage == "reinforce_pp":
+        trajectories = [t for g in groups for t in g]
+        batch = collate(trajectories).to_torch()
+        adv_B_T = algos.reinforce_pp_advantages(
+            batch.turn_rewards_B_T.double(), batch.loss_mask_B_T, config.gamma
+        )
+        return [adv_B_T[b, : len(t.token_ids)].numpy() for b, t in enumerate(trajectories)]
+    out: list[np.ndarray] = []
+    for group in groups:
+        if config.advantage == "turn":
+            out += _turn_advantages(group.trajectories, config.gamma)
+            continue
+        rewards_G = torch.as_tensor(group.rewards_G)
+        if len(group) < 2:
+            adv_G = torch.zeros_like(rewards_G)
+        elif config.advantage == "rloo":
+            adv_G = algos.rloo_advantages(rewards_G)
+        else:
+            adv_G = algos.group_advantages(rewards_G, scale=config.advantage == "grpo")
+        out += [
+            float(a) * np.asarray(t.loss_mask, dtype=np.float64) for a, t in zip(adv_G, group, strict=True)
+        ]
+    return out
+
+
+def _turn_advantages(trajectories: Sequence[Trajectory], gamma: float) -> list[np.ndarray]:
+    rewards_G_K, mask_G_K = algos.turn_rewards_from_trajectories(trajectories)
+    adv_G_K = algos.turn_advantages(rewards_G_K, mask_G_K, gamma)
+    out = []
+    for g, trajectory in enumerate(trajectories):
+        values = np.zeros(len(trajectory.token_ids))
+        for k, turn in enumerate(trajectory.turns):
+            values[turn.start : turn.end] = float(adv_G_K[g, k])
+        out.append(values * np.asarray(trajectory.loss_mask))
+    return out
+
+
+# ---- the update -----------------------------------------------------------------------------------
+@torch.no_grad()
+def _logprob_arrays(model: Any, trajectories: Sequence[Trajectory], config: _rl.RLConfig, pad_id: int,
+                    reference: Any = None, use_reference: bool = False) -> list[np.ndarray]:  # fmt: skip
+    """Per-trajectory logprobs of the current model (or the reference), one micro-batch at a time."""
+    out: list[np.ndarray] = [np.zeros(0)] * len(trajectories)
+    size = config.micro_batch_size or len(trajectories)
+    for i in range(0, len(trajectories), size):
+        chunk = list(range(i, min(i + size, len(trajectories))))
+        batch = _rl.to_batch([trajectories[j] for j in chunk], pad_id, config)
+        with _train.autocast(config.precision, config.device):
+            if use_reference:
+                lp_B_T = _model.reference_logprobs(reference, model, batch, config.temperature)
+            else:
+                lp_B_T, _ = _model.policy_logprobs(model, batch, config.temperature)
+        for segment, j in enumerate(chunk):
+            where = batch.segment_ids_B_T == segment
+            out[j] = lp_B_T[where].double().cpu().numpy()
+    return out
+
+
+def update_policy(
+    model: Any,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    trajectories: Sequence[Trajectory],
+    advantages: Sequence[np.ndarray],
+    config: GRPOConfig,
+    *,
+    pad_id: int,
+    seed: int,
+    reference: Any = None,
+) -> dict[str, float]:
+    """``mu`` passes of ``minibatches`` optimizer steps on the clipped surrogate; returns mean statistics.
+
+    Old logprobs are recomputed only when the policy moves between the first and a later minibatch
+    (``mu * minibatches > 1``) or for the IS correction; otherwise they are the current ones, detached.
+    """
+    recompute_old = config.updates_per_step > 1 or config.tis_cap is not None
+    old = _logprob_arrays(model, trajectories, config, pad_id) if recompute_old else None
+    ref = _logprob_arrays(model, trajectories, config, pad_id, reference, True) if config.beta > 0 else None
+    stats: defaultdict[str, float] = defaultdict(float)
+    for epoch in range(config.mu):
+        for mini in _rl.microbatches(trajectories, config, seed=seed * 1009 + epoch):
+            optimizer.zero_grad(set_to_none=True)
+            rows = [i for micro in mini for i in micro]
+            n_tokens = sum(trajectories[i].num_sampled for i in rows)
+            for micro in mini:
+                batch = _rl.to_batch([trajectories[i] for i in micro], pad_id, config)
+                with _train.autocast(config.precision, config.device):
+                    logprobs_B_T, entropy_B_T = _model.policy_logprobs(
+                        model,
+                        batch,
+                        config.temperature,
+                        with_entropy=True,
+                        entropy_grad=config.entropy_coef > 0,
+                    )
+                assert entropy_B_T is not None
+                mask_B_T = batch.loss_mask_B_T
+                old_B_T = _rl.place(batch, [old[i] for i in micro]) if old else logprobs_B_T.detach()
+                is_w_B_T = None
+                if config.tis_cap is not None:
+                    is_w_B_T = algos.truncated_is_weights(
+                        old_B_T, batch.sampler_logprobs_B_T, config.tis_cap, mask_B_T
+                    )
+                # token-mean: divide by the minibatch's tokens; sequence means: weigh by the share of sequences
+                weight = 1.0 if config.aggregation == "token-mean" else len(micro) / len(rows)
+                norm = n_tokens if config.aggregation == "token-mean" else config.max_episode_tokens
+                out = algos.policy_loss(
+                    logprobs_B_T, old_B_T, _rl.place(batch, [advantages[i] for i in micro]), mask_B_T,
+                    eps_low=config.eps_low, eps_high=config.eps_high, dual_clip=config.dual_clip,
+                    ref_logprobs_B_T=_rl.place(batch, [ref[i] for i in micro]) if ref else None,
+                    beta=config.beta, kl_kind=config.kl_kind, is_weights_B_T=is_w_B_T,
+                    aggregation=config.aggregation, norm=norm, segment_ids_B_T=batch.segment_ids_B_T,
+                )  # fmt: skip
+                entropy = algos.aggregate(entropy_B_T, mask_B_T, config.aggregation, norm=norm,
+                                          segment_ids_B_T=batch.segment_ids_B_T)  # fmt: skip
+                (weight * (out.loss - config.entropy_coef * entropy)).backward()
+                share = len(micro) / len(trajectories) / config.mu
+                for key, value in (("loss", out.loss), ("kl", out.kl), ("clip_fraction", out.clip_fraction),
+                                   ("ratio", out.ratio_mean), ("entropy", entropy)):  # fmt: skip
+                    stats[key] += float(value.detach()) * share
+            stats["grad_norm"] += (
+                _rl.clip_and_step(model, optimizer, scheduler, config) / config.updates_per_step
+            )
+    return dict(stats)
+
+
+# ---- the loop -------------------------------------------------------------------------------------
+def train_grpo(config: GRPOConfig, on_step: Callable[[_rl.RLStepLog], None] | None = None) -> _rl.RLResult:
+    """Run ``config.max_steps`` GRPO steps on ``config.env``; see the module docstring for one step.
+
+    Raises:
+        ConfigError: a setting the model, env or backend cannot honour (before any step runs).
+    """
+    return asyncio.run(_train_grpo(config, on_step))
+
+
+async def _train_grpo(config: GRPOConfig, on_step: Callable[[_rl.RLStepLog], None] | None) -> _rl.RLResult:
+    _train.seed_everything(config.seed)
+    model, tokenizer = _model.load_trainable(config)
+    reference = _model.load_reference(config, model) if config.beta > 0 else None
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    optimizer = _train.make_optimizer(model, config.lr, config.weight_decay, config.betas)
+    total_updates = config.max_steps * config.updates_per_step
+    scheduler = _train.make_scheduler(optimizer, config.warmup_steps, total_updates, config.min_lr_ratio)
+    step = 0
+    if config.resume_from is not None:
+        step = _train.load_training_state(config.resume_from, optimizer, scheduler).step
+    meta = {"config": config.model_dump(mode="json"), "learner": "grpo"}
+
+    runner = _rl.make_runner(config, model, tokenizer)
+    runner.calls = step  # the data position: step k plays the tasks and seeds of the runner's k-th call
+    history: list[_rl.RLStepLog] = []
+    checkpoint: Path | None = None
+    try:
+        if config.rollout != "hf":
+            await _rl.sync_weights(runner, model)
+        while step < config.max_steps:
+            started = time.perf_counter()
+            model.eval()
+            groups = await runner.run(config.prompts_per_step, config.group_size)
+            rollout_s = time.perf_counter() - started
+
+            kept, dropped = _rl.filter_groups(groups, config)
+            trajectories = [t for g in kept for t in g]
+            advantages = sample_advantages(kept, config)
+            lr = optimizer.param_groups[0]["lr"]
+            model.train()
+            update: dict[str, float] = {}
+            if trajectories:
+                update = update_policy(model, optimizer, scheduler, trajectories, advantages, config,
+                                       pad_id=pad_id, seed=config.seed + step, reference=reference)  # fmt: skip
+            step += 1
+            await _rl.sync_weights(runner, model)
+
+            log = _rl.step_log(step, groups, trajectories, dropped, lr, update, rollout_s, started, runner)
+            history.append(log)
+            if on_step is not None:
+                on_step(log)
+            at_save = config.save_every is not None and step % config.save_every == 0
+            if config.output_dir is not None and (at_save or step == config.max_steps):
+                checkpoint = _model.save_step(config, model, tokenizer, optimizer, scheduler, step, meta)
+    finally:
+        await runner.aclose()
+        await runner.policy.aclose()
+    model.train()
+    return _rl.RLResult(model, tokenizer, tuple(history), checkpoint)

@@ -1,0 +1,339 @@
+"""PPO with a critic on multi-turn environments (InstructGPT-style): the reward is the env's per-turn reward
+minus a per-token KL penalty to the reference, advantages come from GAE over the policy's own tokens (the
+value bootstraps across tool results and user turns, which are not actions), and the actor and critic
+take several epochs of minibatch steps on each rollout batch.
+
+One step::
+
+    rollout      G samples for each of ``prompts_per_step`` tasks
+    filters      as GRPO's (failed episodes, overlong, optional dynamic sampling)
+    score        old logprobs, reference logprobs (kl_coef > 0), critic values: one no-grad pass
+    rewards      turn rewards at each turn's last token - kl_coef * k1 per policy token
+    advantages   GAE(gamma, lam), per token or per turn (``turn_level``); whitened over the batch
+    update       mu epochs x minibatches: clipped surrogate (actor), clipped value loss (critic)
+    kl control   the adaptive controller moves kl_coef toward ``kl_target`` (when set)
+    weight sync  to the rollout backend
+
+Usage::
+
+    from agentrl.learners.ppo import PPOConfig, train_ppo
+
+    result = train_ppo(PPOConfig(env="math-v0", model="runs/sft/step-000200", max_steps=100))
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from agentrl import algos
+from agentrl.data.buffer import collate
+from agentrl.data.trajectory import Trajectory
+from agentrl.learners import _model, _rl, _train
+from agentrl.learners.grpo import _logprob_arrays
+
+__all__ = ["CRITIC_DIR", "PPOConfig", "ValueModel", "gae_advantages", "train_ppo"]
+
+CRITIC_DIR = "critic"
+_HEAD_FILE = "value_head.safetensors"
+
+
+class PPOConfig(_rl.RLConfig):
+    """A PPO run (shared fields: :class:`~agentrl.learners._rl.RLConfig` and ``TrainConfig``)."""
+
+    mu: int = Field(2, ge=1, description="epochs over each rollout batch, e.g. 2")
+    minibatches: int = Field(2, ge=1, description="optimizer steps per epoch, e.g. 2")
+    gamma: float = Field(1.0, ge=0, le=1, description="discount (per token, or per turn with turn_level)")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE lambda, e.g. 0.95")
+    turn_level: bool = Field(False, description="discount per turn instead of per token")
+    whiten_advantages: bool = Field(True, description="normalise advantages over the batch's policy tokens")
+    critic_model: str | None = Field(
+        None, description="the critic's starting weights; None: the policy's model"
+    )
+    critic_lr: float | None = Field(None, gt=0, le=1, description="critic learning rate; None: lr")
+    value_clip: float | None = Field(
+        0.2, gt=0, description="clip of the value update around the old value, or None"
+    )
+    kl_coef: float = Field(
+        0.0, ge=0, description="per-token KL penalty in the reward (InstructGPT), e.g. 0.05"
+    )
+    kl_target: float | None = Field(
+        None, gt=0, description="per-sequence KL the adaptive controller steers kl_coef to, or None (fixed)"
+    )
+    kl_horizon: int = Field(
+        10_000, ge=1, description="samples over which a full 20% kl_coef correction is spread"
+    )
+
+
+# ---- the critic -----------------------------------------------------------------------------------
+class ValueModel(torch.nn.Module):
+    """A transformer trunk with a scalar head: the value of the state before each token is sampled.
+
+    ``forward(batch)`` returns ``values_B_T`` aligned with the ledger like logprobs: position ``t`` holds
+    ``V(tokens before t)``, read from the hidden state at ``t - 1`` (0 at position 0).
+    """
+
+    def __init__(self, backbone: Any):
+        super().__init__()
+        self.backbone = backbone
+        self.head = torch.nn.Linear(backbone.config.hidden_size, 1)
+        torch.nn.init.zeros_(self.head.weight)
+        torch.nn.init.zeros_(self.head.bias)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path, device: Any = "cpu") -> ValueModel:
+        """The trunk of a causal LM (or of a saved critic) plus its head (zeros when none was saved)."""
+        from safetensors.torch import load_file
+        from transformers import AutoModel
+
+        from agentrl.models.loading import resolve_model
+
+        resolved = resolve_model(name_or_path)
+        critic = cls(AutoModel.from_pretrained(resolved, dtype=torch.float32))
+        head = Path(resolved) / _HEAD_FILE
+        if head.is_file():
+            critic.head.load_state_dict(load_file(head))
+        return critic.to(device)
+
+    def save_pretrained(self, path: str | Path, safe_serialization: bool = True) -> None:
+        from safetensors.torch import save_file
+
+        self.backbone.save_pretrained(path, safe_serialization=safe_serialization)
+        save_file(
+            {k: v.contiguous() for k, v in self.head.state_dict().items()}, str(Path(path) / _HEAD_FILE)
+        )
+
+    def forward(self, batch: Any) -> torch.Tensor:
+        packed = bool((batch.segment_ids_B_T.max(dim=1).values != batch.segment_ids_B_T[:, 0]).any())
+        inputs = (
+            {"position_ids": batch.position_ids_B_T}
+            if packed
+            else {"attention_mask": batch.attention_mask_B_T}
+        )
+        hidden_B_T_H = self.backbone(
+            input_ids=batch.token_ids_B_T, use_cache=False, **inputs
+        ).last_hidden_state
+        values_B_T = self.head(hidden_B_T_H).squeeze(-1).float()
+        return torch.nn.functional.pad(values_B_T[:, :-1], (1, 0))
+
+
+@torch.no_grad()
+def _value_arrays(critic: ValueModel, trajectories: Sequence[Trajectory], config: PPOConfig, pad_id: int) -> list[np.ndarray]:  # fmt: skip
+    out: list[np.ndarray] = [np.zeros(0)] * len(trajectories)
+    size = config.micro_batch_size or len(trajectories)
+    for i in range(0, len(trajectories), size):
+        chunk = list(range(i, min(i + size, len(trajectories))))
+        batch = _rl.to_batch([trajectories[j] for j in chunk], pad_id, config)
+        with _train.autocast(config.precision, config.device):
+            values_B_T = critic(batch)
+        for segment, j in enumerate(chunk):
+            out[j] = values_B_T[batch.segment_ids_B_T == segment].double().cpu().numpy()
+    return out
+
+
+# ---- advantages -----------------------------------------------------------------------------------
+def gae_advantages(
+    trajectories: Sequence[Trajectory],
+    values: Sequence[np.ndarray],
+    config: PPOConfig,
+    logprobs: Sequence[np.ndarray] | None = None,
+    ref_logprobs: Sequence[np.ndarray] | None = None,
+    kl_coef: float = 0.0,
+) -> tuple[list[np.ndarray], list[np.ndarray], float]:
+    """Per-trajectory ``(advantages, returns)`` from GAE on KL-shaped rewards, and the mean per-sequence KL.
+
+    Rewards: each turn's reward on its last sampled token, minus ``kl_coef * k1`` on every policy token
+    when reference logprobs are given. Advantages are whitened over the batch when configured.
+    """
+    batch = collate(trajectories).to_torch()
+    mask_B_T = batch.loss_mask_B_T
+    rewards_B_T = batch.turn_rewards_B_T.double()
+    kl_per_sequence = 0.0
+    if ref_logprobs is not None and logprobs is not None:
+        kl_B_T = algos.kl_estimate(_rl.place(batch, logprobs, torch.float64),
+                                   _rl.place(batch, ref_logprobs, torch.float64), "k1", mask_B_T)  # fmt: skip
+        kl_per_sequence = float((kl_B_T * mask_B_T).sum(dim=1).mean())
+        rewards_B_T = algos.kl_penalized_rewards(rewards_B_T, kl_B_T, mask_B_T, kl_coef)
+    advantages_B_T, returns_B_T = algos.gae(
+        rewards_B_T, _rl.place(batch, values, torch.float64), mask_B_T, config.gamma, config.lam,
+        turn_level=config.turn_level,
+    )  # fmt: skip
+    if config.whiten_advantages:
+        advantages_B_T = algos.batch_normalize(advantages_B_T, mask_B_T)
+    lengths = [len(t.token_ids) for t in trajectories]
+    return (
+        [advantages_B_T[b, :n].numpy() for b, n in enumerate(lengths)],
+        [returns_B_T[b, :n].numpy() for b, n in enumerate(lengths)],
+        kl_per_sequence,
+    )
+
+
+# ---- the update -----------------------------------------------------------------------------------
+def update_actor_critic(
+    model: Any, critic: ValueModel, optimizers: Sequence[torch.optim.Optimizer], schedulers: Sequence[Any],
+    trajectories: Sequence[Trajectory], old: dict[str, list[np.ndarray]], config: PPOConfig, *, pad_id: int,
+    seed: int,
+) -> dict[str, float]:  # fmt: skip
+    """``mu`` epochs of ``minibatches`` steps; each step updates the actor on the clipped surrogate and the
+    critic on the clipped value loss. ``old`` holds per-trajectory ``logprobs``, ``values``,
+    ``advantages`` and ``returns`` from before the update."""
+    stats: defaultdict[str, float] = defaultdict(float)
+    for epoch in range(config.mu):
+        for mini in _rl.microbatches(trajectories, config, seed=seed * 1009 + epoch):
+            for optimizer in optimizers:
+                optimizer.zero_grad(set_to_none=True)
+            rows = [i for micro in mini for i in micro]
+            n_tokens = sum(trajectories[i].num_sampled for i in rows)
+            weight = 1.0 if config.aggregation == "token-mean" else None
+            norm = n_tokens if config.aggregation == "token-mean" else config.max_episode_tokens
+            for micro in mini:
+                batch = _rl.to_batch([trajectories[i] for i in micro], pad_id, config)
+                mask_B_T = batch.loss_mask_B_T
+                with _train.autocast(config.precision, config.device):
+                    logprobs_B_T, entropy_B_T = _model.policy_logprobs(
+                        model,
+                        batch,
+                        config.temperature,
+                        with_entropy=True,
+                        entropy_grad=config.entropy_coef > 0,
+                    )
+                    values_B_T = critic(batch)
+                assert entropy_B_T is not None
+
+                def placed(key: str, batch: Any = batch, micro: list[int] = micro) -> torch.Tensor:
+                    return _rl.place(batch, [old[key][i] for i in micro])
+
+                is_w_B_T = None
+                if config.tis_cap is not None:
+                    is_w_B_T = algos.truncated_is_weights(placed("logprobs"), batch.sampler_logprobs_B_T,
+                                                          config.tis_cap, mask_B_T)  # fmt: skip
+                pl = algos.policy_loss(
+                    logprobs_B_T, placed("logprobs"), placed("advantages"), mask_B_T,
+                    eps_low=config.eps_low, eps_high=config.eps_high, dual_clip=config.dual_clip,
+                    is_weights_B_T=is_w_B_T, aggregation=config.aggregation, norm=norm,
+                    segment_ids_B_T=batch.segment_ids_B_T,
+                )  # fmt: skip
+                vl_B_T = algos.value_loss(values_B_T, placed("values"), placed("returns"), config.value_clip)
+                vl = algos.aggregate(vl_B_T, mask_B_T, config.aggregation, norm=norm,
+                                     segment_ids_B_T=batch.segment_ids_B_T)  # fmt: skip
+                entropy = algos.aggregate(entropy_B_T, mask_B_T, config.aggregation, norm=norm,
+                                          segment_ids_B_T=batch.segment_ids_B_T)  # fmt: skip
+                share = weight if weight is not None else len(micro) / len(rows)
+                (share * (pl.loss - config.entropy_coef * entropy + vl)).backward()
+                part = len(micro) / len(trajectories) / config.mu
+                for key, value in (("loss", pl.loss), ("value_loss", vl), ("clip_fraction", pl.clip_fraction),
+                                   ("ratio", pl.ratio_mean), ("entropy", entropy)):  # fmt: skip
+                    stats[key] += float(value.detach()) * part
+            grad_norm = _rl.clip_and_step(model, optimizers[0], schedulers[0], config)
+            stats["grad_norm"] += grad_norm / config.updates_per_step
+            stats["critic_grad_norm"] += _rl.clip_and_step(critic, optimizers[1], schedulers[1], config) / (
+                config.updates_per_step
+            )
+    return dict(stats)
+
+
+# ---- the loop -------------------------------------------------------------------------------------
+def train_ppo(config: PPOConfig, on_step: Callable[[_rl.RLStepLog], None] | None = None) -> _rl.RLResult:
+    """Run ``config.max_steps`` PPO steps on ``config.env``; see the module docstring for one step.
+
+    Returns an :class:`~agentrl.learners._rl.RLResult` whose ``extras`` hold the ``critic`` and the final
+    ``kl_coef``.
+    """
+    return asyncio.run(_train_ppo(config, on_step))
+
+
+async def _train_ppo(config: PPOConfig, on_step: Callable[[_rl.RLStepLog], None] | None) -> _rl.RLResult:
+    _train.seed_everything(config.seed)
+    model, tokenizer = _model.load_trainable(config)
+    resumed = Path(config.resume_from) / CRITIC_DIR if config.resume_from is not None else None
+    critic = ValueModel.from_pretrained(resumed or config.critic_model or config.model, config.device).train()
+    if config.gradient_checkpointing:
+        critic.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    reference = _model.load_reference(config, model) if config.kl_coef > 0 else None
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    optimizers = [_train.make_optimizer(model, config.lr, config.weight_decay, config.betas),
+                  _train.make_optimizer(critic, config.critic_lr or config.lr, config.weight_decay, config.betas)]  # fmt: skip
+    total_updates = config.max_steps * config.updates_per_step
+    schedulers = [
+        _train.make_scheduler(o, config.warmup_steps, total_updates, config.min_lr_ratio) for o in optimizers
+    ]
+    kl_ctl = (
+        algos.AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon)
+        if config.kl_target
+        else None
+    )
+    kl_coef, step = config.kl_coef, 0
+    if config.resume_from is not None:
+        state = _train.load_training_state(
+            config.resume_from, _train.Joint(optimizers), _train.Joint(schedulers)
+        )
+        step, kl_coef = state.step, float(state.meta.get("kl_coef", kl_coef))
+        if kl_ctl is not None:
+            kl_ctl.beta = kl_coef
+
+    runner = _rl.make_runner(config, model, tokenizer)
+    runner.calls = step
+    history: list[_rl.RLStepLog] = []
+    checkpoint: Path | None = None
+    try:
+        if config.rollout != "hf":
+            await _rl.sync_weights(runner, model)
+        while step < config.max_steps:
+            started = time.perf_counter()
+            model.eval()
+            groups = await runner.run(config.prompts_per_step, config.group_size)
+            rollout_s = time.perf_counter() - started
+
+            kept, dropped = _rl.filter_groups(groups, config)
+            trajectories = [t for g in kept for t in g]
+            lr = optimizers[0].param_groups[0]["lr"]
+            update: dict[str, float] = {}
+            if trajectories:
+                old = {"logprobs": _logprob_arrays(model, trajectories, config, pad_id),
+                       "values": _value_arrays(critic, trajectories, config, pad_id)}  # fmt: skip
+                ref = (
+                    _logprob_arrays(model, trajectories, config, pad_id, reference, True)
+                    if kl_coef > 0
+                    else None
+                )
+                old["advantages"], old["returns"], kl = gae_advantages(
+                    trajectories, old["values"], config, old["logprobs"], ref, kl_coef
+                )
+                model.train()
+                update = update_actor_critic(model, critic, optimizers, schedulers, trajectories, old, config,
+                                             pad_id=pad_id, seed=config.seed + step)  # fmt: skip
+                update.update(kl=kl, kl_coef=kl_coef)
+                if kl_ctl is not None:
+                    kl_coef = kl_ctl.update(kl, n_steps=len(trajectories))
+            step += 1
+            await _rl.sync_weights(runner, model)
+
+            log = _rl.step_log(step, groups, trajectories, dropped, lr, update, rollout_s, started, runner)
+            history.append(log)
+            if on_step is not None:
+                on_step(log)
+            at_save = config.save_every is not None and step % config.save_every == 0
+            if config.output_dir is not None and (at_save or step == config.max_steps):
+                checkpoint = _save(config, model, critic, tokenizer, optimizers, schedulers, step, kl_coef)
+    finally:
+        await runner.aclose()
+        await runner.policy.aclose()
+    model.train()
+    return _rl.RLResult(model, tokenizer, tuple(history), checkpoint, {"critic": critic, "kl_coef": kl_coef})
+
+
+def _save(config: PPOConfig, model: Any, critic: ValueModel, tokenizer: Any, optimizers: Sequence[Any],
+          schedulers: Sequence[Any], step: int, kl_coef: float) -> Path:  # fmt: skip
+    """The actor's checkpoint with the critic's weights under ``critic/``; both optimizers' and schedulers'
+    states and ``kl_coef`` go into the one training state, so a crash never splits them."""
+    meta = {"config": config.model_dump(mode="json"), "learner": "ppo", "kl_coef": kl_coef}
+    return _model.save_step(config, model, tokenizer, _train.Joint(optimizers), _train.Joint(schedulers), step,
+                            meta, extras={CRITIC_DIR: critic})  # fmt: skip
