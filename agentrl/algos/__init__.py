@@ -1,5 +1,6 @@
-"""The learners' math: advantage estimators (:mod:`agentrl.algos.advantages`) and losses
-(:mod:`agentrl.algos.losses`), small pure functions over tensors named by dimension.
+"""The learners' math: advantage estimators (:mod:`agentrl.algos.advantages`), policy-gradient losses
+(:mod:`agentrl.algos.losses`) and offline preference losses (:mod:`agentrl.algos.preference`), small pure
+functions over tensors named by dimension.
 
 Importing this package does not import torch; each function imports it when called.
 """
@@ -34,26 +35,50 @@ from agentrl.algos.losses import (
     truncated_is_weights,
     value_loss,
 )
+from agentrl.algos.preference import (
+    DPO_KINDS,
+    DPOKind,
+    KTOLoss,
+    ORPOLoss,
+    PreferenceLoss,
+    dpo_loss,
+    kto_loss,
+    kto_reference_point,
+    orpo_loss,
+    sequence_logprobs,
+    simpo_loss,
+)
 
 __all__ = [
     "AGGREGATIONS",
+    "DPO_KINDS",
     "AdaptiveKLController",
     "Aggregation",
+    "DPOKind",
+    "KTOLoss",
+    "ORPOLoss",
     "PolicyLoss",
+    "PreferenceLoss",
     "aggregate",
     "batch_normalize",
     "discounted_returns",
+    "dpo_loss",
     "entropy_from_logits",
     "gae",
     "group_advantages",
     "kl_estimate",
     "kl_penalized_rewards",
+    "kto_loss",
+    "kto_reference_point",
+    "orpo_loss",
     "policy_loss",
     "ppo_clip_loss",
     "reinforce_pp_advantages",
     "rloo_advantages",
+    "sequence_logprobs",
     "sequence_to_tokens",
     "sft_nll_loss",
+    "simpo_loss",
     "token_logprobs",
     "truncated_is_weights",
     "turn_advantages",
