@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import agentrl
-from agentrl.data.buffer import TrajectoryGroup, collate
+from agentrl.data.buffer import SHARED_SEGMENT, TrajectoryGroup, collate, collate_shared
 from agentrl.data.trajectory import Trajectory, TurnSpan
 from agentrl.errors import ConfigError
 from agentrl.learners import _model, _rl, _train
@@ -92,7 +92,7 @@ def test_tool_and_env_tokens_never_receive_gradient_in_the_rl_loss():
     update_policy(model, optimizer, scheduler, trajectories, advantages, config, pad_id=0, seed=0)
     hook.remove()
     grad_B_T = grads[0].abs().sum(-1)
-    batch = collate(trajectories)
+    batch = _rl.to_batch(trajectories, 0, config)  # the layout the update used: the prompt shared per row
     mask = torch.as_tensor(batch.loss_mask_B_T)
     predicts_policy_token = torch.nn.functional.pad(mask[:, 1:], (0, 1)) == 1  # logits at t predict t + 1
     assert (grad_B_T[~predicts_policy_token] == 0).all()
@@ -277,3 +277,31 @@ def test_presets_are_valid_settings():
             "token-mean",
         ), name
     assert agentrl.make("toy-digits-v0").step("12a4").reward == pytest.approx(0.75)
+
+
+def test_prompt_shared_packed_and_padded_rows_give_the_same_logprobs():
+    """A group's prompt computed once (4-D mask, positions continuing) equals computing it per sample."""
+    model, tokenizer = load_model("tiny").eval(), load_tokenizer("tiny")
+    groups = rollout("toy-guess-v0", HFPolicy(model, tokenizer, seed=0), tokenizer, 3, group_size=3,
+                     sampling=SamplingParams(max_tokens=10), env_kwargs={"max_turns": 2}, seed=2)  # fmt: skip
+    trajectories = [t for g in groups for t in g][::-1]  # members of a prompt need not be adjacent
+    config = GRPOConfig(env="x")
+    shared = collate_shared(trajectories)
+    assert shared.shape[0] == 1 and (shared.segment_ids_B_T == SHARED_SEGMENT).sum() > 0  # one opening prompt
+    with torch.no_grad():
+        out = {}
+        for name, batch in (("padded", collate(trajectories)), ("packed", collate(trajectories, packing=True)),
+                            ("shared", shared)):  # fmt: skip
+            batch = batch.to_torch()
+            logprobs_B_T, _ = _model.policy_logprobs(model, batch, temperature=0.7)
+            out[name] = []
+            for i, trajectory in enumerate(trajectories):  # back onto each ledger through the positions
+                where = batch.segment_ids_B_T == i
+                values = np.zeros(len(trajectory.token_ids), dtype=np.float32)
+                values[batch.position_ids_B_T[where].numpy()] = logprobs_B_T[where].numpy()
+                out[name].append(values)
+    for i, trajectory in enumerate(trajectories):
+        mask = np.asarray(trajectory.loss_mask) == 1
+        for name in ("packed", "shared"):
+            np.testing.assert_allclose(out[name][i][mask], out["padded"][i][mask], atol=2e-5)
+    assert config.share_prompt  # the default

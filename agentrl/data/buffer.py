@@ -26,12 +26,14 @@ from agentrl.errors import ConfigError
 from agentrl.types import Message, StopReason
 
 __all__ = [
+    "SHARED_SEGMENT",
     "Batch",
     "MismatchStats",
     "PreferencePair",
     "TrajectoryBuffer",
     "TrajectoryGroup",
     "collate",
+    "collate_shared",
     "drop_zero_variance",
     "is_overlong",
     "logprob_mismatch",
@@ -140,7 +142,9 @@ class Batch:
         attention_mask_B_T: 1 on real tokens.
         position_ids_B_T: positions, restarting at 0 for each packed sequence.
         segment_ids_B_T: which trajectory of the batch (index into ``trajectories``) each token belongs to;
-            -1 on padding. With packing, a row holds several segments: attend within a segment only.
+            -1 on padding. With packing, a row holds several segments: attend within a segment only. In a
+            prompt-shared row (:func:`collate_shared`), the shared prompt is :data:`SHARED_SEGMENT`: every
+            segment of the row attends to it.
         turn_rewards_B_T: each turn's reward placed at its last sampled token (0 elsewhere).
         rewards_B: each trajectory's total reward, shape ``(N,)`` with N = len(trajectories).
         trajectories: the trajectories, in segment order.
@@ -241,6 +245,59 @@ def collate(
             segments[b, at : at + n] = i
             for turn in t.turns:
                 turn_rewards[b, at + turn.last_token] = turn.reward
+            at += n
+    rewards = np.array([t.total_reward for t in trajectories], dtype=np.float32)
+    return Batch(ids, mask, sampler_lp, attn, pos, segments, turn_rewards, rewards, tuple(trajectories))
+
+
+SHARED_SEGMENT = -2
+"""``segment_ids`` value of a prompt that the other segments of its row share (see :func:`collate_shared`)."""
+
+
+def collate_shared(trajectories: Sequence[Trajectory], *, pad_id: int = 0) -> Batch:
+    """Lay trajectories out with each distinct prompt computed once: one row per prompt.
+
+    A row holds the prompt's tokens but its last (segment :data:`SHARED_SEGMENT`), then each trajectory
+    that starts with that prompt from its last prompt token on (that token's logits predict the first
+    sampled token), positions continuing from the prompt. Attend causally within a segment and to the
+    shared prompt (:func:`agentrl.learners._model.model_inputs` builds that mask). A GRPO group of G
+    samples of a P-token prompt then costs P + G * (1 + completion) tokens instead of G * (P + completion).
+    Segment ``i`` is ``trajectories[i]``, in the order given.
+
+    Raises:
+        ConfigError: no trajectories.
+    """
+    if not trajectories:
+        raise ConfigError("collate_shared needs at least one trajectory")
+    buckets: dict[tuple[int, ...], list[int]] = {}
+    for i, t in enumerate(trajectories):
+        buckets.setdefault(tuple(t.token_ids[: t.prompt_length]), []).append(i)
+    layouts = []
+    for prompt, members in buckets.items():
+        shared = len(prompt) - 1 if len(members) > 1 and len(prompt) > 1 else 0
+        layouts.append((prompt[:shared], members, sum(len(trajectories[i].token_ids) - shared for i in members)))
+    width = max(len(prefix) + rest for prefix, _, rest in layouts)
+    shape = (len(layouts), width)
+    ids = np.full(shape, pad_id, dtype=np.int64)
+    mask, attn, pos = (np.zeros(shape, dtype=np.int64) for _ in range(3))
+    segments = np.full(shape, -1, dtype=np.int64)
+    sampler_lp, turn_rewards = np.zeros(shape, dtype=np.float32), np.zeros(shape, dtype=np.float32)
+    for b, (prefix, members, _) in enumerate(layouts):
+        shared = len(prefix)
+        ids[b, :shared], attn[b, :shared], pos[b, :shared] = prefix, 1, np.arange(shared)
+        segments[b, :shared] = SHARED_SEGMENT
+        at = shared
+        for i in members:
+            t = trajectories[i]
+            n = len(t.token_ids) - shared
+            ids[b, at : at + n] = t.token_ids[shared:]
+            mask[b, at : at + n] = t.loss_mask[shared:]
+            sampler_lp[b, at : at + n] = t.logprobs[shared:]
+            attn[b, at : at + n] = 1
+            pos[b, at : at + n] = np.arange(shared, shared + n)
+            segments[b, at : at + n] = i
+            for turn in t.turns:
+                turn_rewards[b, at + turn.last_token - shared] = turn.reward
             at += n
     rewards = np.array([t.total_reward for t in trajectories], dtype=np.float32)
     return Batch(ids, mask, sampler_lp, attn, pos, segments, turn_rewards, rewards, tuple(trajectories))

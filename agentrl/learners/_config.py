@@ -92,9 +92,9 @@ def explain(cls: type[BaseModel], exc: ValidationError) -> str:
     """One line per bad field: its value, what is wrong, and the field's documentation (the fix)."""
     lines = []
     for error in exc.errors():
-        name = ".".join(str(part) for part in error["loc"]) or cls.__name__
+        name = ".".join(str(part) for part in error["loc"])
         field = cls.model_fields.get(str(error["loc"][0])) if error["loc"] else None
         hint = f" ({name}: {field.description})" if field is not None and field.description else ""
-        got = f" got {error['input']!r};" if error["loc"] else ""
-        lines.append(f"{cls.__name__}.{name}:{got} {error['msg'].removeprefix('Value error, ')}{hint}")
+        where = f"{cls.__name__}.{name}: got {error['input']!r};" if name else f"{cls.__name__}:"
+        lines.append(f"{where} {error['msg'].removeprefix('Value error, ')}{hint}")
     return f"invalid {cls.__name__}:\n  " + "\n  ".join(lines)

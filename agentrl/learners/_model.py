@@ -24,6 +24,7 @@ __all__ = [
     "export_weights",
     "load_reference",
     "load_trainable",
+    "model_inputs",
     "policy_logprobs",
     "reference_logprobs",
     "save_step",
@@ -115,36 +116,57 @@ def policy_logprobs(
     with_entropy: bool = False,
     entropy_grad: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per-token logprobs of the batch's tokens under ``model`` at sampling temperature ``temperature``
-    (aligned with the ledger: position ``t`` holds ``log p(token t)``, 0 at position 0), and with
-    ``with_entropy`` the entropy of the distribution each token was drawn from (also aligned; detached
-    unless ``entropy_grad``, for an entropy bonus).
+    """Per-token logprobs of the batch's policy tokens (``loss_mask`` 1) under ``model`` at sampling
+    temperature ``temperature``, aligned with the ledger (position ``t`` holds ``log p(token t)``; 0 on every
+    other token, which no loss reads), and with ``with_entropy`` the entropy of the distribution each of
+    them was drawn from (detached unless ``entropy_grad``, for an entropy bonus).
 
-    Rows may be packed: positions restart per segment and no attention mask is passed, so transformers
-    builds the block-diagonal mask from the positions (``use_cache=False``).
+    Only the positions that predict a policy token go through the softmax, so a long prompt or tool
+    result costs its forward pass and nothing more. Rows may be padded, packed or prompt-shared (see
+    :func:`model_inputs`).
     """
     logits_B_T_V = _logits(model, batch)
     scale = temperature if temperature > 0 else 1.0
-    logp_B_T_V = torch.log_softmax(logits_B_T_V[:, :-1].float() / scale, dim=-1)
-    picked = logp_B_T_V.gather(-1, batch.token_ids_B_T[:, 1:].unsqueeze(-1)).squeeze(-1)
-    logprobs_B_T = torch.nn.functional.pad(picked, (1, 0))
+    predicts_B_T = batch.loss_mask_B_T[:, 1:] != 0  # the logits at t predict token t + 1
+    logp_N_V = torch.log_softmax(logits_B_T_V[:, :-1][predicts_B_T].float() / scale, dim=-1)
+    picked_N = logp_N_V.gather(-1, batch.token_ids_B_T[:, 1:][predicts_B_T].unsqueeze(-1)).squeeze(-1)
+    logprobs_B_T = _scatter(picked_N, predicts_B_T)
     entropy_B_T = None
     if with_entropy:
         with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-            entropy = -(logp_B_T_V.exp() * logp_B_T_V).sum(-1)
-            entropy_B_T = torch.nn.functional.pad(entropy, (1, 0))
+            entropy_B_T = _scatter(-(logp_N_V.exp() * logp_N_V).sum(-1), predicts_B_T)
     return logprobs_B_T, entropy_B_T
 
 
+def _scatter(values_N: torch.Tensor, predicts_B_T: torch.Tensor) -> torch.Tensor:
+    """Values at the predicting positions back onto the ledger's ``(B, T)`` grid (shifted by one), 0 elsewhere."""
+    out = values_N.new_zeros(predicts_B_T.shape)
+    out = out.masked_scatter(predicts_B_T, values_N)
+    return torch.nn.functional.pad(out, (1, 0))
+
+
 def _logits(model: Any, batch: Any) -> torch.Tensor:
-    packed = bool((batch.segment_ids_B_T.max(dim=1).values != batch.segment_ids_B_T[:, 0]).any())
-    if packed:
-        return model(
-            input_ids=batch.token_ids_B_T, position_ids=batch.position_ids_B_T, use_cache=False
-        ).logits
-    return model(
-        input_ids=batch.token_ids_B_T, attention_mask=batch.attention_mask_B_T, use_cache=False
-    ).logits
+    return model(input_ids=batch.token_ids_B_T, use_cache=False, **model_inputs(batch)).logits
+
+
+def model_inputs(batch: Any) -> dict[str, torch.Tensor]:
+    """How a batch's rows are attended: a padded row takes its attention mask; packed rows take position ids
+    (transformers builds the block-diagonal mask where they restart, without a KV cache); prompt-shared rows
+    take a 4-D boolean mask (each segment sees itself causally and the shared prompt) and position ids."""
+    from agentrl.data.buffer import SHARED_SEGMENT
+
+    segments = batch.segment_ids_B_T
+    if bool((segments == SHARED_SEGMENT).any()):
+        T = segments.shape[1]
+        causal = torch.ones(T, T, dtype=torch.bool, device=segments.device).tril()
+        same = segments[:, :, None] == segments[:, None, :]
+        to_shared = (segments == SHARED_SEGMENT)[:, None, :]
+        allowed = causal & (same | to_shared) & (segments != -1)[:, None, :]
+        allowed |= torch.eye(T, dtype=torch.bool, device=segments.device)  # padding sees itself: no empty row
+        return {"attention_mask": allowed[:, None], "position_ids": batch.position_ids_B_T}
+    if bool((segments.max(dim=1).values != segments[:, 0]).any()):
+        return {"position_ids": batch.position_ids_B_T}
+    return {"attention_mask": batch.attention_mask_B_T}
 
 
 @torch.no_grad()

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import time
 from collections import Counter, defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -17,9 +17,9 @@ import torch
 from pydantic import Field, model_validator
 
 from agentrl.algos import Aggregation
-from agentrl.data.buffer import Batch, TrajectoryGroup, collate, drop_zero_variance
+from agentrl.data.buffer import Batch, TrajectoryGroup, collate, collate_shared, drop_zero_variance
 from agentrl.data.trajectory import Trajectory
-from agentrl.learners import _model
+from agentrl.learners import _model, _train
 from agentrl.learners._config import TrainConfig
 from agentrl.rollout.policy import SamplingParams
 from agentrl.rollout.runner import RolloutLimits, Runner
@@ -33,6 +33,7 @@ __all__ = [
     "filter_groups",
     "make_runner",
     "microbatches",
+    "per_trajectory",
     "place",
     "step_log",
     "sync_weights",
@@ -90,6 +91,10 @@ class RLConfig(TrainConfig):
         description="trajectories per forward (gradient accumulation), or None for the whole minibatch",
     )
     packing: bool = Field(True, description="pack several trajectories per row (no padding) in the update")
+    share_prompt: bool = Field(
+        True,
+        description="compute each distinct prompt once per forward (a row per prompt: samples attend to it)",
+    )
     eps_low: float = Field(0.2, ge=0, description="PPO clip below 1, e.g. 0.2")
     eps_high: float | None = Field(
         None, ge=0, description="clip above 1 (clip-higher, e.g. 0.28); None: eps_low"
@@ -193,17 +198,48 @@ def filter_groups(
 # ---- batches ------------------------------------------------------------------------------------
 def microbatches(trajectories: Sequence[Trajectory], config: RLConfig, seed: int) -> list[list[list[int]]]:
     """Indices into ``trajectories``: a seeded shuffle split into ``minibatches`` (one optimizer step each),
-    each split into micro-batches of ``micro_batch_size`` (one forward each)."""
-    order = torch.randperm(len(trajectories), generator=torch.Generator().manual_seed(seed)).tolist()
-    minis = [chunk.tolist() for chunk in np.array_split(np.array(order), config.minibatches) if len(chunk)]
+    each split into micro-batches of ``micro_batch_size`` (one forward each). With ``share_prompt``, the
+    samples of one prompt are shuffled as a block, so they land in the same forward where they can."""
+    blocks: dict[Any, list[int]] = {}
+    for i, t in enumerate(trajectories):
+        blocks.setdefault(tuple(t.token_ids[: t.prompt_length]) if config.share_prompt else i, []).append(i)
+    members = list(blocks.values())
+    order = torch.randperm(len(members), generator=torch.Generator().manual_seed(seed)).tolist()
+    flat = np.array([i for k in order for i in members[k]])
+    minis = [chunk.tolist() for chunk in np.array_split(flat, config.minibatches) if len(chunk)]
     size = config.micro_batch_size or max(len(m) for m in minis)
     return [[mini[i : i + size] for i in range(0, len(mini), size)] for mini in minis]
 
 
 def to_batch(trajectories: Sequence[Trajectory], pad_id: int, config: RLConfig) -> Batch:
-    """Collate on the learner's device; with ``config.packing``, rows as long as the longest trajectory
-    filled first-fit, so short samples share rows instead of padding."""
+    """Collate on the learner's device: a row per distinct prompt (``share_prompt``), else packed rows
+    as long as the longest trajectory (``packing``), else one padded row per trajectory."""
+    if config.share_prompt:
+        return collate_shared(trajectories, pad_id=pad_id).to_torch(config.device)
     return collate(trajectories, pad_id=pad_id, packing=config.packing).to_torch(config.device)
+
+
+@torch.no_grad()
+def per_trajectory(
+    fn: Callable[[Batch], torch.Tensor], trajectories: Sequence[Trajectory], pad_id: int, config: RLConfig
+) -> list[np.ndarray]:
+    """Run ``fn`` (a batch -> ``(B, T)`` values, e.g. logprobs or critic values) over ``trajectories`` in
+    micro-batches without gradients; one float64 array per trajectory, aligned with its ``token_ids``
+    (the inverse of :func:`place`; 0 where a row holds nothing of it, such as a shared prompt)."""
+    out: list[np.ndarray] = []
+    size = config.micro_batch_size or len(trajectories)
+    for i in range(0, len(trajectories), size):
+        chunk = trajectories[i : i + size]
+        batch = to_batch(chunk, pad_id, config)
+        with _train.autocast(config.precision, config.device):
+            values_B_T = fn(batch).double().cpu()
+        segments, positions = batch.segment_ids_B_T.cpu(), batch.position_ids_B_T.cpu()
+        for segment, trajectory in enumerate(chunk):
+            where = segments == segment
+            values = np.zeros(len(trajectory.token_ids))
+            values[positions[where].numpy()] = values_B_T[where].numpy()
+            out.append(values)
+    return out
 
 
 def place(batch: Batch, values: Sequence[np.ndarray], dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -105,24 +105,16 @@ def _turn_advantages(trajectories: Sequence[Trajectory], gamma: float) -> list[n
 
 
 # ---- the update -----------------------------------------------------------------------------------
-@torch.no_grad()
 def _logprob_arrays(model: Any, trajectories: Sequence[Trajectory], config: _rl.RLConfig, pad_id: int,
                     reference: Any = None, use_reference: bool = False) -> list[np.ndarray]:  # fmt: skip
-    """Per-trajectory logprobs of the current model (or the reference), one micro-batch at a time."""
-    out: list[np.ndarray] = [np.zeros(0)] * len(trajectories)
-    size = config.micro_batch_size or len(trajectories)
-    for i in range(0, len(trajectories), size):
-        chunk = list(range(i, min(i + size, len(trajectories))))
-        batch = _rl.to_batch([trajectories[j] for j in chunk], pad_id, config)
-        with _train.autocast(config.precision, config.device):
-            if use_reference:
-                lp_B_T = _model.reference_logprobs(reference, model, batch, config.temperature)
-            else:
-                lp_B_T, _ = _model.policy_logprobs(model, batch, config.temperature)
-        for segment, j in enumerate(chunk):
-            where = batch.segment_ids_B_T == segment
-            out[j] = lp_B_T[where].double().cpu().numpy()
-    return out
+    """Per-trajectory logprobs of the current model (or the reference), without gradients."""
+
+    def logprobs(batch: Any) -> torch.Tensor:
+        if use_reference:
+            return _model.reference_logprobs(reference, model, batch, config.temperature)
+        return _model.policy_logprobs(model, batch, config.temperature)[0]
+
+    return _rl.per_trajectory(logprobs, trajectories, pad_id, config)
 
 
 def update_policy(

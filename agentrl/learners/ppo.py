@@ -112,31 +112,12 @@ class ValueModel(torch.nn.Module):
         )
 
     def forward(self, batch: Any) -> torch.Tensor:
-        packed = bool((batch.segment_ids_B_T.max(dim=1).values != batch.segment_ids_B_T[:, 0]).any())
-        inputs = (
-            {"position_ids": batch.position_ids_B_T}
-            if packed
-            else {"attention_mask": batch.attention_mask_B_T}
-        )
+        inputs = _model.model_inputs(batch)
         hidden_B_T_H = self.backbone(
             input_ids=batch.token_ids_B_T, use_cache=False, **inputs
         ).last_hidden_state
         values_B_T = self.head(hidden_B_T_H).squeeze(-1).float()
         return torch.nn.functional.pad(values_B_T[:, :-1], (1, 0))
-
-
-@torch.no_grad()
-def _value_arrays(critic: ValueModel, trajectories: Sequence[Trajectory], config: PPOConfig, pad_id: int) -> list[np.ndarray]:  # fmt: skip
-    out: list[np.ndarray] = [np.zeros(0)] * len(trajectories)
-    size = config.micro_batch_size or len(trajectories)
-    for i in range(0, len(trajectories), size):
-        chunk = list(range(i, min(i + size, len(trajectories))))
-        batch = _rl.to_batch([trajectories[j] for j in chunk], pad_id, config)
-        with _train.autocast(config.precision, config.device):
-            values_B_T = critic(batch)
-        for segment, j in enumerate(chunk):
-            out[j] = values_B_T[batch.segment_ids_B_T == segment].double().cpu().numpy()
-    return out
 
 
 # ---- advantages -----------------------------------------------------------------------------------
@@ -298,7 +279,7 @@ async def _train_ppo(config: PPOConfig, on_step: Callable[[_rl.RLStepLog], None]
             update: dict[str, float] = {}
             if trajectories:
                 old = {"logprobs": _logprob_arrays(model, trajectories, config, pad_id),
-                       "values": _value_arrays(critic, trajectories, config, pad_id)}  # fmt: skip
+                       "values": _rl.per_trajectory(critic, trajectories, pad_id, config)}  # fmt: skip
                 ref = (
                     _logprob_arrays(model, trajectories, config, pad_id, reference, True)
                     if kl_coef > 0

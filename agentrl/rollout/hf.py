@@ -257,11 +257,19 @@ class HFPolicy:
             caps = [min(s.max_tokens, self.max_context - len(p)) for p, s in zip(prompts, params, strict=True)]
             stops = [set(self.eos_token_ids) | set(s.stop_token_ids) for s in params]
             sampler = _RowSampler(params, caps, self._rng, self.device)
-            input_ids, attention, positions = self._left_pad(prompts)
+            # Prefill each distinct prompt once (a GRPO group repeats its prompt G times), then give every
+            # row its prompt's cache and logits.
+            distinct: dict[tuple[int, ...], int] = {}
+            row_prompt = torch.tensor([distinct.setdefault(tuple(p), len(distinct)) for p in prompts])
+            input_ids, attention, positions = self._left_pad([list(p) for p in distinct])
             out = self.model(
                 input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True, **self._last_only
             )
             cache, logits = out.past_key_values, out.logits[:, -1, :]
+            if len(distinct) < rows:
+                row_prompt = row_prompt.to(self.device)
+                cache.batch_select_indices(row_prompt)
+                logits, attention, positions = logits[row_prompt], attention[row_prompt], positions[row_prompt]
             positions = positions[:, -1:]
             sampled: list[list[int]] = [[] for _ in range(rows)]
             logprobs: list[list[float]] = [[] for _ in range(rows)]
