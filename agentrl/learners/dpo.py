@@ -1,0 +1,566 @@
+"""Offline preference learning: DPO (with its robust, IPO and hinge variants), KTO, ORPO and SimPO.
+
+Each conversation becomes the token ledger a rollout would have recorded (see
+:func:`agentrl.learners.sft.demonstration_ledger`), with the loss mask cut down to the completion: only the
+tokens the policy sampled after the shared prompt count. Tool results, user turns and template glue inside
+a multi-turn completion are mask 0, so they enter neither a sequence logprob nor a gradient. The losses are
+the pure functions of :mod:`agentrl.algos.preference`; this module only feeds them.
+
+One step: take ``batch_size`` examples in the seeded order of :func:`_train.iterate_batches`, compute the
+policy's per-token logprobs, sum (or average) them over the completion, read the reference's sums (computed
+once before training by default), and take an AdamW step on the loss's batch mean.
+
+Usage::
+
+    from agentrl.learners.dpo import DPOConfig, read_preference_jsonl, train_dpo
+
+    data = read_preference_jsonl("prefs.jsonl")  # or buffer.preference_pairs()
+    result = train_dpo(DPOConfig(loss="dpo", max_steps=200, output_dir="runs/dpo"), data)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
+
+import torch
+from pydantic import Field, model_validator
+
+from agentrl import algos
+from agentrl.data.buffer import Batch, PreferencePair
+from agentrl.data.trajectory import Trajectory
+from agentrl.errors import ConfigError
+from agentrl.learners import _model, _train
+from agentrl.learners._config import TrainConfig
+from agentrl.learners.sft import demonstration_ledger
+from agentrl.models.chat import ChatRenderer
+from agentrl.types import Message, ToolSchema
+
+__all__ = [
+    "DPOConfig",
+    "DPOResult",
+    "LabelledConversation",
+    "PreferenceConversation",
+    "PreferenceEval",
+    "SequenceLogps",
+    "StepLog",
+    "evaluate_preferences",
+    "pair_loss",
+    "read_preference_jsonl",
+    "train_dpo",
+]
+
+PreferenceLossName = Literal["dpo", "ipo", "robust", "hinge", "kto", "orpo", "simpo"]
+_REFERENCE_FREE = ("orpo", "simpo")
+_SMOOTHED = ("dpo", "robust", "simpo")
+
+
+# ---- configuration --------------------------------------------------------------------------------
+class DPOConfig(TrainConfig):
+    """Everything a preference run reads (the shared fields are documented on :class:`TrainConfig`).
+    Invalid values raise :class:`~agentrl.errors.ConfigError`."""
+
+    loss: PreferenceLossName = Field(
+        "dpo",
+        description="'dpo' (sigmoid), 'ipo', 'robust', 'hinge', 'kto' (unpaired), or the reference-free "
+        "'orpo' and 'simpo'",
+    )
+    beta: float | None = Field(
+        None,
+        gt=0,
+        description="KL strength (SimPO: reward scale); None means 0.1, or 2.0 for simpo (the paper's)",
+    )
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=0.5, description="assumed label-noise rate in [0, 0.5), for dpo, robust and simpo"
+    )
+    simpo_gamma: float = Field(1.0, description="SimPO's target reward margin, e.g. 1.0 (= beta / 2)")
+    orpo_lambda: float = Field(0.1, ge=0, description="ORPO's odds-ratio weight next to the NLL, e.g. 0.1")
+    kto_desirable_weight: float = Field(1.0, gt=0, description="KTO's loss weight on desirable examples")
+    kto_undesirable_weight: float = Field(1.0, gt=0, description="KTO's loss weight on undesirable examples")
+    batch_size: int = Field(8, ge=1, description="pairs (KTO: examples) per optimizer step, e.g. 8")
+    max_seq_len: int = Field(
+        2048, ge=2, description="tokens per conversation; longer ones are cut, e.g. 2048"
+    )
+    precompute_reference: bool = Field(
+        True,
+        description="score the whole dataset under the reference once before training and keep the sums "
+        "in memory (False: load the reference beside the policy and score each batch)",
+    )
+
+    @model_validator(mode="after")
+    def _loss_settings(self) -> DPOConfig:
+        if self.label_smoothing and self.loss not in _SMOOTHED:
+            raise ValueError(
+                f"label_smoothing applies to loss in {_SMOOTHED}, not {self.loss!r}; set it to 0.0"
+            )
+        return self
+
+    @property
+    def loss_beta(self) -> float:
+        """``beta``, or the loss's default when it is None."""
+        if self.beta is not None:
+            return self.beta
+        return 2.0 if self.loss == "simpo" else 0.1
+
+
+# ---- data ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PreferenceConversation:
+    """A prompt (chat messages) with a preferred and a dispreferred continuation (assistant/tool messages)."""
+
+    prompt: Sequence[Message]
+    chosen: Sequence[Message]
+    rejected: Sequence[Message]
+    tools: Sequence[ToolSchema] = ()
+
+
+@dataclass(frozen=True)
+class LabelledConversation:
+    """One conversation labelled desirable or not (KTO's unpaired data); only ``completion`` is scored."""
+
+    prompt: Sequence[Message]
+    completion: Sequence[Message]
+    desirable: bool
+    tools: Sequence[ToolSchema] = ()
+
+
+Example = PreferenceConversation | LabelledConversation | PreferencePair
+
+
+def read_preference_jsonl(path: str | Path) -> list[PreferenceConversation | LabelledConversation]:
+    """Read OpenAI-messages preference data, one JSON object per line (``tools`` optional on each):
+
+    - pairs: ``{"prompt": [...], "chosen": [...], "rejected": [...], "tools": [...]}``;
+    - KTO: ``{"messages": [...], "label": true}`` (every assistant turn scored) or
+      ``{"prompt": [...], "completion": [...], "label": false}``.
+
+    Raises:
+        ConfigError: a line is not JSON or has neither form; the message names file and line.
+    """
+    out: list[PreferenceConversation | LabelledConversation] = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ConfigError(
+                    f"{path}:{lineno}: not JSON ({exc}); write one JSON object per line"
+                ) from None
+            try:
+                out.append(_record(record))
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"{path}:{lineno}: {exc}") from None
+    return out
+
+
+def _record(record: Any) -> PreferenceConversation | LabelledConversation:
+    forms = (
+        '{"prompt": [...], "chosen": [...], "rejected": [...]}, {"messages": [...], "label": true} or '
+        '{"prompt": [...], "completion": [...], "label": false}'
+    )
+    if not isinstance(record, dict):
+        raise TypeError(f"expected one of {forms}")
+    tools = tuple(record.get("tools") or ())
+
+    def messages(key: str) -> tuple[Message, ...]:
+        value = record.get(key)
+        if not isinstance(value, list) or not all(isinstance(m, dict) for m in value):
+            raise TypeError(f"{key!r} must be a list of message objects; expected one of {forms}")
+        return tuple(value)
+
+    if "chosen" in record or "rejected" in record:
+        return PreferenceConversation(messages("prompt"), messages("chosen"), messages("rejected"), tools)
+    if "label" in record:
+        if not isinstance(record["label"], bool):
+            raise TypeError(f"'label' must be true or false, got {record['label']!r}")
+        if "messages" in record:
+            return LabelledConversation((), messages("messages"), record["label"], tools)
+        return LabelledConversation(messages("prompt"), messages("completion"), record["label"], tools)
+    raise ValueError(f"expected one of {forms}")
+
+
+class _Ledger(NamedTuple):
+    """Token ids and the completion-only loss mask of one conversation."""
+
+    ids: tuple[int, ...]
+    mask: tuple[int, ...]
+
+
+def _completion_ledger(
+    renderer: ChatRenderer, prompt: Sequence[Message], completion: Sequence[Message]
+) -> _Ledger:
+    """The ledger of ``prompt + completion`` with mask 1 on the completion's assistant tokens only."""
+    trajectory = demonstration_ledger(renderer, [*prompt, *completion])
+    k = sum(m.get("role") == "assistant" for m in prompt)
+    if k >= len(trajectory.turns):
+        raise ConfigError("a chosen, rejected or completion list needs an assistant message to learn from")
+    return _cut_before(trajectory, trajectory.turns[k].start)
+
+
+def _cut_before(trajectory: Trajectory, start: int) -> _Ledger:
+    mask = [0] * start + list(trajectory.loss_mask[start:])
+    return _Ledger(tuple(trajectory.token_ids), tuple(mask))
+
+
+def _ledgers(tokenizer: Any, template: str | None, example: Example) -> tuple[_Ledger, ...]:
+    """``(chosen, rejected)`` for a pair, ``(completion,)`` for a labelled conversation."""
+    if isinstance(example, PreferencePair):
+        return (_cut_before(example.chosen, example.prefix_length),
+                _cut_before(example.rejected, example.prefix_length))  # fmt: skip
+    renderer = ChatRenderer(tokenizer, example.tools, template)
+    if isinstance(example, LabelledConversation):
+        return (_completion_ledger(renderer, example.prompt, example.completion),)
+    return (_completion_ledger(renderer, example.prompt, example.chosen),
+            _completion_ledger(renderer, example.prompt, example.rejected))  # fmt: skip
+
+
+def _truncate(ledger: _Ledger, max_len: int) -> _Ledger | None:
+    """The first ``max_len`` tokens, or None when no completion token is left (position 0 never counts)."""
+    ids, mask = ledger.ids[:max_len], (0, *ledger.mask[1:max_len])
+    return _Ledger(ids, mask) if any(mask) else None
+
+
+@dataclass(frozen=True)
+class _Dataset:
+    """Examples as rows: pairs (``chosen[i]`` vs ``rejected[i]``), or KTO examples with their labels and the
+    mismatched rows (prompt ``i`` with completion ``i - 1``) behind KTO's reference point."""
+
+    kto: bool
+    chosen: list[_Ledger]
+    rejected: list[_Ledger]
+    desirable: list[bool]
+    mismatched: list[_Ledger]
+    num_cut: int
+
+    def __len__(self) -> int:
+        return len(self.chosen)
+
+
+def _dataset(config: DPOConfig, tokenizer: Any, examples: Sequence[Example]) -> _Dataset:
+    """Tokenize, cut to ``max_seq_len`` and lay out ``examples`` for ``config.loss``.
+
+    Raises:
+        ConfigError: labelled conversations for a pairwise loss, or nothing left to train on.
+    """
+    kto = config.loss == "kto"
+    built = [_ledgers(tokenizer, config.template, e) for e in examples]
+    if not kto and any(len(b) == 1 for b in built):
+        raise ConfigError(
+            f"loss={config.loss!r} needs chosen/rejected pairs, but labelled conversations were given; "
+            "use loss='kto' for unpaired data"
+        )
+    labels = [e.desirable if isinstance(e, LabelledConversation) else None for e in examples]
+    num_cut = sum(len(x.ids) > config.max_seq_len for b in built for x in b)
+    chosen: list[_Ledger] = []
+    rejected: list[_Ledger] = []
+    desirable: list[bool] = []
+    for rows, label in zip(built, labels, strict=True):
+        cut = [_truncate(x, config.max_seq_len) for x in rows]
+        if kto:  # a pair gives a desirable and an undesirable example
+            for x, good in zip(cut, [label] if label is not None else [True, False], strict=True):
+                if x is not None:
+                    chosen.append(x)
+                    desirable.append(good)
+        elif cut[0] is not None and cut[1] is not None:
+            chosen.append(cut[0])
+            rejected.append(cut[1])
+    if not chosen:
+        raise ConfigError(
+            f"none of the {len(examples)} examples has a completion token within max_seq_len="
+            f"{config.max_seq_len}; raise max_seq_len"
+        )
+    mismatched = (
+        [_mismatch(chosen[i], chosen[i - 1], config.max_seq_len) for i in range(len(chosen))] if kto else []
+    )
+    return _Dataset(kto, chosen, rejected, desirable, mismatched, num_cut)
+
+
+def _mismatch(prompt_of: _Ledger, completion_of: _Ledger, max_len: int) -> _Ledger:
+    """``prompt_of``'s prompt followed by ``completion_of``'s completion (from the first mask-1 token on)."""
+    a, b = prompt_of.mask.index(1), completion_of.mask.index(1)
+    ids = (*prompt_of.ids[:a], *completion_of.ids[b:])
+    mask = (*prompt_of.mask[:a], *completion_of.mask[b:])
+    cut = _truncate(_Ledger(ids, mask), max_len)  # no completion token left: the row scores 0
+    return cut if cut is not None else _Ledger(ids[:max_len], (0,) * min(len(ids), max_len))
+
+
+def _collate(rows: Sequence[_Ledger], pad_id: int, device: torch.device) -> Batch:
+    """Right-pad rows into a :class:`Batch` of tensors (one conversation per row)."""
+    width = max(len(r.ids) for r in rows)
+    shape = (len(rows), width)
+    ids = torch.full(shape, pad_id, dtype=torch.long)
+    mask, attention, positions = (torch.zeros(shape, dtype=torch.long) for _ in range(3))
+    segments = torch.full(shape, -1, dtype=torch.long)
+    for b, row in enumerate(rows):
+        n = len(row.ids)
+        ids[b, :n], mask[b, :n], attention[b, :n] = torch.tensor(row.ids), torch.tensor(row.mask), 1
+        positions[b, :n], segments[b, :n] = torch.arange(n), b
+    zeros, rewards = torch.zeros(shape), torch.zeros(len(rows))
+    return Batch(ids, mask, zeros, attention, positions, segments, zeros, rewards).to_torch(device)
+
+
+# ---- sequence logprobs and the loss --------------------------------------------------------------
+class SequenceLogps(NamedTuple):
+    """Per-row log-likelihood of the completion tokens: the sum and the per-token mean."""
+
+    sum_N: torch.Tensor
+    mean_N: torch.Tensor
+
+    def take(self, index: Sequence[int] | slice) -> SequenceLogps:
+        index_t = index if isinstance(index, slice) else torch.as_tensor(index, dtype=torch.long)
+        return SequenceLogps(self.sum_N[index_t], self.mean_N[index_t])
+
+
+def _sequence_logps(logprobs_B_T: torch.Tensor, mask_B_T: torch.Tensor) -> SequenceLogps:
+    return SequenceLogps(algos.sequence_logprobs(logprobs_B_T, mask_B_T),
+                         algos.sequence_logprobs(logprobs_B_T, mask_B_T, average=True))  # fmt: skip
+
+
+def _policy_logps(model: Any, rows: Sequence[_Ledger], pad_id: int, config: DPOConfig) -> SequenceLogps:
+    batch = _collate(rows, pad_id, torch.device(config.device))
+    with _train.autocast(config.precision, config.device):
+        logprobs_B_T, _ = _model.policy_logprobs(model, batch)
+    return _sequence_logps(logprobs_B_T, batch.loss_mask_B_T)
+
+
+@torch.no_grad()
+def _reference_logps(reference: Any, model: Any, rows: Sequence[_Ledger], pad_id: int, config: DPOConfig,
+                     chunk: int | None = None) -> SequenceLogps:  # fmt: skip
+    """The reference's sequence logprobs of ``rows`` (in chunks of ``chunk`` rows), without gradients."""
+    chunk = chunk or len(rows)
+    parts = []
+    for i in range(0, len(rows), chunk):
+        batch = _collate(rows[i : i + chunk], pad_id, torch.device(config.device))
+        with _train.autocast(config.precision, config.device):
+            logprobs_B_T = _model.reference_logprobs(reference, model, batch)
+        parts.append(_sequence_logps(logprobs_B_T.float(), batch.loss_mask_B_T))
+    return SequenceLogps(torch.cat([p.sum_N for p in parts]), torch.cat([p.mean_N for p in parts]))
+
+
+def pair_loss(config: DPOConfig, chosen: SequenceLogps, rejected: SequenceLogps,
+              ref_chosen: SequenceLogps | None, ref_rejected: SequenceLogps | None) -> algos.PreferenceLoss:  # fmt: skip
+    """``config.loss`` on a batch of pairs (KTO's rewards here are DPO's ``beta * (pi - ref)``, for evaluation).
+
+    Sums for DPO, robust, hinge and KTO; per-token means for IPO, SimPO and ORPO (whose NLL term is each
+    chosen completion's mean token NLL).
+    """
+    beta = config.loss_beta
+    if config.loss == "simpo":
+        return algos.simpo_loss(chosen.mean_N, rejected.mean_N, beta, config.simpo_gamma,
+                                label_smoothing=config.label_smoothing)  # fmt: skip
+    if config.loss == "orpo":
+        return algos.orpo_loss(chosen.mean_N, rejected.mean_N, -chosen.mean_N, config.orpo_lambda)
+    assert ref_chosen is not None and ref_rejected is not None
+    kind = {"dpo": "sigmoid", "kto": "sigmoid"}.get(config.loss, config.loss)
+    pick = (lambda s: s.mean_N) if config.loss == "ipo" else (lambda s: s.sum_N)
+    smoothing = config.label_smoothing if config.loss != "kto" else 0.0
+    return algos.dpo_loss(pick(chosen), pick(rejected), pick(ref_chosen), pick(ref_rejected), beta,
+                          label_smoothing=smoothing, kind=kind)  # type: ignore[arg-type]  # fmt: skip
+
+
+# ---- the loop -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StepLog:
+    """One optimizer step, measured on its batch before the update.
+
+    ``chosen_reward`` / ``rejected_reward`` are the mean implicit rewards of the chosen and rejected
+    completions (KTO: of the desirable and undesirable examples), ``margin`` their difference, and
+    ``accuracy`` the fraction of pairs ranked right (KTO: of examples whose reward has their label's sign).
+    """
+
+    step: int
+    loss: float
+    accuracy: float
+    margin: float
+    chosen_reward: float
+    rejected_reward: float
+    lr: float
+    grad_norm: float
+    seconds: float
+
+
+@dataclass(frozen=True)
+class DPOResult:
+    """What :func:`train_dpo` returns: the trained model, its last checkpoint, the log and the data sizes."""
+
+    model: Any
+    tokenizer: Any
+    history: tuple[StepLog, ...]
+    checkpoint: Path | None
+    num_examples: int
+    num_cut: int
+
+
+def train_dpo(
+    config: DPOConfig,
+    data: Iterable[Example],
+    on_step: Callable[[StepLog], None] | None = None,
+) -> DPOResult:
+    """Train ``config.model`` on preference data with ``config.loss``.
+
+    Args:
+        config: the run's settings.
+        data: :class:`PreferenceConversation` s (e.g. from :func:`read_preference_jsonl`),
+            :class:`~agentrl.data.buffer.PreferencePair` s mined from a buffer (their ledgers are used as
+            they are), or for ``loss="kto"`` also :class:`LabelledConversation` s (each pair then gives a
+            desirable and an undesirable example).
+        on_step: called after every optimizer step with its :class:`StepLog`.
+
+    Returns:
+        The trained model (in train mode), the tokenizer, the log and the final checkpoint's path (None
+        without ``output_dir``).
+
+    Raises:
+        ConfigError: labelled conversations for a pairwise loss, or no example with a completion token
+            within ``max_seq_len``.
+        TemplateError: the chat template cannot reproduce the rollout's tokens.
+    """
+    _train.seed_everything(config.seed)
+    model, tokenizer = _model.load_trainable(config)
+    dataset = _dataset(config, tokenizer, list(data))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    # The reference's sums, for the whole dataset up front (default) or per batch from a loaded copy.
+    reference, cached = None, None
+    if config.loss not in _REFERENCE_FREE:
+        reference = _model.load_reference(config, model)
+        if config.precompute_reference:
+            cached = _reference_logps(reference, model, _all_rows(dataset), pad_id, config, config.batch_size)
+            reference = None
+
+    optimizer = _train.make_optimizer(model, config.lr, config.weight_decay, config.betas)
+    scheduler = _train.make_scheduler(optimizer, config.warmup_steps, config.max_steps, config.min_lr_ratio)
+    step = 0
+    if config.resume_from is not None:
+        step = _train.load_training_state(config.resume_from, optimizer, scheduler).step
+    meta = {"config": config.model_dump(mode="json"), "learner": f"preference-{config.loss}"}
+
+    history: list[StepLog] = []
+    checkpoint: Path | None = None
+    batches = _train.iterate_batches(len(dataset), config.batch_size, config.seed, start_step=step)
+    while step < config.max_steps:
+        started = time.perf_counter()
+        index = next(batches)
+        loss, stats = _batch_loss(config, model, reference, dataset, index, cached, pad_id)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        max_norm = config.grad_clip if config.grad_clip is not None else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        lr = optimizer.param_groups[0]["lr"]
+        optimizer.step()
+        scheduler.step()
+        step += 1
+
+        log = StepLog(step, loss.item(), **stats, lr=lr, grad_norm=float(grad_norm),
+                      seconds=time.perf_counter() - started)  # fmt: skip
+        history.append(log)
+        if on_step is not None:
+            on_step(log)
+        at_save = config.save_every is not None and step % config.save_every == 0
+        if config.output_dir is not None and (at_save or step == config.max_steps):
+            checkpoint = _model.save_step(config, model, tokenizer, optimizer, scheduler, step, meta)
+    return DPOResult(model, tokenizer, tuple(history), checkpoint, len(dataset), dataset.num_cut)
+
+
+def _all_rows(dataset: _Dataset) -> list[_Ledger]:
+    """Every row the reference scores, in the order :func:`_cached_ref` reads them back."""
+    return [*dataset.chosen, *dataset.rejected, *dataset.mismatched]
+
+
+def _cached_ref(
+    cached: SequenceLogps, dataset: _Dataset, index: Sequence[int]
+) -> tuple[SequenceLogps, SequenceLogps]:
+    """The precomputed reference sums of the batch ``index``: (chosen, rejected), KTO: (examples, mismatched)."""
+    n = len(dataset)
+    return cached.take(list(index)), cached.take([n + i for i in index])
+
+
+def _batch_loss(config: DPOConfig, model: Any, reference: Any, dataset: _Dataset, index: Sequence[int],
+                cached: SequenceLogps | None, pad_id: int) -> tuple[torch.Tensor, dict[str, float]]:  # fmt: skip
+    """The batch-mean loss of the examples ``index`` (with grad) and its :class:`StepLog` statistics."""
+    first = [dataset.chosen[i] for i in index]
+    second = [dataset.mismatched[i] if dataset.kto else dataset.rejected[i] for i in index]
+    ref_first = ref_second = None
+    if config.loss not in _REFERENCE_FREE:
+        if cached is not None:
+            ref_first, ref_second = _cached_ref(cached, dataset, index)
+        else:
+            ref_first = _reference_logps(reference, model, first, pad_id, config)
+            ref_second = _reference_logps(reference, model, second, pad_id, config)
+    if dataset.kto:
+        assert ref_first is not None and ref_second is not None
+        with torch.no_grad():
+            mismatched = _policy_logps(model, second, pad_id, config)
+        kl_ref = algos.kto_reference_point(mismatched.sum_N, ref_second.sum_N)
+        policy = _policy_logps(model, first, pad_id, config)
+        desirable_B = torch.tensor([dataset.desirable[i] for i in index], device=policy.sum_N.device)
+        kto = algos.kto_loss(policy.sum_N, ref_first.sum_N, desirable_B, kl_ref, config.loss_beta,
+                             config.kto_desirable_weight, config.kto_undesirable_weight)  # fmt: skip
+        good, bad = kto.rewards_B[desirable_B], kto.rewards_B[~desirable_B]
+        chosen_r = float(good.mean()) if len(good) else math.nan
+        rejected_r = float(bad.mean()) if len(bad) else math.nan
+        accuracy = float(((kto.rewards_B > 0) == desirable_B).float().mean())
+        return kto.loss_B.mean(), {"accuracy": accuracy, "margin": chosen_r - rejected_r,
+                                   "chosen_reward": chosen_r, "rejected_reward": rejected_r}  # fmt: skip
+    both = _policy_logps(model, first + second, pad_id, config)
+    b = len(index)
+    out = pair_loss(config, both.take(slice(0, b)), both.take(slice(b, None)), ref_first, ref_second)
+    return out.loss_B.mean(), {
+        "accuracy": float(out.accuracy), "margin": float(out.margins_B.mean()),
+        "chosen_reward": float(out.chosen_rewards_B.mean()),
+        "rejected_reward": float(out.rejected_rewards_B.mean()),
+    }  # fmt: skip
+
+
+# ---- evaluation -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PreferenceEval:
+    """Held-out pairs under a loss's implicit reward: the fraction ranked right and the mean margin."""
+
+    accuracy: float
+    margin: float
+
+
+@torch.no_grad()
+def evaluate_preferences(
+    config: DPOConfig,
+    model: Any,
+    tokenizer: Any,
+    pairs: Sequence[PreferenceConversation | PreferencePair],
+    reference: Any = None,
+) -> PreferenceEval:
+    """Score held-out ``pairs`` with ``config.loss``'s implicit rewards (KTO: ``beta * (pi - ref)``).
+
+    ``reference`` is the frozen starting model; when None, ``config.model`` is loaded as the reference
+    for the losses that have one.
+
+    Raises:
+        ConfigError: no pair has completion tokens within ``max_seq_len``.
+    """
+    pairwise = config.model_copy(update={"loss": "dpo" if config.loss == "kto" else config.loss})
+    dataset = _dataset(pairwise, tokenizer, list(pairs))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    rows = [*dataset.chosen, *dataset.rejected]
+    was_training = model.training
+    model.eval()
+    try:
+        policy = _policy_logps(model, rows, pad_id, config)
+        ref = None
+        if config.loss not in _REFERENCE_FREE:
+            reference = reference if reference is not None else _model.load_reference(config, model)
+            ref = _reference_logps(reference, model, rows, pad_id, config)
+    finally:
+        model.train(was_training)
+    n = len(dataset)
+    out = pair_loss(
+        pairwise, policy.take(slice(0, n)), policy.take(slice(n, None)),
+        ref.take(slice(0, n)) if ref else None, ref.take(slice(n, None)) if ref else None,
+    )  # fmt: skip
+    return PreferenceEval(float(out.accuracy), float(out.margins_B.mean()))
