@@ -1,4 +1,4 @@
-"""Learners: training loops that read top to bottom (SFT now; GRPO and PPO reuse :mod:`._train`).
+"""Learners: training loops that read top to bottom: ``sft``, ``grpo``, ``ppo`` and ``dpo`` (DPO, IPO, KTO, ORPO, SimPO).
 
 Importing this package imports nothing heavy; import a learner module (``agentrl.learners.sft``) to train.
 """
