@@ -75,6 +75,10 @@ class DigitsEnv(Env):
         share = sum(c.isdigit() for c in text) / len(text) if text else 0.0
         return StepResult([], share, True, False, {"reward_components": {"digits": share}})
 
+    def demonstration(self, task: Any = None) -> list[Message]:
+        """The reference episode (every task is the same): digits only."""
+        return [{"role": "user", "content": "Write digits."}, {"role": "assistant", "content": "0123456789"}]
+
 
 def guess(number: int) -> str:
     """Guess the secret number.
