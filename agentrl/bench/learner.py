@@ -67,13 +67,17 @@ class AdditionEnv(Env):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--vs", choices=["trl", "none"], default="trl", help="the baseline to run beside ours")
+    parser.add_argument(
+        "--vs", choices=["trl", "none"], default="trl", help="the baseline to run beside ours"
+    )
     parser.add_argument("--steps", type=int, default=10, help="timed steps per side (after one warm-up step)")
     parser.add_argument("--precision", choices=["fp32", "bf16", "both"], default="fp32")
     parser.add_argument("--sft-steps", type=int, default=150, help="SFT steps of the warm start (cached)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per side")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--cache", default=os.path.expanduser("~/.cache/agentrl/bench"), help="warm-start cache")
+    parser.add_argument(
+        "--cache", default=os.path.expanduser("~/.cache/agentrl/bench"), help="warm-start cache"
+    )
     parser.add_argument("--json", dest="json_out", help="also write the results to this JSON file")
     parser.add_argument("--side", help=argparse.SUPPRESS)  # internal: run one side in this process
     parser.add_argument("--model", help=argparse.SUPPRESS)
@@ -92,7 +96,14 @@ def warm_start(cache: Path, sft_steps: int, seed: int) -> Path:
     _register()
     env = agentrl.make(ENV_ID)
     demos = env_demonstrations(env, range(10_000, 12_000))
-    config = SFTConfig(max_steps=sft_steps, batch_size=32, lr=2e-3, warmup_steps=min(10, sft_steps // 2), output_dir=out, seed=seed)
+    config = SFTConfig(
+        max_steps=sft_steps,
+        batch_size=32,
+        lr=2e-3,
+        warmup_steps=min(10, sft_steps // 2),
+        output_dir=out,
+        seed=seed,
+    )
     print(f"warm start: SFT of the tiny model, {sft_steps} steps -> {final}", flush=True)
     result = train_sft(config, demos)
     assert result.checkpoint == final
@@ -144,12 +155,14 @@ def _trl(model: str, steps: int, precision: str, seed: int) -> dict[str, Any]:
         return [addition_reward(c[0]["content"], x, y)[0] for c, x, y in zip(completions, a, b, strict=True)]
 
     marks: list[tuple[float, float, int, float]] = []
-    logs: list[dict[str, float]] = []
+    step_logs: list[dict[str, float]] = []
 
     class Clock(TrainerCallback):  # type: ignore[misc]
-        def on_log(self, args: Any, state: Any, control: Any, logs_: Any = None, **kw: Any) -> None:
-            if kw.get("logs") or logs_:
-                logs.append(dict(kw.get("logs") or logs_))
+        def on_log(
+            self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kw: Any
+        ) -> None:
+            if logs:
+                step_logs.append(dict(logs))
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             marks.append((time.process_time(), time.perf_counter(), 0, 0.0))
@@ -161,9 +174,11 @@ def _trl(model: str, steps: int, precision: str, seed: int) -> dict[str, Any]:
             max_steps=steps + 1, logging_steps=1, report_to="none", save_strategy="no", seed=seed,
             gradient_checkpointing=False, lr_scheduler_type="constant", dataloader_num_workers=0,
         )  # fmt: skip
-        trainer = GRPOTrainer(model=model, reward_funcs=reward, args=config, train_dataset=data, callbacks=[Clock()])
+        trainer = GRPOTrainer(
+            model=model, reward_funcs=reward, args=config, train_dataset=data, callbacks=[Clock()]
+        )
         trainer.train()
-    step_logs = [entry for entry in logs if "reward" in entry]
+    step_logs = [entry for entry in step_logs if "reward" in entry]
     marks = [(cpu, wall, int(64 * entry.get("completions/mean_length", 0)), float(entry["reward"]))
              for (cpu, wall, _, _), entry in zip(marks, step_logs, strict=False)]  # fmt: skip
     return _summary(marks)

@@ -4,7 +4,6 @@ sync, the group filters, and the layout of per-trajectory values (advantages, ol
 
 from __future__ import annotations
 
-import math
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping, Sequence
@@ -17,7 +16,14 @@ import torch
 from pydantic import Field, model_validator
 
 from agentrl.algos import Aggregation
-from agentrl.data.buffer import Batch, TrajectoryGroup, collate, collate_shared, drop_zero_variance
+from agentrl.data.buffer import (
+    Batch,
+    TrajectoryBuffer,
+    TrajectoryGroup,
+    collate,
+    collate_shared,
+    drop_zero_variance,
+)
 from agentrl.data.trajectory import Trajectory
 from agentrl.learners import _model, _train
 from agentrl.learners._config import TrainConfig
@@ -29,9 +35,10 @@ __all__ = [
     "RLConfig",
     "RLResult",
     "RLStepLog",
-    "clip_and_step",
     "filter_groups",
+    "logprob_arrays",
     "make_runner",
+    "micro_scale",
     "microbatches",
     "per_trajectory",
     "place",
@@ -177,8 +184,6 @@ def filter_groups(
       is added to their final reward;
     - ``dynamic_sampling``: groups whose rewards all agree are dropped.
     """
-    from agentrl.data.buffer import TrajectoryBuffer
-
     buffer = TrajectoryBuffer(groups)
     before = len(buffer)
     buffer.keep(lambda t: t.trainable and t.stop_reason is not StopReason.ERROR)
@@ -242,6 +247,29 @@ def per_trajectory(
     return out
 
 
+def logprob_arrays(model: Any, trajectories: Sequence[Trajectory], pad_id: int, config: RLConfig,
+                   reference: Any = None, use_reference: bool = False) -> list[np.ndarray]:  # fmt: skip
+    """Per-trajectory logprobs of ``model`` (or, with ``use_reference``, of the reference), no gradients."""
+
+    def logprobs(batch: Batch) -> torch.Tensor:
+        if use_reference:
+            return _model.reference_logprobs(reference, model, batch, config.temperature)
+        return _model.policy_logprobs(model, batch, config.temperature)[0]
+
+    return per_trajectory(logprobs, trajectories, pad_id, config)
+
+
+def micro_scale(
+    config: RLConfig, micro_size: int, minibatch: Sequence[int], num_tokens: int
+) -> tuple[float, float]:
+    """``(weight, norm)`` that make the sum of a minibatch's micro-batch losses equal its whole loss: token-mean
+    divides by the minibatch's tokens (``norm``), the sequence means weigh each micro-batch by its share of
+    the minibatch's sequences (Dr. GRPO's ``norm`` is the episode token budget)."""
+    if config.aggregation == "token-mean":
+        return 1.0, float(num_tokens)
+    return micro_size / len(minibatch), float(config.max_episode_tokens)
+
+
 def place(batch: Batch, values: Sequence[np.ndarray], dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Lay per-trajectory arrays (aligned with each ``token_ids``) out as ``(B, T)`` like ``batch``; 0 on padding.
 
@@ -255,15 +283,6 @@ def place(batch: Batch, values: Sequence[np.ndarray], dtype: torch.dtype = torch
 
 
 # ---- steps and logs ------------------------------------------------------------------------------
-def clip_and_step(model: Any, optimizer: torch.optim.Optimizer, scheduler: Any, config: RLConfig) -> float:
-    max_norm = config.grad_clip if config.grad_clip is not None else math.inf
-    params = [p for p in model.parameters() if p.requires_grad]
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-    optimizer.step()
-    scheduler.step()
-    return grad_norm
-
-
 @dataclass(frozen=True)
 class RLStepLog:
     """One RL step: rewards of what was played, what the filters kept, and the update's statistics."""

@@ -31,6 +31,7 @@ __all__ = [
     "TrainingState",
     "autocast",
     "checkpoint_dirs",
+    "clip_and_step",
     "iterate_batches",
     "load_training_state",
     "make_optimizer",
@@ -162,6 +163,18 @@ class Joint:
             )
         for part, part_state in zip(self.parts, state["parts"], strict=True):
             part.load_state_dict(part_state)
+
+
+def clip_and_step(model: torch.nn.Module, optimizer: Any, scheduler: Any, grad_clip: float | None) -> float:
+    """Clip the trainable parameters' gradients to ``grad_clip`` (None: no clipping), take the optimizer and
+    scheduler steps, and return the gradient norm before clipping."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    grad_norm = float(
+        torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip is not None else math.inf)
+    )
+    optimizer.step()
+    scheduler.step()
+    return grad_norm
 
 
 # ---- checkpoints --------------------------------------------------------------------------------

@@ -451,11 +451,8 @@ def train_dpo(
         loss, stats = _batch_loss(config, model, reference, dataset, index, cached, pad_id)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        max_norm = config.grad_clip if config.grad_clip is not None else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
         lr = optimizer.param_groups[0]["lr"]
-        optimizer.step()
-        scheduler.step()
+        grad_norm = _train.clip_and_step(model, optimizer, scheduler, config.grad_clip)
         step += 1
 
         log = StepLog(step, loss.item(), **stats, lr=lr, grad_norm=float(grad_norm),

@@ -105,18 +105,6 @@ def _turn_advantages(trajectories: Sequence[Trajectory], gamma: float) -> list[n
 
 
 # ---- the update -----------------------------------------------------------------------------------
-def _logprob_arrays(model: Any, trajectories: Sequence[Trajectory], config: _rl.RLConfig, pad_id: int,
-                    reference: Any = None, use_reference: bool = False) -> list[np.ndarray]:  # fmt: skip
-    """Per-trajectory logprobs of the current model (or the reference), without gradients."""
-
-    def logprobs(batch: Any) -> torch.Tensor:
-        if use_reference:
-            return _model.reference_logprobs(reference, model, batch, config.temperature)
-        return _model.policy_logprobs(model, batch, config.temperature)[0]
-
-    return _rl.per_trajectory(logprobs, trajectories, pad_id, config)
-
-
 def update_policy(
     model: Any,
     optimizer: torch.optim.Optimizer,
@@ -135,8 +123,10 @@ def update_policy(
     (``mu * minibatches > 1``) or for the IS correction; otherwise they are the current ones, detached.
     """
     recompute_old = config.updates_per_step > 1 or config.tis_cap is not None
-    old = _logprob_arrays(model, trajectories, config, pad_id) if recompute_old else None
-    ref = _logprob_arrays(model, trajectories, config, pad_id, reference, True) if config.beta > 0 else None
+    old = _rl.logprob_arrays(model, trajectories, pad_id, config) if recompute_old else None
+    ref = (
+        _rl.logprob_arrays(model, trajectories, pad_id, config, reference, True) if config.beta > 0 else None
+    )
     stats: defaultdict[str, float] = defaultdict(float)
     for epoch in range(config.mu):
         for mini in _rl.microbatches(trajectories, config, seed=seed * 1009 + epoch):
@@ -161,9 +151,7 @@ def update_policy(
                     is_w_B_T = algos.truncated_is_weights(
                         old_B_T, batch.sampler_logprobs_B_T, config.tis_cap, mask_B_T
                     )
-                # token-mean: divide by the minibatch's tokens; sequence means: weigh by the share of sequences
-                weight = 1.0 if config.aggregation == "token-mean" else len(micro) / len(rows)
-                norm = n_tokens if config.aggregation == "token-mean" else config.max_episode_tokens
+                weight, norm = _rl.micro_scale(config, len(micro), rows, n_tokens)
                 out = algos.policy_loss(
                     logprobs_B_T, old_B_T, _rl.place(batch, [advantages[i] for i in micro]), mask_B_T,
                     eps_low=config.eps_low, eps_high=config.eps_high, dual_clip=config.dual_clip,
@@ -179,7 +167,7 @@ def update_policy(
                                    ("ratio", out.ratio_mean), ("entropy", entropy)):  # fmt: skip
                     stats[key] += float(value.detach()) * share
             stats["grad_norm"] += (
-                _rl.clip_and_step(model, optimizer, scheduler, config) / config.updates_per_step
+                _train.clip_and_step(model, optimizer, scheduler, config.grad_clip) / config.updates_per_step
             )
     return dict(stats)
 

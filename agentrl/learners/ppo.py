@@ -38,7 +38,6 @@ from agentrl import algos
 from agentrl.data.buffer import collate
 from agentrl.data.trajectory import Trajectory
 from agentrl.learners import _model, _rl, _train
-from agentrl.learners.grpo import _logprob_arrays
 
 __all__ = ["CRITIC_DIR", "PPOConfig", "ValueModel", "gae_advantages", "train_ppo"]
 
@@ -173,9 +172,8 @@ def update_actor_critic(
                 optimizer.zero_grad(set_to_none=True)
             rows = [i for micro in mini for i in micro]
             n_tokens = sum(trajectories[i].num_sampled for i in rows)
-            weight = 1.0 if config.aggregation == "token-mean" else None
-            norm = n_tokens if config.aggregation == "token-mean" else config.max_episode_tokens
             for micro in mini:
+                weight, norm = _rl.micro_scale(config, len(micro), rows, n_tokens)
                 batch = _rl.to_batch([trajectories[i] for i in micro], pad_id, config)
                 mask_B_T = batch.loss_mask_B_T
                 with _train.autocast(config.precision, config.device):
@@ -207,17 +205,16 @@ def update_actor_critic(
                                      segment_ids_B_T=batch.segment_ids_B_T)  # fmt: skip
                 entropy = algos.aggregate(entropy_B_T, mask_B_T, config.aggregation, norm=norm,
                                           segment_ids_B_T=batch.segment_ids_B_T)  # fmt: skip
-                share = weight if weight is not None else len(micro) / len(rows)
-                (share * (pl.loss - config.entropy_coef * entropy + vl)).backward()
+                (weight * (pl.loss - config.entropy_coef * entropy + vl)).backward()
                 part = len(micro) / len(trajectories) / config.mu
                 for key, value in (("loss", pl.loss), ("value_loss", vl), ("clip_fraction", pl.clip_fraction),
                                    ("ratio", pl.ratio_mean), ("entropy", entropy)):  # fmt: skip
                     stats[key] += float(value.detach()) * part
-            grad_norm = _rl.clip_and_step(model, optimizers[0], schedulers[0], config)
+            grad_norm = _train.clip_and_step(model, optimizers[0], schedulers[0], config.grad_clip)
             stats["grad_norm"] += grad_norm / config.updates_per_step
-            stats["critic_grad_norm"] += _rl.clip_and_step(critic, optimizers[1], schedulers[1], config) / (
-                config.updates_per_step
-            )
+            stats["critic_grad_norm"] += _train.clip_and_step(
+                critic, optimizers[1], schedulers[1], config.grad_clip
+            ) / (config.updates_per_step)
     return dict(stats)
 
 
@@ -278,10 +275,10 @@ async def _train_ppo(config: PPOConfig, on_step: Callable[[_rl.RLStepLog], None]
             lr = optimizers[0].param_groups[0]["lr"]
             update: dict[str, float] = {}
             if trajectories:
-                old = {"logprobs": _logprob_arrays(model, trajectories, config, pad_id),
+                old = {"logprobs": _rl.logprob_arrays(model, trajectories, pad_id, config),
                        "values": _rl.per_trajectory(critic, trajectories, pad_id, config)}  # fmt: skip
                 ref = (
-                    _logprob_arrays(model, trajectories, config, pad_id, reference, True)
+                    _rl.logprob_arrays(model, trajectories, pad_id, config, reference, True)
                     if kl_coef > 0
                     else None
                 )

@@ -18,7 +18,6 @@ Usage::
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -315,11 +314,8 @@ def train_sft(
         loss = masked_nll(logits_B_T_V, batch["ids_B_T"], batch["mask_B_T"])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        max_norm = config.grad_clip if config.grad_clip is not None else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
         lr = optimizer.param_groups[0]["lr"]
-        optimizer.step()
-        scheduler.step()
+        grad_norm = _train.clip_and_step(model, optimizer, scheduler, config.grad_clip)
         step += 1
 
         log = StepLog(step, loss.item(), lr, int(batch["mask_B_T"][:, 1:].sum()), float(grad_norm),
