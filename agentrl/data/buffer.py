@@ -408,18 +408,36 @@ def _first_divergent_turn(a: Trajectory, b: Trajectory) -> int | None:
     return None
 
 
-def mine_pair(group: TrajectoryGroup, min_margin: float = 0.0) -> PreferencePair | None:
+def mine_pair(
+    group: TrajectoryGroup, min_margin: float = 0.0, scores: Sequence[float] | None = None
+) -> PreferencePair | None:
     """The best and worst trainable trajectories of ``group`` as a pair, or None.
 
-    None when fewer than two trainable trajectories, the reward margin is not above ``min_margin``, or the
+    Args:
+        group: the samples of one task.
+        min_margin: the least score difference that makes a pair.
+        scores: one score per trajectory of ``group`` (e.g. from a reward model or a judge) to rank by
+            instead of each trajectory's total reward.
+
+    None when fewer than two trainable trajectories, the score margin is not above ``min_margin``, or the
     two agree on every turn they share (no turn to prefer).
+
+    Raises:
+        ConfigError: ``scores`` does not have one value per trajectory.
     """
-    ranked = sorted((t for t in group if t.trainable and t.turns), key=lambda t: t.total_reward)
+    if scores is None:
+        scores = [t.total_reward for t in group]
+    if len(scores) != len(group):
+        raise ConfigError(f"mine_pair: {len(scores)} scores for a group of {len(group)} trajectories")
+    ranked = sorted(
+        (s, i) for i, (t, s) in enumerate(zip(group, scores, strict=True)) if t.trainable and t.turns
+    )
     if len(ranked) < 2:
         return None
-    worst, best = ranked[0], ranked[-1]
-    if best.total_reward - worst.total_reward <= min_margin:
+    (low, worst_i), (high, best_i) = ranked[0], ranked[-1]
+    if high - low <= min_margin:
         return None
+    best, worst = group.trajectories[best_i], group.trajectories[worst_i]
     k = _first_divergent_turn(best, worst)
     if k is None:
         return None

@@ -35,6 +35,7 @@ __all__ = [
     "RLConfig",
     "RLResult",
     "RLStepLog",
+    "RolloutConfig",
     "filter_groups",
     "logprob_arrays",
     "make_runner",
@@ -48,16 +49,13 @@ __all__ = [
 ]
 
 
-class RLConfig(TrainConfig):
-    """Rollout, filtering and update settings shared by the online learners."""
+class RolloutConfig(TrainConfig):
+    """What a learner that samples its own data plays: the env, the sampling and the rollout backend."""
 
     env: str = Field(
         ..., description="registered env id to play, e.g. 'code-sandbox-v0' (see `agentrl envs`)"
     )
     env_kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for agentrl.make")
-    lr: float = Field(2e-4, gt=0, le=1, description="peak AdamW learning rate, e.g. 2e-4 tiny, 1e-6 for 7B")
-    betas: tuple[float, float] = Field((0.9, 0.99), description="AdamW betas, each in [0, 1)")
-    warmup_steps: int = Field(5, ge=0, description="linear warm-up optimizer steps, e.g. 5")
     prompts_per_step: int = Field(8, ge=1, description="tasks played per step, e.g. 8")
     group_size: int = Field(8, ge=1, description="samples per task (G), e.g. 8")
     max_new_tokens: int = Field(64, ge=1, description="the most tokens sampled per turn, e.g. 64")
@@ -80,6 +78,18 @@ class RLConfig(TrainConfig):
         default_factory=dict, description="extra options for the rollout backend, e.g. {'max_batch': 128}"
     )
     concurrency: int = Field(256, ge=1, description="episodes in flight at once")
+
+    @property
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(self.max_new_tokens, self.temperature, self.top_p, self.top_k)
+
+
+class RLConfig(RolloutConfig):
+    """Filtering and update settings shared by the online policy-gradient learners (GRPO, PPO)."""
+
+    lr: float = Field(2e-4, gt=0, le=1, description="peak AdamW learning rate, e.g. 2e-4 tiny, 1e-6 for 7B")
+    betas: tuple[float, float] = Field((0.9, 0.99), description="AdamW betas, each in [0, 1)")
+    warmup_steps: int = Field(5, ge=0, description="linear warm-up optimizer steps, e.g. 5")
     dynamic_sampling: bool = Field(
         False, description="drop groups whose rewards all agree (DAPO); they carry no group-relative signal"
     )
@@ -131,10 +141,6 @@ class RLConfig(TrainConfig):
         return self
 
     @property
-    def sampling(self) -> SamplingParams:
-        return SamplingParams(self.max_new_tokens, self.temperature, self.top_p, self.top_k)
-
-    @property
     def updates_per_step(self) -> int:
         return self.mu * self.minibatches
 
@@ -145,7 +151,7 @@ class RLConfig(TrainConfig):
 
 
 # ---- rollout ------------------------------------------------------------------------------------
-def make_runner(config: RLConfig, model: Any, tokenizer: Any) -> Runner:
+def make_runner(config: RolloutConfig, model: Any, tokenizer: Any) -> Runner:
     """The runner for ``config.env`` with its rollout backend: ``hf`` samples with ``model`` itself (same
     module: a weight sync moves nothing), ``vllm`` loads ``config.model`` and gets weights each sync."""
     from agentrl.rollout.policy import make_policy

@@ -1,0 +1,208 @@
+"""Online and iterative DPO: the policy samples its own preference data from an environment.
+
+One round::
+
+    rollout    G samples for each of ``prompts_per_step`` tasks with the current policy (the runner)
+    score      the env's total reward of each sample, or ``scorer(group)`` (a reward model, a judge)
+    mine       per group, best vs worst, split at the first assistant turn where they differ
+               (:func:`~agentrl.data.buffer.mine_pair`); groups whose scores all agree give no pair
+    reference  the starting model's sums (``reference="initial"``: online DPO), or the policy's own at the
+               start of the round (``"previous"``: iterative DPO, each round anchored to the last)
+    update     ``epochs`` passes of ``batch_size``-pair optimizer steps of ``loss`` over the round's pairs
+    sync       the weights to the rollout backend (free for ``hf``)
+
+The pairs are the ledgers the sampler recorded, so the completion mask is exactly the sampled tokens of
+the divergent turns: tool results and env turns inside them count in neither sum. Any loss of
+:class:`~agentrl.learners.dpo.DPOConfig` works (KTO takes each pair as one desirable and one undesirable
+example).
+
+Usage::
+
+    from agentrl.learners.online_dpo import OnlineDPOConfig, train_online_dpo
+
+    result = train_online_dpo(OnlineDPOConfig(env="toy-digits-v0", max_steps=20, group_size=4))
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+
+from agentrl.data.buffer import PreferencePair, TrajectoryGroup, mine_pair
+from agentrl.learners import _model, _rl, _train
+from agentrl.learners.dpo import _REFERENCE_FREE, DPOConfig, SequenceLogps, _all_rows, _batch_loss, _dataset
+from agentrl.learners.dpo import _reference_logps as _sequence_reference_logps
+
+__all__ = ["GroupScorer", "OnlineDPOConfig", "OnlineDPOResult", "RoundLog", "mine_round", "train_online_dpo"]
+
+GroupScorer = Callable[[TrajectoryGroup], Sequence[float]]
+"""Scores each trajectory of a group (higher is better), e.g. a trained reward model or an LLM judge."""
+
+
+class OnlineDPOConfig(_rl.RolloutConfig, DPOConfig):
+    """An online / iterative preference run: the rollout fields of
+    :class:`~agentrl.learners._rl.RolloutConfig` and the loss fields of
+    :class:`~agentrl.learners.dpo.DPOConfig`; ``max_steps`` counts rounds (rollout + updates)."""
+
+    lr: float = Field(1e-4, gt=0, le=1, description="peak AdamW learning rate, e.g. 1e-4 tiny, 5e-7 for 7B")
+    warmup_steps: int = Field(0, ge=0, description="linear warm-up optimizer steps (not rounds), e.g. 0")
+    batch_size: int = Field(8, ge=1, description="pairs per optimizer step, e.g. 8")
+    epochs: int = Field(1, ge=1, description="passes over each round's pairs, e.g. 1")
+    min_margin: float = Field(0.0, ge=0, description="least score gap between chosen and rejected, e.g. 0.0")
+    reference: Literal["initial", "previous"] = Field(
+        "initial",
+        description="'initial': the starting model anchors every round (online DPO); 'previous': the "
+        "policy at the start of each round does (iterative DPO)",
+    )
+
+    @property
+    def updates_per_round(self) -> int:
+        """The most optimizer steps one round can take (every group giving a pair)."""
+        return self.epochs * math.ceil(self.prompts_per_step / self.batch_size)
+
+
+@dataclass(frozen=True)
+class RoundLog:
+    """One round: its samples' mean score, the pairs mined and the updates' mean statistics (NaN when no
+    pair was mined), the learning rate at its start and where the time went."""
+
+    step: int
+    mean_score: float
+    pairs: int
+    updates: int
+    loss: float
+    accuracy: float
+    margin: float
+    lr: float
+    rollout_seconds: float
+    seconds: float
+
+
+@dataclass(frozen=True)
+class OnlineDPOResult:
+    model: Any
+    tokenizer: Any
+    history: tuple[RoundLog, ...]
+    checkpoint: Path | None
+
+
+def mine_round(
+    groups: Sequence[TrajectoryGroup], scorer: GroupScorer | None, min_margin: float
+) -> tuple[list[PreferencePair], list[float]]:
+    """Score each group (``scorer``, or the env's rewards) and mine its best-vs-worst pair.
+
+    Returns:
+        The pairs, and every trainable sample's score (for the log).
+    """
+    pairs: list[PreferencePair] = []
+    scores_all: list[float] = []
+    for group in groups:
+        scores = list(scorer(group)) if scorer is not None else [t.total_reward for t in group]
+        pair = mine_pair(group, min_margin, scores)  # raises on a wrong score count
+        scores_all += [s for t, s in zip(group, scores, strict=True) if t.trainable and t.turns]
+        if pair is not None:
+            pairs.append(pair)
+    return pairs, scores_all
+
+
+def train_online_dpo(
+    config: OnlineDPOConfig,
+    scorer: GroupScorer | None = None,
+    on_step: Callable[[RoundLog], None] | None = None,
+) -> OnlineDPOResult:
+    """Run ``config.max_steps`` rounds; see the module docstring for one round.
+
+    Args:
+        config: the run's settings.
+        scorer: ranks each group's samples instead of the env's total reward.
+        on_step: called after every round with its :class:`RoundLog`.
+
+    Raises:
+        ConfigError: a setting the model, env or backend cannot honour (before any round runs).
+    """
+    return asyncio.run(_train_online_dpo(config, scorer, on_step))
+
+
+async def _train_online_dpo(
+    config: OnlineDPOConfig, scorer: GroupScorer | None, on_step: Callable[[RoundLog], None] | None
+) -> OnlineDPOResult:
+    _train.seed_everything(config.seed)
+    model, tokenizer = _model.load_trainable(config)
+    needs_reference = config.loss not in _REFERENCE_FREE
+    initial = _model.load_reference(config, model) if needs_reference and config.reference == "initial" else None
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    optimizer = _train.make_optimizer(model, config.lr, config.weight_decay, config.betas)
+    total_updates = config.max_steps * config.updates_per_round
+    scheduler = _train.make_scheduler(optimizer, config.warmup_steps, total_updates, config.min_lr_ratio)
+    step = 0
+    if config.resume_from is not None:
+        step = _train.load_training_state(config.resume_from, optimizer, scheduler).step
+    meta = {"config": config.model_dump(mode="json"), "learner": f"online-{config.loss}"}
+
+    runner = _rl.make_runner(config, model, tokenizer)
+    runner.calls = step  # round k plays the tasks and seeds of the runner's k-th call
+    history: list[RoundLog] = []
+    checkpoint: Path | None = None
+    try:
+        if config.rollout != "hf":
+            await _rl.sync_weights(runner, model)
+        while step < config.max_steps:
+            started = time.perf_counter()
+            model.eval()
+            groups = await runner.run(config.prompts_per_step, config.group_size)
+            rollout_s = time.perf_counter() - started
+
+            pairs, scores = mine_round(groups, scorer, config.min_margin)
+            lr = optimizer.param_groups[0]["lr"]
+            stats = _update(config, model, optimizer, scheduler, pairs, tokenizer, initial, pad_id, step)
+            step += 1
+            await _rl.sync_weights(runner, model)
+
+            log = RoundLog(step, sum(scores) / len(scores) if scores else math.nan, len(pairs), **stats, lr=lr,
+                           rollout_seconds=rollout_s, seconds=time.perf_counter() - started)  # fmt: skip
+            history.append(log)
+            if on_step is not None:
+                on_step(log)
+            at_save = config.save_every is not None and step % config.save_every == 0
+            if config.output_dir is not None and (at_save or step == config.max_steps):
+                checkpoint = _model.save_step(config, model, tokenizer, optimizer, scheduler, step, meta)
+    finally:
+        await runner.aclose()
+        await runner.policy.aclose()
+    model.train()
+    return OnlineDPOResult(model, tokenizer, tuple(history), checkpoint)
+
+
+def _update(config: OnlineDPOConfig, model: Any, optimizer: Any, scheduler: Any, pairs: Sequence[PreferencePair],
+            tokenizer: Any, initial: Any, pad_id: int, step: int) -> dict[str, Any]:  # fmt: skip
+    """``epochs`` passes of ``batch_size``-pair steps over one round's pairs; their mean statistics."""
+    if not pairs:
+        return {"updates": 0, "loss": math.nan, "accuracy": math.nan, "margin": math.nan}
+    dataset = _dataset(config, tokenizer, pairs)
+    cached: SequenceLogps | None = None
+    if config.loss not in _REFERENCE_FREE:
+        # "previous": the policy itself, before this round's updates; "initial" under LoRA: None (adapters off).
+        reference = model if config.reference == "previous" else initial
+        model.eval()
+        cached = _sequence_reference_logps(reference, model, _all_rows(dataset), pad_id, config, config.batch_size)
+    model.train()
+    per_pass = math.ceil(len(dataset) / config.batch_size)
+    batches = _train.iterate_batches(len(dataset), config.batch_size, config.seed + step)
+    losses, accuracies, margins = [], [], []
+    for _ in range(config.epochs * per_pass):
+        loss, stats = _batch_loss(config, model, None, dataset, next(batches), cached, pad_id)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        _train.clip_and_step(model, optimizer, scheduler, config.grad_clip)
+        losses.append(loss.item())
+        accuracies.append(stats["accuracy"])
+        margins.append(stats["margin"])
+    n = len(losses)
+    return {"updates": n, "loss": sum(losses) / n, "accuracy": sum(accuracies) / n, "margin": sum(margins) / n}
