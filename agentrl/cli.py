@@ -79,6 +79,21 @@ def _cmd_sandbox_gc(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+COMMANDS: dict[str, tuple[str, str]] = {}
+"""Subcommands living in their own modules: name -> (module, one-line help). Each module keeps its top level
+light (no torch) and has ``add_arguments(parser)`` and ``main(args) -> int``."""
+
+
+def _add_command_parsers(sub: Any) -> None:
+    import importlib
+
+    for name, (module_name, summary) in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        parser = sub.add_parser(name, help=summary, description=summary)
+        module.add_arguments(parser)
+        parser.set_defaults(func=module.main)
+
+
 def _add_bench_parsers(sub: Any) -> None:
     import importlib
 
@@ -125,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     gc.add_argument("--all", action="store_true", help="also remove sandboxes of owners still running")
     gc.add_argument("--backend", action="append", help="only this backend (repeatable; default: all)")
     gc.set_defaults(func=_cmd_sandbox_gc)
+    _add_command_parsers(sub)
     _add_bench_parsers(sub)
     return parser
 
