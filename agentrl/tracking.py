@@ -1,0 +1,587 @@
+"""A training run's directory, its metrics log and its progress display.
+
+A run directory holds everything one ``agentrl train`` run writes, so ``--resume <run dir>`` can pick it up
+and :func:`agentrl.train_report.write_train_report` can draw it::
+
+    <run>/
+      config.yaml          the resolved config (written atomically)
+      state.json           phases in order: status, last step logged, total, seconds run (atomic)
+      metrics.jsonl        one record per line: {"phase", "step", "time", "elapsed", "metrics": {...}}
+      trajectories.jsonl   sampled trajectories, ``meta["phase"]`` / ``meta["step"]`` tagged
+      tensorboard/<phase>/ TensorBoard event files, tags ``<phase>/<metric>``
+      checkpoints/<phase>/ the learner's ``output_dir`` (``step-NNNNNN`` checkpoints)
+
+A run is a sequence of *phases* (e.g. ``sft``, ``eval-sft``, ``rl``, ``eval-rl``), each with its own step
+count. An evaluation is a phase named ``eval`` or ``eval-<what it evaluates>``; its step is the step of the
+policy it evaluated.
+
+Durability: each metrics line is flushed as it is written, so a killed run loses nothing it logged (a line
+torn by the kill is dropped when the directory is next opened). Non-finite floats are written as ``null``.
+
+Resuming: :meth:`RunDir.start_phase` with ``step=S`` (the step of the checkpoint the learner resumes from)
+*truncates*: it removes the phase's records with a step above ``S`` from ``metrics.jsonl`` and
+``trajectories.jsonl`` (an atomic rewrite) and tells TensorBoard to hide the phase's events from step
+``S + 1`` on, so the resumed run's steps are never logged twice.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import os
+import re
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any, Literal
+
+from agentrl.errors import ConfigError
+
+if TYPE_CHECKING:
+    from agentrl.data.trajectory import Trajectory
+
+__all__ = [
+    "MetricRecord",
+    "PhaseState",
+    "Progress",
+    "RunDir",
+    "flatten_metrics",
+    "format_duration",
+    "progress_fields",
+    "read_metrics",
+]
+
+CONFIG_FILE = "config.yaml"
+STATE_FILE = "state.json"
+METRICS_FILE = "metrics.jsonl"
+TRAJECTORIES_FILE = "trajectories.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+CHECKPOINTS_DIR = "checkpoints"
+
+Scalar = float | int | str | None
+_PHASE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+# ---- records --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class MetricRecord:
+    """One line of ``metrics.jsonl``.
+
+    Attributes:
+        phase: the phase that logged it.
+        step: the phase's step (eval phases: the step of the policy evaluated).
+        time: Unix time when it was written.
+        elapsed: seconds the phase had run by then, summed over the sessions of a resumed run.
+        metrics: flat ``{name: value}``; ``None`` where the value was NaN or infinite.
+    """
+
+    phase: str
+    step: int
+    time: float
+    elapsed: float
+    metrics: Mapping[str, Scalar]
+
+
+@dataclass(frozen=True)
+class PhaseState:
+    """A phase's entry in ``state.json``.
+
+    Attributes:
+        status: ``"running"`` (started, perhaps killed since) or ``"finished"``.
+        step: the last step logged (0 before any).
+        total: the steps the phase plans, when known.
+        seconds: time the phase ran, summed over sessions (up to its last log or its finish).
+    """
+
+    status: Literal["running", "finished"]
+    step: int
+    total: int | None
+    seconds: float
+
+
+def flatten_metrics(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, Scalar]:
+    """Flatten nested mappings into ``"outer/inner"`` keys and normalise the values.
+
+    ``RLStepLog.as_dict()`` flattens to ``reward_components/<name>``, ``update/kl``, ``stop_reasons/<why>``...
+
+    Returns:
+        ``{name: value}`` with bools and integers as ``int``, other reals (NumPy's too) as ``float``, NaN and
+        infinities as ``None``, strings and ``None`` kept.
+
+    Raises:
+        TypeError: a value of another type (the message names its key).
+    """
+    flat: dict[str, Scalar] = {}
+    for key, value in metrics.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten_metrics(value, prefix=f"{name}/"))
+        elif value is None or isinstance(value, str):
+            flat[name] = value
+        elif isinstance(value, numbers.Integral):
+            flat[name] = int(value)
+        elif isinstance(value, numbers.Real):
+            number = float(value)
+            flat[name] = number if math.isfinite(number) else None
+        else:
+            raise TypeError(f"metric {name!r} is a {type(value).__name__}; log numbers, strings or mappings")
+    return flat
+
+
+def read_metrics(path: str | os.PathLike[str], phase: str | None = None) -> list[MetricRecord]:
+    """The records of a run directory's ``metrics.jsonl`` (or of that file itself), in file order.
+
+    Args:
+        path: a run directory or a metrics JSONL file; a missing file reads as no records.
+        phase: keep only this phase's records.
+
+    Raises:
+        ValueError: a line that is not a metrics record (naming the file and line); a last line torn by a
+            killed writer is skipped instead.
+    """
+    file = Path(path)
+    file = file / METRICS_FILE if file.is_dir() else file
+    if not file.is_file():
+        return []
+    records = []
+    lines = file.read_text(encoding="utf-8").split("\n")
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            raw = json.loads(line)
+            record = MetricRecord(str(raw["phase"]), int(raw["step"]), float(raw["time"]),
+                                  float(raw["elapsed"]), dict(raw["metrics"]))  # fmt: skip
+        except (ValueError, KeyError, TypeError) as exc:
+            if lineno == len(lines):  # no newline after it: the writer died mid-line
+                break
+            raise ValueError(f"{file}:{lineno}: not a metrics record: {exc}") from exc
+        if phase is None or record.phase == phase:
+            records.append(record)
+    return records
+
+
+# ---- the run directory ------------------------------------------------------------------------------
+class RunDir:
+    """A training run's directory: config, metrics, trajectories, TensorBoard events, checkpoints, state.
+
+    Opening a directory that exists continues it (its state and logs are kept); use
+    :meth:`start_phase` with the checkpoint's step to resume a phase. Per phase::
+
+        run.start_phase("rl", total=100, step=resumed_step)   # truncates records past resumed_step
+        run.log("rl", step, metrics)                           # each step
+        run.finish_phase("rl")
+
+    Attributes:
+        path: the directory.
+        metrics_path / trajectories_path / config_path / state_path / tensorboard_dir: its files.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, tensorboard: bool = True):
+        """Create ``path`` (and parents) if missing, or open it.
+
+        Args:
+            path: the run directory.
+            tensorboard: also write TensorBoard event files (imports torch on the first log).
+        """
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = self.path / METRICS_FILE
+        self.trajectories_path = self.path / TRAJECTORIES_FILE
+        self.config_path = self.path / CONFIG_FILE
+        self.state_path = self.path / STATE_FILE
+        self.tensorboard_dir = self.path / TENSORBOARD_DIR
+        self._tensorboard = tensorboard
+        self._writers: dict[str, Any] = {}
+        self._metrics_file: IO[str] | None = None
+        self._sessions: dict[str, tuple[float, float]] = {}  # phase -> (seconds before, session start)
+        self._state: dict[str, Any] = {"phases": {}}
+        if self.state_path.is_file():
+            self._state = json.loads(self.state_path.read_text(encoding="utf-8"))
+        for file in (self.metrics_path, self.trajectories_path):
+            _drop_torn_tail(file)
+
+    # -- config and state --
+    def write_config(self, config: Any) -> Path:
+        """Write ``config`` (a pydantic model or a mapping) to ``config.yaml`` atomically.
+
+        Paths, tuples and other non-JSON values are written as JSON would see them (``str``, lists).
+        """
+        import yaml
+
+        data = config.model_dump(mode="json") if hasattr(config, "model_dump") else dict(config)
+        data = json.loads(json.dumps(data, default=str))
+        _atomic_write(self.config_path, yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
+        return self.config_path
+
+    def read_config(self) -> dict[str, Any]:
+        """The config written by :meth:`write_config`, or ``{}`` when none was."""
+        import yaml
+
+        if not self.config_path.is_file():
+            return {}
+        return yaml.safe_load(self.config_path.read_text(encoding="utf-8")) or {}
+
+    @property
+    def phases(self) -> dict[str, PhaseState]:
+        """Every phase started so far, in the order they first started."""
+        return {name: PhaseState(**entry) for name, entry in self._state["phases"].items()}
+
+    def is_finished(self, phase: str) -> bool:
+        """Whether ``phase`` ran to :meth:`finish_phase` (a resumed run skips it)."""
+        return self._state["phases"].get(phase, {}).get("status") == "finished"
+
+    def checkpoint_dir(self, phase: str) -> Path:
+        """``checkpoints/<phase>/`` (created): pass it as the phase's learner ``output_dir``."""
+        path = self.path / CHECKPOINTS_DIR / _check_phase(phase)
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def latest_checkpoint(self, phase: str) -> tuple[Path, int] | None:
+        """The phase's newest complete learner checkpoint and its step, or None (imports torch)."""
+        from agentrl.learners import _train
+
+        found = _train.checkpoint_dirs(self.path / CHECKPOINTS_DIR / _check_phase(phase))
+        if not found:
+            return None
+        summary = json.loads((found[-1] / _train.STATE_JSON).read_text(encoding="utf-8"))
+        return found[-1], int(summary["step"])
+
+    # -- phases --
+    def start_phase(self, phase: str, *, total: int | None = None, step: int = 0) -> None:
+        """Begin ``phase``, or resume it from ``step``.
+
+        Records of the phase with a step above ``step`` are removed from ``metrics.jsonl`` and
+        ``trajectories.jsonl``, and TensorBoard hides its events from ``step + 1`` on; its run time continues
+        from its last kept record. ``step=0`` starts the phase afresh: all its earlier records go (an eval
+        phase logged at step 0 included).
+
+        Args:
+            phase: letters, digits, ``_ . -`` (it names directories).
+            total: the steps it plans (for progress and the report).
+            step: the step it resumes from (the learner checkpoint's step), or 0.
+
+        Raises:
+            ConfigError: a bad phase name or a negative step.
+        """
+        _check_phase(phase)
+        if step < 0:
+            raise ConfigError(
+                f"start_phase({phase!r}): step must be >= 0 (the resumed checkpoint's), got {step}"
+            )
+        had_records = self._truncate(phase, step if step > 0 else -1)
+        kept = read_metrics(self.metrics_path, phase)
+        seconds = kept[-1].elapsed if kept else 0.0
+        self._sessions[phase] = (seconds, time.monotonic())
+        entry = self._state["phases"].setdefault(phase, {})
+        entry.update(status="running", step=step, total=total if total is not None else entry.get("total"),
+                     seconds=seconds)  # fmt: skip
+        self._save_state()
+        if self._tensorboard:
+            self._close_writer(phase)
+            self._writer(phase, purge_step=(step + 1 if step > 0 else 0) if had_records else None)
+
+    def finish_phase(self, phase: str) -> None:
+        """Mark ``phase`` finished in ``state.json`` with its run time.
+
+        Raises:
+            ConfigError: the phase was not started in this process.
+        """
+        seconds = self._elapsed(phase)
+        self._state["phases"][phase].update(status="finished", seconds=seconds)
+        self._save_state()
+        self._close_writer(phase)
+
+    # -- logging --
+    def log(self, phase: str, step: int, metrics: Mapping[str, Any]) -> MetricRecord:
+        """Append one record to ``metrics.jsonl`` (flushed) and its numbers to TensorBoard.
+
+        Args:
+            phase: a phase started with :meth:`start_phase`.
+            step: the phase's step.
+            metrics: numbers, strings or nested mappings (see :func:`flatten_metrics`); a ``step`` entry is
+                dropped (the record's step is the step).
+
+        Returns:
+            The record as written.
+
+        Raises:
+            ConfigError: the phase was not started.
+            TypeError: a value that is no number, string or mapping.
+        """
+        flat = flatten_metrics(metrics)
+        flat.pop("step", None)
+        record = MetricRecord(phase, int(step), time.time(), self._elapsed(phase), flat)
+        line = json.dumps(
+            {"phase": record.phase, "step": record.step, "time": round(record.time, 3),
+             "elapsed": round(record.elapsed, 3), "metrics": flat},
+            allow_nan=False, ensure_ascii=False,
+        )  # fmt: skip
+        if self._metrics_file is None:
+            self._metrics_file = open(self.metrics_path, "a", encoding="utf-8")  # kept open: a line per step
+        self._metrics_file.write(line + "\n")
+        self._metrics_file.flush()
+        if self._tensorboard:
+            writer = self._writer(phase)
+            for name, value in flat.items():
+                if isinstance(value, int | float):
+                    writer.add_scalar(f"{phase}/{name}", value, record.step, walltime=record.time)
+            writer.flush()
+        self._state["phases"][phase].update(step=record.step, seconds=record.elapsed)
+        self._save_state(durable=False)
+        return record
+
+    def add_trajectories(self, phase: str, step: int, trajectories: Iterable[Trajectory]) -> int:
+        """Append ``trajectories`` to ``trajectories.jsonl`` with ``meta["phase"]`` and ``meta["step"]`` set.
+
+        Returns:
+            How many were written.
+        """
+        from agentrl.data.trajectory import write_jsonl
+
+        tags = {"phase": _check_phase(phase), "step": int(step)}
+        return write_jsonl(self.trajectories_path, (replace(t, meta={**t.meta, **tags}) for t in trajectories),
+                           append=True)  # fmt: skip
+
+    def close(self) -> None:
+        """Flush and close the files (idempotent); the state stays as last written."""
+        if self._metrics_file is not None:
+            self._metrics_file.close()
+            self._metrics_file = None
+        for phase in list(self._writers):
+            self._close_writer(phase)
+
+    def __enter__(self) -> RunDir:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- internals --
+    def _elapsed(self, phase: str) -> float:
+        if phase not in self._sessions:
+            raise ConfigError(f"phase {phase!r} was not started: call run.start_phase({phase!r}) first")
+        before, started = self._sessions[phase]
+        return before + time.monotonic() - started
+
+    def _writer(self, phase: str, purge_step: int | None = None) -> Any:
+        if phase not in self._writers:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writers[phase] = SummaryWriter(str(self.tensorboard_dir / phase), purge_step=purge_step)
+        return self._writers[phase]
+
+    def _close_writer(self, phase: str) -> None:
+        writer = self._writers.pop(phase, None)
+        if writer is not None:
+            writer.close()
+
+    def _save_state(self, durable: bool = True) -> None:
+        _atomic_write(self.state_path, json.dumps(self._state, indent=2) + "\n", durable=durable)
+
+    def _truncate(self, phase: str, step: int) -> bool:
+        """Drop the phase's lines with a step above ``step`` from both logs; whether it had any records."""
+        if self._metrics_file is not None:
+            self._metrics_file.close()
+            self._metrics_file = None
+
+        def metrics_step(raw: dict[str, Any]) -> tuple[str, int]:
+            return raw["phase"], raw["step"]
+
+        def trajectory_step(raw: dict[str, Any]) -> tuple[str, int]:
+            meta = raw.get("meta") or {}
+            return meta.get("phase", ""), meta.get("step", 0)
+
+        had = _rewrite_without(self.metrics_path, metrics_step, phase, step)
+        _rewrite_without(self.trajectories_path, trajectory_step, phase, step)
+        return had
+
+
+# ---- files ------------------------------------------------------------------------------------------
+def _check_phase(phase: str) -> str:
+    if not _PHASE_RE.match(phase):
+        raise ConfigError(
+            f"phase name {phase!r} must be letters, digits, '_', '.' or '-' (it names directories), e.g. 'rl'"
+        )
+    return phase
+
+
+def _atomic_write(path: Path, text: str, durable: bool = True) -> None:
+    """Replace ``path`` by a file holding ``text``: readers see the old or the new file, never a part."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _drop_torn_tail(path: Path) -> None:
+    """Cut a last line left without its newline by a killed writer, so appending starts a fresh line."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    with open(path, "rb+") as f:
+        end = f.seek(0, os.SEEK_END)
+        f.seek(end - 1)
+        if f.read(1) == b"\n":
+            return
+        position = end
+        while position > 0:  # back to the last newline, a block at a time (trajectory files are large)
+            start = max(0, position - 65536)
+            f.seek(start)
+            block = f.read(position - start)
+            if (at := block.rfind(b"\n")) >= 0:
+                f.truncate(start + at + 1)
+                return
+            position = start
+        f.truncate(0)
+
+
+def _rewrite_without(
+    path: Path, key: Callable[[dict[str, Any]], tuple[str, int]], phase: str, step: int
+) -> bool:
+    """Atomically rewrite a JSONL file without the records of ``phase`` past ``step``.
+
+    Returns:
+        Whether it held any record of ``phase``.
+    """
+    if not path.is_file():
+        return False
+    kept, had, dropped = [], False, False
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if not line.endswith("\n"):
+                continue  # torn by a kill
+            of_phase, at = key(json.loads(line))
+            if of_phase == phase:
+                had = True
+                if at > step:
+                    dropped = True
+                    continue
+            kept.append(line)
+    if dropped:
+        _atomic_write(path, "".join(kept))
+    return had
+
+
+def _columns(stream: IO[str]) -> int:
+    try:
+        return os.get_terminal_size(stream.fileno()).columns
+    except (AttributeError, OSError, ValueError):
+        return 0
+
+
+# ---- progress -------------------------------------------------------------------------------------------
+# Shown in this order when a step's metrics have them: metric name -> label.
+_SHOWN = {"reward_mean": "reward", "pass_rate": "pass", "pass@1": "pass@1", "loss": "loss", "accuracy": "acc"}
+
+
+def progress_fields(metrics: Mapping[str, Any]) -> dict[str, str]:
+    """The fields a progress display shows for one step's (flattened) metrics.
+
+    ``reward``, ``pass``, ``loss``... when present, and ``tok/s``: ``tokens_per_s`` if logged, else
+    ``sampled_tokens`` (RL) or ``tokens`` (SFT) over the step's ``seconds``.
+    """
+
+    def number(name: str) -> float | None:
+        value = metrics.get(name)
+        return value if isinstance(value, int | float) else None
+
+    fields = {label: f"{value:.3f}" for name, label in _SHOWN.items() if (value := number(name)) is not None}
+    rate, seconds = number("tokens_per_s"), number("seconds")
+    tokens = number("sampled_tokens") if number("sampled_tokens") is not None else number("tokens")
+    if rate is None and tokens is not None and seconds:
+        rate = tokens / seconds
+    if rate is not None:
+        fields["tok/s"] = f"{rate:.0f}"
+    return fields
+
+
+def format_duration(seconds: float) -> str:
+    """``"42s"``, ``"3m05s"``, ``"2h04m"``: short, for progress lines and reports."""
+    seconds = max(0.0, seconds)
+    if seconds < 60:
+        return f"{seconds:.0f}s" if seconds >= 10 else f"{seconds:.1f}s"
+    minutes, secs = divmod(round(seconds), 60)
+    if minutes < 60:
+        return f"{minutes}m{secs:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m"
+
+
+class Progress:
+    """A phase's progress: a tqdm bar on a terminal, plain lines elsewhere (CI logs, files, pipes).
+
+    Plain lines look like ``[rl] step 12/100 (12%) reward 0.431 pass 0.380 tok/s 1520 | 1m02s, eta 7m35s``;
+    one is printed for the first step, the last step, and otherwise at most every ``interval_s`` seconds.
+    """
+
+    def __init__(self, phase: str, total: int | None = None, *, initial: int = 0, stream: IO[str] | None = None,
+                 tty: bool | None = None, interval_s: float = 10.0):  # fmt: skip
+        """Args:
+        phase: the name shown.
+        total: the phase's steps, if known (for percent and ETA).
+        initial: the step a resumed phase starts from (the ETA counts only steps run here).
+        stream: where to write; ``sys.stderr`` by default.
+        tty: force the mode; ``None`` uses a bar exactly when ``stream`` is a terminal.
+        interval_s: plain mode: the least seconds between two lines (0: a line per step).
+        """
+        self.phase, self.total, self.interval_s = phase, total, interval_s
+        self.stream = stream if stream is not None else sys.stderr
+        self.tty = tty if tty is not None else bool(getattr(self.stream, "isatty", lambda: False)())
+        self._initial, self._started, self._last_line = initial, time.monotonic(), -math.inf
+        self._step = initial
+        self._bar: Any = None
+        if self.tty:
+            from tqdm import tqdm
+
+            sized = _columns(self.stream) > 0  # a terminal that reports no size (some containers) gets 100
+            self._bar = tqdm(total=total, initial=initial, desc=phase, file=self.stream, unit="step",
+                             dynamic_ncols=sized, ncols=None if sized else 100)  # fmt: skip
+
+    def update(self, step: int, metrics: Mapping[str, Any] | None = None) -> None:
+        """Show that ``step`` is done, with its metrics (flattened or nested)."""
+        fields = progress_fields(flatten_metrics(metrics or {}))
+        self._step = step
+        if self._bar is not None:
+            self._bar.set_postfix_str(" ".join(f"{k} {v}" for k, v in fields.items()), refresh=False)
+            self._bar.update(step - self._bar.n)
+            return
+        now = time.monotonic()
+        last = self.total is not None and step >= self.total
+        if step == self._initial + 1 or last or now - self._last_line >= self.interval_s:
+            self._last_line = now
+            print(self.line(step, fields, now - self._started), file=self.stream, flush=True)
+
+    def line(self, step: int, fields: Mapping[str, str], elapsed: float) -> str:
+        """The plain-mode line for ``step`` after ``elapsed`` seconds of this session."""
+        head = f"[{self.phase}] step {step}"
+        if self.total:
+            head += f"/{self.total} ({100 * step / self.total:.0f}%)"
+        body = "".join(f" {k} {v}" for k, v in fields.items())
+        tail = format_duration(elapsed)
+        done = step - self._initial
+        if self.total and 0 < done and step < self.total:
+            tail += f", eta {format_duration(elapsed / done * (self.total - step))}"
+        return f"{head}{body} | {tail}"
+
+    def close(self) -> None:
+        """End the bar (idempotent); plain mode has nothing to end."""
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
