@@ -79,7 +79,10 @@ def _cmd_sandbox_gc(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-COMMANDS: dict[str, tuple[str, str]] = {}
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("agentrl.pipeline.cli_train", "train an agent: SFT tool-format phase, RL, held-out evaluation, report"),
+    "eval": ("agentrl.evaluation.cli", "evaluate a policy on an env: pass@k with CIs, rewards, HTML report; resumable"),
+}
 """Subcommands living in their own modules: name -> (module, one-line help). Each module keeps its top level
 light (no torch) and has ``add_arguments(parser)`` and ``main(args) -> int``."""
 

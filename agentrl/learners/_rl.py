@@ -32,6 +32,7 @@ from agentrl.rollout.runner import RolloutLimits, Runner
 from agentrl.types import StopReason
 
 __all__ = [
+    "OnRollout",
     "RLConfig",
     "RLResult",
     "RLStepLog",
@@ -47,6 +48,11 @@ __all__ = [
     "sync_weights",
     "to_batch",
 ]
+
+
+OnRollout = Callable[[int, Sequence[TrajectoryGroup]], None]
+"""Called with ``(step, groups)`` right after a step's rollout, before any filter: for trajectory logs and
+monitors (the step is the one being taken, counted from 1)."""
 
 
 class RolloutConfig(TrainConfig):

@@ -173,16 +173,21 @@ def update_policy(
 
 
 # ---- the loop -------------------------------------------------------------------------------------
-def train_grpo(config: GRPOConfig, on_step: Callable[[_rl.RLStepLog], None] | None = None) -> _rl.RLResult:
+def train_grpo(
+    config: GRPOConfig,
+    on_step: Callable[[_rl.RLStepLog], None] | None = None,
+    on_rollout: _rl.OnRollout | None = None,
+) -> _rl.RLResult:
     """Run ``config.max_steps`` GRPO steps on ``config.env``; see the module docstring for one step.
 
     Raises:
         ConfigError: a setting the model, env or backend cannot honour (before any step runs).
     """
-    return asyncio.run(_train_grpo(config, on_step))
+    return asyncio.run(_train_grpo(config, on_step, on_rollout))
 
 
-async def _train_grpo(config: GRPOConfig, on_step: Callable[[_rl.RLStepLog], None] | None) -> _rl.RLResult:
+async def _train_grpo(config: GRPOConfig, on_step: Callable[[_rl.RLStepLog], None] | None,
+                      on_rollout: _rl.OnRollout | None) -> _rl.RLResult:  # fmt: skip
     _train.seed_everything(config.seed)
     model, tokenizer = _model.load_trainable(config)
     reference = _model.load_reference(config, model) if config.beta > 0 else None
@@ -207,6 +212,8 @@ async def _train_grpo(config: GRPOConfig, on_step: Callable[[_rl.RLStepLog], Non
             model.eval()
             groups = await runner.run(config.prompts_per_step, config.group_size)
             rollout_s = time.perf_counter() - started
+            if on_rollout is not None:
+                on_rollout(step + 1, groups)
 
             kept, dropped = _rl.filter_groups(groups, config)
             trajectories = [t for g in kept for t in g]

@@ -116,6 +116,7 @@ def train_online_dpo(
     config: OnlineDPOConfig,
     scorer: GroupScorer | None = None,
     on_step: Callable[[RoundLog], None] | None = None,
+    on_rollout: _rl.OnRollout | None = None,
 ) -> OnlineDPOResult:
     """Run ``config.max_steps`` rounds; see the module docstring for one round.
 
@@ -123,15 +124,17 @@ def train_online_dpo(
         config: the run's settings.
         scorer: ranks each group's samples instead of the env's total reward.
         on_step: called after every round with its :class:`RoundLog`.
+        on_rollout: called with ``(round, groups)`` after each round's rollout.
 
     Raises:
         ConfigError: a setting the model, env or backend cannot honour (before any round runs).
     """
-    return asyncio.run(_train_online_dpo(config, scorer, on_step))
+    return asyncio.run(_train_online_dpo(config, scorer, on_step, on_rollout))
 
 
 async def _train_online_dpo(
-    config: OnlineDPOConfig, scorer: GroupScorer | None, on_step: Callable[[RoundLog], None] | None
+    config: OnlineDPOConfig, scorer: GroupScorer | None, on_step: Callable[[RoundLog], None] | None,
+    on_rollout: _rl.OnRollout | None,
 ) -> OnlineDPOResult:
     _train.seed_everything(config.seed)
     model, tokenizer = _model.load_trainable(config)
@@ -158,6 +161,8 @@ async def _train_online_dpo(
             model.eval()
             groups = await runner.run(config.prompts_per_step, config.group_size)
             rollout_s = time.perf_counter() - started
+            if on_rollout is not None:
+                on_rollout(step + 1, groups)
 
             pairs, scores = mine_round(groups, scorer, config.min_margin)
             lr = optimizer.param_groups[0]["lr"]

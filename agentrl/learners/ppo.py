@@ -219,16 +219,21 @@ def update_actor_critic(
 
 
 # ---- the loop -------------------------------------------------------------------------------------
-def train_ppo(config: PPOConfig, on_step: Callable[[_rl.RLStepLog], None] | None = None) -> _rl.RLResult:
+def train_ppo(
+    config: PPOConfig,
+    on_step: Callable[[_rl.RLStepLog], None] | None = None,
+    on_rollout: _rl.OnRollout | None = None,
+) -> _rl.RLResult:
     """Run ``config.max_steps`` PPO steps on ``config.env``; see the module docstring for one step.
 
     Returns an :class:`~agentrl.learners._rl.RLResult` whose ``extras`` hold the ``critic`` and the final
     ``kl_coef``.
     """
-    return asyncio.run(_train_ppo(config, on_step))
+    return asyncio.run(_train_ppo(config, on_step, on_rollout))
 
 
-async def _train_ppo(config: PPOConfig, on_step: Callable[[_rl.RLStepLog], None] | None) -> _rl.RLResult:
+async def _train_ppo(config: PPOConfig, on_step: Callable[[_rl.RLStepLog], None] | None,
+                      on_rollout: _rl.OnRollout | None) -> _rl.RLResult:  # fmt: skip
     _train.seed_everything(config.seed)
     model, tokenizer = _model.load_trainable(config)
     resumed = Path(config.resume_from) / CRITIC_DIR if config.resume_from is not None else None
@@ -269,6 +274,8 @@ async def _train_ppo(config: PPOConfig, on_step: Callable[[_rl.RLStepLog], None]
             model.eval()
             groups = await runner.run(config.prompts_per_step, config.group_size)
             rollout_s = time.perf_counter() - started
+            if on_rollout is not None:
+                on_rollout(step + 1, groups)
 
             kept, dropped = _rl.filter_groups(groups, config)
             trajectories = [t for g in kept for t in g]

@@ -1,0 +1,82 @@
+"""``agentrl train``: SFT tool-format phase, RL and held-out evaluation in one run directory."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from agentrl.pipeline.config import Resolved
+
+__all__ = ["add_arguments", "main"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--env", help="registered env id, e.g. code-sandbox (see `agentrl envs`)")
+    parser.add_argument("--model", help="starting model: 'tiny' (default), a hub id or a local directory")
+    parser.add_argument("--algo", help="RL algorithm: grpo (default), dapo, dr_grpo, rloo, reinforce_pp, ppo, dpo")
+    parser.add_argument("--rollout", choices=("hf", "vllm"), help="sampler backend (default hf)")
+    parser.add_argument("--config", metavar="RUN.YAML", help="a run config file (see --dry-run for its keys)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one setting, e.g. --set learner.lr=1e-5 (repeatable)")  # fmt: skip
+    parser.add_argument("--output-dir", help="the run directory (default runs/<env>-<algo>-<time>)")
+    parser.add_argument("--seed", type=int, help="seeds every phase (default 0)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--dry-run", action="store_true", help="validate and print the resolved config; run nothing")
+    parser.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its newest checkpoints")
+    parser.add_argument("--no-report", action="store_true", help="skip the HTML report at the end")
+
+
+def main(args: argparse.Namespace) -> int:
+    from agentrl.errors import ConfigError
+    from agentrl.pipeline.config import RunConfig, build_run_config, resolve
+
+    if args.resume:
+        given = [f"--{k.replace('_', '-')}" for k in ("env", "model", "algo", "rollout", "config", "output_dir",
+                                                      "seed", "threads") if getattr(args, k) is not None]  # fmt: skip
+        if given or args.overrides:
+            raise ConfigError(f"--resume continues a run with its saved config; drop {given or ['--set']}")
+        from agentrl.tracking import RunDir
+
+        saved = RunDir(args.resume).read_config()
+        if not saved:
+            raise ConfigError(f"{args.resume} has no config.yaml: is it a run directory written by agentrl train?")
+        run = RunConfig(**{**saved, "output_dir": args.resume})
+    else:
+        run = build_run_config(
+            args.env, args.config, args.overrides, model=args.model, algo=args.algo, rollout=args.rollout,
+            output_dir=args.output_dir, seed=args.seed, threads=args.threads,
+        )  # fmt: skip
+    resolved = resolve(run)
+    if args.dry_run:
+        _print_resolved(resolved)
+        return 0
+
+    from agentrl.pipeline.run import run_pipeline
+
+    print(f"agentrl train: {run.env} with {run.algo}, run directory {resolved.run_dir}", file=sys.stderr)
+    started = time.perf_counter()
+    summary = run_pipeline(resolved, report=not args.no_report)
+    for stage, result in summary.evals.items():
+        if result is not None:
+            print(f"pass@1 after {stage.upper()}: {100 * result.pass_at_1:.1f}% "
+                  f"({result.tasks} held-out tasks, mean reward {result.reward_mean:.3f})")  # fmt: skip
+    phases = ", ".join(f"{name} {s / 60:.1f} min" for name, s in summary.seconds.items())
+    print(f"run time: {(time.perf_counter() - started) / 60:.1f} min ({phases})")
+    if summary.report is not None:
+        print(f"report: {summary.report}")
+    return 0
+
+
+def _print_resolved(resolved: Resolved) -> None:
+    import yaml
+
+    sections = {
+        "run": resolved.run.model_dump(mode="json"),
+        "run_dir": str(resolved.run_dir),
+        "sft.learner (resolved)": None if resolved.sft is None else resolved.sft.model_dump(mode="json"),
+        "learner (resolved)": resolved.learner.model_dump(mode="json"),
+    }
+    print(yaml.safe_dump(sections, sort_keys=False), end="")

@@ -1,0 +1,275 @@
+"""The configuration of a whole training run (``agentrl train``): SFT tool-format phase, RL phase, evaluation.
+
+A run is one :class:`RunConfig`. Its ``sft.learner`` and ``learner`` sections are field values of the
+learners' own configs (:class:`~agentrl.learners.sft.SFTConfig`, the algorithm's config), validated by
+:func:`resolve` before any work starts, so ``--set learner.lr=1e-5`` fails at once when it is wrong.
+
+Defaults come in three layers, later ones winning: the built-in ones here, the env's own recipe (a
+``default_run`` mapping on the env class, e.g. which task sets SFT, RL and evaluation play, and the
+settings that make the tiny model learn on a CPU), then the user's YAML file and ``--set`` overrides.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as _dt
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from agentrl.errors import ConfigError
+from agentrl.learners._config import _Strict
+
+__all__ = [
+    "ALGOS",
+    "EvalSection",
+    "Resolved",
+    "RunConfig",
+    "SFTSection",
+    "apply_overrides",
+    "build_run_config",
+    "env_recipe",
+    "load_yaml",
+    "resolve",
+]
+
+ALGOS: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "grpo": ("agentrl.learners.grpo:GRPOConfig", "agentrl.learners.grpo:train_grpo", {}),
+    "dapo": ("agentrl.learners.grpo:GRPOConfig", "agentrl.learners.grpo:train_grpo", {"preset": "dapo"}),
+    "dr_grpo": ("agentrl.learners.grpo:GRPOConfig", "agentrl.learners.grpo:train_grpo", {"preset": "dr_grpo"}),
+    "rloo": ("agentrl.learners.grpo:GRPOConfig", "agentrl.learners.grpo:train_grpo", {"advantage": "rloo"}),
+    "reinforce_pp": ("agentrl.learners.grpo:GRPOConfig", "agentrl.learners.grpo:train_grpo",
+                     {"advantage": "reinforce_pp"}),
+    "ppo": ("agentrl.learners.ppo:PPOConfig", "agentrl.learners.ppo:train_ppo", {}),
+    "dpo": ("agentrl.learners.online_dpo:OnlineDPOConfig", "agentrl.learners.online_dpo:train_online_dpo", {}),
+}  # fmt: skip
+"""``--algo`` name -> (config class, train function, settings it implies). ``dpo`` is online DPO: the
+policy samples its own pairs from the env (offline DPO on a preference file is ``agentrl dpo``)."""
+
+
+_CHECKPOINTS = {"save_every": 25, "keep_last": 2}
+"""Checkpoint cadence of both phases unless the config says otherwise: a crash loses at most 25 steps."""
+
+
+class SFTSection(_Strict):
+    """The SFT tool-format phase: fine-tune on the env's reference demonstrations before RL."""
+
+    demos: int = Field(
+        0, ge=0, description="tasks whose reference episodes are the SFT data; 0 skips the phase, e.g. 3000"
+    )
+    env_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="agentrl.make keyword arguments for the demonstration tasks"
+    )
+    learner: dict[str, Any] = Field(
+        default_factory=dict, description="SFTConfig fields, e.g. {max_steps: 700, lr: 2e-3}"
+    )
+
+
+class EvalSection(_Strict):
+    """Greedy evaluation on held-out tasks, after SFT and after RL."""
+
+    tasks: int = Field(0, ge=0, description="held-out tasks played once each, greedily; 0 skips it, e.g. 300")
+    env_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="agentrl.make keyword arguments selecting the held-out tasks"
+    )
+    max_new_tokens: int | None = Field(None, ge=1, description="tokens per turn; None: the learner's")
+    pass_threshold: float = Field(1.0, description="an episode passes when its total reward is at least this")
+    seed: int = Field(12345, description="seeds the held-out tasks, apart from training's")
+
+
+class RunConfig(_Strict):
+    """One ``agentrl train`` run. See the module docstring for where defaults come from."""
+
+    env: str = Field(..., description="registered env id, e.g. 'code-sandbox' (see `agentrl envs`)")
+    env_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="agentrl.make keyword arguments for the RL tasks"
+    )
+    model: str = Field("tiny", description="starting model: 'tiny' (built locally), a hub id or a directory")
+    algo: str = Field("grpo", description=f"RL algorithm, one of {sorted(ALGOS)}")
+    rollout: Literal["hf", "vllm"] = Field("hf", description="sampler backend: 'hf' or 'vllm'")
+    seed: int = Field(0, description="seeds every phase")
+    output_dir: Path | None = Field(None, description="the run directory; None: runs/<env>-<algo>-<time>")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads; None: torch's default")
+    trajectories_every: int = Field(
+        10, ge=0, description="write the RL step's trajectories to trajectories.jsonl every N steps; 0: never"
+    )
+    sft: SFTSection = Field(default_factory=SFTSection, description="the SFT tool-format phase")
+    learner: dict[str, Any] = Field(
+        default_factory=dict, description="fields of the algorithm's config, e.g. {lr: 2e-4, max_steps: 100}"
+    )
+    eval: EvalSection = Field(default_factory=EvalSection, description="held-out evaluation")
+
+    @model_validator(mode="after")
+    def _known_algo(self) -> RunConfig:
+        if self.algo not in ALGOS:
+            raise ValueError(f"unknown algo {self.algo!r}; choose one of {sorted(ALGOS)}")
+        return self
+
+
+# ---- layers ---------------------------------------------------------------------------------------
+def env_recipe(env_id: str) -> dict[str, Any]:
+    """The env's own run defaults: its class's ``default_run`` mapping (``{}`` when it has none).
+
+    Raises:
+        ConfigError: unknown env id (with the registry's "did you mean").
+    """
+    from agentrl import registry
+
+    target = registry.spec(env_id).load()
+    recipe = getattr(target, "default_run", None)
+    return copy.deepcopy(dict(recipe)) if isinstance(recipe, Mapping) else {}
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """A run config file as a mapping.
+
+    Raises:
+        ConfigError: missing file, bad YAML, or not a mapping at the top.
+    """
+    import yaml
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of settings, got {type(data).__name__}")
+    return data
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Apply ``key.path=value`` strings (values parsed as YAML scalars: ``1e-5``, ``true``, ``[1, 2]``).
+
+    Raises:
+        ConfigError: an override without ``=`` or with an empty key, or a path through a non-mapping.
+    """
+    import yaml
+
+    out = copy.deepcopy(data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or not all(parts):
+            raise ConfigError(f"--set {item!r}: write key.path=value, e.g. --set learner.lr=1e-5")
+        value = _scalar(raw, yaml)
+        node = out
+        for i, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {item!r}: {'.'.join(parts[: i + 1])} is {child!r}, not a section")
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def _scalar(raw: str, yaml: Any) -> Any:
+    """``raw`` as a number when it reads as one (YAML 1.1 leaves ``1e-5`` a string), else as YAML."""
+    for parse in (int, float):
+        try:
+            return parse(raw)
+        except ValueError:
+            pass
+    try:
+        return yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        return raw
+
+
+def _merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    """``top`` over ``base``, section by section (mappings merge; other values replace)."""
+    out = copy.deepcopy(base)
+    for key, value in top.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def build_run_config(
+    env: str | None = None,
+    config_file: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    **flags: Any,
+) -> RunConfig:
+    """Layer the defaults: built-in < the env's recipe < ``config_file`` < ``flags`` (set ones) < ``overrides``.
+
+    Raises:
+        ConfigError: anything invalid, naming the field and the fix.
+    """
+    user = load_yaml(config_file) if config_file is not None else {}
+    data = _merge(user, {k: v for k, v in flags.items() if v is not None})
+    if env is not None:
+        data["env"] = env
+    data = apply_overrides(data, overrides)
+    if "env" not in data:
+        raise ConfigError("no environment: pass --env <id> (see `agentrl envs`) or set env: in the config file")
+    return RunConfig(**_merge(env_recipe(str(data["env"])), data))
+
+
+# ---- resolution -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Resolved:
+    """A run's concrete learner configs: ``sft`` (None when the phase is skipped) and the RL learner's."""
+
+    run: RunConfig
+    run_dir: Path
+    sft: Any
+    learner: Any
+    train: str  # "module:function" of the RL learner
+
+
+def resolve(run: RunConfig, run_dir: Path | None = None) -> Resolved:
+    """Build and validate every phase's learner config (no model is loaded, nothing is written).
+
+    Raises:
+        ConfigError: a bad section value, its message prefixed with the section (``learner``, ``sft.learner``).
+    """
+    from agentrl._plugins import load_object
+    from agentrl.learners import _train
+
+    run_dir = Path(run_dir or run.output_dir or default_run_dir(run))
+    sft = None
+    if run.sft.demos > 0:
+        from agentrl.learners.sft import SFTConfig
+
+        sft = _section("sft.learner", SFTConfig, {
+            "model": run.model, "seed": run.seed, **_CHECKPOINTS, **run.sft.learner,
+            "output_dir": run_dir / "checkpoints" / "sft",
+        })  # fmt: skip
+    config_path, train, implied = ALGOS[run.algo]
+    config_cls = load_object(config_path, f"the {run.algo!r} learner")
+    learner = dict(implied)
+    preset = learner.pop("preset", None)
+    if preset is not None:
+        from agentrl.learners.grpo import PRESETS
+
+        learner = {**PRESETS[preset], **learner}
+    learner.update({**_CHECKPOINTS, **run.learner})
+    learner.update({
+        "env": run.env, "env_kwargs": {**run.env_kwargs, **learner.get("env_kwargs", {})}, "rollout": run.rollout,
+        "seed": run.seed, "model": str(_train.step_dir(sft.output_dir, sft.max_steps)) if sft else run.model,
+        "output_dir": run_dir / "checkpoints" / "rl",
+    })  # fmt: skip
+    return Resolved(run, run_dir, sft, _section("learner", config_cls, learner), train)
+
+
+def _section(name: str, cls: Callable[..., Any], values: dict[str, Any]) -> Any:
+    try:
+        return cls(**values)
+    except ConfigError as exc:
+        raise ConfigError(f"{name}: {exc}\n  (fix it under {name}: in the config file or with --set {name}.<field>=<value>)") from None
+
+
+def default_run_dir(run: RunConfig) -> Path:
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{run.env}-{run.algo}-{stamp}"

@@ -1,0 +1,216 @@
+"""Run a whole training run in its run directory: SFT tool-format phase, held-out evaluation, RL, evaluation
+again, then the report. Every phase logs to the run directory (:class:`agentrl.tracking.RunDir`) and
+checkpoints as it goes, so ``resume=True`` skips finished phases and continues the current one from its
+newest checkpoint with optimizer, scheduler, RNG, step and data position restored.
+
+Phases, in order (each skipped when its section turns it off)::
+
+    sft       the env's reference demonstrations (``env.demonstration(i)`` for i < sft.demos) -> SFT learner
+    eval-sft  greedy episodes on ``eval.tasks`` held-out tasks: pass@1, mean reward
+    rl        the algorithm's learner from the SFT checkpoint (or the starting model)
+    eval-rl   the same held-out tasks with the RL checkpoint
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from agentrl.data.buffer import TrajectoryGroup
+from agentrl.errors import ConfigError
+from agentrl.pipeline.config import Resolved
+from agentrl.tracking import Progress, RunDir, flatten_metrics, read_metrics
+
+__all__ = ["EvalResult", "RunSummary", "evaluate_policy", "run_pipeline"]
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Greedy held-out evaluation: pass@1 (share of tasks whose episode reached the pass threshold), the
+    mean reward, and the episodes."""
+
+    pass_at_1: float
+    reward_mean: float
+    tasks: int
+    groups: Sequence[TrajectoryGroup]
+
+    def metrics(self) -> dict[str, float]:
+        return {"pass@1": self.pass_at_1, "reward_mean": self.reward_mean, "tasks": self.tasks}
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """What a run printed at its end: the run directory, the evaluations, seconds per phase, the report."""
+
+    run_dir: Path
+    evals: Mapping[str, EvalResult | None]
+    seconds: Mapping[str, float]
+    report: Path | None
+
+
+def evaluate_policy(model: Any, tokenizer: Any, resolved: Resolved, max_new_tokens: int) -> EvalResult:
+    """Play each of ``eval.tasks`` held-out tasks once, greedily, with ``model``."""
+    from agentrl.rollout.hf import HFPolicy
+    from agentrl.rollout.policy import SamplingParams
+    from agentrl.rollout.runner import rollout
+
+    run, section = resolved.run, resolved.run.eval
+    was_training = model.training
+    model.eval()
+    try:
+        policy = HFPolicy(model, tokenizer, seed=section.seed, max_batch=min(section.tasks, 256))
+        groups = rollout(run.env, policy, tokenizer, section.tasks, group_size=1, env_kwargs=section.env_kwargs,
+                         sampling=SamplingParams(max_tokens=max_new_tokens, temperature=0.0), seed=section.seed,
+                         concurrency=min(section.tasks, 256), template=resolved.learner.template)  # fmt: skip
+    finally:
+        model.train(was_training)
+    rewards = [t.total_reward for g in groups for t in g]
+    passed = sum(r >= section.pass_threshold for r in rewards)
+    return EvalResult(passed / len(rewards), sum(rewards) / len(rewards), len(rewards), groups)
+
+
+def run_pipeline(resolved: Resolved, *, stream: IO[str] | None = None, report: bool = True) -> RunSummary:
+    """Run (or continue) every phase of ``resolved`` in ``resolved.run_dir``; see the module docstring.
+
+    Raises:
+        ConfigError: the env offers no demonstrations for a requested SFT phase, or a learner setting the
+            model or env cannot honour.
+    """
+    import torch
+
+    run = resolved.run
+    if run.threads is not None:
+        torch.set_num_threads(run.threads)
+    out = RunDir(resolved.run_dir)
+    out.write_config(run)
+    evals: dict[str, EvalResult | None] = {}
+    seconds: dict[str, float] = {}
+    max_new = run.eval.max_new_tokens or int(getattr(resolved.learner, "max_new_tokens", 256))
+    try:
+        if resolved.sft is not None:
+            started = time.perf_counter()
+            sft_model = _sft_phase(resolved, out, stream)
+            seconds["sft"] = time.perf_counter() - started
+            evals["sft"] = _eval_phase("eval-sft", sft_model, resolved, out, max_new, stream)
+        started = time.perf_counter()
+        rl_model = _rl_phase(resolved, out, stream)
+        seconds["rl"] = time.perf_counter() - started
+        evals["rl"] = _eval_phase("eval-rl", rl_model, resolved, out, max_new, stream)
+    finally:
+        out.close()
+    path = None
+    if report:
+        from agentrl.train_report import write_train_report
+
+        path = write_train_report(out.path)
+    return RunSummary(out.path, evals, seconds, path)
+
+
+# ---- phases ---------------------------------------------------------------------------------------
+def _resume_point(out: RunDir, phase: str, config: Any) -> tuple[Any, int]:
+    """``config`` continuing from the phase's newest checkpoint (and its step), or as it is (step 0)."""
+    latest = out.latest_checkpoint(phase)
+    if latest is None:
+        return config, 0
+    path, step = latest
+    return config.model_copy(update={"resume_from": path}), step
+
+
+def _sft_phase(resolved: Resolved, out: RunDir, stream: IO[str] | None) -> Path:
+    """Train on the env's demonstrations; returns the final checkpoint."""
+    import agentrl
+    from agentrl.learners import _train
+    from agentrl.learners.sft import env_demonstrations, train_sft
+
+    config = resolved.sft
+    final = _train.step_dir(config.output_dir, config.max_steps)
+    if out.is_finished("sft"):
+        return final
+    env = agentrl.make(resolved.run.env, **resolved.run.sft.env_kwargs)
+    try:
+        demos = env_demonstrations(env, range(resolved.run.sft.demos))
+    finally:
+        env.close()
+    config, step = _resume_point(out, "sft", config)
+    out.start_phase("sft", total=config.max_steps, step=step)
+    with Progress("sft", config.max_steps, initial=step, stream=stream) as bar:
+
+        def on_step(log: Any) -> None:
+            metrics = {**vars(log), "tokens_per_s": log.tokens / log.seconds if log.seconds else 0.0}
+            out.log("sft", log.step, metrics)
+            bar.update(log.step, metrics)
+
+        result = train_sft(config, demos, on_step=on_step)
+    out.finish_phase("sft")
+    return result.checkpoint or final
+
+
+def _rl_phase(resolved: Resolved, out: RunDir, stream: IO[str] | None) -> Path | None:
+    """Train with the run's algorithm; returns the final checkpoint."""
+    from agentrl._plugins import load_object
+    from agentrl.learners import _train
+    from agentrl.rewards.monitors import trajectory_monitors
+
+    config = resolved.learner
+    final = _train.step_dir(config.output_dir, config.max_steps)
+    if out.is_finished("rl"):
+        return final
+    train = load_object(resolved.train, f"the {resolved.run.algo!r} learner")
+    config, step = _resume_point(out, "rl", config)
+    out.start_phase("rl", total=config.max_steps, step=step)
+    threshold, every = resolved.run.eval.pass_threshold, resolved.run.trajectories_every
+    played: dict[int, dict[str, float]] = {}
+
+    def on_rollout(step: int, groups: Sequence[TrajectoryGroup]) -> None:
+        trajectories = [t for g in groups for t in g]
+        rewards = [t.total_reward for t in trajectories]
+        played[step] = {
+            "pass_rate": sum(r >= threshold for r in rewards) / max(len(rewards), 1),
+            **{f"monitor/{k}": v for k, v in trajectory_monitors(trajectories).items()},
+        }
+        if every and (step == 1 or step % every == 0):
+            out.add_trajectories("rl", step, trajectories)
+
+    with Progress("rl", config.max_steps, initial=step, stream=stream) as bar:
+
+        def on_step(log: Any) -> None:
+            metrics = {**_as_dict(log), **played.pop(log.step, {})}
+            if "sampled_tokens" in metrics and log.seconds:
+                metrics["tokens_per_s"] = metrics["sampled_tokens"] / log.seconds
+            out.log("rl", log.step, metrics)
+            bar.update(log.step, metrics)
+
+        result = train(config, on_step=on_step, on_rollout=on_rollout)
+    out.finish_phase("rl")
+    return result.checkpoint or final
+
+
+def _eval_phase(phase: str, checkpoint: Path | None, resolved: Resolved, out: RunDir, max_new_tokens: int,
+                stream: IO[str] | None) -> EvalResult | None:  # fmt: skip
+    """Evaluate ``checkpoint`` on the held-out tasks (skipped with ``eval.tasks`` 0 or when already done)."""
+    if resolved.run.eval.tasks == 0 or checkpoint is None:
+        return None
+    if out.is_finished(phase):  # a resumed run: what it measured then
+        records = read_metrics(out.path, phase)
+        last = records[-1].metrics if records else {}
+        return EvalResult(float(last.get("pass@1") or 0.0), float(last.get("reward_mean") or 0.0),
+                          int(last.get("tasks") or 0), ())  # fmt: skip
+    from agentrl.models.loading import load_model, load_tokenizer
+
+    if not Path(checkpoint).is_dir():
+        raise ConfigError(f"{phase}: the checkpoint {checkpoint} is missing; rerun the phase that writes it")
+    out.start_phase(phase, total=1)
+    result = evaluate_policy(load_model(checkpoint), load_tokenizer(checkpoint), resolved, max_new_tokens)
+    out.log(phase, 0, result.metrics())
+    out.add_trajectories(phase, 0, [t for g in result.groups for t in g])
+    out.finish_phase(phase)
+    with Progress(phase, 1, stream=stream, interval_s=0) as bar:
+        bar.update(1, result.metrics())
+    return result
+
+
+def _as_dict(log: Any) -> dict[str, Any]:
+    return flatten_metrics(log.as_dict() if hasattr(log, "as_dict") else vars(log))

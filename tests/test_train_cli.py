@@ -1,0 +1,115 @@
+"""``agentrl train``: layered config with errors before any work, a whole tiny run to its run directory, and
+a real run killed with SIGKILL then resumed to the same result as a straight run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from agentrl.errors import ConfigError
+from agentrl.pipeline.config import apply_overrides, build_run_config, resolve
+
+TINY_RUN = [
+    "--env", "toy-digits", "--threads", "1",
+    "--set", "learner.max_steps=6", "--set", "learner.lr=1e-2", "--set", "learner.warmup_steps=0",
+    "--set", "learner.max_new_tokens=12", "--set", "learner.save_every=2",
+    "--set", "sft.demos=16", "--set", "sft.learner.max_steps=3", "--set", "sft.learner.warmup_steps=0",
+    "--set", "sft.learner.batch_size=8", "--set", "eval.tasks=8",
+]  # fmt: skip
+
+
+def agentrl(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "agentrl.cli", *args], capture_output=True, text=True,
+                          timeout=600, **kwargs)  # fmt: skip
+
+
+def rl_records(run_dir: Path) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["phase"] == "rl"]
+
+
+def test_settings_layer_and_bad_values_name_the_field_and_the_fix(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("algo: rloo\nlearner:\n  lr: 3.0e-4\n  max_steps: 40\n")
+    run = build_run_config("toy-digits", config, ["learner.lr=1e-5", "eval.tasks=4"], seed=7)
+    resolved = resolve(run, tmp_path / "run")
+    assert (run.algo, run.seed, run.eval.tasks) == ("rloo", 7, 4)
+    assert resolved.learner.lr == 1e-5 and resolved.learner.max_steps == 40
+    assert resolved.learner.advantage == "rloo" and resolved.learner.env == "toy-digits"
+    assert resolved.learner.output_dir == tmp_path / "run" / "checkpoints" / "rl"
+    assert apply_overrides({"a": {"b": 1}}, ["a.c=[1, 2]", "d=true"]) == {"a": {"b": 1, "c": [1, 2]}, "d": True}
+    with pytest.raises(ConfigError, match=r"learner: invalid GRPOConfig:\n  GRPOConfig.lr: got 'fast'"):
+        resolve(build_run_config("toy-digits", overrides=["learner.lr=fast"]))
+    with pytest.raises(ConfigError, match=r"unknown algo 'sac'; choose one of"):
+        build_run_config("toy-digits", algo="sac")
+    with pytest.raises(ConfigError, match=r"write key.path=value"):
+        build_run_config("toy-digits", overrides=["learner.lr"])
+
+
+def test_dry_run_prints_the_resolved_config_and_errors_exit_before_any_work(tmp_path):
+    done = agentrl("train", "--env", "toy-digits", "--set", "learner.max_steps=9", "--dry-run",
+                   "--output-dir", str(tmp_path / "run"))  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "learner (resolved):" in done.stdout and "max_steps: 9" in done.stdout
+    assert not (tmp_path / "run").exists()
+    bad = agentrl("train", "--env", "toy-digits", "--set", "sft.learner.batch_size=0", "--set", "sft.demos=4",
+                  "--output-dir", str(tmp_path / "bad"))  # fmt: skip
+    assert bad.returncode == 1
+    assert "SFTConfig.batch_size: got 0" in bad.stderr and "--set sft.learner.<field>" in bad.stderr
+    assert not (tmp_path / "bad").exists()
+    unknown = agentrl("train", "--env", "no-such-env", "--dry-run")
+    assert unknown.returncode == 1 and "no-such-env" in unknown.stderr
+
+
+def test_a_tiny_run_goes_through_every_phase_into_its_run_directory(tmp_path):
+    run_dir = tmp_path / "run"
+    done = agentrl("train", *TINY_RUN, "--output-dir", str(run_dir), "--no-report")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "pass@1 after SFT:" in done.stdout and "pass@1 after RL:" in done.stdout
+    assert "[rl] step 6/6" in done.stderr  # plain progress lines when not on a terminal
+    state = json.loads((run_dir / "state.json").read_text())
+    assert [name for name in state["phases"]] == ["sft", "eval-sft", "rl", "eval-rl"]
+    assert all(p["status"] == "finished" for p in state["phases"].values())
+    records = rl_records(run_dir)
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert {"reward_mean", "pass_rate", "tokens_per_s", "monitor/repeated_ngram_rate"} <= set(records[0]["metrics"])
+    assert (run_dir / "checkpoints" / "rl" / "step-000006" / "model.safetensors").is_file()
+    assert (run_dir / "config.yaml").is_file() and any((run_dir / "tensorboard").rglob("events.out.*"))
+    phases = {json.loads(line)["meta"]["phase"] for line in (run_dir / "trajectories.jsonl").read_text().splitlines()}
+    assert phases == {"rl", "eval-sft", "eval-rl"}
+
+
+def test_a_run_killed_with_sigkill_resumes_to_the_straight_runs_result(tmp_path):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    done = agentrl("train", *TINY_RUN, "--output-dir", str(straight), "--no-report")
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    command = [sys.executable, "-m", "agentrl.cli", "train", *TINY_RUN, "--output-dir", str(killed), "--no-report"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not (killed / "checkpoints" / "rl" / "step-000002").is_dir() and process.poll() is None:
+        assert time.monotonic() < deadline, "the run never wrote its step-2 checkpoint"
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not json.loads((killed / "state.json").read_text())["phases"]["rl"]["status"] == "finished"
+
+    resumed = agentrl("train", "--resume", str(killed), "--no-report")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = rl_records(straight), rl_records(killed)
+    assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]  # no step logged twice, none lost
+    assert [r["metrics"]["reward_mean"] for r in b] == [r["metrics"]["reward_mean"] for r in a]
+    from safetensors.torch import load_file
+
+    final_a = load_file(straight / "checkpoints" / "rl" / "step-000006" / "model.safetensors")
+    final_b = load_file(killed / "checkpoints" / "rl" / "step-000006" / "model.safetensors")
+    assert all((final_a[k] == final_b[k]).all() for k in final_a)
+    again = agentrl("train", "--resume", str(killed), "--set", "learner.lr=1")
+    assert again.returncode == 1 and "--resume continues a run with its saved config" in again.stderr
