@@ -81,20 +81,37 @@ def _cmd_sandbox_gc(args: argparse.Namespace) -> int:
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("agentrl.pipeline.cli_train", "train an agent: SFT tool-format phase, RL, held-out evaluation, report"),
+    "sft": ("agentrl.pipeline.cli_offline:sft", "supervised fine-tuning on chat JSONL or an env's demonstrations"),
+    "dpo": ("agentrl.pipeline.cli_offline:dpo", "DPO, IPO, KTO, ORPO or SimPO on preference JSONL or mined pairs"),
     "eval": ("agentrl.evaluation.cli", "evaluate a policy on an env: pass@k with CIs, rewards, HTML report; resumable"),
 }
 """Subcommands living in their own modules: name -> (module, one-line help). Each module keeps its top level
-light (no torch) and has ``add_arguments(parser)`` and ``main(args) -> int``."""
+light (no torch) and has ``add_arguments(parser)`` and ``main(args) -> int``; ``"module:x"`` names a module
+holding several commands, as ``add_x_arguments`` and ``x_main``."""
 
 
 def _add_command_parsers(sub: Any) -> None:
     import importlib
 
-    for name, (module_name, summary) in COMMANDS.items():
-        module = importlib.import_module(module_name)
+    for name, (target, summary) in COMMANDS.items():
+        module_name, _, prefix = target.partition(":")
         parser = sub.add_parser(name, help=summary, description=summary)
-        module.add_arguments(parser)
-        parser.set_defaults(func=module.main)
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:  # a broken install must not take the other commands down
+            parser.set_defaults(func=_unavailable(name, exc))
+            continue
+        getattr(module, f"add_{prefix}_arguments" if prefix else "add_arguments")(parser)
+        parser.set_defaults(func=getattr(module, f"{prefix}_main" if prefix else "main"))
+
+
+def _unavailable(name: str, exc: ImportError) -> Any:
+    def fail(args: argparse.Namespace) -> int:
+        from agentrl.errors import PluginError
+
+        raise PluginError(f"`agentrl {name}` cannot load ({exc}); reinstall agentrl")
+
+    return fail
 
 
 def _add_bench_parsers(sub: Any) -> None:

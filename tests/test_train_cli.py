@@ -113,3 +113,23 @@ def test_a_run_killed_with_sigkill_resumes_to_the_straight_runs_result(tmp_path)
     assert all((final_a[k] == final_b[k]).all() for k in final_a)
     again = agentrl("train", "--resume", str(killed), "--set", "learner.lr=1")
     assert again.returncode == 1 and "--resume continues a run with its saved config" in again.stderr
+
+
+def test_sft_then_dpo_on_pairs_mined_from_a_runs_trajectories(tmp_path):
+    sft = agentrl("sft", "--env", "toy-digits", "--demos", "8", "--output-dir", str(tmp_path / "sft"), "--threads", "1",
+                  "--set", "max_steps=2", "--set", "warmup_steps=0", "--set", "batch_size=4")  # fmt: skip
+    assert sft.returncode == 0, sft.stderr[-2000:]
+    model = tmp_path / "sft" / "checkpoints" / "sft" / "step-000002"
+    assert f"model: {model}" in sft.stdout
+    train = agentrl("train", *TINY_RUN, "--set", "sft.demos=0", "--set", "eval.tasks=0", "--model", str(model),
+                    "--output-dir", str(tmp_path / "run"), "--no-report")  # fmt: skip
+    assert train.returncode == 0, train.stderr[-2000:]
+    dpo = agentrl("dpo", "--buffer", str(tmp_path / "run" / "trajectories.jsonl"), "--model", str(model),
+                  "--output-dir", str(tmp_path / "dpo"), "--threads", "1", "--set", "max_steps=3",
+                  "--set", "warmup_steps=0", "--set", "lr=1e-2")  # fmt: skip
+    assert dpo.returncode == 0, dpo.stderr[-2000:]
+    assert "pairs mined from" in dpo.stderr and "accuracy 1.00" in dpo.stdout
+    assert (tmp_path / "dpo" / "checkpoints" / "dpo" / "step-000003" / "model.safetensors").is_file()
+    bad = agentrl("dpo", "--data", str(tmp_path / "missing.jsonl"), "--output-dir", str(tmp_path / "x"),
+                  "--loss", "cpo")  # fmt: skip
+    assert bad.returncode == 1 and "DPOConfig.loss: got 'cpo'" in bad.stderr

@@ -1,0 +1,133 @@
+"""``agentrl sft`` and ``agentrl dpo``: one learner on a data file, logged to a run directory.
+
+Both take the learner config's fields with ``--set field=value`` (``agentrl sft --set lr=1e-4``), validate
+them before loading anything, and write ``<output dir>/checkpoints/<phase>/step-NNNNNN``, ``metrics.jsonl``,
+TensorBoard events and ``config.yaml``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["add_dpo_arguments", "add_sft_arguments", "dpo_main", "sft_main"]
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="tiny", help="starting model: 'tiny', a hub id or a local directory")
+    parser.add_argument("--output-dir", required=True, help="the run directory")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                        help="a learner config field, e.g. --set lr=1e-5 (repeatable)")  # fmt: skip
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--dry-run", action="store_true", help="validate and print the config; run nothing")
+
+
+def add_sft_arguments(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", help='OpenAI-messages JSONL: {"messages": [...], "tools": [...]} per line')
+    source.add_argument("--env", help="use this env's reference demonstrations (with --demos)")
+    parser.add_argument("--demos", type=int, default=1000, help="tasks to take demonstrations of (with --env)")
+    parser.add_argument("--env-kwargs", default="{}", help="JSON keyword arguments for agentrl.make (with --env)")
+    _common(parser)
+
+
+def add_dpo_arguments(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", help="preference JSONL (prompt/chosen/rejected, or KTO's labelled form)")
+    source.add_argument("--buffer", help="trajectories JSONL (e.g. a run's trajectories.jsonl): best vs worst "
+                                         "of each group")  # fmt: skip
+    parser.add_argument("--loss", default="dpo", help="dpo, ipo, robust, hinge, kto, orpo or simpo")
+    parser.add_argument("--min-margin", type=float, default=0.0, help="--buffer: least reward gap of a pair")
+    _common(parser)
+
+
+def sft_main(args: argparse.Namespace) -> int:
+    from agentrl.learners.sft import SFTConfig
+
+    config = _config(SFTConfig, args, {})
+    if args.dry_run:
+        return _print(config)
+    from agentrl.learners.sft import env_demonstrations, read_messages_jsonl, train_sft
+
+    if args.data:
+        data = read_messages_jsonl(args.data)
+    else:
+        import json
+
+        import agentrl
+
+        env = agentrl.make(args.env, **json.loads(args.env_kwargs))
+        try:
+            data = env_demonstrations(env, range(args.demos))
+        finally:
+            env.close()
+    result = _run("sft", args, config, lambda on_step: train_sft(config, data, on_step=on_step))
+    print(f"sft: {len(result.history)} steps, final loss {result.history[-1].loss:.4f}; model: {result.checkpoint}")
+    return 0
+
+
+def dpo_main(args: argparse.Namespace) -> int:
+    from agentrl.learners.dpo import DPOConfig
+
+    config = _config(DPOConfig, args, {"loss": args.loss})
+    if args.dry_run:
+        return _print(config)
+    from agentrl.learners.dpo import read_preference_jsonl, train_dpo
+
+    data: Sequence[Any]
+    if args.data:
+        data = read_preference_jsonl(args.data)
+    else:
+        from agentrl.data.buffer import TrajectoryBuffer
+
+        data = TrajectoryBuffer.load(args.buffer).preference_pairs(args.min_margin)
+        print(f"dpo: {len(data)} pairs mined from {args.buffer}", file=sys.stderr)
+    result = _run("dpo", args, config, lambda on_step: train_dpo(config, data, on_step=on_step))
+    last = result.history[-1]
+    print(f"dpo ({config.loss}): {len(result.history)} steps, final loss {last.loss:.4f}, "
+          f"accuracy {last.accuracy:.2f}, margin {last.margin:.3f}; model: {result.checkpoint}")  # fmt: skip
+    return 0
+
+
+def _config(cls: Any, args: argparse.Namespace, fixed: dict[str, Any]) -> Any:
+    from agentrl.pipeline.config import apply_overrides
+
+    phase = "sft" if cls.__name__ == "SFTConfig" else "dpo"
+    values = apply_overrides({"model": args.model, **fixed}, args.overrides)
+    values["output_dir"] = Path(args.output_dir) / "checkpoints" / phase
+    return cls(**values)
+
+
+def _print(config: Any) -> int:
+    import yaml
+
+    print(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), end="")
+    return 0
+
+
+def _run(phase: str, args: argparse.Namespace, config: Any, train: Callable[[Callable[[Any], None]], Any]) -> Any:
+    """Run ``train(on_step)`` with the phase logged to the run directory and shown as progress."""
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    from agentrl.tracking import Progress, RunDir
+
+    out = RunDir(args.output_dir)
+    out.write_config(config)
+    out.start_phase(phase, total=config.max_steps)
+    try:
+        with Progress(phase, config.max_steps) as bar:
+
+            def on_step(log: Any) -> None:
+                out.log(phase, log.step, vars(log))
+                bar.update(log.step, vars(log))
+
+            result = train(on_step)
+        out.finish_phase(phase)
+    finally:
+        out.close()
+    return result
