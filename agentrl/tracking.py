@@ -49,6 +49,7 @@ __all__ = [
     "PhaseState",
     "Progress",
     "RunDir",
+    "atomic_write_text",
     "flatten_metrics",
     "format_duration",
     "progress_fields",
@@ -215,7 +216,7 @@ class RunDir:
 
         data = config.model_dump(mode="json") if hasattr(config, "model_dump") else dict(config)
         data = json.loads(json.dumps(data, default=str))
-        _atomic_write(self.config_path, yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
+        atomic_write_text(self.config_path, yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
         return self.config_path
 
     def read_config(self) -> dict[str, Any]:
@@ -381,7 +382,7 @@ class RunDir:
             writer.close()
 
     def _save_state(self, durable: bool = True) -> None:
-        _atomic_write(self.state_path, json.dumps(self._state, indent=2) + "\n", durable=durable)
+        atomic_write_text(self.state_path, json.dumps(self._state, indent=2) + "\n", durable=durable)
 
     def _truncate(self, phase: str, step: int) -> bool:
         """Drop the phase's lines with a step above ``step`` from both logs; whether it had any records."""
@@ -410,7 +411,7 @@ def _check_phase(phase: str) -> str:
     return phase
 
 
-def _atomic_write(path: Path, text: str, durable: bool = True) -> None:
+def atomic_write_text(path: Path, text: str, durable: bool = True) -> None:
     """Replace ``path`` by a file holding ``text``: readers see the old or the new file, never a part."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
@@ -419,6 +420,7 @@ def _atomic_write(path: Path, text: str, durable: bool = True) -> None:
             if durable:
                 f.flush()
                 os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the run's files from the other users of a machine
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -469,7 +471,7 @@ def _rewrite_without(
                     continue
             kept.append(line)
     if dropped:
-        _atomic_write(path, "".join(kept))
+        atomic_write_text(path, "".join(kept))
     return had
 
 
