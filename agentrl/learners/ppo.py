@@ -39,10 +39,10 @@ from agentrl.data.buffer import collate
 from agentrl.data.trajectory import Trajectory
 from agentrl.learners import _model, _rl, _train
 
-__all__ = ["CRITIC_DIR", "PPOConfig", "ValueModel", "gae_advantages", "train_ppo"]
+__all__ = ["CRITIC_DIR", "VALUE_HEAD_FILE", "PPOConfig", "ValueModel", "gae_advantages", "train_ppo"]
 
 CRITIC_DIR = "critic"
-_HEAD_FILE = "value_head.safetensors"
+VALUE_HEAD_FILE = "value_head.safetensors"
 
 
 class PPOConfig(_rl.RLConfig):
@@ -97,7 +97,7 @@ class ValueModel(torch.nn.Module):
 
         resolved = resolve_model(name_or_path)
         critic = cls(AutoModel.from_pretrained(resolved, dtype=torch.float32))
-        head = Path(resolved) / _HEAD_FILE
+        head = Path(resolved) / VALUE_HEAD_FILE
         if head.is_file():
             critic.head.load_state_dict(load_file(head))
         return critic.to(device)
@@ -107,7 +107,7 @@ class ValueModel(torch.nn.Module):
 
         self.backbone.save_pretrained(path, safe_serialization=safe_serialization)
         save_file(
-            {k: v.contiguous() for k, v in self.head.state_dict().items()}, str(Path(path) / _HEAD_FILE)
+            {k: v.contiguous() for k, v in self.head.state_dict().items()}, str(Path(path) / VALUE_HEAD_FILE)
         )
 
     def forward(self, batch: Any) -> torch.Tensor:

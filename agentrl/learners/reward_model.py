@@ -38,7 +38,7 @@ from agentrl.errors import ConfigError, TemplateError
 from agentrl.learners import _model, _train
 from agentrl.learners._config import TrainConfig
 from agentrl.learners.dpo import LabelledConversation, PreferenceConversation
-from agentrl.learners.ppo import ValueModel
+from agentrl.learners.ppo import VALUE_HEAD_FILE, ValueModel
 from agentrl.learners.sft import demonstration_ledger
 from agentrl.models.chat import ChatRenderer
 from agentrl.rewards.base import RewardResult
@@ -62,7 +62,6 @@ __all__ = [
     "turn_to_messages",
 ]
 
-_HEAD_FILE = "value_head.safetensors"  # where ValueModel.save_pretrained writes the head
 _LEARNERS = {"orm": "reward-model", "prm": "process-reward-model"}
 
 
@@ -541,9 +540,9 @@ class _Scorer:
         from agentrl.models.loading import load_tokenizer, resolve_model
 
         resolved = Path(resolve_model(path))
-        if not (resolved / _HEAD_FILE).is_file():
+        if not (resolved / VALUE_HEAD_FILE).is_file():
             raise ConfigError(
-                f"{path} has no {_HEAD_FILE}, so it is not a trained reward model; pass a directory written "
+                f"{path} has no {VALUE_HEAD_FILE}, so it is not a trained reward model; pass a directory written "
                 "by train_reward_model or train_process_reward_model (e.g. <output_dir>/step-000200)"
             )
         state = resolved / _train.STATE_JSON
