@@ -7,7 +7,7 @@ every piece of text from the run (config values, metric and phase names) is esca
 
 What it draws, from whatever the log has (a plot without data is skipped, and the page says so):
 reward (mean ± std), pass rate, reward components, KL, entropy, response length, the reward-hacking monitors
-(:mod:`agentrl.rewards.monitors`, logged bare or under ``monitors/``), training loss (SFT, DPO) and the
+(:mod:`agentrl.rewards.monitors`, logged bare or under ``monitor/`` or ``monitors/``), training loss (SFT, DPO) and the
 evaluations.
 
 Evaluations are phases named ``eval`` or ``eval-<label>`` (``eval-sft``: the policy after the ``sft``
@@ -69,7 +69,7 @@ class Series:
 @dataclass(frozen=True)
 class Chart:
     """A plot to draw: ``name`` is its file stem, ``note`` its caption; ``missing`` says which metrics it
-    looks for, shown when the log has none."""
+    looks for, shown when the log has none; ``legend`` names even a single series."""
 
     name: str
     title: str
@@ -78,6 +78,7 @@ class Chart:
     note: str = ""
     missing: str = ""
     bars: bool = False
+    legend: bool = False
 
 
 # ---- what to draw --------------------------------------------------------------------------------------
@@ -148,8 +149,8 @@ _MONITORS_NOTE = (
 
 def charts_for(records: Sequence[MetricRecord]) -> list[Chart]:
     """The report's charts for a run's records, each with its series or the metrics it found none of."""
-    components = _series(records, r"reward_components/.+") or _series(records, r"(monitors/)?reward/.+")
-    monitors = r"(monitors/)?(reward_length_corr|repeated_ngram_rate|error|truncated)"
+    components = _series(records, r"reward_components/.+") or _series(records, r"(monitors?/)?reward/.+")
+    monitors = r"(monitors?/)?(reward_length_corr|repeated_ngram_rate|error|truncated)"
     charts = [
         Chart("reward", "Reward", "reward", _series(records, r"reward_mean", band="reward_std"),
               "Mean episode reward per step; the band is ± its std over the step's samples." + _SMOOTH_NOTE,
@@ -158,7 +159,7 @@ def charts_for(records: Sequence[MetricRecord]) -> list[Chart]:
               "Share of the step's episodes that passed." + _SMOOTH_NOTE, "pass_rate"),
         Chart("reward_components", "Reward components", "reward per episode", components,
               "Mean per episode of each named part of the reward; one rising alone can be a hack.",
-              "reward_components/* or reward/*"),
+              "reward_components/* or reward/*", legend=True),
         Chart("kl", "KL to the reference", "KL per token", _series(records, r"(update/)?kl"),
               "Mean per-token KL of the policy to the reference model.", "kl or update/kl (none when beta = 0)"),
         Chart("entropy", "Policy entropy", "nats per token", _series(records, r"(update/)?entropy"),
@@ -168,7 +169,7 @@ def charts_for(records: Sequence[MetricRecord]) -> list[Chart]:
               _series(records, r"response_tokens_mean"), "Mean tokens the policy sampled per episode.",
               "response_tokens_mean"),
         Chart("monitors", "Reward-hacking monitors", "value", _series(records, monitors), _MONITORS_NOTE,
-              "reward_length_corr, repeated_ngram_rate, error or truncated"),
+              "reward_length_corr, repeated_ngram_rate, error or truncated", legend=True),
         Chart("loss", "Training loss", "loss", _series(records, r"loss"),
               "Loss per optimizer step of the supervised and preference phases (SFT, DPO).", "loss"),
     ]  # fmt: skip
@@ -217,6 +218,7 @@ def _smooth(values: Sequence[float]) -> list[float] | None:
 def draw_chart(chart: Chart, path: Path) -> Path:
     """Render ``chart`` to the PNG ``path`` (matplotlib's Agg canvas; pyplot's global state is untouched)."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     fig = Figure(figsize=(6.4, 3.6), dpi=110, layout="constrained")
     ax = fig.subplots()
@@ -244,7 +246,8 @@ def draw_chart(chart: Chart, path: Path) -> Path:
                 high = [v + b for v, b in zip(s.values, s.band, strict=True)]
                 ax.fill_between(s.steps, low, high, color=color, alpha=0.12, lw=0)
         ax.set_xlabel("step")
-        if len(chart.series) > 1:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if chart.legend or len(chart.series) > 1:
             ax.legend(fontsize=8, frameon=False, loc="best")
     ax.set_ylabel(_mpl_text(chart.ylabel))
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -332,6 +335,8 @@ def _phase_table(records: Sequence[MetricRecord], phases: Mapping[str, Mapping[s
         shown = ", ".join(f"{k} {_fmt(last[k])}" for k in keys) or "–"
         step = entry.get("step", logged[-1].step if logged else 0)
         steps = f"{step}/{entry['total']}" if entry.get("total") else str(step)
+        if is_eval_phase(phase):  # its step is the evaluated policy's: say how often it ran instead
+            steps = f"{len(logged)} run" + ("s" if len(logged) != 1 else "")
         rows.append(f"<tr><td>{escape(phase)}</td><td>{escape(entry.get('status', 'not in state.json'))}</td>"
                     f'<td class="num">{escape(steps)}</td><td class="num">{escape(format_duration(_seconds(phase, logged, phases)))}'
                     f"</td><td>{escape(shown)}</td></tr>")  # fmt: skip

@@ -26,7 +26,7 @@ def _rl_metrics(step: int, components: dict[str, float] | None = None) -> dict:
         "sampled_tokens": 16 * (30 + step), "lr": 1e-5,
         "update": {"loss": 0.01, "kl": 0.001 * step, "clip_fraction": 0.0, "ratio": 1.0, "entropy": 2.0 - step / 100},
         "rollout_seconds": 1.0, "update_seconds": 0.5, "seconds": 1.5, "policy_version": step,
-        "monitors": {"reward_length_corr": 0.1, "repeated_ngram_rate": 0.02, "error": 0.0, "truncated": 0.06},
+        "monitor": {"reward_length_corr": 0.1, "repeated_ngram_rate": 0.02, "error": 0.0, "truncated": 0.06},
     }  # fmt: skip
 
 
