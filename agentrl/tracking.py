@@ -529,19 +529,20 @@ class Progress:
 
     def __init__(self, phase: str, total: int | None = None, *, initial: int = 0, stream: IO[str] | None = None,
                  tty: bool | None = None, interval_s: float = 10.0):  # fmt: skip
-        """Args:
-        phase: the name shown.
-        total: the phase's steps, if known (for percent and ETA).
-        initial: the step a resumed phase starts from (the ETA counts only steps run here).
-        stream: where to write; ``sys.stderr`` by default.
-        tty: force the mode; ``None`` uses a bar exactly when ``stream`` is a terminal.
-        interval_s: plain mode: the least seconds between two lines (0: a line per step).
+        """Start the display (a bar at once on a terminal; plain mode prints from the first update).
+
+        Args:
+            phase: the name shown.
+            total: the phase's steps, if known (for percent and ETA).
+            initial: the step a resumed phase starts from (the ETA counts only steps run here).
+            stream: where to write; ``sys.stderr`` by default.
+            tty: force the mode; ``None`` draws a bar exactly when ``stream`` is a terminal.
+            interval_s: plain mode: the least seconds between two lines (0: a line per step).
         """
         self.phase, self.total, self.interval_s = phase, total, interval_s
         self.stream = stream if stream is not None else sys.stderr
         self.tty = tty if tty is not None else bool(getattr(self.stream, "isatty", lambda: False)())
         self._initial, self._started, self._last_line = initial, time.monotonic(), -math.inf
-        self._step = initial
         self._bar: Any = None
         if self.tty:
             from tqdm import tqdm
@@ -553,7 +554,6 @@ class Progress:
     def update(self, step: int, metrics: Mapping[str, Any] | None = None) -> None:
         """Show that ``step`` is done, with its metrics (flattened or nested)."""
         fields = progress_fields(flatten_metrics(metrics or {}))
-        self._step = step
         if self._bar is not None:
             self._bar.set_postfix_str(" ".join(f"{k} {v}" for k, v in fields.items()), refresh=False)
             self._bar.update(step - self._bar.n)
