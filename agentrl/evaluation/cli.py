@@ -1,0 +1,284 @@
+"""``agentrl eval``: any registered env × any policy, k samples per task, resumable, with a report.
+
+Examples::
+
+    agentrl eval --env toy-guess --model tiny --n 20 --k 4 --pass-on solved
+    agentrl eval --env code-sandbox --env-arg tasks=humaneval --task-option task_index --n 164 --k 10 \\
+        --model Qwen/Qwen2.5-0.5B-Instruct --backend vllm --temperature 0.8 --out runs/eval/he-qwen
+    agentrl eval --env math --base-url https://api.openai.com/v1 --model gpt-4o-mini \\
+        --api-key-env OPENAI_API_KEY --n 50
+    agentrl eval --report-only --out runs/eval/he-qwen --pass-threshold 0.5
+    agentrl eval --compare runs/eval/a runs/eval/b
+
+The module's top level imports only the standard library, so ``agentrl --help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+__all__ = ["add_arguments", "main"]
+
+
+def _env_arg(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. tasks=humaneval), got {text!r}")
+    try:
+        return key, json.loads(value)
+    except ValueError:
+        return key, value  # a plain string: a preset name, a path
+
+
+def _ks(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers (e.g. 1,5,10), got {text!r}"
+        ) from None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``agentrl eval`` options."""
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = (__doc__ or "").split("The module's")[0]
+    what = parser.add_argument_group("what to evaluate")
+    what.add_argument(
+        "--env", help="registered env id (see `agentrl envs`), e.g. toy-guess-v0 or code-sandbox"
+    )
+    what.add_argument(
+        "--env-arg",
+        type=_env_arg,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="env constructor argument, repeatable; VALUE is JSON or a string (e.g. tasks=humaneval)",
+    )
+    what.add_argument(
+        "--task-option",
+        metavar="KEY",
+        help="task i resets with options {KEY: i} (task_index for code-sandbox, task for math); "
+        "default: task i is the env's draw under a seed derived from --seed and i",
+    )
+    what.add_argument("--n", type=int, default=10, help="tasks to play (default 10)")
+    what.add_argument("--k", type=int, default=1, help="samples per task (default 1)")
+    what.add_argument(
+        "--ks",
+        type=_ks,
+        default=(),
+        metavar="K1,K2",
+        help="pass@k values to report, each <= --k (default: 1 and --k)",
+    )
+    policy = parser.add_argument_group("policy")
+    policy.add_argument(
+        "--model",
+        default="tiny",
+        help="local model directory, hub id or 'tiny'; with --base-url the served model's name",
+    )
+    policy.add_argument(
+        "--backend",
+        choices=("hf", "vllm", "openai"),
+        help="generation backend (default: openai with --base-url, else hf)",
+    )
+    policy.add_argument("--base-url", help="OpenAI-compatible API root, e.g. http://127.0.0.1:8000/v1")
+    policy.add_argument(
+        "--api-key-env",
+        default="OPENAI_API_KEY",
+        metavar="VAR",
+        help="environment variable holding the API key (default OPENAI_API_KEY)",
+    )
+    policy.add_argument(
+        "--tokenizer",
+        help="tokenizer for rendering and token counts (default: the model's; "
+        "'tiny' for chat endpoints, whose counts are then approximate)",
+    )
+    policy.add_argument(
+        "--prompt-format",
+        choices=("token_ids", "messages"),
+        help="send token ids or chat messages (default: messages for --base-url, else token_ids)",
+    )
+    policy.add_argument(
+        "--template", help="chat template: 'chatml' or a Jinja string (default: the tokenizer's)"
+    )
+    policy.add_argument("--device", help="device of a local model (default: cuda if visible, else cpu)")
+    policy.add_argument(
+        "--dtype", help="weights' dtype of a local model, e.g. bfloat16 (default: the checkpoint's)"
+    )
+    policy.add_argument("--max-context", type=int, help="context window (default: the backend's)")
+    sampling = parser.add_argument_group("sampling and limits")
+    sampling.add_argument(
+        "--temperature", type=float, default=1.0, help="sampling temperature, 0 = greedy (default 1.0)"
+    )
+    sampling.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
+    sampling.add_argument(
+        "--max-new-tokens", type=int, default=256, help="tokens per turn at most (default 256)"
+    )
+    sampling.add_argument("--max-turns", type=int, help="assistant turns per episode (default: the env's)")
+    sampling.add_argument(
+        "--max-episode-tokens", type=int, help="sampled tokens per episode (default: no cap)"
+    )
+    sampling.add_argument(
+        "--episode-timeout", type=float, metavar="SECONDS", help="wall-clock limit per episode"
+    )
+    sampling.add_argument("--seed", type=int, default=0, help="every reset and sampling seed derives from it")
+    sampling.add_argument("--concurrency", type=int, default=8, help="episodes in flight (default 8)")
+    scoring = parser.add_argument_group("scoring")
+    scoring.add_argument(
+        "--pass-on",
+        default="reward",
+        metavar="reward|COMPONENT",
+        help="what a pass compares: the total reward (default) or one reward component's sum",
+    )
+    scoring.add_argument(
+        "--pass-threshold",
+        type=float,
+        default=1.0,
+        help="an episode passes when that value is >= this (default 1.0)",
+    )
+    scoring.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (default 1000)")
+    scoring.add_argument("--confidence", type=float, default=0.95, help="interval coverage (default 0.95)")
+    output = parser.add_argument_group("output")
+    output.add_argument(
+        "--out",
+        type=Path,
+        help="output directory; rerunning with it resumes (default runs/eval/<env>-<model>-seed<seed>)",
+    )
+    output.add_argument(
+        "--retry-errors", action="store_true", help="play again episodes that ended in an error"
+    )
+    output.add_argument(
+        "--report-only",
+        action="store_true",
+        help="play nothing: rescore the episodes in --out (e.g. with another pass rule)",
+    )
+    output.add_argument(
+        "--compare",
+        nargs=2,
+        type=Path,
+        metavar=("A", "B"),
+        help="compare two output directories (B - A with intervals); with --out, also write there",
+    )
+    output.add_argument("--quiet", action="store_true", help="no progress output")
+
+
+def _echo(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def _config(args: argparse.Namespace) -> Any:
+    from agentrl.errors import ConfigError
+    from agentrl.evaluation.config import EvalConfig
+    from agentrl.evaluation.metrics import PassRule
+
+    if not args.env:
+        raise ConfigError(
+            "--env is required: a registered env id (`agentrl envs` lists them), e.g. --env toy-guess"
+        )
+    return EvalConfig(
+        env=args.env,
+        env_kwargs=dict(args.env_arg),
+        task_option=args.task_option,
+        backend=args.backend or ("openai" if args.base_url else "hf"),
+        model=args.model,
+        base_url=args.base_url,
+        api_key_env=args.api_key_env,
+        tokenizer=args.tokenizer,
+        prompt_format=args.prompt_format,
+        template=args.template,
+        n=args.n,
+        k=args.k,
+        ks=args.ks,
+        concurrency=args.concurrency,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        max_new_tokens=args.max_new_tokens,
+        max_turns=args.max_turns,
+        max_episode_tokens=args.max_episode_tokens,
+        episode_timeout_s=args.episode_timeout,
+        max_context=args.max_context,
+        device=args.device,
+        dtype=args.dtype,
+        seed=args.seed,
+        pass_rule=PassRule(args.pass_on, args.pass_threshold),
+        resamples=args.resamples,
+        confidence=args.confidence,
+        retry_errors=args.retry_errors,
+        out=args.out,
+    )
+
+
+def _print_outcome(outcome: Any) -> None:
+    from agentrl.evaluation.report import format_summary
+
+    print(format_summary(outcome.results))
+    print(f"results: {outcome.out / 'results.json'}")
+    print(f"report:  {outcome.out / 'report.html'}")
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from agentrl.evaluation.compare import compare_runs, format_compare, load_results, render_compare
+
+    a, b = (load_results(path) for path in args.compare)
+    result = compare_runs(a, b, resamples=args.resamples, confidence=args.confidence, seed=args.seed)
+    print(format_compare(result))
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "compare.json").write_text(
+            json.dumps(result, indent=2, default=str) + "\n", encoding="utf-8"
+        )
+        (args.out / "compare.html").write_text(render_compare(result), encoding="utf-8")
+        print(f"wrote {args.out / 'compare.json'} and {args.out / 'compare.html'}")
+    return 0
+
+
+def _report_only(args: argparse.Namespace) -> int:
+    from agentrl.errors import ConfigError
+    from agentrl.evaluation.harness import report_only
+    from agentrl.evaluation.metrics import PassRule
+
+    if args.out is None:
+        raise ConfigError("--report-only needs --out: the output directory of an earlier agentrl eval")
+    outcome = report_only(
+        args.out,
+        echo=_echo,
+        pass_rule=PassRule(args.pass_on, args.pass_threshold),
+        ks=args.ks or None,
+        resamples=args.resamples,
+        confidence=args.confidence,
+    )
+    _print_outcome(outcome)
+    return 0
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run ``agentrl eval``; returns the exit code (130 when interrupted, 1 when every episode failed)."""
+    if args.compare:
+        return _compare(args)
+    if args.report_only:
+        return _report_only(args)
+    from agentrl.evaluation.harness import evaluate
+
+    config = _config(args)
+    if config.k > 1 and config.temperature == 0:
+        _echo("note: --temperature 0 samples greedily, so the k samples of a task will be (nearly) alike")
+    try:
+        outcome = evaluate(config, echo=_echo, show_progress=not args.quiet)
+    except KeyboardInterrupt:
+        _echo(
+            f"\ninterrupted: the finished episodes are saved in {config.out}; rerun the same command to resume"
+        )
+        return 130
+    _print_outcome(outcome)
+    if outcome.failed_all:
+        first = outcome.results["metrics"]["errors"]["top"][0]["error"]
+        _echo(
+            f"agentrl: error: every episode played failed; the first error: {first}\nFix that and rerun with "
+            "--retry-errors (the failed episodes are kept in the output directory until then)."
+        )
+        return 1
+    return 0

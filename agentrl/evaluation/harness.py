@@ -1,0 +1,449 @@
+"""Play ``n`` tasks ``k`` times with one policy, resumably, and score the episodes.
+
+Every episode is a (task, sample) pair with its own seeds, derived from the run seed and the pair alone:
+task ``i`` resets with seed ``derive_seed(seed, 0, i)`` (and options ``{task_option: i}`` when set), and
+sample ``s`` of it samples as call 0 of a :class:`~agentrl.rollout.runner.Runner` seeded
+``derive_seed(seed, 1, i, s)``. So an episode does not depend on which others ran before it, in which
+order or in which process: a resumed run plays the missing pairs exactly as an uninterrupted run would
+have, and a rerun with a larger ``n`` or ``k`` extends the same tasks.
+
+``concurrency`` workers each own a runner (with one env, reused across episodes) and take pairs from a
+shared queue; the policy batches their requests. Each finished episode is appended to
+``episodes.jsonl`` at once (see :mod:`agentrl.evaluation.store`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime as _dt
+import json
+import math
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from agentrl.core import Env, Wrapper
+from agentrl.data.trajectory import Trajectory
+from agentrl.errors import ConfigError
+from agentrl.evaluation.config import EvalConfig
+from agentrl.evaluation.metrics import episode_stats, group_tasks, summarize
+from agentrl.evaluation.store import EpisodeStore, check_identity, read_run_file, write_run_file
+from agentrl.rollout.runner import Task, derive_seed
+from agentrl.types import StopReason
+
+__all__ = ["EvalOutcome", "build_results", "eval_task", "evaluate", "report_only", "sample_seed", "task_seed"]
+
+RESULTS_SCHEMA = 1
+Echo = Callable[[str], None]
+
+
+def task_seed(seed: int, task_index: int) -> int:
+    """The reset seed of task ``task_index`` (shared by all its samples)."""
+    return derive_seed(seed, 0, task_index)
+
+
+def sample_seed(seed: int, task_index: int, sample_index: int) -> int:
+    """The seed of the runner that plays sample ``sample_index`` of task ``task_index``."""
+    return derive_seed(seed, 1, task_index, sample_index)
+
+
+def eval_task(config: EvalConfig, task_index: int) -> Task:
+    """Task ``task_index`` of the evaluation, as the runner takes it."""
+    if config.task_option:
+        return Task(
+            task_seed(config.seed, task_index),
+            {config.task_option: task_index},
+            f"{config.task_option}={task_index}",
+        )
+    return Task(task_seed(config.seed, task_index), None, f"task-{task_index}")
+
+
+@dataclass(frozen=True)
+class EvalOutcome:
+    """What :func:`evaluate` did: the results (also in ``results.json``) and where they are."""
+
+    results: dict[str, Any]
+    out: Path
+    played: int
+    resumed: int
+    failed_all: bool
+
+
+class _RecordResetInfo(Wrapper):
+    """Keeps the latest reset's info (e.g. the env's own task id), so the episode record can name it."""
+
+    def __init__(self, env: Env):
+        super().__init__(env)
+        self.max_turns = getattr(env, "max_turns", None)
+        self.reset_info: dict[str, Any] = {}
+
+    def tool_schemas(self) -> Any:
+        return self.env.tool_schemas()
+
+    async def areset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> Any:
+        self.reset_info = {}
+        result = await self.env.areset(seed=seed, options=options)
+        self.reset_info = dict(result[1] or {})
+        return result
+
+
+# ---------------------------------------------------------------------------------------------- setup
+def make_env(config: EvalConfig) -> Env:
+    """The env with ``env_kwargs``; an argument it does not take is a ConfigError naming ``--env-arg``."""
+    import agentrl
+
+    try:
+        return agentrl.make(config.env, **dict(config.env_kwargs))  # type: ignore[no-any-return]
+    except TypeError as exc:
+        given = ", ".join(f"{k}={v!r}" for k, v in config.env_kwargs.items()) or "none"
+        raise ConfigError(
+            f"{config.env} cannot be made with --env-arg {given}: {exc}. Drop or rename the --env-arg; the "
+            "env's arguments are in its class docstring"
+        ) from exc
+
+
+async def probe_env(config: EvalConfig) -> None:
+    """Reset the last task once before any model is loaded, so a bad env setting fails in seconds.
+
+    Raises:
+        ConfigError: the env cannot be made, or cannot reset task ``n - 1`` (e.g. fewer tasks than ``n``).
+    """
+    env = make_env(config)
+    task = eval_task(config, config.n - 1)
+    try:
+        await env.areset(seed=task.seed, options=dict(task.options) if task.options else None)
+    except Exception as exc:
+        hint = (
+            f"The env may have fewer than --n {config.n} tasks: lower --n, or check --task-option and --env-arg."
+            if config.task_option
+            else "Check --env-arg, or pick tasks by index with --task-option."
+        )
+        raise ConfigError(
+            f"{config.env} cannot reset task {config.n - 1} (reset options {task.options}): "
+            f"{type(exc).__name__}: {exc}. {hint}"
+        ) from exc
+    finally:
+        try:
+            await env.aclose()
+        except Exception:
+            pass  # a probe env that fails to close does not stop the run
+
+
+def build_policy(config: EvalConfig) -> tuple[Any, Any]:
+    """The policy backend and the tokenizer the runner renders with."""
+    from agentrl.models.loading import load_tokenizer
+    from agentrl.rollout.policy import make_policy
+
+    tokenizer = load_tokenizer(config.resolved_tokenizer)
+    extra: dict[str, Any] = {"max_context": config.max_context} if config.max_context else {}
+    if config.backend == "openai":
+        policy = make_policy(
+            "openai",
+            model=config.model,
+            base_url=config.base_url,
+            api_key_env=config.api_key_env,
+            max_concurrency=config.concurrency,
+            **extra,
+        )
+    elif config.backend == "vllm":
+        policy = make_policy(
+            "vllm",
+            model=config.model,
+            tokenizer=config.tokenizer,
+            dtype=config.dtype,
+            seed=config.seed,
+            **extra,
+        )
+    else:
+        policy = make_policy(
+            "hf",
+            model=config.model,
+            tokenizer=tokenizer,
+            device=resolved_device(config),
+            dtype=config.dtype,
+            seed=config.seed,
+            **extra,
+        )
+    return policy, tokenizer
+
+
+def resolved_device(config: EvalConfig) -> str:
+    """``--device``, else ``cuda`` where a GPU is visible, else ``cpu`` (local backends only)."""
+    if config.device:
+        return config.device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# ---------------------------------------------------------------------------------------------- playing
+def _pending(config: EvalConfig, done: Mapping[tuple[int, int], Trajectory]) -> list[tuple[int, int]]:
+    plan = [(i, s) for i in range(config.n) for s in range(config.k)]
+    if config.retry_errors:
+        return [key for key in plan if key not in done or done[key].stop_reason == StopReason.ERROR]
+    return [key for key in plan if key not in done]
+
+
+def _record(
+    config: EvalConfig, trajectory: Trajectory, key: tuple[int, int], info: Mapping[str, Any]
+) -> Trajectory:
+    """The runner's trajectory with ``meta`` naming the evaluation's task and sample."""
+    task_index, sample_index = key
+    meta = {
+        **trajectory.meta,
+        "env": config.env,
+        "group_id": eval_task(config, task_index).id,
+        "task_index": task_index,
+        "sample_index": sample_index,
+        "run_seed": config.seed,
+        "sample_seed": sample_seed(config.seed, task_index, sample_index),
+        "call": 0,
+    }
+    if isinstance(info.get("task_id"), str | int):
+        meta["env_task_id"] = info["task_id"]
+    return dataclasses.replace(trajectory, meta=meta)
+
+
+async def play(
+    config: EvalConfig,
+    pending: Sequence[tuple[int, int]],
+    store: EpisodeStore,
+    echo: Echo,
+    show_progress: bool,
+) -> None:
+    """Play the pending pairs with ``concurrency`` workers, appending each episode to the store."""
+    from agentrl.registry import spec
+    from agentrl.rollout.policy import SamplingParams
+    from agentrl.rollout.runner import RolloutLimits, Runner
+
+    policy, tokenizer = build_policy(config)
+    sampling = SamplingParams(
+        max_tokens=config.max_new_tokens, temperature=config.temperature, top_p=config.top_p
+    )
+    limits = RolloutLimits(
+        max_turns=config.max_turns or spec(config.env).max_turns,
+        max_sampled_tokens=config.max_episode_tokens,
+        deadline_s=config.episode_timeout_s,
+    )
+    queue = deque(pending)
+    progress = _Progress(len(pending), echo, show_progress)
+
+    async def worker() -> None:
+        envs: list[_RecordResetInfo] = []
+
+        def factory() -> Any:  # a Wrapper, which the runner drives like an Env
+            envs.append(_RecordResetInfo(make_env(config)))
+            return envs[-1]
+
+        runner = Runner(
+            factory,
+            policy,
+            tokenizer,
+            sampling=sampling,
+            limits=limits,
+            concurrency=1,
+            seed=config.seed,
+            template=config.template,
+            prompt_format=config.resolved_prompt_format,
+        )
+        try:
+            while queue:
+                key = queue.popleft()
+                runner.seed, runner.calls = (
+                    sample_seed(config.seed, *key),
+                    0,
+                )  # call 0 of the pair's own runner
+                [group] = await runner.run([eval_task(config, key[0])], group_size=1)
+                info = envs[-1].reset_info if envs else {}
+                store.append(_record(config, group.trajectories[0], key, info))
+                progress.update()
+        finally:
+            await runner.aclose()
+
+    try:
+        await asyncio.gather(*(worker() for _ in range(min(config.concurrency, len(pending)))))
+    finally:
+        progress.close()
+        await policy.aclose()
+
+
+class _Progress:
+    """A progress bar on a terminal; a line per tenth of the episodes otherwise (logs, pipes)."""
+
+    def __init__(self, total: int, echo: Echo, show: bool):
+        self.total, self.done, self.echo = total, 0, echo
+        self.started = time.monotonic()
+        self.bar: Any = None
+        if show and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="episode", file=sys.stderr, dynamic_ncols=True)
+        self.step = max(1, math.ceil(total / 10)) if show else 0
+
+    def update(self) -> None:
+        self.done += 1
+        if self.bar is not None:
+            self.bar.update(1)
+        elif self.step and (self.done % self.step == 0 or self.done == self.total):
+            rate = self.done / max(time.monotonic() - self.started, 1e-9)
+            self.echo(f"  {self.done}/{self.total} episodes ({rate:.1f}/s)")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# ---------------------------------------------------------------------------------------------- results
+def build_results(
+    config: EvalConfig, trajectories: Sequence[Trajectory], timing: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """Every metric of the episodes, the per-task samples and the config, JSON-ready (NaN as null).
+
+    Raises:
+        ConfigError: the pass rule names a reward component no episode has.
+    """
+    from agentrl import __version__
+
+    stats = [episode_stats(t, config.pass_rule) for t in trajectories]
+    _check_pass_component(config, stats)
+    metrics = summarize(
+        stats, config.ks, resamples=config.resamples, confidence=config.confidence, seed=config.seed
+    )
+    env_task_ids = {int(t.meta["task_index"]): t.meta.get("env_task_id") for t in trajectories}
+    tasks = []
+    for task in group_tasks(stats):
+        entry = task.to_dict(config.ks)
+        if env_task_ids.get(task.task_index) is not None:
+            entry["env_task_id"] = env_task_ids[task.task_index]
+        tasks.append(entry)
+    return _json_ready(
+        {
+            "schema": RESULTS_SCHEMA,
+            "agentrl_version": __version__,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "config": config.to_dict(),
+            "pass_rule": config.pass_rule.describe(),
+            "planned": {"tasks": config.n, "samples_per_task": config.k, "episodes": config.n * config.k},
+            "metrics": metrics,
+            "tasks": tasks,
+            "timing": dict(timing or {}),
+        }
+    )
+
+
+def _check_pass_component(config: EvalConfig, stats: Sequence[Any]) -> None:
+    rule = config.pass_rule
+    seen = sorted({name for s in stats for name in s.components})
+    if rule.on == "reward" or rule.on in seen or not seen:
+        return
+    raise ConfigError(
+        f"--pass-on {rule.on!r}: no episode has a reward component by that name; {config.env} reports "
+        f"{', '.join(seen)}. Score the saved episodes again with `agentrl eval --report-only --out "
+        f"{config.out} --pass-on <one of those>` (or --pass-on reward)"
+    )
+
+
+def _json_ready(value: Any) -> Any:
+    """NaN and infinities as null, so results.json is strict JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {str(k): _json_ready(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_ready(v) for v in value]
+    return value
+
+
+def _finish(config: EvalConfig, trajectories: list[Trajectory], timing: dict[str, Any]) -> dict[str, Any]:
+    from agentrl.evaluation.report import write_report
+
+    results = build_results(config, trajectories, timing)
+    out = config.out_dir
+    tmp = out / "results.json.tmp"
+    tmp.write_text(json.dumps(results, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    tmp.replace(out / "results.json")
+    write_report(out, results, trajectories)
+    return results
+
+
+# ---------------------------------------------------------------------------------------------- entry points
+def evaluate(config: EvalConfig, *, echo: Echo = print, show_progress: bool = True) -> EvalOutcome:
+    """Play what is missing of the ``n x k`` plan in ``config.out``, then write results and the report.
+
+    Raises:
+        ConfigError: a bad setting, an env that cannot start, or an output directory holding episodes of
+            other settings. Failed episodes never raise: they are results (``stop_reason`` ``error``).
+        KeyboardInterrupt: the run was stopped; every episode finished so far is saved, and the same command
+            resumes.
+    """
+    from agentrl.registry import spec
+
+    started = time.monotonic()
+    env_id = spec(config.env).id  # an unknown id fails here, with a did-you-mean
+    if env_id != config.env:  # a bare name means its latest version: record which one played
+        config = dataclasses.replace(config, env=env_id)
+    asyncio.run(probe_env(config))
+    out = config.out_dir
+    with EpisodeStore(out, echo) as store:
+        if store.episodes:  # settings bind a directory once it holds episodes
+            check_identity(out, config.identity())
+        write_run_file(out, config.identity(), config.to_dict(), keep_identity=bool(store.episodes))
+        pending = _pending(config, store.episodes)
+        resumed = config.n * config.k - len(pending)
+        if resumed:
+            echo(f"resuming {out}: {resumed} of {config.n * config.k} episodes already played")
+        if pending:
+            asyncio.run(play(config, pending, store, echo, show_progress))
+        trajectories = [store.episodes[(i, s)] for i in range(config.n) for s in range(config.k)]
+    played_keys = set(pending)
+    played_now = [t for t in trajectories if _key(t) in played_keys]
+    timing = {"wall_s": time.monotonic() - started, "played": len(pending), "resumed": resumed}
+    results = _finish(config, trajectories, timing)
+    failed_all = bool(played_now) and all(t.stop_reason == StopReason.ERROR for t in played_now)
+    return EvalOutcome(results, out, len(pending), resumed, failed_all)
+
+
+def _key(trajectory: Trajectory) -> tuple[int, int]:
+    return int(trajectory.meta["task_index"]), int(trajectory.meta["sample_index"])
+
+
+def report_only(out: Path, echo: Echo = print, **analysis: Any) -> EvalOutcome:
+    """Score the episodes saved in ``out`` again (e.g. with another pass rule) and rewrite the report.
+
+    Args:
+        out: an output directory of :func:`evaluate`.
+        **analysis: settings to change for scoring only: ``pass_rule``, ``ks``, ``resamples``,
+            ``confidence``, ``n``, ``k``.
+
+    Raises:
+        ConfigError: ``out`` holds no evaluation, or a setting other than the scoring ones was given.
+    """
+    allowed = {"pass_rule", "ks", "resamples", "confidence", "n", "k"}
+    if set(analysis) - allowed:
+        raise ConfigError(f"--report-only only rescores; it cannot change {sorted(set(analysis) - allowed)}")
+    saved = read_run_file(out)
+    if saved is None or "config" not in saved:
+        raise ConfigError(f"{out} holds no agentrl eval run (no run.json); pass the --out of an earlier eval")
+    config = EvalConfig.from_dict(
+        {**saved["config"], **{k: v for k, v in analysis.items() if v is not None}, "out": str(out)}
+    )
+    started = time.monotonic()
+    with EpisodeStore(out, echo) as store:
+        plan = [(i, s) for i in range(config.n) for s in range(config.k)]
+        trajectories = [store.episodes[key] for key in plan if key in store.episodes]
+    missing = len(plan) - len(trajectories)
+    if missing:
+        echo(f"{missing} of {len(plan)} planned episodes are not in {out}; rerun the eval to play them")
+    if not trajectories:
+        raise ConfigError(f"{out} holds no episodes yet; run the eval first")
+    results = _finish(
+        config,
+        trajectories,
+        {"wall_s": time.monotonic() - started, "played": 0, "resumed": len(trajectories), "missing": missing},
+    )
+    return EvalOutcome(results, out, 0, len(trajectories), False)

@@ -1,0 +1,370 @@
+"""The report of an eval run: a printed summary, ``report.html`` with PNG plots, one transcript page per task.
+
+Every piece of text from a run (model output, tool results, errors, task prompts, config values) is
+escaped with :func:`escape` before it reaches HTML; the pages carry no scripts.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from agentrl.data.trajectory import Trajectory
+
+__all__ = ["escape", "format_summary", "html_page", "render_report", "render_transcript", "write_report"]
+
+MAX_MESSAGE_CHARS = 20_000
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+
+CSS = """
+body{font:15px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;margin:0;color:#1d232b;background:#f6f7f9}
+main{max-width:1180px;margin:0 auto;padding:24px 28px 60px}
+h1{font-size:24px;margin:0 0 4px} h2{font-size:18px;margin:34px 0 10px;border-bottom:1px solid #dde1e6;padding-bottom:4px}
+.sub{color:#5b6573;margin:0} a{color:#2a5d9f}
+.cards{display:flex;flex-wrap:wrap;gap:12px;margin-top:18px}
+.card{background:#fff;border:1px solid #dde1e6;border-radius:8px;padding:10px 16px;min-width:150px}
+.card .v{font-size:24px;font-weight:600} .card .l{color:#5b6573;font-size:13px}
+.grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(520px,1fr));gap:14px}
+figure{margin:0;background:#fff;border:1px solid #dde1e6;border-radius:8px;padding:8px}
+figure img{width:100%;height:auto} figcaption{color:#5b6573;font-size:13px;padding:2px 6px}
+table{border-collapse:collapse;background:#fff;border:1px solid #dde1e6;font-size:14px}
+th,td{padding:4px 10px;border-bottom:1px solid #eceff2;text-align:left;vertical-align:top}
+th{background:#eef1f4;font-weight:600} td.num{text-align:right;font-variant-numeric:tabular-nums}
+.ok{color:#2f7a43;font-weight:600} .bad{color:#a8392f;font-weight:600} .muted{color:#7a8491}
+.dots a{text-decoration:none;font-family:monospace;font-size:15px}
+details.sample{background:#fff;border:1px solid #dde1e6;border-radius:8px;margin:10px 0;padding:6px 12px}
+details.sample>summary{cursor:pointer;font-weight:600;padding:4px 0}
+.msg{border-left:4px solid #c5ccd5;margin:10px 0;padding:2px 10px}
+.msg .role{font-size:12px;text-transform:uppercase;letter-spacing:.05em;color:#5b6573}
+.msg.assistant{border-color:#3b6ea8} .msg.tool{border-color:#c99a2e} .msg.user{border-color:#3a8a4f}
+.msg.system{border-color:#8a8f96}
+pre{white-space:pre-wrap;word-break:break-word;margin:4px 0;font:13px/1.4 ui-monospace,Menlo,Consolas,monospace}
+.reward{font-size:13px;color:#2a5d9f;margin:2px 0 0} .error{background:#fbeceb;border:1px solid #e8b9b4;padding:6px 10px;border-radius:6px}
+nav{margin:8px 0 16px} nav a{margin-right:14px}
+"""
+
+
+def escape(text: Any) -> str:
+    """Text made safe for HTML element content and quoted attributes: markup characters escaped, control
+    characters (invalid in HTML) shown as ``\\xNN``."""
+    escaped = html.escape(str(text), quote=True)
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", escaped)
+
+
+def _num(value: Any, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "–"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return f"{value:.{digits}f}"
+
+
+def _ci(entry: Mapping[str, Any]) -> str:
+    low, high = entry.get("ci") or (None, None)
+    return f"[{_num(low)}, {_num(high)}]" if low is not None else ""
+
+
+def _title(results: Mapping[str, Any]) -> str:
+    config = results["config"]
+    return f"{config['env']} × {config['backend']}:{config['model']}"
+
+
+# ---------------------------------------------------------------------------------------------- text summary
+def format_summary(results: Mapping[str, Any]) -> str:
+    """The summary printed at the end of a run: headline metrics with intervals, then the rest."""
+    config, metrics, timing = results["config"], results["metrics"], results.get("timing", {})
+    planned = results["planned"]
+    lines = [
+        f"{_title(results)}: {metrics['tasks']} tasks x {planned['samples_per_task']} samples = "
+        f"{metrics['episodes']} episodes ({timing.get('played', 0)} played now, {timing.get('resumed', 0)} "
+        f"resumed; {_num(timing.get('wall_s'), 1)} s)",
+        f"pass rule: {results['pass_rule']}; intervals: {config['confidence']:.0%} bootstrap over tasks, "
+        f"{config['resamples']} resamples",
+    ]
+    for k, entry in metrics["pass_at_k"].items():
+        lines.append(
+            f"  {'pass@' + k:<18}{_num(entry['value']):>8}  {_ci(entry):<18} ({entry['tasks']} tasks)"
+        )
+    reward = metrics["reward"]
+    lines.append(f"  {'mean reward':<18}{_num(reward['value']):>8}  {_ci(reward)}")
+    for name, value in metrics["reward_components"].items():
+        lines.append(f"    {name:<16}{_num(value):>8}")
+    for label, key, unit in (
+        ("turns", "turns", ""),
+        ("sampled tokens", "sampled_tokens", ""),
+        ("latency", "latency_s", " s"),
+    ):
+        d = metrics[key]
+        lines.append(
+            f"  {label:<18}{_num(d['mean'], 2):>8}  mean; p50 {_num(d['p50'], 2)}, p90 "
+            f"{_num(d['p90'], 2)}, max {_num(d['max'], 2)}{unit}"
+        )
+    calls = metrics["tool_calls"]
+    lines.append(
+        f"  {'tool calls':<18}{calls['calls']:>8}  {calls['failed']} failed "
+        f"(error rate {100 * calls['error_rate']:.1f}%)"
+    )
+    stops = ", ".join(f"{name} {count}" for name, count in metrics["stop_reasons"].items())
+    lines.append(f"  {'stop reasons':<18}{stops}")
+    errors = metrics["errors"]
+    if errors["count"]:
+        lines.append(
+            f"  {'errors':<18}{errors['count']:>8}  most frequent: {errors['top'][0]['error'][:160]}"
+        )
+        lines.append("  (rerun with --retry-errors to play the failed episodes again)")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------- report.html
+def _cards(results: Mapping[str, Any]) -> str:
+    metrics = results["metrics"]
+    cards = [(f"pass@{k}", _num(e["value"]), _ci(e)) for k, e in metrics["pass_at_k"].items()]
+    cards.append(("mean reward", _num(metrics["reward"]["value"]), _ci(metrics["reward"])))
+    cards.append(("episodes", str(metrics["episodes"]), f"{metrics['tasks']} tasks"))
+    cards.append(
+        (
+            "errors",
+            str(metrics["errors"]["count"]),
+            f"{_num(metrics['stop_shares']['truncated'], 2)} truncated",
+        )
+    )
+    return "".join(
+        f'<div class="card"><div class="l">{escape(label)}</div><div class="v">{escape(value)}</div>'
+        f'<div class="l">{escape(sub)}</div></div>'
+        for label, value, sub in cards
+    )
+
+
+def _metrics_table(results: Mapping[str, Any]) -> str:
+    metrics = results["metrics"]
+    rows = []
+    for k, e in metrics["pass_at_k"].items():
+        rows.append((f"pass@{k}", _num(e["value"]), _ci(e), f"{e['tasks']} tasks"))
+    rows.append(
+        ("mean reward", _num(metrics["reward"]["value"]), _ci(metrics["reward"]), "mean of task means")
+    )
+    rows.append(("pass rate", _num(metrics["pass_rate"]), "", "share of passed episodes"))
+    for name, value in metrics["reward_components"].items():
+        rows.append((f"reward / {name}", _num(value), "", "mean per episode"))
+    for label, key in (
+        ("turns", "turns"),
+        ("sampled tokens", "sampled_tokens"),
+        ("total tokens", "total_tokens"),
+        ("latency (s)", "latency_s"),
+    ):
+        d = metrics[key]
+        rows.append(
+            (
+                label,
+                _num(d["mean"], 2),
+                f"p50 {_num(d['p50'], 2)} · p90 {_num(d['p90'], 2)}",
+                f"min {_num(d['min'], 2)} · max {_num(d['max'], 2)}",
+            )
+        )
+    calls = metrics["tool_calls"]
+    rows.append(
+        (
+            "tool-call error rate",
+            _num(calls["error_rate"]),
+            f"{calls['failed']} of {calls['calls']} calls",
+            "",
+        )
+    )
+    body = "".join(
+        f'<tr><th>{escape(a)}</th><td class="num">{escape(b)}</td><td>{escape(c)}</td><td class="muted">{escape(d)}</td></tr>'
+        for a, b, c, d in rows
+    )
+    return f"<table>{body}</table>"
+
+
+def _stop_table(results: Mapping[str, Any]) -> str:
+    counts = results["metrics"]["stop_reasons"]
+    total = max(1, sum(counts.values()))
+    body = "".join(
+        f'<tr><td>{escape(name)}</td><td class="num">{count}</td><td class="num">{100 * count / total:.1f}%</td></tr>'
+        for name, count in counts.items()
+    )
+    errors = results["metrics"]["errors"]["top"]
+    error_rows = "".join(
+        f'<tr><td class="num">{e["count"]}</td><td><pre>{escape(e["error"][:2000])}</pre></td></tr>'
+        for e in errors
+    )
+    error_table = (
+        f"<h3>Most frequent errors</h3><table><tr><th>episodes</th><th>error</th></tr>{error_rows}</table>"
+    )
+    return f"<table><tr><th>stop reason</th><th>episodes</th><th>share</th></tr>{body}</table>" + (
+        error_table if errors else ""
+    )
+
+
+def transcript_name(task_index: int) -> str:
+    return f"transcripts/task-{int(task_index):05d}.html"
+
+
+def _tasks_table(results: Mapping[str, Any]) -> str:
+    ks = list(results["metrics"]["pass_at_k"])
+    head = "".join(f"<th>pass@{escape(k)}</th>" for k in ks)
+    rows = []
+    for task in results["tasks"]:
+        link = transcript_name(task["task_index"])
+        dots = "".join(
+            f'<a href="{link}#sample-{s["sample"]}" class="{"ok" if s["passed"] else "bad"}" '
+            f'title="sample {s["sample"]}: reward {_num(s["reward"])}, {escape(s["stop_reason"])}">'
+            f"{'●' if s['passed'] else '○'}</a>"
+            for s in task["samples"]
+        )
+        cells = "".join(f'<td class="num">{_num(task["pass_at_k"].get(k))}</td>' for k in ks)
+        turns = sum(s["turns"] for s in task["samples"]) / max(1, len(task["samples"]))
+        rows.append(
+            f'<tr><td><a href="{link}">{escape(task["task_id"])}</a></td><td>{escape(task.get("env_task_id", ""))}</td>'
+            f'<td class="num">{task["passed"]}/{task["n"]}</td><td class="dots">{dots}</td>{cells}'
+            f'<td class="num">{_num(task["mean_reward"])}</td><td class="num">{turns:.1f}</td></tr>'
+        )
+    return (
+        f"<table><tr><th>task</th><th>env task id</th><th>passed</th><th>samples</th>{head}"
+        f"<th>mean reward</th><th>mean turns</th></tr>{''.join(rows)}</table>"
+    )
+
+
+def _config_table(config: Mapping[str, Any]) -> str:
+    import json
+
+    rows = "".join(
+        f"<tr><th>{escape(key)}</th><td><code>{escape(json.dumps(value, default=str))}</code></td></tr>"
+        for key, value in config.items()
+    )
+    return f"<table>{rows}</table>"
+
+
+def html_page(title: str, body: str) -> str:
+    return (
+        f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
+        f'<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>{escape(title)}</title><style>{CSS}</style></head>\n<body><main>\n{body}\n</main></body></html>\n"
+    )
+
+
+def render_report(results: Mapping[str, Any], plots: Sequence[tuple[str, str]]) -> str:
+    """``report.html``: headline cards, plots, metrics, stop reasons, tasks with transcript links, config."""
+    config, planned = results["config"], results["planned"]
+    figures = "".join(
+        f'<figure><img src="{escape(src)}" alt="{escape(caption)}"><figcaption>{escape(caption)}</figcaption></figure>'
+        for src, caption in plots
+    )
+    missing = planned["episodes"] - results["metrics"]["episodes"]
+    note = (
+        f'<p class="bad">{missing} planned episodes are missing: rerun the eval to play them.</p>'
+        if missing > 0
+        else ""
+    )
+    body = (
+        f"<h1>{escape(_title(results))}</h1>"
+        f'<p class="sub">{results["metrics"]["tasks"]} tasks × {planned["samples_per_task"]} samples · '
+        f"temperature {escape(config['temperature'])} · seed {escape(config['seed'])} · {escape(results['created'])}"
+        f" · agentrl {escape(results['agentrl_version'])}</p>"
+        f'<p class="sub">passed: {escape(results["pass_rule"])} · intervals: {config["confidence"]:.0%} bootstrap '
+        f"over tasks ({escape(config['resamples'])} resamples)</p>{note}"
+        f'<div class="cards">{_cards(results)}</div>'
+        f'<h2>Plots</h2><div class="grid">{figures}</div>'
+        f"<h2>Metrics</h2>{_metrics_table(results)}"
+        f"<h2>Stop reasons</h2>{_stop_table(results)}"
+        f'<h2>Tasks</h2><p class="sub">● passed ○ failed; each links to its transcript.</p>{_tasks_table(results)}'
+        f"<h2>Config</h2>{_config_table(config)}"
+    )
+    return html_page(f"agentrl eval: {_title(results)}", body)
+
+
+# ---------------------------------------------------------------------------------------------- transcripts
+def _message(message: Mapping[str, Any], reward_line: str) -> str:
+    role = str(message.get("role", "?"))
+    label = role
+    if message.get("name"):
+        label += f" · {message['name']}"
+    if message.get("tool_call_id"):
+        label += f" · {message['tool_call_id']}"
+    content = str(message.get("content") or "")
+    more = ""
+    if len(content) > MAX_MESSAGE_CHARS:
+        more = f'<p class="muted">… {len(content) - MAX_MESSAGE_CHARS} more characters (full text in episodes.jsonl)</p>'
+        content = content[:MAX_MESSAGE_CHARS]
+    role_class = role if role in ("system", "user", "assistant", "tool") else "other"
+    return (
+        f'<div class="msg {role_class}"><div class="role">{escape(label)}</div><pre>{escape(content)}</pre>'
+        f"{more}{reward_line}</div>"
+    )
+
+
+def _sample(trajectory: Trajectory, sample: Mapping[str, Any], open_: bool) -> str:
+    turn_iter = iter(trajectory.turns)
+    parts = []
+    for message in trajectory.messages:
+        reward_line = ""
+        if message.get("role") == "assistant":
+            turn = next(turn_iter, None)
+            if turn is not None:
+                parts_text = ", ".join(f"{k} {v:g}" for k, v in turn.reward_components.items())
+                reward_line = f'<p class="reward">turn reward {turn.reward:g}{f" ({escape(parts_text)})" if parts_text else ""}</p>'
+        parts.append(_message(message, reward_line))
+    verdict = '<span class="ok">passed</span>' if sample["passed"] else '<span class="bad">failed</span>'
+    turns = f"{sample['turns']} turn" + ("" if sample["turns"] == 1 else "s")
+    summary = (
+        f"sample {sample['sample']} · {verdict} · reward {_num(sample['reward'])} · {turns} · "
+        f"{sample['sampled_tokens']} tokens · {escape(sample['stop_reason'])} · {_num(sample['latency_s'], 2)} s"
+    )
+    error = f'<div class="error"><pre>{escape(trajectory.error)}</pre></div>' if trajectory.error else ""
+    return (
+        f'<details class="sample" id="sample-{sample["sample"]}"{" open" if open_ else ""}><summary>{summary}</summary>'
+        f"{error}{''.join(parts)}</details>"
+    )
+
+
+def render_transcript(
+    results: Mapping[str, Any],
+    task: Mapping[str, Any],
+    trajectories: Sequence[Trajectory],
+    neighbours: tuple[Any, Any],
+) -> str:
+    """One task's page: every sample's conversation with per-turn rewards, stop reason and error."""
+    by_sample = {int(t.meta["sample_index"]): t for t in trajectories}
+    previous, following = neighbours
+    nav = ['<a href="../report.html">← report</a>']
+    if previous is not None:
+        nav.append(f'<a href="../{transcript_name(previous)}">previous task</a>')
+    if following is not None:
+        nav.append(f'<a href="../{transcript_name(following)}">next task</a>')
+    samples = "".join(
+        _sample(by_sample[int(s["sample"])], s, open_=i == 0)
+        for i, s in enumerate(task["samples"])
+        if int(s["sample"]) in by_sample
+    )
+    env_id = f" ({escape(task['env_task_id'])})" if task.get("env_task_id") is not None else ""
+    body = (
+        f"<nav>{''.join(nav)}</nav><h1>{escape(task['task_id'])}{env_id}</h1>"
+        f'<p class="sub">{escape(_title(results))} · passed {task["passed"]}/{task["n"]} · mean reward '
+        f"{_num(task['mean_reward'])} · passed means {escape(results['pass_rule'])}</p>{samples}"
+    )
+    return html_page(f"{task['task_id']} · {_title(results)}", body)
+
+
+def write_report(out: Path, results: Mapping[str, Any], trajectories: Sequence[Trajectory]) -> Path:
+    """Write plots, ``report.html`` and one transcript page per task into ``out``; returns the report's path."""
+    from agentrl.evaluation.plots import write_plots
+
+    out = Path(out)
+    plots = write_plots(out, results)
+    by_task: dict[int, list[Trajectory]] = {}
+    for trajectory in trajectories:
+        by_task.setdefault(int(trajectory.meta["task_index"]), []).append(trajectory)
+    (out / "transcripts").mkdir(parents=True, exist_ok=True)
+    indices = [int(task["task_index"]) for task in results["tasks"]]
+    for n, task in enumerate(results["tasks"]):
+        neighbours = (indices[n - 1] if n > 0 else None, indices[n + 1] if n + 1 < len(indices) else None)
+        page = render_transcript(results, task, by_task.get(int(task["task_index"]), []), neighbours)
+        (out / transcript_name(task["task_index"])).write_text(page, encoding="utf-8")
+    path = out / "report.html"
+    path.write_text(render_report(results, plots), encoding="utf-8")
+    return path
