@@ -183,32 +183,36 @@ def test_pass_rule_episode_stats_and_tool_call_errors():
 
 def test_transcripts_escape_model_output():
     hostile = '</pre><script>alert("x")</script><img src=x onerror=alert(1)> & \x08\x1b[0m'
-    messages = [{"role": "user", "content": "Say <b>hi</b>"}, {"role": "assistant", "content": hostile}]
-    trajectory = _trajectory([{"correct": 0.0}], messages, error='ValueError: <bad> "quote"')
+    call = {"name": "submit", "arguments": {"code": "print(1)\n</pre><script>evil()</script>", "<k>": "<v>"}}
+    messages = [
+        {"role": "user", "content": "Say <b>hi</b>"},
+        {"role": "assistant", "content": hostile},
+        {"role": "tool", "name": "<t>", "tool_call_id": "<id>", "content": "<i>out</i>"},
+        {"role": "assistant", "content": f"<u>why</u> <tool_call>{json.dumps(call)}</tool_call>"},
+    ]
+    trajectory = _trajectory(
+        [{"correct": 0.0}, {"correct": 0.0}], messages, error='ValueError: <bad> "quote"'
+    )
     results = {"config": {"env": "e<v>", "backend": "hf", "model": "m&m"}, "pass_rule": "total reward >= 1"}
+    sample = {"sample": 0, "passed": False, "reward": 0.0, "turns": 2, "sampled_tokens": 4,
+              "stop_reason": "error", "latency_s": 0.1}  # fmt: skip
     task = {
-        "task_id": "task-0",
+        "task_id": "<task>",
         "task_index": 0,
         "n": 1,
         "passed": 0,
         "mean_reward": 0.0,
-        "samples": [
-            {
-                "sample": 0,
-                "passed": False,
-                "reward": 0.0,
-                "turns": 1,
-                "sampled_tokens": 2,
-                "stop_reason": "error",
-                "latency_s": 0.1,
-            }
-        ],
+        "samples": [sample],
     }
     page = render_transcript(results, task, [trajectory], (None, None))
-    assert "<script>" not in page and "<img" not in page and "<b>" not in page and "</pre><script" not in page
+    for raw in ("<script", "<img", "<b>", "<i>", "<u>", "<k>", "<v>", "<t>", "<id>", "<task>", "<bad>"):
+        assert raw not in page, raw
     assert "&lt;/pre&gt;&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;" in page
     assert "\\x08\\x1b[0m" in page and "\x08" not in page and "\x1b" not in page
     assert "ValueError: &lt;bad&gt; &quot;quote&quot;" in page and "e&lt;v&gt; × hf:m&amp;m" in page
+    assert (
+        "→ call <strong>submit</strong>" in page and "print(1)\n&lt;/pre&gt;&lt;script&gt;evil()" in page
+    )  # code laid out
     assert escape("a'b") == "a&#x27;b"
 
 

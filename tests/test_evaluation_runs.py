@@ -275,10 +275,15 @@ def test_openai_compatible_server_on_loopback(tmp_path, monkeypatch):
     assert len(seen) == turns  # one request per turn
     assert metrics["tool_calls"] == {"calls": turns, "failed": 6, "error_rate": pytest.approx(6 / turns)}
     assert "pass@1" in stdout and "reward component 'solved' summed over turns >= 1" in stdout
-    # Rescoring the saved episodes needs no server: the total reward is 0.9 (a format penalty) ...
+    # Rescoring the saved episodes needs no server; it keeps the saved pass rule unless told otherwise.
     code, stdout, _ = eval_cli("--report-only", "--out", str(out))
+    assert code == 0 and "'solved' summed over turns >= 1" in stdout and "0 played now" in stdout
+    assert results_of(out)["metrics"]["pass_at_k"]["1"]["value"] == 1.0
+    code, _, _ = eval_cli("--report-only", "--out", str(out), "--pass-on", "reward")  # 0.9: a format penalty
     assert code == 0 and results_of(out)["metrics"]["pass_at_k"]["1"]["value"] == 0.0
-    code, stdout, _ = eval_cli("--report-only", "--out", str(out), "--pass-threshold", "0.9")
+    code, _, _ = eval_cli(
+        "--report-only", "--out", str(out), "--pass-on", "reward", "--pass-threshold", "0.9"
+    )
     assert code == 0 and results_of(out)["metrics"]["pass_at_k"]["1"]["value"] == 1.0
     code, _, stderr = eval_cli("--report-only", "--out", str(out), "--pass-on", "solvd")
     assert (

@@ -3,11 +3,11 @@
 Examples::
 
     agentrl eval --env toy-guess --model tiny --n 20 --k 4 --pass-on solved
-    agentrl eval --env code-sandbox --env-arg tasks=humaneval --task-option task_index --n 164 --k 10 \\
-        --model Qwen/Qwen2.5-0.5B-Instruct --backend vllm --temperature 0.8 --out runs/eval/he-qwen
+    agentrl eval --env code-sandbox --env-arg tasks=humaneval --task-option task_index --pass-on correct \\
+        --n 164 --k 10 --model Qwen/Qwen2.5-0.5B-Instruct --backend vllm --temperature 0.8 --out runs/eval/he
     agentrl eval --env math --base-url https://api.openai.com/v1 --model gpt-4o-mini \\
         --api-key-env OPENAI_API_KEY --n 50
-    agentrl eval --report-only --out runs/eval/he-qwen --pass-threshold 0.5
+    agentrl eval --report-only --out runs/eval/he --pass-threshold 0.5   # rescore: no model needed
     agentrl eval --compare runs/eval/a runs/eval/b
 
 The module's top level imports only the standard library, so ``agentrl --help`` stays instant.
@@ -130,18 +130,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     scoring = parser.add_argument_group("scoring")
     scoring.add_argument(
         "--pass-on",
-        default="reward",
         metavar="reward|COMPONENT",
-        help="what a pass compares: the total reward (default) or one reward component's sum",
+        help="what a pass compares: the total reward (default) or one reward component's sum over turns",
     )
     scoring.add_argument(
         "--pass-threshold",
         type=float,
-        default=1.0,
         help="an episode passes when that value is >= this (default 1.0)",
     )
-    scoring.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (default 1000)")
-    scoring.add_argument("--confidence", type=float, default=0.95, help="interval coverage (default 0.95)")
+    scoring.add_argument("--resamples", type=int, help="bootstrap resamples (default 1000)")
+    scoring.add_argument("--confidence", type=float, help="interval coverage (default 0.95)")
     output = parser.add_argument_group("output")
     output.add_argument(
         "--out",
@@ -204,9 +202,11 @@ def _config(args: argparse.Namespace) -> Any:
         device=args.device,
         dtype=args.dtype,
         seed=args.seed,
-        pass_rule=PassRule(args.pass_on, args.pass_threshold),
-        resamples=args.resamples,
-        confidence=args.confidence,
+        pass_rule=PassRule(
+            args.pass_on or "reward", 1.0 if args.pass_threshold is None else args.pass_threshold
+        ),
+        resamples=args.resamples or 1000,
+        confidence=args.confidence or 0.95,
         retry_errors=args.retry_errors,
         out=args.out,
     )
@@ -224,7 +224,9 @@ def _compare(args: argparse.Namespace) -> int:
     from agentrl.evaluation.compare import compare_runs, format_compare, load_results, render_compare
 
     a, b = (load_results(path) for path in args.compare)
-    result = compare_runs(a, b, resamples=args.resamples, confidence=args.confidence, seed=args.seed)
+    result = compare_runs(
+        a, b, resamples=args.resamples or 1000, confidence=args.confidence or 0.95, seed=args.seed
+    )
     print(format_compare(result))
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
@@ -239,14 +241,14 @@ def _compare(args: argparse.Namespace) -> int:
 def _report_only(args: argparse.Namespace) -> int:
     from agentrl.errors import ConfigError
     from agentrl.evaluation.harness import report_only
-    from agentrl.evaluation.metrics import PassRule
 
     if args.out is None:
         raise ConfigError("--report-only needs --out: the output directory of an earlier agentrl eval")
     outcome = report_only(
         args.out,
         echo=_echo,
-        pass_rule=PassRule(args.pass_on, args.pass_threshold),
+        pass_on=args.pass_on,
+        pass_threshold=args.pass_threshold,
         ks=args.ks or None,
         resamples=args.resamples,
         confidence=args.confidence,

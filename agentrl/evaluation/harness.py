@@ -31,7 +31,7 @@ from agentrl.core import Env, Wrapper
 from agentrl.data.trajectory import Trajectory
 from agentrl.errors import ConfigError
 from agentrl.evaluation.config import EvalConfig
-from agentrl.evaluation.metrics import episode_stats, group_tasks, summarize
+from agentrl.evaluation.metrics import PassRule, episode_stats, group_tasks, summarize
 from agentrl.evaluation.store import EpisodeStore, check_identity, read_run_file, write_run_file
 from agentrl.rollout.runner import Task, derive_seed
 from agentrl.types import StopReason
@@ -209,39 +209,15 @@ def _record(
     return dataclasses.replace(trajectory, meta=meta)
 
 
-async def play(
-    config: EvalConfig,
-    pending: Sequence[tuple[int, int]],
-    store: EpisodeStore,
-    echo: Echo,
-    show_progress: bool,
-) -> None:
-    """Play the pending pairs with ``concurrency`` workers, appending each episode to the store."""
-    from agentrl.registry import spec
-    from agentrl.rollout.policy import SamplingParams
-    from agentrl.rollout.runner import RolloutLimits, Runner
+class _Slot:
+    """One worker's runner, and the envs it made (the latest one played the latest episode)."""
 
-    policy, tokenizer = build_policy(config)
-    sampling = SamplingParams(
-        max_tokens=config.max_new_tokens, temperature=config.temperature, top_p=config.top_p
-    )
-    limits = RolloutLimits(
-        max_turns=config.max_turns or spec(config.env).max_turns,
-        max_sampled_tokens=config.max_episode_tokens,
-        deadline_s=config.episode_timeout_s,
-    )
-    queue = deque(pending)
-    progress = _Progress(len(pending), echo, show_progress)
+    def __init__(self, config: EvalConfig, policy: Any, tokenizer: Any, sampling: Any, limits: Any):
+        from agentrl.rollout.runner import Runner
 
-    async def worker() -> None:
-        envs: list[_RecordResetInfo] = []
-
-        def factory() -> Any:  # a Wrapper, which the runner drives like an Env
-            envs.append(_RecordResetInfo(make_env(config)))
-            return envs[-1]
-
-        runner = Runner(
-            factory,
+        self.envs: list[_RecordResetInfo] = []
+        self.runner = Runner(
+            self._make_env,
             policy,
             tokenizer,
             sampling=sampling,
@@ -251,24 +227,71 @@ async def play(
             template=config.template,
             prompt_format=config.resolved_prompt_format,
         )
-        try:
-            while queue:
-                key = queue.popleft()
-                runner.seed, runner.calls = (
-                    sample_seed(config.seed, *key),
-                    0,
-                )  # call 0 of the pair's own runner
-                [group] = await runner.run([eval_task(config, key[0])], group_size=1)
-                info = envs[-1].reset_info if envs else {}
-                store.append(_record(config, group.trajectories[0], key, info))
-                progress.update()
-        finally:
-            await runner.aclose()
+        self.config = config
 
+    def _make_env(self) -> Any:  # a Wrapper, which the runner drives like an Env
+        self.envs.append(_RecordResetInfo(make_env(self.config)))
+        return self.envs[-1]
+
+    async def play(self, key: tuple[int, int]) -> Trajectory:
+        """Episode ``key``: call 0 of a runner seeded by the pair alone, so no other episode changes it."""
+        self.runner.seed, self.runner.calls = sample_seed(self.config.seed, *key), 0
+        [group] = await self.runner.run([eval_task(self.config, key[0])], group_size=1)
+        info = self.envs[-1].reset_info if self.envs else {}
+        return _record(self.config, group.trajectories[0], key, info)
+
+
+async def play(
+    config: EvalConfig,
+    pending: Sequence[tuple[int, int]],
+    store: EpisodeStore,
+    echo: Echo,
+    show_progress: bool,
+) -> None:
+    """Play the pending pairs with ``concurrency`` workers, appending each episode to the store.
+
+    Episode failures are trajectories; anything else (a template the runner refuses, a full disk) stops
+    every worker before it is raised, so no episode is recorded against a closed policy.
+    """
+    from agentrl.registry import spec
+    from agentrl.rollout.policy import SamplingParams
+    from agentrl.rollout.runner import RolloutLimits
+
+    policy, tokenizer = build_policy(config)
     try:
-        await asyncio.gather(*(worker() for _ in range(min(config.concurrency, len(pending)))))
+        sampling = SamplingParams(
+            max_tokens=config.max_new_tokens, temperature=config.temperature, top_p=config.top_p
+        )
+        limits = RolloutLimits(
+            max_turns=config.max_turns or spec(config.env).max_turns,
+            max_sampled_tokens=config.max_episode_tokens,
+            deadline_s=config.episode_timeout_s,
+        )
+        slots = [
+            _Slot(config, policy, tokenizer, sampling, limits)
+            for _ in range(min(config.concurrency, len(pending)))
+        ]
+        queue = deque(pending)
+        progress = _Progress(len(pending), echo, show_progress)
+
+        async def worker(slot: _Slot) -> None:
+            try:
+                while queue:
+                    key = queue.popleft()
+                    store.append(await slot.play(key))
+                    progress.update()
+            finally:
+                await slot.runner.aclose()
+
+        tasks = [asyncio.ensure_future(worker(slot)) for slot in slots]
+        try:
+            await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            progress.close()
     finally:
-        progress.close()
         await policy.aclose()
 
 
@@ -412,25 +435,40 @@ def _key(trajectory: Trajectory) -> tuple[int, int]:
     return int(trajectory.meta["task_index"]), int(trajectory.meta["sample_index"])
 
 
-def report_only(out: Path, echo: Echo = print, **analysis: Any) -> EvalOutcome:
+def report_only(
+    out: Path,
+    echo: Echo = print,
+    *,
+    pass_on: str | None = None,
+    pass_threshold: float | None = None,
+    ks: Sequence[int] | None = None,
+    resamples: int | None = None,
+    confidence: float | None = None,
+) -> EvalOutcome:
     """Score the episodes saved in ``out`` again (e.g. with another pass rule) and rewrite the report.
 
     Args:
         out: an output directory of :func:`evaluate`.
-        **analysis: settings to change for scoring only: ``pass_rule``, ``ks``, ``resamples``,
-            ``confidence``, ``n``, ``k``.
+        pass_on, pass_threshold, ks, resamples, confidence: scoring settings to change; None keeps the
+            saved run's.
 
     Raises:
-        ConfigError: ``out`` holds no evaluation, or a setting other than the scoring ones was given.
+        ConfigError: ``out`` holds no evaluation or no episodes, or a new setting is invalid.
     """
-    allowed = {"pass_rule", "ks", "resamples", "confidence", "n", "k"}
-    if set(analysis) - allowed:
-        raise ConfigError(f"--report-only only rescores; it cannot change {sorted(set(analysis) - allowed)}")
     saved = read_run_file(out)
     if saved is None or "config" not in saved:
         raise ConfigError(f"{out} holds no agentrl eval run (no run.json); pass the --out of an earlier eval")
-    config = EvalConfig.from_dict(
-        {**saved["config"], **{k: v for k, v in analysis.items() if v is not None}, "out": str(out)}
+    config = EvalConfig.from_dict({**saved["config"], "out": str(out)})
+    rule = PassRule(
+        config.pass_rule.on if pass_on is None else pass_on,
+        config.pass_rule.threshold if pass_threshold is None else pass_threshold,
+    )
+    config = dataclasses.replace(
+        config,
+        pass_rule=rule,
+        ks=tuple(ks) if ks else config.ks,
+        resamples=config.resamples if resamples is None else resamples,
+        confidence=config.confidence if confidence is None else confidence,
     )
     started = time.monotonic()
     with EpisodeStore(out, echo) as store:

@@ -77,7 +77,8 @@ def reward_histogram(results: Mapping[str, Any], path: Path) -> str | None:
     failed = [s["reward"] for s in samples if not s["passed"]]
     rewards = passed + failed
     lo, hi = min(rewards), max(rewards)
-    bins: Any = 20 if hi > lo else [lo - 0.5, lo + 0.5]
+    half = 0.05 * max(1.0, abs(lo))  # one narrow bar when every episode got the same reward
+    bins: Any = 20 if hi > lo else [lo - half, lo + half]
     ax.hist(
         [failed, passed],
         bins=bins,
@@ -90,7 +91,7 @@ def reward_histogram(results: Mapping[str, Any], path: Path) -> str | None:
         ax.axvline(rule["threshold"], color="#333333", linestyle="--", linewidth=1, label="pass threshold")
     ax.set_xlabel("total reward")
     ax.set_ylabel("episodes")
-    ax.legend(fontsize=8, frameon=False)
+    ax.legend(fontsize=8, frameon=False, loc="best")
     return _save(fig, path)
 
 
@@ -153,8 +154,9 @@ def stop_reasons(results: Mapping[str, Any], path: Path) -> str | None:
         return None
     fig, ax = _figure("stop reasons")
     names = list(counts)[::-1]
+    ax.set_ylim(-0.5 - max(0, 3 - len(names)) / 2, len(names) - 0.5 + max(0, 3 - len(names)) / 2)
     colors = [PASS_COLOR if n == "terminated" else FAIL_COLOR if n == "error" else "#c99a2e" for n in names]
-    ax.barh(names, [counts[n] for n in names], color=colors)
+    ax.barh(names, [counts[n] for n in names], color=colors, height=0.6)
     ax.set_xlabel("episodes")
     ax.grid(axis="x", alpha=0.3)
     ax.grid(axis="y", visible=False)

@@ -7,6 +7,7 @@ escaped with :func:`escape` before it reaches HTML; the pages carry no scripts.
 from __future__ import annotations
 
 import html
+import json
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -39,12 +40,15 @@ th{background:#eef1f4;font-weight:600} td.num{text-align:right;font-variant-nume
 details.sample{background:#fff;border:1px solid #dde1e6;border-radius:8px;margin:10px 0;padding:6px 12px}
 details.sample>summary{cursor:pointer;font-weight:600;padding:4px 0}
 .msg{border-left:4px solid #c5ccd5;margin:10px 0;padding:2px 10px}
-.msg .role{font-size:12px;text-transform:uppercase;letter-spacing:.05em;color:#5b6573}
+.msg .role{font-size:12px;color:#5b6573} .msg .role .name{text-transform:uppercase;letter-spacing:.05em}
 .msg.assistant{border-color:#3b6ea8} .msg.tool{border-color:#c99a2e} .msg.user{border-color:#3a8a4f}
 .msg.system{border-color:#8a8f96}
 pre{white-space:pre-wrap;word-break:break-word;margin:4px 0;font:13px/1.4 ui-monospace,Menlo,Consolas,monospace}
 .reward{font-size:13px;color:#2a5d9f;margin:2px 0 0} .error{background:#fbeceb;border:1px solid #e8b9b4;padding:6px 10px;border-radius:6px}
 nav{margin:8px 0 16px} nav a{margin-right:14px}
+.call{margin:4px 0;font-size:14px} .call .arg{margin:2px 0 0 18px;color:#5b6573;font-size:13px}
+pre.code{margin-left:18px;background:#f3f5f8;padding:6px 8px;border-radius:4px}
+.msg details summary{cursor:pointer;color:#7a8491;font-size:12px}
 """
 
 
@@ -129,7 +133,7 @@ def _cards(results: Mapping[str, Any]) -> str:
         (
             "errors",
             str(metrics["errors"]["count"]),
-            f"{_num(metrics['stop_shares']['truncated'], 2)} truncated",
+            f"{100 * (metrics['stop_shares']['truncated'] or 0):.0f}% truncated",
         )
     )
     return "".join(
@@ -208,6 +212,7 @@ def transcript_name(task_index: int) -> str:
 def _tasks_table(results: Mapping[str, Any]) -> str:
     ks = list(results["metrics"]["pass_at_k"])
     head = "".join(f"<th>pass@{escape(k)}</th>" for k in ks)
+    with_env_ids = any(task.get("env_task_id") is not None for task in results["tasks"])
     rows = []
     for task in results["tasks"]:
         link = transcript_name(task["task_index"])
@@ -219,20 +224,19 @@ def _tasks_table(results: Mapping[str, Any]) -> str:
         )
         cells = "".join(f'<td class="num">{_num(task["pass_at_k"].get(k))}</td>' for k in ks)
         turns = sum(s["turns"] for s in task["samples"]) / max(1, len(task["samples"]))
+        env_id = f"<td>{escape(task.get('env_task_id', ''))}</td>" if with_env_ids else ""
         rows.append(
-            f'<tr><td><a href="{link}">{escape(task["task_id"])}</a></td><td>{escape(task.get("env_task_id", ""))}</td>'
+            f'<tr><td><a href="{link}">{escape(task["task_id"])}</a></td>{env_id}'
             f'<td class="num">{task["passed"]}/{task["n"]}</td><td class="dots">{dots}</td>{cells}'
             f'<td class="num">{_num(task["mean_reward"])}</td><td class="num">{turns:.1f}</td></tr>'
         )
     return (
-        f"<table><tr><th>task</th><th>env task id</th><th>passed</th><th>samples</th>{head}"
+        f"<table><tr><th>task</th>{'<th>env task id</th>' if with_env_ids else ''}<th>passed</th><th>samples</th>{head}"
         f"<th>mean reward</th><th>mean turns</th></tr>{''.join(rows)}</table>"
     )
 
 
 def _config_table(config: Mapping[str, Any]) -> str:
-    import json
-
     rows = "".join(
         f"<tr><th>{escape(key)}</th><td><code>{escape(json.dumps(value, default=str))}</code></td></tr>"
         for key, value in config.items()
@@ -279,23 +283,45 @@ def render_report(results: Mapping[str, Any], plots: Sequence[tuple[str, str]]) 
 
 
 # ---------------------------------------------------------------------------------------------- transcripts
+def _tool_calls(content: str) -> str:
+    """An assistant turn with tool calls: its text, then each call with its arguments laid out (code with
+    real line breaks), the malformed blocks counted, and the raw text one click away. '' for no calls."""
+    from agentrl.tools import parse_tool_calls
+
+    parsed = parse_tool_calls(content)
+    if not parsed.calls:
+        return ""
+    parts = [f"<pre>{escape(parsed.content)}</pre>"] if parsed.content else []
+    for call in parsed.calls:
+        args = []
+        for name, value in call.arguments.items():
+            if isinstance(value, str) and ("\n" in value or len(value) > 80):
+                args.append(f'<div class="arg">{escape(name)}:</div><pre class="code">{escape(value)}</pre>')
+            else:
+                args.append(
+                    f'<div class="arg">{escape(name)} = <code>{escape(json.dumps(value))}</code></div>'
+                )
+        parts.append(f'<div class="call">→ call <strong>{escape(call.name)}</strong>{"".join(args)}</div>')
+    if parsed.errors:
+        parts.append(f'<p class="bad">{len(parsed.errors)} malformed tool call(s); see the raw text</p>')
+    parts.append(f"<details><summary>raw text</summary><pre>{escape(content)}</pre></details>")
+    return "".join(parts)
+
+
 def _message(message: Mapping[str, Any], reward_line: str) -> str:
     role = str(message.get("role", "?"))
-    label = role
-    if message.get("name"):
-        label += f" · {message['name']}"
-    if message.get("tool_call_id"):
-        label += f" · {message['tool_call_id']}"
+    label = f'<span class="name">{escape(role)}</span>'
+    for key in ("name", "tool_call_id"):  # shown as sent: ids are case-sensitive
+        if message.get(key):
+            label += f" · {escape(message[key])}"
     content = str(message.get("content") or "")
     more = ""
     if len(content) > MAX_MESSAGE_CHARS:
         more = f'<p class="muted">… {len(content) - MAX_MESSAGE_CHARS} more characters (full text in episodes.jsonl)</p>'
         content = content[:MAX_MESSAGE_CHARS]
     role_class = role if role in ("system", "user", "assistant", "tool") else "other"
-    return (
-        f'<div class="msg {role_class}"><div class="role">{escape(label)}</div><pre>{escape(content)}</pre>'
-        f"{more}{reward_line}</div>"
-    )
+    body = (_tool_calls(content) if role == "assistant" else "") or f"<pre>{escape(content)}</pre>"
+    return f'<div class="msg {role_class}"><div class="role">{label}</div>{body}{more}{reward_line}</div>'
 
 
 def _sample(trajectory: Trajectory, sample: Mapping[str, Any], open_: bool) -> str:
