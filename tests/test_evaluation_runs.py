@@ -165,7 +165,8 @@ def test_compare_two_runs(reference, tmp_path):
 def chat_server(
     answer: Callable[[dict[str, Any]], dict[str, Any]],
 ) -> Iterator[tuple[str, list[dict[str, Any]]]]:
-    """A real OpenAI-compatible ``/v1/chat/completions`` server on loopback, answering with ``answer(body)``."""
+    """A real OpenAI-compatible ``/v1/chat/completions`` server on loopback, answering with ``answer(body)``
+    (an assistant message; one with ``"status"`` is sent as that HTTP error instead)."""
     seen: list[dict[str, Any]] = []
 
     class Handler(BaseHTTPRequestHandler):
@@ -176,17 +177,13 @@ def chat_server(
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             seen.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
             message = answer(body)
-            data = json.dumps(
-                {
-                    "id": "c",
-                    "object": "chat.completion",
-                    "model": body["model"],
-                    "choices": [
-                        {"index": 0, "message": {"role": "assistant", **message}, "finish_reason": "stop"}
-                    ],
-                }
-            ).encode()
-            self.send_response(200)
+            status = int(message.pop("status", 200))
+            choice = {"index": 0, "message": {"role": "assistant", **message}, "finish_reason": "stop"}
+            reply = {"id": "c", "object": "chat.completion", "model": body["model"], "choices": [choice]}
+            if status != 200:
+                reply = {"error": {"message": message.get("content", "failed"), "code": status}}
+            data = json.dumps(reply).encode()
+            self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
@@ -367,3 +364,20 @@ def test_code_sandbox_humaneval_scores_submissions_through_a_server(tmp_path):
     assert results["metrics"]["pass_at_k"]["1"]["value"] == pytest.approx(2 / 3)
     assert results["metrics"]["reward_components"]["correct"] == pytest.approx(2 / 3)
     assert results["metrics"]["stop_reasons"] == {"terminated": 6}
+
+
+def test_failed_episodes_are_kept_and_replayed_with_retry_errors(tmp_path):
+    out = tmp_path / "retry"
+    args = ["--env", "toy-guess", "--model", "m", "--n", "2", "--k", "2", "--pass-on", "solved", "--quiet"]
+    with chat_server(lambda body: {"status": 400, "content": "no such adapter"}) as (url, _):
+        code, stdout, stderr = eval_cli(*args, "--base-url", url, "--out", str(out))
+    assert code == 1 and "every episode played failed" in stderr and "answered 400: no such adapter" in stderr
+    assert "--retry-errors" in stderr and "stop reasons      error 4" in stdout
+    with chat_server(binary_search) as (url, seen):
+        code, stdout, _ = eval_cli(*args, "--base-url", url, "--out", str(out))  # failures are results
+        assert code == 0 and not seen and results_of(out)["metrics"]["errors"]["count"] == 4
+        code, stdout, _ = eval_cli(*args, "--base-url", url, "--out", str(out), "--retry-errors")
+    assert code == 0 and seen and "4 played now, 0 resumed" in stdout
+    results = results_of(out)
+    assert results["metrics"]["errors"]["count"] == 0 and results["metrics"]["pass_at_k"]["1"]["value"] == 1.0
+    assert len((out / "episodes.jsonl").read_text().splitlines()) == 8  # the latest record of a pair counts
