@@ -32,7 +32,13 @@ from agentrl.data.trajectory import Trajectory
 from agentrl.errors import ConfigError
 from agentrl.evaluation.config import EvalConfig
 from agentrl.evaluation.metrics import PassRule, episode_stats, group_tasks, summarize
-from agentrl.evaluation.store import EpisodeStore, check_identity, read_run_file, write_run_file
+from agentrl.evaluation.store import (
+    EpisodeStore,
+    check_identity,
+    episode_key,
+    read_run_file,
+    write_run_file,
+)
 from agentrl.rollout.runner import Task, derive_seed
 from agentrl.types import StopReason
 
@@ -424,15 +430,11 @@ def evaluate(config: EvalConfig, *, echo: Echo = print, show_progress: bool = Tr
             asyncio.run(play(config, pending, store, echo, show_progress))
         trajectories = [store.episodes[(i, s)] for i in range(config.n) for s in range(config.k)]
     played_keys = set(pending)
-    played_now = [t for t in trajectories if _key(t) in played_keys]
+    played_now = [t for t in trajectories if episode_key(t) in played_keys]
     timing = {"wall_s": time.monotonic() - started, "played": len(pending), "resumed": resumed}
     results = _finish(config, trajectories, timing)
     failed_all = bool(played_now) and all(t.stop_reason == StopReason.ERROR for t in played_now)
     return EvalOutcome(results, out, len(pending), resumed, failed_all)
-
-
-def _key(trajectory: Trajectory) -> tuple[int, int]:
-    return int(trajectory.meta["task_index"]), int(trajectory.meta["sample_index"])
 
 
 def report_only(

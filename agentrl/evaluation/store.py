@@ -26,7 +26,15 @@ from typing import IO, Any
 from agentrl.data.trajectory import Trajectory
 from agentrl.errors import ConfigError
 
-__all__ = ["EPISODES_FILE", "RUN_FILE", "EpisodeStore", "check_identity", "read_run_file", "write_run_file"]
+__all__ = [
+    "EPISODES_FILE",
+    "RUN_FILE",
+    "EpisodeStore",
+    "check_identity",
+    "episode_key",
+    "read_run_file",
+    "write_run_file",
+]
 
 EPISODES_FILE = "episodes.jsonl"
 RUN_FILE = "run.json"
@@ -37,6 +45,7 @@ Key = tuple[int, int]
 
 
 def episode_key(trajectory: Trajectory) -> Key:
+    """The (task index, sample index) a harness episode records in its ``meta``."""
     return int(trajectory.meta["task_index"]), int(trajectory.meta["sample_index"])
 
 
