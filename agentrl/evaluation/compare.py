@@ -166,6 +166,8 @@ def _mean(values: Sequence[float]) -> float:
 def _f(value: Any, digits: int = 3, sign: bool = False) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "–"
+    if isinstance(value, int) and not isinstance(value, bool):  # counts stay counts
+        return f"{value:+d}" if sign else str(value)
     return f"{value:+.{digits}f}" if sign else f"{value:.{digits}f}"
 
 
