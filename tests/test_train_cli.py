@@ -83,7 +83,10 @@ def test_a_tiny_run_goes_through_every_phase_into_its_run_directory(tmp_path):
     assert (run_dir / "checkpoints" / "rl" / "step-000006" / "model.safetensors").is_file()
     assert (run_dir / "config.yaml").is_file() and any((run_dir / "tensorboard").rglob("events.out.*"))
     phases = {json.loads(line)["meta"]["phase"] for line in (run_dir / "trajectories.jsonl").read_text().splitlines()}
-    assert phases == {"rl", "eval-sft", "eval-rl"}
+    assert phases == {"rl"}
+    for stage in ("sft", "rl"):  # the harness's own output: results, report, every transcript
+        results = json.loads((run_dir / "eval" / stage / "results.json").read_text())
+        assert results["metrics"]["tasks"] == 8 and (run_dir / "eval" / stage / "report.html").is_file()
 
 
 def test_a_run_killed_with_sigkill_resumes_to_the_straight_runs_result(tmp_path):

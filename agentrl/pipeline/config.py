@@ -76,7 +76,10 @@ class EvalSection(_Strict):
         default_factory=dict, description="agentrl.make keyword arguments selecting the held-out tasks"
     )
     max_new_tokens: int | None = Field(None, ge=1, description="tokens per turn; None: the learner's")
-    pass_threshold: float = Field(1.0, description="an episode passes when its total reward is at least this")
+    pass_on: str = Field(
+        "reward", description="what passing reads: 'reward' (the total) or a reward component, e.g. 'correct'"
+    )
+    pass_threshold: float = Field(1.0, description="an episode passes when pass_on is at least this, e.g. 1.0")
     seed: int = Field(12345, description="seeds the held-out tasks, apart from training's")
 
 

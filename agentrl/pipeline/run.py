@@ -6,7 +6,8 @@ newest checkpoint with optimizer, scheduler, RNG, step and data position restore
 Phases, in order (each skipped when its section turns it off)::
 
     sft       the env's reference demonstrations (``env.demonstration(i)`` for i < sft.demos) -> SFT learner
-    eval-sft  greedy episodes on ``eval.tasks`` held-out tasks: pass@1, mean reward
+    eval-sft  greedy episodes on ``eval.tasks`` held-out tasks by the evaluation harness (``eval/sft/``:
+              results.json, report.html with every transcript): pass@1 with its interval, mean reward
     rl        the algorithm's learner from the SFT checkpoint (or the starting model)
     eval-rl   the same held-out tasks with the RL checkpoint
 """
@@ -22,23 +23,31 @@ from typing import IO, Any
 from agentrl.data.buffer import TrajectoryGroup
 from agentrl.errors import ConfigError
 from agentrl.pipeline.config import Resolved
-from agentrl.tracking import Progress, RunDir, flatten_metrics, read_metrics
+from agentrl.tracking import Progress, RunDir, flatten_metrics
 
-__all__ = ["EvalResult", "RunSummary", "evaluate_policy", "run_pipeline"]
+__all__ = ["EvalResult", "RunSummary", "evaluate_checkpoint", "run_pipeline"]
 
 
 @dataclass(frozen=True)
 class EvalResult:
-    """Greedy held-out evaluation: pass@1 (share of tasks whose episode reached the pass threshold), the
-    mean reward, and the episodes."""
+    """Greedy held-out evaluation by the harness: pass@1 with its bootstrap interval, the mean reward, and
+    the directory with the episodes, ``results.json`` and the HTML report with every transcript."""
 
     pass_at_1: float
+    ci: tuple[float, float]
     reward_mean: float
     tasks: int
-    groups: Sequence[TrajectoryGroup]
+    out: Path
+
+    @classmethod
+    def from_results(cls, results: Mapping[str, Any], out: Path) -> EvalResult:
+        metrics = results["metrics"]
+        pass1 = metrics["pass_at_k"]["1"]
+        return cls(pass1["value"], tuple(pass1["ci"]), metrics["reward"]["value"], metrics["tasks"], out)  # type: ignore[arg-type]
 
     def metrics(self) -> dict[str, float]:
-        return {"pass@1": self.pass_at_1, "reward_mean": self.reward_mean, "tasks": self.tasks}
+        return {"pass@1": self.pass_at_1, "pass@1/ci_low": self.ci[0], "pass@1/ci_high": self.ci[1],
+                "reward_mean": self.reward_mean, "tasks": self.tasks}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -51,25 +60,22 @@ class RunSummary:
     report: Path | None
 
 
-def evaluate_policy(model: Any, tokenizer: Any, resolved: Resolved, max_new_tokens: int) -> EvalResult:
-    """Play each of ``eval.tasks`` held-out tasks once, greedily, with ``model``."""
-    from agentrl.rollout.hf import HFPolicy
-    from agentrl.rollout.policy import SamplingParams
-    from agentrl.rollout.runner import rollout
+def evaluate_checkpoint(checkpoint: Path, resolved: Resolved, out: Path, max_new_tokens: int) -> EvalResult:
+    """Play each of ``eval.tasks`` held-out tasks once, greedily, with the model at ``checkpoint``, through
+    the evaluation harness (resumable in ``out``)."""
+    from agentrl.evaluation.config import EvalConfig
+    from agentrl.evaluation.harness import evaluate
+    from agentrl.evaluation.metrics import PassRule
 
-    run, section = resolved.run, resolved.run.eval
-    was_training = model.training
-    model.eval()
-    try:
-        policy = HFPolicy(model, tokenizer, seed=section.seed, max_batch=min(section.tasks, 256))
-        groups = rollout(run.env, policy, tokenizer, section.tasks, group_size=1, env_kwargs=section.env_kwargs,
-                         sampling=SamplingParams(max_tokens=max_new_tokens, temperature=0.0), seed=section.seed,
-                         concurrency=min(section.tasks, 256), template=resolved.learner.template)  # fmt: skip
-    finally:
-        model.train(was_training)
-    rewards = [t.total_reward for g in groups for t in g]
-    passed = sum(r >= section.pass_threshold for r in rewards)
-    return EvalResult(passed / len(rewards), sum(rewards) / len(rewards), len(rewards), groups)
+    section = resolved.run.eval
+    config = EvalConfig(
+        env=resolved.run.env, env_kwargs=section.env_kwargs, model=str(checkpoint), n=section.tasks, k=1,
+        temperature=0.0, max_new_tokens=max_new_tokens, seed=section.seed, concurrency=min(section.tasks, 128),
+        pass_rule=PassRule(section.pass_on, section.pass_threshold), template=resolved.learner.template,
+        device=resolved.learner.device, out=out,
+    )  # fmt: skip
+    outcome = evaluate(config, echo=lambda line: None, show_progress=False)
+    return EvalResult.from_results(outcome.results, out)
 
 
 def run_pipeline(resolved: Resolved, *, stream: IO[str] | None = None, report: bool = True) -> RunSummary:
@@ -161,14 +167,15 @@ def _rl_phase(resolved: Resolved, out: RunDir, stream: IO[str] | None) -> Path |
     train = load_object(resolved.train, f"the {resolved.run.algo!r} learner")
     config, step = _resume_point(out, "rl", config)
     out.start_phase("rl", total=config.max_steps, step=step)
-    threshold, every = resolved.run.eval.pass_threshold, resolved.run.trajectories_every
+    from agentrl.evaluation.metrics import PassRule
+
+    passed, every = PassRule(resolved.run.eval.pass_on, resolved.run.eval.pass_threshold), resolved.run.trajectories_every
     played: dict[int, dict[str, float]] = {}
 
     def on_rollout(step: int, groups: Sequence[TrajectoryGroup]) -> None:
         trajectories = [t for g in groups for t in g]
-        rewards = [t.total_reward for t in trajectories]
         played[step] = {
-            "pass_rate": sum(r >= threshold for r in rewards) / max(len(rewards), 1),
+            "pass_rate": sum(map(passed, trajectories)) / max(len(trajectories), 1),
             **{f"monitor/{k}": v for k, v in trajectory_monitors(trajectories).items()},
         }
         if every and (step == 1 or step % every == 0):
@@ -190,22 +197,19 @@ def _rl_phase(resolved: Resolved, out: RunDir, stream: IO[str] | None) -> Path |
 
 def _eval_phase(phase: str, checkpoint: Path | None, resolved: Resolved, out: RunDir, max_new_tokens: int,
                 stream: IO[str] | None) -> EvalResult | None:  # fmt: skip
-    """Evaluate ``checkpoint`` on the held-out tasks (skipped with ``eval.tasks`` 0 or when already done)."""
+    """Evaluate ``checkpoint`` on the held-out tasks into ``eval/<stage>/`` (skipped with ``eval.tasks`` 0)."""
     if resolved.run.eval.tasks == 0 or checkpoint is None:
         return None
+    where = out.path / "eval" / phase.removeprefix("eval-")
     if out.is_finished(phase):  # a resumed run: what it measured then
-        records = read_metrics(out.path, phase)
-        last = records[-1].metrics if records else {}
-        return EvalResult(float(last.get("pass@1") or 0.0), float(last.get("reward_mean") or 0.0),
-                          int(last.get("tasks") or 0), ())  # fmt: skip
-    from agentrl.models.loading import load_model, load_tokenizer
+        import json
 
+        return EvalResult.from_results(json.loads((where / "results.json").read_text(encoding="utf-8")), where)
     if not Path(checkpoint).is_dir():
         raise ConfigError(f"{phase}: the checkpoint {checkpoint} is missing; rerun the phase that writes it")
     out.start_phase(phase, total=1)
-    result = evaluate_policy(load_model(checkpoint), load_tokenizer(checkpoint), resolved, max_new_tokens)
+    result = evaluate_checkpoint(checkpoint, resolved, where, max_new_tokens)
     out.log(phase, 0, result.metrics())
-    out.add_trajectories(phase, 0, [t for g in result.groups for t in g])
     out.finish_phase(phase)
     with Progress(phase, 1, stream=stream, interval_s=0) as bar:
         bar.update(1, result.metrics())
