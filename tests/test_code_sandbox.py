@@ -61,9 +61,9 @@ def make():
         env.close()
 
 
-def play_demonstration(env: CodeSandboxEnv, task) -> list:
+def play_demonstration(env: CodeSandboxEnv, task, check: bool = True) -> list:
     """Replay the task's demonstration as a scripted policy; every env message must equal the demonstration's."""
-    demo = demonstration(task)
+    demo = demonstration(task, check=check)
     obs, info = env.reset(seed=0, options={"task": task})
     assert obs == demo[:2] and info["task_id"] == task.task_id
     steps, expected = [], demo[2:]
@@ -116,6 +116,27 @@ def test_scripted_policy_solves_generated_tasks_with_the_demonstration(env, seed
     assert steps[0].info["reward_raw"]["runs"] == 1.0
     assert steps[-1].reward == 1.0 and steps[-1].info["grade"]["passed"] == 5
     assert env.last_grade is not None and env.last_grade.all_passed
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_demonstration_without_the_check_submits_in_one_turn(env, seed):
+    task = generate_tasks(1, seed=seed, config="sft")[0]
+    demo = demonstration(task, check=False)
+    assert [m["role"] for m in demo] == ["system", "user", "assistant"]
+    assert demo[2] == demonstration(task)[-1]  # the same submission the checked demonstration ends with
+    steps = play_demonstration(env, task, check=False)
+    assert len(steps) == 1 and steps[0].terminated and steps[0].reward == 1.0
+
+
+def test_the_env_demonstrates_a_task_or_a_seed_under_its_own_system_prompt(make):
+    env = make("sft", system_prompt="Write it.")
+    task = generate_tasks(1, seed=4, config="sft")[0]
+    assert env.demonstration(task, check=False) == demonstration(task, "Write it.", check=False)
+    assert env.demonstration(7) == env.demonstration(7)  # a seed draws the same task every time
+    drawn = env.demonstration(7)
+    assert drawn[0] == {"role": "system", "content": "Write it."} and len(drawn) == 5
+    listed = make([task])
+    assert listed.demonstration(0) == demonstration(task)
 
 
 @pytest.mark.parametrize(("loader", "task_id"), [(load_humaneval, "HumanEval/32"), (load_mbpp, "MBPP/17")])

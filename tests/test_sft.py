@@ -21,6 +21,8 @@ from agentrl.learners.sft import (
     env_demonstrations,
     masked_nll,
     read_messages_jsonl,
+    sft_loss,
+    shared_prefix_length,
     train_sft,
 )
 from agentrl.models.chat import ChatRenderer
@@ -146,6 +148,52 @@ def test_packing_gives_the_padded_loss(tokenizer, demos):
         batch = _collate(rows, tokenizer.pad_token_id, torch.device("cpu"))
         losses.append(masked_nll(_forward(model, batch, pack), batch["ids_B_T"], batch["mask_B_T"]).item())
     assert losses[0] == pytest.approx(losses[1], abs=1e-5)
+
+
+def _loss_and_grads(model, loss_fn):
+    model.zero_grad(set_to_none=True)
+    loss = loss_fn()
+    loss.backward()
+    return loss.item(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+def test_shared_prefix_length_stops_before_the_earliest_predicting_position():
+    ids = torch.tensor([[5, 6, 7, 8, 9, 1], [5, 6, 7, 8, 2, 3], [5, 6, 7, 4, 4, 4]])
+    mask = torch.zeros_like(ids)
+    mask[:, 5] = 1
+    assert shared_prefix_length(ids, mask) == 3  # rows agree on 3 tokens
+    mask[1, 3] = 1  # row 1's target at 3 is predicted by position 2: positions 0-1 may be shared
+    assert shared_prefix_length(ids, mask) == 2
+    assert shared_prefix_length(ids[:1], mask[:1]) == 0  # one row: nothing to share
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_sft_loss_gives_the_full_logits_loss_and_gradients(tokenizer, demos, pack):
+    """The LM head on target positions only, and the shared prefix run once (padded rows), change
+    neither the loss nor any parameter's gradient."""
+    model = load_model("tiny")
+    ledgers = [demonstration_ledger(ChatRenderer(tokenizer, d.tools), d.messages) for d in demos]
+    rows, _ = _rows(ledgers, 1024, pack=pack, seed=0)
+    batch = _collate(rows, tokenizer.pad_token_id, torch.device("cpu"))
+    shared = 0 if pack else shared_prefix_length(batch["ids_B_T"], batch["mask_B_T"])
+    assert pack or shared > 50  # the system prompt with the tool schemas
+    full = _loss_and_grads(model, lambda: masked_nll(_forward(model, batch, pack), batch["ids_B_T"], batch["mask_B_T"]))
+    fast = _loss_and_grads(model, lambda: sft_loss(model, batch, pack, shared))
+    assert fast[0] == pytest.approx(full[0], abs=1e-5)
+    for name, grad in full[1].items():
+        torch.testing.assert_close(fast[1][name], grad, atol=1e-5, rtol=0, msg=name)
+
+
+def test_shared_prefix_runs_give_the_plain_runs_weights(demos):
+    common = {"max_steps": 3, "batch_size": 4, "warmup_steps": 0, "max_seq_len": 1024}
+    shared = train_sft(SFTConfig(**common), demos)
+    plain = train_sft(SFTConfig(**common, share_prefix=False), demos)
+    assert [log.loss for log in shared.history] == pytest.approx([log.loss for log in plain.history], abs=1e-5)
+    assert all(a.computed_tokens < b.computed_tokens for a, b in zip(shared.history, plain.history, strict=True))
+    # Adam divides by the gradient's own scale, so a 1e-7 rounding difference can move a weight whose
+    # gradient is near zero by up to ~lr; 1e-4 still tells an exact layout from a wrong one (~lr per weight).
+    for (name, a), b in zip(shared.model.state_dict().items(), plain.model.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=0, msg=name)
 
 
 # ---- training -------------------------------------------------------------------------------------

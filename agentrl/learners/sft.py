@@ -43,6 +43,8 @@ __all__ = [
     "env_demonstrations",
     "masked_nll",
     "read_messages_jsonl",
+    "sft_loss",
+    "shared_prefix_length",
     "train_sft",
 ]
 
@@ -57,6 +59,12 @@ class SFTConfig(TrainConfig):
         2048, ge=2, description="tokens per row; longer conversations are cut, e.g. 2048"
     )
     pack: bool = Field(False, description="pack several conversations into each row of max_seq_len tokens")
+    share_prefix: bool = Field(
+        True,
+        description="run the token prefix all rows of a batch share (system prompt, tool schemas) once and "
+        "let every row attend to it; the same loss and gradients; padded rows only (not with pack or "
+        "gradient_checkpointing)",
+    )
 
 
 # ---- data ---------------------------------------------------------------------------------------
@@ -236,10 +244,80 @@ def _forward(model: Any, batch: Mapping[str, torch.Tensor], packed: bool) -> tor
     return model(input_ids=batch["ids_B_T"], attention_mask=batch["attention_B_T"], use_cache=False).logits
 
 
+def shared_prefix_length(ids_B_T: torch.Tensor, mask_B_T: torch.Tensor) -> int:
+    """How many leading tokens every row has in common and that predict no target.
+
+    A target at ``t`` is predicted by position ``t - 1``, so the prefix stops before the position that
+    predicts the earliest target of any row. 0 for a single row (nothing to share).
+    """
+    if ids_B_T.shape[0] < 2:
+        return 0
+    same_T = (ids_B_T == ids_B_T[:1]).all(dim=0).long()
+    common = int(same_T.cumprod(0).sum())
+    has_target_B = mask_B_T.any(dim=1)
+    if not bool(has_target_B.any()):
+        return common
+    first_target = int(mask_B_T[has_target_B].long().argmax(dim=1).min())
+    return max(0, min(common, first_target - 1))
+
+
+def _split_head(model: Any) -> tuple[Any, Any] | None:
+    """``(decoder, lm_head)`` when the logits are exactly ``lm_head(decoder(...))``; None for models that
+    scale or soft-cap them (those go through the full forward)."""
+    config = model.config
+    if any(getattr(config, name, None) for name in ("final_logit_softcapping", "logit_scale", "logits_scaling")):
+        return None
+    try:
+        decoder, head = model.get_decoder(), model.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    return (decoder, head) if decoder is not None and head is not None else None
+
+
+def _prefix_cache(decoder: Any, prefix_ids_1_P: torch.Tensor, rows: int, config: Any) -> Any:
+    """The shared prefix run once, its keys and values broadcast to ``rows`` rows (gradients flow back)."""
+    from transformers.cache_utils import DynamicCache
+
+    cache = decoder(input_ids=prefix_ids_1_P, use_cache=True).past_key_values
+    layers = [(layer.keys.expand(rows, -1, -1, -1), layer.values.expand(rows, -1, -1, -1)) for layer in cache.layers]
+    return DynamicCache(ddp_cache_data=layers, config=config)
+
+
+def sft_loss(model: Any, batch: Mapping[str, torch.Tensor], packed: bool, shared: int = 0) -> torch.Tensor:
+    """:func:`masked_nll` of the batch under ``model``, computing only what the loss reads.
+
+    The LM head and the softmax run only at positions that predict a target. With ``shared`` > 0 (padded
+    rows; at most :func:`shared_prefix_length`), the first ``shared`` tokens run once, batch 1, and every
+    row attends to their keys and values: the same loss and gradients as the plain layout, for a fraction
+    of the compute when a long system prompt opens every row.
+    """
+    ids_B_T, mask_B_T = batch["ids_B_T"], batch["mask_B_T"]
+    split = _split_head(model)
+    if split is None or (packed and shared):
+        return masked_nll(_forward(model, batch, packed), ids_B_T, mask_B_T)
+    decoder, head = split
+    if packed:
+        hidden_B_S_H = decoder(input_ids=ids_B_T, position_ids=batch["positions_B_T"], use_cache=False).last_hidden_state
+    elif shared:
+        cache = _prefix_cache(decoder, ids_B_T[:1, :shared], ids_B_T.shape[0], model.config)
+        hidden_B_S_H = decoder(
+            input_ids=ids_B_T[:, shared:], attention_mask=batch["attention_B_T"], past_key_values=cache,
+            position_ids=batch["positions_B_T"][:, shared:], use_cache=False,
+        ).last_hidden_state  # fmt: skip
+    else:
+        hidden_B_S_H = decoder(input_ids=ids_B_T, attention_mask=batch["attention_B_T"], use_cache=False).last_hidden_state
+    predicts_B_S = mask_B_T[:, shared + 1 :] != 0  # the hidden state at t predicts token t + 1
+    logits_N_V = head(hidden_B_S_H[:, :-1][predicts_B_S]).float()
+    targets_N = ids_B_T[:, shared + 1 :][predicts_B_S]
+    picked_N = torch.log_softmax(logits_N_V, dim=-1).gather(-1, targets_N.unsqueeze(-1)).squeeze(-1)
+    return -picked_N.sum() / max(int(predicts_B_S.sum()), 1)
+
+
 # ---- the loop -------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class StepLog:
-    """One optimizer step: its loss (before the update), learning rate, target tokens and wall seconds."""
+    """One optimizer step: its loss (before the update), learning rate, target tokens, wall seconds and the
+    tokens the forward computed."""
 
     step: int
     loss: float
@@ -247,6 +325,8 @@ class StepLog:
     tokens: int
     grad_norm: float
     seconds: float
+    computed_tokens: int = 0
+    """Tokens the forward ran over (padding included; a shared prefix once)."""
 
 
 @dataclass(frozen=True)
@@ -263,14 +343,15 @@ class SFTResult:
 
 def train_sft(
     config: SFTConfig,
-    demonstrations: Sequence[Demonstration],
+    demonstrations: Sequence[Demonstration | Trajectory],
     on_step: Callable[[StepLog], None] | None = None,
 ) -> SFTResult:
     """Fine-tune ``config.model`` on the assistant tokens of ``demonstrations``.
 
     Args:
         config: the run's settings.
-        demonstrations: conversations with tool calls; each is tokenized with the model's chat template.
+        demonstrations: conversations with tool calls, each tokenized with the model's chat template, or
+            recorded trajectories (e.g. the best samples of rejection sampling), trained on their ledgers.
         on_step: called after every optimizer step with its :class:`StepLog`.
 
     Returns:
@@ -285,8 +366,9 @@ def train_sft(
     device = torch.device(config.device)
     model, tokenizer = _model.load_trainable(config)
 
-    # Tokenize every conversation exactly as a rollout would have recorded it.
-    ledgers = [demonstration_ledger(ChatRenderer(tokenizer, d.tools, config.template), d.messages)
+    # Tokenize every conversation exactly as a rollout would have recorded it (a recorded one is used as is).
+    ledgers = [d if isinstance(d, Trajectory) else
+               demonstration_ledger(ChatRenderer(tokenizer, d.tools, config.template), d.messages)
                for d in demonstrations]  # fmt: skip
     rows, num_cut = _rows(ledgers, config.max_seq_len, config.pack, config.seed)
     if not rows:
@@ -305,21 +387,23 @@ def train_sft(
 
     history: list[StepLog] = []
     checkpoint: Path | None = None
+    share = config.share_prefix and not config.pack and not config.gradient_checkpointing
     batches = _train.iterate_batches(len(rows), config.batch_size, config.seed, start_step=step)
     while step < config.max_steps:
         started = time.perf_counter()
         batch = _collate([rows[i] for i in next(batches)], pad_id, device)
+        shared = shared_prefix_length(batch["ids_B_T"], batch["mask_B_T"]) if share else 0
         with _train.autocast(config.precision, device):
-            logits_B_T_V = _forward(model, batch, config.pack)
-        loss = masked_nll(logits_B_T_V, batch["ids_B_T"], batch["mask_B_T"])
+            loss = sft_loss(model, batch, config.pack, shared)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         lr = optimizer.param_groups[0]["lr"]
         grad_norm = _train.clip_and_step(model, optimizer, scheduler, config.grad_clip)
         step += 1
 
+        computed = batch["ids_B_T"].numel() - shared * (batch["ids_B_T"].shape[0] - 1)
         log = StepLog(step, loss.item(), lr, int(batch["mask_B_T"][:, 1:].sum()), float(grad_norm),
-                      time.perf_counter() - started)  # fmt: skip
+                      time.perf_counter() - started, computed)  # fmt: skip
         history.append(log)
         if on_step is not None:
             on_step(log)

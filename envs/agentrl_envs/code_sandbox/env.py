@@ -26,6 +26,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from agentrl.core import Env, ResetResult, StepResult
 from agentrl.errors import ConfigError, ToolCallError
 from agentrl.rewards import compose, parse_weights
@@ -39,6 +41,7 @@ from agentrl_envs.code_sandbox.prompts import (
     RUN_TOOL,
     SUBMIT_TOOL,
     SYSTEM_PROMPT,
+    demonstration,
     final_code_block,
     format_run,
 )
@@ -129,6 +132,23 @@ class CodeSandboxEnv(Env):
         self.system_prompt = system_prompt
         self.last_grade: GradeResult | None = None
         self._episode: _Episode | None = None
+
+    # ---- demonstrations ------------------------------------------------------------------------------
+    def demonstration(self, task: CodeTask | int, check: bool = True) -> list[Message]:
+        """The reference episode of ``task`` under this env's system prompt, for SFT (see
+        :func:`~agentrl_envs.code_sandbox.prompts.demonstration`).
+
+        Args:
+            task: a task, or a seed: the task a generator env draws from it (a data set env: its index).
+            check: run the reference on the task's example with ``run_python`` before submitting; False
+                submits at once (a one-turn episode).
+        """
+        if not isinstance(task, CodeTask):
+            if isinstance(self.source, GeneratorConfig):
+                task = generate_task(self.source, np.random.default_rng(int(task)))
+            else:
+                task = self.source[int(task)]
+        return demonstration(task, self.system_prompt, check=check)
 
     # ---- episode -------------------------------------------------------------------------------------
     def _pick(self, options: Mapping[str, Any]) -> CodeTask:

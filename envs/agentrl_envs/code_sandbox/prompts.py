@@ -97,18 +97,24 @@ def _assistant(call: ToolCall) -> Message:
     return {"role": "assistant", "content": format_tool_calls([call])}
 
 
-def demonstration(task: CodeTask, system_prompt: str = SYSTEM_PROMPT) -> list[Message]:
-    """A reference episode for SFT: a quick check of the reference solution with ``run_python`` (when the
-    task has an example), then ``submit`` of the reference.
+def demonstration(task: CodeTask, system_prompt: str = SYSTEM_PROMPT, check: bool = True) -> list[Message]:
+    """A reference episode for SFT: a quick check of the reference solution with ``run_python`` (when
+    ``check`` and the task has an example), then ``submit`` of the reference.
+
+    Args:
+        task: the task to demonstrate.
+        system_prompt: the system message (the env's ``system_prompt``).
+        check: run the reference on the task's example before submitting. False gives a one-turn episode
+            with about a third of the assistant tokens.
 
     Returns:
         The messages: system, user, then assistant tool calls and the tool results the env returns.
     """
     messages: list[Message] = [{"role": "system", "content": system_prompt}, {"role": "user", "content": task.prompt}]
-    if task.example is not None:
-        check = f"{task.reference.rstrip()}\n\nprint({task.example.text()})\n"
+    if check and task.example is not None:
+        code = f"{task.reference.rstrip()}\n\nprint({task.example.text()})\n"
         ran = ExecResult(exit_code=0, signal=None, stdout=task.example_stdout + "\n", stderr="")
-        messages.append(_assistant(ToolCall("run_python", {"code": check}, "call_0")))
+        messages.append(_assistant(ToolCall("run_python", {"code": code}, "call_0")))
         messages.append({"role": "tool", "content": format_run(ran), "tool_call_id": "call_0", "name": "run_python"})
     messages.append(_assistant(ToolCall("submit", {"code": task.reference}, "call_0")))
     return messages
