@@ -1,4 +1,5 @@
-"""``agentrl bench learner --vs trl``: our GRPO and TRL's ``GRPOTrainer`` side by side on one setup.
+"""``agentrl bench learner --vs trl``: our GRPO and TRL's ``GRPOTrainer`` side by side on one setup
+(``--algo dpo``: our DPO and TRL's ``DPOTrainer``, see :mod:`agentrl.bench.learner_dpo`).
 
 The setup: the tiny model warm-started by SFT (cached under ``--cache``), prompts "Add a and b. Put the
 result in <answer></answer>." with a, b in 10..99, reward 1.0 for the right number inside the tags (0.5
@@ -29,6 +30,7 @@ from agentrl.types import Message
 __all__ = ["AdditionEnv", "add_arguments", "addition_reward", "main"]
 
 ENV_ID = "bench-addition-v0"
+DPO_STEPS = 50
 _ANSWER = re.compile(r"<answer>\s*(-?\d+)\s*</answer>")
 
 
@@ -67,10 +69,16 @@ class AdditionEnv(Env):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from agentrl.bench import learner_dpo
+
+    parser.add_argument("--algo", choices=["grpo", "dpo"], default="grpo", help="the learner to compare")
     parser.add_argument(
         "--vs", choices=["trl", "none"], default="trl", help="the baseline to run beside ours"
     )
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per side (after one warm-up step)")
+    parser.add_argument(
+        "--steps", type=int, help="timed steps per side, after the untimed warm-up (default: grpo 10 after "
+        f"one, dpo {DPO_STEPS} after {learner_dpo.WARMUP_STEPS})",
+    )  # fmt: skip
     parser.add_argument("--precision", choices=["fp32", "bf16", "both"], default="fp32")
     parser.add_argument("--sft-steps", type=int, default=150, help="SFT steps of the warm start (cached)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per side")
@@ -79,6 +87,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--cache", default=os.path.expanduser("~/.cache/agentrl/bench"), help="warm-start cache"
     )
     parser.add_argument("--json", dest="json_out", help="also write the results to this JSON file")
+    learner_dpo.add_arguments(parser)
     parser.add_argument("--side", help=argparse.SUPPRESS)  # internal: run one side in this process
     parser.add_argument("--model", help=argparse.SUPPRESS)
 
@@ -184,10 +193,12 @@ def _trl(model: str, steps: int, precision: str, seed: int) -> dict[str, Any]:
     return _summary(marks)
 
 
-def _summary(marks: list[tuple[float, float, int, float]]) -> dict[str, Any]:
+def _summary(marks: list[tuple[float, float, int, float]], warmup: int = 1) -> dict[str, Any]:
+    """The timed steps' figures from per-step ``(process time, wall time, tokens, value)`` marks, the first
+    ``warmup`` steps untimed; ``rewards`` lists every step's value."""
     import resource
 
-    (cpu0, wall0, _, _), timed = marks[0], marks[1:]
+    (cpu0, wall0, _, _), timed = marks[warmup - 1], marks[warmup:]
     steps = len(timed)
     return {
         "steps": steps,
@@ -203,16 +214,23 @@ def _side(args: argparse.Namespace) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    run = _ours if args.side == "agentrl" else _trl
-    result = run(args.model, args.steps, args.precision, args.seed)
+    if args.algo == "dpo":
+        from agentrl.bench.learner_dpo import run_side
+
+        result = run_side(args.side, args.model, args.steps, args.precision, args.seed, args.ref)
+    else:
+        run = _ours if args.side == "agentrl" else _trl
+        result = run(args.model, args.steps, args.precision, args.seed)
     print("RESULT " + json.dumps(result), flush=True)
     return 0
 
 
-def _spawn(side: str, model: Path, precision: str, args: argparse.Namespace) -> dict[str, Any]:
+def _spawn(
+    side: str, model: Path, precision: str, ref: str | None, args: argparse.Namespace
+) -> dict[str, Any]:
     command = [sys.executable, "-m", "agentrl.cli", "bench", "learner", "--side", side, "--model", str(model),
                "--precision", precision, "--steps", str(args.steps), "--threads", str(args.threads),
-               "--seed", str(args.seed)]  # fmt: skip
+               "--seed", str(args.seed), "--algo", args.algo, *(["--ref", ref] if ref else [])]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
     done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
@@ -222,23 +240,45 @@ def _spawn(side: str, model: Path, precision: str, args: argparse.Namespace) -> 
 
 
 def main(args: argparse.Namespace) -> int:
+    dpo = args.algo == "dpo"
+    if args.steps is None:
+        args.steps = DPO_STEPS if dpo else 10
     if args.side:
         return _side(args)
     model = warm_start(Path(args.cache), args.sft_steps, args.seed)
     precisions = ["fp32", "bf16"] if args.precision == "both" else [args.precision]
     sides = ["agentrl", "trl"] if args.vs == "trl" else ["agentrl"]
-    results = {(side, p): _spawn(side, model, p, args) for p in precisions for side in sides}
-    print(f"\n{'learner':<10}{'precision':>10}{'CPU-s/step':>12}{'wall s/step':>13}{'tokens/s':>10}"
-          f"{'peak RSS GB':>13}{'CPU vs trl':>12}")  # fmt: skip
-    for (side, p), r in results.items():
-        base = results.get(("trl", p))
-        ratio = f"{r['cpu_s_per_step'] / base['cpu_s_per_step']:.2f}x" if base else "-"
-        print(f"{side:<10}{p:>10}{r['cpu_s_per_step']:>12.3f}{r['wall_s_per_step']:>13.3f}"
-              f"{r['completion_tokens_per_s']:>10.0f}{r['peak_rss_gb']:>13.2f}{ratio:>12}")  # fmt: skip
-    print("\nmean reward per step (the first is the untimed warm-up step):")
-    for (side, p), r in results.items():
-        print(f"  {side:<8}{p:<5} " + " ".join(f"{x:.3f}" for x in r["rewards"]))
+    refs: list[str | None] = [None]
+    if dpo:
+        refs = ["precomputed", "online"] if args.ref == "both" else [args.ref]
+    results = {
+        (side, p, r): _spawn(side, model, p, r, args) for p in precisions for r in refs for side in sides
+    }
+    _print_results(results, dpo)
     if args.json_out:
-        payload = {f"{side}/{p}": r for (side, p), r in results.items()}
+        payload = {"/".join(k for k in key if k): r for key, r in results.items()}
         Path(args.json_out).write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
     return 0
+
+
+def _print_results(results: dict[tuple[str, str, str | None], dict[str, Any]], dpo: bool) -> None:
+    """The table (with a reference column for DPO), then each side's rewards (DPO: losses) per step."""
+    from agentrl.bench.learner_dpo import WARMUP_STEPS
+
+    ref_head = f"{'reference':>13}" if dpo else ""
+    print(f"\n{'learner':<10}{'precision':>10}{ref_head}{'CPU-s/step':>12}{'wall s/step':>13}{'tokens/s':>10}"
+          f"{'peak RSS GB':>13}{'CPU vs trl':>12}")  # fmt: skip
+    for (side, p, ref), r in results.items():
+        base = results.get(("trl", p, ref))
+        ratio = f"{r['cpu_s_per_step'] / base['cpu_s_per_step']:.2f}x" if base else "-"
+        tokens = r["tokens_per_s"] if dpo else r["completion_tokens_per_s"]
+        ref_cell = f"{ref:>13}" if ref else ""
+        print(f"{side:<10}{p:>10}{ref_cell}{r['cpu_s_per_step']:>12.3f}{r['wall_s_per_step']:>13.3f}"
+              f"{tokens:>10.0f}{r['peak_rss_gb']:>13.2f}{ratio:>12}")  # fmt: skip
+    if dpo:
+        print(f"\nloss per step (the first {WARMUP_STEPS} are untimed warm-up steps):")
+    else:
+        print("\nmean reward per step (the first is the untimed warm-up step):")
+    for (side, p, ref), r in results.items():
+        label = f"{side:<8}{p:<5}" + (f"{ref:<12}" if ref else "")
+        print(f"  {label} " + " ".join(f"{x:.3f}" for x in r["losses" if dpo else "rewards"]))

@@ -8,7 +8,8 @@ the pure functions of :mod:`agentrl.algos.preference`; this module only feeds th
 
 One step: take ``batch_size`` examples in the seeded order of :func:`_train.iterate_batches`, compute the
 policy's per-token logprobs, sum (or average) them over the completion, read the reference's sums (computed
-once before training by default), and take an AdamW step on the loss's batch mean.
+once before training by default), and take an AdamW step on the loss's batch mean. A pair's chosen and
+rejected rows share their prompt, so the decoder computes it once for both (:func:`_pair_logps`).
 
 Usage::
 
@@ -20,6 +21,7 @@ Usage::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -32,7 +34,7 @@ import torch
 from pydantic import Field, model_validator
 
 from agentrl import algos
-from agentrl.data.buffer import Batch, PreferencePair
+from agentrl.data.buffer import SHARED_SEGMENT, Batch, PreferencePair
 from agentrl.data.trajectory import Trajectory
 from agentrl.errors import ConfigError
 from agentrl.learners import _model, _train
@@ -294,16 +296,47 @@ def _mismatch(prompt_of: _Ledger, completion_of: _Ledger, max_len: int) -> _Ledg
 def _collate(rows: Sequence[_Ledger], pad_id: int, device: torch.device) -> Batch:
     """Right-pad rows into a :class:`Batch` of tensors (one conversation per row)."""
     width = max(len(r.ids) for r in rows)
-    shape = (len(rows), width)
-    ids = torch.full(shape, pad_id, dtype=torch.long)
-    mask, attention, positions = (torch.zeros(shape, dtype=torch.long) for _ in range(3))
-    segments = torch.full(shape, -1, dtype=torch.long)
-    for b, row in enumerate(rows):
-        n = len(row.ids)
-        ids[b, :n], mask[b, :n], attention[b, :n] = torch.tensor(row.ids), torch.tensor(row.mask), 1
-        positions[b, :n], segments[b, :n] = torch.arange(n), b
-    zeros, rewards = torch.zeros(shape), torch.zeros(len(rows))
+    pads = [width - len(r.ids) for r in rows]
+    ids = torch.tensor([[*r.ids, *[pad_id] * k] for r, k in zip(rows, pads, strict=True)])
+    mask = torch.tensor([[*r.mask, *[0] * k] for r, k in zip(rows, pads, strict=True)])
+    positions = torch.tensor([[*range(width - k), *[0] * k] for k in pads])
+    segments = torch.tensor([[b] * (width - k) + [-1] * k for b, k in enumerate(pads)])
+    attention = (segments != -1).long()
+    zeros, rewards = torch.zeros(ids.shape), torch.zeros(len(rows))
     return Batch(ids, mask, zeros, attention, positions, segments, zeros, rewards).to_torch(device)
+
+
+def _shared_prefix(chosen: _Ledger, rejected: _Ledger) -> int:
+    """The tokens a pair shares before either completion, less the last (it predicts each completion's first
+    token, so each row keeps its own copy)."""
+    limit, n = min(next(t for t, m in enumerate(x.mask) if m) for x in (chosen, rejected)), 0
+    while n < limit and chosen.ids[n] == rejected.ids[n]:
+        n += 1
+    return max(n - 1, 0)
+
+
+def _collate_pairs(chosen: Sequence[_Ledger], rejected: Sequence[_Ledger], pad_id: int,
+                   device: torch.device) -> tuple[Batch, torch.Tensor]:  # fmt: skip
+    """One row per pair: the shared prefix (segment :data:`SHARED_SEGMENT`), then the rest of ``chosen[i]``
+    (segment 0) and of ``rejected[i]`` (segment 1), positions continuing from the prefix; and, for each cell
+    of ``_collate([*chosen, *rejected])``, the flat index of its token in these rows (0 on padding)."""
+    shared = [_shared_prefix(c, r) for c, r in zip(chosen, rejected, strict=True)]
+    width = max(len(c.ids) + len(r.ids) - s for c, r, s in zip(chosen, rejected, shared, strict=True))
+    padded = max(len(x.ids) for x in (*chosen, *rejected))
+    ids, mask, positions, segments, source_c, source_r = [], [], [], [], [], []
+    for i, (c, r, s) in enumerate(zip(chosen, rejected, shared, strict=True)):
+        nc, nr, at = len(c.ids) - s, len(r.ids) - s, i * width
+        k = width - s - nc - nr
+        ids.append([*c.ids, *r.ids[s:], *[pad_id] * k])
+        mask.append([*c.mask, *r.mask[s:], *[0] * k])
+        positions.append([*range(s + nc), *range(s, s + nr), *[0] * k])
+        segments.append([SHARED_SEGMENT] * s + [0] * nc + [1] * nr + [-1] * k)
+        source_c.append([*range(at, at + s + nc), *[0] * (padded - s - nc)])
+        source_r.append([*range(at, at + s), *range(at + s + nc, at + width - k), *[0] * (padded - s - nr)])
+    segments_B_T, zeros = torch.tensor(segments), torch.zeros(len(shared), width)
+    batch = Batch(torch.tensor(ids), torch.tensor(mask), zeros, (segments_B_T != -1).long(),
+                  torch.tensor(positions), segments_B_T, zeros, torch.zeros(len(shared)))  # fmt: skip
+    return batch.to_torch(device), torch.tensor(source_c + source_r, device=device)
 
 
 # ---- sequence logprobs and the loss --------------------------------------------------------------
@@ -328,6 +361,59 @@ def _policy_logps(model: Any, rows: Sequence[_Ledger], pad_id: int, config: DPOC
     with _train.autocast(config.precision, config.device):
         logprobs_B_T, _ = _model.policy_logprobs(model, batch)
     return _sequence_logps(logprobs_B_T, batch.loss_mask_B_T)
+
+
+# Config fields of the models whose logits are more than head(hidden): soft-capped or scaled.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier",
+                     "lm_head_multiplier")  # fmt: skip
+
+
+def _decoder_and_head(model: Any) -> tuple[Any, Any] | None:
+    """The decoder stack and the LM head of a ``*ForCausalLM`` whose logits are ``head(decoder(...)[0])``
+    (with LoRA, the wrapped model's, adapters inside), or None for any other model."""
+    base = model.get_base_model() if _model.is_lora(model) else model
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    if not type(base).__name__.endswith("ForCausalLM") or not isinstance(head, torch.nn.Linear):
+        return None
+    if any(getattr(base.config.get_text_config(), name, None) is not None for name in _LOGIT_TRANSFORMS):
+        return None
+    decoder = getattr(base, base.base_model_prefix, None)
+    return (decoder, head) if decoder is not None else None
+
+
+def _pair_logps(
+    model: Any, chosen: Sequence[_Ledger], rejected: Sequence[_Ledger], pad_id: int, config: DPOConfig
+) -> SequenceLogps:
+    """``_policy_logps(model, [*chosen, *rejected], ...)``, with each pair's shared prompt through the decoder
+    once (:func:`_collate_pairs`). The head's logits come out in :func:`_collate`'s layout, one conversation
+    per row, and only the positions that predict a completion token go through the softmax. Models that
+    :func:`_decoder_and_head` cannot split run whole, one conversation per row."""
+    split = _decoder_and_head(model)
+    if split is None:
+        return _policy_logps(model, [*chosen, *rejected], pad_id, config)
+    decoder, head = split
+    device = torch.device(config.device)
+    shared, source_B_T = _collate_pairs(chosen, rejected, pad_id, device)
+    batch = _collate([*chosen, *rejected], pad_id, device)
+    with _train.autocast(config.precision, config.device):
+        hidden = decoder(input_ids=shared.token_ids_B_T, use_cache=False, **_model.model_inputs(shared))[0]
+        logits_B_T_V = head(hidden.flatten(0, 1)[source_B_T])
+    counted_B_T = batch.loss_mask_B_T[:, 1:] != 0  # position 0 has no context: it never counts
+    predicts_B_T = torch.nn.functional.pad(counted_B_T, (0, 1))  # the logits at t predict token t + 1
+    targets_B_T = torch.nn.functional.pad(counted_B_T, (1, 0))
+    logp_N_V = torch.log_softmax(logits_B_T_V[predicts_B_T].float(), dim=-1)
+    picked_N = logp_N_V.gather(-1, batch.token_ids_B_T[targets_B_T].unsqueeze(-1)).squeeze(-1)
+    logprobs_B_T = picked_N.new_zeros(targets_B_T.shape).masked_scatter(targets_B_T, picked_N)
+    return _sequence_logps(logprobs_B_T, batch.loss_mask_B_T)
+
+
+@torch.no_grad()
+def _reference_pair_logps(reference: Any, model: Any, chosen: Sequence[_Ledger], rejected: Sequence[_Ledger],
+                          pad_id: int, config: DPOConfig) -> SequenceLogps:  # fmt: skip
+    """:func:`_pair_logps` under the reference: ``reference`` when loaded, else ``model`` with adapters off."""
+    context = model.disable_adapter() if reference is None else contextlib.nullcontext()
+    with context:
+        return _pair_logps(reference if reference is not None else model, chosen, rejected, pad_id, config)
 
 
 @torch.no_grad()
@@ -485,13 +571,12 @@ def _batch_loss(config: DPOConfig, model: Any, reference: Any, dataset: _Dataset
     first = [dataset.chosen[i] for i in index]
     second = [dataset.mismatched[i] if dataset.kto else dataset.rejected[i] for i in index]
     ref_first = ref_second = None
-    if config.loss not in _REFERENCE_FREE:
-        if cached is not None:
-            ref_first, ref_second = _cached_ref(cached, dataset, index)
-        else:
+    if cached is not None and config.loss not in _REFERENCE_FREE:
+        ref_first, ref_second = _cached_ref(cached, dataset, index)
+    if dataset.kto:
+        if ref_first is None:
             ref_first = _reference_logps(reference, model, first, pad_id, config)
             ref_second = _reference_logps(reference, model, second, pad_id, config)
-    if dataset.kto:
         assert ref_first is not None and ref_second is not None
         with torch.no_grad():
             mismatched = _policy_logps(model, second, pad_id, config)
@@ -506,8 +591,11 @@ def _batch_loss(config: DPOConfig, model: Any, reference: Any, dataset: _Dataset
         accuracy = float(((kto.rewards_B > 0) == desirable_B).float().mean())
         return kto.loss_B.mean(), {"accuracy": accuracy, "margin": chosen_r - rejected_r,
                                    "chosen_reward": chosen_r, "rejected_reward": rejected_r}  # fmt: skip
-    both = _policy_logps(model, first + second, pad_id, config)
     b = len(index)
+    if ref_first is None and config.loss not in _REFERENCE_FREE:
+        ref = _reference_pair_logps(reference, model, first, second, pad_id, config)
+        ref_first, ref_second = ref.take(slice(0, b)), ref.take(slice(b, None))
+    both = _pair_logps(model, first, second, pad_id, config)
     out = pair_loss(config, both.take(slice(0, b)), both.take(slice(b, None)), ref_first, ref_second)
     return out.loss_B.mean(), {
         "accuracy": float(out.accuracy), "margin": float(out.margins_B.mean()),
