@@ -9,6 +9,7 @@ from __future__ import annotations
 BENCHES: dict[str, tuple[str, str]] = {
     "sandbox": ("agentrl.bench.sandbox", "sandbox backends vs a plain subprocess runner: latency and programs/s"),
     "rollout": ("agentrl.bench.rollout", "runner overhead (turns/s) and hf vs vllm generation tokens/s"),
-    "learner": ("agentrl.bench.learner", "our GRPO vs TRL's GRPOTrainer: CPU-s/step, tokens/s, peak RSS, rewards"),
+    "learner": ("agentrl.bench.learner",
+                "our GRPO or DPO (--algo) vs TRL's GRPOTrainer / DPOTrainer: CPU-s/step, tokens/s, peak RSS"),
 }
 """name -> (module, one-line help)."""
