@@ -19,6 +19,8 @@ from agentrl.learners.dpo import (
     _batch_loss,
     _collate,
     _dataset,
+    _pair_logps,
+    _policy_logps,
     _reference_logps,
     evaluate_preferences,
     read_preference_jsonl,
@@ -258,3 +260,16 @@ def test_per_batch_reference_gives_the_precomputed_runs_losses(train_pairs):
     cached = train_dpo(DPOConfig(**common), train_pairs[:8])
     live = train_dpo(DPOConfig(**common, precompute_reference=False), train_pairs[:8])
     assert [log.loss for log in live.history] == pytest.approx([log.loss for log in cached.history], abs=1e-5)
+
+
+@pytest.mark.parametrize("multi_turn", [False, True])
+def test_pairs_sharing_their_prompt_in_one_row_give_each_conversations_own_logprobs(tokenizer, train_pairs, multi_turn):
+    # The training path runs each pair's prompt once (one row, 4-D mask); it must equal one row per conversation.
+    model = load_model("tiny")
+    config = DPOConfig()
+    examples = [tool_pair("5"), tool_pair("a longer tool answer")] if multi_turn else train_pairs[:6]
+    dataset = _dataset(config, tokenizer, examples)
+    shared = _pair_logps(model, dataset.chosen, dataset.rejected, 0, config)
+    plain = _policy_logps(model, [*dataset.chosen, *dataset.rejected], 0, config)
+    torch.testing.assert_close(shared.sum_N, plain.sum_N, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(shared.mean_N, plain.mean_N, atol=1e-5, rtol=1e-5)
