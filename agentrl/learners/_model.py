@@ -21,6 +21,7 @@ from agentrl.learners._config import LoRAConfig, TrainConfig
 
 __all__ = [
     "ADAPTER_DIR",
+    "decoder_and_head",
     "export_weights",
     "load_reference",
     "load_trainable",
@@ -106,6 +107,24 @@ def load_reference(config: TrainConfig, model: Any) -> Any:
     reference = load_model(config.model, dtype=torch.float32, device=torch.device(config.device)).eval()
     reference.requires_grad_(False)
     return reference
+
+
+# Config fields of the models whose logits are more than head(hidden): soft-capped or scaled.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier",
+                     "lm_head_multiplier")  # fmt: skip
+
+
+def decoder_and_head(model: Any) -> tuple[Any, Any] | None:
+    """The decoder stack and the LM head of a ``*ForCausalLM`` whose logits are ``head(decoder(...)[0])``
+    (with LoRA, the wrapped model's, adapters inside), or None for any other model."""
+    base = model.get_base_model() if is_lora(model) else model
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    if not type(base).__name__.endswith("ForCausalLM") or not isinstance(head, torch.nn.Linear):
+        return None
+    if any(getattr(base.config.get_text_config(), name, None) is not None for name in _LOGIT_TRANSFORMS):
+        return None
+    decoder = getattr(base, base.base_model_prefix, None)
+    return (decoder, head) if decoder is not None else None
 
 
 def policy_logprobs(

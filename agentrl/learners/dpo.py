@@ -363,32 +363,14 @@ def _policy_logps(model: Any, rows: Sequence[_Ledger], pad_id: int, config: DPOC
     return _sequence_logps(logprobs_B_T, batch.loss_mask_B_T)
 
 
-# Config fields of the models whose logits are more than head(hidden): soft-capped or scaled.
-_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier",
-                     "lm_head_multiplier")  # fmt: skip
-
-
-def _decoder_and_head(model: Any) -> tuple[Any, Any] | None:
-    """The decoder stack and the LM head of a ``*ForCausalLM`` whose logits are ``head(decoder(...)[0])``
-    (with LoRA, the wrapped model's, adapters inside), or None for any other model."""
-    base = model.get_base_model() if _model.is_lora(model) else model
-    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
-    if not type(base).__name__.endswith("ForCausalLM") or not isinstance(head, torch.nn.Linear):
-        return None
-    if any(getattr(base.config.get_text_config(), name, None) is not None for name in _LOGIT_TRANSFORMS):
-        return None
-    decoder = getattr(base, base.base_model_prefix, None)
-    return (decoder, head) if decoder is not None else None
-
-
 def _pair_logps(
     model: Any, chosen: Sequence[_Ledger], rejected: Sequence[_Ledger], pad_id: int, config: DPOConfig
 ) -> SequenceLogps:
     """``_policy_logps(model, [*chosen, *rejected], ...)``, with each pair's shared prompt through the decoder
     once (:func:`_collate_pairs`). The head's logits come out in :func:`_collate`'s layout, one conversation
     per row, and only the positions that predict a completion token go through the softmax. Models that
-    :func:`_decoder_and_head` cannot split run whole, one conversation per row."""
-    split = _decoder_and_head(model)
+    :func:`~agentrl.learners._model.decoder_and_head` cannot split run whole, one conversation per row."""
+    split = _model.decoder_and_head(model)
     if split is None:
         return _policy_logps(model, [*chosen, *rejected], pad_id, config)
     decoder, head = split

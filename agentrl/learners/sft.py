@@ -261,19 +261,6 @@ def shared_prefix_length(ids_B_T: torch.Tensor, mask_B_T: torch.Tensor) -> int:
     return max(0, min(common, first_target - 1))
 
 
-def _split_head(model: Any) -> tuple[Any, Any] | None:
-    """``(decoder, lm_head)`` when the logits are exactly ``lm_head(decoder(...))``; None for models that
-    scale or soft-cap them (those go through the full forward)."""
-    config = model.config
-    if any(getattr(config, name, None) for name in ("final_logit_softcapping", "logit_scale", "logits_scaling")):
-        return None
-    try:
-        decoder, head = model.get_decoder(), model.get_output_embeddings()
-    except (AttributeError, NotImplementedError):
-        return None
-    return (decoder, head) if decoder is not None and head is not None else None
-
-
 def _prefix_cache(decoder: Any, prefix_ids_1_P: torch.Tensor, rows: int, config: Any) -> Any:
     """The shared prefix run once, its keys and values broadcast to ``rows`` rows (gradients flow back)."""
     from transformers.cache_utils import DynamicCache
@@ -292,7 +279,7 @@ def sft_loss(model: Any, batch: Mapping[str, torch.Tensor], packed: bool, shared
     of the compute when a long system prompt opens every row.
     """
     ids_B_T, mask_B_T = batch["ids_B_T"], batch["mask_B_T"]
-    split = _split_head(model)
+    split = _model.decoder_and_head(model)
     if split is None or (packed and shared):
         return masked_nll(_forward(model, batch, packed), ids_B_T, mask_B_T)
     decoder, head = split
