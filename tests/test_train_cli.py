@@ -136,3 +136,17 @@ def test_sft_then_dpo_on_pairs_mined_from_a_runs_trajectories(tmp_path):
     bad = agentrl("dpo", "--data", str(tmp_path / "missing.jsonl"), "--output-dir", str(tmp_path / "x"),
                   "--loss", "cpo")  # fmt: skip
     assert bad.returncode == 1 and "DPOConfig.loss: got 'cpo'" in bad.stderr
+
+
+def test_the_code_sandbox_recipe_runs_end_to_end_in_a_small_configuration(tmp_path):
+    # The env's own recipe (demonstrations that submit at once, the local sandbox, pass on all hidden tests),
+    # shrunk to seconds; the full default is `agentrl train --env code-sandbox`.
+    small = ["--set", "sft.demos=32", "--set", "sft.learner.max_steps=2", "--set", "sft.learner.warmup_steps=0",
+             "--set", "learner.max_steps=2", "--set", "learner.prompts_per_step=2", "--set", "learner.group_size=4",
+             "--set", "learner.warmup_steps=0", "--set", "eval.tasks=4", "--threads", "1"]  # fmt: skip
+    done = agentrl("train", "--env", "code-sandbox", *small, "--output-dir", str(tmp_path / "run"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "pass@1 after SFT:" in done.stdout and "pass@1 after RL:" in done.stdout
+    assert (tmp_path / "run" / "report.html").is_file()
+    config = (tmp_path / "run" / "config.yaml").read_text()
+    assert "pass_on: correct" in config and "check: false" in config

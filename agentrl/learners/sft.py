@@ -76,8 +76,11 @@ class Demonstration:
     tools: Sequence[ToolSchema] = ()
 
 
-def env_demonstrations(env: Any, tasks: Iterable[Any]) -> list[Demonstration]:
-    """The reference demonstrations of ``env`` (its ``demonstration(task)`` method) with its tool schemas.
+def env_demonstrations(
+    env: Any, tasks: Iterable[Any], options: Mapping[str, Any] | None = None
+) -> list[Demonstration]:
+    """The reference demonstrations of ``env`` (its ``demonstration(task, **options)`` method) with its tool
+    schemas.
 
     Raises:
         ConfigError: the env offers no ``demonstration`` method.
@@ -88,7 +91,7 @@ def env_demonstrations(env: Any, tasks: Iterable[Any]) -> list[Demonstration]:
             "lists yourself or read an OpenAI-messages JSONL with read_messages_jsonl"
         )
     tools = env.tool_schemas()
-    return [Demonstration(tuple(env.demonstration(task)), tuple(tools)) for task in tasks]
+    return [Demonstration(tuple(env.demonstration(task, **(options or {}))), tuple(tools)) for task in tasks]
 
 
 def read_messages_jsonl(path: str | Path) -> list[Demonstration]:

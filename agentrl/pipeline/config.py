@@ -63,6 +63,9 @@ class SFTSection(_Strict):
     env_kwargs: dict[str, Any] = Field(
         default_factory=dict, description="agentrl.make keyword arguments for the demonstration tasks"
     )
+    demo_options: dict[str, Any] = Field(
+        default_factory=dict, description="keyword arguments of env.demonstration(task, ...), e.g. {check: false}"
+    )
     learner: dict[str, Any] = Field(
         default_factory=dict, description="SFTConfig fields, e.g. {max_steps: 700, lr: 2e-3}"
     )

@@ -137,7 +137,7 @@ def _sft_phase(resolved: Resolved, out: RunDir, stream: IO[str] | None) -> Path:
         return final
     env = agentrl.make(resolved.run.env, **resolved.run.sft.env_kwargs)
     try:
-        demos = env_demonstrations(env, range(resolved.run.sft.demos))
+        demos = env_demonstrations(env, range(resolved.run.sft.demos), resolved.run.sft.demo_options)
     finally:
         env.close()
     config, step = _resume_point(out, "sft", config)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import ast
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -69,6 +69,27 @@ def _resolve_tasks(tasks: str | GeneratorConfig | Sequence[CodeTask]) -> Generat
     return listed
 
 
+DEFAULT_RUN: dict[str, Any] = {
+    # `agentrl train --env code-sandbox` with nothing else: the tiny model on a 2-core CPU. SFT on reference
+    # episodes that submit at once (demonstrated phrasings only), GRPO on tasks that mostly use the other
+    # phrasings (where the SFT model is partly right), greedy pass@1 (all hidden tests) on held-out functions.
+    "threads": 2,
+    "env_kwargs": {"tasks": "rl"},
+    "sft": {
+        "demos": 16000,
+        "env_kwargs": {"tasks": "sft"},
+        "demo_options": {"check": False},
+        "learner": {"max_steps": 500, "batch_size": 32, "lr": 2e-3, "warmup_steps": 30, "max_seq_len": 1024},
+    },
+    "learner": {
+        "max_steps": 150, "prompts_per_step": 16, "group_size": 8, "max_new_tokens": 128, "max_turns": 1,
+        "temperature": 1.0, "lr": 1e-4, "warmup_steps": 5, "dynamic_sampling": True,
+    },
+    "eval": {"tasks": 300, "env_kwargs": {"tasks": "eval"}, "pass_on": "correct", "max_new_tokens": 160},
+}  # fmt: skip
+"""The env's recipe for ``agentrl train`` (see :mod:`agentrl.pipeline.config`); any key can be overridden."""
+
+
 @dataclass
 class _Episode:
     task: CodeTask
@@ -100,6 +121,7 @@ class CodeSandboxEnv(Env):
 
     description = "Write a Python function with a run_python tool and submit it to hidden tests (sandboxed)"
     tools = tuple(t.schema() for t in _TOOLS)
+    default_run: ClassVar[dict[str, Any]] = DEFAULT_RUN
 
     def __init__(
         self,
