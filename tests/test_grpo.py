@@ -65,8 +65,9 @@ def test_grpo_raises_the_reward_of_the_tiny_model():
 
 # ---- the tool-token guarantee -------------------------------------------------------------------
 def test_tool_and_env_tokens_never_receive_gradient_in_the_rl_loss():
-    """A real multi-turn rollout with tool calls and env answers: the gradient reaching the logits is
-    exactly zero at every position whose next token is not policy-sampled."""
+    """A real multi-turn rollout with tool calls and env answers: the gradient reaching the last hidden
+    states (what the LM head reads) is exactly zero at every position whose next token is not
+    policy-sampled."""
     model, tokenizer = load_model("tiny"), load_tokenizer("tiny")
     policy = HFPolicy(model, tokenizer, seed=0)
     groups = rollout("toy-guess-v0", policy, tokenizer, 2, group_size=4, sampling=SamplingParams(max_tokens=12),
@@ -78,10 +79,10 @@ def test_tool_and_env_tokens_never_receive_gradient_in_the_rl_loss():
     )
     grads: list[torch.Tensor] = []
 
-    def keep_grad(module, inputs, logits):
-        logits.register_hook(grads.append)
+    def keep_grad(module, inputs, hidden):
+        hidden.register_hook(grads.append)
 
-    hook = model.lm_head.register_forward_hook(keep_grad)
+    hook = model.model.norm.register_forward_hook(keep_grad)
     model.train()
     optimizer = _train.make_optimizer(model, 1e-3)
     scheduler = _train.make_scheduler(optimizer, 0, 10, 1.0)

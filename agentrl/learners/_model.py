@@ -144,10 +144,9 @@ def policy_logprobs(
     result costs its forward pass and nothing more. Rows may be padded, packed or prompt-shared (see
     :func:`model_inputs`).
     """
-    logits_B_T_V = _logits(model, batch)
     scale = temperature if temperature > 0 else 1.0
     predicts_B_T = batch.loss_mask_B_T[:, 1:] != 0  # the logits at t predict token t + 1
-    logp_N_V = torch.log_softmax(logits_B_T_V[:, :-1][predicts_B_T].float() / scale, dim=-1)
+    logp_N_V = torch.log_softmax(_predicting_logits(model, batch, predicts_B_T).float() / scale, dim=-1)
     picked_N = logp_N_V.gather(-1, batch.token_ids_B_T[:, 1:][predicts_B_T].unsqueeze(-1)).squeeze(-1)
     logprobs_B_T = _scatter(picked_N, predicts_B_T)
     entropy_B_T = None
@@ -164,8 +163,17 @@ def _scatter(values_N: torch.Tensor, predicts_B_T: torch.Tensor) -> torch.Tensor
     return torch.nn.functional.pad(out, (1, 0))
 
 
-def _logits(model: Any, batch: Any) -> torch.Tensor:
-    return model(input_ids=batch.token_ids_B_T, use_cache=False, **model_inputs(batch)).logits
+def _predicting_logits(model: Any, batch: Any, predicts_B_T: torch.Tensor) -> torch.Tensor:
+    """The logits at the positions ``predicts_B_T`` marks (of ``T - 1``), shape ``(N, V)``: the LM head runs
+    only there when the model splits into decoder and head, else the whole forward does."""
+    inputs = model_inputs(batch)
+    split = decoder_and_head(model)
+    if split is None:
+        logits_B_T_V = model(input_ids=batch.token_ids_B_T, use_cache=False, **inputs).logits
+        return logits_B_T_V[:, :-1][predicts_B_T]
+    decoder, head = split
+    hidden_B_T_H = decoder(input_ids=batch.token_ids_B_T, use_cache=False, **inputs)[0]
+    return head(hidden_B_T_H[:, :-1][predicts_B_T])
 
 
 def model_inputs(batch: Any) -> dict[str, torch.Tensor]:
