@@ -303,3 +303,9 @@ def test_prompt_shared_packed_and_padded_rows_give_the_same_logprobs():
         for name in ("packed", "shared"):
             np.testing.assert_allclose(out[name][i][mask], out["padded"][i][mask], atol=2e-5)
     assert config.share_prompt  # the default
+
+
+def test_a_time_budget_stops_after_the_step_that_spends_it_and_checkpoints_there(tmp_path):
+    result = train_grpo(GRPOConfig(**FAST, max_steps=5, max_seconds=1e-3, output_dir=tmp_path))
+    assert [log.step for log in result.history] == [1]
+    assert result.checkpoint == tmp_path / "step-000001" and result.checkpoint.is_dir()

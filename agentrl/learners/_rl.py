@@ -45,6 +45,7 @@ __all__ = [
     "per_trajectory",
     "place",
     "step_log",
+    "stops_here",
     "sync_weights",
     "to_batch",
 ]
@@ -84,6 +85,10 @@ class RolloutConfig(TrainConfig):
         default_factory=dict, description="extra options for the rollout backend, e.g. {'max_batch': 128}"
     )
     concurrency: int = Field(256, ge=1, description="episodes in flight at once")
+    max_seconds: float | None = Field(
+        None, gt=0, description="stop (and checkpoint) after the step that ends this many seconds into this "
+        "session's loop, e.g. 540; the schedule still spans max_steps. None: run all max_steps",
+    )
 
     @property
     def sampling(self) -> SamplingParams:
@@ -177,6 +182,13 @@ def make_runner(config: RolloutConfig, model: Any, tokenizer: Any) -> Runner:
         config.env, policy, tokenizer, sampling=config.sampling, limits=limits, concurrency=config.concurrency,
         seed=config.seed, template=config.template, env_kwargs=config.env_kwargs,
     )  # fmt: skip
+
+
+def stops_here(config: RolloutConfig, step: int, loop_started: float) -> bool:
+    """Whether the loop ends after ``step``: ``max_steps`` reached, or ``max_seconds`` spent since
+    ``loop_started`` (a ``time.perf_counter()`` reading)."""
+    over_time = config.max_seconds is not None and time.perf_counter() - loop_started >= config.max_seconds
+    return step >= config.max_steps or over_time
 
 
 async def sync_weights(runner: Runner, model: Any) -> None:

@@ -207,6 +207,7 @@ async def _train_grpo(config: GRPOConfig, on_step: Callable[[_rl.RLStepLog], Non
     try:
         if config.rollout != "hf":
             await _rl.sync_weights(runner, model)
+        loop_started = time.perf_counter()
         while step < config.max_steps:
             started = time.perf_counter()
             model.eval()
@@ -232,8 +233,11 @@ async def _train_grpo(config: GRPOConfig, on_step: Callable[[_rl.RLStepLog], Non
             if on_step is not None:
                 on_step(log)
             at_save = config.save_every is not None and step % config.save_every == 0
-            if config.output_dir is not None and (at_save or step == config.max_steps):
+            last = _rl.stops_here(config, step, loop_started)
+            if config.output_dir is not None and (at_save or last):
                 checkpoint = _model.save_step(config, model, tokenizer, optimizer, scheduler, step, meta)
+            if last:
+                break
     finally:
         await runner.aclose()
         await runner.policy.aclose()

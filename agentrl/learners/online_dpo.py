@@ -156,6 +156,7 @@ async def _train_online_dpo(
     try:
         if config.rollout != "hf":
             await _rl.sync_weights(runner, model)
+        loop_started = time.perf_counter()
         while step < config.max_steps:
             started = time.perf_counter()
             model.eval()
@@ -176,8 +177,11 @@ async def _train_online_dpo(
             if on_step is not None:
                 on_step(log)
             at_save = config.save_every is not None and step % config.save_every == 0
-            if config.output_dir is not None and (at_save or step == config.max_steps):
+            last = _rl.stops_here(config, step, loop_started)
+            if config.output_dir is not None and (at_save or last):
                 checkpoint = _model.save_step(config, model, tokenizer, optimizer, scheduler, step, meta)
+            if last:
+                break
     finally:
         await runner.aclose()
         await runner.policy.aclose()
