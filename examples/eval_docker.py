@@ -42,7 +42,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, default=512, help="tokens sampled per turn at most")
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--concurrency", type=int, default=8, help="episodes (and sandboxes) at once")
-    p.add_argument("--out", type=Path, default=None, help="output directory (default runs/eval/<env>-<model>-seed0)")
+    p.add_argument("--out", type=Path, default=None, help="default: runs/eval/<env>-<model>-seed0")
     p.add_argument("--small", action="store_true", help="a CI-size run: the tiny model on 2 tasks")
     args = p.parse_args()
     if args.small or os.environ.get("AGENTRL_EXAMPLE_SMALL") == "1":
@@ -63,8 +63,8 @@ def check_sandbox(env_kwargs: dict) -> None:
     if reward < 1.0:
         sys.exit(f"the docker sandbox failed its check ({grade.get('status')}: {grade.get('detail')}); is a "
                  "docker engine running, and was the image built with `agentrl sandbox build`?")  # fmt: skip
-    print(f"sandbox check: the reference solution of {info['task_id']} passed {grade['passed']}/{grade['total']} "
-          "hidden tests in docker")  # fmt: skip
+    passed = f"{grade['passed']}/{grade['total']}"
+    print(f"sandbox check: the reference solution of {info['task_id']} passed {passed} hidden tests in docker")
 
 
 def main() -> None:

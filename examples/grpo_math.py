@@ -142,7 +142,8 @@ def main() -> None:
         tokenizer = load_tokenizer(args.model)
     rewards = asyncio.run(grpo(args, model, tokenizer, env_kwargs))
     k = max(1, len(rewards) // 4)
-    print(f"mean reward: first {k} steps {sum(rewards[:k]) / k:.3f}, last {k} steps {sum(rewards[-k:]) / k:.3f}")
+    first, last = sum(rewards[:k]) / k, sum(rewards[-k:]) / k
+    print(f"mean reward: first {k} steps {first:.3f}, last {k} steps {last:.3f}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """SFT, then DPO on preference pairs the SFT model mined from its own samples, on ``math-v0``.
 
-1. SFT: masked NLL on the env's worked solutions (``env_demonstrations``), so the model knows the format.
+1. SFT: masked NLL on every task's worked solution (``env_demonstrations``): the format and some answers.
 2. Mine pairs: the SFT model answers each task G times; the env's reward ranks a group, and its best and
    worst answers make a pair (``TrajectoryBuffer.preference_pairs``). A pair holds the exact tokens that
    were sampled: nothing is re-tokenized between sampling and the loss.
@@ -50,7 +50,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--dpo-steps", type=int, default=40)
     p.add_argument("--dpo-lr", type=float, default=3e-5)
     p.add_argument("--loss", default="dpo", help="preference loss: dpo, ipo, robust, hinge, kto, orpo or simpo")
-    p.add_argument("--beta", type=float, default=None, help="KL strength (None: the loss's default, 0.1 for dpo)")
+    p.add_argument("--beta", type=float, default=None, help="KL strength (default: the loss's own)")
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--out", type=Path, default=None, help="checkpoints go here (default: a new temp dir)")
     p.add_argument("--seed", type=int, default=0)
@@ -68,10 +68,12 @@ def sample(model_dir, tasks, indices, args) -> list[TrajectoryGroup]:
 
     async def play() -> list[TrajectoryGroup]:
         policy = HFPolicy(str(model_dir), device=args.device, seed=args.seed)
-        runner = Runner("math-v0", policy, policy.tokenizer, sampling=SamplingParams(max_tokens=args.max_new_tokens),
-                        seed=args.seed, env_kwargs={"tasks": tasks})  # fmt: skip
+        sampling = SamplingParams(max_tokens=args.max_new_tokens)
+        runner = Runner("math-v0", policy, policy.tokenizer, sampling=sampling, seed=args.seed,
+                        env_kwargs={"tasks": tasks})  # fmt: skip
         try:
-            return await runner.run([Task(options={"task": i}, id=f"task-{i}") for i in indices], args.group_size)
+            picked = [Task(options={"task": i}, id=f"task-{i}") for i in indices]
+            return await runner.run(picked, args.group_size)
         finally:
             await runner.aclose()
             await policy.aclose()
@@ -92,19 +94,22 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     out = args.out or Path(tempfile.mkdtemp(prefix="sft-dpo-"))
     tasks = generate_tasks(args.num_tasks, seed=args.seed, levels=args.levels)
-    train_ids, heldout_ids = range(len(tasks) - args.heldout_tasks), range(len(tasks) - args.heldout_tasks, len(tasks))
+    split = len(tasks) - args.heldout_tasks
+    train_ids, heldout_ids = range(split), range(split, len(tasks))
 
     # 1. SFT on every task's worked solution.
     start = args.model
     if args.sft_steps:
         demos = env_demonstrations(MathEnv(tasks), range(len(tasks)))
-        sft = train_sft(SFTConfig(model=args.model, device=args.device, max_steps=args.sft_steps, batch_size=16,
-                                  lr=3e-3, warmup_steps=10, seed=args.seed, output_dir=out / "sft"), demos)  # fmt: skip
+        sft_config = SFTConfig(model=args.model, device=args.device, max_steps=args.sft_steps, batch_size=16,
+                               lr=3e-3, warmup_steps=10, seed=args.seed, output_dir=out / "sft")  # fmt: skip
+        sft = train_sft(sft_config, demos)
         start = str(sft.checkpoint)
         print(f"SFT: {args.sft_steps} steps on {len(demos)} worked solutions, loss {sft.history[-1].loss:.3f}")
 
     # 2. Sample with the SFT model and mine best-vs-worst pairs (groups whose rewards all agree give none).
-    train_groups, heldout_groups = sample(start, tasks, train_ids, args), sample(start, tasks, heldout_ids, args)
+    train_groups = sample(start, tasks, train_ids, args)
+    heldout_groups = sample(start, tasks, heldout_ids, args)
     train_pairs = TrajectoryBuffer(train_groups).preference_pairs()
     heldout_pairs = TrajectoryBuffer(heldout_groups).preference_pairs()
     print(f"pairs: {len(train_pairs)} for training from {len(train_ids)} tasks, {len(heldout_pairs)} held out "
