@@ -7,11 +7,12 @@ import time
 
 import pytest
 import torch
+from transformers import DynamicCache
 
 from agentrl.errors import ConfigError
 from agentrl.models.chat import ChatRenderer
 from agentrl.models.loading import load_model, load_tokenizer
-from agentrl.rollout.hf import HFPolicy, sampling_logprobs
+from agentrl.rollout.hf import HFPolicy, _preallocated_cache, _RowSampler, sampling_logprobs
 from agentrl.rollout.policy import Policy, SamplingParams, make_policy
 
 
@@ -230,3 +231,64 @@ def test_a_cancelled_request_does_not_hurt_the_others(policy, prompts):
 
     cancelled, others = asyncio.run(main())
     assert cancelled and all(len(g.token_ids) > 0 for g in others)
+
+
+def dynamic_cache_decode(model, prompt, sampling, stop_ids):
+    """One row alone, unpadded, through transformers' DynamicCache, with the backend's sampler: (tokens, logprobs)."""
+    sampler = _RowSampler([sampling], [sampling.max_tokens], torch.Generator(), "cpu")
+    cache, tokens, logprobs = DynamicCache(), [], []
+    with torch.inference_mode():
+        logits = model(input_ids=torch.tensor([prompt]), past_key_values=cache, use_cache=True).logits[:, -1]
+        for step in range(sampling.max_tokens):
+            token, logprob = sampler.sample(logits, torch.tensor([0]), step)
+            tokens.append(int(token))
+            logprobs.append(float(logprob))
+            if tokens[-1] in stop_ids:
+                break
+            logits = model(input_ids=token.view(1, 1), past_key_values=cache, use_cache=True).logits[:, -1]
+    return tokens, logprobs
+
+
+def test_the_preallocated_cache_decodes_a_mixed_batch_exactly_like_a_dynamic_cache(policy, model, prompts):
+    """Shared and distinct prompts of different lengths, greedy and sampled rows, rows ending at every step."""
+    kinds = [
+        dict(temperature=0),
+        dict(temperature=1.0),
+        dict(temperature=0.8, top_k=20),
+        dict(temperature=1.3, top_p=0.85),
+        dict(temperature=1.1, top_k=40, top_p=0.9),
+    ]
+    rows = [(prompts[i % 3], SamplingParams(max_tokens=3 + 2 * i, seed=i, **kinds[i % 5])) for i in range(12)]
+    stop_ids = set(policy.eos_token_ids)
+    for i in (4, 9):  # two rows stop on a token of their own continuation
+        prompt, sampling = rows[i]
+        free, _ = dynamic_cache_decode(model, prompt, sampling, stop_ids)
+        rows[i] = (prompt, dataclass_replace(sampling, stop_token_ids=(free[2],)))
+    generations = generate_all(policy, [p for p, _ in rows], [s for _, s in rows])
+    for (prompt, sampling), generation in zip(rows, generations, strict=True):
+        tokens, logprobs = dynamic_cache_decode(model, prompt, sampling, stop_ids | set(sampling.stop_token_ids))
+        assert list(generation.token_ids) == tokens
+        assert list(generation.logprobs) == pytest.approx(logprobs, abs=1e-5)
+    lengths = [len(g.token_ids) for g in generations]
+    assert len(set(lengths)) >= 8 and [g.finish_reason for g in generations].count("stop") >= 2
+    assert len({g.token_ids for g in generations}) == 12
+
+
+def test_the_preallocated_cache_grows_past_its_capacity(model, prompts):
+    prompt = prompts[1]
+    cache = _preallocated_cache(model, capacity=len(prompt) + 2)
+    assert cache is not None  # a full-attention Qwen2 model gets the preallocated cache
+    ids = torch.tensor([prompt[:-4]])
+    with torch.inference_mode():
+        ours = model(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1:]
+        reference_cache = DynamicCache()
+        theirs = model(input_ids=ids, past_key_values=reference_cache, use_cache=True).logits[:, -1:]
+        for token in [*prompt[-4:], 5, 6, 7, 8]:  # the buffers fill up at the third of these and double
+            step = torch.tensor([[token]])
+            ours = torch.cat([ours, model(input_ids=step, past_key_values=cache, use_cache=True).logits], dim=1)
+            theirs = torch.cat(
+                [theirs, model(input_ids=step, past_key_values=reference_cache, use_cache=True).logits], dim=1
+            )
+    assert cache.get_seq_length() == reference_cache.get_seq_length() == len(prompt) + 4
+    assert cache.layers[0].key_buffer.shape[-2] == 2 * (len(prompt) + 2)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)

@@ -2,8 +2,9 @@
 
 Requests from concurrent episodes queue up; after a short window (or as soon as ``max_batch`` are waiting)
 they run as one batch: the prompts are left-padded and prefilled together, then decoded token by token
-with the model's KV cache (finished rows leave the batch). Each request keeps its own sampling
-parameters and random generator, so a seeded request samples the same tokens whatever it is batched with.
+with a KV cache preallocated for the whole batch (each step writes in place; finished rows leave the batch
+once a quarter of it has finished). Each request keeps its own sampling parameters and random generator,
+so a seeded request samples the same tokens whatever it is batched with.
 
 The torch work runs on one worker thread, so the event loop (envs, tools, other episodes) stays
 responsive while the model computes, and a weight update never interleaves with a batch.
@@ -16,6 +17,7 @@ requests (``temperature == 0``) take the argmax and report the logprob under ``l
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -257,55 +259,85 @@ class HFPolicy:
             caps = [min(s.max_tokens, self.max_context - len(p)) for p, s in zip(prompts, params, strict=True)]
             stops = [set(self.eos_token_ids) | set(s.stop_token_ids) for s in params]
             sampler = _RowSampler(params, caps, self._rng, self.device)
-            # Prefill each distinct prompt once (a GRPO group repeats its prompt G times), then give every
-            # row its prompt's cache and logits.
-            distinct: dict[tuple[int, ...], int] = {}
-            row_prompt = torch.tensor([distinct.setdefault(tuple(p), len(distinct)) for p in prompts])
-            input_ids, attention, positions = self._left_pad([list(p) for p in distinct])
-            out = self.model(
-                input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True, **self._last_only
-            )
-            cache, logits = out.past_key_values, out.logits[:, -1, :]
-            if len(distinct) < rows:
-                row_prompt = row_prompt.to(self.device)
-                cache.batch_select_indices(row_prompt)
-                logits, attention, positions = logits[row_prompt], attention[row_prompt], positions[row_prompt]
-            positions = positions[:, -1:]
+            logits_B_V, cache, attention_B_T, positions_B_1 = self._prefill(prompts, max(caps))
+            width = attention_B_T.shape[1] - max(caps)
             sampled: list[list[int]] = [[] for _ in range(rows)]
             logprobs: list[list[float]] = [[] for _ in range(rows)]
             finish: list[FinishReason] = ["length"] * rows
-            alive = list(range(rows))
-            alive_index = torch.arange(rows, device=self.device)
+            batch_rows = list(range(rows))  # the request at each position of the batch (and of its KV cache)
+            live = list(range(rows))  # the batch positions still sampling
+            live_index = rows_index = inputs_B = torch.arange(rows, device=self.device)
             for step in range(max(caps)):
-                ids, lps = sampler.sample(logits, alive_index, step)
+                all_live = len(live) == len(batch_rows)
+                ids, lps = sampler.sample(logits_B_V if all_live else logits_B_V[live_index], rows_index, step)
                 keep = []
-                for j, (row, token, lp) in enumerate(zip(alive, ids.tolist(), lps.tolist(), strict=True)):
+                for position, token, lp in zip(live, ids.tolist(), lps.tolist(), strict=True):
+                    row = batch_rows[position]
                     sampled[row].append(token)
                     logprobs[row].append(lp)
                     if token in stops[row]:
                         finish[row] = "stop"
                     elif len(sampled[row]) < caps[row]:
-                        keep.append(j)
+                        keep.append(position)
                 if not keep:
                     break
-                if len(keep) < len(alive):  # finished rows leave the batch and its KV cache
-                    index = torch.tensor(keep, device=self.device)
-                    cache.batch_select_indices(index)
-                    ids, attention, positions = ids[index], attention[index], positions[index]
-                    alive, alive_index = [alive[j] for j in keep], alive_index[index]
-                attention = torch.cat([attention, attention.new_ones(len(alive), 1)], dim=1)
-                positions = positions + 1
+                # Finished rows stay in the batch, re-reading their last token, until few enough rows are left
+                # that dropping them is worth a copy of the KV cache: rows never attend to each other.
+                inputs_B = ids if all_live else inputs_B.index_copy(0, live_index, ids)
+                if len(keep) < len(live):
+                    live = keep
+                    if len(live) < _COMPACT_BELOW * len(batch_rows):
+                        index = torch.tensor(live, device=self.device)
+                        cache.batch_select_indices(index)
+                        inputs_B, positions_B_1 = inputs_B[index], positions_B_1[index]
+                        attention_B_T = attention_B_T[index]
+                        batch_rows, live = [batch_rows[j] for j in live], list(range(len(live)))
+                    live_index = torch.tensor(live, device=self.device)
+                    rows_index = torch.tensor([batch_rows[j] for j in live], device=self.device)
+                positions_B_1 = positions_B_1 + 1
                 out = self.model(
-                    input_ids=ids.unsqueeze(1),
-                    attention_mask=attention,
-                    position_ids=positions,
+                    input_ids=inputs_B.unsqueeze(1),
+                    attention_mask=attention_B_T[:, : width + step + 1],
+                    position_ids=positions_B_1,
                     past_key_values=cache,
                     use_cache=True,
                 )
-                cache, logits = out.past_key_values, out.logits[:, -1, :]
+                cache, logits_B_V = out.past_key_values, out.logits[:, -1, :]
         return [
             Generation(tuple(sampled[i]), tuple(logprobs[i]), finish[i], policy_version=version) for i in range(rows)
         ]
+
+    def _prefill(
+        self, prompts: list[list[int]], new_tokens: int
+    ) -> tuple[torch.Tensor, Any, torch.Tensor, torch.Tensor]:
+        """Run each distinct prompt once (a GRPO group repeats its prompt G times); give each row its prompt's state.
+
+        Returns:
+            ``(logits_B_V, cache, attention_B_T, positions_B_1)``: the next-token logits of each row, the KV cache
+            (room for ``new_tokens`` more), the attention mask over the left-padded prompts followed by
+            ``new_tokens`` ones (``T = width + new_tokens``), and each row's last prompt position.
+        """
+        import torch
+
+        distinct: dict[tuple[int, ...], int] = {}
+        row_prompt = torch.tensor([distinct.setdefault(tuple(p), len(distinct)) for p in prompts])
+        input_ids, attention, positions = self._left_pad([list(p) for p in distinct])
+        cache = _preallocated_cache(self.model, input_ids.shape[1] + new_tokens)
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+            **self._last_only,
+        )
+        cache, logits = out.past_key_values, out.logits[:, -1, :]
+        if len(distinct) < len(prompts):
+            row_prompt = row_prompt.to(self.device)
+            cache.batch_select_indices(row_prompt)
+            logits, attention, positions = logits[row_prompt], attention[row_prompt], positions[row_prompt]
+        attention = torch.cat([attention, attention.new_ones(len(prompts), new_tokens)], dim=1)
+        return logits, cache, attention, positions[:, -1:]
 
     def _left_pad(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(ids, attention_mask, position_ids)`` of shape ``(B, L)``, prompts right-aligned."""
@@ -355,6 +387,107 @@ class _RowSampler:
         drawn = torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp(max=logits.shape[-1] - 1)
         ids = torch.where(self.greedy[rows], logprobs.argmax(dim=-1), drawn)
         return ids, logprobs.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+
+
+_COMPACT_BELOW = 0.75
+"""Finished rows leave the batch (a copy of the KV cache) once fewer than this fraction of its rows still sample."""
+
+
+def _preallocated_cache(model: Any, capacity: int) -> Any:
+    """A KV cache that writes each step in place into buffers of ``capacity`` positions (they grow if need be).
+
+    The model sees the same keys and values as in transformers' ``DynamicCache``, whose per-step ``torch.cat``
+    copies the whole cache every token. None (the model makes its own cache) where the model has layers
+    other than full attention (sliding windows, linear attention) or transformers has no per-layer caches.
+    """
+    layer_class = _buffered_layer_class()
+    config = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+    count = getattr(config, "num_hidden_layers", None)
+    if layer_class is None or not isinstance(count, int) or count < 1:
+        return None
+    if any(kind != "full_attention" for kind in (getattr(config, "layer_types", None) or [])[:count]):
+        return None
+    from transformers.cache_utils import Cache
+
+    return Cache(layers=[layer_class(capacity) for _ in range(count)])
+
+
+@functools.cache
+def _buffered_layer_class() -> type | None:
+    """The cache layer of :func:`_preallocated_cache` (defined here so that importing this module stays light)."""
+    try:
+        from transformers.cache_utils import DynamicLayer
+    except ImportError:  # transformers before per-layer caches
+        return None
+
+    class BufferedLayer(DynamicLayer):  # type: ignore[misc, valid-type]
+        """One layer's keys and values, ``(B, H, capacity, D)`` buffers; ``keys``/``values`` view the filled part."""
+
+        def __init__(self, capacity: int):
+            super().__init__()
+            self.capacity, self.length = capacity, 0
+
+        def lazy_initialization(self, key_states: Any, value_states: Any) -> None:
+            self.dtype, self.device = key_states.dtype, key_states.device
+            batch, heads, _, key_dim = key_states.shape
+            self.key_buffer = key_states.new_empty(batch, heads, self.capacity, key_dim)
+            self.value_buffer = value_states.new_empty(batch, heads, self.capacity, value_states.shape[-1])
+            self.length, self.is_initialized = 0, True
+            self._view()
+
+        def update(self, key_states: Any, value_states: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            end = self.length + key_states.shape[-2]
+            if end > self.key_buffer.shape[-2]:
+                self._resize(max(end, 2 * self.key_buffer.shape[-2]))
+            self.key_buffer[:, :, self.length : end] = key_states
+            self.value_buffer[:, :, self.length : end] = value_states
+            self.length = end
+            return self._view()
+
+        def get_seq_length(self) -> int:
+            return self.length
+
+        def batch_select_indices(self, indices: Any) -> None:
+            if self.is_initialized:
+                self.key_buffer = self.key_buffer.index_select(0, indices.to(self.device))
+                self.value_buffer = self.value_buffer.index_select(0, indices.to(self.device))
+                self._view()
+
+        def reorder_cache(self, beam_idx: Any) -> None:
+            self.batch_select_indices(beam_idx)
+
+        def crop(self, tokens_to_remove: int) -> None:
+            keep = tokens_to_remove if tokens_to_remove > 0 else self.length + tokens_to_remove
+            self.length = max(0, min(self.length, keep))
+            if self.is_initialized:
+                self._view()
+
+        def batch_repeat_interleave(self, repeats: int) -> None:
+            if self.is_initialized:
+                self.key_buffer = self.key_buffer.repeat_interleave(repeats, dim=0)
+                self.value_buffer = self.value_buffer.repeat_interleave(repeats, dim=0)
+                self._view()
+
+        def reset(self) -> None:
+            self.length = 0
+            if self.is_initialized:
+                self._view()
+
+        def _resize(self, capacity: int) -> None:
+            for name in ("key_buffer", "value_buffer"):
+                old = getattr(self, name)
+                new = old.new_empty(*old.shape[:2], capacity, old.shape[-1])
+                new[:, :, : self.length] = old[:, :, : self.length]
+                setattr(self, name, new)
+
+        def _view(self) -> tuple[Any, Any]:
+            self.keys = self.key_buffer[:, :, : self.length]
+            self.values = self.value_buffer[:, :, : self.length]
+            return self.keys, self.values
+
+    return BufferedLayer
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
