@@ -82,7 +82,7 @@ DEFAULT_RUN: dict[str, Any] = {
         "learner": {"max_steps": 500, "batch_size": 32, "lr": 2e-3, "warmup_steps": 30, "max_seq_len": 1024},
     },
     "learner": {
-        "max_steps": 200, "max_seconds": 480, "prompts_per_step": 16, "group_size": 8, "max_new_tokens": 128,
+        "max_steps": 250, "max_seconds": 510, "prompts_per_step": 16, "group_size": 8, "max_new_tokens": 128,
         "max_turns": 1, "temperature": 1.0, "lr": 1e-4, "warmup_steps": 5, "dynamic_sampling": True,
     },
     "eval": {"tasks": 300, "env_kwargs": {"tasks": "eval"}, "pass_on": "correct", "max_new_tokens": 160},
