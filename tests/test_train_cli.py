@@ -66,6 +66,8 @@ def test_dry_run_prints_the_resolved_config_and_errors_exit_before_any_work(tmp_
     assert not (tmp_path / "bad").exists()
     unknown = agentrl("train", "--env", "no-such-env", "--dry-run")
     assert unknown.returncode == 1 and "no-such-env" in unknown.stderr
+    api = agentrl("train", "--env", "toy-digits", "--rollout", "openai", "--dry-run")
+    assert api.returncode == 1 and "agentrl eval --base-url" in api.stderr
 
 
 def test_a_tiny_run_goes_through_every_phase_into_its_run_directory(tmp_path):

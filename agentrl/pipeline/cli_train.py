@@ -17,7 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--env", help="registered env id, e.g. code-sandbox (see `agentrl envs`)")
     parser.add_argument("--model", help="starting model: 'tiny' (default), a hub id or a local directory")
     parser.add_argument("--algo", help="RL algorithm: grpo (default), dapo, dr_grpo, rloo, reinforce_pp, ppo, dpo")
-    parser.add_argument("--rollout", choices=("hf", "vllm"), help="sampler backend (default hf)")
+    parser.add_argument("--rollout", choices=("hf", "vllm", "openai"), help="sampler backend (default hf)")
     parser.add_argument("--config", metavar="RUN.YAML", help="a run config file (see --dry-run for its keys)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one setting, e.g. --set learner.lr=1e-5 (repeatable)")  # fmt: skip
@@ -33,6 +33,12 @@ def main(args: argparse.Namespace) -> int:
     from agentrl.errors import ConfigError
     from agentrl.pipeline.config import RunConfig, build_run_config, resolve
 
+    if args.rollout == "openai":
+        raise ConfigError(
+            "--rollout openai cannot train: an OpenAI-compatible server cannot take the learner's weights after "
+            "each step, so GRPO/PPO would keep sampling the starting policy. Train with --rollout hf or vllm "
+            "(weights synced every step); evaluate API models with `agentrl eval --base-url URL`"
+        )
     if args.resume:
         given = [f"--{k.replace('_', '-')}" for k in ("env", "model", "algo", "rollout", "config", "output_dir",
                                                       "seed", "threads") if getattr(args, k) is not None]  # fmt: skip
