@@ -34,7 +34,13 @@ from agentrl.evaluation.metrics import (
 from agentrl.evaluation.report import escape, render_transcript
 from agentrl.evaluation.store import EpisodeStore
 
-torch.set_num_threads(1)
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 ROOT = Path(__file__).resolve().parents[1]
 HUMANEVAL = ROOT.parent / "shared" / "datasets" / "humaneval.jsonl"

@@ -24,7 +24,13 @@ from test_evaluation import HUMANEVAL, eval_cli, humaneval_rows, results_of
 
 from agentrl.data.trajectory import read_jsonl
 
-torch.set_num_threads(1)
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 DIGITS = ["--env", "toy-digits-v0", "--n", "6", "--k", "4", "--max-new-tokens", "12", "--pass-threshold", "0.02",
           "--quiet"]  # fmt: skip

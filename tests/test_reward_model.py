@@ -3,6 +3,7 @@ save/load through the scorers, the rewards interface, resume, and data errors.""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -102,19 +103,29 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def rm_run(tmp_path_factory):
-    torch.set_num_threads(1)
     config = RewardModelConfig(
         max_steps=12, warmup_steps=0, lr=3e-3, output_dir=tmp_path_factory.mktemp("rm")
     )
-    return train_reward_model(config, marker_pairs(64, seed=0))
+    with _threads(1):
+        return train_reward_model(config, marker_pairs(64, seed=0))
 
 
 @pytest.fixture(scope="module")
 def prm_run(tmp_path_factory):
-    torch.set_num_threads(1)
     config = ProcessRewardConfig(max_steps=24, warmup_steps=0, lr=3e-3, step_separator="\n\n",
                                  output_dir=tmp_path_factory.mktemp("prm"))  # fmt: skip
-    return train_process_reward_model(config, step_examples(64, seed=0))
+    with _threads(1):
+        return train_process_reward_model(config, step_examples(64, seed=0))
+
+
+@contextlib.contextmanager
+def _threads(n: int):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 # ---- the losses by hand -------------------------------------------------------------------------

@@ -174,8 +174,13 @@ class CodeSandboxEnv(Env):
 
     # ---- episode -------------------------------------------------------------------------------------
     def _pick(self, options: Mapping[str, Any]) -> CodeTask:
-        if isinstance(options.get("task"), CodeTask):
-            return options["task"]
+        task = options.get("task")
+        if isinstance(task, CodeTask):
+            return task
+        if isinstance(task, int) and not isinstance(task, bool):  # the task demonstration(task) solves
+            if isinstance(self.source, GeneratorConfig):
+                return generate_task(self.source, np.random.default_rng(task))
+            return self.source[task]
         if isinstance(self.source, GeneratorConfig):
             if "task_id" in options or "task_index" in options:
                 raise ConfigError("generated tasks have no index; pass options={'task': CodeTask} instead")
