@@ -336,3 +336,19 @@ def iterate_batches(num_rows: int, batch_size: int, seed: int, start_step: int =
         order = torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
         yield order[k * batch_size : (k + 1) * batch_size].tolist()
         step += 1
+
+
+def jsonl_records(path: str | os.PathLike[str]) -> Iterator[tuple[int, Any]]:
+    """``(line number, parsed JSON)`` for each non-blank line of a JSONL data file.
+
+    Raises:
+        ConfigError: a line is not JSON; the message names file and line.
+    """
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"{path}:{lineno}: not JSON ({exc}); write one JSON object per line") from None

@@ -22,7 +22,6 @@ Usage::
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -145,20 +144,11 @@ def read_preference_jsonl(path: str | Path) -> list[PreferenceConversation | Lab
         ConfigError: a line is not JSON or has neither form; the message names file and line.
     """
     out: list[PreferenceConversation | LabelledConversation] = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ConfigError(
-                    f"{path}:{lineno}: not JSON ({exc}); write one JSON object per line"
-                ) from None
-            try:
-                out.append(_record(record))
-            except (TypeError, ValueError) as exc:
-                raise ConfigError(f"{path}:{lineno}: {exc}") from None
+    for lineno, record in _train.jsonl_records(path):
+        try:
+            out.append(_record(record))
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{path}:{lineno}: {exc}") from None
     return out
 
 

@@ -147,28 +147,19 @@ def read_step_labels_jsonl(path: str | Path, separator: str | None = None) -> li
             steps; the message names file and line.
     """
     out = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ConfigError(
-                    f"{path}:{lineno}: not JSON ({exc}); write one JSON object per line"
-                ) from None
-            form = '{"messages": [...], "labels": [1, 0, ...], "tools": [...]}'
-            messages = record.get("messages") if isinstance(record, dict) else None
-            if not (isinstance(messages, list) and all(isinstance(m, dict) for m in messages)
-                    and isinstance(record.get("labels"), list)):  # fmt: skip
-                raise ConfigError(f"{path}:{lineno}: expected {form}, one label per step")
-            tools = tuple(record.get("tools") or ())
-            example = StepLabelledConversation(tuple(messages), tuple(record["labels"]), tools)
-            try:
-                _check_labels(example, separator)
-            except ValueError as exc:
-                raise ConfigError(f"{path}:{lineno}: {exc}") from None
-            out.append(example)
+    for lineno, record in _train.jsonl_records(path):
+        form = '{"messages": [...], "labels": [1, 0, ...], "tools": [...]}'
+        messages = record.get("messages") if isinstance(record, dict) else None
+        if not (isinstance(messages, list) and all(isinstance(m, dict) for m in messages)
+                and isinstance(record.get("labels"), list)):  # fmt: skip
+            raise ConfigError(f"{path}:{lineno}: expected {form}, one label per step")
+        tools = tuple(record.get("tools") or ())
+        example = StepLabelledConversation(tuple(messages), tuple(record["labels"]), tools)
+        try:
+            _check_labels(example, separator)
+        except ValueError as exc:
+            raise ConfigError(f"{path}:{lineno}: {exc}") from None
+        out.append(example)
     return out
 
 

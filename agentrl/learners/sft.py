@@ -17,7 +17,6 @@ Usage::
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -101,19 +100,10 @@ def read_messages_jsonl(path: str | Path) -> list[Demonstration]:
         ConfigError: a line is not JSON or lacks a ``messages`` list; the message names file and line.
     """
     demos = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ConfigError(
-                    f"{path}:{lineno}: not JSON ({exc}); write one JSON object per line"
-                ) from None
-            if not isinstance(record, dict) or not isinstance(record.get("messages"), list):
-                raise ConfigError(f'{path}:{lineno}: expected {{"messages": [...], "tools": [...]}}')
-            demos.append(Demonstration(tuple(record["messages"]), tuple(record.get("tools") or ())))
+    for lineno, record in _train.jsonl_records(path):
+        if not isinstance(record, dict) or not isinstance(record.get("messages"), list):
+            raise ConfigError(f'{path}:{lineno}: expected {{"messages": [...], "tools": [...]}}')
+        demos.append(Demonstration(tuple(record["messages"]), tuple(record.get("tools") or ())))
     return demos
 
 
