@@ -38,9 +38,15 @@ from agentrl.data.trajectory import Trajectory
 from agentrl.errors import ConfigError
 from agentrl.learners import _model, _train
 from agentrl.learners._config import TrainConfig
+from agentrl.learners.preference_data import (
+    Example,
+    LabelledConversation,
+    PreferenceConversation,
+    read_preference_jsonl,
+)
 from agentrl.learners.sft import demonstration_ledger
 from agentrl.models.chat import ChatRenderer
-from agentrl.types import Message, ToolSchema
+from agentrl.types import Message
 
 __all__ = [
     "DPOConfig",
@@ -110,74 +116,6 @@ class DPOConfig(TrainConfig):
 
 
 # ---- data ---------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class PreferenceConversation:
-    """A prompt (chat messages) with a preferred and a dispreferred continuation (assistant/tool messages)."""
-
-    prompt: Sequence[Message]
-    chosen: Sequence[Message]
-    rejected: Sequence[Message]
-    tools: Sequence[ToolSchema] = ()
-
-
-@dataclass(frozen=True)
-class LabelledConversation:
-    """One conversation labelled desirable or not (KTO's unpaired data); only ``completion`` is scored."""
-
-    prompt: Sequence[Message]
-    completion: Sequence[Message]
-    desirable: bool
-    tools: Sequence[ToolSchema] = ()
-
-
-Example = PreferenceConversation | LabelledConversation | PreferencePair
-
-
-def read_preference_jsonl(path: str | Path) -> list[PreferenceConversation | LabelledConversation]:
-    """Read OpenAI-messages preference data, one JSON object per line (``tools`` optional on each):
-
-    - pairs: ``{"prompt": [...], "chosen": [...], "rejected": [...], "tools": [...]}``;
-    - KTO: ``{"messages": [...], "label": true}`` (every assistant turn scored) or
-      ``{"prompt": [...], "completion": [...], "label": false}``.
-
-    Raises:
-        ConfigError: a line is not JSON or has neither form; the message names file and line.
-    """
-    out: list[PreferenceConversation | LabelledConversation] = []
-    for lineno, record in _train.jsonl_records(path):
-        try:
-            out.append(_record(record))
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"{path}:{lineno}: {exc}") from None
-    return out
-
-
-def _record(record: Any) -> PreferenceConversation | LabelledConversation:
-    forms = (
-        '{"prompt": [...], "chosen": [...], "rejected": [...]}, {"messages": [...], "label": true} or '
-        '{"prompt": [...], "completion": [...], "label": false}'
-    )
-    if not isinstance(record, dict):
-        raise TypeError(f"expected one of {forms}")
-    tools = tuple(record.get("tools") or ())
-
-    def messages(key: str) -> tuple[Message, ...]:
-        value = record.get(key)
-        if not isinstance(value, list) or not all(isinstance(m, dict) for m in value):
-            raise TypeError(f"{key!r} must be a list of message objects; expected one of {forms}")
-        return tuple(value)
-
-    if "chosen" in record or "rejected" in record:
-        return PreferenceConversation(messages("prompt"), messages("chosen"), messages("rejected"), tools)
-    if "label" in record:
-        if not isinstance(record["label"], bool):
-            raise TypeError(f"'label' must be true or false, got {record['label']!r}")
-        if "messages" in record:
-            return LabelledConversation((), messages("messages"), record["label"], tools)
-        return LabelledConversation(messages("prompt"), messages("completion"), record["label"], tools)
-    raise ValueError(f"expected one of {forms}")
-
-
 class _Ledger(NamedTuple):
     """Token ids and the completion-only loss mask of one conversation."""
 
