@@ -20,18 +20,16 @@ from agentrl.learners.dpo import LabelledConversation, PreferenceConversation
 from agentrl.learners.ppo import ValueModel
 from agentrl.learners.reward_model import (
     ProcessRewardConfig,
-    ProcessRewardScorer,
     RewardModelConfig,
-    RewardModelScorer,
     StepLabelledConversation,
     _step_ends,
     bradley_terry_loss,
-    default_to_messages,
     read_step_labels_jsonl,
     step_bce_loss,
     train_process_reward_model,
     train_reward_model,
 )
+from agentrl.learners.reward_scorers import ProcessRewardScorer, RewardModelScorer, default_to_messages
 from agentrl.learners.sft import demonstration_ledger
 from agentrl.models.chat import ChatRenderer
 from agentrl.models.loading import load_tokenizer

@@ -11,7 +11,7 @@ Both are the LM trunk with a scalar head (:class:`~agentrl.learners.ppo.ValueMod
   at ``step_separator``, e.g. ``"\\n\\n"``; a step ends with its separator, the last with the end-of-turn
   token), trained with binary cross-entropy on step labels.
 
-Usage (the scorers plug into :mod:`agentrl.rewards.base`)::
+Usage (the scorers, in :mod:`agentrl.learners.reward_scorers`, plug into :mod:`agentrl.rewards.base`)::
 
     result = train_reward_model(RewardModelConfig(output_dir="runs/rm"), read_preference_jsonl("p.jsonl"))
     rm = RewardModelScorer.from_pretrained(result.checkpoint)
@@ -22,13 +22,12 @@ Usage (the scorers plug into :mod:`agentrl.rewards.base`)::
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, NamedTuple, TypeVar
+from typing import Any, NamedTuple
 
 import torch
 from pydantic import Field, model_validator
@@ -38,28 +37,22 @@ from agentrl.errors import ConfigError, TemplateError
 from agentrl.learners import _model, _train
 from agentrl.learners._config import TrainConfig
 from agentrl.learners.dpo import LabelledConversation, PreferenceConversation
-from agentrl.learners.ppo import VALUE_HEAD_FILE, ValueModel
+from agentrl.learners.ppo import ValueModel
 from agentrl.learners.sft import demonstration_ledger
 from agentrl.models.chat import ChatRenderer
-from agentrl.rewards.base import RewardResult
 from agentrl.types import Message, ToolSchema
 
 __all__ = [
     "ProcessRewardConfig",
-    "ProcessRewardScorer",
     "RewardModelConfig",
     "RewardModelResult",
-    "RewardModelScorer",
     "StepLabelledConversation",
     "StepLog",
     "bradley_terry_loss",
-    "default_to_messages",
     "read_step_labels_jsonl",
     "step_bce_loss",
-    "task_prompt",
     "train_process_reward_model",
     "train_reward_model",
-    "turn_to_messages",
 ]
 
 _LEARNERS = {"orm": "reward-model", "prm": "process-reward-model"}
@@ -467,165 +460,3 @@ def _fit(
         if config.output_dir is not None and (at_save or step == config.max_steps):
             checkpoint = _model.save_step(config, model, tokenizer, optimizer, scheduler, step, meta)
     return tuple(history), checkpoint
-
-
-# ---- scorers: trained models as rewards -------------------------------------------------------------
-def task_prompt(task: Any) -> str:
-    """The task itself (a str), ``task["prompt"]`` or ``task.prompt`` (a ToolEnv Task); else ConfigError."""
-    prompt = task.get("prompt") if isinstance(task, Mapping) else getattr(task, "prompt", task)
-    if not isinstance(prompt, str):
-        raise ConfigError(
-            f"no prompt found in task {task!r:.80}; give a str, a mapping with 'prompt' or an object with "
-            "a .prompt, or pass the scorer to_messages=lambda task, x: [...messages...]"
-        )
-    return prompt
-
-
-def default_to_messages(task: Any, answer: Any) -> list[Message]:
-    """``[user: task_prompt(task), assistant: str(answer)]``: what an outcome reward's ``(task, answer)``
-    becomes. Train the reward model on conversations of this shape, or pass your own ``to_messages`` (e.g.
-    one adding the env's system prompt)."""
-    return [{"role": "user", "content": task_prompt(task)}, {"role": "assistant", "content": str(answer)}]
-
-
-def turn_to_messages(task: Any, turn: Any) -> list[Message]:
-    """A :class:`~agentrl.toolenv.Turn` as messages: the task's prompt, each earlier turn's text and its
-    tool results, then ``turn.text`` (scored). The env's system prompt, parse errors and nudges are not
-    rebuilt; pass your own ``to_messages`` when the PRM was trained with them."""
-    messages: list[Message] = [{"role": "user", "content": task_prompt(task)}]
-    for earlier in getattr(turn, "earlier", ()):
-        messages.append({"role": "assistant", "content": earlier.text})
-        messages += [{"role": "tool", "content": call.content} for call in earlier.calls]
-    return [*messages, {"role": "assistant", "content": turn.text}]
-
-
-_ToMessages = Callable[[Any, Any], Sequence[Message]]
-"""``(task, answer_or_turn) -> messages`` for a scorer."""
-_S = TypeVar("_S", bound="_Scorer")
-
-
-def _is_messages(value: Any) -> bool:
-    return isinstance(value, (list, tuple)) and all(isinstance(m, Mapping) and "role" in m for m in value)
-
-
-class _Scorer:
-    """A trained :class:`ValueModel` (put in eval mode) and how conversations are rendered for it."""
-
-    learner = _LEARNERS["orm"]
-
-    def __init__(self, model: ValueModel, tokenizer: Any, *, to_messages: _ToMessages,
-                 template: str | None = None, tools: Sequence[ToolSchema] = (), batch_size: int = 16,
-                 name: str = "reward_model"):  # fmt: skip
-        self.model, self.tokenizer, self.to_messages = model.eval(), tokenizer, to_messages
-        self.template, self.tools, self.batch_size, self.name = template, tuple(tools), batch_size, name
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-    @classmethod
-    def from_pretrained(cls: type[_S], path: str | Path, device: Any = "cpu", **options: Any) -> _S:
-        """Load a directory written by the matching trainer; ``template`` (and a PRM's ``separator``)
-        default to those it was trained with; ``options`` go to the constructor.
-
-        Raises:
-            ConfigError: ``path`` holds no trained head, or the other kind of reward model.
-        """
-        from agentrl.models.loading import load_tokenizer, resolve_model
-
-        resolved = Path(resolve_model(path))
-        if not (resolved / VALUE_HEAD_FILE).is_file():
-            raise ConfigError(
-                f"{path} has no {VALUE_HEAD_FILE}, so it is not a trained reward model; pass a directory written "
-                "by train_reward_model or train_process_reward_model (e.g. <output_dir>/step-000200)"
-            )
-        state = resolved / _train.STATE_JSON
-        meta = json.loads(state.read_text(encoding="utf-8")).get("meta", {}) if state.is_file() else {}
-        if meta.get("learner", cls.learner) != cls.learner:
-            right = "RewardModelScorer" if meta["learner"] == _LEARNERS["orm"] else "ProcessRewardScorer"
-            raise ConfigError(f"{path} holds a {meta['learner']}; load it with {right}.from_pretrained")
-        trained = meta.get("config", {})
-        options.setdefault("template", trained.get("template"))
-        if cls.learner == _LEARNERS["prm"]:
-            options.setdefault("separator", trained.get("step_separator"))
-        return cls(ValueModel.from_pretrained(resolved, device), load_tokenizer(resolved), **options)
-
-    def _renderer(self) -> ChatRenderer:
-        return ChatRenderer(self.tokenizer, self.tools, self.template)
-
-    @torch.no_grad()
-    def _scores(self, rows: Sequence[_Row]) -> list[float]:
-        """The head's values at every row's ends, in order, ``batch_size`` rows per forward pass."""
-        device = next(self.model.parameters()).device
-        out: list[float] = []
-        for i in range(0, len(rows), self.batch_size):
-            out += _end_scores(self.model, rows[i : i + self.batch_size], self.pad_id, device).tolist()
-        return out
-
-
-class RewardModelScorer(_Scorer):
-    """A trained reward model as an outcome reward: ``scorer(task, answer) -> RewardResult``.
-
-    Args:
-        model / tokenizer: a trained :class:`ValueModel` and its tokenizer; or use ``from_pretrained(path)``.
-        to_messages: ``(task, answer) -> messages`` for answers that are not a message list already.
-        template / tools: how conversations are rendered; keep them as in training.
-        batch_size: conversations per forward pass. name: the component name of the result.
-    """
-
-    def __init__(self, model: ValueModel, tokenizer: Any, *, to_messages: _ToMessages = default_to_messages,
-                 **options: Any):  # fmt: skip
-        super().__init__(model, tokenizer, to_messages=to_messages, **options)
-
-    def score_conversations(self, conversations: Sequence[Sequence[Message]]) -> list[float]:
-        """Each conversation's score, read at its last assistant token (later messages are ignored).
-
-        Raises:
-            ConfigError: a conversation has no assistant message.
-        """
-        renderer = self._renderer()
-        return self._scores([_conversation_row(renderer, m) for m in conversations])
-
-    def __call__(self, task: Any, answer_or_messages: Any) -> RewardResult:
-        """Score a message list as it is, anything else as ``to_messages(task, answer_or_messages)``."""
-        given = answer_or_messages
-        (score,) = self.score_conversations([given if _is_messages(given) else self.to_messages(task, given)])
-        return RewardResult.single(self.name, score)
-
-
-class ProcessRewardScorer(_Scorer):
-    """A trained process reward model as a per-turn reward: ``scorer(task, turn) -> RewardResult``.
-
-    A step's score is ``sigmoid(logit)``, the probability that it is good. A turn's reward reduces its
-    steps' scores with ``reduce`` (``"min"``: as good as its worst step; ``"mean"``; ``"last"``); the
-    result's ``info["steps"]`` lists them.
-
-    Args:
-        separator: the ``step_separator`` it was trained with (None: one score per turn).
-        to_messages: ``(task, turn) -> messages`` whose last assistant message is the turn, for turns that
-            are not such a message list already; by default :func:`turn_to_messages` (a ToolEnv Turn).
-        model / tokenizer / template / tools / batch_size / name: as for :class:`RewardModelScorer`.
-    """
-
-    learner = _LEARNERS["prm"]
-
-    def __init__(self, model: ValueModel, tokenizer: Any, *, separator: str | None = None,
-                 reduce: Literal["min", "mean", "last"] = "min", name: str = "process_reward",
-                 to_messages: _ToMessages = turn_to_messages, **options: Any):  # fmt: skip
-        if reduce not in ("min", "mean", "last"):
-            raise ConfigError(f"reduce={reduce!r} is not one of 'min', 'mean', 'last'")
-        super().__init__(model, tokenizer, to_messages=to_messages, name=name, **options)
-        self.separator, self.reduce = separator, reduce
-
-    def step_scores(self, messages: Sequence[Message]) -> list[list[float]]:
-        """Per assistant turn, each step's score (read before anything after the step).
-
-        Raises:
-            ConfigError: no assistant message.
-        """
-        ids, ends = _step_ends(self._renderer(), messages, self.separator)
-        flat = iter(torch.sigmoid(torch.tensor(self._scores([_Row(ids, tuple(e for t in ends for e in t))]))))
-        return [[float(next(flat)) for _ in turn] for turn in ends]
-
-    def __call__(self, task: Any, turn: Any) -> RewardResult:
-        """Score a turn's steps (its last assistant message) and reduce them to the turn's reward."""
-        steps = self.step_scores(turn if _is_messages(turn) else self.to_messages(task, turn))[-1]
-        value = {"min": min(steps), "mean": sum(steps) / len(steps), "last": steps[-1]}[self.reduce]
-        return RewardResult.single(self.name, value, steps=steps)
