@@ -7,6 +7,8 @@ Examples::
         --n 164 --k 10 --model Qwen/Qwen2.5-0.5B-Instruct --backend vllm --temperature 0.8 --out runs/eval/he
     agentrl eval --env math --base-url https://api.openai.com/v1 --model gpt-4o-mini \\
         --api-key-env OPENAI_API_KEY --n 50
+    agentrl eval --env math --task-option task --n 50 --k 8 --pass-on correct --maj-k --answer-format boxed \\
+        --best-of-n-by rm:runs/rm/step-000200 --out runs/eval/math   # best-of-N and maj@k beside pass@k
     agentrl eval --report-only --out runs/eval/he --pass-threshold 0.5   # rescore: no model needed
     agentrl eval --compare runs/eval/a runs/eval/b
 
@@ -138,6 +140,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         help="an episode passes when that value is >= this (default 1.0)",
     )
+    scoring.add_argument(
+        "--best-of-n-by",
+        metavar="SOURCE:ARG",
+        help="report best-of-N for each k, picking by this scorer: component:<reward component> (e.g. "
+        "component:correct) or rm:<trained reward model directory>",
+    )
+    scoring.add_argument(
+        "--maj-k",
+        action="store_true",
+        default=None,
+        help="report majority vote (maj@k) over the final answers for each k",
+    )
+    scoring.add_argument(
+        "--answer-format",
+        choices=("boxed", "answer_tag", "hashes", "number", "any"),
+        help="where maj@k finds the answer in the final assistant message (default any); needs --maj-k",
+    )
     scoring.add_argument("--resamples", type=int, help="bootstrap resamples (default 1000)")
     scoring.add_argument("--confidence", type=float, help="interval coverage (default 0.95)")
     output = parser.add_argument_group("output")
@@ -205,6 +224,9 @@ def _config(args: argparse.Namespace) -> Any:
         pass_rule=PassRule(
             args.pass_on or "reward", 1.0 if args.pass_threshold is None else args.pass_threshold
         ),
+        best_of_n_by=args.best_of_n_by,
+        maj_k=bool(args.maj_k),
+        answer_format=args.answer_format or "any",
         resamples=args.resamples or 1000,
         confidence=args.confidence or 0.95,
         retry_errors=args.retry_errors,
@@ -252,6 +274,9 @@ def _report_only(args: argparse.Namespace) -> int:
         ks=args.ks or None,
         resamples=args.resamples,
         confidence=args.confidence,
+        best_of_n_by=args.best_of_n_by,
+        maj_k=args.maj_k,
+        answer_format=args.answer_format,
     )
     _print_outcome(outcome)
     return 0
@@ -259,6 +284,12 @@ def _report_only(args: argparse.Namespace) -> int:
 
 def main(args: argparse.Namespace) -> int:
     """Run ``agentrl eval``; returns the exit code (130 when interrupted, 1 when every episode failed)."""
+    if args.answer_format and not args.maj_k:
+        from agentrl.errors import ConfigError
+
+        raise ConfigError(
+            "--answer-format is where maj@k reads answers: add --maj-k, or drop --answer-format"
+        )
     if args.compare:
         return _compare(args)
     if args.report_only:

@@ -3,7 +3,7 @@
 Two kinds of field: those that decide what is sampled (:data:`IDENTITY_FIELDS`: env, policy, sampling,
 limits, seed), which must stay the same when a run is resumed in the same output directory, and those that
 only decide how much is played or how it is scored (``n``, ``k``, ``concurrency``, the pass rule, the
-bootstrap), which may change between resumes.
+bootstrap, test-time selection), which may change between resumes.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from typing import Any
 
 from agentrl.errors import ConfigError
 from agentrl.evaluation.metrics import PassRule
+from agentrl.evaluation.selection import check_scorer_spec
+from agentrl.rewards.answers import ANSWER_FORMATS
 
 __all__ = ["BACKENDS", "IDENTITY_FIELDS", "EvalConfig", "default_out_dir"]
 
@@ -75,6 +77,11 @@ class EvalConfig:
         device, dtype: where and in which precision a local model runs (None: the backend's choice).
         seed: every reset and sampling seed derives from it.
         pass_rule: what counts as a passed episode.
+        best_of_n_by: the scorer behind best-of-N, ``SOURCE:ARGUMENT`` (``component:<reward component>``,
+            ``rm:<reward model directory>``; see :mod:`agentrl.evaluation.selection`); None: no best-of-N.
+        maj_k: report majority vote (maj@k) for each k in ``ks``.
+        answer_format: how maj@k reads the final assistant message's answer: ``boxed``, ``answer_tag``,
+            ``hashes``, ``number`` or ``any`` (:func:`agentrl.rewards.answers.extract_answer`).
         resamples, confidence: the bootstrap over tasks behind every interval.
         retry_errors: play again the episodes that ended with an error in an earlier run.
         out: the output directory (episodes, results, report); reruns resume from it.
@@ -105,6 +112,9 @@ class EvalConfig:
     dtype: str | None = None
     seed: int = 0
     pass_rule: PassRule = field(default_factory=PassRule)
+    best_of_n_by: str | None = None
+    maj_k: bool = False
+    answer_format: str = "any"
     resamples: int = 1000
     confidence: float = 0.95
     retry_errors: bool = False
@@ -144,6 +154,12 @@ class EvalConfig:
             raise ConfigError(f"--top-p must be in (0, 1], got {self.top_p!r}")
         if self.episode_timeout_s is not None and not self.episode_timeout_s > 0:
             raise ConfigError(f"--episode-timeout must be > 0 seconds, got {self.episode_timeout_s!r}")
+        if self.best_of_n_by is not None:
+            check_scorer_spec(self.best_of_n_by)
+        if self.answer_format not in ANSWER_FORMATS:
+            raise ConfigError(
+                f"--answer-format must be one of {', '.join(ANSWER_FORMATS)}, got {self.answer_format!r}"
+            )
         if not 0 < self.confidence < 1:
             raise ConfigError(f"--confidence must be in (0, 1), e.g. 0.95, got {self.confidence!r}")
         if not self.ks:

@@ -30,6 +30,7 @@ from typing import Any
 from agentrl.core import Env, Wrapper
 from agentrl.data.trajectory import Trajectory
 from agentrl.errors import ConfigError
+from agentrl.evaluation import selection
 from agentrl.evaluation.config import EvalConfig
 from agentrl.evaluation.metrics import PassRule, episode_stats, group_tasks, summarize
 from agentrl.evaluation.store import (
@@ -329,12 +330,20 @@ class _Progress:
 
 # ---------------------------------------------------------------------------------------------- results
 def build_results(
-    config: EvalConfig, trajectories: Sequence[Trajectory], timing: Mapping[str, Any] | None = None
+    config: EvalConfig,
+    trajectories: Sequence[Trajectory],
+    timing: Mapping[str, Any] | None = None,
+    scores: Mapping[tuple[int, int], float | None] | None = None,
 ) -> dict[str, Any]:
     """Every metric of the episodes, the per-task samples and the config, JSON-ready (NaN as null).
 
+    Args:
+        scores: each episode's best-of-N score by (task, sample); None with ``config.best_of_n_by`` set:
+            scored here (without reading or writing ``scores.json``).
+
     Raises:
-        ConfigError: the pass rule names a reward component no episode has.
+        ConfigError: the pass rule (or ``--best-of-n-by component:...``) names a reward component no
+            episode has.
     """
     from agentrl import __version__
 
@@ -343,10 +352,23 @@ def build_results(
     metrics = summarize(
         stats, config.ks, resamples=config.resamples, confidence=config.confidence, seed=config.seed
     )
+    if config.best_of_n_by and scores is None:
+        scorer = selection.make_scorer(config.best_of_n_by, config)
+        scores = selection.score_all(scorer, trajectories)
+    scores = scores if config.best_of_n_by else None
+    answers = selection.episode_answers(config, trajectories) if config.maj_k else None
+    grouped = group_tasks(stats)
+    metrics.update(selection.selection_metrics(config, grouped, scores, answers))
     env_task_ids = {int(t.meta["task_index"]): t.meta.get("env_task_id") for t in trajectories}
     tasks = []
-    for task in group_tasks(stats):
-        entry = task.to_dict(config.ks)
+    for task in grouped:
+        entry = {**task.to_dict(config.ks), **selection.task_selection(task, config.ks, scores, answers)}
+        for sample in entry["samples"]:
+            key = (task.task_index, sample["sample"])
+            if scores is not None:
+                sample["score"] = scores.get(key)
+            if answers is not None:
+                sample["answer"] = answers.get(key)
         if env_task_ids.get(task.task_index) is not None:
             entry["env_task_id"] = env_task_ids[task.task_index]
         tasks.append(entry)
@@ -388,10 +410,13 @@ def _json_ready(value: Any) -> Any:
     return value
 
 
-def _finish(config: EvalConfig, trajectories: list[Trajectory], timing: dict[str, Any]) -> dict[str, Any]:
+def _finish(
+    config: EvalConfig, trajectories: list[Trajectory], timing: dict[str, Any], echo: Echo
+) -> dict[str, Any]:
     from agentrl.evaluation.report import write_report
 
-    results = build_results(config, trajectories, timing)
+    scores = selection.episode_scores(config, trajectories, echo) if config.best_of_n_by else None
+    results = build_results(config, trajectories, timing, scores)
     out = config.out_dir
     tmp = out / "results.json.tmp"
     tmp.write_text(json.dumps(results, indent=2, allow_nan=False) + "\n", encoding="utf-8")
@@ -432,7 +457,7 @@ def evaluate(config: EvalConfig, *, echo: Echo = print, show_progress: bool = Tr
     played_keys = set(pending)
     played_now = [t for t in trajectories if episode_key(t) in played_keys]
     timing = {"wall_s": time.monotonic() - started, "played": len(pending), "resumed": resumed}
-    results = _finish(config, trajectories, timing)
+    results = _finish(config, trajectories, timing, echo)
     failed_all = bool(played_now) and all(t.stop_reason == StopReason.ERROR for t in played_now)
     return EvalOutcome(results, out, len(pending), resumed, failed_all)
 
@@ -446,13 +471,17 @@ def report_only(
     ks: Sequence[int] | None = None,
     resamples: int | None = None,
     confidence: float | None = None,
+    best_of_n_by: str | None = None,
+    maj_k: bool | None = None,
+    answer_format: str | None = None,
 ) -> EvalOutcome:
     """Score the episodes saved in ``out`` again (e.g. with another pass rule) and rewrite the report.
 
     Args:
         out: an output directory of :func:`evaluate`.
-        pass_on, pass_threshold, ks, resamples, confidence: scoring settings to change; None keeps the
-            saved run's.
+        pass_on, pass_threshold, ks, resamples, confidence, best_of_n_by, maj_k, answer_format: scoring
+            settings to change; None keeps the saved run's. Best-of-N scores already in ``scores.json``
+            for the same source are reused.
 
     Raises:
         ConfigError: ``out`` holds no evaluation or no episodes, or a new setting is invalid.
@@ -471,6 +500,9 @@ def report_only(
         ks=tuple(ks) if ks else config.ks,
         resamples=config.resamples if resamples is None else resamples,
         confidence=config.confidence if confidence is None else confidence,
+        best_of_n_by=config.best_of_n_by if best_of_n_by is None else best_of_n_by,
+        maj_k=config.maj_k if maj_k is None else maj_k,
+        answer_format=config.answer_format if answer_format is None else answer_format,
     )
     started = time.monotonic()
     with EpisodeStore(out, echo) as store:
@@ -485,5 +517,6 @@ def report_only(
         config,
         trajectories,
         {"wall_s": time.monotonic() - started, "played": 0, "resumed": len(trajectories), "missing": missing},
+        echo,
     )
     return EvalOutcome(results, out, 0, len(trajectories), False)

@@ -7,8 +7,8 @@
 - :class:`PassRule`: what counts as a passed episode, stated once and printed with every result.
 - :func:`episode_stats` / :func:`summarize`: one flat record per episode, then every metric of a run.
 
-Per-task sample lists are kept (:class:`TaskResult`), so test-time selection metrics (best-of-N with a
-scorer, majority vote) can be added beside pass@k later.
+Per-task sample lists are kept (:class:`TaskResult`), in sample order, for the test-time selection metrics
+beside pass@k (best-of-N with a scorer, majority vote) in :mod:`agentrl.evaluation.selection`.
 """
 
 from __future__ import annotations

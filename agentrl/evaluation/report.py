@@ -77,6 +77,41 @@ def _title(results: Mapping[str, Any]) -> str:
     return f"{config['env']} × {config['backend']}:{config['model']}"
 
 
+def _selection_table(results: Mapping[str, Any]) -> tuple[list[str], list[str], list[list[str]]]:
+    """Test-time selection beside pass@k: notes on how it was done, the column heads and one row per N
+    (each cell ``value [low, high]``); no rows when neither best-of-N nor maj@k was asked for."""
+    metrics = results["metrics"]
+    pass_k, best, maj = metrics["pass_at_k"], metrics.get("best_of_n"), metrics.get("maj_at_k")
+    if not best and not maj:
+        return [], [], []
+    about = metrics.get("selection", {})
+    columns: list[tuple[str, Any]] = [("pass@1", {k: pass_k["1"] for k in pass_k})] if "1" in pass_k else []
+    columns.append(("pass@N", pass_k))
+    notes = []
+    if best:
+        columns.append((f"best-of-N (by {about.get('best_of_n_by')})", best))
+        notes.append(
+            f"best-of-N: the sample with the highest score by {about.get('best_of_n_by')} "
+            f"({about.get('scored', 0)} of {about.get('scored', 0) + about.get('unscored', 0)} episodes "
+            "scored; ties drawn at random)"
+        )
+    if maj:
+        columns.append(("maj@N", maj))
+        notes.append(
+            f"maj@N: the most frequent {about.get('answer_format')} answer "
+            f"({about.get('answered', 0)} of {about.get('answered', 0) + about.get('unanswered', 0)} "
+            "episodes gave one)"
+        )
+    rows = []
+    for k in pass_k:
+        if k in (best or {}) or k in (maj or {}):
+            cells = [
+                f"{_num(col[k]['value'])} {_ci(col[k])}".strip() if k in col else "–" for _, col in columns
+            ]
+            rows.append([k, *cells])
+    return notes, ["N", *(name for name, _ in columns)], rows
+
+
 # ---------------------------------------------------------------------------------------------- text summary
 def format_summary(results: Mapping[str, Any]) -> str:
     """The summary printed at the end of a run: headline metrics with intervals, then the rest."""
@@ -93,6 +128,14 @@ def format_summary(results: Mapping[str, Any]) -> str:
         lines.append(
             f"  {'pass@' + k:<18}{_num(entry['value']):>8}  {_ci(entry):<18} ({entry['tasks']} tasks)"
         )
+    notes, head, rows = _selection_table(results)
+    if rows:
+        lines.append("  test-time selection (expected pass over random N-subsets of each task's samples):")
+        lines += [f"    {note}" for note in notes]
+        widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+        for row in [head, *rows]:
+            cells = (cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+            lines.append(("    " + "  ".join(cells)).rstrip())
     reward = metrics["reward"]
     lines.append(f"  {'mean reward':<18}{_num(reward['value']):>8}  {_ci(reward)}")
     for name, value in metrics["reward_components"].items():
@@ -185,6 +228,24 @@ def _metrics_table(results: Mapping[str, Any]) -> str:
     return f"<table>{body}</table>"
 
 
+def _selection_html(results: Mapping[str, Any]) -> str:
+    notes, head, rows = _selection_table(results)
+    if not rows:
+        return ""
+    heads = "".join(f"<th>{escape(h)}</th>" for h in head)
+    body = "".join(
+        f"<tr><th>{escape(row[0])}</th>"
+        + "".join(f'<td class="num">{escape(c)}</td>' for c in row[1:])
+        + "</tr>"
+        for row in rows
+    )
+    return (
+        f'<h2>Test-time selection</h2><p class="sub">{escape("; ".join(notes))}. Each value is the expected '
+        "pass over random N-subsets of a task's samples, with a bootstrap interval over tasks.</p>"
+        f"<table><tr>{heads}</tr>{body}</table>"
+    )
+
+
 def _stop_table(results: Mapping[str, Any]) -> str:
     counts = results["metrics"]["stop_reasons"]
     total = max(1, sum(counts.values()))
@@ -274,6 +335,7 @@ def render_report(results: Mapping[str, Any], plots: Sequence[tuple[str, str]]) 
         f"over tasks ({escape(config['resamples'])} resamples)</p>{note}"
         f'<div class="cards">{_cards(results)}</div>'
         f'<h2>Plots</h2><div class="grid">{figures}</div>'
+        f"{_selection_html(results)}"
         f"<h2>Metrics</h2>{_metrics_table(results)}"
         f"<h2>Stop reasons</h2>{_stop_table(results)}"
         f'<h2>Tasks</h2><p class="sub">● passed ○ failed; each links to its transcript.</p>{_tasks_table(results)}'
@@ -341,6 +403,10 @@ def _sample(trajectory: Trajectory, sample: Mapping[str, Any], open_: bool) -> s
         f"sample {sample['sample']} · {verdict} · reward {_num(sample['reward'])} · {turns} · "
         f"{sample['sampled_tokens']} tokens · {escape(sample['stop_reason'])} · {_num(sample['latency_s'], 2)} s"
     )
+    if "score" in sample:
+        summary += f" · score {_num(sample['score'])}"
+    if "answer" in sample:
+        summary += f" · answer {escape(sample['answer'] if sample['answer'] is not None else '–')}"
     error = f'<div class="error"><pre>{escape(trajectory.error)}</pre></div>' if trajectory.error else ""
     return (
         f'<details class="sample" id="sample-{sample["sample"]}"{" open" if open_ else ""}><summary>{summary}</summary>'
