@@ -36,6 +36,7 @@ __all__ = [
     "RLConfig",
     "RLResult",
     "RLStepLog",
+    "Rescore",
     "RolloutConfig",
     "filter_groups",
     "logprob_arrays",
@@ -54,6 +55,8 @@ __all__ = [
 OnRollout = Callable[[int, Sequence[TrajectoryGroup]], None]
 """Called with ``(step, groups)`` right after a step's rollout, before any filter: for trajectory logs and
 monitors (the step is the one being taken, counted from 1)."""
+Rescore = Callable[[Sequence[TrajectoryGroup]], Sequence[TrajectoryGroup]]
+"""Returns a step's groups with changed rewards (e.g. a judge's score added), before anything reads them."""
 
 
 class RolloutConfig(TrainConfig):
@@ -86,7 +89,9 @@ class RolloutConfig(TrainConfig):
     )
     concurrency: int = Field(256, ge=1, description="episodes in flight at once")
     max_seconds: float | None = Field(
-        None, gt=0, description="stop (and checkpoint) after the step that ends this many seconds into this "
+        None,
+        gt=0,
+        description="stop (and checkpoint) after the step that ends this many seconds into this "
         "session's loop, e.g. 540; the schedule still spans max_steps. None: run all max_steps",
     )
 

@@ -177,17 +177,21 @@ def train_grpo(
     config: GRPOConfig,
     on_step: Callable[[_rl.RLStepLog], None] | None = None,
     on_rollout: _rl.OnRollout | None = None,
+    rescore: _rl.Rescore | None = None,
 ) -> _rl.RLResult:
     """Run ``config.max_steps`` GRPO steps on ``config.env``; see the module docstring for one step.
+
+    ``rescore(groups) -> groups`` changes the rollout's rewards before anything reads them, e.g. adds an
+    LLM judge's or a reward model's score (:class:`agentrl.judge.JudgeGroupReward`).
 
     Raises:
         ConfigError: a setting the model, env or backend cannot honour (before any step runs).
     """
-    return asyncio.run(_train_grpo(config, on_step, on_rollout))
+    return asyncio.run(_train_grpo(config, on_step, on_rollout, rescore))
 
 
 async def _train_grpo(config: GRPOConfig, on_step: Callable[[_rl.RLStepLog], None] | None,
-                      on_rollout: _rl.OnRollout | None) -> _rl.RLResult:  # fmt: skip
+                      on_rollout: _rl.OnRollout | None, rescore: _rl.Rescore | None) -> _rl.RLResult:  # fmt: skip
     _train.seed_everything(config.seed)
     model, tokenizer = _model.load_trainable(config)
     reference = _model.load_reference(config, model) if config.beta > 0 else None
@@ -213,6 +217,8 @@ async def _train_grpo(config: GRPOConfig, on_step: Callable[[_rl.RLStepLog], Non
             model.eval()
             groups = await runner.run(config.prompts_per_step, config.group_size)
             rollout_s = time.perf_counter() - started
+            if rescore is not None:
+                groups = list(rescore(groups))
             if on_rollout is not None:
                 on_rollout(step + 1, groups)
 
