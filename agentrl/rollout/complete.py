@@ -53,7 +53,7 @@ async def _one(policy: Policy, conversation: Sequence[Message], sampling: Sampli
         generation = await asyncio.wait_for(policy.generate(prompt, sampling), timeout_s)
     except asyncio.TimeoutError:
         return Completion(None, None, f"timed out after {timeout_s} s")
-    except Exception as error:  # noqa: BLE001 - one failed request is that item's result, not the batch's
+    except Exception as error:  # one failed request is that item's result, not the whole batch's
         return Completion(None, None, f"{type(error).__name__}: {error}")
     return Completion(_text(generation, renderer), generation)
 
