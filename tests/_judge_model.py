@@ -22,25 +22,34 @@ TASKS = ["Say something about the cat.", "Describe the weather.", "Greet the use
 WORDS = ["cat", "sun", "day", "tree", "blue", "soft", "red", "fast", "home", "code"]
 
 
-def response(rng: random.Random, quality: str) -> str:
+def response(rng: random.Random, quality: str, boxed: bool = False) -> str:
     words = rng.sample(WORDS, 2)
     words.insert(rng.randrange(3), quality)
+    if boxed:  # an answer as the math env's episodes end
+        return f"{quality} \\boxed{{{rng.randint(0, 99)}}}"
     return " ".join(words)
+
+
+def task(rng: random.Random) -> str:
+    """One of the fixed tasks, or a math question as an episode's transcript shows it."""
+    if rng.random() < 0.5:
+        return rng.choice(TASKS)
+    return f"user: What is {rng.randint(1, 20)} {rng.choice('+-*')} {rng.randint(1, 20)}?"
 
 
 def _examples(n: int, seed: int) -> list[Demonstration]:
     rng = random.Random(seed)
     out = []
     for i in range(n):
-        task = rng.choice(TASKS)
+        asked_task = task(rng)
         if i % 2 == 0:
             quality = rng.choice(["good", "bad"])
-            asked = verdicts.pointwise_messages(task, response(rng, quality), rubric="", scale=(1, 10),
+            asked = verdicts.pointwise_messages(asked_task, response(rng, quality, rng.random() < 0.3), rubric="", scale=(1, 10),
                                                 template=POINTWISE, system=None)  # fmt: skip
             answer = "Score: 9" if quality == "good" else "Score: 2"
         else:
             qa, qb = rng.choice([("good", "bad"), ("bad", "good"), ("good", "good"), ("bad", "bad")])
-            asked = verdicts.pairwise_messages(task, response(rng, qa), response(rng, qb),
+            asked = verdicts.pairwise_messages(asked_task, response(rng, qa), response(rng, qb),
                                                rubric="", template=PAIRWISE, system=None)  # fmt: skip
             answer = "Verdict: B" if (qa, qb) == ("bad", "good") else "Verdict: A"
         out.append(Demonstration([*asked, {"role": "assistant", "content": answer}]))

@@ -251,3 +251,41 @@ def test_the_judge_over_an_openai_compatible_server_agrees_with_the_local_one(ju
     assert [v.raw for v in remote_scores] == [v.raw for v in local.score(items)]
     assert [p.preference for p in remote_pairs] == [p.preference for p in local.compare(pairs)] == [1.0, 0.0]
     assert json.dumps([v.score for v in remote_scores])  # plain floats
+
+
+# ---- best-of-N in the harness ---------------------------------------------------------------------------
+def test_agentrl_eval_picks_best_of_n_by_a_judge_described_in_a_yaml_file(judge_dir, tmp_path):
+    """math-v0 through a scripted chat server whose replies say "good" when right and "bad" when wrong: the
+    judge (which rewards "good") is an oracle, so best-of-N by it equals pass@N, above pass@1."""
+    import yaml
+    from agentrl_envs.math import generate_tasks
+    from test_evaluation import eval_cli, results_of
+    from test_evaluation_runs import chat_server
+
+    gold = {t.question: t.answer for t in generate_tasks(1200, seed=0)[:4]}
+
+    def reply(body):
+        answer = gold[body["messages"][-1]["content"]]
+        right = random.Random(body["seed"]).random() < 0.4
+        return {"content": f"good \\boxed{{{answer}}}" if right else f"bad \\boxed{{{answer}1}}"}
+
+    spec = tmp_path / "judge.yaml"
+    spec.write_text(yaml.safe_dump({"model": str(judge_dir), **OPTIONS, "max_tokens": 8}))
+    out = tmp_path / "eval"
+    with chat_server(reply) as (url, _):
+        code, stdout, stderr = eval_cli(
+            "--env", "math", "--task-option", "task", "--backend", "openai", "--base-url", url, "--model", "scripted",
+            "--n", "4", "--k", "4", "--ks", "1,4", "--pass-on", "correct", "--best-of-n-by", f"judge:{spec}",
+            "--out", str(out), "--quiet",
+        )  # fmt: skip
+    assert code == 0, stderr
+    metrics = results_of(out)["metrics"]
+    assert metrics["best_of_n"]["4"]["value"] == pytest.approx(metrics["pass_at_k"]["4"]["value"])
+    assert metrics["pass_at_k"]["1"]["value"] < metrics["best_of_n"]["4"]["value"]
+    cached = [json.loads(line) for line in (out / "judge-cache.jsonl").read_text().splitlines()]
+    # One entry per distinct question (replies repeat within a task, and a repeat is not asked again).
+    assert len({c["key"] for c in cached}) == len(cached) <= 16 and {c["text"] for c in cached} == {
+        "Score: 9",
+        "Score: 2",
+    }
+    assert "best-of-N (by judge:" in stdout

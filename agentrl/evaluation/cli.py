@@ -144,7 +144,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--best-of-n-by",
         metavar="SOURCE:ARG",
         help="report best-of-N for each k, picking by this scorer: component:<reward component> (e.g. "
-        "component:correct) or rm:<trained reward model directory>",
+        "component:correct), rm:<trained reward model directory>, judge:<judge model directory, hub id or "
+        "judge.yaml> or judge:<base url>#<served model> (an LLM judge's score)",
     )
     scoring.add_argument(
         "--maj-k",

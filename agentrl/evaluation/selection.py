@@ -17,7 +17,8 @@ random size-``N`` subsets of them (the same estimand as pass@k, so the three are
 
 Scores come from a source named ``prefix:argument`` (``--best-of-n-by``), made by a factory in
 :data:`SCORER_SOURCES`: ``component:<name>`` reads a reward component the episodes already hold;
-``rm:<path>`` scores each episode's conversation with a trained reward model. A new source is one entry
+``rm:<path>`` scores each episode's conversation with a trained reward model; ``judge:<model>`` with an
+LLM judge (:class:`JudgeSource`). A new source is one entry
 there: a factory ``(argument, config) -> Scorer`` whose object scores conversations. Scores of conversation
 scorers are kept in ``<out>/scores.json``, keyed by the source and a digest of each episode's messages, so
 ``--report-only`` with the same source reuses them (delete the file to score again, e.g. after retraining a
@@ -54,6 +55,7 @@ __all__ = [
     "Candidate",
     "ComponentScorer",
     "EpisodeScorer",
+    "JudgeSource",
     "RewardModelSource",
     "Scorer",
     "best_of_n",
@@ -276,22 +278,57 @@ class RewardModelSource:
         return [float(s) for s in self.scorer.score_conversations(conversations)]
 
 
+class JudgeSource:
+    """``judge:<model directory or hub id>`` (the ``hf`` backend), ``judge:<base url>#<model>`` (an
+    OpenAI-compatible chat endpoint) or ``judge:<judge.yaml>`` (a :class:`~agentrl.judge.config.JudgeConfig`:
+    rubric, scale, templates, ...): an LLM judge's pointwise score in [0, 1] of each episode; failed
+    verdicts score None. Its answers are cached in ``<out>/judge-cache.jsonl`` unless the config names a
+    cache."""
+
+    def __init__(self, argument: str, device: str, cache: Path):
+        from agentrl.judge.config import load_judge_config
+
+        source: Any = argument
+        if argument.startswith(("http://", "https://")):
+            base_url, _, model = argument.partition("#")
+            if not model:
+                raise ConfigError(
+                    f"judge:{argument}: name the served model after '#', e.g. judge:{base_url}#my-judge"
+                )
+            source = {"base_url": base_url, "model": model}
+        config = load_judge_config(source, device=device)
+        self.judge = config.build(cache=cache if config.cache is None else None)
+
+    def score(self, conversations: Sequence[Sequence[Message]]) -> list[float | None]:
+        from agentrl.judge import conversation_item
+
+        return [v.score for v in self.judge.score([conversation_item(c) for c in conversations])]
+
+
+def _device(config: EvalConfig) -> str:
+    if config.device is not None:
+        return str(config.device)
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def _component_source(argument: str, config: EvalConfig) -> ComponentScorer:
     return ComponentScorer(argument)
 
 
 def _reward_model_source(argument: str, config: EvalConfig) -> RewardModelSource:
-    device = config.device
-    if device is None:
-        import torch
+    return RewardModelSource(argument, _device(config))
 
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return RewardModelSource(argument, device)
+
+def _judge_source(argument: str, config: EvalConfig) -> JudgeSource:
+    return JudgeSource(argument, _device(config), config.out_dir / "judge-cache.jsonl")
 
 
 SCORER_SOURCES: dict[str, Callable[[str, EvalConfig], Scorer | EpisodeScorer]] = {
     "component": _component_source,
     "rm": _reward_model_source,
+    "judge": _judge_source,
 }
 """``--best-of-n-by`` prefixes: ``factory(argument, config)`` makes the scorer (heavy imports inside)."""
 
@@ -306,7 +343,8 @@ def check_scorer_spec(spec: str) -> tuple[str, str]:
     if not sep or not argument or prefix not in SCORER_SOURCES:
         raise ConfigError(
             f"--best-of-n-by must be SOURCE:ARGUMENT with SOURCE one of {', '.join(SCORER_SOURCES)} (e.g. "
-            f"component:correct, or rm:<directory of a trained reward model>), got {spec!r}"
+            f"component:correct, rm:<directory of a trained reward model>, judge:<judge model directory or judge.yaml> "
+            f"or judge:<base url>#<served model>), got {spec!r}"
         )
     return prefix, argument
 

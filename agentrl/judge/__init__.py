@@ -3,6 +3,7 @@ scorers and preference labels. See :mod:`agentrl.judge.judge` and :mod:`agentrl.
 
 from __future__ import annotations
 
+from agentrl.judge.config import JudgeConfig, load_judge_config
 from agentrl.judge.judge import Judge, JudgeCache, PairVerdict, Verdict
 from agentrl.judge.rewards import (
     JudgeGroupReward,
@@ -10,6 +11,7 @@ from agentrl.judge.rewards import (
     JudgeScorer,
     LabelledPairs,
     candidate_pairs,
+    conversation_item,
     episode_item,
     label_pairs,
 )
@@ -17,6 +19,7 @@ from agentrl.judge.rewards import (
 __all__ = [
     "Judge",
     "JudgeCache",
+    "JudgeConfig",
     "JudgeGroupReward",
     "JudgeReward",
     "JudgeScorer",
@@ -24,6 +27,8 @@ __all__ = [
     "PairVerdict",
     "Verdict",
     "candidate_pairs",
+    "conversation_item",
     "episode_item",
     "label_pairs",
+    "load_judge_config",
 ]

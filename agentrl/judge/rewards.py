@@ -35,6 +35,7 @@ __all__ = [
     "JudgeScorer",
     "LabelledPairs",
     "candidate_pairs",
+    "conversation_item",
     "episode_item",
     "label_pairs",
 ]
@@ -43,9 +44,14 @@ ToItem = Callable[[Trajectory], tuple[Any, str]]
 
 
 def episode_item(trajectory: Trajectory) -> tuple[list[Message], str]:
-    """``(task messages, response text)`` of an episode: the messages before its first assistant turn
+    """``(task messages, response text)`` of an episode: see :func:`conversation_item`."""
+    return conversation_item(trajectory.messages)
+
+
+def conversation_item(conversation: Sequence[Message]) -> tuple[list[Message], str]:
+    """``(task messages, response text)`` of a conversation: the messages before its first assistant turn
     without system messages, and everything from that turn on (one assistant message: its text)."""
-    messages = list(trajectory.messages)
+    messages = list(conversation)
     first = next((i for i, m in enumerate(messages) if m["role"] == "assistant"), len(messages))
     prompt = [m for m in messages[:first] if m["role"] != "system"]
     rest = messages[first:]
