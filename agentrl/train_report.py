@@ -146,6 +146,12 @@ _MONITORS_NOTE = (
     "repeated_ngram_rate: looping samples; error / truncated: shares of episodes ending so."
 )
 
+_GOLD_NOTE = (
+    "gold: a held-out score from another verifier or judge than the training reward; gold_proxy: the training "
+    "reward's mean since the last gold measurement; overoptimised: 1 once gold fell from its best while the "
+    "training reward kept its gain."
+)
+
 
 def charts_for(records: Sequence[MetricRecord]) -> list[Chart]:
     """The report's charts for a run's records, each with its series or the metrics it found none of."""
@@ -173,6 +179,10 @@ def charts_for(records: Sequence[MetricRecord]) -> list[Chart]:
         Chart("loss", "Training loss", "loss", _series(records, r"loss"),
               "Loss per optimizer step of the supervised and preference phases (SFT, DPO).", "loss"),
     ]  # fmt: skip
+    gold = _series(records, r"monitors/(gold|gold_proxy|overoptimised)")
+    if gold:  # only runs with a GoldMonitor measure it
+        charts.append(Chart("overoptimisation", "Over-optimisation: training reward vs held-out gold", "score",
+                            gold, _GOLD_NOTE, legend=True))  # fmt: skip
     rows = [(r, pass_at(r.metrics)) for r in eval_rows(records)]
     k = next((next(iter(passes)) for _, passes in rows if passes), 1)
     finals = [

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -32,6 +32,7 @@ from agentrl.rollout.runner import RolloutLimits, Runner
 from agentrl.types import StopReason
 
 __all__ = [
+    "Monitor",
     "OnRollout",
     "RLConfig",
     "RLResult",
@@ -55,6 +56,9 @@ __all__ = [
 OnRollout = Callable[[int, Sequence[TrajectoryGroup]], None]
 """Called with ``(step, groups)`` right after a step's rollout, before any filter: for trajectory logs and
 monitors (the step is the one being taken, counted from 1)."""
+Monitor = Callable[["RLStepLog", Any, Any], Awaitable[Mapping[str, float]]]
+"""Awaited after each step with ``(log, model, tokenizer)``; what it returns becomes the log's ``monitors``
+(e.g. :class:`~agentrl.learners.gold.GoldMonitor`'s held-out gold score)."""
 Rescore = Callable[[Sequence[TrajectoryGroup]], Sequence[TrajectoryGroup]]
 """Returns a step's groups with changed rewards (e.g. a judge's score added), before anything reads them."""
 
@@ -332,6 +336,7 @@ class RLStepLog:
     update_seconds: float
     seconds: float
     policy_version: int
+    monitors: Mapping[str, float] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

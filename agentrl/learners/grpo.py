@@ -25,6 +25,7 @@ Usage::
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -178,20 +179,24 @@ def train_grpo(
     on_step: Callable[[_rl.RLStepLog], None] | None = None,
     on_rollout: _rl.OnRollout | None = None,
     rescore: _rl.Rescore | None = None,
+    monitor: _rl.Monitor | None = None,
 ) -> _rl.RLResult:
     """Run ``config.max_steps`` GRPO steps on ``config.env``; see the module docstring for one step.
 
     ``rescore(groups) -> groups`` changes the rollout's rewards before anything reads them, e.g. adds an
-    LLM judge's or a reward model's score (:class:`agentrl.judge.JudgeGroupReward`).
+    LLM judge's or a reward model's score (:class:`agentrl.judge.JudgeGroupReward`). ``monitor`` is awaited
+    after each step with ``(log, model, tokenizer)`` and its metrics become the log's ``monitors`` (e.g. the
+    held-out gold score of :class:`agentrl.learners.gold.GoldMonitor`).
 
     Raises:
         ConfigError: a setting the model, env or backend cannot honour (before any step runs).
     """
-    return asyncio.run(_train_grpo(config, on_step, on_rollout, rescore))
+    return asyncio.run(_train_grpo(config, on_step, on_rollout, rescore, monitor))
 
 
 async def _train_grpo(config: GRPOConfig, on_step: Callable[[_rl.RLStepLog], None] | None,
-                      on_rollout: _rl.OnRollout | None, rescore: _rl.Rescore | None) -> _rl.RLResult:  # fmt: skip
+                      on_rollout: _rl.OnRollout | None, rescore: _rl.Rescore | None,
+                      monitor: _rl.Monitor | None) -> _rl.RLResult:  # fmt: skip
     _train.seed_everything(config.seed)
     model, tokenizer = _model.load_trainable(config)
     reference = _model.load_reference(config, model) if config.beta > 0 else None
@@ -235,6 +240,8 @@ async def _train_grpo(config: GRPOConfig, on_step: Callable[[_rl.RLStepLog], Non
             await _rl.sync_weights(runner, model)
 
             log = _rl.step_log(step, groups, trajectories, dropped, lr, update, rollout_s, started, runner)
+            if monitor is not None:
+                log = dataclasses.replace(log, monitors=dict(await monitor(log, model, tokenizer)))
             history.append(log)
             if on_step is not None:
                 on_step(log)

@@ -7,13 +7,16 @@ What each one catches:
     - reward–length correlation: a reward that pays for length (or brevity) instead of correctness;
     - repeated n-gram rate: degenerate, looping samples;
     - per-component means: one component (often format) rising while correctness stays flat;
-    - error / truncation shares: episodes that end by crashing a tool or running out the clock.
+    - error / truncation shares: episodes that end by crashing a tool or running out the clock;
+    - over-optimisation (:func:`overoptimisation`): the training reward still rising while a held-out "gold"
+      score (another verifier or judge) falls from its best: the policy is exploiting the training reward.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from agentrl.types import StopReason
@@ -22,7 +25,9 @@ if TYPE_CHECKING:
     from agentrl.data.trajectory import Trajectory
 
 __all__ = [
+    "Divergence",
     "component_means",
+    "overoptimisation",
     "pearson",
     "repeated_ngram_rate",
     "stop_reason_shares",
@@ -157,3 +162,73 @@ def trajectory_monitors(trajectories: Sequence[Trajectory], n: int = 4) -> dict[
     metrics.update({f"reward/{name}": value for name, value in means.items()})
     metrics.update(stop_reason_shares(t.stop_reason for t in trajectories))
     return metrics
+
+
+@dataclass(frozen=True)
+class Divergence:
+    """Where a training reward (the proxy) and a held-out gold score part ways.
+
+    Attributes:
+        flags: per point, whether gold is more than ``tolerance`` below its best so far while the proxy is
+            above its value at that best.
+        diverged_at: the index of the first point of the first run of ``patience`` flagged points, or None.
+        best: the index of the gold score's best point so far at the last point.
+        gold_drop: the last point's gold below that best (>= 0). proxy_gain: the last point's proxy above
+            its value at that best (negative when below).
+        correlation: Pearson correlation of proxy and gold over all points (0 when undefined).
+    """
+
+    flags: tuple[bool, ...]
+    diverged_at: int | None
+    best: int
+    gold_drop: float
+    proxy_gain: float
+    correlation: float
+
+    @property
+    def diverged(self) -> bool:
+        return self.diverged_at is not None
+
+
+def overoptimisation(
+    proxy: Sequence[float], gold: Sequence[float], tolerance: float = 0.05, patience: int = 2
+) -> Divergence:
+    """Flag over-optimisation: points where gold has fallen from its best while the proxy kept its gain.
+
+    Early in training both rise together; once the policy exploits the proxy, the proxy keeps rising and
+    the gold score falls (Gao et al., 2022). A point is flagged when gold is more than ``tolerance`` below
+    its best so far and the proxy is above its value at that best; ``patience`` consecutive flags make a
+    divergence, so one noisy gold measurement does not.
+
+    Args:
+        proxy: the training reward at each gold measurement (e.g. its mean over the steps since the last).
+        gold: the held-out gold score at the same points.
+        tolerance: the gold drop that counts (set it above the gold measurement's noise).
+        patience: consecutive flagged points that make a divergence.
+
+    Raises:
+        ValueError: unequal lengths, no points, a negative tolerance or ``patience`` < 1.
+    """
+    if len(proxy) != len(gold) or not gold:
+        raise ValueError(
+            f"overoptimisation: {len(proxy)} proxy and {len(gold)} gold values; give equal, non-zero counts"
+        )
+    if tolerance < 0 or patience < 1:
+        raise ValueError(
+            f"overoptimisation: tolerance must be >= 0 and patience >= 1, got {tolerance}, {patience}"
+        )
+    flags: list[bool] = []
+    best = 0
+    run = 0
+    diverged_at: int | None = None
+    for i, (p, g) in enumerate(zip(proxy, gold, strict=True)):
+        if g > gold[best]:
+            best = i
+        flag = gold[best] - g > tolerance and p > proxy[best]
+        flags.append(flag)
+        run = run + 1 if flag else 0
+        if run == patience and diverged_at is None:
+            diverged_at = i - patience + 1
+    return Divergence(
+        tuple(flags), diverged_at, best, gold[best] - gold[-1], proxy[-1] - proxy[best], pearson(proxy, gold)
+    )
