@@ -81,3 +81,17 @@ def test_eval_docker_humaneval(tmp_path, docker_image):
     assert re.search(r"pass@1 +\d\.\d{3}", out)
     assert "2 tasks x 1 samples = 2 episodes" in out
     assert (tmp_path / "eval" / "report.html").is_file() and (tmp_path / "eval" / "results.json").is_file()
+
+
+def test_r1_recipe_runs_every_stage(tmp_path):
+    out = run_example("r1_recipe.py", tmp_path, "--output-dir", str(tmp_path / "run"))
+    for stage in ("sft", "rl", "rejection", "rl2"):
+        assert 0.0 <= number(rf"pass@1 after {stage}: ([\d.]+) \(3 held-out tasks\)", out) <= 1.0
+        assert (tmp_path / "run" / "checkpoints" / stage).is_dir()
+    gold = re.findall(r"(?m)^(rl2?) step (\d): training reward [\d.]+, held-out gold [\d.]+, over-optimised", out)
+    assert gold == [("rl", "1"), ("rl", "2"), ("rl2", "1"), ("rl2", "2")]
+    # The second stage's reward holds the judge's part (the CI judge, the untrained tiny model, mostly fails:
+    # a failure adds its group's mean, and the share of failures is logged).
+    metrics = (tmp_path / "run" / "metrics.jsonl").read_text()
+    assert '"reward_components/judge"' in metrics and '"judge_failed"' in metrics
+    assert (tmp_path / "run" / "plots" / "overoptimisation.png").is_file()

@@ -53,6 +53,26 @@ def test_settings_layer_and_bad_values_name_the_field_and_the_fix(tmp_path):
         build_run_config("toy-digits", overrides=["learner.lr"])
 
 
+def test_the_later_stages_chain_their_checkpoints_and_check_their_settings_first(tmp_path):
+    stages = ["sft.demos=8", "rejection.tasks=4", "rl2.max_steps=8", "rl2.learner.lr=5e-5", "rl2.judge={model: tiny}",
+              "gold.every=2", "learner.max_steps=6"]  # fmt: skip
+    resolved = resolve(build_run_config("toy-digits", overrides=stages), tmp_path / "run")
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert resolved.sampling.model == str(checkpoints / "rl" / "step-000006") == resolved.rejection_sft.model
+    assert resolved.sampling.group_size == 8 and resolved.sampling.env == "toy-digits"
+    assert resolved.learner2.model == str(checkpoints / "rejection" / "step-000200")
+    assert (resolved.learner2.max_steps, resolved.learner2.lr, resolved.learner.lr) == (8, 5e-5, 2e-4)
+    without_rejection = resolve(build_run_config("toy-digits", overrides=stages[2:]), tmp_path / "run")
+    assert without_rejection.rejection_sft is None
+    assert without_rejection.learner2.model == str(checkpoints / "rl" / "step-000006")
+    with pytest.raises(ConfigError, match=r"need a GRPO-family algo .* not 'ppo': rl2.judge, gold.every"):
+        build_run_config("toy-digits", overrides=[*stages, "algo=ppo"])
+    with pytest.raises(ConfigError, match=r"rl2.judge: invalid judge config: .*modle: Extra inputs"):
+        resolve(build_run_config("toy-digits", overrides=[*stages[:4], "rl2.judge={modle: tiny}"]))
+    with pytest.raises(ConfigError, match=r"rejection.learner: invalid SFTConfig"):
+        resolve(build_run_config("toy-digits", overrides=[*stages, "rejection.learner.lr=-1"]))
+
+
 def test_dry_run_prints_the_resolved_config_and_errors_exit_before_any_work(tmp_path):
     done = agentrl("train", "--env", "toy-digits", "--set", "learner.max_steps=9", "--dry-run",
                    "--output-dir", str(tmp_path / "run"))  # fmt: skip

@@ -116,16 +116,20 @@ class JudgeScorer:
         return self.score_groups([group])[0]
 
     def score_groups(self, groups: Sequence[TrajectoryGroup]) -> list[list[float]]:
-        """Scores of every trajectory of every group (one batch of judge calls); episodes with no turn
-        get their group's mean."""
-        if self.mode == "pointwise":
-            keys = _episodes(groups)
-            verdicts = self.judge.score([self.to_item(groups[g].trajectories[i]) for g, i in keys])
-            raw: list[list[float | None]] = [[None] * len(group) for group in groups]
-            for (g, i), verdict in zip(keys, verdicts, strict=True):
-                raw[g][i] = verdict.score
-            return [_neutral_fill(row) for row in raw]
-        return [_neutral_fill(row) for row in self._pairwise(groups)]
+        """Scores of every trajectory of every group (one batch of judge calls); an episode with no turn
+        or no verdict gets its group's mean."""
+        return [_neutral_fill(row) for row in self.raw_scores(groups)]
+
+    def raw_scores(self, groups: Sequence[TrajectoryGroup]) -> list[list[float | None]]:
+        """Like :meth:`score_groups`, with None where an episode got no score."""
+        if self.mode == "pairwise":
+            return self._pairwise(groups)
+        keys = _episodes(groups)
+        verdicts = self.judge.score([self.to_item(groups[g].trajectories[i]) for g, i in keys])
+        raw: list[list[float | None]] = [[None] * len(group) for group in groups]
+        for (g, i), verdict in zip(keys, verdicts, strict=True):
+            raw[g][i] = verdict.score
+        return raw
 
     def _pairwise(self, groups: Sequence[TrajectoryGroup]) -> list[list[float | None]]:
         questions, where = [], []
@@ -151,8 +155,8 @@ class JudgeGroupReward:
     component ``name`` (``train_grpo(config, rescore=JudgeGroupReward(judge, 0.5))``).
 
     All episodes of the step are judged in one batch. A failed verdict adds the group's mean judge score
-    (no effect on group-relative advantages); :attr:`failures` and :attr:`calls` count them, and each
-    episode's ``meta["judge"]`` holds its score, error and raw text.
+    (no effect on group-relative advantages); :attr:`failures` counts them, and each episode's
+    ``meta[name]`` holds its score and whether it failed.
     """
 
     def __init__(self, judge: Judge, weight: float = 1.0, name: str = "judge", *,
@@ -162,25 +166,24 @@ class JudgeGroupReward:
         self.failures = self.episodes = 0
 
     def __call__(self, groups: Sequence[TrajectoryGroup]) -> list[TrajectoryGroup]:
-        failed_before = self.judge.failures
-        scores = self.scorer.score_groups(groups)
-        self.failures += self.judge.failures - failed_before
+        raw = self.scorer.raw_scores(groups)
+        self.failures += sum(s is None for row in raw for s in row)
         self.episodes += sum(len(group) for group in groups)
-        return [
-            group.replace(
-                _add_final(t, self.name, self.weight * s, s) for t, s in zip(group, row, strict=True)
-            )
-            for group, row in zip(groups, scores, strict=True)
-        ]
+        out = []
+        for group, row in zip(groups, raw, strict=True):
+            filled = _neutral_fill(row)
+            out.append(group.replace(_add_final(t, self.name, self.weight * f, f, s is None)
+                                     for t, f, s in zip(group, filled, row, strict=True)))  # fmt: skip
+        return out
 
 
-def _add_final(trajectory: Trajectory, name: str, value: float, score: float) -> Trajectory:
+def _add_final(trajectory: Trajectory, name: str, value: float, score: float, failed: bool) -> Trajectory:
     if not trajectory.turns:
         return trajectory
     last = trajectory.turns[-1]
     components = {**last.reward_components, name: last.reward_components.get(name, 0.0) + value}
     turns = (*trajectory.turns[:-1], TurnSpan(last.start, last.end, last.reward + value, components))
-    return dataclasses.replace(trajectory, turns=turns, meta={**trajectory.meta, name: {"score": score}})
+    return dataclasses.replace(trajectory, turns=turns, meta={**trajectory.meta, name: {"score": score, "failed": failed}})
 
 
 # ---- AI preference labels ----------------------------------------------------------------------------

@@ -85,4 +85,8 @@ def _print_resolved(resolved: Resolved) -> None:
         "sft.learner (resolved)": None if resolved.sft is None else resolved.sft.model_dump(mode="json"),
         "learner (resolved)": resolved.learner.model_dump(mode="json"),
     }
+    for name, config in (("rejection.sampling", resolved.sampling), ("rejection.learner", resolved.rejection_sft),
+                         ("rl2.learner", resolved.learner2)):  # fmt: skip
+        if config is not None:
+            sections[f"{name} (resolved)"] = config.model_dump(mode="json")
     print(yaml.safe_dump(sections, sort_keys=False), end="")

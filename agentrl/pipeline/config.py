@@ -26,9 +26,12 @@ from agentrl.learners._config import _Strict
 __all__ = [
     "ALGOS",
     "EvalSection",
+    "GoldSection",
+    "RejectionSection",
     "Resolved",
     "RunConfig",
     "SFTSection",
+    "SecondRLSection",
     "apply_overrides",
     "build_run_config",
     "env_recipe",
@@ -86,6 +89,51 @@ class EvalSection(_Strict):
     seed: int = Field(12345, description="seeds the held-out tasks, apart from training's")
 
 
+class RejectionSection(_Strict):
+    """Rejection-sampling SFT after RL (the "expert iteration" stage of R1-style recipes): the RL model
+    plays ``tasks`` tasks ``group_size`` times, the best episodes of each become SFT data for it."""
+
+    tasks: int = Field(0, ge=0, description="tasks sampled from the RL model; 0 skips the phase, e.g. 256")
+    group_size: int = Field(8, ge=1, description="samples per task, e.g. 8")
+    per_task: int = Field(1, ge=1, description="best distinct episodes kept per task, e.g. 1")
+    min_reward: float | None = Field(None, description="keep only episodes reaching this reward; None: the best")
+    env_kwargs: dict[str, Any] = Field(default_factory=dict, description="agentrl.make keyword arguments")
+    sampling: dict[str, Any] = Field(
+        default_factory=dict, description="RolloutConfig fields for the sampling, e.g. {temperature: 1.0}"
+    )
+    learner: dict[str, Any] = Field(default_factory=dict, description="SFTConfig fields, e.g. {max_steps: 100}")
+
+
+class SecondRLSection(_Strict):
+    """A second RL stage from the rejection-sampling SFT model (or the RL model), whose reward can mix the
+    env's verifiable reward with an LLM judge's score (GRPO-family algorithms)."""
+
+    max_steps: int = Field(0, ge=0, description="optimizer steps of the stage; 0 skips it, e.g. 100")
+    learner: dict[str, Any] = Field(
+        default_factory=dict, description="fields over the first RL stage's learner settings, e.g. {lr: 5e-5}"
+    )
+    judge: dict[str, Any] | None = Field(
+        None, description="a JudgeConfig mapping (model or base_url, rubric, scale, ...); None: env reward only"
+    )
+    judge_weight: float = Field(0.5, description="the judge's score (in [0, 1]) times this joins the reward")
+    judge_mode: Literal["pointwise", "pairwise"] = Field("pointwise", description="how the judge scores")
+
+
+class GoldSection(_Strict):
+    """The over-optimisation monitor of the RL stages: a held-out gold score every ``every`` steps beside
+    the training reward (GRPO-family algorithms)."""
+
+    every: int = Field(0, ge=0, description="steps between gold measurements; 0: no monitor, e.g. 10")
+    tasks: int = Field(32, ge=1, description="held-out tasks per measurement, e.g. 32")
+    env_kwargs: dict[str, Any] = Field(default_factory=dict, description="agentrl.make keyword arguments")
+    metric: str = Field(
+        "reward", description="'reward' or 'component:<name>' of the held-out env, e.g. component:correct"
+    )
+    temperature: float = Field(0.0, ge=0, description="0 plays greedily; above 0 samples with fixed seeds")
+    tolerance: float = Field(0.05, ge=0, description="the gold drop from its best that counts")
+    patience: int = Field(2, ge=1, description="consecutive flagged measurements that make a divergence")
+
+
 class RunConfig(_Strict):
     """One ``agentrl train`` run. See the module docstring for where defaults come from."""
 
@@ -107,11 +155,19 @@ class RunConfig(_Strict):
         default_factory=dict, description="fields of the algorithm's config, e.g. {lr: 2e-4, max_steps: 100}"
     )
     eval: EvalSection = Field(default_factory=EvalSection, description="held-out evaluation")
+    rejection: RejectionSection = Field(default_factory=RejectionSection, description="rejection-sampling SFT")
+    rl2: SecondRLSection = Field(default_factory=SecondRLSection, description="a second RL stage")
+    gold: GoldSection = Field(default_factory=GoldSection, description="the over-optimisation monitor")
 
     @model_validator(mode="after")
     def _known_algo(self) -> RunConfig:
         if self.algo not in ALGOS:
             raise ValueError(f"unknown algo {self.algo!r}; choose one of {sorted(ALGOS)}")
+        grpo_only = [name for name, on in (("rl2.judge", self.rl2.judge is not None and self.rl2.max_steps > 0),
+                                           ("gold.every", self.gold.every > 0)) if on]  # fmt: skip
+        if grpo_only and ALGOS[self.algo][1] != ALGOS["grpo"][1]:
+            raise ValueError(f"these settings need a GRPO-family algo (grpo, dapo, dr_grpo, rloo, reinforce_pp), "
+                             f"not {self.algo!r}: {', '.join(grpo_only)}")  # fmt: skip
         return self
 
 
@@ -232,6 +288,9 @@ class Resolved:
     sft: Any
     learner: Any
     train: str  # "module:function" of the RL learner
+    sampling: Any = None  # the rejection phase's RolloutConfig (None: no rejection phase)
+    rejection_sft: Any = None  # its SFTConfig
+    learner2: Any = None  # the second RL stage's learner config (None: no second stage)
 
 
 def resolve(run: RunConfig, run_dir: Path | None = None) -> Resolved:
@@ -266,7 +325,48 @@ def resolve(run: RunConfig, run_dir: Path | None = None) -> Resolved:
         "seed": run.seed, "model": str(_train.step_dir(sft.output_dir, sft.max_steps)) if sft else run.model,
         "output_dir": run_dir / "checkpoints" / "rl",
     })  # fmt: skip
-    return Resolved(run, run_dir, sft, _section("learner", config_cls, learner), train)
+    rl = _section("learner", config_cls, learner)
+    sampling, rejection_sft = _rejection(run, run_dir, rl)
+    learner2 = None
+    if run.rl2.max_steps > 0:
+        after = rejection_sft or rl
+        learner2 = _section("rl2.learner", config_cls, {
+            **learner, **run.rl2.learner, "max_steps": run.rl2.max_steps, "resume_from": None,
+            "model": str(_train.step_dir(after.output_dir, after.max_steps)),
+            "output_dir": run_dir / "checkpoints" / "rl2",
+        })  # fmt: skip
+        if run.rl2.judge is not None:
+            from agentrl.judge.config import load_judge_config
+
+            try:  # fails now, naming the field, not after the first stages
+                load_judge_config(run.rl2.judge)
+            except ConfigError as exc:
+                raise ConfigError(f"rl2.judge: {exc}") from None
+    return Resolved(run, run_dir, sft, rl, train, sampling, rejection_sft, learner2)
+
+
+def _rejection(run: RunConfig, run_dir: Path, rl: Any) -> tuple[Any, Any]:
+    """The rejection phase's sampling and SFT configs (both None when it is off)."""
+    if run.rejection.tasks == 0:
+        return None, None
+    from agentrl.learners import _train
+    from agentrl.learners._rl import RolloutConfig
+    from agentrl.learners.sft import SFTConfig
+
+    model = str(_train.step_dir(rl.output_dir, rl.max_steps))
+    shared = {"model": model, "seed": run.seed, "template": rl.template, "device": rl.device}
+    from agentrl.learners._config import TrainConfig
+
+    rollout_fields = set(RolloutConfig.model_fields) - set(TrainConfig.model_fields) - {"max_seconds"}
+    sampling = _section("rejection.sampling", RolloutConfig, {
+        **{k: v for k, v in rl.model_dump().items() if k in rollout_fields}, **shared,
+        "env_kwargs": {**run.env_kwargs, **run.rejection.env_kwargs}, "group_size": run.rejection.group_size,
+        **run.rejection.sampling,
+    })  # fmt: skip
+    sft = _section("rejection.learner", SFTConfig, {
+        **_CHECKPOINTS, **shared, **run.rejection.learner, "output_dir": run_dir / "checkpoints" / "rejection",
+    })  # fmt: skip
+    return sampling, sft
 
 
 def _section(name: str, cls: Callable[..., Any], values: dict[str, Any]) -> Any:

@@ -10,10 +10,21 @@ Phases, in order (each skipped when its section turns it off)::
               results.json, report.html with every transcript): pass@1 with its interval, mean reward
     rl        the algorithm's learner from the SFT checkpoint (or the starting model)
     eval-rl   the same held-out tasks with the RL checkpoint
+    rejection (``rejection.tasks`` > 0) the RL model samples G episodes per task; the best of each task
+              become SFT data for it (rejection-sampling SFT)
+    eval-rejection
+    rl2       (``rl2.max_steps`` > 0) a second RL stage from the last model, its reward the env's plus
+              ``rl2.judge_weight`` x an LLM judge's score when ``rl2.judge`` names one
+    eval-rl2
+
+With ``gold.every`` > 0 the RL stages measure a held-out gold score every few steps and flag
+over-optimisation (:class:`~agentrl.learners.gold.GoldMonitor`). All four stages together are the R1-style
+recipe (cold-start SFT, RL on verifiable rewards, rejection sampling, RL with verifiable and judge rewards).
 """
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -105,6 +116,16 @@ def run_pipeline(resolved: Resolved, *, stream: IO[str] | None = None, report: b
         rl_model = _rl_phase(resolved, out, stream)
         seconds["rl"] = time.perf_counter() - started
         evals["rl"] = _eval_phase("eval-rl", rl_model, resolved, out, max_new, stream)
+        if resolved.rejection_sft is not None:
+            started = time.perf_counter()
+            rejection_model = _rejection_phase(resolved, out, stream)
+            seconds["rejection"] = time.perf_counter() - started
+            evals["rejection"] = _eval_phase("eval-rejection", rejection_model, resolved, out, max_new, stream)
+        if resolved.learner2 is not None:
+            started = time.perf_counter()
+            rl2_model = _rl_phase(resolved, out, stream, "rl2")
+            seconds["rl2"] = time.perf_counter() - started
+            evals["rl2"] = _eval_phase("eval-rl2", rl2_model, resolved, out, max_new, stream)
     finally:
         out.close()
     path = None
@@ -154,19 +175,72 @@ def _sft_phase(resolved: Resolved, out: RunDir, stream: IO[str] | None) -> Path:
     return result.checkpoint or final
 
 
-def _rl_phase(resolved: Resolved, out: RunDir, stream: IO[str] | None) -> Path | None:
-    """Train with the run's algorithm; returns the final checkpoint."""
+def _rejection_phase(resolved: Resolved, out: RunDir, stream: IO[str] | None) -> Path:
+    """Sample from the RL model, keep each task's best episodes, fine-tune on them; returns the checkpoint."""
+    from agentrl.learners import _train
+    from agentrl.learners.rejection import sample_groups, select_best
+    from agentrl.learners.sft import train_sft
+
+    config, section = resolved.rejection_sft, resolved.run.rejection
+    final = _train.step_dir(config.output_dir, config.max_steps)
+    if out.is_finished("rejection"):
+        return final
+    groups = sample_groups(resolved.sampling, section.tasks)  # seeded: a resumed phase draws the same data
+    best = select_best(groups, section.per_task, section.min_reward)
+    if not best:
+        raise ConfigError(f"rejection: no sampled episode reached min_reward={section.min_reward}; lower it "
+                          "(--set rejection.min_reward=...) or sample more (rejection.group_size)")  # fmt: skip
+    played = [t for g in groups for t in g]
+    sampled = {"sampled_reward_mean": sum(t.total_reward for t in played) / len(played), "kept": len(best),
+               "kept_reward_mean": sum(t.total_reward for t in best) / len(best)}  # fmt: skip
+    config, step = _resume_point(out, "rejection", config)
+    out.start_phase("rejection", total=config.max_steps, step=step)
+    with Progress("rejection", config.max_steps, initial=step, stream=stream) as bar:
+
+        def on_step(log: Any) -> None:
+            metrics = {**vars(log), **(sampled if log.step == 1 else {})}
+            out.log("rejection", log.step, metrics)
+            bar.update(log.step, metrics)
+
+        result = train_sft(config, best, on_step=on_step)
+    out.finish_phase("rejection")
+    return result.checkpoint or final
+
+
+def _rl_hooks(resolved: Resolved, phase: str) -> dict[str, Any]:
+    """``rescore`` (the judge, in the second stage) and ``monitor`` (the gold score) for a GRPO learner."""
+    run, hooks = resolved.run, dict[str, Any]()
+    if phase == "rl2" and run.rl2.judge is not None:
+        from agentrl.judge import JudgeGroupReward, load_judge_config
+
+        judge = load_judge_config(run.rl2.judge).build()
+        hooks["rescore"] = JudgeGroupReward(judge, run.rl2.judge_weight, mode=run.rl2.judge_mode)
+    if run.gold.every > 0:
+        from agentrl.learners.gold import GoldMonitor
+
+        gold = run.gold
+        hooks["monitor"] = GoldMonitor(
+            run.env, env_kwargs=gold.env_kwargs, gold=gold.metric, every=gold.every, tasks=gold.tasks,
+            max_new_tokens=run.eval.max_new_tokens or resolved.learner.max_new_tokens, temperature=gold.temperature,
+            max_turns=resolved.learner.max_turns, template=resolved.learner.template, tolerance=gold.tolerance,
+            patience=gold.patience, echo=lambda line: print(f"{phase}: {line}", file=sys.stderr),
+        )  # fmt: skip
+    return hooks
+
+
+def _rl_phase(resolved: Resolved, out: RunDir, stream: IO[str] | None, phase: str = "rl") -> Path | None:
+    """Train with the run's algorithm (``phase`` "rl" or the second stage "rl2"); returns the final checkpoint."""
     from agentrl._plugins import load_object
     from agentrl.learners import _train
     from agentrl.rewards.monitors import trajectory_monitors
 
-    config = resolved.learner
+    config = resolved.learner if phase == "rl" else resolved.learner2
     final = _train.step_dir(config.output_dir, config.max_steps)
-    if out.is_finished("rl"):
+    if out.is_finished(phase):
         return final
     train = load_object(resolved.train, f"the {resolved.run.algo!r} learner")
-    config, step = _resume_point(out, "rl", config)
-    out.start_phase("rl", total=config.max_steps, step=step)
+    config, step = _resume_point(out, phase, config)
+    out.start_phase(phase, total=config.max_steps, step=step)
     from agentrl.evaluation.metrics import PassRule
 
     passed, every = PassRule(resolved.run.eval.pass_on, resolved.run.eval.pass_threshold), resolved.run.trajectories_every
@@ -178,20 +252,23 @@ def _rl_phase(resolved: Resolved, out: RunDir, stream: IO[str] | None) -> Path |
             "pass_rate": sum(map(passed, trajectories)) / max(len(trajectories), 1),
             **{f"monitor/{k}": v for k, v in trajectory_monitors(trajectories).items()},
         }
+        judged = [t.meta["judge"] for t in trajectories if isinstance(t.meta.get("judge"), Mapping)]
+        if judged:
+            played[step]["judge_failed"] = sum(bool(j.get("failed")) for j in judged) / len(judged)
         if every and (step == 1 or step % every == 0):
-            out.add_trajectories("rl", step, trajectories)
+            out.add_trajectories(phase, step, trajectories)
 
-    with Progress("rl", config.max_steps, initial=step, stream=stream) as bar:
+    with Progress(phase, config.max_steps, initial=step, stream=stream) as bar:
 
         def on_step(log: Any) -> None:
             metrics = {**_as_dict(log), **played.pop(log.step, {})}
             if "sampled_tokens" in metrics and log.seconds:
                 metrics["tokens_per_s"] = metrics["sampled_tokens"] / log.seconds
-            out.log("rl", log.step, metrics)
+            out.log(phase, log.step, metrics)
             bar.update(log.step, metrics)
 
-        result = train(config, on_step=on_step, on_rollout=on_rollout)
-    out.finish_phase("rl")
+        result = train(config, on_step=on_step, on_rollout=on_rollout, **_rl_hooks(resolved, phase))
+    out.finish_phase(phase)
     return result.checkpoint or final
 
 
