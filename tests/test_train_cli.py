@@ -73,6 +73,27 @@ def test_the_later_stages_chain_their_checkpoints_and_check_their_settings_first
         resolve(build_run_config("toy-digits", overrides=[*stages, "rejection.learner.lr=-1"]))
 
 
+def test_stages_after_a_time_budget_start_from_the_checkpoint_it_left_also_on_resume(tmp_path):
+    run_dir = tmp_path / "run"
+    settings = ["learner.max_steps=50", "learner.max_seconds=0.01", "learner.warmup_steps=0",
+                "learner.max_new_tokens=8", "rejection.tasks=2", "rejection.group_size=2",
+                "rejection.learner.max_steps=1", "rejection.learner.warmup_steps=0", "rejection.learner.batch_size=2",
+                "rl2.max_steps=2", "rl2.learner.max_seconds=null", "eval.tasks=2"]  # fmt: skip
+    sets = [arg for setting in settings for arg in ("--set", setting)]
+    done = agentrl("train", "--env", "toy-digits", "--threads", "1", *sets, "--output-dir", str(run_dir), "--no-report")
+    assert done.returncode == 0, done.stderr[-3000:]
+    checkpoints = run_dir / "checkpoints"
+    assert [p.name for p in sorted((checkpoints / "rl").iterdir())] == ["step-000001"]  # the budget ended it
+    assert (checkpoints / "rejection" / "step-000001").is_dir() and (checkpoints / "rl2" / "step-000002").is_dir()
+    states = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert {"eval-rl", "rejection", "eval-rejection", "rl2", "eval-rl2"} <= {r["phase"] for r in states}
+    for stage in ("RL", "REJECTION", "RL2"):
+        assert f"pass@1 after {stage}:" in done.stdout
+    again = agentrl("train", "--resume", str(run_dir), "--no-report")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.splitlines()[:3] == done.stdout.splitlines()[:3]  # every phase finished: same figures
+
+
 def test_dry_run_prints_the_resolved_config_and_errors_exit_before_any_work(tmp_path):
     done = agentrl("train", "--env", "toy-digits", "--set", "learner.max_steps=9", "--dry-run",
                    "--output-dir", str(tmp_path / "run"))  # fmt: skip

@@ -116,14 +116,15 @@ def run_pipeline(resolved: Resolved, *, stream: IO[str] | None = None, report: b
         rl_model = _rl_phase(resolved, out, stream)
         seconds["rl"] = time.perf_counter() - started
         evals["rl"] = _eval_phase("eval-rl", rl_model, resolved, out, max_new, stream)
-        if resolved.rejection_sft is not None:
+        last = rl_model
+        if resolved.rejection_sft is not None and rl_model is not None:
             started = time.perf_counter()
-            rejection_model = _rejection_phase(resolved, out, stream)
+            last = rejection_model = _rejection_phase(resolved, out, stream, rl_model)
             seconds["rejection"] = time.perf_counter() - started
             evals["rejection"] = _eval_phase("eval-rejection", rejection_model, resolved, out, max_new, stream)
         if resolved.learner2 is not None:
             started = time.perf_counter()
-            rl2_model = _rl_phase(resolved, out, stream, "rl2")
+            rl2_model = _rl_phase(resolved, out, stream, "rl2", last)
             seconds["rl2"] = time.perf_counter() - started
             evals["rl2"] = _eval_phase("eval-rl2", rl2_model, resolved, out, max_new, stream)
     finally:
@@ -146,6 +147,12 @@ def _resume_point(out: RunDir, phase: str, config: Any) -> tuple[Any, int]:
     return config.model_copy(update={"resume_from": path}), step
 
 
+def _last_checkpoint(out: RunDir, phase: str, final: Path) -> Path:
+    """A finished phase's model: its newest checkpoint (a time budget can end a phase before max_steps)."""
+    latest = out.latest_checkpoint(phase)
+    return latest[0] if latest is not None else final
+
+
 def _sft_phase(resolved: Resolved, out: RunDir, stream: IO[str] | None) -> Path:
     """Train on the env's demonstrations; returns the final checkpoint."""
     import agentrl
@@ -155,7 +162,7 @@ def _sft_phase(resolved: Resolved, out: RunDir, stream: IO[str] | None) -> Path:
     config = resolved.sft
     final = _train.step_dir(config.output_dir, config.max_steps)
     if out.is_finished("sft"):
-        return final
+        return _last_checkpoint(out, "sft", final)
     env = agentrl.make(resolved.run.env, **resolved.run.sft.env_kwargs)
     try:
         demos = env_demonstrations(env, range(resolved.run.sft.demos), resolved.run.sft.demo_options)
@@ -175,17 +182,18 @@ def _sft_phase(resolved: Resolved, out: RunDir, stream: IO[str] | None) -> Path:
     return result.checkpoint or final
 
 
-def _rejection_phase(resolved: Resolved, out: RunDir, stream: IO[str] | None) -> Path:
+def _rejection_phase(resolved: Resolved, out: RunDir, stream: IO[str] | None, rl_model: Path) -> Path:
     """Sample from the RL model, keep each task's best episodes, fine-tune on them; returns the checkpoint."""
     from agentrl.learners import _train
     from agentrl.learners.rejection import sample_groups, select_best
     from agentrl.learners.sft import train_sft
 
-    config, section = resolved.rejection_sft, resolved.run.rejection
+    config, section = resolved.rejection_sft.model_copy(update={"model": str(rl_model)}), resolved.run.rejection
     final = _train.step_dir(config.output_dir, config.max_steps)
     if out.is_finished("rejection"):
-        return final
-    groups = sample_groups(resolved.sampling, section.tasks)  # seeded: a resumed phase draws the same data
+        return _last_checkpoint(out, "rejection", final)
+    sampling = resolved.sampling.model_copy(update={"model": str(rl_model)})
+    groups = sample_groups(sampling, section.tasks)  # seeded: a resumed phase draws the same data
     best = select_best(groups, section.per_task, section.min_reward)
     if not best:
         raise ConfigError(f"rejection: no sampled episode reached min_reward={section.min_reward}; lower it "
@@ -228,16 +236,20 @@ def _rl_hooks(resolved: Resolved, phase: str) -> dict[str, Any]:
     return hooks
 
 
-def _rl_phase(resolved: Resolved, out: RunDir, stream: IO[str] | None, phase: str = "rl") -> Path | None:
-    """Train with the run's algorithm (``phase`` "rl" or the second stage "rl2"); returns the final checkpoint."""
+def _rl_phase(resolved: Resolved, out: RunDir, stream: IO[str] | None, phase: str = "rl",
+              start: Path | None = None) -> Path | None:  # fmt: skip
+    """Train with the run's algorithm (``phase`` "rl", or the second stage "rl2" from ``start``); returns the
+    final checkpoint."""
     from agentrl._plugins import load_object
     from agentrl.learners import _train
     from agentrl.rewards.monitors import trajectory_monitors
 
-    config = resolved.learner if phase == "rl" else resolved.learner2
+    config = resolved.learner
+    if phase == "rl2":
+        config = resolved.learner2.model_copy(update={"model": str(start)}) if start else resolved.learner2
     final = _train.step_dir(config.output_dir, config.max_steps)
     if out.is_finished(phase):
-        return final
+        return _last_checkpoint(out, phase, final)
     train = load_object(resolved.train, f"the {resolved.run.algo!r} learner")
     config, step = _resume_point(out, phase, config)
     out.start_phase(phase, total=config.max_steps, step=step)
