@@ -88,6 +88,7 @@ def test_a_reward_aligned_with_the_gold_score_is_not_flagged():
     monitor = GoldMonitor("toy-digits-v0", gold="component:digits", every=2, tasks=16, max_new_tokens=8,
                           temperature=1.0)  # fmt: skip
     train_grpo(GRPOConfig(**RUN), monitor=monitor)
+    assert [p.step for p in monitor.points] == [1, 2, 4, 6, 8, 10]  # a baseline at step 1, then every 2
     golds = [p.gold for p in monitor.points]
     assert golds[-1] > golds[0], golds
     check = monitor.divergence()

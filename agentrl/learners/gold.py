@@ -68,7 +68,8 @@ def gold_scorer(gold: str | GoldFn) -> GoldFn:
 
 
 class GoldMonitor:
-    """Every ``every`` RL steps, plays ``tasks`` held-out tasks and scores them with ``gold``.
+    """After step 1 (a baseline near the starting policy) and every ``every`` RL steps, plays ``tasks``
+    held-out tasks and scores them with ``gold``.
 
     Pass it as ``monitor=`` to :func:`~agentrl.learners.grpo.train_grpo`; each measuring step's log gets
     ``monitors``: ``gold``, ``gold_proxy``, ``gold_drop``, ``proxy_gain`` and ``overoptimised`` (1.0 once the
@@ -114,7 +115,7 @@ class GoldMonitor:
     async def __call__(self, log: Any, model: Any, tokenizer: Any) -> dict[str, float]:
         """Record the step's training reward; on a measuring step, measure gold and check for divergence."""
         self._proxy.append(float(log.reward_mean))
-        if log.step % self.every:
+        if log.step % self.every and log.step != 1:  # step 1 too: a baseline near the starting policy
             return {}
         gold = await self.measure(model, tokenizer)
         self.points.append(GoldPoint(int(log.step), sum(self._proxy) / len(self._proxy), gold))

@@ -24,6 +24,7 @@ recipe (cold-start SFT, RL on verifiable rewards, rejection sampling, RL with ve
 
 from __future__ import annotations
 
+import asyncio
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -279,7 +280,12 @@ def _rl_phase(resolved: Resolved, out: RunDir, stream: IO[str] | None, phase: st
             out.log(phase, log.step, metrics)
             bar.update(log.step, metrics)
 
-        result = train(config, on_step=on_step, on_rollout=on_rollout, **_rl_hooks(resolved, phase))
+        hooks = _rl_hooks(resolved, phase)
+        try:
+            result = train(config, on_step=on_step, on_rollout=on_rollout, **hooks)
+        finally:
+            if "rescore" in hooks:  # the judge's backend (a model, or an HTTP client)
+                asyncio.run(hooks["rescore"].judge.aclose())
     out.finish_phase(phase)
     return result.checkpoint or final
 
