@@ -109,3 +109,16 @@ def test_every_measurement_plays_the_same_held_out_tasks():
     assert len(seen) == 2 and [len(s) for s in seen] == [3, 3]
     first, second = ([t.meta["reset_seed"] for t in s] for s in seen)
     assert first == second and len(set(first)) == 3  # the same three tasks each time
+
+
+def test_ppo_takes_the_same_rescore_and_monitor_hooks():
+    from agentrl.judge.rewards import _add_final
+    from agentrl.learners.ppo import PPOConfig, train_ppo
+
+    def plus_one(groups):
+        return [g.replace(_add_final(t, "bonus", 1.0, 1.0, False) for t in g) for g in groups]
+
+    monitor = GoldMonitor("toy-digits-v0", gold="component:digits", every=1, tasks=4, max_new_tokens=8)
+    result = train_ppo(PPOConfig(**{**RUN, "max_steps": 2}), rescore=plus_one, monitor=monitor)
+    assert [p.step for p in monitor.points] == [1, 2]
+    assert all(log.reward_components["bonus"] == pytest.approx(1.0) and "gold" in log.monitors for log in result.history)

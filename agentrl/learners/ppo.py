@@ -24,6 +24,7 @@ Usage::
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -223,17 +224,21 @@ def train_ppo(
     config: PPOConfig,
     on_step: Callable[[_rl.RLStepLog], None] | None = None,
     on_rollout: _rl.OnRollout | None = None,
+    rescore: _rl.Rescore | None = None,
+    monitor: _rl.Monitor | None = None,
 ) -> _rl.RLResult:
     """Run ``config.max_steps`` PPO steps on ``config.env``; see the module docstring for one step.
 
-    Returns an :class:`~agentrl.learners._rl.RLResult` whose ``extras`` hold the ``critic`` and the final
-    ``kl_coef``.
+    ``rescore`` and ``monitor`` work as in :func:`~agentrl.learners.grpo.train_grpo` (e.g. an LLM judge's
+    score in the reward, the held-out gold score). Returns an :class:`~agentrl.learners._rl.RLResult` whose
+    ``extras`` hold the ``critic`` and the final ``kl_coef``.
     """
-    return asyncio.run(_train_ppo(config, on_step, on_rollout))
+    return asyncio.run(_train_ppo(config, on_step, on_rollout, rescore, monitor))
 
 
 async def _train_ppo(config: PPOConfig, on_step: Callable[[_rl.RLStepLog], None] | None,
-                      on_rollout: _rl.OnRollout | None) -> _rl.RLResult:  # fmt: skip
+                     on_rollout: _rl.OnRollout | None, rescore: _rl.Rescore | None,
+                     monitor: _rl.Monitor | None) -> _rl.RLResult:  # fmt: skip
     _train.seed_everything(config.seed)
     model, tokenizer = _model.load_trainable(config)
     resumed = Path(config.resume_from) / CRITIC_DIR if config.resume_from is not None else None
@@ -275,6 +280,8 @@ async def _train_ppo(config: PPOConfig, on_step: Callable[[_rl.RLStepLog], None]
             model.eval()
             groups = await runner.run(config.prompts_per_step, config.group_size)
             rollout_s = time.perf_counter() - started
+            if rescore is not None:
+                groups = list(rescore(groups))
             if on_rollout is not None:
                 on_rollout(step + 1, groups)
 
@@ -303,6 +310,8 @@ async def _train_ppo(config: PPOConfig, on_step: Callable[[_rl.RLStepLog], None]
             await _rl.sync_weights(runner, model)
 
             log = _rl.step_log(step, groups, trajectories, dropped, lr, update, rollout_s, started, runner)
+            if monitor is not None:
+                log = dataclasses.replace(log, monitors=dict(await monitor(log, model, tokenizer)))
             history.append(log)
             if on_step is not None:
                 on_step(log)

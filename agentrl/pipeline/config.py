@@ -106,7 +106,7 @@ class RejectionSection(_Strict):
 
 class SecondRLSection(_Strict):
     """A second RL stage from the rejection-sampling SFT model (or the RL model), whose reward can mix the
-    env's verifiable reward with an LLM judge's score (GRPO-family algorithms)."""
+    env's verifiable reward with an LLM judge's score (GRPO-family algorithms and PPO)."""
 
     max_steps: int = Field(0, ge=0, description="optimizer steps of the stage; 0 skips it, e.g. 100")
     learner: dict[str, Any] = Field(
@@ -121,7 +121,7 @@ class SecondRLSection(_Strict):
 
 class GoldSection(_Strict):
     """The over-optimisation monitor of the RL stages: a held-out gold score every ``every`` steps beside
-    the training reward (GRPO-family algorithms)."""
+    the training reward (GRPO-family algorithms and PPO)."""
 
     every: int = Field(0, ge=0, description="steps between gold measurements; 0: no monitor, e.g. 10")
     tasks: int = Field(32, ge=1, description="held-out tasks per measurement, e.g. 32")
@@ -163,11 +163,11 @@ class RunConfig(_Strict):
     def _known_algo(self) -> RunConfig:
         if self.algo not in ALGOS:
             raise ValueError(f"unknown algo {self.algo!r}; choose one of {sorted(ALGOS)}")
-        grpo_only = [name for name, on in (("rl2.judge", self.rl2.judge is not None and self.rl2.max_steps > 0),
-                                           ("gold.every", self.gold.every > 0)) if on]  # fmt: skip
-        if grpo_only and ALGOS[self.algo][1] != ALGOS["grpo"][1]:
-            raise ValueError(f"these settings need a GRPO-family algo (grpo, dapo, dr_grpo, rloo, reinforce_pp), "
-                             f"not {self.algo!r}: {', '.join(grpo_only)}")  # fmt: skip
+        hooked = [name for name, on in (("rl2.judge", self.rl2.judge is not None and self.rl2.max_steps > 0),
+                                        ("gold.every", self.gold.every > 0)) if on]  # fmt: skip
+        if hooked and self.algo == "dpo":
+            raise ValueError(f"these settings need a reward-driven RL algo (grpo, dapo, dr_grpo, rloo, "
+                             f"reinforce_pp, ppo), not online 'dpo': {', '.join(hooked)}")  # fmt: skip
         return self
 
 
