@@ -366,3 +366,13 @@ def test_best_of_n_by_a_trained_reward_model(math_run, tmp_path):
     code, _, stderr = eval_cli("--report-only", "--out", str(math_run), "--best-of-n-by", spec)
     assert code == 0 and "every score from" in stderr
     assert results_of(math_run)["metrics"]["best_of_n"]["4"]["value"] < metrics["best_of_n"]["4"]["value"]
+
+
+def test_a_scorer_that_cannot_work_fails_before_any_episode_is_played(tmp_path):
+    for spec, message in ((f"rm:{tmp_path}", "not a trained reward model"),
+                          (f"judge:{tmp_path / 'missing.yaml'}", "does not exist")):  # fmt: skip
+        out = tmp_path / spec.split(":")[0]
+        with pytest.raises(ConfigError, match=message):
+            evaluate(EvalConfig(env="toy-digits", model="tiny", n=2, k=1, best_of_n_by=spec, out=out),
+                     echo=lambda line: None, show_progress=False)  # fmt: skip
+        assert not (out / "episodes.jsonl").exists()

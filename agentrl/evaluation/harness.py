@@ -441,6 +441,8 @@ def evaluate(config: EvalConfig, *, echo: Echo = print, show_progress: bool = Tr
     env_id = spec(config.env).id  # an unknown id fails here, with a did-you-mean
     if env_id != config.env:  # a bare name means its latest version: record which one played
         config = dataclasses.replace(config, env=env_id)
+    if config.best_of_n_by:  # a scorer that cannot work fails now, not after every episode is played
+        selection.check_source(config.best_of_n_by)
     asyncio.run(probe_env(config))
     out = config.out_dir
     with EpisodeStore(out, echo) as store:

@@ -60,6 +60,7 @@ __all__ = [
     "Scorer",
     "best_of_n",
     "check_scorer_spec",
+    "check_source",
     "episode_answers",
     "episode_scores",
     "final_answer",
@@ -347,6 +348,26 @@ def check_scorer_spec(spec: str) -> tuple[str, str]:
             f"or judge:<base url>#<served model>), got {spec!r}"
         )
     return prefix, argument
+
+
+def check_source(spec: str) -> None:
+    """What can be checked of a scorer before any episode is played, without loading it: a reward model
+    directory holds a trained head, a judge config file parses.
+
+    Raises:
+        ConfigError: the source cannot work (the message names the fix).
+    """
+    prefix, argument = check_scorer_spec(spec)
+    if prefix == "rm":
+        from agentrl.learners.ppo import VALUE_HEAD_FILE
+
+        if Path(argument).exists() and not (Path(argument) / VALUE_HEAD_FILE).is_file():
+            raise ConfigError(f"--best-of-n-by {spec}: {argument} has no {VALUE_HEAD_FILE}, so it is not a trained "
+                              "reward model; pass a directory written by train_reward_model")  # fmt: skip
+    elif prefix == "judge" and not argument.startswith(("http://", "https://")):
+        from agentrl.judge.config import load_judge_config
+
+        load_judge_config(argument)
 
 
 def make_scorer(spec: str, config: EvalConfig) -> Scorer | EpisodeScorer:
