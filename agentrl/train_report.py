@@ -157,6 +157,8 @@ def charts_for(records: Sequence[MetricRecord]) -> list[Chart]:
     """The report's charts for a run's records, each with its series or the metrics it found none of."""
     components = _series(records, r"reward_components/.+") or _series(records, r"(monitors?/)?reward/.+")
     monitors = r"(monitors?/)?(reward_length_corr|repeated_ngram_rate|error|truncated)"
+    # A KL logged as exactly 0 at every step was not measured (beta = 0): say so rather than draw a flat line.
+    kl = [s for s in _series(records, r"(update/)?kl") if any(v != 0 for v in s.values)]
     charts = [
         Chart("reward", "Reward", "reward", _series(records, r"reward_mean", band="reward_std"),
               "Mean episode reward per step; the band is ± its std over the step's samples." + _SMOOTH_NOTE,
@@ -166,8 +168,9 @@ def charts_for(records: Sequence[MetricRecord]) -> list[Chart]:
         Chart("reward_components", "Reward components", "reward per episode", components,
               "Mean per episode of each named part of the reward; one rising alone can be a hack.",
               "reward_components/* or reward/*", legend=True),
-        Chart("kl", "KL to the reference", "KL per token", _series(records, r"(update/)?kl"),
-              "Mean per-token KL of the policy to the reference model.", "kl or update/kl (none when beta = 0)"),
+        Chart("kl", "KL to the reference", "KL per token", kl,
+              "Mean per-token KL of the policy to the reference model.",
+              "kl or update/kl (not measured when beta = 0: no reference model is loaded)"),
         Chart("entropy", "Policy entropy", "nats per token", _series(records, r"(update/)?entropy"),
               "Mean per-token entropy of the policy on its samples; a collapse means it stopped exploring.",
               "entropy or update/entropy"),
