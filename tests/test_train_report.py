@@ -11,7 +11,7 @@ import re
 import pytest
 from PIL import Image
 
-from agentrl.tracking import RunDir, read_metrics
+from agentrl.tracking import MetricRecord, RunDir, read_metrics
 from agentrl.train_report import charts_for, write_train_report
 
 
@@ -154,9 +154,6 @@ def test_an_evaluation_of_no_training_phase_keeps_its_own_label(tmp_path, phase)
 
 
 def test_a_kl_that_was_never_measured_is_said_so_not_drawn_flat():
-    from agentrl.tracking import MetricRecord
-    from agentrl.train_report import charts_for
-
     records = [MetricRecord("rl", step, 0.0, 0.0, {"reward_mean": 0.1 * step, "update/kl": 0.0}) for step in (1, 2, 3)]
     kl = next(c for c in charts_for(records) if c.name == "kl")
     assert kl.series == [] and "not measured when beta = 0" in kl.missing
