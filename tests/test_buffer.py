@@ -170,6 +170,9 @@ def test_no_pair_without_a_margin_or_a_divergent_turn():
     same = make([((5, 6), 1.0)])
     assert mine_pair(TrajectoryGroup("tie", (same, make([((5, 7), 1.0)])))) is None
     assert mine_pair(TrajectoryGroup("one", (same,))) is None
+    # A crashed episode's low reward is not the policy's doing: it is never the rejected side.
+    crashed = make([((5, 8), 0.0)], stop=StopReason.ERROR)
+    assert mine_pair(TrajectoryGroup("crash", (same, crashed))) is None
     prefix = TrajectoryGroup("prefix", (make([((5, 6), 1.0), ((7,), 1.0)]), make([((5, 6), 0.0)])))
     assert mine_pair(prefix) is None
     assert mine_pair(group("small", 0.0, 0.1), min_margin=0.2) is None

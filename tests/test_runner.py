@@ -221,6 +221,9 @@ def test_failures_end_one_episode_each_with_the_right_reason_while_the_rest_fini
             assert (trajectory.stop_reason, trajectory.error, len(trajectory.turns)) == (stop, error, turns), mode
     ok = [t for m, ts in by_mode.items() if m == "ok" for t in ts]
     assert all(t.total_reward == 3.0 for t in ok)
+    # What the policy said before the env crashed stays in the transcript: one assistant message per turn.
+    for trajectory in by_mode["crash"]:
+        assert sum(m["role"] == "assistant" for m in trajectory.messages) == len(trajectory.turns) == 2
     # The overflowing observation is not in the ledger: the ledger stays inside the context window.
     assert all(len(t.token_ids) <= 1024 for ts in by_mode.values() for t in ts)
     assert elapsed < 10, "one hung episode must not hold the others up"

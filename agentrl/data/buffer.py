@@ -419,8 +419,9 @@ def mine_pair(
         scores: one score per trajectory of ``group`` (e.g. from a reward model or a judge) to rank by
             instead of each trajectory's total reward.
 
-    None when fewer than two trainable trajectories, the score margin is not above ``min_margin``, or the
-    two agree on every turn they share (no turn to prefer).
+    Episodes that ended in an error (a crashed tool or env, a failed backend call) are left out: their low
+    score is not the policy's doing. None when fewer than two such trajectories, the score margin is not
+    above ``min_margin``, or the two agree on every turn they share (no turn to prefer).
 
     Raises:
         ConfigError: ``scores`` does not have one value per trajectory.
@@ -430,7 +431,9 @@ def mine_pair(
     if len(scores) != len(group):
         raise ConfigError(f"mine_pair: {len(scores)} scores for a group of {len(group)} trajectories")
     ranked = sorted(
-        (s, i) for i, (t, s) in enumerate(zip(group, scores, strict=True)) if t.trainable and t.turns
+        (s, i)
+        for i, (t, s) in enumerate(zip(group, scores, strict=True))
+        if t.trainable and t.turns and t.stop_reason is not StopReason.ERROR  # a crash is not the policy's doing
     )
     if len(ranked) < 2:
         return None

@@ -286,11 +286,12 @@ class Runner:
             # Decode the ids ourselves even when the backend sent text: the ledger's glue must follow the ids.
             text = renderer.decode(ids) if generation.token_ids else generation.text or ""
             message = renderer.assistant_message(text)  # the text without its stop token: the env's action
+            ledger.add_messages([message])  # before the env runs: an env that raises leaves what was said
             observation, reward, terminated, truncated, step_info = await env.astep(message["content"])
             ledger.set_reward(_finite(reward), step_info.get("reward_components"))
             turn += 1
             answer = [message, *observation]
-            ledger.add_messages(answer)
+            ledger.add_messages(observation)
             if terminated or truncated:
                 return StopReason.TERMINATED if terminated else StopReason.TRUNCATED
             # Anchored glue renders the opening plus this turn only: same tokens, constant cost per turn.
