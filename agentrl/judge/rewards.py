@@ -26,7 +26,7 @@ from agentrl.data.buffer import PreferencePair, TrajectoryGroup, mine_pair
 from agentrl.data.trajectory import Trajectory, TurnSpan
 from agentrl.judge.judge import Judge, PairVerdict
 from agentrl.judge.verdicts import transcript
-from agentrl.rewards.base import RewardResult
+from agentrl.rewards.base import RewardResult, task_prompt
 from agentrl.types import Message
 
 __all__ = [
@@ -59,12 +59,6 @@ def conversation_item(conversation: Sequence[Message]) -> tuple[list[Message], s
     return prompt, response
 
 
-def _prompt_of(task: Any) -> Any:
-    from agentrl.learners.reward_scorers import task_prompt
-
-    return task_prompt(task)
-
-
 class JudgeReward:
     """A judge as an outcome reward: ``reward(task, answer) -> RewardResult`` with the score in [0, 1].
 
@@ -75,7 +69,7 @@ class JudgeReward:
         name: the component name. prompt_of: ``task -> prompt`` (default: ``task_prompt``).
     """
 
-    def __init__(self, judge: Judge, name: str = "judge", *, prompt_of: Callable[[Any], Any] = _prompt_of,
+    def __init__(self, judge: Judge, name: str = "judge", *, prompt_of: Callable[[Any], Any] = task_prompt,
                  failure_value: float = 0.0):  # fmt: skip
         self.judge, self.name, self.prompt_of, self.failure_value = judge, name, prompt_of, failure_value
 
@@ -183,7 +177,9 @@ def _add_final(trajectory: Trajectory, name: str, value: float, score: float, fa
     last = trajectory.turns[-1]
     components = {**last.reward_components, name: last.reward_components.get(name, 0.0) + value}
     turns = (*trajectory.turns[:-1], TurnSpan(last.start, last.end, last.reward + value, components))
-    return dataclasses.replace(trajectory, turns=turns, meta={**trajectory.meta, name: {"score": score, "failed": failed}})
+    return dataclasses.replace(
+        trajectory, turns=turns, meta={**trajectory.meta, name: {"score": score, "failed": failed}}
+    )
 
 
 # ---- AI preference labels ----------------------------------------------------------------------------

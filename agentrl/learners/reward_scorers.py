@@ -17,21 +17,10 @@ from agentrl.learners import _train
 from agentrl.learners.ppo import VALUE_HEAD_FILE, ValueModel
 from agentrl.learners.reward_model import _LEARNERS, _conversation_row, _end_scores, _Row, _step_ends
 from agentrl.models.chat import ChatRenderer
-from agentrl.rewards.base import RewardResult
+from agentrl.rewards.base import RewardResult, task_prompt
 from agentrl.types import Message, ToolSchema
 
 __all__ = ["ProcessRewardScorer", "RewardModelScorer", "default_to_messages", "task_prompt", "turn_to_messages"]
-
-
-def task_prompt(task: Any) -> str:
-    """The task itself (a str), ``task["prompt"]`` or ``task.prompt`` (a ToolEnv Task); else ConfigError."""
-    prompt = task.get("prompt") if isinstance(task, Mapping) else getattr(task, "prompt", task)
-    if not isinstance(prompt, str):
-        raise ConfigError(
-            f"no prompt found in task {task!r:.80}; give a str, a mapping with 'prompt' or an object with "
-            "a .prompt, or pass the scorer to_messages=lambda task, x: [...messages...]"
-        )
-    return prompt
 
 
 def default_to_messages(task: Any, answer: Any) -> list[Message]:

@@ -30,6 +30,7 @@ __all__ = [
     "WeightedReward",
     "compose",
     "parse_weights",
+    "task_prompt",
 ]
 
 TaskT = TypeVar("TaskT", contravariant=True)
@@ -135,6 +136,17 @@ def parse_weights(weights: Mapping[str, Any] | None, known: Sequence[str]) -> di
             raise ConfigError(f"reward weight for {name!r} must be a finite number, got {weight!r}")
         out[name] = float(weight)
     return out
+
+
+def task_prompt(task: Any) -> str:
+    """The task itself (a str), ``task["prompt"]`` or ``task.prompt`` (a ToolEnv Task); else ConfigError."""
+    prompt = task.get("prompt") if isinstance(task, Mapping) else getattr(task, "prompt", task)
+    if not isinstance(prompt, str):
+        raise ConfigError(
+            f"no prompt found in task {task!r:.80}; give a str, a mapping with 'prompt' or an object with "
+            "a .prompt, or pass the scorer to_messages=lambda task, x: [...messages...]"
+        )
+    return prompt
 
 
 @runtime_checkable
