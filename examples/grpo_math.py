@@ -28,7 +28,7 @@ from agentrl_envs.math.tasks import generate_tasks
 import agentrl
 from agentrl import algos
 from agentrl.data.buffer import TrajectoryBuffer, collate
-from agentrl.learners._model import policy_logprobs
+from agentrl.learners.logprobs import policy_logprobs
 from agentrl.learners.sft import SFTConfig, env_demonstrations, train_sft
 from agentrl.rollout.hf import HFPolicy
 from agentrl.rollout.policy import SamplingParams
