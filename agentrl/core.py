@@ -155,6 +155,8 @@ class Env(gymnasium.Env[list[Message], str]):
         step(action) -> StepResult: answer one assistant turn.
         areset / astep: async twins with the same contract; the runner calls these.
         close() / aclose(): release resources (sandboxes, clients). Safe to call twice.
+        aprobe(): optional; check that episodes can run at all (a sandbox starts, a server answers) and
+            raise with the reason. The evaluation harness calls it once before it loads any model.
 
     Attributes:
         observation_space: a :class:`ChatSpace`; observations are lists of new messages.
@@ -230,6 +232,10 @@ class Env(gymnasium.Env[list[Message], str]):
         if self._overrides("close") and not self._overrides("aclose"):
             await asyncio.to_thread(self.close)
 
+    async def aprobe(self) -> None:
+        """Check what every episode needs (a sandbox, a server) once, before a run; the default checks
+        nothing. Raises: any error naming what is missing, instead of episodes that all score 0."""
+
     # ---- helpers for subclasses --------------------------------------------------------------------
     def tool_schemas(self) -> list[ToolSchema]:
         """A fresh deep copy of :attr:`tools`, safe to hand out in ``info`` (callers may mutate it)."""
@@ -254,3 +260,6 @@ class Wrapper(gymnasium.Wrapper[list[Message], str, list[Message], str]):
 
     async def aclose(self) -> None:
         await self.env.aclose()
+
+    async def aprobe(self) -> None:
+        await self.env.aprobe()

@@ -284,3 +284,33 @@ def test_bad_configuration_is_named():
         CodeSandboxEnv("no-such-file.jsonl")
     with pytest.raises(ConfigError, match="call_timeout"):
         GradeConfig(call_timeout=0)
+
+
+def test_a_sandbox_that_cannot_run_ends_the_episode_as_an_error_not_a_zero_score(make):
+    from agentrl.models.loading import load_tokenizer
+    from agentrl.rollout.runner import Task, rollout
+    from agentrl.sandbox import SandboxError
+    from agentrl.testing import ScriptedPolicy
+    from agentrl.types import StopReason
+
+    broken = {"sandbox_options": {"bwrap": "/nonexistent/bwrap"}}
+    env = make(**broken)
+    # The probe the harness and agentrl train run before any model loads names the reason.
+    async def probe(probed):
+        try:
+            await probed.aprobe()
+        finally:
+            await probed.aclose()  # on the probe's loop: its sandbox processes belong to it
+
+    with pytest.raises(SandboxError, match="bubblewrap"):
+        asyncio.run(probe(make(**broken)))
+    asyncio.run(probe(make()))  # a working sandbox passes
+    submission = [m for m in env.demonstration(0, check=False) if m["role"] == "assistant"][-1]["content"]
+    env.reset(seed=0, options={"task": 0})
+    with pytest.raises(SandboxError, match=r"could not be graded: the sandbox failed: .*bubblewrap"):
+        env.step(submission)
+    # Through the runner: data, not a crash, and never a reward a learner would train on.
+    tokenizer = load_tokenizer("tiny")
+    [group] = rollout(lambda: CodeSandboxEnv(**broken), ScriptedPolicy(tokenizer, submission), tokenizer,
+                      [Task(0, {"task": 0})], group_size=2)  # fmt: skip
+    assert all(t.stop_reason is StopReason.ERROR and "could not be graded" in t.error for t in group)

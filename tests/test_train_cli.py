@@ -194,3 +194,14 @@ def test_the_code_sandbox_recipe_runs_end_to_end_in_a_small_configuration(tmp_pa
     assert (tmp_path / "run" / "report.html").is_file()
     config = (tmp_path / "run" / "config.yaml").read_text()
     assert "pass_on: correct" in config and "check: false" in config
+
+
+def test_a_sandbox_that_cannot_run_fails_the_run_before_any_work(tmp_path):
+    settings = ["sft.demos=0", "learner.max_steps=1", "learner.warmup_steps=0", "learner.prompts_per_step=1",
+                "learner.group_size=2", "learner.max_new_tokens=8", "eval.tasks=2",
+                "eval.env_kwargs.sandbox_options.bwrap=/nonexistent/bwrap"]  # fmt: skip
+    sets = [arg for setting in settings for arg in ("--set", setting)]
+    done = agentrl("train", "--env", "code-sandbox", "--threads", "1", *sets, "--output-dir", str(tmp_path / "run"))
+    assert done.returncode == 1
+    assert "with eval.env_kwargs=" in done.stderr and "cannot run episodes" in done.stderr
+    assert "bubblewrap" in done.stderr and not (tmp_path / "run" / "checkpoints").exists()  # before any work

@@ -115,13 +115,25 @@ def make_env(config: EvalConfig) -> Env:
 
 
 async def probe_env(config: EvalConfig) -> None:
-    """Reset the last task once before any model is loaded, so a bad env setting fails in seconds.
+    """Reset the last task once and run the env's own probe (:meth:`~agentrl.core.Env.aprobe`, e.g. its
+    sandbox) before any model is loaded, so a bad env setting fails in seconds.
 
     Raises:
-        ConfigError: the env cannot be made, or cannot reset task ``n - 1`` (e.g. fewer tasks than ``n``).
+        ConfigError: the env cannot be made, cannot reset task ``n - 1`` (e.g. fewer tasks than ``n``), or
+            its probe failed (e.g. a sandbox that cannot run).
     """
     env = make_env(config)
     task = eval_task(config, config.n - 1)
+    try:
+        await _probe(env, config, task)
+    finally:
+        try:
+            await env.aclose()
+        except Exception:
+            pass  # a probe env that fails to close does not stop the run
+
+
+async def _probe(env: Env, config: EvalConfig, task: Task) -> None:
     try:
         await env.areset(seed=task.seed, options=dict(task.options) if task.options else None)
     except Exception as exc:
@@ -134,11 +146,10 @@ async def probe_env(config: EvalConfig) -> None:
             f"{config.env} cannot reset task {config.n - 1} (reset options {task.options}): "
             f"{type(exc).__name__}: {exc}. {hint}"
         ) from exc
-    finally:
-        try:
-            await env.aclose()
-        except Exception:
-            pass  # a probe env that fails to close does not stop the run
+    try:
+        await env.aprobe()
+    except Exception as exc:
+        raise ConfigError(f"{config.env} cannot run episodes: {type(exc).__name__}: {exc}") from exc
 
 
 def build_policy(config: EvalConfig) -> tuple[Any, Any]:

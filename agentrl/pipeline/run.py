@@ -87,6 +87,9 @@ def evaluate_checkpoint(checkpoint: Path, resolved: Resolved, out: Path, max_new
         device=resolved.learner.device, out=out,
     )  # fmt: skip
     outcome = evaluate(config, echo=lambda line: None, show_progress=False)
+    if outcome.failed_all:  # e.g. a sandbox that cannot start: an error, not a pass@1 of 0
+        first = outcome.results["metrics"]["errors"]["top"][0]["error"]
+        raise ConfigError(f"every held-out episode failed ({out}); the first error: {first}")
     return EvalResult.from_results(outcome.results, out)
 
 
@@ -102,6 +105,7 @@ def run_pipeline(resolved: Resolved, *, stream: IO[str] | None = None, report: b
     run = resolved.run
     if run.threads is not None:
         torch.set_num_threads(run.threads)
+    _probe_envs(resolved)
     out = RunDir(resolved.run_dir)
     out.write_config(run)
     evals: dict[str, EvalResult | None] = {}
@@ -136,6 +140,36 @@ def run_pipeline(resolved: Resolved, *, stream: IO[str] | None = None, report: b
 
         path = write_train_report(out.path)
     return RunSummary(out.path, evals, seconds, path)
+
+
+def _probe_envs(resolved: Resolved) -> None:
+    """Run each env setting's own probe (:meth:`~agentrl.core.Env.aprobe`, e.g. its sandbox) before any phase,
+    so a setup that cannot run episodes fails in seconds, not after training.
+
+    Raises:
+        ConfigError: a probe failed (the message names the section and the reason).
+    """
+    import agentrl
+
+    run = resolved.run
+    settings = {"env_kwargs": run.env_kwargs, "eval.env_kwargs": run.eval.env_kwargs if run.eval.tasks else None,
+                "gold.env_kwargs": run.gold.env_kwargs if run.gold.every else None}  # fmt: skip
+    for section, kwargs in settings.items():
+        if kwargs is None:
+            continue
+        env = agentrl.make(run.env, **kwargs)
+        try:
+            asyncio.run(_probe_and_close(env))
+        except Exception as exc:
+            raise ConfigError(f"{run.env} with {section}={kwargs} cannot run episodes: {type(exc).__name__}: {exc}") from None
+
+
+async def _probe_and_close(env: Any) -> None:
+    """One event loop for both: what the probe started (a sandbox's processes) is closed on its own loop."""
+    try:
+        await env.aprobe()
+    finally:
+        await env.aclose()
 
 
 # ---- phases ---------------------------------------------------------------------------------------

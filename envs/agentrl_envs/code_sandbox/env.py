@@ -205,6 +205,19 @@ class CodeSandboxEnv(Env):
                 "difficulty": task.difficulty, "split": task.split, "demonstrated": task.demonstrated}
         return ResetResult(opening, info)
 
+    async def aprobe(self) -> None:
+        """Run a trivial program in the sandbox, so one that cannot run (bubblewrap missing, no docker engine,
+        a broken image) fails before a run with its reason instead of scoring every submission 0.
+
+        Raises:
+            SandboxError: the sandbox cannot start or cannot run a program.
+        """
+        sandbox = await self.sandboxes.untrusted()
+        result = await sandbox.exec("print('ok')", timeout=self.limits.wall_time)
+        if result.stdout.strip() != "ok":
+            raise SandboxError(f"the {self.sandboxes.backend} sandbox cannot run a trivial program (exit "
+                               f"{result.exit_code}, signal {result.signal}): {result.stderr.strip()[:300]}")  # fmt: skip
+
     async def astep(self, action: str) -> StepResult:
         episode = self._episode
         if episode is None or episode.done:
@@ -257,6 +270,10 @@ class CodeSandboxEnv(Env):
 
     async def _submit(self, episode: _Episode, code: str, trailing: bool, turn: _Turn, call_id: str | None) -> None:
         graded = await grade(episode.task, code, self.sandboxes, self.grading)
+        if graded.status in ("sandbox_error", "task_error"):
+            # Not the policy's doing: the episode ends as an error (learners drop it, evaluations count it)
+            # instead of scoring 0 as if the program had failed its tests.
+            raise SandboxError(f"task {episode.task.task_id}: the submission could not be graded: {graded.detail}")
         self.last_grade = graded
         turn.submitted, turn.grade = True, graded
         turn.gated = self.format_gate and trailing

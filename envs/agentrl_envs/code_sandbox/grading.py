@@ -75,7 +75,8 @@ class GradeResult:
         total: hidden tests (for assertion tests: the assertions the reference solution executes).
         status: ``"graded"`` (the tests ran; ``passed`` may be anything), ``"load_error"`` (the program did
             not import), ``"timeout"``, ``"crashed"`` (it died without a report), ``"tampered"`` (more than
-            one report, or a malformed one) or ``"task_error"`` (the task's own tests cannot run).
+            one report, or a malformed one), ``"sandbox_error"`` (the sandbox itself failed, not the
+            program) or ``"task_error"`` (the task's own tests cannot run, or the trusted sandbox failed).
         detail: a short explanation for people and for the model (first failure, error text).
         clean: the program loaded and no call raised or timed out.
         seconds: wall time of the grading.
@@ -252,7 +253,7 @@ async def _run_calls(
     try:
         result = await box.exec(_program("_harness_calls.py", spec), stdin=nonce + "\n", timeout=budget)
     except SandboxError as exc:
-        return None, GradeResult(0, len(calls), "crashed", f"the sandbox failed: {exc}")
+        return None, GradeResult(0, len(calls), "sandbox_error", f"the sandbox failed: {exc}")
     report, status = _report(result, nonce)
     if report is None:
         why = {"timeout": f"the program ran past {budget:.1f} s", "crashed": "the program ended without a report",
