@@ -33,12 +33,7 @@ PRINCIPLES = ["Be honest about what you do not know.", "Be brief (strict)."]
 SAMPLING = SamplingParams(max_tokens=16)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 @pytest.fixture(scope="module")

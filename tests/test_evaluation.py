@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
 
 from agentrl.cli import main as agentrl_main
 from agentrl.data.trajectory import Trajectory, TurnSpan
@@ -34,13 +33,7 @@ from agentrl.evaluation.metrics import (
 from agentrl.evaluation.report import escape, render_transcript
 from agentrl.evaluation.store import EpisodeStore
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 ROOT = Path(__file__).resolve().parents[1]
 HUMANEVAL = ROOT.parent / "shared" / "datasets" / "humaneval.jsonl"

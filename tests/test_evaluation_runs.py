@@ -19,18 +19,11 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
 from test_evaluation import HUMANEVAL, eval_cli, humaneval_rows, results_of
 
 from agentrl.data.trajectory import read_jsonl
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 DIGITS = ["--env", "toy-digits-v0", "--n", "6", "--k", "4", "--max-new-tokens", "12", "--pass-threshold", "0.02",
           "--quiet"]  # fmt: skip

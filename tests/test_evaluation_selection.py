@@ -5,7 +5,6 @@ reward component and by a reward model trained here, ``--report-only`` reusing t
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import math
@@ -15,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
+from conftest import torch_threads
 from test_evaluation import eval_cli, results_of
 from test_evaluation_runs import chat_server
 
@@ -32,13 +31,7 @@ from agentrl.evaluation.selection import (
     normalize_answer,
 )
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def c(passed: bool, score: float | None = None, answer: str | None = None) -> Candidate:
@@ -306,16 +299,6 @@ def test_report_only_changes_the_scorer_and_keeps_the_votes(math_run):
     assert code == 1 and "not a trained reward model" in stderr
 
 
-@contextlib.contextmanager
-def _threads(n: int):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def test_best_of_n_by_a_trained_reward_model(math_run, tmp_path):
     """A reward model trained for 12 steps to prefer "sure" replies over "maybe" ones picks the right answers,
     its scores are the scorer's own, and a second report reuses them from scores.json."""
@@ -330,7 +313,7 @@ def test_best_of_n_by_a_trained_reward_model(math_run, tmp_path):
         value = rng.randint(1, 99)
         pairs.append(PreferenceConversation(question, [{"role": "assistant", "content": f"sure \\boxed{{{value}}}"}],
                                             [{"role": "assistant", "content": f"maybe \\boxed{{{value}}}"}]))  # fmt: skip
-    with _threads(1):
+    with torch_threads(1):
         trained = train_reward_model(
             RewardModelConfig(max_steps=12, warmup_steps=0, lr=3e-3, output_dir=tmp_path / "rm"), pairs
         )

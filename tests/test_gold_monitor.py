@@ -4,7 +4,6 @@ training reward that works against the held-out gold score is flagged and one al
 from __future__ import annotations
 
 import pytest
-import torch
 
 from agentrl.data.trajectory import Trajectory
 from agentrl.errors import ConfigError
@@ -15,13 +14,7 @@ from agentrl.rewards.monitors import overoptimisation
 from agentrl.tracking import MetricRecord, flatten_metrics
 from agentrl.train_report import charts_for
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 # ---- the rule ----------------------------------------------------------------------------------------------

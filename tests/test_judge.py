@@ -11,6 +11,7 @@ import random
 import pytest
 import torch
 from _judge_model import OPTIONS, TASKS, response, train_judge
+from conftest import torch_threads
 
 from agentrl.data.buffer import TrajectoryGroup
 from agentrl.judge import (
@@ -35,22 +36,13 @@ from agentrl.rollout.policy import SamplingParams
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 @pytest.fixture(scope="module")
 def judge_dir(tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    with torch_threads(2):
         return train_judge(tmp_path_factory.mktemp("judge"))
-    finally:
-        torch.set_num_threads(threads)
 
 
 def make_judge(judge_dir, **options):

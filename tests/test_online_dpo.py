@@ -17,12 +17,7 @@ from agentrl.models.loading import load_model
 FAST = {"env": "toy-digits-v0", "prompts_per_step": 8, "group_size": 4, "max_new_tokens": 8, "lr": 1e-2}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def test_online_dpo_raises_the_env_reward_of_the_tiny_model():

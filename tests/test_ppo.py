@@ -11,13 +11,7 @@ from test_grpo import FAST, ledger, weights
 from agentrl.data.buffer import collate
 from agentrl.learners.ppo import CRITIC_DIR, PPOConfig, ValueModel, gae_advantages, train_ppo
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def test_ppo_raises_the_reward_of_the_tiny_model():

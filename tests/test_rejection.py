@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from agentrl.data.buffer import TrajectoryBuffer, TrajectoryGroup
 from agentrl.data.trajectory import Trajectory, TurnSpan
@@ -14,13 +13,7 @@ from agentrl.learners.rejection import sample_groups, select_best, train_rejecti
 from agentrl.learners.sft import SFTConfig
 from agentrl.types import StopReason
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def _t(ids: list[int], reward: float, error: str | None = None) -> Trajectory:

@@ -3,7 +3,6 @@ save/load through the scorers, the rewards interface, resume, and data errors.""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
@@ -12,6 +11,7 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import torch_threads
 
 from agentrl.data.buffer import PreferencePair
 from agentrl.errors import ConfigError
@@ -86,12 +86,7 @@ def conversations(pairs: list[PreferenceConversation], side: str) -> list[list]:
     return [[*p.prompt, *getattr(p, side)] for p in pairs]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +99,7 @@ def rm_run(tmp_path_factory):
     config = RewardModelConfig(
         max_steps=12, warmup_steps=0, lr=3e-3, output_dir=tmp_path_factory.mktemp("rm")
     )
-    with _threads(1):
+    with torch_threads(1):
         return train_reward_model(config, marker_pairs(64, seed=0))
 
 
@@ -112,18 +107,8 @@ def rm_run(tmp_path_factory):
 def prm_run(tmp_path_factory):
     config = ProcessRewardConfig(max_steps=24, warmup_steps=0, lr=3e-3, step_separator="\n\n",
                                  output_dir=tmp_path_factory.mktemp("prm"))  # fmt: skip
-    with _threads(1):
+    with torch_threads(1):
         return train_process_reward_model(config, step_examples(64, seed=0))
-
-
-@contextlib.contextmanager
-def _threads(n: int):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 # ---- the losses by hand -------------------------------------------------------------------------

@@ -26,13 +26,7 @@ from agentrl.rollout.complete import Completion, complete
 from agentrl.rollout.hf import HFPolicy
 from agentrl.rollout.policy import SamplingParams
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def sum_questions(n: int, seed: int) -> list[list[dict[str, str]]]:
