@@ -105,11 +105,11 @@ def test_every_measurement_plays_the_same_held_out_tasks():
 
 
 def test_ppo_takes_the_same_rescore_and_monitor_hooks():
-    from agentrl.judge.rewards import _add_final
+    from agentrl.data.buffer import with_final_reward
     from agentrl.learners.ppo import PPOConfig, train_ppo
 
     def plus_one(groups):
-        return [g.replace(_add_final(t, "bonus", 1.0, 1.0, False) for t in g) for g in groups]
+        return [g.replace(with_final_reward(t, "bonus", 1.0) for t in g) for g in groups]
 
     monitor = GoldMonitor("toy-digits-v0", gold="component:digits", every=1, tasks=4, max_new_tokens=8)
     result = train_ppo(PPOConfig(**{**RUN, "max_steps": 2}), rescore=plus_one, monitor=monitor)

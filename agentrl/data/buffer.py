@@ -39,6 +39,7 @@ __all__ = [
     "logprob_mismatch",
     "mine_pair",
     "soft_overlong_penalty",
+    "with_final_reward",
 ]
 
 GROUP_KEY = "group_id"
@@ -120,8 +121,9 @@ def soft_overlong_penalty(length: int, max_length: int, cache: int, factor: floa
     return -factor * (length - free) / cache
 
 
-def _with_final_reward(trajectory: Trajectory, name: str, value: float) -> Trajectory:
-    """A copy whose last turn's reward has ``value`` added as the component ``name``."""
+def with_final_reward(trajectory: Trajectory, name: str, value: float) -> Trajectory:
+    """A copy whose last turn's reward has ``value`` added as the component ``name`` (e.g. a penalty, a
+    judge's score); the trajectory itself when it has no turn or ``value`` is 0."""
     if not trajectory.turns or value == 0.0:
         return trajectory
     last = trajectory.turns[-1]
@@ -492,7 +494,7 @@ class TrajectoryBuffer:
         """Add DAPO's soft overlong penalty (on sampled-token count) to each trajectory's last turn."""
         self.groups = [
             g.replace(
-                _with_final_reward(
+                with_final_reward(
                     t, "overlong", soft_overlong_penalty(t.num_sampled, max_length, cache, factor)
                 )
                 for t in g

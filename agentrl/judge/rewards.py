@@ -22,8 +22,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from agentrl.data.buffer import PreferencePair, TrajectoryGroup, mine_pair
-from agentrl.data.trajectory import Trajectory, TurnSpan
+from agentrl.data.buffer import PreferencePair, TrajectoryGroup, mine_pair, with_final_reward
+from agentrl.data.trajectory import Trajectory
 from agentrl.judge.judge import Judge, PairVerdict
 from agentrl.judge.verdicts import transcript
 from agentrl.rewards.base import RewardResult, task_prompt
@@ -166,20 +166,17 @@ class JudgeGroupReward:
         out = []
         for group, row in zip(groups, raw, strict=True):
             filled = _neutral_fill(row)
-            out.append(group.replace(_add_final(t, self.name, self.weight * f, f, s is None)
+            out.append(group.replace(_judged(t, self.name, self.weight * f, f, s is None)
                                      for t, f, s in zip(group, filled, row, strict=True)))  # fmt: skip
         return out
 
 
-def _add_final(trajectory: Trajectory, name: str, value: float, score: float, failed: bool) -> Trajectory:
+def _judged(trajectory: Trajectory, name: str, value: float, score: float, failed: bool) -> Trajectory:
+    """``value`` added to the last turn's reward, the verdict kept in ``meta[name]`` (episodes with a turn)."""
     if not trajectory.turns:
         return trajectory
-    last = trajectory.turns[-1]
-    components = {**last.reward_components, name: last.reward_components.get(name, 0.0) + value}
-    turns = (*trajectory.turns[:-1], TurnSpan(last.start, last.end, last.reward + value, components))
-    return dataclasses.replace(
-        trajectory, turns=turns, meta={**trajectory.meta, name: {"score": score, "failed": failed}}
-    )
+    meta = {**trajectory.meta, name: {"score": score, "failed": failed}}
+    return dataclasses.replace(with_final_reward(trajectory, name, value), meta=meta)
 
 
 # ---- AI preference labels ----------------------------------------------------------------------------
