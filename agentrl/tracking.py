@@ -244,12 +244,12 @@ class RunDir:
 
     def latest_checkpoint(self, phase: str) -> tuple[Path, int] | None:
         """The phase's newest complete learner checkpoint and its step, or None (imports torch)."""
-        from agentrl.learners import _train
+        from agentrl.learners import checkpoints
 
-        found = _train.checkpoint_dirs(self.path / CHECKPOINTS_DIR / _check_phase(phase))
+        found = checkpoints.checkpoint_dirs(self.path / CHECKPOINTS_DIR / _check_phase(phase))
         if not found:
             return None
-        summary = json.loads((found[-1] / _train.STATE_JSON).read_text(encoding="utf-8"))
+        summary = json.loads((found[-1] / checkpoints.STATE_JSON).read_text(encoding="utf-8"))
         return found[-1], int(summary["step"])
 
     # -- phases --

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from agentrl.errors import ConfigError
-from agentrl.learners import _train
+from agentrl.learners import checkpoints, optim
 from agentrl.models.loading import load_model, load_tokenizer
 
 
@@ -21,23 +21,23 @@ def model():
 
 def test_save_writes_a_loadable_resumable_checkpoint_and_replaces_an_old_one(tmp_path, model):
     tokenizer = load_tokenizer("tiny")
-    optimizer = _train.make_optimizer(model, lr=1e-3, weight_decay=0.1)
-    scheduler = _train.make_scheduler(optimizer, 2, 10, 0.1)
-    path = _train.save_checkpoint(
+    optimizer = optim.make_optimizer(model, lr=1e-3, weight_decay=0.1)
+    scheduler = optim.make_scheduler(optimizer, 2, 10, 0.1)
+    path = checkpoints.save_checkpoint(
         tmp_path / "ck", model, tokenizer, optimizer=optimizer, scheduler=scheduler, step=1
     )
     assert torch.equal(load_model(path).lm_head.weight, model.lm_head.weight)
     with torch.no_grad():
         model.lm_head.weight.add_(1.0)
-    _train.save_checkpoint(path, model, tokenizer, optimizer=optimizer, scheduler=scheduler, step=2)
+    checkpoints.save_checkpoint(path, model, tokenizer, optimizer=optimizer, scheduler=scheduler, step=2)
     assert torch.equal(load_model(path).lm_head.weight, model.lm_head.weight)
-    assert _train.load_training_state(path).step == 2
+    assert checkpoints.load_training_state(path).step == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]  # no temporaries left
 
 
 def test_a_crash_mid_write_leaves_the_previous_checkpoint_intact(tmp_path, model):
     tokenizer = load_tokenizer("tiny")
-    path = _train.save_checkpoint(tmp_path / "ck", model, tokenizer, step=1)
+    path = checkpoints.save_checkpoint(tmp_path / "ck", model, tokenizer, step=1)
     before = load_model(path).lm_head.weight.clone()
     with torch.no_grad():
         model.lm_head.weight.add_(1.0)
@@ -48,31 +48,31 @@ def test_a_crash_mid_write_leaves_the_previous_checkpoint_intact(tmp_path, model
             raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):
-        _train.save_checkpoint(path, model, CrashingTokenizer(), step=2)
+        checkpoints.save_checkpoint(path, model, CrashingTokenizer(), step=2)
     assert torch.equal(load_model(path).lm_head.weight, before)
-    assert _train.load_training_state(path).step == 1
+    assert checkpoints.load_training_state(path).step == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
     # A crash while writing a *new* checkpoint leaves no directory that looks like one.
     with pytest.raises(OSError):
-        _train.save_checkpoint(_train.step_dir(tmp_path, 5), model, CrashingTokenizer())
-    assert _train.checkpoint_dirs(tmp_path) == []
+        checkpoints.save_checkpoint(checkpoints.step_dir(tmp_path, 5), model, CrashingTokenizer())
+    assert checkpoints.checkpoint_dirs(tmp_path) == []
 
 
 def test_resume_state_restores_optimizer_scheduler_step_and_rng(tmp_path, model):
-    optimizer = _train.make_optimizer(model, lr=1e-2)
-    scheduler = _train.make_scheduler(optimizer, 1, 5, 0.0)
+    optimizer = optim.make_optimizer(model, lr=1e-2)
+    scheduler = optim.make_scheduler(optimizer, 1, 5, 0.0)
     model(input_ids=torch.tensor([[1, 2, 3]])).logits.sum().backward()
     optimizer.step()
     scheduler.step()
-    _train.seed_everything(7)
-    path = _train.save_checkpoint(tmp_path / "ck", model, optimizer=optimizer, scheduler=scheduler, step=1)
+    optim.seed_everything(7)
+    path = checkpoints.save_checkpoint(tmp_path / "ck", model, optimizer=optimizer, scheduler=scheduler, step=1)
     expected = (torch.rand(3), random.random())
 
     fresh = load_model(path)
-    optimizer2 = _train.make_optimizer(fresh, lr=1e-2)
-    scheduler2 = _train.make_scheduler(optimizer2, 1, 5, 0.0)
-    _train.seed_everything(99)
-    state = _train.load_training_state(path, optimizer2, scheduler2)
+    optimizer2 = optim.make_optimizer(fresh, lr=1e-2)
+    scheduler2 = optim.make_scheduler(optimizer2, 1, 5, 0.0)
+    optim.seed_everything(99)
+    state = checkpoints.load_training_state(path, optimizer2, scheduler2)
     assert state.step == 1
     assert (torch.rand(3).tolist(), random.random()) == (expected[0].tolist(), expected[1])
     assert (
@@ -86,36 +86,36 @@ def test_resume_state_restores_optimizer_scheduler_step_and_rng(tmp_path, model)
 
 def test_resuming_from_a_plain_model_directory_says_so(tmp_path):
     with pytest.raises(ConfigError, match=r"has no training_state\.pt"):
-        _train.load_training_state(tmp_path)
+        checkpoints.load_training_state(tmp_path)
 
 
 def test_warmup_cosine_on_hand_computed_points():
-    assert _train.warmup_cosine(0, 4, 14, 0.1) == pytest.approx(0.25)
-    assert _train.warmup_cosine(3, 4, 14, 0.1) == pytest.approx(1.0)
-    assert _train.warmup_cosine(4, 4, 14, 0.1) == pytest.approx(1.0)
-    assert _train.warmup_cosine(9, 4, 14, 0.1) == pytest.approx(0.55)  # halfway: 0.1 + 0.9 * 0.5
-    assert _train.warmup_cosine(14, 4, 14, 0.1) == pytest.approx(0.1)
-    assert _train.warmup_cosine(40, 4, 14, 0.1) == pytest.approx(0.1)
-    assert _train.warmup_cosine(0, 0, 10, 0.0) == pytest.approx(1.0)
+    assert optim.warmup_cosine(0, 4, 14, 0.1) == pytest.approx(0.25)
+    assert optim.warmup_cosine(3, 4, 14, 0.1) == pytest.approx(1.0)
+    assert optim.warmup_cosine(4, 4, 14, 0.1) == pytest.approx(1.0)
+    assert optim.warmup_cosine(9, 4, 14, 0.1) == pytest.approx(0.55)  # halfway: 0.1 + 0.9 * 0.5
+    assert optim.warmup_cosine(14, 4, 14, 0.1) == pytest.approx(0.1)
+    assert optim.warmup_cosine(40, 4, 14, 0.1) == pytest.approx(0.1)
+    assert optim.warmup_cosine(0, 0, 10, 0.0) == pytest.approx(1.0)
 
 
 def test_weight_decay_skips_one_dimensional_parameters(model):
-    groups = _train.make_optimizer(model, lr=1e-3, weight_decay=0.1).param_groups
+    groups = optim.make_optimizer(model, lr=1e-3, weight_decay=0.1).param_groups
     assert all(p.ndim >= 2 for p in groups[0]["params"]) and groups[0]["weight_decay"] == 0.1
     assert all(p.ndim == 1 for p in groups[1]["params"]) and groups[1]["weight_decay"] == 0.0
 
 
 def test_batches_depend_only_on_seed_and_step():
-    straight = _train.iterate_batches(10, 4, seed=3)
+    straight = optim.iterate_batches(10, 4, seed=3)
     first = [next(straight) for _ in range(7)]
-    resumed = _train.iterate_batches(10, 4, seed=3, start_step=4)
+    resumed = optim.iterate_batches(10, 4, seed=3, start_step=4)
     assert [next(resumed) for _ in range(3)] == first[4:]
     assert sorted(i for b in first[:3] for i in b) == list(range(10))  # an epoch covers every row once
 
 
 def test_autocast_rejects_an_unknown_precision():
     with pytest.raises(ConfigError, match="'fp32', 'bf16'"):
-        _train.autocast("fp8", "cpu")
+        optim.autocast("fp8", "cpu")
 
 
 def test_importing_the_learners_package_imports_no_torch():

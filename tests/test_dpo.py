@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from agentrl.data.buffer import PreferencePair
 from agentrl.errors import ConfigError
-from agentrl.learners import _train
+from agentrl.learners import checkpoints
 from agentrl.learners.dpo import (
     DPOConfig,
     LabelledConversation,
@@ -238,7 +238,7 @@ def test_resume_from_a_checkpoint_continues_exactly(tmp_path, train_pairs, loss)
     pairs = train_pairs[:10]
     straight = train_dpo(DPOConfig(**common), pairs)
     train_dpo(DPOConfig(**common, output_dir=tmp_path, save_every=2), pairs)
-    assert [p.name for p in _train.checkpoint_dirs(tmp_path)] == ["step-000002", "step-000004"]
+    assert [p.name for p in checkpoints.checkpoint_dirs(tmp_path)] == ["step-000002", "step-000004"]
     torch.manual_seed(12345)  # a different global RNG state: the checkpoint's must be restored
     resumed = train_dpo(DPOConfig(**common, resume_from=tmp_path / "step-000002"), pairs)
     assert [log.step for log in resumed.history] == [3, 4]

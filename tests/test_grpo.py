@@ -13,7 +13,7 @@ import agentrl
 from agentrl.data.buffer import SHARED_SEGMENT, TrajectoryGroup, collate, collate_shared
 from agentrl.data.trajectory import Trajectory, TurnSpan
 from agentrl.errors import ConfigError
-from agentrl.learners import _model, _rl, _train
+from agentrl.learners import batching, logprobs, optim, policy_model, rl
 from agentrl.learners.grpo import PRESETS, GRPOConfig, sample_advantages, train_grpo, update_policy
 from agentrl.models.loading import load_model, load_tokenizer
 from agentrl.rollout.hf import HFPolicy
@@ -79,8 +79,8 @@ def test_tool_and_env_tokens_never_receive_gradient_in_the_rl_loss():
 
     hook = model.model.norm.register_forward_hook(keep_grad)
     model.train()
-    optimizer = _train.make_optimizer(model, 1e-3)
-    scheduler = _train.make_scheduler(optimizer, 0, 10, 1.0)
+    optimizer = optim.make_optimizer(model, 1e-3)
+    scheduler = optim.make_scheduler(optimizer, 0, 10, 1.0)
     rewards = [1.0 + i % 3 for i in range(len(trajectories))]  # nonzero advantages everywhere
     advantages = [
         r * np.asarray(t.loss_mask, dtype=float) for r, t in zip(rewards, trajectories, strict=True)
@@ -88,7 +88,7 @@ def test_tool_and_env_tokens_never_receive_gradient_in_the_rl_loss():
     update_policy(model, optimizer, scheduler, trajectories, advantages, config, pad_id=0, seed=0)
     hook.remove()
     grad_B_T = grads[0].abs().sum(-1)
-    batch = _rl.to_batch(trajectories, 0, config)  # the layout the update used: the prompt shared per row
+    batch = batching.to_batch(trajectories, 0, config)  # the layout the update used: the prompt shared per row
     mask = torch.as_tensor(batch.loss_mask_B_T)
     predicts_policy_token = torch.nn.functional.pad(mask[:, 1:], (0, 1)) == 1  # logits at t predict t + 1
     assert (grad_B_T[~predicts_policy_token] == 0).all()
@@ -159,10 +159,10 @@ def test_filters_drop_failed_episodes_overlong_samples_and_agreeing_groups():
         TrajectoryGroup("a", (ledger([1]), failed, cut, ledger([0]))),
         TrajectoryGroup("b", (ledger([1]),) * 2),
     ]
-    kept, dropped = _rl.filter_groups(groups, GRPOConfig(env="x", overlong="filter", dynamic_sampling=True))
+    kept, dropped = rl.filter_groups(groups, GRPOConfig(env="x", overlong="filter", dynamic_sampling=True))
     assert dropped == {"failed": 1, "overlong": 1, "zero_variance": 2}
     assert [len(g) for g in kept] == [2]
-    kept, _ = _rl.filter_groups(
+    kept, _ = rl.filter_groups(
         groups, GRPOConfig(env="x", overlong="soft", max_new_tokens=1, overlong_cache=1)
     )
     assert kept[0].trajectories[1].total_reward == pytest.approx(0.5 - 1.0)  # 1 token at a limit of 1: -1
@@ -173,7 +173,7 @@ def test_place_lays_per_trajectory_values_onto_packed_rows():
     values = [np.arange(len(t.token_ids), dtype=float) + 100 * i for i, t in enumerate(trajectories)]
     for packing in (False, True):
         batch = collate(trajectories, packing=packing, row_tokens=10).to_torch()
-        placed = _rl.place(batch, values)
+        placed = batching.place(batch, values)
         for b in range(batch.shape[0]):
             for t in range(batch.shape[1]):
                 segment = int(batch.segment_ids_B_T[b, t])
@@ -209,7 +209,7 @@ def test_lora_trains_adapters_only_and_checkpoints_merged_weights(tmp_path):
               for n, p in model.named_parameters() if not p.requires_grad}  # fmt: skip
     assert all(torch.equal(p, base[n]) for n, p in frozen.items() if n in base)
     merged = load_model(result.checkpoint)
-    assert (result.checkpoint / _model.ADAPTER_DIR / "adapter_config.json").is_file()
+    assert (result.checkpoint / policy_model.ADAPTER_DIR / "adapter_config.json").is_file()
     ids = torch.tensor([[1, 50, 60, 70, 80]])
     with torch.no_grad():
         model.eval()
@@ -228,10 +228,10 @@ def test_gradient_checkpointing_and_bf16_give_the_same_update():
 
     def grads(**overrides):
         config = GRPOConfig(env="toy-digits-v0", max_new_tokens=16, **overrides)
-        model, _ = _model.load_trainable(config)
+        model, _ = policy_model.load_trainable(config)
         assert model.is_gradient_checkpointing == config.gradient_checkpointing
         captured = {}
-        optimizer = _train.make_optimizer(model, 1e-3)
+        optimizer = optim.make_optimizer(model, 1e-3)
         optimizer.step = lambda: captured.update({n: p.grad.clone() for n, p in model.named_parameters()})
         no_schedule = SimpleNamespace(step=lambda: None)
         update_policy(model, optimizer, no_schedule, trajectories, advantages, config, pad_id=0, seed=0)
@@ -286,7 +286,7 @@ def test_prompt_shared_packed_and_padded_rows_give_the_same_logprobs():
         for name, batch in (("padded", collate(trajectories)), ("packed", collate(trajectories, packing=True)),
                             ("shared", shared)):  # fmt: skip
             batch = batch.to_torch()
-            logprobs_B_T, _ = _model.policy_logprobs(model, batch, temperature=0.7)
+            logprobs_B_T, _ = logprobs.policy_logprobs(model, batch, temperature=0.7)
             out[name] = []
             for i, trajectory in enumerate(trajectories):  # back onto each ledger through the positions
                 where = batch.segment_ids_B_T == i

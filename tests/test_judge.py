@@ -24,11 +24,11 @@ from agentrl.judge import (
     label_pairs,
 )
 from agentrl.judge.verdicts import parse_preference, parse_score
-from agentrl.learners._rl import RolloutConfig
 from agentrl.learners.dpo import DPOConfig, train_dpo
 from agentrl.learners.grpo import GRPOConfig, train_grpo
 from agentrl.learners.online_dpo import OnlineDPOConfig, train_online_dpo
 from agentrl.learners.rejection import sample_groups
+from agentrl.learners.rl import RolloutConfig
 from agentrl.models.tiny import tiny_model_path
 from agentrl.rewards.base import RewardSpec, WeightedReward
 from agentrl.rollout.policy import SamplingParams

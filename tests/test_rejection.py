@@ -8,8 +8,8 @@ import pytest
 from agentrl.data.buffer import TrajectoryBuffer, TrajectoryGroup
 from agentrl.data.trajectory import Trajectory, TurnSpan
 from agentrl.errors import ConfigError
-from agentrl.learners._rl import RolloutConfig
 from agentrl.learners.rejection import sample_groups, select_best, train_rejection_sft
+from agentrl.learners.rl import RolloutConfig
 from agentrl.learners.sft import SFTConfig
 from agentrl.types import StopReason
 

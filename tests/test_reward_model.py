@@ -15,7 +15,7 @@ from conftest import torch_threads
 
 from agentrl.data.buffer import PreferencePair
 from agentrl.errors import ConfigError
-from agentrl.learners import _train
+from agentrl.learners import checkpoints
 from agentrl.learners.dpo import LabelledConversation, PreferenceConversation
 from agentrl.learners.ppo import ValueModel
 from agentrl.learners.reward_model import (
@@ -290,7 +290,7 @@ def test_resume_from_a_checkpoint_continues_exactly(tmp_path):
     pairs = marker_pairs(10, seed=0)
     straight = train_reward_model(RewardModelConfig(**common), pairs)
     train_reward_model(RewardModelConfig(**common, output_dir=tmp_path, save_every=2), pairs)
-    assert [p.name for p in _train.checkpoint_dirs(tmp_path)] == ["step-000002", "step-000004"]
+    assert [p.name for p in checkpoints.checkpoint_dirs(tmp_path)] == ["step-000002", "step-000004"]
     torch.manual_seed(12345)  # a different global RNG state: the checkpoint's must be restored
     resumed = train_reward_model(RewardModelConfig(**common, resume_from=tmp_path / "step-000002"), pairs)
     assert [log.step for log in resumed.history] == [3, 4]

@@ -10,7 +10,7 @@ import torch
 
 import agentrl
 from agentrl.errors import ConfigError
-from agentrl.learners import _train
+from agentrl.learners import checkpoints
 from agentrl.learners.sft import (
     Demonstration,
     SFTConfig,
@@ -224,7 +224,7 @@ def test_resume_from_a_checkpoint_gives_the_straight_runs_weights(tmp_path, demo
     common = {"max_steps": 6, "batch_size": 3, "warmup_steps": 2, "pack": True, "max_seq_len": 512}
     straight = train_sft(SFTConfig(**common), demos[:6])
     first_half = train_sft(SFTConfig(**common, output_dir=tmp_path, save_every=3), demos[:6])
-    assert [p.name for p in _train.checkpoint_dirs(tmp_path)] == ["step-000003", "step-000006"]
+    assert [p.name for p in checkpoints.checkpoint_dirs(tmp_path)] == ["step-000003", "step-000006"]
     torch.manual_seed(12345)  # a different global RNG state: the checkpoint's must be restored
     resumed = train_sft(SFTConfig(**common, resume_from=tmp_path / "step-000003"), demos[:6])
     assert [log.step for log in resumed.history] == [4, 5, 6]
@@ -242,7 +242,7 @@ def test_keep_last_prunes_old_checkpoints(tmp_path, demos):
         SFTConfig(max_steps=3, batch_size=4, warmup_steps=0, output_dir=tmp_path, save_every=1, keep_last=2),
         demos[:4],
     )
-    assert [p.name for p in _train.checkpoint_dirs(tmp_path)] == ["step-000002", "step-000003"]
+    assert [p.name for p in checkpoints.checkpoint_dirs(tmp_path)] == ["step-000002", "step-000003"]
 
 
 # ---- configuration --------------------------------------------------------------------------------

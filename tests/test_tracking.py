@@ -270,7 +270,7 @@ def test_restarting_a_phase_afresh_drops_all_its_records(tmp_path):
 
 
 def test_latest_checkpoint_finds_the_learners_newest_step(tmp_path):
-    from agentrl.learners import _train
+    from agentrl.learners import checkpoints
 
     class Weights:  # the checkpoint layout does not depend on the model; this keeps transformers unloaded
         def save_pretrained(self, directory, safe_serialization):
@@ -281,7 +281,7 @@ def test_latest_checkpoint_finds_the_learners_newest_step(tmp_path):
     directory = run.checkpoint_dir("rl")
     assert directory == tmp_path / "checkpoints" / "rl" and directory.is_dir()
     for step in (2, 4):
-        _train.save_checkpoint(_train.step_dir(directory, step), Weights(), step=step)
+        checkpoints.save_checkpoint(checkpoints.step_dir(directory, step), Weights(), step=step)
     (directory / ".step-000006.tmp-crashed").mkdir()  # what a crash mid-save leaves
     assert run.latest_checkpoint("rl") == (directory / "step-000004", 4)
 

@@ -74,7 +74,7 @@ def run_side(side: str, model: str, steps: int, precision: str, seed: int, ref: 
 def _ours(model: str, steps: int, precision: str, seed: int, precomputed: bool) -> list[Mark]:
     import time
 
-    from agentrl.learners import _train
+    from agentrl.learners import optim
     from agentrl.learners.dpo import DPOConfig, PreferenceConversation, _dataset, train_dpo
     from agentrl.models.loading import load_tokenizer
 
@@ -88,7 +88,7 @@ def _ours(model: str, steps: int, precision: str, seed: int, precomputed: bool) 
     )  # fmt: skip
     # Each step's tokens, from the seeded batch order train_dpo draws (counted before the clock starts).
     dataset = _dataset(config, load_tokenizer(model), data)
-    batches = _train.iterate_batches(len(dataset), PAIRS_PER_STEP, seed)
+    batches = optim.iterate_batches(len(dataset), PAIRS_PER_STEP, seed)
     tokens = [sum(len(dataset.chosen[i].ids) + len(dataset.rejected[i].ids) for i in next(batches))
               for _ in range(total)]  # fmt: skip
     marks: list[Mark] = []

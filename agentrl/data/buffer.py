@@ -262,7 +262,7 @@ def collate_shared(trajectories: Sequence[Trajectory], *, pad_id: int = 0) -> Ba
     A row holds the prompt's tokens but its last (segment :data:`SHARED_SEGMENT`), then each trajectory
     that starts with that prompt from its last prompt token on (that token's logits predict the first
     sampled token), positions continuing from the prompt. Attend causally within a segment and to the
-    shared prompt (:func:`agentrl.learners._model.model_inputs` builds that mask). A GRPO group of G
+    shared prompt (:func:`agentrl.learners.logprobs.model_inputs` builds that mask). A GRPO group of G
     samples of a P-token prompt then costs P + G * (1 + completion) tokens instead of G * (P + completion).
     Segment ``i`` is ``trajectories[i]``, in the order given.
 

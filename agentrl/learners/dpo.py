@@ -6,7 +6,7 @@ tokens the policy sampled after the shared prompt count. Tool results, user turn
 a multi-turn completion are mask 0, so they enter neither a sequence logprob nor a gradient. The losses are
 the pure functions of :mod:`agentrl.algos.preference`; this module only feeds them.
 
-One step: take ``batch_size`` examples in the seeded order of :func:`_train.iterate_batches`, compute the
+One step: take ``batch_size`` examples in the seeded order of :func:`optim.iterate_batches`, compute the
 policy's per-token logprobs, sum (or average) them over the completion, read the reference's sums (computed
 once before training by default), and take an AdamW step on the loss's batch mean. A pair's chosen and
 rejected rows share their prompt, so the decoder computes it once for both (:func:`_pair_logps`).
@@ -36,8 +36,8 @@ from agentrl import algos
 from agentrl.data.buffer import SHARED_SEGMENT, Batch, PreferencePair
 from agentrl.data.trajectory import Trajectory
 from agentrl.errors import ConfigError
-from agentrl.learners import _model, _train
-from agentrl.learners._config import TrainConfig
+from agentrl.learners import checkpoints, logprobs, optim, policy_model
+from agentrl.learners.config import TrainConfig
 from agentrl.learners.preference_data import (
     Example,
     LabelledConversation,
@@ -286,8 +286,8 @@ def _sequence_logps(logprobs_B_T: torch.Tensor, mask_B_T: torch.Tensor) -> Seque
 
 def _policy_logps(model: Any, rows: Sequence[_Ledger], pad_id: int, config: DPOConfig) -> SequenceLogps:
     batch = _collate(rows, pad_id, torch.device(config.device))
-    with _train.autocast(config.precision, config.device):
-        logprobs_B_T, _ = _model.policy_logprobs(model, batch)
+    with optim.autocast(config.precision, config.device):
+        logprobs_B_T, _ = logprobs.policy_logprobs(model, batch)
     return _sequence_logps(logprobs_B_T, batch.loss_mask_B_T)
 
 
@@ -297,16 +297,16 @@ def _pair_logps(
     """``_policy_logps(model, [*chosen, *rejected], ...)``, with each pair's shared prompt through the decoder
     once (:func:`_collate_pairs`). The head's logits come out in :func:`_collate`'s layout, one conversation
     per row, and only the positions that predict a completion token go through the softmax. Models that
-    :func:`~agentrl.learners._model.decoder_and_head` cannot split run whole, one conversation per row."""
-    split = _model.decoder_and_head(model)
+    :func:`~agentrl.learners.logprobs.decoder_and_head` cannot split run whole, one conversation per row."""
+    split = logprobs.decoder_and_head(model)
     if split is None:
         return _policy_logps(model, [*chosen, *rejected], pad_id, config)
     decoder, head = split
     device = torch.device(config.device)
     shared, source_B_T = _collate_pairs(chosen, rejected, pad_id, device)
     batch = _collate([*chosen, *rejected], pad_id, device)
-    with _train.autocast(config.precision, config.device):
-        hidden = decoder(input_ids=shared.token_ids_B_T, use_cache=False, **_model.model_inputs(shared))[0]
+    with optim.autocast(config.precision, config.device):
+        hidden = decoder(input_ids=shared.token_ids_B_T, use_cache=False, **logprobs.model_inputs(shared))[0]
         logits_B_T_V = head(hidden.flatten(0, 1)[source_B_T])
     counted_B_T = batch.loss_mask_B_T[:, 1:] != 0  # position 0 has no context: it never counts
     predicts_B_T = torch.nn.functional.pad(counted_B_T, (0, 1))  # the logits at t predict token t + 1
@@ -334,8 +334,8 @@ def _reference_logps(reference: Any, model: Any, rows: Sequence[_Ledger], pad_id
     parts = []
     for i in range(0, len(rows), chunk):
         batch = _collate(rows[i : i + chunk], pad_id, torch.device(config.device))
-        with _train.autocast(config.precision, config.device):
-            logprobs_B_T = _model.reference_logprobs(reference, model, batch)
+        with optim.autocast(config.precision, config.device):
+            logprobs_B_T = logprobs.reference_logprobs(reference, model, batch)
         parts.append(_sequence_logps(logprobs_B_T.float(), batch.loss_mask_B_T))
     return SequenceLogps(torch.cat([p.sum_N for p in parts]), torch.cat([p.mean_N for p in parts]))
 
@@ -418,29 +418,29 @@ def train_dpo(
             within ``max_seq_len``.
         TemplateError: the chat template cannot reproduce the rollout's tokens.
     """
-    _train.seed_everything(config.seed)
-    model, tokenizer = _model.load_trainable(config)
+    optim.seed_everything(config.seed)
+    model, tokenizer = policy_model.load_trainable(config)
     dataset = _dataset(config, tokenizer, list(data))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     # The reference's sums, for the whole dataset up front (default) or per batch from a loaded copy.
     reference, cached = None, None
     if config.loss not in _REFERENCE_FREE:
-        reference = _model.load_reference(config, model)
+        reference = policy_model.load_reference(config, model)
         if config.precompute_reference:
             cached = _reference_logps(reference, model, _all_rows(dataset), pad_id, config, config.batch_size)
             reference = None
 
-    optimizer = _train.make_optimizer(model, config.lr, config.weight_decay, config.betas)
-    scheduler = _train.make_scheduler(optimizer, config.warmup_steps, config.max_steps, config.min_lr_ratio)
+    optimizer = optim.make_optimizer(model, config.lr, config.weight_decay, config.betas)
+    scheduler = optim.make_scheduler(optimizer, config.warmup_steps, config.max_steps, config.min_lr_ratio)
     step = 0
     if config.resume_from is not None:
-        step = _train.load_training_state(config.resume_from, optimizer, scheduler).step
+        step = checkpoints.load_training_state(config.resume_from, optimizer, scheduler).step
     meta = {"config": config.model_dump(mode="json"), "learner": f"preference-{config.loss}"}
 
     history: list[StepLog] = []
     checkpoint: Path | None = None
-    batches = _train.iterate_batches(len(dataset), config.batch_size, config.seed, start_step=step)
+    batches = optim.iterate_batches(len(dataset), config.batch_size, config.seed, start_step=step)
     while step < config.max_steps:
         started = time.perf_counter()
         index = next(batches)
@@ -448,7 +448,7 @@ def train_dpo(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         lr = optimizer.param_groups[0]["lr"]
-        grad_norm = _train.clip_and_step(model, optimizer, scheduler, config.grad_clip)
+        grad_norm = optim.clip_and_step(model, optimizer, scheduler, config.grad_clip)
         step += 1
 
         log = StepLog(step, loss.item(), **stats, lr=lr, grad_norm=float(grad_norm),
@@ -458,7 +458,7 @@ def train_dpo(
             on_step(log)
         at_save = config.save_every is not None and step % config.save_every == 0
         if config.output_dir is not None and (at_save or step == config.max_steps):
-            checkpoint = _model.save_step(config, model, tokenizer, optimizer, scheduler, step, meta)
+            checkpoint = checkpoints.save_step(config, model, tokenizer, optimizer, scheduler, step, meta)
     return DPOResult(model, tokenizer, tuple(history), checkpoint, len(dataset), dataset.num_cut)
 
 
@@ -549,7 +549,7 @@ def evaluate_preferences(
         policy = _policy_logps(model, rows, pad_id, config)
         ref = None
         if config.loss not in _REFERENCE_FREE:
-            reference = reference if reference is not None else _model.load_reference(config, model)
+            reference = reference if reference is not None else policy_model.load_reference(config, model)
             ref = _reference_logps(reference, model, rows, pad_id, config)
     finally:
         model.train(was_training)

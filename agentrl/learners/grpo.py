@@ -39,7 +39,7 @@ from pydantic import Field
 from agentrl import algos
 from agentrl.data.buffer import TrajectoryGroup, collate
 from agentrl.data.trajectory import Trajectory
-from agentrl.learners import _model, _rl, _train
+from agentrl.learners import batching, checkpoints, logprobs, optim, policy_model, rl
 
 __all__ = ["PRESETS", "GRPOConfig", "sample_advantages", "train_grpo", "update_policy"]
 
@@ -52,8 +52,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 """Field values of the named recipes: ``GRPOConfig(**PRESETS["dapo"], env=...)``."""
 
 
-class GRPOConfig(_rl.RLConfig):
-    """A GRPO run (shared fields: :class:`~agentrl.learners._rl.RLConfig` and ``TrainConfig``)."""
+class GRPOConfig(rl.RLConfig):
+    """A GRPO run (shared fields: :class:`~agentrl.learners.rl.RLConfig` and ``TrainConfig``)."""
 
     advantage: Literal["grpo", "dr_grpo", "rloo", "reinforce_pp", "turn"] = Field(
         "grpo",
@@ -124,20 +124,22 @@ def update_policy(
     (``mu * minibatches > 1``) or for the IS correction; otherwise they are the current ones, detached.
     """
     recompute_old = config.updates_per_step > 1 or config.tis_cap is not None
-    old = _rl.logprob_arrays(model, trajectories, pad_id, config) if recompute_old else None
+    old = batching.logprob_arrays(model, trajectories, pad_id, config) if recompute_old else None
     ref = (
-        _rl.logprob_arrays(model, trajectories, pad_id, config, reference, True) if config.beta > 0 else None
+        batching.logprob_arrays(model, trajectories, pad_id, config, reference, True)
+        if config.beta > 0
+        else None
     )
     stats: defaultdict[str, float] = defaultdict(float)
     for epoch in range(config.mu):
-        for mini in _rl.microbatches(trajectories, config, seed=seed * 1009 + epoch):
+        for mini in batching.microbatches(trajectories, config, seed=seed * 1009 + epoch):
             optimizer.zero_grad(set_to_none=True)
             rows = [i for micro in mini for i in micro]
             n_tokens = sum(trajectories[i].num_sampled for i in rows)
             for micro in mini:
-                batch = _rl.to_batch([trajectories[i] for i in micro], pad_id, config)
-                with _train.autocast(config.precision, config.device):
-                    logprobs_B_T, entropy_B_T = _model.policy_logprobs(
+                batch = batching.to_batch([trajectories[i] for i in micro], pad_id, config)
+                with optim.autocast(config.precision, config.device):
+                    logprobs_B_T, entropy_B_T = logprobs.policy_logprobs(
                         model,
                         batch,
                         config.temperature,
@@ -146,17 +148,17 @@ def update_policy(
                     )
                 assert entropy_B_T is not None
                 mask_B_T = batch.loss_mask_B_T
-                old_B_T = _rl.place(batch, [old[i] for i in micro]) if old else logprobs_B_T.detach()
+                old_B_T = batching.place(batch, [old[i] for i in micro]) if old else logprobs_B_T.detach()
                 is_w_B_T = None
                 if config.tis_cap is not None:
                     is_w_B_T = algos.truncated_is_weights(
                         old_B_T, batch.sampler_logprobs_B_T, config.tis_cap, mask_B_T
                     )
-                weight, norm = _rl.micro_scale(config, len(micro), rows, n_tokens)
+                weight, norm = batching.micro_scale(config, len(micro), rows, n_tokens)
                 out = algos.policy_loss(
-                    logprobs_B_T, old_B_T, _rl.place(batch, [advantages[i] for i in micro]), mask_B_T,
+                    logprobs_B_T, old_B_T, batching.place(batch, [advantages[i] for i in micro]), mask_B_T,
                     eps_low=config.eps_low, eps_high=config.eps_high, dual_clip=config.dual_clip,
-                    ref_logprobs_B_T=_rl.place(batch, [ref[i] for i in micro]) if ref else None,
+                    ref_logprobs_B_T=batching.place(batch, [ref[i] for i in micro]) if ref else None,
                     beta=config.beta, kl_kind=config.kl_kind, is_weights_B_T=is_w_B_T,
                     aggregation=config.aggregation, norm=norm, segment_ids_B_T=batch.segment_ids_B_T,
                 )  # fmt: skip
@@ -168,7 +170,7 @@ def update_policy(
                                    ("ratio", out.ratio_mean), ("entropy", entropy)):  # fmt: skip
                     stats[key] += float(value.detach()) * share
             stats["grad_norm"] += (
-                _train.clip_and_step(model, optimizer, scheduler, config.grad_clip) / config.updates_per_step
+                optim.clip_and_step(model, optimizer, scheduler, config.grad_clip) / config.updates_per_step
             )
     return dict(stats)
 
@@ -176,11 +178,11 @@ def update_policy(
 # ---- the loop -------------------------------------------------------------------------------------
 def train_grpo(
     config: GRPOConfig,
-    on_step: Callable[[_rl.RLStepLog], None] | None = None,
-    on_rollout: _rl.OnRollout | None = None,
-    rescore: _rl.Rescore | None = None,
-    monitor: _rl.Monitor | None = None,
-) -> _rl.RLResult:
+    on_step: Callable[[rl.RLStepLog], None] | None = None,
+    on_rollout: rl.OnRollout | None = None,
+    rescore: rl.Rescore | None = None,
+    monitor: rl.Monitor | None = None,
+) -> rl.RLResult:
     """Run ``config.max_steps`` GRPO steps on ``config.env``; see the module docstring for one step.
 
     ``rescore(groups) -> groups`` changes the rollout's rewards before anything reads them, e.g. adds an
@@ -194,28 +196,28 @@ def train_grpo(
     return asyncio.run(_train_grpo(config, on_step, on_rollout, rescore, monitor))
 
 
-async def _train_grpo(config: GRPOConfig, on_step: Callable[[_rl.RLStepLog], None] | None,
-                      on_rollout: _rl.OnRollout | None, rescore: _rl.Rescore | None,
-                      monitor: _rl.Monitor | None) -> _rl.RLResult:  # fmt: skip
-    _train.seed_everything(config.seed)
-    model, tokenizer = _model.load_trainable(config)
-    reference = _model.load_reference(config, model) if config.beta > 0 else None
+async def _train_grpo(config: GRPOConfig, on_step: Callable[[rl.RLStepLog], None] | None,
+                      on_rollout: rl.OnRollout | None, rescore: rl.Rescore | None,
+                      monitor: rl.Monitor | None) -> rl.RLResult:  # fmt: skip
+    optim.seed_everything(config.seed)
+    model, tokenizer = policy_model.load_trainable(config)
+    reference = policy_model.load_reference(config, model) if config.beta > 0 else None
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    optimizer = _train.make_optimizer(model, config.lr, config.weight_decay, config.betas)
+    optimizer = optim.make_optimizer(model, config.lr, config.weight_decay, config.betas)
     total_updates = config.max_steps * config.updates_per_step
-    scheduler = _train.make_scheduler(optimizer, config.warmup_steps, total_updates, config.min_lr_ratio)
+    scheduler = optim.make_scheduler(optimizer, config.warmup_steps, total_updates, config.min_lr_ratio)
     step = 0
     if config.resume_from is not None:
-        step = _train.load_training_state(config.resume_from, optimizer, scheduler).step
+        step = checkpoints.load_training_state(config.resume_from, optimizer, scheduler).step
     meta = {"config": config.model_dump(mode="json"), "learner": "grpo"}
 
-    runner = _rl.make_runner(config, model, tokenizer)
+    runner = rl.make_runner(config, model, tokenizer)
     runner.calls = step  # the data position: step k plays the tasks and seeds of the runner's k-th call
-    history: list[_rl.RLStepLog] = []
+    history: list[rl.RLStepLog] = []
     checkpoint: Path | None = None
     try:
         if config.rollout != "hf":
-            await _rl.sync_weights(runner, model)
+            await rl.sync_weights(runner, model)
         loop_started = time.perf_counter()
         while step < config.max_steps:
             started = time.perf_counter()
@@ -227,7 +229,7 @@ async def _train_grpo(config: GRPOConfig, on_step: Callable[[_rl.RLStepLog], Non
             if on_rollout is not None:
                 on_rollout(step + 1, groups)
 
-            kept, dropped = _rl.filter_groups(groups, config)
+            kept, dropped = rl.filter_groups(groups, config)
             trajectories = [t for g in kept for t in g]
             advantages = sample_advantages(kept, config)
             lr = optimizer.param_groups[0]["lr"]
@@ -237,22 +239,22 @@ async def _train_grpo(config: GRPOConfig, on_step: Callable[[_rl.RLStepLog], Non
                 update = update_policy(model, optimizer, scheduler, trajectories, advantages, config,
                                        pad_id=pad_id, seed=config.seed + step, reference=reference)  # fmt: skip
             step += 1
-            await _rl.sync_weights(runner, model)
+            await rl.sync_weights(runner, model)
 
-            log = _rl.step_log(step, groups, trajectories, dropped, lr, update, rollout_s, started, runner)
+            log = rl.step_log(step, groups, trajectories, dropped, lr, update, rollout_s, started, runner)
             if monitor is not None:
                 log = dataclasses.replace(log, monitors=dict(await monitor(log, model, tokenizer)))
             history.append(log)
             if on_step is not None:
                 on_step(log)
             at_save = config.save_every is not None and step % config.save_every == 0
-            last = _rl.stops_here(config, step, loop_started)
+            last = rl.stops_here(config, step, loop_started)
             if config.output_dir is not None and (at_save or last):
-                checkpoint = _model.save_step(config, model, tokenizer, optimizer, scheduler, step, meta)
+                checkpoint = checkpoints.save_step(config, model, tokenizer, optimizer, scheduler, step, meta)
             if last:
                 break
     finally:
         await runner.aclose()
         await runner.policy.aclose()
     model.train()
-    return _rl.RLResult(model, tokenizer, tuple(history), checkpoint)
+    return rl.RLResult(model, tokenizer, tuple(history), checkpoint)

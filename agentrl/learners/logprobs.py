@@ -1,12 +1,111 @@
-"""The learner's view of a batch of ledgers: per-token logprobs (and entropies) of the policy's own tokens.
-
-The one function every RL and preference loop calls to score a collated batch
-(:func:`agentrl.data.buffer.collate`) under the model being trained; public for loops written outside the
-library, e.g. ``examples/grpo_math.py``.
+"""The one logprob path: per-token logprobs (and entropies) of a collated batch's policy tokens under a
+model, for every learner (SFT, the DPO family, GRPO, PPO) and for loops written outside the library, e.g.
+``examples/grpo_math.py``. Rows may be padded, packed or prompt-shared (:func:`model_inputs`).
 """
 
 from __future__ import annotations
 
-from agentrl.learners._model import policy_logprobs
+import contextlib
+from typing import Any
 
-__all__ = ["policy_logprobs"]
+import torch
+
+from agentrl.learners.policy_model import is_lora
+
+__all__ = ["decoder_and_head", "model_inputs", "policy_logprobs", "reference_logprobs"]
+
+
+# Config fields of the models whose logits are more than head(hidden): soft-capped or scaled.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier",
+                     "lm_head_multiplier")  # fmt: skip
+
+
+def decoder_and_head(model: Any) -> tuple[Any, Any] | None:
+    """The decoder stack and the LM head of a ``*ForCausalLM`` whose logits are ``head(decoder(...)[0])``
+    (with LoRA, the wrapped model's, adapters inside), or None for any other model."""
+    base = model.get_base_model() if is_lora(model) else model
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    if not type(base).__name__.endswith("ForCausalLM") or not isinstance(head, torch.nn.Linear):
+        return None
+    if any(getattr(base.config.get_text_config(), name, None) is not None for name in _LOGIT_TRANSFORMS):
+        return None
+    decoder = getattr(base, base.base_model_prefix, None)
+    return (decoder, head) if decoder is not None else None
+
+
+def policy_logprobs(
+    model: Any,
+    batch: Any,
+    temperature: float = 1.0,
+    *,
+    with_entropy: bool = False,
+    entropy_grad: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-token logprobs of the batch's policy tokens (``loss_mask`` 1) under ``model`` at sampling
+    temperature ``temperature``, aligned with the ledger (position ``t`` holds ``log p(token t)``; 0 on every
+    other token, which no loss reads), and with ``with_entropy`` the entropy of the distribution each of
+    them was drawn from (detached unless ``entropy_grad``, for an entropy bonus).
+
+    Only the positions that predict a policy token go through the softmax, so a long prompt or tool
+    result costs its forward pass and nothing more. Rows may be padded, packed or prompt-shared (see
+    :func:`model_inputs`).
+    """
+    scale = temperature if temperature > 0 else 1.0
+    predicts_B_T = batch.loss_mask_B_T[:, 1:] != 0  # the logits at t predict token t + 1
+    logp_N_V = torch.log_softmax(_predicting_logits(model, batch, predicts_B_T).float() / scale, dim=-1)
+    picked_N = logp_N_V.gather(-1, batch.token_ids_B_T[:, 1:][predicts_B_T].unsqueeze(-1)).squeeze(-1)
+    logprobs_B_T = _scatter(picked_N, predicts_B_T)
+    entropy_B_T = None
+    if with_entropy:
+        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+            entropy_B_T = _scatter(-(logp_N_V.exp() * logp_N_V).sum(-1), predicts_B_T)
+    return logprobs_B_T, entropy_B_T
+
+
+def _scatter(values_N: torch.Tensor, predicts_B_T: torch.Tensor) -> torch.Tensor:
+    """Values at the predicting positions back onto the ledger's ``(B, T)`` grid (shifted by one), 0 elsewhere."""
+    out = values_N.new_zeros(predicts_B_T.shape)
+    out = out.masked_scatter(predicts_B_T, values_N)
+    return torch.nn.functional.pad(out, (1, 0))
+
+
+def _predicting_logits(model: Any, batch: Any, predicts_B_T: torch.Tensor) -> torch.Tensor:
+    """The logits at the positions ``predicts_B_T`` marks (of ``T - 1``), shape ``(N, V)``: the LM head runs
+    only there when the model splits into decoder and head, else the whole forward does."""
+    inputs = model_inputs(batch)
+    split = decoder_and_head(model)
+    if split is None:
+        logits_B_T_V = model(input_ids=batch.token_ids_B_T, use_cache=False, **inputs).logits
+        return logits_B_T_V[:, :-1][predicts_B_T]
+    decoder, head = split
+    hidden_B_T_H = decoder(input_ids=batch.token_ids_B_T, use_cache=False, **inputs)[0]
+    return head(hidden_B_T_H[:, :-1][predicts_B_T])
+
+
+def model_inputs(batch: Any) -> dict[str, torch.Tensor]:
+    """How a batch's rows are attended: a padded row takes its attention mask; packed rows take position ids
+    (transformers builds the block-diagonal mask where they restart, without a KV cache); prompt-shared rows
+    take a 4-D boolean mask (each segment sees itself causally and the shared prompt) and position ids."""
+    from agentrl.data.buffer import SHARED_SEGMENT
+
+    segments = batch.segment_ids_B_T
+    if bool((segments == SHARED_SEGMENT).any()):
+        T = segments.shape[1]
+        causal = torch.ones(T, T, dtype=torch.bool, device=segments.device).tril()
+        same = segments[:, :, None] == segments[:, None, :]
+        to_shared = (segments == SHARED_SEGMENT)[:, None, :]
+        allowed = causal & (same | to_shared) & (segments != -1)[:, None, :]
+        allowed |= torch.eye(T, dtype=torch.bool, device=segments.device)  # padding sees itself: no empty row
+        return {"attention_mask": allowed[:, None], "position_ids": batch.position_ids_B_T}
+    if bool((segments.max(dim=1).values != segments[:, 0]).any()):
+        return {"position_ids": batch.position_ids_B_T}
+    return {"attention_mask": batch.attention_mask_B_T}
+
+
+@torch.no_grad()
+def reference_logprobs(reference: Any, model: Any, batch: Any, temperature: float = 1.0) -> torch.Tensor:
+    """Logprobs under the reference policy: ``reference`` when loaded, else ``model`` with adapters off."""
+    context = model.disable_adapter() if reference is None else contextlib.nullcontext()
+    with context:
+        logprobs_B_T, _ = policy_logprobs(reference if reference is not None else model, batch, temperature)
+    return logprobs_B_T

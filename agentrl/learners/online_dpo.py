@@ -36,7 +36,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from agentrl.data.buffer import PreferencePair, TrajectoryGroup, mine_pair
-from agentrl.learners import _model, _rl, _train
+from agentrl.learners import checkpoints, optim, policy_model, rl
 from agentrl.learners.dpo import _REFERENCE_FREE, DPOConfig, SequenceLogps, _all_rows, _batch_loss, _dataset
 from agentrl.learners.dpo import _reference_logps as _sequence_reference_logps
 
@@ -46,9 +46,9 @@ GroupScorer = Callable[[TrajectoryGroup], Sequence[float]]
 """Scores each trajectory of a group (higher is better), e.g. a trained reward model or an LLM judge."""
 
 
-class OnlineDPOConfig(_rl.RolloutConfig, DPOConfig):
+class OnlineDPOConfig(rl.RolloutConfig, DPOConfig):
     """An online / iterative preference run: the rollout fields of
-    :class:`~agentrl.learners._rl.RolloutConfig` and the loss fields of
+    :class:`~agentrl.learners.rl.RolloutConfig` and the loss fields of
     :class:`~agentrl.learners.dpo.DPOConfig`; ``max_steps`` counts rounds (rollout + updates)."""
 
     lr: float = Field(1e-4, gt=0, le=1, description="peak AdamW learning rate, e.g. 1e-4 tiny, 5e-7 for 7B")
@@ -116,7 +116,7 @@ def train_online_dpo(
     config: OnlineDPOConfig,
     scorer: GroupScorer | None = None,
     on_step: Callable[[RoundLog], None] | None = None,
-    on_rollout: _rl.OnRollout | None = None,
+    on_rollout: rl.OnRollout | None = None,
 ) -> OnlineDPOResult:
     """Run ``config.max_steps`` rounds; see the module docstring for one round.
 
@@ -133,29 +133,35 @@ def train_online_dpo(
 
 
 async def _train_online_dpo(
-    config: OnlineDPOConfig, scorer: GroupScorer | None, on_step: Callable[[RoundLog], None] | None,
-    on_rollout: _rl.OnRollout | None,
+    config: OnlineDPOConfig,
+    scorer: GroupScorer | None,
+    on_step: Callable[[RoundLog], None] | None,
+    on_rollout: rl.OnRollout | None,
 ) -> OnlineDPOResult:
-    _train.seed_everything(config.seed)
-    model, tokenizer = _model.load_trainable(config)
+    optim.seed_everything(config.seed)
+    model, tokenizer = policy_model.load_trainable(config)
     needs_reference = config.loss not in _REFERENCE_FREE
-    initial = _model.load_reference(config, model) if needs_reference and config.reference == "initial" else None
+    initial = (
+        policy_model.load_reference(config, model)
+        if needs_reference and config.reference == "initial"
+        else None
+    )
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    optimizer = _train.make_optimizer(model, config.lr, config.weight_decay, config.betas)
+    optimizer = optim.make_optimizer(model, config.lr, config.weight_decay, config.betas)
     total_updates = config.max_steps * config.updates_per_round
-    scheduler = _train.make_scheduler(optimizer, config.warmup_steps, total_updates, config.min_lr_ratio)
+    scheduler = optim.make_scheduler(optimizer, config.warmup_steps, total_updates, config.min_lr_ratio)
     step = 0
     if config.resume_from is not None:
-        step = _train.load_training_state(config.resume_from, optimizer, scheduler).step
+        step = checkpoints.load_training_state(config.resume_from, optimizer, scheduler).step
     meta = {"config": config.model_dump(mode="json"), "learner": f"online-{config.loss}"}
 
-    runner = _rl.make_runner(config, model, tokenizer)
+    runner = rl.make_runner(config, model, tokenizer)
     runner.calls = step  # round k plays the tasks and seeds of the runner's k-th call
     history: list[RoundLog] = []
     checkpoint: Path | None = None
     try:
         if config.rollout != "hf":
-            await _rl.sync_weights(runner, model)
+            await rl.sync_weights(runner, model)
         loop_started = time.perf_counter()
         while step < config.max_steps:
             started = time.perf_counter()
@@ -169,7 +175,7 @@ async def _train_online_dpo(
             lr = optimizer.param_groups[0]["lr"]
             stats = _update(config, model, optimizer, scheduler, pairs, tokenizer, initial, pad_id, step)
             step += 1
-            await _rl.sync_weights(runner, model)
+            await rl.sync_weights(runner, model)
 
             log = RoundLog(step, sum(scores) / len(scores) if scores else math.nan, len(pairs), **stats, lr=lr,
                            rollout_seconds=rollout_s, seconds=time.perf_counter() - started)  # fmt: skip
@@ -177,9 +183,9 @@ async def _train_online_dpo(
             if on_step is not None:
                 on_step(log)
             at_save = config.save_every is not None and step % config.save_every == 0
-            last = _rl.stops_here(config, step, loop_started)
+            last = rl.stops_here(config, step, loop_started)
             if config.output_dir is not None and (at_save or last):
-                checkpoint = _model.save_step(config, model, tokenizer, optimizer, scheduler, step, meta)
+                checkpoint = checkpoints.save_step(config, model, tokenizer, optimizer, scheduler, step, meta)
             if last:
                 break
     finally:
@@ -200,18 +206,25 @@ def _update(config: OnlineDPOConfig, model: Any, optimizer: Any, scheduler: Any,
         # "previous": the policy itself, before this round's updates; "initial" under LoRA: None (adapters off).
         reference = model if config.reference == "previous" else initial
         model.eval()
-        cached = _sequence_reference_logps(reference, model, _all_rows(dataset), pad_id, config, config.batch_size)
+        cached = _sequence_reference_logps(
+            reference, model, _all_rows(dataset), pad_id, config, config.batch_size
+        )
     model.train()
     per_pass = math.ceil(len(dataset) / config.batch_size)
-    batches = _train.iterate_batches(len(dataset), config.batch_size, config.seed + step)
+    batches = optim.iterate_batches(len(dataset), config.batch_size, config.seed + step)
     losses, accuracies, margins = [], [], []
     for _ in range(config.epochs * per_pass):
         loss, stats = _batch_loss(config, model, None, dataset, next(batches), cached, pad_id)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        _train.clip_and_step(model, optimizer, scheduler, config.grad_clip)
+        optim.clip_and_step(model, optimizer, scheduler, config.grad_clip)
         losses.append(loss.item())
         accuracies.append(stats["accuracy"])
         margins.append(stats["margin"])
     n = len(losses)
-    return {"updates": n, "loss": sum(losses) / n, "accuracy": sum(accuracies) / n, "margin": sum(margins) / n}
+    return {
+        "updates": n,
+        "loss": sum(losses) / n,
+        "accuracy": sum(accuracies) / n,
+        "margin": sum(margins) / n,
+    }

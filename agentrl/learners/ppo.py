@@ -38,7 +38,7 @@ from pydantic import Field
 from agentrl import algos
 from agentrl.data.buffer import collate
 from agentrl.data.trajectory import Trajectory
-from agentrl.learners import _model, _rl, _train
+from agentrl.learners import batching, checkpoints, logprobs, optim, policy_model, rl
 
 __all__ = ["CRITIC_DIR", "VALUE_HEAD_FILE", "PPOConfig", "ValueModel", "gae_advantages", "train_ppo"]
 
@@ -46,8 +46,8 @@ CRITIC_DIR = "critic"
 VALUE_HEAD_FILE = "value_head.safetensors"
 
 
-class PPOConfig(_rl.RLConfig):
-    """A PPO run (shared fields: :class:`~agentrl.learners._rl.RLConfig` and ``TrainConfig``)."""
+class PPOConfig(rl.RLConfig):
+    """A PPO run (shared fields: :class:`~agentrl.learners.rl.RLConfig` and ``TrainConfig``)."""
 
     mu: int = Field(2, ge=1, description="epochs over each rollout batch, e.g. 2")
     minibatches: int = Field(2, ge=1, description="optimizer steps per epoch, e.g. 2")
@@ -112,7 +112,7 @@ class ValueModel(torch.nn.Module):
         )
 
     def forward(self, batch: Any) -> torch.Tensor:
-        inputs = _model.model_inputs(batch)
+        inputs = logprobs.model_inputs(batch)
         hidden_B_T_H = self.backbone(
             input_ids=batch.token_ids_B_T, use_cache=False, **inputs
         ).last_hidden_state
@@ -139,12 +139,12 @@ def gae_advantages(
     rewards_B_T = batch.turn_rewards_B_T.double()
     kl_per_sequence = 0.0
     if ref_logprobs is not None and logprobs is not None:
-        kl_B_T = algos.kl_estimate(_rl.place(batch, logprobs, torch.float64),
-                                   _rl.place(batch, ref_logprobs, torch.float64), "k1", mask_B_T)  # fmt: skip
+        kl_B_T = algos.kl_estimate(batching.place(batch, logprobs, torch.float64),
+                                   batching.place(batch, ref_logprobs, torch.float64), "k1", mask_B_T)  # fmt: skip
         kl_per_sequence = float((kl_B_T * mask_B_T).sum(dim=1).mean())
         rewards_B_T = algos.kl_penalized_rewards(rewards_B_T, kl_B_T, mask_B_T, kl_coef)
     advantages_B_T, returns_B_T = algos.gae(
-        rewards_B_T, _rl.place(batch, values, torch.float64), mask_B_T, config.gamma, config.lam,
+        rewards_B_T, batching.place(batch, values, torch.float64), mask_B_T, config.gamma, config.lam,
         turn_level=config.turn_level,
     )  # fmt: skip
     if config.whiten_advantages:
@@ -168,17 +168,17 @@ def update_actor_critic(
     ``advantages`` and ``returns`` from before the update."""
     stats: defaultdict[str, float] = defaultdict(float)
     for epoch in range(config.mu):
-        for mini in _rl.microbatches(trajectories, config, seed=seed * 1009 + epoch):
+        for mini in batching.microbatches(trajectories, config, seed=seed * 1009 + epoch):
             for optimizer in optimizers:
                 optimizer.zero_grad(set_to_none=True)
             rows = [i for micro in mini for i in micro]
             n_tokens = sum(trajectories[i].num_sampled for i in rows)
             for micro in mini:
-                weight, norm = _rl.micro_scale(config, len(micro), rows, n_tokens)
-                batch = _rl.to_batch([trajectories[i] for i in micro], pad_id, config)
+                weight, norm = batching.micro_scale(config, len(micro), rows, n_tokens)
+                batch = batching.to_batch([trajectories[i] for i in micro], pad_id, config)
                 mask_B_T = batch.loss_mask_B_T
-                with _train.autocast(config.precision, config.device):
-                    logprobs_B_T, entropy_B_T = _model.policy_logprobs(
+                with optim.autocast(config.precision, config.device):
+                    logprobs_B_T, entropy_B_T = logprobs.policy_logprobs(
                         model,
                         batch,
                         config.temperature,
@@ -189,7 +189,7 @@ def update_actor_critic(
                 assert entropy_B_T is not None
 
                 def placed(key: str, batch: Any = batch, micro: list[int] = micro) -> torch.Tensor:
-                    return _rl.place(batch, [old[key][i] for i in micro])
+                    return batching.place(batch, [old[key][i] for i in micro])
 
                 is_w_B_T = None
                 if config.tis_cap is not None:
@@ -211,9 +211,9 @@ def update_actor_critic(
                 for key, value in (("loss", pl.loss), ("value_loss", vl), ("clip_fraction", pl.clip_fraction),
                                    ("ratio", pl.ratio_mean), ("entropy", entropy)):  # fmt: skip
                     stats[key] += float(value.detach()) * part
-            grad_norm = _train.clip_and_step(model, optimizers[0], schedulers[0], config.grad_clip)
+            grad_norm = optim.clip_and_step(model, optimizers[0], schedulers[0], config.grad_clip)
             stats["grad_norm"] += grad_norm / config.updates_per_step
-            stats["critic_grad_norm"] += _train.clip_and_step(
+            stats["critic_grad_norm"] += optim.clip_and_step(
                 critic, optimizers[1], schedulers[1], config.grad_clip
             ) / (config.updates_per_step)
     return dict(stats)
@@ -222,36 +222,36 @@ def update_actor_critic(
 # ---- the loop -------------------------------------------------------------------------------------
 def train_ppo(
     config: PPOConfig,
-    on_step: Callable[[_rl.RLStepLog], None] | None = None,
-    on_rollout: _rl.OnRollout | None = None,
-    rescore: _rl.Rescore | None = None,
-    monitor: _rl.Monitor | None = None,
-) -> _rl.RLResult:
+    on_step: Callable[[rl.RLStepLog], None] | None = None,
+    on_rollout: rl.OnRollout | None = None,
+    rescore: rl.Rescore | None = None,
+    monitor: rl.Monitor | None = None,
+) -> rl.RLResult:
     """Run ``config.max_steps`` PPO steps on ``config.env``; see the module docstring for one step.
 
     ``rescore`` and ``monitor`` work as in :func:`~agentrl.learners.grpo.train_grpo` (e.g. an LLM judge's
-    score in the reward, the held-out gold score). Returns an :class:`~agentrl.learners._rl.RLResult` whose
+    score in the reward, the held-out gold score). Returns an :class:`~agentrl.learners.rl.RLResult` whose
     ``extras`` hold the ``critic`` and the final ``kl_coef``.
     """
     return asyncio.run(_train_ppo(config, on_step, on_rollout, rescore, monitor))
 
 
-async def _train_ppo(config: PPOConfig, on_step: Callable[[_rl.RLStepLog], None] | None,
-                     on_rollout: _rl.OnRollout | None, rescore: _rl.Rescore | None,
-                     monitor: _rl.Monitor | None) -> _rl.RLResult:  # fmt: skip
-    _train.seed_everything(config.seed)
-    model, tokenizer = _model.load_trainable(config)
+async def _train_ppo(config: PPOConfig, on_step: Callable[[rl.RLStepLog], None] | None,
+                     on_rollout: rl.OnRollout | None, rescore: rl.Rescore | None,
+                     monitor: rl.Monitor | None) -> rl.RLResult:  # fmt: skip
+    optim.seed_everything(config.seed)
+    model, tokenizer = policy_model.load_trainable(config)
     resumed = Path(config.resume_from) / CRITIC_DIR if config.resume_from is not None else None
     critic = ValueModel.from_pretrained(resumed or config.critic_model or config.model, config.device).train()
     if config.gradient_checkpointing:
         critic.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    reference = _model.load_reference(config, model) if config.kl_coef > 0 else None
+    reference = policy_model.load_reference(config, model) if config.kl_coef > 0 else None
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    optimizers = [_train.make_optimizer(model, config.lr, config.weight_decay, config.betas),
-                  _train.make_optimizer(critic, config.critic_lr or config.lr, config.weight_decay, config.betas)]  # fmt: skip
+    optimizers = [optim.make_optimizer(model, config.lr, config.weight_decay, config.betas),
+                  optim.make_optimizer(critic, config.critic_lr or config.lr, config.weight_decay, config.betas)]  # fmt: skip
     total_updates = config.max_steps * config.updates_per_step
     schedulers = [
-        _train.make_scheduler(o, config.warmup_steps, total_updates, config.min_lr_ratio) for o in optimizers
+        optim.make_scheduler(o, config.warmup_steps, total_updates, config.min_lr_ratio) for o in optimizers
     ]
     kl_ctl = (
         algos.AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon)
@@ -260,20 +260,20 @@ async def _train_ppo(config: PPOConfig, on_step: Callable[[_rl.RLStepLog], None]
     )
     kl_coef, step = config.kl_coef, 0
     if config.resume_from is not None:
-        state = _train.load_training_state(
-            config.resume_from, _train.Joint(optimizers), _train.Joint(schedulers)
+        state = checkpoints.load_training_state(
+            config.resume_from, optim.Joint(optimizers), optim.Joint(schedulers)
         )
         step, kl_coef = state.step, float(state.meta.get("kl_coef", kl_coef))
         if kl_ctl is not None:
             kl_ctl.beta = kl_coef
 
-    runner = _rl.make_runner(config, model, tokenizer)
+    runner = rl.make_runner(config, model, tokenizer)
     runner.calls = step
-    history: list[_rl.RLStepLog] = []
+    history: list[rl.RLStepLog] = []
     checkpoint: Path | None = None
     try:
         if config.rollout != "hf":
-            await _rl.sync_weights(runner, model)
+            await rl.sync_weights(runner, model)
         loop_started = time.perf_counter()
         while step < config.max_steps:
             started = time.perf_counter()
@@ -285,15 +285,15 @@ async def _train_ppo(config: PPOConfig, on_step: Callable[[_rl.RLStepLog], None]
             if on_rollout is not None:
                 on_rollout(step + 1, groups)
 
-            kept, dropped = _rl.filter_groups(groups, config)
+            kept, dropped = rl.filter_groups(groups, config)
             trajectories = [t for g in kept for t in g]
             lr = optimizers[0].param_groups[0]["lr"]
             update: dict[str, float] = {}
             if trajectories:
-                old = {"logprobs": _rl.logprob_arrays(model, trajectories, pad_id, config),
-                       "values": _rl.per_trajectory(critic, trajectories, pad_id, config)}  # fmt: skip
+                old = {"logprobs": batching.logprob_arrays(model, trajectories, pad_id, config),
+                       "values": batching.per_trajectory(critic, trajectories, pad_id, config)}  # fmt: skip
                 ref = (
-                    _rl.logprob_arrays(model, trajectories, pad_id, config, reference, True)
+                    batching.logprob_arrays(model, trajectories, pad_id, config, reference, True)
                     if kl_coef > 0
                     else None
                 )
@@ -307,16 +307,16 @@ async def _train_ppo(config: PPOConfig, on_step: Callable[[_rl.RLStepLog], None]
                 if kl_ctl is not None:
                     kl_coef = kl_ctl.update(kl, n_steps=len(trajectories))
             step += 1
-            await _rl.sync_weights(runner, model)
+            await rl.sync_weights(runner, model)
 
-            log = _rl.step_log(step, groups, trajectories, dropped, lr, update, rollout_s, started, runner)
+            log = rl.step_log(step, groups, trajectories, dropped, lr, update, rollout_s, started, runner)
             if monitor is not None:
                 log = dataclasses.replace(log, monitors=dict(await monitor(log, model, tokenizer)))
             history.append(log)
             if on_step is not None:
                 on_step(log)
             at_save = config.save_every is not None and step % config.save_every == 0
-            last = _rl.stops_here(config, step, loop_started)
+            last = rl.stops_here(config, step, loop_started)
             if config.output_dir is not None and (at_save or last):
                 checkpoint = _save(config, model, critic, tokenizer, optimizers, schedulers, step, kl_coef)
             if last:
@@ -325,7 +325,7 @@ async def _train_ppo(config: PPOConfig, on_step: Callable[[_rl.RLStepLog], None]
         await runner.aclose()
         await runner.policy.aclose()
     model.train()
-    return _rl.RLResult(model, tokenizer, tuple(history), checkpoint, {"critic": critic, "kl_coef": kl_coef})
+    return rl.RLResult(model, tokenizer, tuple(history), checkpoint, {"critic": critic, "kl_coef": kl_coef})
 
 
 def _save(config: PPOConfig, model: Any, critic: ValueModel, tokenizer: Any, optimizers: Sequence[Any],
@@ -333,5 +333,5 @@ def _save(config: PPOConfig, model: Any, critic: ValueModel, tokenizer: Any, opt
     """The actor's checkpoint with the critic's weights under ``critic/``; both optimizers' and schedulers'
     states and ``kl_coef`` go into the one training state, so a crash never splits them."""
     meta = {"config": config.model_dump(mode="json"), "learner": "ppo", "kl_coef": kl_coef}
-    return _model.save_step(config, model, tokenizer, _train.Joint(optimizers), _train.Joint(schedulers), step,
+    return checkpoints.save_step(config, model, tokenizer, optim.Joint(optimizers), optim.Joint(schedulers), step,
                             meta, extras={CRITIC_DIR: critic})  # fmt: skip

@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from agentrl.data.buffer import PreferencePair
+from agentrl.data.jsonl import jsonl_records
 from agentrl.errors import ConfigError
-from agentrl.learners import _train
 from agentrl.types import Message, ToolSchema
 
 __all__ = ["Example", "LabelledConversation", "PreferenceConversation", "read_preference_jsonl"]
@@ -51,7 +51,7 @@ def read_preference_jsonl(path: str | Path) -> list[PreferenceConversation | Lab
         ConfigError: a line is not JSON or has neither form; the message names file and line.
     """
     out: list[PreferenceConversation | LabelledConversation] = []
-    for lineno, record in _train.jsonl_records(path):
+    for lineno, record in jsonl_records(path):
         try:
             out.append(_record(record))
         except (TypeError, ValueError) as exc:

@@ -7,7 +7,7 @@ sampled tokens only (tool results and env turns stay masked), not a re-tokenizat
 Usage::
 
     from agentrl.learners.rejection import sample_groups, select_best, train_rejection_sft
-    from agentrl.learners._rl import RolloutConfig
+    from agentrl.learners.rl import RolloutConfig
 
     groups = sample_groups(RolloutConfig(env="math-v0", model="runs/rl/step-000100", group_size=8), 64)
     result = train_rejection_sft(SFTConfig(model="runs/rl/step-000100", max_steps=50), groups, min_reward=1.0)
@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Sequence
 from agentrl.data.buffer import TrajectoryBuffer, TrajectoryGroup
 from agentrl.data.trajectory import Trajectory
 from agentrl.errors import ConfigError
-from agentrl.learners import _model, _rl
+from agentrl.learners import policy_model, rl
 from agentrl.learners.sft import SFTConfig, SFTResult, StepLog, train_sft
 
 __all__ = ["sample_groups", "select_best", "train_rejection_sft"]
@@ -61,17 +61,17 @@ def select_best(
     return kept
 
 
-def sample_groups(config: _rl.RolloutConfig, num_tasks: int) -> list[TrajectoryGroup]:
+def sample_groups(config: rl.RolloutConfig, num_tasks: int) -> list[TrajectoryGroup]:
     """Play ``num_tasks`` tasks of ``config.env`` ``config.group_size`` times each with ``config.model``.
 
     Raises:
         ConfigError: a setting the model, env or backend cannot honour.
     """
-    model, tokenizer = _model.load_trainable(config)
+    model, tokenizer = policy_model.load_trainable(config)
     model.eval()
 
     async def play() -> list[TrajectoryGroup]:
-        runner = _rl.make_runner(config, model, tokenizer)
+        runner = rl.make_runner(config, model, tokenizer)
         try:
             return await runner.run(num_tasks, config.group_size)
         finally:
@@ -93,7 +93,9 @@ def train_rejection_sft(
     Raises:
         ConfigError: no episode passes the filter (the message gives the best reward seen).
     """
-    group_list: Sequence[TrajectoryGroup] = list(groups.groups if isinstance(groups, TrajectoryBuffer) else groups)
+    group_list: Sequence[TrajectoryGroup] = list(
+        groups.groups if isinstance(groups, TrajectoryBuffer) else groups
+    )
     best = select_best(group_list, per_task, min_reward)
     if not best:
         rewards = [t.total_reward for g in group_list for t in g if t.trainable and t.turns]

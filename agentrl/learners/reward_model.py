@@ -33,9 +33,10 @@ import torch
 from pydantic import Field, model_validator
 
 from agentrl.data.buffer import PreferencePair
+from agentrl.data.jsonl import jsonl_records
 from agentrl.errors import ConfigError, TemplateError
-from agentrl.learners import _model, _train
-from agentrl.learners._config import TrainConfig
+from agentrl.learners import checkpoints, optim
+from agentrl.learners.config import TrainConfig
 from agentrl.learners.dpo import LabelledConversation, PreferenceConversation
 from agentrl.learners.ppo import ValueModel
 from agentrl.learners.sft import demonstration_ledger
@@ -140,7 +141,7 @@ def read_step_labels_jsonl(path: str | Path, separator: str | None = None) -> li
             steps; the message names file and line.
     """
     out = []
-    for lineno, record in _train.jsonl_records(path):
+    for lineno, record in jsonl_records(path):
         form = '{"messages": [...], "labels": [1, 0, ...], "tools": [...]}'
         messages = record.get("messages") if isinstance(record, dict) else None
         if not (isinstance(messages, list) and all(isinstance(m, dict) for m in messages)
@@ -280,7 +281,7 @@ def _end_scores(model: ValueModel, rows: Sequence[_Row], pad_id: int, device: An
     ids_B_T, attention_B_T = _collate(rows, pad_id, torch.device(device))
     row_N = torch.tensor([b for b, r in enumerate(rows) for _ in r.ends], device=ids_B_T.device)
     end_N = torch.tensor([e for r in rows for e in r.ends], device=ids_B_T.device)
-    with _train.autocast(precision, device):
+    with optim.autocast(precision, device):
         out = model.backbone(input_ids=ids_B_T, attention_mask=attention_B_T, use_cache=False)
         return model.head(out.last_hidden_state[row_N, end_N]).squeeze(-1).float()
 
@@ -337,7 +338,7 @@ def train_reward_model(
         ConfigError: an example that is not a pair, or no pair whose both sides fit ``max_seq_len``.
         TemplateError: the chat template cannot reproduce the rollout's tokens.
     """
-    _train.seed_everything(config.seed)
+    optim.seed_everything(config.seed)
     model, tokenizer = _load_trainable(config)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     pairs = [_pair_rows(tokenizer, config.template, e) for e in data]
@@ -375,7 +376,7 @@ def train_process_reward_model(
         TemplateError: the chat template cannot reproduce the rollout's tokens, or (with a separator)
             does not render assistant content verbatim.
     """
-    _train.seed_everything(config.seed)
+    optim.seed_everything(config.seed)
     model, tokenizer = _load_trainable(config)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     rows, num_cut = _step_rows(config, tokenizer, list(data))
@@ -432,23 +433,23 @@ def _fit(
     learner: str, on_step: Callable[[StepLog], None] | None,
 ) -> tuple[tuple[StepLog, ...], Path | None]:  # fmt: skip
     """AdamW steps on ``batch_loss`` of seeded batches to ``max_steps``, resuming and checkpointing."""
-    optimizer = _train.make_optimizer(model, config.lr, config.weight_decay, config.betas)
-    scheduler = _train.make_scheduler(optimizer, config.warmup_steps, config.max_steps, config.min_lr_ratio)
+    optimizer = optim.make_optimizer(model, config.lr, config.weight_decay, config.betas)
+    scheduler = optim.make_scheduler(optimizer, config.warmup_steps, config.max_steps, config.min_lr_ratio)
     step = 0
     if config.resume_from is not None:
-        step = _train.load_training_state(config.resume_from, optimizer, scheduler).step
+        step = checkpoints.load_training_state(config.resume_from, optimizer, scheduler).step
     meta = {"config": config.model_dump(mode="json"), "learner": learner}
 
     history: list[StepLog] = []
     checkpoint: Path | None = None
-    batches = _train.iterate_batches(num_rows, config.batch_size, config.seed, start_step=step)
+    batches = optim.iterate_batches(num_rows, config.batch_size, config.seed, start_step=step)
     while step < config.max_steps:
         started = time.perf_counter()
         loss, stats = batch_loss(next(batches))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         lr = optimizer.param_groups[0]["lr"]
-        grad_norm = _train.clip_and_step(model, optimizer, scheduler, config.grad_clip)
+        grad_norm = optim.clip_and_step(model, optimizer, scheduler, config.grad_clip)
         step += 1
 
         seconds = time.perf_counter() - started
@@ -458,5 +459,5 @@ def _fit(
             on_step(log)
         at_save = config.save_every is not None and step % config.save_every == 0
         if config.output_dir is not None and (at_save or step == config.max_steps):
-            checkpoint = _model.save_step(config, model, tokenizer, optimizer, scheduler, step, meta)
+            checkpoint = checkpoints.save_step(config, model, tokenizer, optimizer, scheduler, step, meta)
     return tuple(history), checkpoint

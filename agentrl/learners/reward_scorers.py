@@ -13,14 +13,20 @@ from typing import Any, Literal, TypeVar
 import torch
 
 from agentrl.errors import ConfigError
-from agentrl.learners import _train
+from agentrl.learners import checkpoints
 from agentrl.learners.ppo import VALUE_HEAD_FILE, ValueModel
 from agentrl.learners.reward_model import _LEARNERS, _conversation_row, _end_scores, _Row, _step_ends
 from agentrl.models.chat import ChatRenderer
 from agentrl.rewards.base import RewardResult, task_prompt
 from agentrl.types import Message, ToolSchema
 
-__all__ = ["ProcessRewardScorer", "RewardModelScorer", "default_to_messages", "task_prompt", "turn_to_messages"]
+__all__ = [
+    "ProcessRewardScorer",
+    "RewardModelScorer",
+    "default_to_messages",
+    "task_prompt",
+    "turn_to_messages",
+]
 
 
 def default_to_messages(task: Any, answer: Any) -> list[Message]:
@@ -78,7 +84,7 @@ class _Scorer:
                 f"{path} has no {VALUE_HEAD_FILE}, so it is not a trained reward model; pass a directory written "
                 "by train_reward_model or train_process_reward_model (e.g. <output_dir>/step-000200)"
             )
-        state = resolved / _train.STATE_JSON
+        state = resolved / checkpoints.STATE_JSON
         meta = json.loads(state.read_text(encoding="utf-8")).get("meta", {}) if state.is_file() else {}
         if meta.get("learner", cls.learner) != cls.learner:
             right = "RewardModelScorer" if meta["learner"] == _LEARNERS["orm"] else "ProcessRewardScorer"

@@ -26,10 +26,11 @@ from typing import Any
 import torch
 from pydantic import Field
 
+from agentrl.data.jsonl import jsonl_records
 from agentrl.data.trajectory import LedgerBuilder, Trajectory
 from agentrl.errors import ConfigError, TemplateError
-from agentrl.learners import _model, _train
-from agentrl.learners._config import TrainConfig
+from agentrl.learners import checkpoints, logprobs, optim, policy_model
+from agentrl.learners.config import TrainConfig
 from agentrl.models.chat import ChatRenderer
 from agentrl.types import Message, StopReason, ToolSchema
 
@@ -100,7 +101,7 @@ def read_messages_jsonl(path: str | Path) -> list[Demonstration]:
         ConfigError: a line is not JSON or lacks a ``messages`` list; the message names file and line.
     """
     demos = []
-    for lineno, record in _train.jsonl_records(path):
+    for lineno, record in jsonl_records(path):
         if not isinstance(record, dict) or not isinstance(record.get("messages"), list):
             raise ConfigError(f'{path}:{lineno}: expected {{"messages": [...], "tools": [...]}}')
         demos.append(Demonstration(tuple(record["messages"]), tuple(record.get("tools") or ())))
@@ -259,7 +260,9 @@ def _prefix_cache(decoder: Any, prefix_ids_1_P: torch.Tensor, rows: int, config:
     from transformers.cache_utils import DynamicCache
 
     cache = decoder(input_ids=prefix_ids_1_P, use_cache=True).past_key_values
-    layers = [(layer.keys.expand(rows, -1, -1, -1), layer.values.expand(rows, -1, -1, -1)) for layer in cache.layers]
+    layers = [
+        (layer.keys.expand(rows, -1, -1, -1), layer.values.expand(rows, -1, -1, -1)) for layer in cache.layers
+    ]
     return DynamicCache(ddp_cache_data=layers, config=config)
 
 
@@ -272,12 +275,14 @@ def sft_loss(model: Any, batch: Mapping[str, torch.Tensor], packed: bool, shared
     of the compute when a long system prompt opens every row.
     """
     ids_B_T, mask_B_T = batch["ids_B_T"], batch["mask_B_T"]
-    split = _model.decoder_and_head(model)
+    split = logprobs.decoder_and_head(model)
     if split is None or (packed and shared):
         return masked_nll(_forward(model, batch, packed), ids_B_T, mask_B_T)
     decoder, head = split
     if packed:
-        hidden_B_S_H = decoder(input_ids=ids_B_T, position_ids=batch["positions_B_T"], use_cache=False).last_hidden_state
+        hidden_B_S_H = decoder(
+            input_ids=ids_B_T, position_ids=batch["positions_B_T"], use_cache=False
+        ).last_hidden_state
     elif shared:
         cache = _prefix_cache(decoder, ids_B_T[:1, :shared], ids_B_T.shape[0], model.config)
         hidden_B_S_H = decoder(
@@ -285,7 +290,9 @@ def sft_loss(model: Any, batch: Mapping[str, torch.Tensor], packed: bool, shared
             position_ids=batch["positions_B_T"][:, shared:], use_cache=False,
         ).last_hidden_state  # fmt: skip
     else:
-        hidden_B_S_H = decoder(input_ids=ids_B_T, attention_mask=batch["attention_B_T"], use_cache=False).last_hidden_state
+        hidden_B_S_H = decoder(
+            input_ids=ids_B_T, attention_mask=batch["attention_B_T"], use_cache=False
+        ).last_hidden_state
     predicts_B_S = mask_B_T[:, shared + 1 :] != 0  # the hidden state at t predicts token t + 1
     logits_N_V = head(hidden_B_S_H[:, :-1][predicts_B_S]).float()
     targets_N = ids_B_T[:, shared + 1 :][predicts_B_S]
@@ -342,9 +349,9 @@ def train_sft(
         ConfigError: no demonstration has a target token within ``max_seq_len``.
         TemplateError: the chat template cannot reproduce the rollout's tokens.
     """
-    _train.seed_everything(config.seed)
+    optim.seed_everything(config.seed)
     device = torch.device(config.device)
-    model, tokenizer = _model.load_trainable(config)
+    model, tokenizer = policy_model.load_trainable(config)
 
     # Tokenize every conversation exactly as a rollout would have recorded it (a recorded one is used as is).
     ledgers = [d if isinstance(d, Trajectory) else
@@ -358,27 +365,27 @@ def train_sft(
         )
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
-    optimizer = _train.make_optimizer(model, config.lr, config.weight_decay, config.betas)
-    scheduler = _train.make_scheduler(optimizer, config.warmup_steps, config.max_steps, config.min_lr_ratio)
+    optimizer = optim.make_optimizer(model, config.lr, config.weight_decay, config.betas)
+    scheduler = optim.make_scheduler(optimizer, config.warmup_steps, config.max_steps, config.min_lr_ratio)
     step = 0
     if config.resume_from is not None:
-        step = _train.load_training_state(config.resume_from, optimizer, scheduler).step
+        step = checkpoints.load_training_state(config.resume_from, optimizer, scheduler).step
     meta = {"config": config.model_dump(mode="json"), "learner": "sft"}
 
     history: list[StepLog] = []
     checkpoint: Path | None = None
     share = config.share_prefix and not config.pack and not config.gradient_checkpointing
-    batches = _train.iterate_batches(len(rows), config.batch_size, config.seed, start_step=step)
+    batches = optim.iterate_batches(len(rows), config.batch_size, config.seed, start_step=step)
     while step < config.max_steps:
         started = time.perf_counter()
         batch = _collate([rows[i] for i in next(batches)], pad_id, device)
         shared = shared_prefix_length(batch["ids_B_T"], batch["mask_B_T"]) if share else 0
-        with _train.autocast(config.precision, device):
+        with optim.autocast(config.precision, device):
             loss = sft_loss(model, batch, config.pack, shared)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         lr = optimizer.param_groups[0]["lr"]
-        grad_norm = _train.clip_and_step(model, optimizer, scheduler, config.grad_clip)
+        grad_norm = optim.clip_and_step(model, optimizer, scheduler, config.grad_clip)
         step += 1
 
         computed = batch["ids_B_T"].numel() - shared * (batch["ids_B_T"].shape[0] - 1)
@@ -389,5 +396,5 @@ def train_sft(
             on_step(log)
         at_save = config.save_every is not None and step % config.save_every == 0
         if config.output_dir is not None and (at_save or step == config.max_steps):
-            checkpoint = _model.save_step(config, model, tokenizer, optimizer, scheduler, step, meta)
+            checkpoint = checkpoints.save_step(config, model, tokenizer, optimizer, scheduler, step, meta)
     return SFTResult(model, tokenizer, tuple(history), checkpoint, len(rows), num_cut)

@@ -21,7 +21,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from agentrl.errors import ConfigError
-from agentrl.learners._config import _Strict
+from agentrl.learners.config import StrictConfig
 
 __all__ = [
     "ALGOS",
@@ -57,7 +57,7 @@ _CHECKPOINTS = {"save_every": 25, "keep_last": 2}
 """Checkpoint cadence of both phases unless the config says otherwise: a crash loses at most 25 steps."""
 
 
-class SFTSection(_Strict):
+class SFTSection(StrictConfig):
     """The SFT tool-format phase: fine-tune on the env's reference demonstrations before RL."""
 
     demos: int = Field(
@@ -74,7 +74,7 @@ class SFTSection(_Strict):
     )
 
 
-class EvalSection(_Strict):
+class EvalSection(StrictConfig):
     """Greedy evaluation on held-out tasks, after SFT and after RL."""
 
     tasks: int = Field(0, ge=0, description="held-out tasks played once each, greedily; 0 skips it, e.g. 300")
@@ -89,7 +89,7 @@ class EvalSection(_Strict):
     seed: int = Field(12345, description="seeds the held-out tasks, apart from training's")
 
 
-class RejectionSection(_Strict):
+class RejectionSection(StrictConfig):
     """Rejection-sampling SFT after RL (the "expert iteration" stage of R1-style recipes): the RL model
     plays ``tasks`` tasks ``group_size`` times, the best episodes of each become SFT data for it."""
 
@@ -104,7 +104,7 @@ class RejectionSection(_Strict):
     learner: dict[str, Any] = Field(default_factory=dict, description="SFTConfig fields, e.g. {max_steps: 100}")
 
 
-class SecondRLSection(_Strict):
+class SecondRLSection(StrictConfig):
     """A second RL stage from the rejection-sampling SFT model (or the RL model), whose reward can mix the
     env's verifiable reward with an LLM judge's score (GRPO-family algorithms and PPO)."""
 
@@ -119,7 +119,7 @@ class SecondRLSection(_Strict):
     judge_mode: Literal["pointwise", "pairwise"] = Field("pointwise", description="how the judge scores")
 
 
-class GoldSection(_Strict):
+class GoldSection(StrictConfig):
     """The over-optimisation monitor of the RL stages: a held-out gold score every ``every`` steps beside
     the training reward (GRPO-family algorithms and PPO)."""
 
@@ -134,7 +134,7 @@ class GoldSection(_Strict):
     patience: int = Field(2, ge=1, description="consecutive flagged measurements that make a divergence")
 
 
-class RunConfig(_Strict):
+class RunConfig(StrictConfig):
     """One ``agentrl train`` run. See the module docstring for where defaults come from."""
 
     env: str = Field(..., description="registered env id, e.g. 'code-sandbox' (see `agentrl envs`)")
@@ -300,7 +300,7 @@ def resolve(run: RunConfig, run_dir: Path | None = None) -> Resolved:
         ConfigError: a bad section value, its message prefixed with the section (``learner``, ``sft.learner``).
     """
     from agentrl._plugins import load_object
-    from agentrl.learners import _train
+    from agentrl.learners import checkpoints
 
     run_dir = Path(run_dir or run.output_dir or default_run_dir(run))
     sft = None
@@ -322,7 +322,7 @@ def resolve(run: RunConfig, run_dir: Path | None = None) -> Resolved:
     learner.update({**_CHECKPOINTS, **run.learner})
     learner.update({
         "env": run.env, "env_kwargs": {**run.env_kwargs, **learner.get("env_kwargs", {})}, "rollout": run.rollout,
-        "seed": run.seed, "model": str(_train.step_dir(sft.output_dir, sft.max_steps)) if sft else run.model,
+        "seed": run.seed, "model": str(checkpoints.step_dir(sft.output_dir, sft.max_steps)) if sft else run.model,
         "output_dir": run_dir / "checkpoints" / "rl",
     })  # fmt: skip
     rl = _section("learner", config_cls, learner)
@@ -332,7 +332,7 @@ def resolve(run: RunConfig, run_dir: Path | None = None) -> Resolved:
         after = rejection_sft or rl
         learner2 = _section("rl2.learner", config_cls, {
             **learner, **run.rl2.learner, "max_steps": run.rl2.max_steps, "resume_from": None,
-            "model": str(_train.step_dir(after.output_dir, after.max_steps)),
+            "model": str(checkpoints.step_dir(after.output_dir, after.max_steps)),
             "output_dir": run_dir / "checkpoints" / "rl2",
         })  # fmt: skip
         if run.rl2.judge is not None:
@@ -349,13 +349,13 @@ def _rejection(run: RunConfig, run_dir: Path, rl: Any) -> tuple[Any, Any]:
     """The rejection phase's sampling and SFT configs (both None when it is off)."""
     if run.rejection.tasks == 0:
         return None, None
-    from agentrl.learners import _train
-    from agentrl.learners._rl import RolloutConfig
+    from agentrl.learners import checkpoints
+    from agentrl.learners.rl import RolloutConfig
     from agentrl.learners.sft import SFTConfig
 
-    model = str(_train.step_dir(rl.output_dir, rl.max_steps))
+    model = str(checkpoints.step_dir(rl.output_dir, rl.max_steps))
     shared = {"model": model, "seed": run.seed, "template": rl.template, "device": rl.device}
-    from agentrl.learners._config import TrainConfig
+    from agentrl.learners.config import TrainConfig
 
     rollout_fields = set(RolloutConfig.model_fields) - set(TrainConfig.model_fields) - {"max_seconds"}
     sampling = _section("rejection.sampling", RolloutConfig, {

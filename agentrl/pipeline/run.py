@@ -191,11 +191,11 @@ def _last_checkpoint(out: RunDir, phase: str, final: Path) -> Path:
 def _sft_phase(resolved: Resolved, out: RunDir, stream: IO[str] | None) -> Path:
     """Train on the env's demonstrations; returns the final checkpoint."""
     import agentrl
-    from agentrl.learners import _train
+    from agentrl.learners import checkpoints
     from agentrl.learners.sft import env_demonstrations, train_sft
 
     config = resolved.sft
-    final = _train.step_dir(config.output_dir, config.max_steps)
+    final = checkpoints.step_dir(config.output_dir, config.max_steps)
     if out.is_finished("sft"):
         return _last_checkpoint(out, "sft", final)
     env = agentrl.make(resolved.run.env, **resolved.run.sft.env_kwargs)
@@ -219,12 +219,12 @@ def _sft_phase(resolved: Resolved, out: RunDir, stream: IO[str] | None) -> Path:
 
 def _rejection_phase(resolved: Resolved, out: RunDir, stream: IO[str] | None, rl_model: Path) -> Path:
     """Sample from the RL model, keep each task's best episodes, fine-tune on them; returns the checkpoint."""
-    from agentrl.learners import _train
+    from agentrl.learners import checkpoints
     from agentrl.learners.rejection import sample_groups, select_best
     from agentrl.learners.sft import train_sft
 
     config, section = resolved.rejection_sft.model_copy(update={"model": str(rl_model)}), resolved.run.rejection
-    final = _train.step_dir(config.output_dir, config.max_steps)
+    final = checkpoints.step_dir(config.output_dir, config.max_steps)
     if out.is_finished("rejection"):
         return _last_checkpoint(out, "rejection", final)
     sampling = resolved.sampling.model_copy(update={"model": str(rl_model)})
@@ -276,13 +276,13 @@ def _rl_phase(resolved: Resolved, out: RunDir, stream: IO[str] | None, phase: st
     """Train with the run's algorithm (``phase`` "rl", or the second stage "rl2" from ``start``); returns the
     final checkpoint."""
     from agentrl._plugins import load_object
-    from agentrl.learners import _train
+    from agentrl.learners import checkpoints
     from agentrl.rewards.monitors import trajectory_monitors
 
     config = resolved.learner
     if phase == "rl2":
         config = resolved.learner2.model_copy(update={"model": str(start)}) if start else resolved.learner2
-    final = _train.step_dir(config.output_dir, config.max_steps)
+    final = checkpoints.step_dir(config.output_dir, config.max_steps)
     if out.is_finished(phase):
         return _last_checkpoint(out, phase, final)
     train = load_object(resolved.train, f"the {resolved.run.algo!r} learner")

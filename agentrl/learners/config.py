@@ -12,10 +12,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from agentrl.errors import ConfigError
 
-__all__ = ["LoRAConfig", "TrainConfig", "explain"]
+__all__ = ["LoRAConfig", "StrictConfig", "TrainConfig", "explain"]
 
 
-class _Strict(BaseModel):
+class StrictConfig(BaseModel):
     """Frozen, no unknown keys, and validation errors re-raised as one readable ConfigError."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -27,7 +27,7 @@ class _Strict(BaseModel):
             raise ConfigError(explain(type(self), exc)) from None
 
 
-class LoRAConfig(_Strict):
+class LoRAConfig(StrictConfig):
     """Low-rank adapters (peft) instead of full fine-tuning; the base weights stay frozen."""
 
     r: int = Field(8, ge=1, description="adapter rank, e.g. 8")
@@ -38,7 +38,7 @@ class LoRAConfig(_Strict):
     )
 
 
-class TrainConfig(_Strict):
+class TrainConfig(StrictConfig):
     """Fields every learner reads. Subclasses add their own and document them at the field."""
 
     model: str = Field("tiny", description="model to start from: 'tiny', a hub id or a local directory")
