@@ -9,7 +9,8 @@ import torch
 from test_grpo import FAST, ledger, weights
 
 from agentrl.data.buffer import collate
-from agentrl.learners.ppo import CRITIC_DIR, PPOConfig, ValueModel, gae_advantages, train_ppo
+from agentrl.learners.ppo import CRITIC_DIR, PPOConfig, gae_advantages, train_ppo
+from agentrl.models.value_head import ValueModel
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 

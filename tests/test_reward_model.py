@@ -17,7 +17,6 @@ from agentrl.data.buffer import PreferencePair
 from agentrl.errors import ConfigError
 from agentrl.learners import checkpoints
 from agentrl.learners.dpo import LabelledConversation, PreferenceConversation
-from agentrl.learners.ppo import ValueModel
 from agentrl.learners.reward_model import (
     ProcessRewardConfig,
     RewardModelConfig,
@@ -33,6 +32,7 @@ from agentrl.learners.reward_scorers import ProcessRewardScorer, RewardModelScor
 from agentrl.learners.sft import demonstration_ledger
 from agentrl.models.chat import ChatRenderer
 from agentrl.models.loading import load_tokenizer
+from agentrl.models.value_head import ValueModel
 from agentrl.rewards import RewardSpec, WeightedReward
 from agentrl.toolenv import Task, ToolEnv
 

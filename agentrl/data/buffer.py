@@ -182,6 +182,26 @@ class Batch:
         }
         return Batch(**arrays, trajectories=self.trajectories)
 
+    def model_inputs(self) -> dict[str, Any]:
+        """How the rows are attended, as model keyword arguments (torch batches only): padded rows take their
+        attention mask; packed rows take position ids (transformers builds the block-diagonal mask where they
+        restart, without a KV cache); prompt-shared rows take a 4-D boolean mask (each segment sees itself
+        causally and the shared prompt) and position ids."""
+        import torch
+
+        segments = self.segment_ids_B_T
+        if bool((segments == SHARED_SEGMENT).any()):
+            T = segments.shape[1]
+            causal = torch.ones(T, T, dtype=torch.bool, device=segments.device).tril()
+            same = segments[:, :, None] == segments[:, None, :]
+            to_shared = (segments == SHARED_SEGMENT)[:, None, :]
+            allowed = causal & (same | to_shared) & (segments != -1)[:, None, :]
+            allowed |= torch.eye(T, dtype=torch.bool, device=segments.device)  # padding sees itself: no empty row
+            return {"attention_mask": allowed[:, None], "position_ids": self.position_ids_B_T}
+        if bool((segments.max(dim=1).values != segments[:, 0]).any()):
+            return {"position_ids": self.position_ids_B_T}
+        return {"attention_mask": self.attention_mask_B_T}
+
 
 def _pack(lengths: Sequence[int], row_tokens: int) -> list[list[int]]:
     """First-fit decreasing: indices of sequences per row, each row at most ``row_tokens`` long."""
@@ -262,7 +282,7 @@ def collate_shared(trajectories: Sequence[Trajectory], *, pad_id: int = 0) -> Ba
     A row holds the prompt's tokens but its last (segment :data:`SHARED_SEGMENT`), then each trajectory
     that starts with that prompt from its last prompt token on (that token's logits predict the first
     sampled token), positions continuing from the prompt. Attend causally within a segment and to the
-    shared prompt (:func:`agentrl.learners.logprobs.model_inputs` builds that mask). A GRPO group of G
+    shared prompt (:meth:`Batch.model_inputs` builds that mask). A GRPO group of G
     samples of a P-token prompt then costs P + G * (1 + completion) tokens instead of G * (P + completion).
     Segment ``i`` is ``trajectories[i]``, in the order given.
 

@@ -359,7 +359,7 @@ def check_source(spec: str) -> None:
     """
     prefix, argument = check_scorer_spec(spec)
     if prefix == "rm":
-        from agentrl.learners.ppo import VALUE_HEAD_FILE
+        from agentrl.models.value_head import VALUE_HEAD_FILE
 
         if Path(argument).exists() and not (Path(argument) / VALUE_HEAD_FILE).is_file():
             raise ConfigError(f"--best-of-n-by {spec}: {argument} has no {VALUE_HEAD_FILE}, so it is not a trained "

@@ -306,7 +306,7 @@ def _pair_logps(
     shared, source_B_T = _collate_pairs(chosen, rejected, pad_id, device)
     batch = _collate([*chosen, *rejected], pad_id, device)
     with optim.autocast(config.precision, config.device):
-        hidden = decoder(input_ids=shared.token_ids_B_T, use_cache=False, **logprobs.model_inputs(shared))[0]
+        hidden = decoder(input_ids=shared.token_ids_B_T, use_cache=False, **shared.model_inputs())[0]
         logits_B_T_V = head(hidden.flatten(0, 1)[source_B_T])
     counted_B_T = batch.loss_mask_B_T[:, 1:] != 0  # position 0 has no context: it never counts
     predicts_B_T = torch.nn.functional.pad(counted_B_T, (0, 1))  # the logits at t predict token t + 1

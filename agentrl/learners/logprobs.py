@@ -1,6 +1,6 @@
 """The one logprob path: per-token logprobs (and entropies) of a collated batch's policy tokens under a
 model, for every learner (SFT, the DPO family, GRPO, PPO) and for loops written outside the library, e.g.
-``examples/grpo_math.py``. Rows may be padded, packed or prompt-shared (:func:`model_inputs`).
+``examples/grpo_math.py``. Rows may be padded, packed or prompt-shared (:meth:`~agentrl.data.buffer.Batch.model_inputs`).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 
 from agentrl.learners.policy_model import is_lora
 
-__all__ = ["decoder_and_head", "model_inputs", "policy_logprobs", "reference_logprobs"]
+__all__ = ["decoder_and_head", "policy_logprobs", "reference_logprobs"]
 
 
 # Config fields of the models whose logits are more than head(hidden): soft-capped or scaled.
@@ -48,7 +48,7 @@ def policy_logprobs(
 
     Only the positions that predict a policy token go through the softmax, so a long prompt or tool
     result costs its forward pass and nothing more. Rows may be padded, packed or prompt-shared (see
-    :func:`model_inputs`).
+    :meth:`~agentrl.data.buffer.Batch.model_inputs`).
     """
     scale = temperature if temperature > 0 else 1.0
     predicts_B_T = batch.loss_mask_B_T[:, 1:] != 0  # the logits at t predict token t + 1
@@ -72,7 +72,7 @@ def _scatter(values_N: torch.Tensor, predicts_B_T: torch.Tensor) -> torch.Tensor
 def _predicting_logits(model: Any, batch: Any, predicts_B_T: torch.Tensor) -> torch.Tensor:
     """The logits at the positions ``predicts_B_T`` marks (of ``T - 1``), shape ``(N, V)``: the LM head runs
     only there when the model splits into decoder and head, else the whole forward does."""
-    inputs = model_inputs(batch)
+    inputs = batch.model_inputs()
     split = decoder_and_head(model)
     if split is None:
         logits_B_T_V = model(input_ids=batch.token_ids_B_T, use_cache=False, **inputs).logits
@@ -81,25 +81,6 @@ def _predicting_logits(model: Any, batch: Any, predicts_B_T: torch.Tensor) -> to
     hidden_B_T_H = decoder(input_ids=batch.token_ids_B_T, use_cache=False, **inputs)[0]
     return head(hidden_B_T_H[:, :-1][predicts_B_T])
 
-
-def model_inputs(batch: Any) -> dict[str, torch.Tensor]:
-    """How a batch's rows are attended: a padded row takes its attention mask; packed rows take position ids
-    (transformers builds the block-diagonal mask where they restart, without a KV cache); prompt-shared rows
-    take a 4-D boolean mask (each segment sees itself causally and the shared prompt) and position ids."""
-    from agentrl.data.buffer import SHARED_SEGMENT
-
-    segments = batch.segment_ids_B_T
-    if bool((segments == SHARED_SEGMENT).any()):
-        T = segments.shape[1]
-        causal = torch.ones(T, T, dtype=torch.bool, device=segments.device).tril()
-        same = segments[:, :, None] == segments[:, None, :]
-        to_shared = (segments == SHARED_SEGMENT)[:, None, :]
-        allowed = causal & (same | to_shared) & (segments != -1)[:, None, :]
-        allowed |= torch.eye(T, dtype=torch.bool, device=segments.device)  # padding sees itself: no empty row
-        return {"attention_mask": allowed[:, None], "position_ids": batch.position_ids_B_T}
-    if bool((segments.max(dim=1).values != segments[:, 0]).any()):
-        return {"position_ids": batch.position_ids_B_T}
-    return {"attention_mask": batch.attention_mask_B_T}
 
 
 @torch.no_grad()

@@ -39,11 +39,11 @@ from agentrl import algos
 from agentrl.data.buffer import collate
 from agentrl.data.trajectory import Trajectory
 from agentrl.learners import batching, checkpoints, logprobs, optim, policy_model, rl
+from agentrl.models.value_head import ValueModel
 
-__all__ = ["CRITIC_DIR", "VALUE_HEAD_FILE", "PPOConfig", "ValueModel", "gae_advantages", "train_ppo"]
+__all__ = ["CRITIC_DIR", "PPOConfig", "gae_advantages", "train_ppo"]
 
 CRITIC_DIR = "critic"
-VALUE_HEAD_FILE = "value_head.safetensors"
 
 
 class PPOConfig(rl.RLConfig):
@@ -71,53 +71,6 @@ class PPOConfig(rl.RLConfig):
     kl_horizon: int = Field(
         10_000, ge=1, description="samples over which a full 20% kl_coef correction is spread"
     )
-
-
-# ---- the critic -----------------------------------------------------------------------------------
-class ValueModel(torch.nn.Module):
-    """A transformer trunk with a scalar head: the value of the state before each token is sampled.
-
-    ``forward(batch)`` returns ``values_B_T`` aligned with the ledger like logprobs: position ``t`` holds
-    ``V(tokens before t)``, read from the hidden state at ``t - 1`` (0 at position 0).
-    """
-
-    def __init__(self, backbone: Any):
-        super().__init__()
-        self.backbone = backbone
-        self.head = torch.nn.Linear(backbone.config.hidden_size, 1)
-        torch.nn.init.zeros_(self.head.weight)
-        torch.nn.init.zeros_(self.head.bias)
-
-    @classmethod
-    def from_pretrained(cls, name_or_path: str | Path, device: Any = "cpu") -> ValueModel:
-        """The trunk of a causal LM (or of a saved critic) plus its head (zeros when none was saved)."""
-        from safetensors.torch import load_file
-        from transformers import AutoModel
-
-        from agentrl.models.loading import resolve_model
-
-        resolved = resolve_model(name_or_path)
-        critic = cls(AutoModel.from_pretrained(resolved, dtype=torch.float32))
-        head = Path(resolved) / VALUE_HEAD_FILE
-        if head.is_file():
-            critic.head.load_state_dict(load_file(head))
-        return critic.to(device)
-
-    def save_pretrained(self, path: str | Path, safe_serialization: bool = True) -> None:
-        from safetensors.torch import save_file
-
-        self.backbone.save_pretrained(path, safe_serialization=safe_serialization)
-        save_file(
-            {k: v.contiguous() for k, v in self.head.state_dict().items()}, str(Path(path) / VALUE_HEAD_FILE)
-        )
-
-    def forward(self, batch: Any) -> torch.Tensor:
-        inputs = logprobs.model_inputs(batch)
-        hidden_B_T_H = self.backbone(
-            input_ids=batch.token_ids_B_T, use_cache=False, **inputs
-        ).last_hidden_state
-        values_B_T = self.head(hidden_B_T_H).squeeze(-1).float()
-        return torch.nn.functional.pad(values_B_T[:, :-1], (1, 0))
 
 
 # ---- advantages -----------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Reward models and process reward models: train them on conversations, then use them as rewards.
 
-Both are the LM trunk with a scalar head (:class:`~agentrl.learners.ppo.ValueModel`: the trunk plus
+Both are the LM trunk with a scalar head (:class:`~agentrl.models.value_head.ValueModel`: the trunk plus
 ``value_head.safetensors``) read on the token ledger a rollout would have recorded
 (:func:`~agentrl.learners.sft.demonstration_ledger`), at sampled tokens only:
 
@@ -38,9 +38,9 @@ from agentrl.errors import ConfigError, TemplateError
 from agentrl.learners import checkpoints, optim
 from agentrl.learners.config import TrainConfig
 from agentrl.learners.dpo import LabelledConversation, PreferenceConversation
-from agentrl.learners.ppo import ValueModel
 from agentrl.learners.sft import demonstration_ledger
 from agentrl.models.chat import ChatRenderer
+from agentrl.models.value_head import ValueModel
 from agentrl.types import Message, ToolSchema
 
 __all__ = [

@@ -14,9 +14,9 @@ import torch
 
 from agentrl.errors import ConfigError
 from agentrl.learners import checkpoints
-from agentrl.learners.ppo import VALUE_HEAD_FILE, ValueModel
 from agentrl.learners.reward_model import _LEARNERS, _conversation_row, _end_scores, _Row, _step_ends
 from agentrl.models.chat import ChatRenderer
+from agentrl.models.value_head import VALUE_HEAD_FILE, ValueModel
 from agentrl.rewards.base import RewardResult, task_prompt
 from agentrl.types import Message, ToolSchema
 
