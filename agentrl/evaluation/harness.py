@@ -253,8 +253,8 @@ class _Slot:
 
     async def play(self, key: tuple[int, int]) -> Trajectory:
         """Episode ``key``: call 0 of a runner seeded by the pair alone, so no other episode changes it."""
-        self.runner.seed, self.runner.calls = sample_seed(self.config.seed, *key), 0
-        [group] = await self.runner.run([eval_task(self.config, key[0])], group_size=1)
+        seed = sample_seed(self.config.seed, *key)
+        [group] = await self.runner.run([eval_task(self.config, key[0])], group_size=1, call=0, seed=seed)
         info = self.envs[-1].reset_info if self.envs else {}
         return _record(self.config, group.trajectories[0], key, info)
 

@@ -24,12 +24,8 @@ Usage::
 
 from __future__ import annotations
 
-import asyncio
-import dataclasses
-import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -39,7 +35,8 @@ from pydantic import Field
 from agentrl import algos
 from agentrl.data.buffer import TrajectoryGroup, collate
 from agentrl.data.trajectory import Trajectory
-from agentrl.learners import batching, checkpoints, logprobs, optim, policy_model, rl
+from agentrl.learners import batching, logprobs, loop, optim, policy_model, rl
+from agentrl.learners.result import TrainResult
 
 __all__ = ["PRESETS", "GRPOConfig", "sample_advantages", "train_grpo", "update_policy"]
 
@@ -175,86 +172,46 @@ def update_policy(
     return dict(stats)
 
 
-# ---- the loop -------------------------------------------------------------------------------------
+# ---- the learner ----------------------------------------------------------------------------------
 def train_grpo(
     config: GRPOConfig,
-    on_step: Callable[[rl.RLStepLog], None] | None = None,
-    on_rollout: rl.OnRollout | None = None,
-    rescore: rl.Rescore | None = None,
-    monitor: rl.Monitor | None = None,
-) -> rl.RLResult:
+    on_step: loop.OnStep | None = None,
+    on_rollout: loop.OnRollout | None = None,
+    rescore: loop.Rescore | None = None,
+    monitor: loop.Monitor | None = None,
+) -> TrainResult:
     """Run ``config.max_steps`` GRPO steps on ``config.env``; see the module docstring for one step.
 
     ``rescore(groups) -> groups`` changes the rollout's rewards before anything reads them, e.g. adds an
     LLM judge's or a reward model's score (:class:`agentrl.judge.JudgeGroupReward`). ``monitor`` is awaited
     after each step with ``(log, model, tokenizer)`` and its metrics become the log's ``monitors`` (e.g. the
-    held-out gold score of :class:`agentrl.learners.gold.GoldMonitor`).
+    held-out gold score of :class:`agentrl.learners.gold.GoldMonitor`). The shell around the update is
+    :func:`agentrl.learners.loop.run_online`.
 
     Raises:
         ConfigError: a setting the model, env or backend cannot honour (before any step runs).
     """
-    return asyncio.run(_train_grpo(config, on_step, on_rollout, rescore, monitor))
+    hooks = loop.Hooks(on_step, on_rollout, rescore, monitor)
+    return loop.run_online(config, "grpo", lambda: _learner(config), hooks)
 
 
-async def _train_grpo(config: GRPOConfig, on_step: Callable[[rl.RLStepLog], None] | None,
-                      on_rollout: rl.OnRollout | None, rescore: rl.Rescore | None,
-                      monitor: rl.Monitor | None) -> rl.RLResult:  # fmt: skip
-    optim.seed_everything(config.seed)
+def _learner(config: GRPOConfig) -> loop.Online:
     model, tokenizer = policy_model.load_trainable(config)
     reference = policy_model.load_reference(config, model) if config.beta > 0 else None
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     optimizer = optim.make_optimizer(model, config.lr, config.weight_decay, config.betas)
     total_updates = config.max_steps * config.updates_per_step
     scheduler = optim.make_scheduler(optimizer, config.warmup_steps, total_updates, config.min_lr_ratio)
-    step = 0
-    if config.resume_from is not None:
-        step = checkpoints.load_training_state(config.resume_from, optimizer, scheduler).step
-    meta = {"config": config.model_dump(mode="json"), "learner": "grpo"}
 
-    runner = rl.make_runner(config, model, tokenizer)
-    runner.calls = step  # the data position: step k plays the tasks and seeds of the runner's k-th call
-    history: list[rl.RLStepLog] = []
-    checkpoint: Path | None = None
-    try:
-        if config.rollout != "hf":
-            await rl.sync_weights(runner, model)
-        loop_started = time.perf_counter()
-        while step < config.max_steps:
-            started = time.perf_counter()
-            model.eval()
-            groups = await runner.run(config.prompts_per_step, config.group_size)
-            rollout_s = time.perf_counter() - started
-            if rescore is not None:
-                groups = list(rescore(groups))
-            if on_rollout is not None:
-                on_rollout(step + 1, groups)
+    def update(step: int, groups: Sequence[TrajectoryGroup]) -> loop.Update:
+        kept, dropped = rl.filter_groups(groups, config)
+        trajectories = [t for g in kept for t in g]
+        advantages = sample_advantages(kept, config)
+        model.train()
+        stats: dict[str, float] = {}
+        if trajectories:
+            stats = update_policy(model, optimizer, scheduler, trajectories, advantages, config,
+                                  pad_id=policy_model.pad_id(tokenizer), seed=config.seed + step,
+                                  reference=reference)  # fmt: skip
+        return loop.Update(trajectories, dropped, stats)
 
-            kept, dropped = rl.filter_groups(groups, config)
-            trajectories = [t for g in kept for t in g]
-            advantages = sample_advantages(kept, config)
-            lr = optimizer.param_groups[0]["lr"]
-            model.train()
-            update: dict[str, float] = {}
-            if trajectories:
-                update = update_policy(model, optimizer, scheduler, trajectories, advantages, config,
-                                       pad_id=pad_id, seed=config.seed + step, reference=reference)  # fmt: skip
-            step += 1
-            await rl.sync_weights(runner, model)
-
-            log = rl.step_log(step, groups, trajectories, dropped, lr, update, rollout_s, started, runner)
-            if monitor is not None:
-                log = dataclasses.replace(log, monitors=dict(await monitor(log, model, tokenizer)))
-            history.append(log)
-            if on_step is not None:
-                on_step(log)
-            at_save = config.save_every is not None and step % config.save_every == 0
-            last = rl.stops_here(config, step, loop_started)
-            if config.output_dir is not None and (at_save or last):
-                checkpoint = checkpoints.save_step(config, model, tokenizer, optimizer, scheduler, step, meta)
-            if last:
-                break
-    finally:
-        await runner.aclose()
-        await runner.policy.aclose()
-    model.train()
-    return rl.RLResult(model, tokenizer, tuple(history), checkpoint)
+    return loop.Online(model, tokenizer, optimizer, scheduler, update)

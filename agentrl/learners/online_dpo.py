@@ -25,22 +25,19 @@ Usage::
 
 from __future__ import annotations
 
-import asyncio
 import math
-import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field
 
 from agentrl.data.buffer import PreferencePair, TrajectoryGroup, mine_pair
-from agentrl.learners import checkpoints, optim, policy_model, rl
+from agentrl.learners import loop, optim, policy_model, rl
 from agentrl.learners.dpo import _REFERENCE_FREE, DPOConfig, SequenceLogps, _all_rows, _batch_loss, _dataset
 from agentrl.learners.dpo import _reference_logps as _sequence_reference_logps
+from agentrl.learners.result import TrainResult
 
-__all__ = ["GroupScorer", "OnlineDPOConfig", "OnlineDPOResult", "RoundLog", "mine_round", "train_online_dpo"]
+__all__ = ["GroupScorer", "OnlineDPOConfig", "mine_round", "train_online_dpo"]
 
 GroupScorer = Callable[[TrajectoryGroup], Sequence[float]]
 """Scores each trajectory of a group (higher is better), e.g. a trained reward model or an LLM judge."""
@@ -68,31 +65,6 @@ class OnlineDPOConfig(rl.RolloutConfig, DPOConfig):
         return self.epochs * math.ceil(self.prompts_per_step / self.batch_size)
 
 
-@dataclass(frozen=True)
-class RoundLog:
-    """One round: its samples' mean score, the pairs mined and the updates' mean statistics (NaN when no
-    pair was mined), the learning rate at its start and where the time went."""
-
-    step: int
-    mean_score: float
-    pairs: int
-    updates: int
-    loss: float
-    accuracy: float
-    margin: float
-    lr: float
-    rollout_seconds: float
-    seconds: float
-
-
-@dataclass(frozen=True)
-class OnlineDPOResult:
-    model: Any
-    tokenizer: Any
-    history: tuple[RoundLog, ...]
-    checkpoint: Path | None
-
-
 def mine_round(
     groups: Sequence[TrajectoryGroup], scorer: GroupScorer | None, min_margin: float
 ) -> tuple[list[PreferencePair], list[float]]:
@@ -115,84 +87,45 @@ def mine_round(
 def train_online_dpo(
     config: OnlineDPOConfig,
     scorer: GroupScorer | None = None,
-    on_step: Callable[[RoundLog], None] | None = None,
-    on_rollout: rl.OnRollout | None = None,
-) -> OnlineDPOResult:
+    on_step: loop.OnStep | None = None,
+    on_rollout: loop.OnRollout | None = None,
+    rescore: loop.Rescore | None = None,
+    monitor: loop.Monitor | None = None,
+) -> TrainResult:
     """Run ``config.max_steps`` rounds; see the module docstring for one round.
 
     Args:
         config: the run's settings.
         scorer: ranks each group's samples instead of the env's total reward.
-        on_step: called after every round with its :class:`RoundLog`.
-        on_rollout: called with ``(round, groups)`` after each round's rollout.
+        on_step / on_rollout / rescore / monitor: the hooks of :func:`~agentrl.learners.loop.run_online`,
+            as for GRPO (``rescore`` changes the rewards the pairs are mined by). Each round's log has the
+            samples' mean ``score``, the ``pairs`` mined and the updates' mean statistics in ``update``
+            (NaN when no pair was mined).
 
     Raises:
         ConfigError: a setting the model, env or backend cannot honour (before any round runs).
     """
-    return asyncio.run(_train_online_dpo(config, scorer, on_step, on_rollout))
+    hooks = loop.Hooks(on_step, on_rollout, rescore, monitor)
+    return loop.run_online(config, f"online-{config.loss}", lambda: _learner(config, scorer), hooks)
 
 
-async def _train_online_dpo(
-    config: OnlineDPOConfig,
-    scorer: GroupScorer | None,
-    on_step: Callable[[RoundLog], None] | None,
-    on_rollout: rl.OnRollout | None,
-) -> OnlineDPOResult:
-    optim.seed_everything(config.seed)
+def _learner(config: OnlineDPOConfig, scorer: GroupScorer | None) -> loop.Online:
     model, tokenizer = policy_model.load_trainable(config)
     needs_reference = config.loss not in _REFERENCE_FREE
-    initial = (
-        policy_model.load_reference(config, model)
-        if needs_reference and config.reference == "initial"
-        else None
-    )
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    initial = policy_model.load_reference(config, model) if needs_reference and config.reference == "initial" else None
     optimizer = optim.make_optimizer(model, config.lr, config.weight_decay, config.betas)
     total_updates = config.max_steps * config.updates_per_round
     scheduler = optim.make_scheduler(optimizer, config.warmup_steps, total_updates, config.min_lr_ratio)
-    step = 0
-    if config.resume_from is not None:
-        step = checkpoints.load_training_state(config.resume_from, optimizer, scheduler).step
-    meta = {"config": config.model_dump(mode="json"), "learner": f"online-{config.loss}"}
 
-    runner = rl.make_runner(config, model, tokenizer)
-    runner.calls = step  # round k plays the tasks and seeds of the runner's k-th call
-    history: list[RoundLog] = []
-    checkpoint: Path | None = None
-    try:
-        if config.rollout != "hf":
-            await rl.sync_weights(runner, model)
-        loop_started = time.perf_counter()
-        while step < config.max_steps:
-            started = time.perf_counter()
-            model.eval()
-            groups = await runner.run(config.prompts_per_step, config.group_size)
-            rollout_s = time.perf_counter() - started
-            if on_rollout is not None:
-                on_rollout(step + 1, groups)
+    def update(step: int, groups: Sequence[TrajectoryGroup]) -> loop.Update:
+        pairs, scores = mine_round(groups, scorer, config.min_margin)
+        stats = _update(config, model, optimizer, scheduler, pairs, tokenizer, initial, policy_model.pad_id(tokenizer),
+                        step)  # fmt: skip
+        trained = [t for pair in pairs for t in (pair.chosen, pair.rejected)]
+        stats = {"score": sum(scores) / len(scores) if scores else math.nan, "pairs": len(pairs), **stats}
+        return loop.Update(trained, {"unpaired": sum(len(g) for g in groups) - len(trained)}, stats)
 
-            pairs, scores = mine_round(groups, scorer, config.min_margin)
-            lr = optimizer.param_groups[0]["lr"]
-            stats = _update(config, model, optimizer, scheduler, pairs, tokenizer, initial, pad_id, step)
-            step += 1
-            await rl.sync_weights(runner, model)
-
-            log = RoundLog(step, sum(scores) / len(scores) if scores else math.nan, len(pairs), **stats, lr=lr,
-                           rollout_seconds=rollout_s, seconds=time.perf_counter() - started)  # fmt: skip
-            history.append(log)
-            if on_step is not None:
-                on_step(log)
-            at_save = config.save_every is not None and step % config.save_every == 0
-            last = rl.stops_here(config, step, loop_started)
-            if config.output_dir is not None and (at_save or last):
-                checkpoint = checkpoints.save_step(config, model, tokenizer, optimizer, scheduler, step, meta)
-            if last:
-                break
-    finally:
-        await runner.aclose()
-        await runner.policy.aclose()
-    model.train()
-    return OnlineDPOResult(model, tokenizer, tuple(history), checkpoint)
+    return loop.Online(model, tokenizer, optimizer, scheduler, update)
 
 
 def _update(config: OnlineDPOConfig, model: Any, optimizer: Any, scheduler: Any, pairs: Sequence[PreferencePair],

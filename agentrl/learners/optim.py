@@ -131,6 +131,11 @@ class Joint:
     def __init__(self, parts: Sequence[Any]):
         self.parts = list(parts)
 
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The first part's (the policy's): what a step log reports as the learning rate."""
+        return list(self.parts[0].param_groups)
+
     def state_dict(self) -> dict[str, Any]:
         return {"parts": [part.state_dict() for part in self.parts]}
 

@@ -24,6 +24,7 @@ __all__ = [
     "is_lora",
     "load_reference",
     "load_trainable",
+    "pad_id",
     "saveable",
 ]
 
@@ -69,6 +70,11 @@ def _with_lora(model: Any, lora: LoRAConfig, adapter: Path | None) -> Any:
         target_modules=lora.target_modules, task_type="CAUSAL_LM",
     )  # fmt: skip
     return get_peft_model(model, settings)
+
+
+def pad_id(tokenizer: Any) -> int:
+    """The id that pads a batch's rows: the tokenizer's pad token, else its end-of-sequence token."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 def is_lora(model: Any) -> bool:

@@ -23,11 +23,8 @@ Usage::
 
 from __future__ import annotations
 
-import asyncio
-import dataclasses
-import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +33,10 @@ import torch
 from pydantic import Field
 
 from agentrl import algos
-from agentrl.data.buffer import collate
+from agentrl.data.buffer import TrajectoryGroup, collate
 from agentrl.data.trajectory import Trajectory
-from agentrl.learners import batching, checkpoints, logprobs, optim, policy_model, rl
+from agentrl.learners import batching, logprobs, loop, optim, policy_model, rl
+from agentrl.learners.result import TrainResult
 from agentrl.models.value_head import ValueModel
 
 __all__ = ["CRITIC_DIR", "PPOConfig", "gae_advantages", "train_ppo"]
@@ -172,119 +170,61 @@ def update_actor_critic(
     return dict(stats)
 
 
-# ---- the loop -------------------------------------------------------------------------------------
+# ---- the learner ----------------------------------------------------------------------------------
 def train_ppo(
     config: PPOConfig,
-    on_step: Callable[[rl.RLStepLog], None] | None = None,
-    on_rollout: rl.OnRollout | None = None,
-    rescore: rl.Rescore | None = None,
-    monitor: rl.Monitor | None = None,
-) -> rl.RLResult:
+    on_step: loop.OnStep | None = None,
+    on_rollout: loop.OnRollout | None = None,
+    rescore: loop.Rescore | None = None,
+    monitor: loop.Monitor | None = None,
+) -> TrainResult:
     """Run ``config.max_steps`` PPO steps on ``config.env``; see the module docstring for one step.
 
     ``rescore`` and ``monitor`` work as in :func:`~agentrl.learners.grpo.train_grpo` (e.g. an LLM judge's
-    score in the reward, the held-out gold score). Returns an :class:`~agentrl.learners.rl.RLResult` whose
-    ``extras`` hold the ``critic`` and the final ``kl_coef``.
+    score in the reward, the held-out gold score). The result's ``extras`` hold the ``critic`` and the final
+    ``kl_coef``; checkpoints hold the critic under ``critic/``, both optimizers' states and ``kl_coef``.
     """
-    return asyncio.run(_train_ppo(config, on_step, on_rollout, rescore, monitor))
+    hooks = loop.Hooks(on_step, on_rollout, rescore, monitor)
+    return loop.run_online(config, "ppo", lambda: _learner(config), hooks)
 
 
-async def _train_ppo(config: PPOConfig, on_step: Callable[[rl.RLStepLog], None] | None,
-                     on_rollout: rl.OnRollout | None, rescore: rl.Rescore | None,
-                     monitor: rl.Monitor | None) -> rl.RLResult:  # fmt: skip
-    optim.seed_everything(config.seed)
+def _learner(config: PPOConfig) -> loop.Online:
     model, tokenizer = policy_model.load_trainable(config)
     resumed = Path(config.resume_from) / CRITIC_DIR if config.resume_from is not None else None
     critic = ValueModel.from_pretrained(resumed or config.critic_model or config.model, config.device).train()
     if config.gradient_checkpointing:
         critic.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     reference = policy_model.load_reference(config, model) if config.kl_coef > 0 else None
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = policy_model.pad_id(tokenizer)
     optimizers = [optim.make_optimizer(model, config.lr, config.weight_decay, config.betas),
                   optim.make_optimizer(critic, config.critic_lr or config.lr, config.weight_decay, config.betas)]  # fmt: skip
     total_updates = config.max_steps * config.updates_per_step
     schedulers = [
         optim.make_scheduler(o, config.warmup_steps, total_updates, config.min_lr_ratio) for o in optimizers
     ]
-    kl_ctl = (
-        algos.AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon)
-        if config.kl_target
-        else None
-    )
-    kl_coef, step = config.kl_coef, 0
-    if config.resume_from is not None:
-        state = checkpoints.load_training_state(
-            config.resume_from, optim.Joint(optimizers), optim.Joint(schedulers)
+    kl_ctl = algos.AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon) if config.kl_target else None
+    state = {"kl_coef": config.kl_coef}  # the shell restores it on resume
+
+    def update(step: int, groups: Sequence[TrajectoryGroup]) -> loop.Update:
+        kept, dropped = rl.filter_groups(groups, config)
+        trajectories = [t for g in kept for t in g]
+        if not trajectories:
+            return loop.Update(trajectories, dropped, {})
+        kl_coef = state["kl_coef"]
+        old = {"logprobs": batching.logprob_arrays(model, trajectories, pad_id, config),
+               "values": batching.per_trajectory(critic, trajectories, pad_id, config)}  # fmt: skip
+        ref = batching.logprob_arrays(model, trajectories, pad_id, config, reference, True) if kl_coef > 0 else None
+        old["advantages"], old["returns"], kl = gae_advantages(
+            trajectories, old["values"], config, old["logprobs"], ref, kl_coef
         )
-        step, kl_coef = state.step, float(state.meta.get("kl_coef", kl_coef))
+        model.train()
+        stats = update_actor_critic(model, critic, optimizers, schedulers, trajectories, old, config,
+                                    pad_id=pad_id, seed=config.seed + step)  # fmt: skip
+        stats.update(kl=kl, kl_coef=kl_coef)
         if kl_ctl is not None:
             kl_ctl.beta = kl_coef
+            state["kl_coef"] = kl_ctl.update(kl, n_steps=len(trajectories))
+        return loop.Update(trajectories, dropped, stats)
 
-    runner = rl.make_runner(config, model, tokenizer)
-    runner.calls = step
-    history: list[rl.RLStepLog] = []
-    checkpoint: Path | None = None
-    try:
-        if config.rollout != "hf":
-            await rl.sync_weights(runner, model)
-        loop_started = time.perf_counter()
-        while step < config.max_steps:
-            started = time.perf_counter()
-            model.eval()
-            groups = await runner.run(config.prompts_per_step, config.group_size)
-            rollout_s = time.perf_counter() - started
-            if rescore is not None:
-                groups = list(rescore(groups))
-            if on_rollout is not None:
-                on_rollout(step + 1, groups)
-
-            kept, dropped = rl.filter_groups(groups, config)
-            trajectories = [t for g in kept for t in g]
-            lr = optimizers[0].param_groups[0]["lr"]
-            update: dict[str, float] = {}
-            if trajectories:
-                old = {"logprobs": batching.logprob_arrays(model, trajectories, pad_id, config),
-                       "values": batching.per_trajectory(critic, trajectories, pad_id, config)}  # fmt: skip
-                ref = (
-                    batching.logprob_arrays(model, trajectories, pad_id, config, reference, True)
-                    if kl_coef > 0
-                    else None
-                )
-                old["advantages"], old["returns"], kl = gae_advantages(
-                    trajectories, old["values"], config, old["logprobs"], ref, kl_coef
-                )
-                model.train()
-                update = update_actor_critic(model, critic, optimizers, schedulers, trajectories, old, config,
-                                             pad_id=pad_id, seed=config.seed + step)  # fmt: skip
-                update.update(kl=kl, kl_coef=kl_coef)
-                if kl_ctl is not None:
-                    kl_coef = kl_ctl.update(kl, n_steps=len(trajectories))
-            step += 1
-            await rl.sync_weights(runner, model)
-
-            log = rl.step_log(step, groups, trajectories, dropped, lr, update, rollout_s, started, runner)
-            if monitor is not None:
-                log = dataclasses.replace(log, monitors=dict(await monitor(log, model, tokenizer)))
-            history.append(log)
-            if on_step is not None:
-                on_step(log)
-            at_save = config.save_every is not None and step % config.save_every == 0
-            last = rl.stops_here(config, step, loop_started)
-            if config.output_dir is not None and (at_save or last):
-                checkpoint = _save(config, model, critic, tokenizer, optimizers, schedulers, step, kl_coef)
-            if last:
-                break
-    finally:
-        await runner.aclose()
-        await runner.policy.aclose()
-    model.train()
-    return rl.RLResult(model, tokenizer, tuple(history), checkpoint, {"critic": critic, "kl_coef": kl_coef})
-
-
-def _save(config: PPOConfig, model: Any, critic: ValueModel, tokenizer: Any, optimizers: Sequence[Any],
-          schedulers: Sequence[Any], step: int, kl_coef: float) -> Path:  # fmt: skip
-    """The actor's checkpoint with the critic's weights under ``critic/``; both optimizers' and schedulers'
-    states and ``kl_coef`` go into the one training state, so a crash never splits them."""
-    meta = {"config": config.model_dump(mode="json"), "learner": "ppo", "kl_coef": kl_coef}
-    return checkpoints.save_step(config, model, tokenizer, optim.Joint(optimizers), optim.Joint(schedulers), step,
-                            meta, extras={CRITIC_DIR: critic})  # fmt: skip
+    return loop.Online(model, tokenizer, optim.Joint(optimizers), optim.Joint(schedulers), update,
+                       saved={CRITIC_DIR: critic}, state=state)  # fmt: skip

@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import time
 from collections import Counter, defaultdict
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -28,12 +27,8 @@ from agentrl.rollout.runner import RolloutLimits, Runner
 from agentrl.types import StopReason
 
 __all__ = [
-    "Monitor",
-    "OnRollout",
     "RLConfig",
-    "RLResult",
     "RLStepLog",
-    "Rescore",
     "RolloutConfig",
     "filter_groups",
     "make_runner",
@@ -42,15 +37,6 @@ __all__ = [
     "sync_weights",
 ]
 
-
-OnRollout = Callable[[int, Sequence[TrajectoryGroup]], None]
-"""Called with ``(step, groups)`` right after a step's rollout, before any filter: for trajectory logs and
-monitors (the step is the one being taken, counted from 1)."""
-Monitor = Callable[["RLStepLog", Any, Any], Awaitable[Mapping[str, float]]]
-"""Awaited after each step with ``(log, model, tokenizer)``; what it returns becomes the log's ``monitors``
-(e.g. :class:`~agentrl.learners.gold.GoldMonitor`'s held-out gold score)."""
-Rescore = Callable[[Sequence[TrajectoryGroup]], Sequence[TrajectoryGroup]]
-"""Returns a step's groups with changed rewards (e.g. a judge's score added), before anything reads them."""
 
 
 class RolloutConfig(TrainConfig):
@@ -226,7 +212,8 @@ def filter_groups(
 # ---- steps and logs ------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class RLStepLog:
-    """One RL step: rewards of what was played, what the filters kept, and the update's statistics."""
+    """One online step (GRPO, PPO, an online DPO round): rewards of what was played, what the update trained
+    on, what its filters dropped, and its statistics."""
 
     step: int
     reward_mean: float
@@ -248,17 +235,6 @@ class RLStepLog:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-@dataclass(frozen=True)
-class RLResult:
-    """What an RL learner returns: the trained model (train mode), tokenizer, per-step log, last checkpoint."""
-
-    model: Any
-    tokenizer: Any
-    history: tuple[RLStepLog, ...]
-    checkpoint: Path | None
-    extras: Mapping[str, Any] = field(default_factory=dict)
 
 
 def step_log(step: int, groups: Sequence[TrajectoryGroup], trained: Sequence[Trajectory], dropped: Mapping[str, int],

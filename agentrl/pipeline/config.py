@@ -106,7 +106,7 @@ class RejectionSection(StrictConfig):
 
 class SecondRLSection(StrictConfig):
     """A second RL stage from the rejection-sampling SFT model (or the RL model), whose reward can mix the
-    env's verifiable reward with an LLM judge's score (GRPO-family algorithms and PPO)."""
+    env's verifiable reward with an LLM judge's score (every online algorithm)."""
 
     max_steps: int = Field(0, ge=0, description="optimizer steps of the stage; 0 skips it, e.g. 100")
     learner: dict[str, Any] = Field(
@@ -121,7 +121,7 @@ class SecondRLSection(StrictConfig):
 
 class GoldSection(StrictConfig):
     """The over-optimisation monitor of the RL stages: a held-out gold score every ``every`` steps beside
-    the training reward (GRPO-family algorithms and PPO)."""
+    the training reward (every online algorithm)."""
 
     every: int = Field(0, ge=0, description="steps between gold measurements; 0: no monitor, e.g. 10")
     tasks: int = Field(32, ge=1, description="held-out tasks per measurement, e.g. 32")
@@ -163,11 +163,6 @@ class RunConfig(StrictConfig):
     def _known_algo(self) -> RunConfig:
         if self.algo not in ALGOS:
             raise ValueError(f"unknown algo {self.algo!r}; choose one of {sorted(ALGOS)}")
-        hooked = [name for name, on in (("rl2.judge", self.rl2.judge is not None and self.rl2.max_steps > 0),
-                                        ("gold.every", self.gold.every > 0)) if on]  # fmt: skip
-        if hooked and self.algo == "dpo":
-            raise ValueError(f"these settings need a reward-driven RL algo (grpo, dapo, dr_grpo, rloo, "
-                             f"reinforce_pp, ppo), not online 'dpo': {', '.join(hooked)}")  # fmt: skip
         return self
 
 

@@ -251,7 +251,7 @@ def _rejection_phase(resolved: Resolved, out: RunDir, stream: IO[str] | None, rl
 
 
 def _rl_hooks(resolved: Resolved, phase: str) -> dict[str, Any]:
-    """``rescore`` (the judge, in the second stage) and ``monitor`` (the gold score) for a GRPO learner."""
+    """``rescore`` (the judge, in the second stage) and ``monitor`` (the gold score) for the online learner."""
     run, hooks = resolved.run, dict[str, Any]()
     if phase == "rl2" and run.rl2.judge is not None:
         from agentrl.judge import JudgeGroupReward, load_judge_config
@@ -308,7 +308,7 @@ def _rl_phase(resolved: Resolved, out: RunDir, stream: IO[str] | None, phase: st
     with Progress(phase, config.max_steps, initial=step, stream=stream) as bar:
 
         def on_step(log: Any) -> None:
-            metrics = {**_as_dict(log), **played.pop(log.step, {})}
+            metrics = {**flatten_metrics(log.as_dict()), **played.pop(log.step, {})}
             if "sampled_tokens" in metrics and log.seconds:
                 metrics["tokens_per_s"] = metrics["sampled_tokens"] / log.seconds
             out.log(phase, log.step, metrics)
@@ -343,7 +343,3 @@ def _eval_phase(phase: str, checkpoint: Path | None, resolved: Resolved, out: Ru
     with Progress(phase, 1, stream=stream, interval_s=0) as bar:
         bar.update(1, result.metrics())
     return result
-
-
-def _as_dict(log: Any) -> dict[str, Any]:
-    return flatten_metrics(log.as_dict() if hasattr(log, "as_dict") else vars(log))

@@ -109,6 +109,7 @@ class _Episode:
     task_index: int
     sample_index: int
     reset_seed: int
+    run_seed: int
     ledger: LedgerBuilder = field(default_factory=lambda: LedgerBuilder(()))
     finish_reasons: list[str] = field(default_factory=list)
     versions: list[int] = field(default_factory=list)
@@ -174,7 +175,7 @@ class Runner:
         self._spec_max_turns = _registered_max_turns(env)
         self.concurrency, self.seed = concurrency, seed
         self.send_messages = prompt_format == "messages"
-        self.calls = 0  # run() calls so far: each call draws fresh seeds, so training steps differ
+        self.calls = 0  # the call the next run() plays by default: each call draws fresh seeds
         check_template(tokenizer, template)
         self.anchored_glue = not exact_glue and _anchored_glue_holds(tokenizer, template)
         self._fast_tokenizer = _fast_tokenizer(tokenizer, template)
@@ -182,12 +183,19 @@ class Runner:
         self._prompt_cache: dict[str, list[int]] = {}
 
     # ---- public API --------------------------------------------------------------------------------
-    async def run(self, tasks: int | Iterable[Task | int], group_size: int = 1) -> list[TrajectoryGroup]:
+    async def run(
+        self, tasks: int | Iterable[Task | int], group_size: int = 1, *, call: int | None = None,
+        seed: int | None = None,
+    ) -> list[TrajectoryGroup]:  # fmt: skip
         """Play every task ``group_size`` times; one group per task, in task order.
 
         Args:
             tasks: a count (tasks with derived reset seeds) or :class:`Task` s (an int is a reset seed).
             group_size: samples per task (G).
+            call: the data position: which call's tasks and seeds to play (a learner passes its step, so a
+                resumed run replays what the straight run would). None: the call after the last one.
+            seed: the run seed for this call only (the eval harness seeds each episode by itself). None:
+                the runner's.
 
         Raises:
             ConfigError: ``group_size`` < 1. Episode failures never raise; they are trajectories.
@@ -195,8 +203,12 @@ class Runner:
         if group_size < 1:
             raise ConfigError(f"group_size must be >= 1, got {group_size}")
         task_list = _as_tasks(tasks)
-        call, self.calls = self.calls, self.calls + 1
-        episodes = [self._new_episode(t, call, i, s) for i, t in enumerate(task_list) for s in range(group_size)]
+        call = self.calls if call is None else call
+        self.calls = call + 1
+        run_seed = self.seed if seed is None else seed
+        episodes = [
+            self._new_episode(t, run_seed, call, i, s) for i, t in enumerate(task_list) for s in range(group_size)
+        ]
         results: list[Trajectory | None] = [None] * len(episodes)
         queue: asyncio.Queue[int] = asyncio.Queue()
         for n in range(len(episodes)):
@@ -221,9 +233,9 @@ class Runner:
             await self._close_env(env)
 
     # ---- one episode -------------------------------------------------------------------------------
-    def _new_episode(self, task: Task, call: int, task_index: int, sample_index: int) -> _Episode:
-        reset_seed = task.seed if task.seed is not None else derive_seed(self.seed, call, task_index)
-        return _Episode(task, call, task_index, sample_index, reset_seed)
+    def _new_episode(self, task: Task, run_seed: int, call: int, task_index: int, sample_index: int) -> _Episode:
+        reset_seed = task.seed if task.seed is not None else derive_seed(run_seed, call, task_index)
+        return _Episode(task, call, task_index, sample_index, reset_seed, run_seed)
 
     async def _play(self, episode: _Episode) -> Trajectory:
         """Play one episode to its end and freeze its ledger; never raises for a failed episode."""
@@ -334,7 +346,7 @@ class Runner:
         return StopReason.CONTEXT_OVERFLOW if room <= left else StopReason.MAX_TOKENS
 
     def _sampling(self, episode: _Episode, turn: int, cap: int) -> SamplingParams:
-        seed = derive_seed(self.seed, episode.call, episode.task_index, episode.sample_index, turn)
+        seed = derive_seed(episode.run_seed, episode.call, episode.task_index, episode.sample_index, turn)
         return dataclasses.replace(self.sampling, max_tokens=cap, seed=seed)
 
     def _record(
@@ -358,7 +370,7 @@ class Runner:
             "task_index": episode.task_index,
             "sample_index": episode.sample_index,
             "reset_seed": episode.reset_seed,
-            "run_seed": self.seed,
+            "run_seed": episode.run_seed,
             "call": episode.call,
             "finish_reasons": list(episode.finish_reasons),
             "elapsed_s": round(elapsed, 6),

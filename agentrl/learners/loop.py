@@ -1,0 +1,160 @@
+"""The shell every online learner (GRPO, PPO, online DPO) runs in: it owns the rollout backend and its
+lifetime, the data position, the weight sync, the hooks, the step log, checkpoints and resuming, and when to
+stop. A learner hands it an :class:`Online` (its model, optimizer and a ``update(step, groups)`` function)
+and keeps its math in its own file.
+
+One step::
+
+    rollout      runner.run(prompts_per_step tasks x group_size, call=step)   (the data position)
+    rescore      rescore(groups): change rewards before anything reads them (a judge, a reward model)
+    on_rollout   on_rollout(step + 1, groups): trajectory logs, pass rates
+    update       online.update(step, groups) -> Update(trained, dropped, stats)   (the learner's own)
+    weight sync  to the rollout backend (nothing to copy when it samples with the learner's module)
+    log          RLStepLog; monitor(log, model, tokenizer) adds its metrics; on_step(log)
+    checkpoint   every save_every steps and at the last step (max_steps, or max_seconds spent)
+
+A resumed run restores the optimizer, scheduler, RNG states and the learner's ``state`` from the checkpoint
+and plays from the step it reached, so it sees the tasks and seeds the straight run would have.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agentrl.data.buffer import TrajectoryGroup
+from agentrl.data.trajectory import Trajectory
+from agentrl.learners import checkpoints, optim, rl
+from agentrl.learners.result import TrainResult
+
+__all__ = ["Hooks", "Monitor", "OnRollout", "OnStep", "Online", "Rescore", "Update", "run_online"]
+
+OnRollout = Callable[[int, Sequence[TrajectoryGroup]], None]
+"""Called with ``(step, groups)`` right after a step's rollout (and ``rescore``), before the update: for
+trajectory logs and pass rates (the step is the one being taken, counted from 1)."""
+OnStep = Callable[[rl.RLStepLog], None]
+"""Called with each step's log, after the weight sync and the monitor."""
+Monitor = Callable[[rl.RLStepLog, Any, Any], Awaitable[Mapping[str, float]]]
+"""Awaited after each step with ``(log, model, tokenizer)``; what it returns becomes the log's ``monitors``
+(e.g. :class:`~agentrl.learners.gold.GoldMonitor`'s held-out gold score)."""
+Rescore = Callable[[Sequence[TrajectoryGroup]], Sequence[TrajectoryGroup]]
+"""Returns a step's groups with changed rewards (e.g. a judge's score added), before anything reads them."""
+
+
+@dataclass(frozen=True)
+class Hooks:
+    """What a caller plugs into every online learner (see the types above); each may be None."""
+
+    on_step: OnStep | None = None
+    on_rollout: OnRollout | None = None
+    rescore: Rescore | None = None
+    monitor: Monitor | None = None
+
+
+@dataclass(frozen=True)
+class Update:
+    """What one update did: the trajectories it trained on, how many samples each filter dropped, and its
+    mean statistics (the step log's ``update``)."""
+
+    trained: Sequence[Trajectory]
+    dropped: Mapping[str, int]
+    stats: Mapping[str, float]
+
+
+@dataclass(frozen=True)
+class Online:
+    """A learner as the shell sees it.
+
+    Attributes:
+        model: the policy being trained; the ``hf`` rollout samples with this very module.
+        tokenizer: its tokenizer.
+        optimizer / scheduler: stepped by ``update``, saved and restored by the shell (an
+            :class:`~agentrl.learners.optim.Joint` of several when the learner has several).
+        update: ``update(step, groups)`` trains on a step's groups (``step`` counts from 0: seed the
+            update's shuffles with it) and says what it did.
+        saved: modules checkpointed beside the policy, by directory name (PPO's ``critic``).
+        state: values the update reads and changes across steps (PPO's ``kl_coef``): saved in each
+            checkpoint's metadata, restored in place on resume, returned in the result's ``extras``.
+    """
+
+    model: Any
+    tokenizer: Any
+    optimizer: Any
+    scheduler: Any
+    update: Callable[[int, Sequence[TrajectoryGroup]], Update]
+    saved: Mapping[str, Any] = field(default_factory=dict)
+    state: MutableMapping[str, Any] = field(default_factory=dict)
+
+
+def run_online(config: rl.RolloutConfig, learner: str, build: Callable[[], Online], hooks: Hooks) -> TrainResult:
+    """Seed, ``build()`` the learner, and run ``config.max_steps`` online steps (see the module docstring).
+
+    Args:
+        config: the learner's config (its rollout, stopping and checkpoint fields are read here).
+        learner: its name in checkpoint metadata, e.g. ``"grpo"``.
+        build: loads the models and makes the optimizers; called after seeding, before any resume.
+        hooks: the caller's.
+
+    Raises:
+        ConfigError: a setting the model, env or backend cannot honour (before any step runs).
+    """
+    return asyncio.run(_run(config, learner, build, hooks))
+
+
+async def _run(config: rl.RolloutConfig, learner: str, build: Callable[[], Online], hooks: Hooks) -> TrainResult:
+    optim.seed_everything(config.seed)
+    online = build()
+    model, tokenizer = online.model, online.tokenizer
+    step = 0
+    if config.resume_from is not None:
+        resumed = checkpoints.load_training_state(config.resume_from, online.optimizer, online.scheduler)
+        step = resumed.step
+        online.state.update({k: resumed.meta[k] for k in online.state if k in resumed.meta})
+
+    runner = rl.make_runner(config, model, tokenizer)
+    history: list[rl.RLStepLog] = []
+    checkpoint: Path | None = None
+    try:
+        if config.rollout != "hf":
+            await rl.sync_weights(runner, model)
+        loop_started = time.perf_counter()
+        while step < config.max_steps:
+            started = time.perf_counter()
+            model.eval()
+            groups = await runner.run(config.prompts_per_step, config.group_size, call=step)
+            rollout_s = time.perf_counter() - started
+            if hooks.rescore is not None:
+                groups = list(hooks.rescore(groups))
+            if hooks.on_rollout is not None:
+                hooks.on_rollout(step + 1, groups)
+
+            lr = online.optimizer.param_groups[0]["lr"]
+            update = online.update(step, groups)
+            step += 1
+            await rl.sync_weights(runner, model)
+
+            log = rl.step_log(step, groups, update.trained, update.dropped, lr, update.stats, rollout_s, started,
+                              runner)  # fmt: skip
+            if hooks.monitor is not None:
+                log = dataclasses.replace(log, monitors=dict(await hooks.monitor(log, model, tokenizer)))
+            history.append(log)
+            if hooks.on_step is not None:
+                hooks.on_step(log)
+            at_save = config.save_every is not None and step % config.save_every == 0
+            last = rl.stops_here(config, step, loop_started)
+            if config.output_dir is not None and (at_save or last):
+                meta = {"config": config.model_dump(mode="json"), "learner": learner, **online.state}
+                checkpoint = checkpoints.save_step(config, model, tokenizer, online.optimizer, online.scheduler,
+                                                   step, meta, extras=dict(online.saved))  # fmt: skip
+            if last:
+                break
+    finally:
+        await runner.aclose()
+        await runner.policy.aclose()
+    model.train()
+    return TrainResult(model, tokenizer, tuple(history), checkpoint, {**online.saved, **online.state})
