@@ -318,6 +318,35 @@ def test_successive_runs_draw_fresh_tasks_and_a_new_runner_replays_them(tokenize
     assert fixed.trajectories[0].meta["reset_seed"] == 5
 
 
+def test_call_and_seed_pick_the_data_position_without_touching_the_runner_from_outside(tokenizer):
+    # A learner resumed at step k passes call=k and plays what the straight run's k-th call played; the
+    # harness passes a seed per episode. Both leave the next default call right after the one played.
+    def played(groups):
+        return [(t.meta["reset_seed"], t.meta["run_seed"], t.meta["call"]) for g in groups for t in g]
+
+    async def straight():
+        runner = Runner("toy-echo-v0", ScriptedPolicy(tokenizer, echo_reply), tokenizer, seed=3)
+        out = [played(await runner.run(2, group_size=2)) for _ in range(3)]
+        await runner.aclose()
+        return out
+
+    async def at(call, then_default=False, seed=None):
+        runner = Runner("toy-echo-v0", ScriptedPolicy(tokenizer, echo_reply), tokenizer, seed=3)
+        out = [played(await runner.run(2, group_size=2, call=call, seed=seed))]
+        if then_default:
+            out.append(played(await runner.run(2, group_size=2)))
+        await runner.aclose()
+        return out
+
+    calls = asyncio.run(straight())
+    assert asyncio.run(at(1, then_default=True)) == calls[1:]
+    [reseeded] = asyncio.run(at(0, seed=11))
+    assert {run_seed for _, run_seed, _ in reseeded} == {11} and {s for s, _, _ in reseeded}.isdisjoint(
+        {s for s, _, _ in calls[0]}
+    )
+    assert reseeded[0][0] == derive_seed(11, 0, 0)
+
+
 def test_hf_sampling_through_the_runner_is_reproducible(tokenizer):
     from agentrl.rollout.hf import HFPolicy
 

@@ -14,11 +14,7 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from agentrl.algos import Aggregation
-from agentrl.data.buffer import (
-    TrajectoryBuffer,
-    TrajectoryGroup,
-    drop_zero_variance,
-)
+from agentrl.data.buffer import TrajectoryBuffer, TrajectoryGroup, drop_zero_variance
 from agentrl.data.trajectory import Trajectory
 from agentrl.learners.config import TrainConfig
 from agentrl.learners.policy_model import export_weights
