@@ -172,9 +172,7 @@ def _check_labels(example: StepLabelledConversation, separator: str | None) -> N
             raise ValueError(f"label {label!r} must be 1, 0, a probability in between, or null (not scored)")
 
 
-def _pair_rows(
-    tokenizer: Any, template: str | None, example: Any
-) -> tuple[learned.ScoreRow, learned.ScoreRow, float]:
+def _pair_rows(tokenizer: Any, template: str | None, example: Any) -> tuple[learned.ScoreRow, learned.ScoreRow, float]:
     """``(chosen, rejected, reward gap)`` of a conversation pair (gap 0) or a mined PreferencePair."""
     if isinstance(example, PreferencePair):
         chosen, rejected = (learned.score_row(t, [t.turns[-1].last_token]) for t in (example.chosen, example.rejected))
