@@ -26,8 +26,7 @@ from agentrl.learners.dpo import (
     read_preference_jsonl,
     train_dpo,
 )
-from agentrl.learners.sft import demonstration_ledger
-from agentrl.models.chat import ChatRenderer
+from agentrl.models.chat import ChatRenderer, demonstration_ledger
 from agentrl.models.loading import load_model, load_tokenizer
 
 

@@ -304,7 +304,7 @@ def test_best_of_n_by_a_trained_reward_model(math_run, tmp_path):
     its scores are the scorer's own, and a second report reuses them from scores.json."""
     from agentrl.learners.dpo import PreferenceConversation
     from agentrl.learners.reward_model import RewardModelConfig, train_reward_model
-    from agentrl.learners.reward_scorers import RewardModelScorer
+    from agentrl.rewards.learned import RewardModelScorer
 
     rng = random.Random(1)
     pairs = []

@@ -39,13 +39,23 @@ def test_the_learners_package_has_no_private_modules_left_for_others_to_reach():
     assert not [p.name for p in (PACKAGE / "learners").glob("_*.py") if p.name != "__init__.py"]
 
 
-def test_evaluation_imports_nothing_from_the_learners():
-    offenders = [
+def _learner_imports(*folders: str) -> list[str]:
+    return [
         f"{path.relative_to(PACKAGE.parent)}: {name}"
-        for path in _modules_under("evaluation")
+        for folder in folders
+        for path in _modules_under(folder)
         for name in _imports(path)
         if name == "agentrl.learners" or name.startswith("agentrl.learners.")
     ]
+
+
+def test_evaluation_imports_nothing_from_the_learners():
+    offenders = _learner_imports("evaluation")
     assert not offenders, "the harness evaluates any policy; move what it needs below learners:\n" + "\n".join(
         offenders
     )
+
+
+def test_the_layers_below_the_learners_import_nothing_from_them():
+    offenders = _learner_imports("rewards", "data", "models")
+    assert not offenders, "a learned scorer lives in rewards, a value head in models:\n" + "\n".join(offenders)

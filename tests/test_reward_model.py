@@ -21,19 +21,17 @@ from agentrl.learners.reward_model import (
     ProcessRewardConfig,
     RewardModelConfig,
     StepLabelledConversation,
-    _step_ends,
     bradley_terry_loss,
     read_step_labels_jsonl,
     step_bce_loss,
     train_process_reward_model,
     train_reward_model,
 )
-from agentrl.learners.reward_scorers import ProcessRewardScorer, RewardModelScorer, default_to_messages
-from agentrl.learners.sft import demonstration_ledger
-from agentrl.models.chat import ChatRenderer
+from agentrl.models.chat import ChatRenderer, demonstration_ledger
 from agentrl.models.loading import load_tokenizer
 from agentrl.models.value_head import ValueModel
 from agentrl.rewards import RewardSpec, WeightedReward
+from agentrl.rewards.learned import ProcessRewardScorer, RewardModelScorer, default_to_messages, step_ends
 from agentrl.toolenv import Task, ToolEnv
 
 WORDS = "the a cat dog sun moon red blue runs sits big small tree river".split()
@@ -165,7 +163,7 @@ def test_the_reward_model_ranks_held_out_pairs(rm_run, tokenizer):
     assert after >= 0.9
     assert rm_run.history[0].loss == pytest.approx(math.log(2), rel=1e-6)
     assert rm_run.history[-1].loss < 0.3
-    assert (rm_run.num_examples, rm_run.num_cut) == (64, 0)
+    assert rm_run.extras == {"num_examples": 64, "num_too_long": 0}
 
 
 def test_the_process_reward_model_learns_step_labels(prm_run):
@@ -179,6 +177,17 @@ def test_the_process_reward_model_learns_step_labels(prm_run):
     print(f"held-out step accuracy {right / total:.3f} over {total} steps")
     assert right / total >= 0.9
     assert prm_run.history[0].loss == pytest.approx(math.log(2), rel=1e-6)
+    assert prm_run.extras == {"num_examples": 64, "num_too_long": 0}
+
+
+def test_pairs_longer_than_max_seq_len_are_dropped_and_counted(tokenizer):
+    pairs, renderer = marker_pairs(8, seed=6), ChatRenderer(tokenizer)
+    last = [max(demonstration_ledger(renderer, [*p.prompt, *side]).turns[-1].last_token
+                for side in (p.chosen, p.rejected)) for p in pairs]  # fmt: skip
+    limit = sorted(last)[len(last) // 2]
+    result = train_reward_model(RewardModelConfig(max_steps=1, warmup_steps=0, max_seq_len=limit), pairs)
+    too_long = sum(x >= limit for x in last)
+    assert 0 < too_long < len(pairs) and result.extras == {"num_examples": 8 - too_long, "num_too_long": too_long}
 
 
 # ---- where the head reads -----------------------------------------------------------------------
@@ -190,14 +199,14 @@ def test_each_step_is_scored_at_the_token_ending_it(tokenizer):
         {"role": "tool", "content": "5"},
         {"role": "assistant", "content": "<answer>5</answer>"},
     ]
-    ids, ends = _step_ends(renderer, messages, "\n\n")
-    text = [tokenizer.decode(ids[: e + 1]) for turn in ends for e in turn]
+    ledger, ends = step_ends(renderer, messages, "\n\n")
+    text = [tokenizer.decode(ledger.token_ids[: e + 1]) for turn in ends for e in turn]
     assert [len(turn) for turn in ends] == [3, 1]
     # Each step ends with its separator (here the token ".\n\n", then the first of two "\n\n" tokens).
     assert text[0].endswith("assistant\nStep one.\n\n") and text[1].endswith("one.\n\nStep two\n\n")
     assert text[2].endswith("three<|im_end|>") and text[3].endswith("<answer>5</answer><|im_end|>")
-    assert len(ids) == ends[-1][-1] + 1  # the row stops at the last assistant token
-    _, per_turn = _step_ends(renderer, messages, None)
+    assert len(ledger.token_ids) == ends[-1][-1] + 1  # the ledger stops at the last assistant token
+    _, per_turn = step_ends(renderer, messages, None)
     assert per_turn == [[ends[0][-1]], [ends[1][-1]]]
 
 
@@ -208,7 +217,7 @@ def test_later_messages_and_padding_do_not_move_a_score(rm_run, prm_run):
     longer = [*conversation, {"role": "assistant", "content": "yes " * 30}]
     alone, with_later = rm.score_conversations([conversation, [*conversation, *later]])
     batched = rm.score_conversations([conversation, longer])[0]  # right-padded beside a longer row
-    assert alone == with_later
+    assert with_later == pytest.approx(alone, abs=1e-5)
     assert batched == pytest.approx(alone, abs=1e-5)
     assert alone != rm.score_conversations([longer])[0]
 

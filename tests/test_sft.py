@@ -17,7 +17,6 @@ from agentrl.learners.sft import (
     _collate,
     _forward,
     _rows,
-    demonstration_ledger,
     env_demonstrations,
     masked_nll,
     read_messages_jsonl,
@@ -25,7 +24,7 @@ from agentrl.learners.sft import (
     shared_prefix_length,
     train_sft,
 )
-from agentrl.models.chat import ChatRenderer
+from agentrl.models.chat import ChatRenderer, demonstration_ledger
 from agentrl.models.loading import load_model, load_tokenizer
 
 IM_END = "<|im_end|>"

@@ -271,7 +271,7 @@ class RewardModelSource:
     conversation's last assistant token (:meth:`RewardModelScorer.score_conversations`)."""
 
     def __init__(self, path: str, device: str):
-        from agentrl.learners.reward_scorers import RewardModelScorer
+        from agentrl.rewards.learned import RewardModelScorer
 
         self.scorer = RewardModelScorer.from_pretrained(path, device=device)
 

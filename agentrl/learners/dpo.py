@@ -1,7 +1,7 @@
 """Offline preference learning: DPO (with its robust, IPO and hinge variants), KTO, ORPO and SimPO.
 
 Each conversation becomes the token ledger a rollout would have recorded (see
-:func:`agentrl.learners.sft.demonstration_ledger`), with the loss mask cut down to the completion: only the
+:func:`agentrl.models.chat.demonstration_ledger`), with the loss mask cut down to the completion: only the
 tokens the policy sampled after the shared prompt count. Tool results, user turns and template glue inside
 a multi-turn completion are mask 0, so they enter neither a sequence logprob nor a gradient. The losses are
 the pure functions of :mod:`agentrl.algos.preference`; this module only feeds them.
@@ -44,8 +44,7 @@ from agentrl.learners.preference_data import (
     PreferenceConversation,
     read_preference_jsonl,
 )
-from agentrl.learners.sft import demonstration_ledger
-from agentrl.models.chat import ChatRenderer
+from agentrl.models.chat import ChatRenderer, demonstration_ledger
 from agentrl.types import Message
 
 __all__ = [

@@ -1,8 +1,8 @@
 """Reward models and process reward models: train them on conversations, then use them as rewards.
 
 Both are the LM trunk with a scalar head (:class:`~agentrl.models.value_head.ValueModel`: the trunk plus
-``value_head.safetensors``) read on the token ledger a rollout would have recorded
-(:func:`~agentrl.learners.sft.demonstration_ledger`), at sampled tokens only:
+``value_head.safetensors``) read (:func:`~agentrl.rewards.learned.end_scores`) on the token ledger a rollout
+would have recorded (:func:`~agentrl.models.chat.demonstration_ledger`), at sampled tokens only:
 
 - **Reward model (ORM)**: at the last assistant turn's end-of-turn token, trained Bradley–Terry on
   chosen/rejected pairs. Later messages are dropped and attention is causal: no tool result or user turn
@@ -11,7 +11,7 @@ Both are the LM trunk with a scalar head (:class:`~agentrl.models.value_head.Val
   at ``step_separator``, e.g. ``"\\n\\n"``; a step ends with its separator, the last with the end-of-turn
   token), trained with binary cross-entropy on step labels.
 
-Usage (the scorers, in :mod:`agentrl.learners.reward_scorers`, plug into :mod:`agentrl.rewards.base`)::
+Usage (the scorers, in :mod:`agentrl.rewards.learned`, plug into :mod:`agentrl.rewards.base`)::
 
     result = train_reward_model(RewardModelConfig(output_dir="runs/rm"), read_preference_jsonl("p.jsonl"))
     rm = RewardModelScorer.from_pretrained(result.checkpoint)
@@ -27,36 +27,34 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from pydantic import Field, model_validator
 
 from agentrl.data.buffer import PreferencePair
 from agentrl.data.jsonl import jsonl_records
-from agentrl.errors import ConfigError, TemplateError
+from agentrl.errors import ConfigError
 from agentrl.learners import checkpoints, optim
 from agentrl.learners.config import TrainConfig
 from agentrl.learners.dpo import LabelledConversation, PreferenceConversation
-from agentrl.learners.sft import demonstration_ledger
+from agentrl.learners.result import TrainResult
 from agentrl.models.chat import ChatRenderer
 from agentrl.models.value_head import ValueModel
+from agentrl.rewards import learned
 from agentrl.types import Message, ToolSchema
 
 __all__ = [
     "ProcessRewardConfig",
     "RewardModelConfig",
-    "RewardModelResult",
+    "RewardModelStepLog",
     "StepLabelledConversation",
-    "StepLog",
     "bradley_terry_loss",
     "read_step_labels_jsonl",
     "step_bce_loss",
     "train_process_reward_model",
     "train_reward_model",
 ]
-
-_LEARNERS = {"orm": "reward-model", "prm": "process-reward-model"}
 
 
 # ---- losses -------------------------------------------------------------------------------------
@@ -98,7 +96,7 @@ class _ScoreModelConfig(TrainConfig):
 
 
 class RewardModelConfig(_ScoreModelConfig):
-    """A Bradley–Terry reward-model run (shared fields: :class:`~agentrl.learners._config.TrainConfig`)."""
+    """A Bradley–Terry reward-model run (shared fields: :class:`~agentrl.learners.config.TrainConfig`)."""
 
     margin_scale: float = Field(
         0.0, ge=0, description="subtracts margin_scale × a mined pair's reward gap inside the sigmoid"
@@ -109,7 +107,7 @@ class RewardModelConfig(_ScoreModelConfig):
 
 
 class ProcessRewardConfig(_ScoreModelConfig):
-    """A process-reward-model run (shared fields: :class:`~agentrl.learners._config.TrainConfig`)."""
+    """A process-reward-model run (shared fields: :class:`~agentrl.learners.config.TrainConfig`)."""
 
     step_separator: str | None = Field(
         None, min_length=1, description="splits assistant messages into steps, e.g. '\\n\\n'; None: per turn"
@@ -157,27 +155,9 @@ def read_step_labels_jsonl(path: str | Path, separator: str | None = None) -> li
     return out
 
 
-def _step_cuts(content: str, separator: str | None) -> list[int]:
-    """Where each step of ``content`` ends (after its separator), as character offsets; one step at least."""
-    if separator is None:
-        return [len(content)]
-    cuts, pos = [], 0
-    pieces = content.split(separator)
-    for i, piece in enumerate(pieces):
-        pos += len(piece) + (len(separator) if i + 1 < len(pieces) else 0)
-        if piece.strip():
-            cuts.append(pos)
-    return cuts or [len(content)]
-
-
-def _content(message: Mapping[str, Any]) -> str:
-    content = message.get("content")
-    return content if isinstance(content, str) else ""
-
-
 def _check_labels(example: StepLabelledConversation, separator: str | None) -> None:
     """Raises ValueError (with the fix) unless there is one valid label per step."""
-    counts = [len(_step_cuts(_content(m), separator)) for m in example.messages
+    counts = [len(learned.step_cuts(m, separator)) for m in example.messages
               if isinstance(m, Mapping) and m.get("role") == "assistant"]  # fmt: skip
     unit = (
         f"steps (assistant messages split at {separator!r})" if separator is not None else "assistant turns"
@@ -192,64 +172,10 @@ def _check_labels(example: StepLabelledConversation, separator: str | None) -> N
             raise ValueError(f"label {label!r} must be 1, 0, a probability in between, or null (not scored)")
 
 
-class _Row(NamedTuple):
-    """Token ids of one conversation, the positions the head is read at, and their labels (PRM)."""
-
-    ids: tuple[int, ...]
-    ends: tuple[int, ...]
-    labels: tuple[float, ...] = ()
-
-
-def _step_ends(
-    renderer: ChatRenderer, messages: Sequence[Message], separator: str | None
-) -> tuple[tuple[int, ...], list[list[int]]]:
-    """The conversation's ledger ids (to its last assistant token) and, per assistant turn, the position of
-    each step's last token.
-
-    Raises:
-        TemplateError: with a separator, the template does not render an assistant message's content verbatim.
-    """
-    ledger = demonstration_ledger(renderer, messages)
-    assistants = [m for m in messages if m.get("role") == "assistant"]
-    ends: list[list[int]] = []
-    for span, message in zip(ledger.turns, assistants, strict=True):
-        cuts, ids = _step_cuts(_content(message), separator), ledger.token_ids[span.start : span.end]
-        turn_ends = [span.end - 1]  # the last step ends with the end-of-turn token
-        if len(cuts) > 1:
-            offset = renderer.decode(ids).find(_content(message))
-            if offset < 0:
-                raise TemplateError(
-                    "the chat template does not render an assistant message's content verbatim, so its steps "
-                    "cannot be found; set step_separator=None (one score per turn) or pass template='chatml'"
-                )
-            turn_ends[:0] = [span.start + _token_at(renderer, ids, offset + cut) for cut in cuts[:-1]]
-        ends.append(turn_ends)
-    return tuple(ledger.token_ids[: ledger.turns[-1].end]), ends
-
-
-def _token_at(renderer: ChatRenderer, ids: Sequence[int], chars: int) -> int:
-    """Index of the token that completes the first ``chars`` characters of ``decode(ids)``."""
-    lo, hi = 1, len(ids)
-    while lo < hi:  # the shortest prefix whose text reaches ``chars`` characters
-        mid = (lo + hi) // 2
-        if len(renderer.decode(ids[:mid])) >= chars:
-            hi = mid
-        else:
-            lo = mid + 1
-    return lo - 1
-
-
-def _conversation_row(renderer: ChatRenderer, messages: Sequence[Message]) -> _Row:
-    """The ledger of ``messages`` cut after its last assistant token, which the head reads."""
-    ids, ends = _step_ends(renderer, messages, None)
-    return _Row(ids, (ends[-1][-1],))
-
-
-def _pair_rows(tokenizer: Any, template: str | None, example: Any) -> tuple[_Row, _Row, float]:
+def _pair_rows(tokenizer: Any, template: str | None, example: Any) -> tuple[learned.ScoreRow, learned.ScoreRow, float]:
     """``(chosen, rejected, reward gap)`` of a conversation pair (gap 0) or a mined PreferencePair."""
     if isinstance(example, PreferencePair):
-        chosen, rejected = (_Row(tuple(t.token_ids[: t.turns[-1].end]), (t.turns[-1].end - 1,))
-                            for t in (example.chosen, example.rejected))  # fmt: skip
+        chosen, rejected = (learned.score_row(t, [t.turns[-1].last_token]) for t in (example.chosen, example.rejected))
         return chosen, rejected, example.margin
     if not isinstance(example, PreferenceConversation):
         hint = ""
@@ -261,38 +187,17 @@ def _pair_rows(tokenizer: Any, template: str | None, example: Any) -> tuple[_Row
         if not any(m.get("role") == "assistant" for m in part):
             raise ConfigError(f"a pair's {name} list needs an assistant message to score")
     renderer = ChatRenderer(tokenizer, example.tools, template)
-    return (_conversation_row(renderer, [*example.prompt, *example.chosen]),
-            _conversation_row(renderer, [*example.prompt, *example.rejected]), 0.0)  # fmt: skip
-
-
-def _collate(rows: Sequence[_Row], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ``(ids_B_T, attention_B_T)``."""
-    width = max(len(r.ids) for r in rows)
-    ids_B_T = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    attention_B_T = torch.zeros((len(rows), width), dtype=torch.long)
-    for b, row in enumerate(rows):
-        ids_B_T[b, : len(row.ids)], attention_B_T[b, : len(row.ids)] = torch.tensor(row.ids), 1
-    return ids_B_T.to(device), attention_B_T.to(device)
-
-
-def _end_scores(model: ValueModel, rows: Sequence[_Row], pad_id: int, device: Any, precision: str = "fp32"
-                ) -> torch.Tensor:  # fmt: skip
-    """The head's value on the hidden state at every row's ``ends``, flattened in row order: ``(N,)``."""
-    ids_B_T, attention_B_T = _collate(rows, pad_id, torch.device(device))
-    row_N = torch.tensor([b for b, r in enumerate(rows) for _ in r.ends], device=ids_B_T.device)
-    end_N = torch.tensor([e for r in rows for e in r.ends], device=ids_B_T.device)
-    with optim.autocast(precision, device):
-        out = model.backbone(input_ids=ids_B_T, attention_mask=attention_B_T, use_cache=False)
-        return model.head(out.last_hidden_state[row_N, end_N]).squeeze(-1).float()
+    return (learned.conversation_row(renderer, [*example.prompt, *example.chosen]),
+            learned.conversation_row(renderer, [*example.prompt, *example.rejected]), 0.0)  # fmt: skip
 
 
 # ---- the loops ------------------------------------------------------------------------------------
 _BatchLoss = Callable[[Sequence[int]], tuple[torch.Tensor, dict[str, float]]]
-"""The mean loss of one batch's rows (with grad) and its StepLog statistics."""
+"""The mean loss of one batch's rows (with grad) and its RewardModelStepLog statistics."""
 
 
 @dataclass(frozen=True)
-class StepLog:
+class RewardModelStepLog:
     """One optimizer step, measured on its batch before the update.
 
     ``accuracy``: the fraction of pairs whose chosen side scores higher (PRM: of labelled steps whose
@@ -309,30 +214,20 @@ class StepLog:
     seconds: float
 
 
-@dataclass(frozen=True)
-class RewardModelResult:
-    """The trained :class:`ValueModel` (train mode), its tokenizer, the log, the last checkpoint (None
-    without ``output_dir``), the examples trained on, and how many were longer than ``max_seq_len``."""
-
-    model: ValueModel
-    tokenizer: Any
-    history: tuple[StepLog, ...]
-    checkpoint: Path | None
-    num_examples: int
-    num_cut: int
-
-
 def train_reward_model(
     config: RewardModelConfig,
     data: Iterable[PreferenceConversation | PreferencePair],
-    on_step: Callable[[StepLog], None] | None = None,
-) -> RewardModelResult:
+    on_step: Callable[[RewardModelStepLog], None] | None = None,
+) -> TrainResult:
     """Train a Bradley–Terry reward model: each step scores ``batch_size`` pairs and minimises
-    :func:`bradley_terry_loss` averaged over them; ``on_step`` gets each :class:`StepLog`.
+    :func:`bradley_terry_loss` averaged over them; ``on_step`` gets each :class:`RewardModelStepLog`.
 
     ``data``: :class:`~agentrl.learners.dpo.PreferenceConversation` s (e.g. from
     :func:`~agentrl.learners.dpo.read_preference_jsonl`) or :class:`~agentrl.data.buffer.PreferencePair` s
     mined from a buffer (scored on their own ledgers).
+
+    Returns the :class:`ValueModel` (train mode) in a :class:`~agentrl.learners.result.TrainResult`; ``extras``:
+    ``num_examples`` (pairs trained on), ``num_too_long`` (pairs dropped: a side is longer than ``max_seq_len``).
 
     Raises:
         ConfigError: an example that is not a pair, or no pair whose both sides fit ``max_seq_len``.
@@ -340,9 +235,8 @@ def train_reward_model(
     """
     optim.seed_everything(config.seed)
     model, tokenizer = _load_trainable(config)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     pairs = [_pair_rows(tokenizer, config.template, e) for e in data]
-    kept = [p for p in pairs if max(p[0].ends[0], p[1].ends[0]) < config.max_seq_len]
+    kept = [p for p in pairs if max(p[0].ends[-1], p[1].ends[-1]) < config.max_seq_len]
     if not kept:
         raise ConfigError(
             f"none of the {len(pairs)} pairs fits max_seq_len={config.max_seq_len}; raise max_seq_len"
@@ -350,25 +244,31 @@ def train_reward_model(
 
     def batch_loss(index: Sequence[int]) -> tuple[torch.Tensor, dict[str, float]]:
         rows = [kept[i][0] for i in index] + [kept[i][1] for i in index]
-        scores_N = _end_scores(model, rows, pad_id, config.device, config.precision)
+        with optim.autocast(config.precision, config.device):
+            scores_N = learned.end_scores(model, rows, config.device)
         chosen_B, rejected_B = scores_N[: len(index)], scores_N[len(index) :]
         margin_B = config.margin_scale * torch.tensor([kept[i][2] for i in index], device=scores_N.device)
         loss = bradley_terry_loss(chosen_B, rejected_B, margin_B, config.center_coef).mean()
         delta_B = (chosen_B - rejected_B).detach()
         return loss, {"accuracy": float((delta_B > 0).float().mean()), "margin": float(delta_B.mean())}
 
-    history, checkpoint = _fit(config, model, tokenizer, len(kept), batch_loss, _LEARNERS["orm"], on_step)
-    return RewardModelResult(model, tokenizer, history, checkpoint, len(kept), len(pairs) - len(kept))
+    history, checkpoint = _fit(config, model, tokenizer, len(kept), batch_loss, learned.REWARD_MODEL, on_step)
+    extras = {"num_examples": len(kept), "num_too_long": len(pairs) - len(kept)}
+    return TrainResult(model, tokenizer, history, checkpoint, extras)
 
 
 def train_process_reward_model(
     config: ProcessRewardConfig,
     data: Iterable[StepLabelledConversation],
-    on_step: Callable[[StepLog], None] | None = None,
-) -> RewardModelResult:
+    on_step: Callable[[RewardModelStepLog], None] | None = None,
+) -> TrainResult:
     """Train a process reward model on :class:`StepLabelledConversation` s (e.g. from
     :func:`read_step_labels_jsonl`): each step scores every labelled step of ``batch_size`` conversations
-    and minimises :func:`step_bce_loss` averaged over those steps; ``on_step`` gets each :class:`StepLog`.
+    and minimises :func:`step_bce_loss` averaged over those steps; ``on_step`` gets each
+    :class:`RewardModelStepLog`.
+
+    Returns a :class:`~agentrl.learners.result.TrainResult` as :func:`train_reward_model` does; ``extras``:
+    ``num_examples`` (conversations), ``num_too_long`` (those longer than ``max_seq_len``, scored up to it).
 
     Raises:
         ConfigError: a label count that does not match (naming the example), or no labelled step within
@@ -378,12 +278,12 @@ def train_process_reward_model(
     """
     optim.seed_everything(config.seed)
     model, tokenizer = _load_trainable(config)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    rows, num_cut = _step_rows(config, tokenizer, list(data))
+    rows, num_too_long = _step_rows(config, tokenizer, list(data))
 
     def batch_loss(index: Sequence[int]) -> tuple[torch.Tensor, dict[str, float]]:
         batch = [rows[i] for i in index]
-        logits_N = _end_scores(model, batch, pad_id, config.device, config.precision)
+        with optim.autocast(config.precision, config.device):
+            logits_N = learned.end_scores(model, batch, config.device)
         labels_N = torch.tensor([x for r in batch for x in r.labels], device=logits_N.device)
         loss = step_bce_loss(logits_N, labels_N).mean()
         logits, good = logits_N.detach(), labels_N >= 0.5
@@ -391,30 +291,31 @@ def train_process_reward_model(
         margin = float(logits[good].mean() - logits[~good].mean()) if both else math.nan
         return loss, {"accuracy": float(((logits > 0) == good).float().mean()), "margin": margin}
 
-    history, checkpoint = _fit(config, model, tokenizer, len(rows), batch_loss, _LEARNERS["prm"], on_step)
-    return RewardModelResult(model, tokenizer, history, checkpoint, len(rows), num_cut)
+    history, checkpoint = _fit(config, model, tokenizer, len(rows), batch_loss, learned.PROCESS_REWARD_MODEL, on_step)
+    extras = {"num_examples": len(rows), "num_too_long": num_too_long}
+    return TrainResult(model, tokenizer, history, checkpoint, extras)
 
 
 def _step_rows(config: ProcessRewardConfig, tokenizer: Any, examples: Sequence[StepLabelledConversation]
-               ) -> tuple[list[_Row], int]:  # fmt: skip
-    """One row per conversation with a labelled step within ``max_seq_len``; and how many were cut."""
-    rows, num_cut = [], 0
+               ) -> tuple[list[learned.ScoreRow], int]:  # fmt: skip
+    """One row per conversation with a labelled step within ``max_seq_len``; and how many are longer."""
+    rows, num_too_long = [], 0
     for n, example in enumerate(examples):
         try:
             _check_labels(example, config.step_separator)
         except ValueError as exc:
             raise ConfigError(f"example {n}: {exc}") from None
         renderer = ChatRenderer(tokenizer, example.tools, config.template)
-        ids, ends = _step_ends(renderer, example.messages, config.step_separator)
-        num_cut += len(ids) > config.max_seq_len
+        ledger, ends = learned.step_ends(renderer, example.messages, config.step_separator)
+        num_too_long += ends[-1][-1] >= config.max_seq_len
         kept = [(e, float(x)) for e, x in zip((e for turn in ends for e in turn), example.labels, strict=True)
                 if x is not None and e < config.max_seq_len]  # fmt: skip
         if kept:
-            rows.append(_Row(ids[: config.max_seq_len], tuple(e for e, _ in kept), tuple(x for _, x in kept)))
+            rows.append(learned.score_row(ledger, [e for e, _ in kept], [x for _, x in kept]))
     if not rows:
         raise ConfigError(f"none of the {len(examples)} conversations has a labelled step within max_seq_len="
                           f"{config.max_seq_len}; raise max_seq_len or label some steps")  # fmt: skip
-    return rows, num_cut
+    return rows, num_too_long
 
 
 def _load_trainable(config: _ScoreModelConfig) -> tuple[ValueModel, Any]:
@@ -430,8 +331,8 @@ def _load_trainable(config: _ScoreModelConfig) -> tuple[ValueModel, Any]:
 
 def _fit(
     config: _ScoreModelConfig, model: ValueModel, tokenizer: Any, num_rows: int, batch_loss: _BatchLoss,
-    learner: str, on_step: Callable[[StepLog], None] | None,
-) -> tuple[tuple[StepLog, ...], Path | None]:  # fmt: skip
+    learner: str, on_step: Callable[[RewardModelStepLog], None] | None,
+) -> tuple[tuple[RewardModelStepLog, ...], Path | None]:  # fmt: skip
     """AdamW steps on ``batch_loss`` of seeded batches to ``max_steps``, resuming and checkpointing."""
     optimizer = optim.make_optimizer(model, config.lr, config.weight_decay, config.betas)
     scheduler = optim.make_scheduler(optimizer, config.warmup_steps, config.max_steps, config.min_lr_ratio)
@@ -440,7 +341,7 @@ def _fit(
         step = checkpoints.load_training_state(config.resume_from, optimizer, scheduler).step
     meta = {"config": config.model_dump(mode="json"), "learner": learner}
 
-    history: list[StepLog] = []
+    history: list[RewardModelStepLog] = []
     checkpoint: Path | None = None
     batches = optim.iterate_batches(num_rows, config.batch_size, config.seed, start_step=step)
     while step < config.max_steps:
@@ -453,7 +354,7 @@ def _fit(
         step += 1
 
         seconds = time.perf_counter() - started
-        log = StepLog(step, loss.item(), **stats, lr=lr, grad_norm=grad_norm, seconds=seconds)
+        log = RewardModelStepLog(step, loss.item(), **stats, lr=lr, grad_norm=grad_norm, seconds=seconds)
         history.append(log)
         if on_step is not None:
             on_step(log)

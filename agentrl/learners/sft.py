@@ -27,19 +27,18 @@ import torch
 from pydantic import Field
 
 from agentrl.data.jsonl import jsonl_records
-from agentrl.data.trajectory import LedgerBuilder, Trajectory
-from agentrl.errors import ConfigError, TemplateError
+from agentrl.data.trajectory import Trajectory
+from agentrl.errors import ConfigError
 from agentrl.learners import checkpoints, logprobs, optim, policy_model
 from agentrl.learners.config import TrainConfig
-from agentrl.models.chat import ChatRenderer
-from agentrl.types import Message, StopReason, ToolSchema
+from agentrl.models.chat import ChatRenderer, demonstration_ledger
+from agentrl.types import Message, ToolSchema
 
 __all__ = [
     "Demonstration",
     "SFTConfig",
     "SFTResult",
     "StepLog",
-    "demonstration_ledger",
     "env_demonstrations",
     "masked_nll",
     "read_messages_jsonl",
@@ -106,61 +105,6 @@ def read_messages_jsonl(path: str | Path) -> list[Demonstration]:
             raise ConfigError(f'{path}:{lineno}: expected {{"messages": [...], "tools": [...]}}')
         demos.append(Demonstration(tuple(record["messages"]), tuple(record.get("tools") or ())))
     return demos
-
-
-def demonstration_ledger(renderer: ChatRenderer, messages: Sequence[Message]) -> Trajectory:
-    """Tokenize a conversation into the ledger the rollout runner would have recorded for it.
-
-    Assistant turns (their text, tool-call markup and end-of-turn token) get mask 1; everything else 0.
-    Messages after the last assistant turn are dropped (the runner stops there too).
-
-    Raises:
-        ConfigError: no assistant message, or an unknown role.
-        TemplateError: the template does not render an assistant turn as prefix + text + end-of-turn.
-    """
-    roles = {"system", "user", "assistant", "tool"}
-    bad = [m.get("role") for m in messages if m.get("role") not in roles]
-    if bad:
-        raise ConfigError(f"unknown message role {bad[0]!r}; use one of {sorted(roles)}")
-    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-    if not turns:
-        raise ConfigError("a demonstration needs at least one assistant message to learn from")
-    history = list(messages[: turns[0]])
-    ledger = LedgerBuilder(renderer.prompt_ids(history), history)
-    for n, k in enumerate(turns):
-        text = _assistant_text(renderer, history, messages[k])
-        ids = renderer.encode(text)
-        ledger.add_sampled(ids, None)
-        sampled = renderer.decode(ids)
-        message = renderer.assistant_message(sampled)  # content text, as the env receives it in a rollout
-        if n + 1 == len(turns):
-            ledger.add_messages([message])
-            break
-        answer = list(messages[k + 1 : turns[n + 1]])
-        if answer:
-            ledger.add_observation(renderer.observation_ids(history, sampled, answer))
-        else:  # two assistant turns in a row: only the glue and the next generation prompt
-            before = renderer.render(history, add_generation_prompt=True) + sampled
-            after = renderer.render([*history, message], add_generation_prompt=True)
-            ledger.add_observation(renderer.encode(after[len(before) :]))
-        ledger.add_messages([message, *answer])
-        history += [message, *answer]
-    return ledger.finish(StopReason.TERMINATED, meta={"source": "demonstration"})
-
-
-def _assistant_text(renderer: ChatRenderer, history: Sequence[Message], message: Message) -> str:
-    """What the policy must generate for ``message``: its rendering after the generation prompt, up to and
-    including the end-of-turn token (structured ``tool_calls`` come out as the template's markup)."""
-    eos = renderer.tokenizer.eos_token or ""
-    before = renderer.render(history, add_generation_prompt=True)
-    after = renderer.render([*history, message], add_generation_prompt=False)
-    end = after.find(eos, len(before)) if eos else -1
-    if not after.startswith(before) or end < 0:
-        raise TemplateError(
-            "the chat template does not render an assistant turn as the generation prompt followed by the "
-            f"turn's text and {eos!r}; pass template='chatml' or fix the template"
-        )
-    return after[len(before) : end + len(eos)]
 
 
 # ---- loss (moves to agentrl/algos/losses.py once that module offers a masked NLL) ---------------------

@@ -7,6 +7,8 @@ the next generation prompt). That is only the model's real prompt format if the 
 and the assistant's text appears verbatim. :func:`check_template` proves it on a probe conversation at
 start-up; templates that rewrite history (e.g. drop earlier reasoning) fail fast with a diff. Such models
 can still be trained with the fixed template :data:`CHATML_TEMPLATE` (``ChatRenderer(tok, template="chatml")``).
+:func:`demonstration_ledger` builds that ledger for a whole written conversation (SFT, the preference
+learners and the reward models read conversations through it).
 """
 
 from __future__ import annotations
@@ -15,10 +17,11 @@ import difflib
 from collections.abc import Sequence
 from typing import Any
 
-from agentrl.errors import TemplateError
-from agentrl.types import Message, ToolSchema
+from agentrl.data.trajectory import LedgerBuilder, Trajectory
+from agentrl.errors import ConfigError, TemplateError
+from agentrl.types import Message, StopReason, ToolSchema
 
-__all__ = ["ChatRenderer", "check_template"]
+__all__ = ["ChatRenderer", "check_template", "demonstration_ledger"]
 
 
 def _fixed_template(name: str) -> str:
@@ -114,6 +117,61 @@ class ChatRenderer:
                 + _diff(before, after)
             )
         return self.encode(after[len(before) :])
+
+
+def demonstration_ledger(renderer: ChatRenderer, messages: Sequence[Message]) -> Trajectory:
+    """Tokenize a conversation into the ledger the rollout runner would have recorded for it.
+
+    Assistant turns (their text, tool-call markup and end-of-turn token) get mask 1; everything else 0.
+    Messages after the last assistant turn are dropped (the runner stops there too).
+
+    Raises:
+        ConfigError: no assistant message, or an unknown role.
+        TemplateError: the template does not render an assistant turn as prefix + text + end-of-turn.
+    """
+    roles = {"system", "user", "assistant", "tool"}
+    bad = [m.get("role") for m in messages if m.get("role") not in roles]
+    if bad:
+        raise ConfigError(f"unknown message role {bad[0]!r}; use one of {sorted(roles)}")
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    if not turns:
+        raise ConfigError("a demonstration needs at least one assistant message to learn from")
+    history = list(messages[: turns[0]])
+    ledger = LedgerBuilder(renderer.prompt_ids(history), history)
+    for n, k in enumerate(turns):
+        text = _assistant_text(renderer, history, messages[k])
+        ids = renderer.encode(text)
+        ledger.add_sampled(ids, None)
+        sampled = renderer.decode(ids)
+        message = renderer.assistant_message(sampled)  # content text, as the env receives it in a rollout
+        if n + 1 == len(turns):
+            ledger.add_messages([message])
+            break
+        answer = list(messages[k + 1 : turns[n + 1]])
+        if answer:
+            ledger.add_observation(renderer.observation_ids(history, sampled, answer))
+        else:  # two assistant turns in a row: only the glue and the next generation prompt
+            before = renderer.render(history, add_generation_prompt=True) + sampled
+            after = renderer.render([*history, message], add_generation_prompt=True)
+            ledger.add_observation(renderer.encode(after[len(before) :]))
+        ledger.add_messages([message, *answer])
+        history += [message, *answer]
+    return ledger.finish(StopReason.TERMINATED, meta={"source": "demonstration"})
+
+
+def _assistant_text(renderer: ChatRenderer, history: Sequence[Message], message: Message) -> str:
+    """What the policy must generate for ``message``: its rendering after the generation prompt, up to and
+    including the end-of-turn token (structured ``tool_calls`` come out as the template's markup)."""
+    eos = renderer.tokenizer.eos_token or ""
+    before = renderer.render(history, add_generation_prompt=True)
+    after = renderer.render([*history, message], add_generation_prompt=False)
+    end = after.find(eos, len(before)) if eos else -1
+    if not after.startswith(before) or end < 0:
+        raise TemplateError(
+            "the chat template does not render an assistant turn as the generation prompt followed by the "
+            f"turn's text and {eos!r}; pass template='chatml' or fix the template"
+        )
+    return after[len(before) : end + len(eos)]
 
 
 def _probe_conversation() -> tuple[list[Message], list[ToolSchema]]:

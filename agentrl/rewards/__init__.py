@@ -1,7 +1,7 @@
 """Rewards: named, weighted components; outcome (ORM) and process (PRM) protocols; reward-hacking monitors.
 
 Importing this package is cheap. The math verifier lives in :mod:`agentrl.rewards.math` (it starts worker
-processes and imports math-verify only when first used).
+processes and imports math-verify only when first used); trained reward models in :mod:`agentrl.rewards.learned`.
 """
 
 from agentrl.rewards.base import (

@@ -1,34 +1,141 @@
 """Trained reward models as rewards: :class:`RewardModelScorer` (an outcome reward, ``fn(task, answer)``) and
 :class:`ProcessRewardScorer` (a process reward, ``fn(task, turn)``), loaded from checkpoints written by
 :mod:`agentrl.learners.reward_model` and usable in :class:`~agentrl.rewards.base.RewardSpec`,
-:class:`~agentrl.rewards.base.WeightedReward` or a ToolEnv's ``process_reward``."""
+:class:`~agentrl.rewards.base.WeightedReward` or a ToolEnv's ``process_reward``.
+The trainer shares the rest: conversations as :class:`ScoreRow` s, and the head read on a batch of them.
+"""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, NamedTuple, TypeVar
 
 import torch
 
-from agentrl.errors import ConfigError
-from agentrl.learners import checkpoints
-from agentrl.learners.reward_model import _LEARNERS, _conversation_row, _end_scores, _Row, _step_ends
-from agentrl.models.chat import ChatRenderer
+from agentrl.data.buffer import collate
+from agentrl.data.trajectory import Trajectory, TurnSpan
+from agentrl.errors import ConfigError, TemplateError
+from agentrl.models.chat import ChatRenderer, demonstration_ledger
 from agentrl.models.value_head import VALUE_HEAD_FILE, ValueModel
 from agentrl.rewards.base import RewardResult, task_prompt
 from agentrl.types import Message, ToolSchema
 
 __all__ = [
+    "PROCESS_REWARD_MODEL",
+    "REWARD_MODEL",
     "ProcessRewardScorer",
     "RewardModelScorer",
+    "ScoreRow",
+    "conversation_row",
     "default_to_messages",
-    "task_prompt",
+    "end_scores",
+    "score_row",
+    "step_cuts",
+    "step_ends",
     "turn_to_messages",
 ]
 
+# The ``learner`` a checkpoint's metadata names, in the file learners.checkpoints writes it to.
+REWARD_MODEL, PROCESS_REWARD_MODEL, _STATE_JSON = "reward-model", "process-reward-model", "training_state.json"
 
+
+# ---- conversations as rows the head reads -------------------------------------------------------
+class ScoreRow(NamedTuple):
+    """One conversation for the head: its ledger (cut one token after the last position read), the positions
+    of the tokens the head is read after, in order, and their labels (PRM training)."""
+
+    ledger: Trajectory
+    ends: tuple[int, ...]
+    labels: tuple[float, ...] = ()
+
+
+def score_row(ledger: Trajectory, ends: Sequence[int], labels: Sequence[float] = ()) -> ScoreRow:
+    """The row reading the head after each token of ``ends``: ``ledger`` cut after the last of them, plus the
+    position where :class:`ValueModel` reads it (no earlier token attends there, so its id is 0)."""
+    n = max(ends) + 1
+    turns = [TurnSpan(t.start, min(t.end, n)) for t in ledger.turns if t.start < n]
+    cut = Trajectory((*ledger.token_ids[:n], 0), (*ledger.logprobs[:n], 0.0), (*ledger.loss_mask[:n], 0), turns)
+    return ScoreRow(cut, tuple(ends), tuple(labels))
+
+
+def _content(message: Mapping[str, Any]) -> str:
+    content = message.get("content")
+    return content if isinstance(content, str) else ""
+
+
+def step_cuts(message: Mapping[str, Any], separator: str | None) -> list[int]:
+    """Where each step of an assistant message's content ends (after its separator), as character offsets;
+    one step at least, and with ``separator=None`` the whole message is one."""
+    content = _content(message)
+    if separator is None:
+        return [len(content)]
+    cuts, pos = [], 0
+    pieces = content.split(separator)
+    for i, piece in enumerate(pieces):
+        pos += len(piece) + (len(separator) if i + 1 < len(pieces) else 0)
+        if piece.strip():
+            cuts.append(pos)
+    return cuts or [len(content)]
+
+
+def step_ends(
+    renderer: ChatRenderer, messages: Sequence[Message], separator: str | None
+) -> tuple[Trajectory, list[list[int]]]:
+    """The conversation's ledger and, per assistant turn, the position of each step's last token (the last
+    step ends with the end-of-turn token).
+
+    Raises:
+        ConfigError: no assistant message.
+        TemplateError: with a separator, the template does not render an assistant message's content verbatim.
+    """
+    ledger = demonstration_ledger(renderer, messages)
+    assistants = [m for m in messages if m.get("role") == "assistant"]
+    ends: list[list[int]] = []
+    for span, message in zip(ledger.turns, assistants, strict=True):
+        cuts, ids = step_cuts(message, separator), ledger.token_ids[span.start : span.end]
+        turn_ends = [span.end - 1]
+        if len(cuts) > 1:
+            offset = renderer.decode(ids).find(_content(message))
+            if offset < 0:
+                raise TemplateError(
+                    "the chat template does not render an assistant message's content verbatim, so its steps "
+                    "cannot be found; set step_separator=None (one score per turn) or pass template='chatml'"
+                )
+            turn_ends[:0] = [span.start + _token_at(renderer, ids, offset + cut) for cut in cuts[:-1]]
+        ends.append(turn_ends)
+    return ledger, ends
+
+
+def _token_at(renderer: ChatRenderer, ids: Sequence[int], chars: int) -> int:
+    """Index of the token that completes the first ``chars`` characters of ``decode(ids)``."""
+    lo, hi = 1, len(ids)
+    while lo < hi:  # the shortest prefix whose text reaches ``chars`` characters
+        mid = (lo + hi) // 2
+        if len(renderer.decode(ids[:mid])) >= chars:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo - 1
+
+
+def conversation_row(renderer: ChatRenderer, messages: Sequence[Message]) -> ScoreRow:
+    """``messages`` read at its last assistant token; later messages are not part of the row."""
+    ledger = demonstration_ledger(renderer, messages)
+    return score_row(ledger, (ledger.turns[-1].last_token,))
+
+
+def end_scores(model: ValueModel, rows: Sequence[ScoreRow], device: Any) -> torch.Tensor:
+    """The head's value after every row's ``ends``, flattened in row order: ``(N,)``, from one batch of the
+    rows' ledgers (:func:`~agentrl.data.buffer.collate`; padding is masked and never read, so its id is 0)."""
+    values_B_T = model(collate([r.ledger for r in rows]).to_torch(device))
+    row_N = torch.tensor([b for b, r in enumerate(rows) for _ in r.ends], device=values_B_T.device)
+    after_N = torch.tensor([e + 1 for r in rows for e in r.ends], device=values_B_T.device)
+    return values_B_T[row_N, after_N]
+
+
+# ---- scorers ------------------------------------------------------------------------------------
 def default_to_messages(task: Any, answer: Any) -> list[Message]:
     """``[user: task_prompt(task), assistant: str(answer)]``: what an outcome reward's ``(task, answer)``
     becomes. Train the reward model on conversations of this shape, or pass your own ``to_messages`` (e.g.
@@ -59,14 +166,13 @@ def _is_messages(value: Any) -> bool:
 class _Scorer:
     """A trained :class:`ValueModel` (put in eval mode) and how conversations are rendered for it."""
 
-    learner = _LEARNERS["orm"]
+    learner = REWARD_MODEL
 
     def __init__(self, model: ValueModel, tokenizer: Any, *, to_messages: _ToMessages,
                  template: str | None = None, tools: Sequence[ToolSchema] = (), batch_size: int = 16,
                  name: str = "reward_model"):  # fmt: skip
         self.model, self.tokenizer, self.to_messages = model.eval(), tokenizer, to_messages
         self.template, self.tools, self.batch_size, self.name = template, tuple(tools), batch_size, name
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     @classmethod
     def from_pretrained(cls: type[_S], path: str | Path, device: Any = "cpu", **options: Any) -> _S:
@@ -84,14 +190,14 @@ class _Scorer:
                 f"{path} has no {VALUE_HEAD_FILE}, so it is not a trained reward model; pass a directory written "
                 "by train_reward_model or train_process_reward_model (e.g. <output_dir>/step-000200)"
             )
-        state = resolved / checkpoints.STATE_JSON
+        state = resolved / _STATE_JSON
         meta = json.loads(state.read_text(encoding="utf-8")).get("meta", {}) if state.is_file() else {}
         if meta.get("learner", cls.learner) != cls.learner:
-            right = "RewardModelScorer" if meta["learner"] == _LEARNERS["orm"] else "ProcessRewardScorer"
+            right = "RewardModelScorer" if meta["learner"] == REWARD_MODEL else "ProcessRewardScorer"
             raise ConfigError(f"{path} holds a {meta['learner']}; load it with {right}.from_pretrained")
         trained = meta.get("config", {})
         options.setdefault("template", trained.get("template"))
-        if cls.learner == _LEARNERS["prm"]:
+        if cls.learner == PROCESS_REWARD_MODEL:
             options.setdefault("separator", trained.get("step_separator"))
         return cls(ValueModel.from_pretrained(resolved, device), load_tokenizer(resolved), **options)
 
@@ -99,12 +205,12 @@ class _Scorer:
         return ChatRenderer(self.tokenizer, self.tools, self.template)
 
     @torch.no_grad()
-    def _scores(self, rows: Sequence[_Row]) -> list[float]:
+    def _scores(self, rows: Sequence[ScoreRow]) -> list[float]:
         """The head's values at every row's ends, in order, ``batch_size`` rows per forward pass."""
         device = next(self.model.parameters()).device
         out: list[float] = []
         for i in range(0, len(rows), self.batch_size):
-            out += _end_scores(self.model, rows[i : i + self.batch_size], self.pad_id, device).tolist()
+            out += end_scores(self.model, rows[i : i + self.batch_size], device).tolist()
         return out
 
 
@@ -129,7 +235,7 @@ class RewardModelScorer(_Scorer):
             ConfigError: a conversation has no assistant message.
         """
         renderer = self._renderer()
-        return self._scores([_conversation_row(renderer, m) for m in conversations])
+        return self._scores([conversation_row(renderer, m) for m in conversations])
 
     def __call__(self, task: Any, answer_or_messages: Any) -> RewardResult:
         """Score a message list as it is, anything else as ``to_messages(task, answer_or_messages)``."""
@@ -152,7 +258,7 @@ class ProcessRewardScorer(_Scorer):
         model / tokenizer / template / tools / batch_size / name: as for :class:`RewardModelScorer`.
     """
 
-    learner = _LEARNERS["prm"]
+    learner = PROCESS_REWARD_MODEL
 
     def __init__(self, model: ValueModel, tokenizer: Any, *, separator: str | None = None,
                  reduce: Literal["min", "mean", "last"] = "min", name: str = "process_reward",
@@ -168,8 +274,8 @@ class ProcessRewardScorer(_Scorer):
         Raises:
             ConfigError: no assistant message.
         """
-        ids, ends = _step_ends(self._renderer(), messages, self.separator)
-        flat = iter(torch.sigmoid(torch.tensor(self._scores([_Row(ids, tuple(e for t in ends for e in t))]))))
+        ledger, ends = step_ends(self._renderer(), messages, self.separator)
+        flat = iter(torch.sigmoid(torch.tensor(self._scores([score_row(ledger, [e for t in ends for e in t])]))))
         return [[float(next(flat)) for _ in turn] for turn in ends]
 
     def __call__(self, task: Any, turn: Any) -> RewardResult:
