@@ -53,10 +53,13 @@ class ValueModel(torch.nn.Module):
             {k: v.contiguous() for k, v in self.head.state_dict().items()}, str(Path(path) / VALUE_HEAD_FILE)
         )
 
-    def forward(self, batch: Any) -> torch.Tensor:
-        inputs = batch.model_inputs()
+    def scores(self, batch: Any) -> torch.Tensor:
+        """The head read at every token: ``(B, T)``, position ``t`` holds the score of the tokens up to and
+        including ``t`` (what a reward model reads at a conversation's last token)."""
         hidden_B_T_H = self.backbone(
-            input_ids=batch.token_ids_B_T, use_cache=False, **inputs
+            input_ids=batch.token_ids_B_T, use_cache=False, **batch.model_inputs()
         ).last_hidden_state
-        values_B_T = self.head(hidden_B_T_H).squeeze(-1).float()
-        return torch.nn.functional.pad(values_B_T[:, :-1], (1, 0))
+        return self.head(hidden_B_T_H).squeeze(-1).float()
+
+    def forward(self, batch: Any) -> torch.Tensor:
+        return torch.nn.functional.pad(self.scores(batch)[:, :-1], (1, 0))

@@ -43,8 +43,8 @@ REWARD_MODEL, PROCESS_REWARD_MODEL, _STATE_JSON = "reward-model", "process-rewar
 
 # ---- conversations as rows the head reads -------------------------------------------------------
 class ScoreRow(NamedTuple):
-    """One conversation for the head: its ledger (cut one token after the last position read), the positions
-    of the tokens the head is read after, in order, and their labels (PRM training)."""
+    """One conversation for the head: its ledger (cut after the last position read), the positions of the
+    tokens the head is read at, in order, and their labels (PRM training)."""
 
     ledger: Trajectory
     ends: tuple[int, ...]
@@ -52,11 +52,10 @@ class ScoreRow(NamedTuple):
 
 
 def score_row(ledger: Trajectory, ends: Sequence[int], labels: Sequence[float] = ()) -> ScoreRow:
-    """The row reading the head after each token of ``ends``: ``ledger`` cut after the last of them, plus the
-    position where :class:`ValueModel` reads it (no earlier token attends there, so its id is 0)."""
+    """The row reading the head at each token of ``ends``: ``ledger`` cut after the last of them."""
     n = max(ends) + 1
     turns = [TurnSpan(t.start, min(t.end, n)) for t in ledger.turns if t.start < n]
-    cut = Trajectory((*ledger.token_ids[:n], 0), (*ledger.logprobs[:n], 0.0), (*ledger.loss_mask[:n], 0), turns)
+    cut = Trajectory(ledger.token_ids[:n], ledger.logprobs[:n], ledger.loss_mask[:n], turns)
     return ScoreRow(cut, tuple(ends), tuple(labels))
 
 
@@ -127,12 +126,12 @@ def conversation_row(renderer: ChatRenderer, messages: Sequence[Message]) -> Sco
 
 
 def end_scores(model: ValueModel, rows: Sequence[ScoreRow], device: Any) -> torch.Tensor:
-    """The head's value after every row's ``ends``, flattened in row order: ``(N,)``, from one batch of the
-    rows' ledgers (:func:`~agentrl.data.buffer.collate`; padding is masked and never read, so its id is 0)."""
-    values_B_T = model(collate([r.ledger for r in rows]).to_torch(device))
-    row_N = torch.tensor([b for b, r in enumerate(rows) for _ in r.ends], device=values_B_T.device)
-    after_N = torch.tensor([e + 1 for r in rows for e in r.ends], device=values_B_T.device)
-    return values_B_T[row_N, after_N]
+    """The head's score at every row's ``ends``, flattened in row order: ``(N,)``, from one batch of the
+    rows' ledgers (:func:`~agentrl.data.buffer.collate`; padding is masked and never read)."""
+    scores_B_T = model.scores(collate([r.ledger for r in rows]).to_torch(device))
+    row_N = torch.tensor([b for b, r in enumerate(rows) for _ in r.ends], device=scores_B_T.device)
+    end_N = torch.tensor([e for r in rows for e in r.ends], device=scores_B_T.device)
+    return scores_B_T[row_N, end_N]
 
 
 # ---- scorers ------------------------------------------------------------------------------------
