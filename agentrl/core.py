@@ -23,6 +23,7 @@ import gymnasium
 import numpy as np
 from gymnasium import spaces
 
+from agentrl.threads import in_thread
 from agentrl.types import Message, ToolSchema
 
 __all__ = ["ChatSpace", "Env", "ResetResult", "StepResult", "TextSpace", "Wrapper"]
@@ -201,7 +202,7 @@ class Env(gymnasium.Env[list[Message], str]):
     async def areset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> ResetResult:
         """Async twin of :meth:`reset`. Subclasses call ``await super().areset(seed=seed)`` first."""
         if self._overrides("reset") and not self._overrides("areset"):
-            return await asyncio.to_thread(self.reset, seed=seed, options=options)
+            return await in_thread(self.reset, seed=seed, options=options, name="the env's reset")
         gymnasium.Env.reset(self, seed=seed)
         return None  # type: ignore[return-value]
 
@@ -215,7 +216,7 @@ class Env(gymnasium.Env[list[Message], str]):
     async def astep(self, action: str) -> StepResult:
         """Async twin of :meth:`step`."""
         if self._overrides("step") and not self._overrides("astep"):
-            return await asyncio.to_thread(self.step, action)
+            return await in_thread(self.step, action, name="the env's step")
         raise NotImplementedError(f"{type(self).__name__} must implement step() or astep()")
 
     # ---- close -------------------------------------------------------------------------------------
@@ -230,7 +231,7 @@ class Env(gymnasium.Env[list[Message], str]):
     async def aclose(self) -> None:
         """Async twin of :meth:`close`. Subclasses call ``await super().aclose()`` last."""
         if self._overrides("close") and not self._overrides("aclose"):
-            await asyncio.to_thread(self.close)
+            await in_thread(self.close, name="the env's close")
 
     async def aprobe(self) -> None:
         """Check what every episode needs (a sandbox, a server) once, before a run; the default checks

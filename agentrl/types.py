@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypedDict
 
-__all__ = ["Message", "Role", "StopReason", "ToolCall", "ToolSchema"]
+__all__ = ["DEFAULT_DEADLINE_S", "Message", "Role", "StopReason", "ToolCall", "ToolSchema"]
 
 Role = Literal["system", "user", "assistant", "tool"]
 
@@ -53,6 +53,11 @@ class ToolCall:
             "type": "function",
             "function": {"name": self.name, "arguments": json.dumps(dict(self.arguments))},
         }
+
+
+DEFAULT_DEADLINE_S = 900.0
+"""Wall-clock seconds an episode may take unless a run says otherwise: an env that hangs ends its episode
+(``StopReason.DEADLINE``), never the run."""
 
 
 class StopReason(str, enum.Enum):

@@ -171,6 +171,8 @@ class TroubleEnv(Env):
         self.turn += 1
         if self.turn == 2 and self.mode == "crash":
             raise RuntimeError("env exploded")
+        if self.turn == 2 and self.mode == "exit":
+            raise SystemExit(2)  # a tool that ends "the program"
         if self.turn == 2 and self.mode == "hang":
             await asyncio.Event().wait()  # a tool call that never answers
         if self.mode == "flood":
@@ -187,6 +189,28 @@ class SlowEchoEnv(EchoEnv):
     def step(self, action):
         if self._turn == 1:
             time.sleep(1.0)
+        return super().step(action)
+
+
+class StuckEnv(EchoEnv):
+    """A sync env whose steps block their thread for 10 s when the task asks (a hung subprocess, say)."""
+
+    def reset(self, *, seed=None, options=None):
+        self.stuck = bool((options or {}).get("stuck"))
+        return super().reset(seed=seed, options=options)
+
+    def step(self, action):
+        if self.stuck:
+            time.sleep(10.0)
+        return super().step(action)
+
+
+class ExitingEnv(EchoEnv):
+    """A sync env whose second step calls ``sys.exit`` (a tool that ends "the program")."""
+
+    def step(self, action):
+        if self._turn == 1:
+            raise SystemExit(3)
         return super().step(action)
 
 
@@ -234,6 +258,50 @@ def test_a_blocked_sync_env_hits_the_deadline(tokenizer):
     [group] = rollout(SlowEchoEnv, ScriptedPolicy(tokenizer, echo_reply), tokenizer, 1, group_size=2, limits=limits)
     assert [t.stop_reason for t in group] == [StopReason.DEADLINE] * 2
     assert all(t.turns[0].reward == 1.0 and t.meta["elapsed_s"] < 0.9 for t in group)
+
+
+@pytest.mark.parametrize("deadline_s", [None, 5.0], ids=["no-deadline", "deadline"])
+def test_system_exit_in_an_env_ends_its_episode_not_the_run(tokenizer, deadline_s):
+    limits = RolloutLimits(deadline_s=deadline_s)
+    modes = [Task(options={"mode": m}, id=m) for m in ("exit", "ok")]
+    by_mode = {g.group_id: g.trajectories for g in
+               rollout(TroubleEnv, ScriptedPolicy(tokenizer, echo_reply), tokenizer, modes, group_size=2, limits=limits)}  # fmt: skip
+    assert [(t.stop_reason, t.error) for t in by_mode["exit"]] == [
+        (StopReason.ERROR, "RuntimeError: the episode raised SystemExit(2)")
+    ] * 2
+    assert all(t.stop_reason is StopReason.TERMINATED for t in by_mode["ok"])
+    [group] = rollout(ExitingEnv, ScriptedPolicy(tokenizer, echo_reply), tokenizer, 1, group_size=2, limits=limits)
+    assert [(t.stop_reason, t.error) for t in group] == [
+        (StopReason.ERROR, "RuntimeError: the env's step raised SystemExit: 3")
+    ] * 2
+
+
+def test_hung_sync_steps_cannot_starve_the_episodes_after_them(tokenizer):
+    # More hung steps than any default executor has threads: each holds a thread of its own, which the
+    # deadline abandons, so the next call's episodes run, and the run's end does not wait for the threads.
+    async def main():
+        runner = Runner(StuckEnv, ScriptedPolicy(tokenizer, echo_reply), tokenizer, concurrency=64,
+                        limits=RolloutLimits(deadline_s=0.5))  # fmt: skip
+        stuck = await runner.run([Task(options={"stuck": True}) for _ in range(40)])
+        fine = await runner.run(3, group_size=2)
+        await runner.aclose()
+        return stuck, fine
+
+    started = time.perf_counter()
+    stuck, fine = asyncio.run(main())
+    assert {t.stop_reason for g in stuck for t in g} == {StopReason.DEADLINE}
+    assert {t.stop_reason for g in fine for t in g} == {StopReason.TERMINATED}
+    assert time.perf_counter() - started < 8.0  # the hung threads (10 s each) were not waited for
+
+
+def test_an_episode_has_a_deadline_unless_a_run_removes_it():
+    from agentrl.evaluation.config import EvalConfig
+    from agentrl.learners.rl import RolloutConfig
+    from agentrl.types import DEFAULT_DEADLINE_S
+
+    assert RolloutLimits().deadline_s == RolloutConfig(env="toy-echo").episode_deadline_s == DEFAULT_DEADLINE_S
+    assert EvalConfig(env="toy-echo", backend="hf", model="tiny").episode_timeout_s == DEFAULT_DEADLINE_S
+    assert RolloutConfig(env="toy-echo", episode_deadline_s=None).episode_deadline_s is None
 
 
 # ---------------------------------------------------------------------------------------------- limits

@@ -23,6 +23,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from agentrl.types import DEFAULT_DEADLINE_S
+
 __all__ = ["add_arguments", "main"]
 
 
@@ -125,7 +127,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-episode-tokens", type=int, help="sampled tokens per episode (default: no cap)"
     )
     sampling.add_argument(
-        "--episode-timeout", type=float, metavar="SECONDS", help="wall-clock limit per episode"
+        "--episode-timeout", type=float, metavar="SECONDS", default=DEFAULT_DEADLINE_S,
+        help=f"wall-clock limit per episode; a hung env ends its episode (default {DEFAULT_DEADLINE_S:g})",
     )
     sampling.add_argument("--seed", type=int, default=0, help="every reset and sampling seed derives from it")
     sampling.add_argument("--concurrency", type=int, default=8, help="episodes in flight (default 8)")

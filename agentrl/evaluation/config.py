@@ -20,6 +20,7 @@ from agentrl.errors import ConfigError
 from agentrl.evaluation.metrics import PassRule
 from agentrl.evaluation.selection import check_scorer_spec
 from agentrl.rewards.answers import ANSWER_FORMATS
+from agentrl.types import DEFAULT_DEADLINE_S
 
 __all__ = ["BACKENDS", "IDENTITY_FIELDS", "EvalConfig", "default_out_dir"]
 
@@ -72,7 +73,7 @@ class EvalConfig:
         max_new_tokens: tokens sampled per turn at most.
         max_turns: assistant turns per episode; None: the env's.
         max_episode_tokens: sampled tokens per episode at most; None: unlimited.
-        episode_timeout_s: wall-clock seconds per episode; None: none.
+        episode_timeout_s: wall-clock seconds per episode (a hung env ends its episode); None: none.
         max_context: the policy's context window; None: the backend's default.
         device, dtype: where and in which precision a local model runs (None: the backend's choice).
         seed: every reset and sampling seed derives from it.
@@ -106,7 +107,7 @@ class EvalConfig:
     max_new_tokens: int = 256
     max_turns: int | None = None
     max_episode_tokens: int | None = None
-    episode_timeout_s: float | None = None
+    episode_timeout_s: float | None = DEFAULT_DEADLINE_S
     max_context: int | None = None
     device: str | None = None
     dtype: str | None = None

@@ -20,7 +20,7 @@ from agentrl.learners.config import TrainConfig
 from agentrl.learners.policy_model import export_weights
 from agentrl.rollout.policy import SamplingParams
 from agentrl.rollout.runner import RolloutLimits, Runner
-from agentrl.types import StopReason
+from agentrl.types import DEFAULT_DEADLINE_S, StopReason
 
 __all__ = [
     "RLConfig",
@@ -54,8 +54,9 @@ class RolloutConfig(TrainConfig):
     max_sampled_tokens: int | None = Field(None, ge=1, description="sampled tokens per episode; None: no cap")
     max_context: int | None = Field(None, ge=2, description="tokens per episode; None: the model's window")
     episode_deadline_s: float | None = Field(
-        None, gt=0, description="wall-clock seconds per episode, or None"
-    )
+        DEFAULT_DEADLINE_S, gt=0,
+        description="wall-clock seconds per episode (a hung env ends its episode, not the run), or None",
+    )  # fmt: skip
     rollout: Literal["hf", "vllm"] = Field(
         "hf",
         description="sampler: 'hf' (the learner's own module, no copy) or 'vllm' (weights synced each step)",

@@ -40,7 +40,7 @@ from agentrl.data.trajectory import LedgerBuilder, Trajectory
 from agentrl.errors import ConfigError
 from agentrl.models.chat import ChatRenderer
 from agentrl.rollout.policy import Generation, Policy, SamplingParams
-from agentrl.types import Message, StopReason
+from agentrl.types import DEFAULT_DEADLINE_S, Message, StopReason
 
 __all__ = ["RolloutLimits", "Runner", "Task", "derive_seed", "rollout"]
 
@@ -56,7 +56,8 @@ class RolloutLimits:
         max_context: the most tokens in an episode (prompt, turns, observations); None: the policy's
             ``max_context``. A smaller value caps training sequence length.
         min_turn_tokens: a turn is only started when this many tokens still fit in the context.
-        deadline_s: wall-clock seconds per episode, env reset included; None: no deadline.
+        deadline_s: wall-clock seconds per episode, env reset included (an env that hangs ends its episode
+            with ``DEADLINE`` instead of the run); None: no deadline.
         close_timeout_s: how long closing a failed env may take before it is abandoned.
     """
 
@@ -64,7 +65,7 @@ class RolloutLimits:
     max_sampled_tokens: int | None = None
     max_context: int | None = None
     min_turn_tokens: int = 1
-    deadline_s: float | None = None
+    deadline_s: float | None = DEFAULT_DEADLINE_S
     close_timeout_s: float = 5.0
 
     def __post_init__(self) -> None:
@@ -114,6 +115,15 @@ class _Episode:
     finish_reasons: list[str] = field(default_factory=list)
     versions: list[int] = field(default_factory=list)
     trainable: bool = True
+
+
+async def _contained(turns: Coroutine[Any, Any, StopReason]) -> StopReason:
+    """``await turns`` with a ``SystemExit`` raised in the episode (an env, a tool, a reward) turned into an
+    ordinary error: asyncio lets it stop the event loop, and with it every other episode of the run."""
+    try:
+        return await turns
+    except SystemExit as exc:
+        raise RuntimeError(f"the episode raised SystemExit({exc.code!r})") from None
 
 
 class Runner:
@@ -257,8 +267,8 @@ class Runner:
     async def _within_deadline(self, turns: Coroutine[Any, Any, StopReason]) -> StopReason:
         """Run the episode's turns; past the deadline, cancel them and report ``DEADLINE``."""
         if self.limits.deadline_s is None:
-            return await turns
-        task = asyncio.ensure_future(turns)
+            return await _contained(turns)
+        task = asyncio.ensure_future(_contained(turns))
         try:
             done, _ = await asyncio.wait({task}, timeout=self.limits.deadline_s)
         finally:
