@@ -15,6 +15,7 @@ __all__ = [
     "MissingDependencyError",
     "PluginError",
     "RegistryError",
+    "RolloutError",
     "TemplateError",
     "ToolCallError",
 ]
@@ -57,6 +58,10 @@ class ToolCallError(AgentRLError, ValueError):
 
 class TemplateError(AgentRLError, ValueError):
     """A chat template breaks the token-ledger contract (rendering is not prefix-stable)."""
+
+
+class RolloutError(AgentRLError, RuntimeError):
+    """Every episode of several training steps in a row failed: the env or the backend is broken."""
 
 
 class EnvCheckError(AgentRLError, AssertionError):

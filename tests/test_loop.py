@@ -9,16 +9,20 @@ from collections.abc import Sequence
 import pytest
 import torch
 
+import agentrl
 from agentrl.data.buffer import TrajectoryGroup
+from agentrl.errors import RolloutError
 from agentrl.learners import loop, optim, policy_model
 from agentrl.learners.rl import RolloutConfig
+from agentrl.testing import EchoEnv
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 FAST = {"env": "toy-digits-v0", "prompts_per_step": 2, "group_size": 2, "max_new_tokens": 4, "warmup_steps": 0}
 
 
-def counting_learner(config: RolloutConfig, seen: list[tuple[int, tuple[int, ...]]]) -> loop.Online:
+def counting_learner(config: RolloutConfig, seen: list[tuple[int, tuple[int, ...]]], *, trains: bool = True
+                     ) -> loop.Online:  # fmt: skip
     """A learner whose update moves one weight by a fixed amount and counts its calls in ``state``."""
     model, tokenizer = policy_model.load_trainable(config)
     optimizer = optim.make_optimizer(model, 1e-3, 0.0, (0.9, 0.99))
@@ -30,8 +34,8 @@ def counting_learner(config: RolloutConfig, seen: list[tuple[int, tuple[int, ...
         with torch.no_grad():
             next(model.parameters()).add_(1.0)
         state["updates"] += 1
-        trained = [t for g in groups for t in g]
-        return loop.Update(trained, {"failed": 0}, {"updates": float(state["updates"])})
+        trained = [t for g in groups for t in g] if trains else []
+        return loop.Update(trained, {"zero_variance": 0 if trains else 4}, {"updates": float(state["updates"])})
 
     return loop.Online(model, tokenizer, optimizer, scheduler, update, state=state)
 
@@ -61,3 +65,26 @@ def test_max_seconds_ends_the_loop_with_a_checkpoint(tmp_path):
     seen: list[tuple[int, tuple[int, ...]]] = []
     result = loop.run_online(config, "counting", lambda: counting_learner(config, seen), loop.Hooks())
     assert len(result.history) == 1 and result.checkpoint == tmp_path / "step-000001"
+
+
+class BrokenEnv(EchoEnv):
+    def step(self, action):
+        raise OSError("the tool server is gone")
+
+
+def test_a_run_whose_every_episode_fails_stops_naming_the_error(tmp_path):
+    agentrl.register("test-broken-v0", BrokenEnv, override=True, max_turns=3)
+    config = RolloutConfig(**{**FAST, "env": "test-broken-v0"}, max_steps=20, output_dir=tmp_path)
+    seen: list[tuple[int, tuple[int, ...]]] = []
+    logged: list[int] = []
+    hooks = loop.Hooks(on_step=lambda log: logged.append(log.step))
+    with pytest.raises(RolloutError, match=r"last 3 steps .* at step 3, 4 of 4 ended with: OSError: the tool server is gone"):
+        loop.run_online(config, "counting", lambda: counting_learner(config, seen), hooks)
+    assert logged == [1, 2, 3] and not list(tmp_path.iterdir())  # logged, and nothing saved of a run that trained on nothing
+
+
+def test_steps_that_train_nothing_are_reported(tmp_path):
+    config = RolloutConfig(**FAST, max_steps=loop.SILENT_STEPS)
+    seen: list[tuple[int, tuple[int, ...]]] = []
+    with pytest.warns(RuntimeWarning, match=r"counting: steps 1-5 trained on no sample \(dropped: 4 zero_variance\)"):
+        loop.run_online(config, "counting", lambda: counting_learner(config, seen, trains=False), loop.Hooks())

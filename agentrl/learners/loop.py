@@ -13,6 +13,11 @@ One step::
     log          RLStepLog; monitor(log, model, tokenizer) adds its metrics; on_step(log)
     checkpoint   every save_every steps and at the last step (max_steps, or max_seconds spent)
 
+A run whose every episode failed for :data:`FAILED_STEPS` steps in a row stops with a
+:class:`~agentrl.errors.RolloutError` naming the error (a broken env or backend is not the policy's doing,
+and training on nothing only burns time); one that trains on nothing, or moves no weight, for
+:data:`SILENT_STEPS` steps in a row gets a warning saying why.
+
 A resumed run restores the optimizer, scheduler, RNG states and the learner's ``state`` from the checkpoint
 and plays from the step it reached, so it sees the tasks and seeds the straight run would have.
 """
@@ -22,6 +27,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
+import warnings
+from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,10 +36,17 @@ from typing import Any
 
 from agentrl.data.buffer import TrajectoryGroup
 from agentrl.data.trajectory import Trajectory
+from agentrl.errors import RolloutError
 from agentrl.learners import checkpoints, optim, rl
 from agentrl.learners.result import TrainResult
+from agentrl.types import StopReason
 
-__all__ = ["Hooks", "Monitor", "OnRollout", "OnStep", "Online", "Rescore", "Update", "run_online"]
+__all__ = ["FAILED_STEPS", "SILENT_STEPS", "Hooks", "Monitor", "OnRollout", "OnStep", "Online", "Rescore", "Update", "run_online"]
+
+FAILED_STEPS = 3
+"""Steps in a row whose every episode ended in an error before the shell stops the run."""
+SILENT_STEPS = 5
+"""Steps in a row that train on no sample, or leave every weight where it was, before the shell warns."""
 
 OnRollout = Callable[[int, Sequence[TrajectoryGroup]], None]
 """Called with ``(step, groups)`` right after a step's rollout (and ``rescore``), before the update: for
@@ -118,6 +132,7 @@ async def _run(config: rl.RolloutConfig, learner: str, build: Callable[[], Onlin
 
     runner = rl.make_runner(config, model, tokenizer)
     history: list[rl.RLStepLog] = []
+    failed = silent = 0  # steps in a row: every episode an error / nothing learned
     checkpoint: Path | None = None
     try:
         if config.rollout != "hf":
@@ -145,6 +160,13 @@ async def _run(config: rl.RolloutConfig, learner: str, build: Callable[[], Onlin
             history.append(log)
             if hooks.on_step is not None:
                 hooks.on_step(log)
+            failed = failed + 1 if _all_failed(groups) else 0
+            if failed >= FAILED_STEPS:
+                raise RolloutError(_failure_message(groups, step))
+            idle = _learned_nothing(update)
+            silent = silent + 1 if idle else 0
+            if idle and silent % SILENT_STEPS == 0:
+                warnings.warn(f"{learner}: steps {step - silent + 1}-{step} {idle}", RuntimeWarning, stacklevel=2)
             at_save = config.save_every is not None and step % config.save_every == 0
             last = rl.stops_here(config, step, loop_started)
             if config.output_dir is not None and (at_save or last):
@@ -158,3 +180,25 @@ async def _run(config: rl.RolloutConfig, learner: str, build: Callable[[], Onlin
         await runner.policy.aclose()
     model.train()
     return TrainResult(model, tokenizer, tuple(history), checkpoint, {**online.saved, **online.state})
+
+
+def _all_failed(groups: Sequence[TrajectoryGroup]) -> bool:
+    return all(t.stop_reason is StopReason.ERROR for g in groups for t in g) and any(len(g) for g in groups)
+
+
+def _failure_message(groups: Sequence[TrajectoryGroup], step: int) -> str:
+    errors = Counter(t.error or "(no message)" for g in groups for t in g)
+    error, count = errors.most_common(1)[0]
+    return (f"every episode of the last {FAILED_STEPS} steps ended in an error, so nothing was trained; at step "
+            f"{step}, {count} of {errors.total()} ended with: {error}. The env or the rollout backend is broken, "
+            "not the policy: fix that error (agentrl check <env> runs the env's checks) and start again")  # fmt: skip
+
+
+def _learned_nothing(update: Update) -> str | None:
+    """Why an update left the policy as it was (None when it trained)."""
+    if not update.trained:
+        dropped = ", ".join(f"{n} {why}" for why, n in update.dropped.items() if n) or "none played"
+        return f"trained on no sample (dropped: {dropped})"
+    if update.stats.get("grad_norm") == 0.0:
+        return "moved no weight (gradient norm 0: every group's samples scored alike, so no advantage)"
+    return None
