@@ -58,6 +58,23 @@ def test_a_crash_mid_write_leaves_the_previous_checkpoint_intact(tmp_path, model
     assert checkpoints.checkpoint_dirs(tmp_path) == []
 
 
+def test_the_next_save_removes_what_a_killed_write_left_behind(tmp_path, model):
+    # A SIGKILL between mkdtemp and the rename leaves a whole checkpoint in a hidden temporary; the run's next
+    # checkpoint (after a resume, say) removes it, and keep_last still holds.
+    from agentrl.learners.config import TrainConfig
+
+    leftover = tmp_path / ".step-000002.tmp-k1ll3d"
+    leftover.mkdir()
+    (leftover / "model.safetensors").write_bytes(b"\0" * 1024)
+    (tmp_path / ".step-000001.tmp-abc-old").mkdir()
+    config = TrainConfig(output_dir=tmp_path, keep_last=1, warmup_steps=0)
+    tokenizer = load_tokenizer("tiny")
+    optimizer = optim.make_optimizer(model, lr=1e-3)
+    for step in (3, 4):
+        checkpoints.save_step(config, model, tokenizer, optimizer, None, step, {})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000004"]
+
+
 def test_resume_state_restores_optimizer_scheduler_step_and_rng(tmp_path, model):
     optimizer = optim.make_optimizer(model, lr=1e-2)
     scheduler = optim.make_scheduler(optimizer, 1, 5, 0.0)

@@ -191,9 +191,8 @@ def save_step(
     meta: Any, extras: dict[str, Any] | None = None,
 ) -> Path:  # fmt: skip
     """Write ``<output_dir>/step-NNNNNN`` atomically (LoRA: merged weights + ``adapter/``), then drop
-    checkpoints beyond ``keep_last``."""
-    import shutil
-
+    checkpoints beyond ``keep_last`` and the temporaries of writes that were killed midway (a run owns its
+    output directory, so no other writer's temporary is there)."""
     assert config.output_dir is not None
     full, adapter = saveable(model)
     extras = {**(extras or {}), **({ADAPTER_DIR: adapter} if adapter is not None else {})}
@@ -201,7 +200,9 @@ def save_step(
         step_dir(config.output_dir, step), full, tokenizer,
         optimizer=optimizer, scheduler=scheduler, step=step, meta=meta, extras=extras,
     )  # fmt: skip
+    stale = [p for p in Path(config.output_dir).glob(f".{CHECKPOINT_PREFIX}*.tmp-*") if p.is_dir()]
     if config.keep_last is not None:
-        for old in checkpoint_dirs(config.output_dir)[: -config.keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+        stale += checkpoint_dirs(config.output_dir)[: -config.keep_last]
+    for old in stale:
+        shutil.rmtree(old, ignore_errors=True)
     return path
