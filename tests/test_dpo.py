@@ -99,7 +99,7 @@ def test_each_loss_learns_to_prefer_the_answer_on_held_out_pairs(loss, train_pai
     assert after.margin > before.margin + 0.05
     if loss not in ("orpo", "simpo"):  # the policy starts as the reference: every margin is exactly 0
         assert (before.accuracy, before.margin) == (0.0, 0.0)
-    assert result.num_examples == (120 if loss == "kto" else 60)
+    assert result.extras["num_examples"] == (120 if loss == "kto" else 60)
     assert [log.step for log in result.history] == list(range(1, 7))
     assert result.history[-1].loss < result.history[0].loss
     assert all(0.0 <= log.accuracy <= 1.0 for log in result.history)

@@ -44,18 +44,18 @@ from agentrl.learners.preference_data import (
     PreferenceConversation,
     read_preference_jsonl,
 )
+from agentrl.learners.result import TrainResult
 from agentrl.learners.sft import demonstration_ledger
 from agentrl.models.chat import ChatRenderer
 from agentrl.types import Message
 
 __all__ = [
     "DPOConfig",
-    "DPOResult",
+    "DPOStepLog",
     "LabelledConversation",
     "PreferenceConversation",
     "PreferenceEval",
     "SequenceLogps",
-    "StepLog",
     "evaluate_preferences",
     "pair_loss",
     "read_preference_jsonl",
@@ -363,7 +363,7 @@ def pair_loss(config: DPOConfig, chosen: SequenceLogps, rejected: SequenceLogps,
 
 # ---- the loop -------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class StepLog:
+class DPOStepLog:
     """One optimizer step, measured on its batch before the update.
 
     ``chosen_reward`` / ``rejected_reward`` are the mean implicit rewards of the chosen and rejected
@@ -382,23 +382,11 @@ class StepLog:
     seconds: float
 
 
-@dataclass(frozen=True)
-class DPOResult:
-    """What :func:`train_dpo` returns: the trained model, its last checkpoint, the log and the data sizes."""
-
-    model: Any
-    tokenizer: Any
-    history: tuple[StepLog, ...]
-    checkpoint: Path | None
-    num_examples: int
-    num_cut: int
-
-
 def train_dpo(
     config: DPOConfig,
     data: Iterable[Example],
-    on_step: Callable[[StepLog], None] | None = None,
-) -> DPOResult:
+    on_step: Callable[[DPOStepLog], None] | None = None,
+) -> TrainResult:
     """Train ``config.model`` on preference data with ``config.loss``.
 
     Args:
@@ -407,11 +395,12 @@ def train_dpo(
             :class:`~agentrl.data.buffer.PreferencePair` s mined from a buffer (their ledgers are used as
             they are), or for ``loss="kto"`` also :class:`LabelledConversation` s (each pair then gives a
             desirable and an undesirable example).
-        on_step: called after every optimizer step with its :class:`StepLog`.
+        on_step: called after every optimizer step with its :class:`DPOStepLog`.
 
     Returns:
-        The trained model (in train mode), the tokenizer, the log and the final checkpoint's path (None
-        without ``output_dir``).
+        The trained model (in train mode), the tokenizer, the log, the final checkpoint's path (None
+        without ``output_dir``) and ``extras``: ``num_examples`` (pairs; KTO: examples) and ``num_cut``
+        (conversations cut to ``max_seq_len``).
 
     Raises:
         ConfigError: labelled conversations for a pairwise loss, or no example with a completion token
@@ -438,7 +427,7 @@ def train_dpo(
         step = checkpoints.load_training_state(config.resume_from, optimizer, scheduler).step
     meta = {"config": config.model_dump(mode="json"), "learner": f"preference-{config.loss}"}
 
-    history: list[StepLog] = []
+    history: list[DPOStepLog] = []
     checkpoint: Path | None = None
     batches = optim.iterate_batches(len(dataset), config.batch_size, config.seed, start_step=step)
     while step < config.max_steps:
@@ -451,7 +440,7 @@ def train_dpo(
         grad_norm = optim.clip_and_step(model, optimizer, scheduler, config.grad_clip)
         step += 1
 
-        log = StepLog(step, loss.item(), **stats, lr=lr, grad_norm=float(grad_norm),
+        log = DPOStepLog(step, loss.item(), **stats, lr=lr, grad_norm=float(grad_norm),
                       seconds=time.perf_counter() - started)  # fmt: skip
         history.append(log)
         if on_step is not None:
@@ -459,7 +448,8 @@ def train_dpo(
         at_save = config.save_every is not None and step % config.save_every == 0
         if config.output_dir is not None and (at_save or step == config.max_steps):
             checkpoint = checkpoints.save_step(config, model, tokenizer, optimizer, scheduler, step, meta)
-    return DPOResult(model, tokenizer, tuple(history), checkpoint, len(dataset), dataset.num_cut)
+    extras = {"num_examples": len(dataset), "num_cut": dataset.num_cut}
+    return TrainResult(model, tokenizer, tuple(history), checkpoint, extras)
 
 
 def _all_rows(dataset: _Dataset) -> list[_Ledger]:
@@ -477,7 +467,7 @@ def _cached_ref(
 
 def _batch_loss(config: DPOConfig, model: Any, reference: Any, dataset: _Dataset, index: Sequence[int],
                 cached: SequenceLogps | None, pad_id: int) -> tuple[torch.Tensor, dict[str, float]]:  # fmt: skip
-    """The batch-mean loss of the examples ``index`` (with grad) and its :class:`StepLog` statistics."""
+    """The batch-mean loss of the examples ``index`` (with grad) and its :class:`DPOStepLog` statistics."""
     first = [dataset.chosen[i] for i in index]
     second = [dataset.mismatched[i] if dataset.kto else dataset.rejected[i] for i in index]
     ref_first = ref_second = None

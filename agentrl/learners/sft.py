@@ -31,14 +31,14 @@ from agentrl.data.trajectory import LedgerBuilder, Trajectory
 from agentrl.errors import ConfigError, TemplateError
 from agentrl.learners import checkpoints, logprobs, optim, policy_model
 from agentrl.learners.config import TrainConfig
+from agentrl.learners.result import TrainResult
 from agentrl.models.chat import ChatRenderer
 from agentrl.types import Message, StopReason, ToolSchema
 
 __all__ = [
     "Demonstration",
     "SFTConfig",
-    "SFTResult",
-    "StepLog",
+    "SFTStepLog",
     "demonstration_ledger",
     "env_demonstrations",
     "masked_nll",
@@ -302,7 +302,7 @@ def sft_loss(model: Any, batch: Mapping[str, torch.Tensor], packed: bool, shared
 
 # ---- the loop -------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class StepLog:
+class SFTStepLog:
     """One optimizer step: its loss (before the update), learning rate, target tokens, wall seconds and the
     tokens the forward computed."""
 
@@ -316,34 +316,23 @@ class StepLog:
     """Tokens the forward ran over (padding included; a shared prefix once)."""
 
 
-@dataclass(frozen=True)
-class SFTResult:
-    """What :func:`train_sft` returns: the trained model, its last checkpoint and the per-step log."""
-
-    model: Any
-    tokenizer: Any
-    history: tuple[StepLog, ...]
-    checkpoint: Path | None
-    num_rows: int
-    num_cut: int
-
-
 def train_sft(
     config: SFTConfig,
     demonstrations: Sequence[Demonstration | Trajectory],
-    on_step: Callable[[StepLog], None] | None = None,
-) -> SFTResult:
+    on_step: Callable[[SFTStepLog], None] | None = None,
+) -> TrainResult:
     """Fine-tune ``config.model`` on the assistant tokens of ``demonstrations``.
 
     Args:
         config: the run's settings.
         demonstrations: conversations with tool calls, each tokenized with the model's chat template, or
             recorded trajectories (e.g. the best samples of rejection sampling), trained on their ledgers.
-        on_step: called after every optimizer step with its :class:`StepLog`.
+        on_step: called after every optimizer step with its :class:`SFTStepLog`.
 
     Returns:
-        The trained model (in train mode), the tokenizer, the log and the final checkpoint's path (None
-        without ``output_dir``).
+        The trained model (in train mode), the tokenizer, the log, the final checkpoint's path (None
+        without ``output_dir``) and ``extras``: ``num_rows`` (training rows) and ``num_cut`` (conversations
+        cut to ``max_seq_len``).
 
     Raises:
         ConfigError: no demonstration has a target token within ``max_seq_len``.
@@ -372,7 +361,7 @@ def train_sft(
         step = checkpoints.load_training_state(config.resume_from, optimizer, scheduler).step
     meta = {"config": config.model_dump(mode="json"), "learner": "sft"}
 
-    history: list[StepLog] = []
+    history: list[SFTStepLog] = []
     checkpoint: Path | None = None
     share = config.share_prefix and not config.pack and not config.gradient_checkpointing
     batches = optim.iterate_batches(len(rows), config.batch_size, config.seed, start_step=step)
@@ -389,7 +378,7 @@ def train_sft(
         step += 1
 
         computed = batch["ids_B_T"].numel() - shared * (batch["ids_B_T"].shape[0] - 1)
-        log = StepLog(step, loss.item(), lr, int(batch["mask_B_T"][:, 1:].sum()), float(grad_norm),
+        log = SFTStepLog(step, loss.item(), lr, int(batch["mask_B_T"][:, 1:].sum()), float(grad_norm),
                       time.perf_counter() - started, computed)  # fmt: skip
         history.append(log)
         if on_step is not None:
@@ -397,4 +386,4 @@ def train_sft(
         at_save = config.save_every is not None and step % config.save_every == 0
         if config.output_dir is not None and (at_save or step == config.max_steps):
             checkpoint = checkpoints.save_step(config, model, tokenizer, optimizer, scheduler, step, meta)
-    return SFTResult(model, tokenizer, tuple(history), checkpoint, len(rows), num_cut)
+    return TrainResult(model, tokenizer, tuple(history), checkpoint, {"num_rows": len(rows), "num_cut": num_cut})
