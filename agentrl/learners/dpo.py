@@ -34,7 +34,7 @@ from pydantic import Field, model_validator
 
 from agentrl import algos
 from agentrl.data.buffer import PreferencePair, collate_shared
-from agentrl.data.trajectory import Trajectory, TurnSpan
+from agentrl.data.trajectory import Trajectory
 from agentrl.errors import ConfigError
 from agentrl.learners import checkpoints, logprobs, optim, policy_model
 from agentrl.learners.config import TrainConfig
@@ -45,7 +45,7 @@ from agentrl.learners.preference_data import (
     read_preference_jsonl,
 )
 from agentrl.learners.result import TrainResult
-from agentrl.learners.sft import demonstration_ledger
+from agentrl.learners.sft import demonstration_ledger, ledger_from_mask
 from agentrl.models.chat import ChatRenderer
 from agentrl.types import Message
 
@@ -116,19 +116,6 @@ class DPOConfig(TrainConfig):
 
 
 # ---- data ---------------------------------------------------------------------------------------
-def _as_ledger(ids: Sequence[int], mask: Sequence[int]) -> Trajectory:
-    """Token ids and a completion-only loss mask as a ledger (each run of mask-1 tokens one turn), the row
-    type :func:`~agentrl.data.buffer.collate_shared` lays out."""
-    turns, start = [], None
-    for t, m in enumerate((*mask, 0)):
-        if m and start is None:
-            start = t
-        elif not m and start is not None:
-            turns.append(TurnSpan(start, t))
-            start = None
-    return Trajectory(tuple(ids), (0.0,) * len(ids), tuple(mask), tuple(turns))
-
-
 def _completion_ledger(
     renderer: ChatRenderer, prompt: Sequence[Message], completion: Sequence[Message]
 ) -> Trajectory:
@@ -141,7 +128,7 @@ def _completion_ledger(
 
 
 def _cut_before(trajectory: Trajectory, start: int) -> Trajectory:
-    return _as_ledger(trajectory.token_ids, [0] * start + list(trajectory.loss_mask[start:]))
+    return ledger_from_mask(trajectory.token_ids, [0] * start + list(trajectory.loss_mask[start:]))
 
 
 def _ledgers(tokenizer: Any, template: str | None, example: Example) -> tuple[Trajectory, ...]:
@@ -159,7 +146,7 @@ def _ledgers(tokenizer: Any, template: str | None, example: Example) -> tuple[Tr
 def _truncate(ledger: Trajectory, max_len: int) -> Trajectory | None:
     """The first ``max_len`` tokens, or None when no completion token is left (position 0 never counts)."""
     mask = (0, *ledger.loss_mask[1:max_len])
-    return _as_ledger(ledger.token_ids[:max_len], mask) if any(mask) else None
+    return ledger_from_mask(ledger.token_ids[:max_len], mask) if any(mask) else None
 
 
 @dataclass(frozen=True)
@@ -226,8 +213,8 @@ def _mismatch(prompt_of: Trajectory, completion_of: Trajectory, max_len: int) ->
     a, b = prompt_of.prompt_length, completion_of.prompt_length
     ids = (*prompt_of.token_ids[:a], *completion_of.token_ids[b:])
     mask = (*prompt_of.loss_mask[:a], *completion_of.loss_mask[b:])
-    cut = _truncate(_as_ledger(ids, mask), max_len)  # no completion token left: the row scores 0
-    return cut if cut is not None else _as_ledger(ids[:max_len], (0,) * min(len(ids), max_len))
+    cut = _truncate(ledger_from_mask(ids, mask), max_len)  # no completion token left: the row scores 0
+    return cut if cut is not None else ledger_from_mask(ids[:max_len], (0,) * min(len(ids), max_len))
 
 
 # ---- sequence logprobs and the loss --------------------------------------------------------------
