@@ -17,7 +17,6 @@ from agentrl.algos.losses import (
     policy_loss,
     ppo_clip_loss,
     sft_nll_loss,
-    token_logprobs,
     truncated_is_weights,
     value_loss,
 )
@@ -119,13 +118,6 @@ def test_entropy_from_logits() -> None:
     logits = t([[[0.0, 0.0], [0.0, LN3]]])  # p = (1/2, 1/2) and (1/4, 3/4)
     expected = [math.log(2.0), -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))]
     torch.testing.assert_close(entropy_from_logits(logits), t([expected], torch.float32))
-
-
-def test_token_logprobs_align_with_the_ledger() -> None:
-    logits = t([[[0.0, LN3], [0.0, 0.0], [7.0, 7.0]]])
-    ids = t([[0, 1, 0]], torch.int64)
-    expected = [0.0, math.log(0.75), math.log(0.5)]  # position t read from logits[t - 1]
-    torch.testing.assert_close(token_logprobs(logits, ids), t([expected], torch.float32))
 
 
 # ---------------------------------------------------------------------------------------------- aggregation
@@ -259,14 +251,13 @@ def test_truncated_is_weights() -> None:
 
 
 def test_sft_nll_by_hand_and_masked_targets_get_no_gradient() -> None:
-    logits = t([[[0.0, LN3], [0.0, 0.0], [1.0, 2.0]]], torch.float32).requires_grad_(True)
-    ids = t([[0, 1, 0]], torch.int64)
-    mask = t([[0, 1, 0]], torch.int64)  # only token 1 is an assistant token: -log(3/4)
-    loss = sft_nll_loss(logits, ids, mask)
-    assert loss.item() == pytest.approx(-math.log(0.75), rel=1e-6)
-    (grad,) = torch.autograd.grad(loss, logits)
-    assert bool((grad[0, 1:] == 0).all())  # logits[1] predict the masked token 2; logits[2] predict nothing
-    other = sft_nll_loss(logits, t([[0, 1, 1]], torch.int64), mask)  # a different masked target
-    assert other.item() == loss.item()
+    logprobs = t([[0.0, math.log(0.75), math.log(0.5), -2.0]], torch.float32).requires_grad_(True)
+    mask = t([[0, 1, 0, 1]], torch.int64)  # tokens 1 and 3 are assistant tokens: -(log 3/4 - 2) / 2
+    loss = sft_nll_loss(logprobs, mask)
+    assert loss.item() == pytest.approx(-(math.log(0.75) - 2.0) / 2, rel=1e-6)
+    (grad,) = torch.autograd.grad(loss, logprobs)
+    torch.testing.assert_close(grad, t([[0.0, -0.5, 0.0, -0.5]], torch.float32))
+    summed = sft_nll_loss(logprobs, mask, "seq-mean-token-sum-norm", norm=4.0)
+    assert summed.item() == pytest.approx(-(math.log(0.75) - 2.0) / 4, rel=1e-6)
     with pytest.raises(ValueError, match="position 0"):
-        sft_nll_loss(logits, ids, t([[1, 1, 0]], torch.int64))
+        sft_nll_loss(logprobs, t([[1, 1, 0, 0]], torch.int64))

@@ -51,6 +51,20 @@ def test_sequence_logprobs_sum_and_mean_over_policy_tokens_only() -> None:
         sequence_logprobs(logprobs[0], mask[0])
 
 
+def test_sequence_logprobs_per_segment_of_packed_and_prompt_shared_rows() -> None:
+    # row 0: a shared prompt (-2), then segments 0 and 2; row 1: segment 1, then padding (-1)
+    logprobs = t([[-9.0, -1.0, -2.0, -4.0, -8.0], [-0.5, -1.5, -3.0, NAN, -INF]])
+    mask = t([[1, 0, 1, 1, 1], [0, 1, 1, 0, 1]], torch.int64)
+    segments = t([[-2, 0, 0, 2, 2], [1, 1, 1, -1, -1]], torch.int64)
+    # segment 0: -2; segment 1: -1.5 - 3 = -4.5; segment 2: -4 - 8 = -12; segment 3: none -> 0
+    sums = sequence_logprobs(logprobs, mask, segment_ids_B_T=segments, num_sequences=4)
+    torch.testing.assert_close(sums, t([-2.0, -4.5, -12.0, 0.0]))
+    means = sequence_logprobs(logprobs, mask, average=True, segment_ids_B_T=segments)
+    torch.testing.assert_close(means, t([-2.0, -2.25, -6.0]))
+    with pytest.raises(ValueError, match="segment_ids_B_T"):
+        sequence_logprobs(logprobs, mask, segment_ids_B_T=segments[:, :4])
+
+
 def test_masked_inf_and_nan_change_neither_loss_nor_gradient() -> None:
     mask = t([[0, 1, 1, 0, 1], [0, 1, 0, 0, 1]], torch.int64)
     clean = t([[-0.2, -1.0, -0.5, -0.3, -0.7], [-0.1, -2.0, -0.4, -0.9, -1.1]])

@@ -161,8 +161,8 @@ def test_revisions_train_with_the_preference_and_sft_learners(policy, tokenizer)
 def test_train_constitutional_generates_with_the_model_it_trains(tmp_path):
     config = SFTConfig(max_steps=2, warmup_steps=0, batch_size=4, output_dir=tmp_path)
     result = train_constitutional(config, PROMPTS, PRINCIPLES, sampling=SAMPLING, order="random", seed=1)
-    assert [r.principle for r in result.records] == assign_principles(4, PRINCIPLES, "random", 1)
-    assert result.training.checkpoint == tmp_path / "step-000002" and result.training.num_rows == 4
+    assert [r.principle for r in result.extras["revisions"]] == assign_principles(4, PRINCIPLES, "random", 1)
+    assert result.checkpoint == tmp_path / "step-000002" and result.extras["num_rows"] == 4
     with pytest.raises(
         ConfigError, match=r"none of the 4 critique-and-revise records gave training data \(4 failed"
     ):

@@ -9,19 +9,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from agentrl.data.buffer import PreferencePair
+from agentrl.data.buffer import SHARED_SEGMENT, PreferencePair, collate_shared
 from agentrl.errors import ConfigError
 from agentrl.learners import checkpoints
 from agentrl.learners.dpo import (
     DPOConfig,
     LabelledConversation,
     PreferenceConversation,
+    SequenceLogps,
     _batch_loss,
-    _collate,
     _dataset,
-    _pair_logps,
-    _policy_logps,
     _reference_logps,
+    _sequence_logps,
     evaluate_preferences,
     read_preference_jsonl,
     train_dpo,
@@ -98,7 +97,7 @@ def test_each_loss_learns_to_prefer_the_answer_on_held_out_pairs(loss, train_pai
     assert after.margin > before.margin + 0.05
     if loss not in ("orpo", "simpo"):  # the policy starts as the reference: every margin is exactly 0
         assert (before.accuracy, before.margin) == (0.0, 0.0)
-    assert result.num_examples == (120 if loss == "kto" else 60)
+    assert result.extras["num_examples"] == (120 if loss == "kto" else 60)
     assert [log.step for log in result.history] == list(range(1, 7))
     assert result.history[-1].loss < result.history[0].loss
     assert all(0.0 <= log.accuracy <= 1.0 for log in result.history)
@@ -111,10 +110,10 @@ def test_tool_results_change_neither_the_counted_tokens_nor_receive_gradient(tok
     dataset = _dataset(config, tokenizer, [tool_pair(result_text)])
     rows = [dataset.chosen[0], dataset.rejected[0]]
     # Counted: both assistant turns of each completion (call, then answer), never the tool's answer.
-    counted = [tokenizer.decode([i for i, m in zip(r.ids, r.mask, strict=True) if m]) for r in rows]
+    counted = [tokenizer.decode([i for i, m in zip(r.token_ids, r.loss_mask, strict=True) if m]) for r in rows]
     call = tool_pair(result_text).chosen[0]["content"] + "<|im_end|>"
     assert counted == [call + "<answer>5</answer><|im_end|>", call + "<answer>7</answer><|im_end|>"]
-    assert result_text.strip() in tokenizer.decode(rows[0].ids)
+    assert result_text.strip() in tokenizer.decode(rows[0].token_ids)
 
     model = load_model("tiny")
     reference = load_model("tiny").eval()
@@ -127,17 +126,20 @@ def test_tool_results_change_neither_the_counted_tokens_nor_receive_gradient(tok
     loss, _ = _batch_loss(config, model, None, dataset, [0], cached, tokenizer.pad_token_id)
     hook.remove()
     loss.backward()
-    (logits_B_T_V,) = captured
-    batch = _collate(rows, tokenizer.pad_token_id, torch.device("cpu"))
-    grad_B_T = logits_B_T_V.grad.abs().sum(-1)[:, :-1]  # position t predicts token t + 1
-    target_B_T = batch.loss_mask_B_T[:, 1:].bool()
-    assert (grad_B_T[~target_B_T] == 0).all()
-    assert (grad_B_T[target_B_T] > 0).all()
+    (logits_N_V,) = captured
+    # The head runs at the positions that predict a mask-1 token and nowhere else (a tool result's logits
+    # are never computed, so nothing reaches them), in the pair's prompt-shared row; each gets gradient.
+    batch = collate_shared(rows, pad_id=tokenizer.pad_token_id).to_torch()
+    assert bool((batch.segment_ids_B_T == SHARED_SEGMENT).any())
+    predicts_B_T = batch.loss_mask_B_T[:, 1:] != 0  # position t predicts token t + 1
+    assert logits_N_V.shape[0] == int(predicts_B_T.sum()) == sum(sum(r.loss_mask) for r in rows)
+    assert (logits_N_V.grad.abs().sum(-1) > 0).all()
 
-    # The loss by hand: full log-softmax, summed over mask-1 tokens only, then -log sigmoid(beta * h).
-    logp = torch.log_softmax(logits_B_T_V.detach()[:, :-1], -1)
-    picked = logp.gather(-1, batch.token_ids_B_T[:, 1:, None]).squeeze(-1)
-    policy_c, policy_r = (picked * target_B_T).sum(-1)
+    # The loss by hand: full log-softmax, summed over each conversation's mask-1 tokens, -log sigmoid(beta * h).
+    logp = torch.log_softmax(logits_N_V.detach(), -1)
+    picked_N = logp.gather(-1, batch.token_ids_B_T[:, 1:][predicts_B_T][:, None]).squeeze(-1)
+    segment_N = batch.segment_ids_B_T[:, 1:][predicts_B_T]
+    policy_c, policy_r = picked_N[segment_N == 0].sum(), picked_N[segment_N == 1].sum()
     h = (policy_c - policy_r) - (cached.sum_N[0] - cached.sum_N[1])
     assert loss.item() == pytest.approx(-F.logsigmoid(0.5 * h).item(), rel=1e-5)
     assert abs(h.item()) > 1e-3
@@ -154,12 +156,12 @@ def test_preference_pairs_from_a_buffer_give_the_same_rows_as_their_conversation
     split = PreferenceConversation([*pair.prompt, *pair.chosen[:2]], pair.chosen[2:], pair.rejected[2:])
     config = DPOConfig()
     from_messages, from_buffer = _dataset(config, tokenizer, [split]), _dataset(config, tokenizer, [mined])
-    assert sum(from_buffer.chosen[0].mask) == len(tokenizer.encode("<answer>5</answer><|im_end|>"))
+    assert sum(from_buffer.chosen[0].loss_mask) == len(tokenizer.encode("<answer>5</answer><|im_end|>"))
     assert (from_buffer.chosen, from_buffer.rejected) == (from_messages.chosen, from_messages.rejected)
     # KTO splits each pair into a desirable and an undesirable example, mismatched rows beside them.
     kto = _dataset(DPOConfig(loss="kto"), tokenizer, [mined, pair])
     assert kto.desirable == [True, False, True, False]
-    assert kto.mismatched[1].ids[-3:] == kto.chosen[0].ids[-3:]
+    assert kto.mismatched[1].token_ids[-3:] == kto.chosen[0].token_ids[-3:]
 
 
 def test_read_preference_jsonl_reads_pairs_and_labelled_conversations(tmp_path):
@@ -263,7 +265,10 @@ def test_pairs_sharing_their_prompt_in_one_row_give_each_conversations_own_logpr
     config = DPOConfig()
     examples = [tool_pair("5"), tool_pair("a longer tool answer")] if multi_turn else train_pairs[:6]
     dataset = _dataset(config, tokenizer, examples)
-    shared = _pair_logps(model, dataset.chosen, dataset.rejected, 0, config)
-    plain = _policy_logps(model, [*dataset.chosen, *dataset.rejected], 0, config)
+    rows = [*dataset.chosen, *dataset.rejected]
+    assert bool((collate_shared(rows).segment_ids_B_T == SHARED_SEGMENT).any())
+    shared = _sequence_logps(model, rows, 0, config)
+    alone = [_sequence_logps(model, [row], 0, config) for row in rows]
+    plain = SequenceLogps(torch.cat([a.sum_N for a in alone]), torch.cat([a.mean_N for a in alone]))
     torch.testing.assert_close(shared.sum_N, plain.sum_N, atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(shared.mean_N, plain.mean_N, atol=1e-5, rtol=1e-5)

@@ -37,7 +37,7 @@ def test_the_ledgers_are_trained_as_recorded():
     # Hand-made ledgers without messages: nothing to re-tokenize, so only the recorded tokens can be used.
     group = TrajectoryGroup("a", (_t([1, 2, 3, 4], 1.0), _t([1, 2, 5], 0.5)))
     result = train_rejection_sft(SFTConfig(max_steps=1, warmup_steps=0, batch_size=2), [group], per_task=2)
-    assert result.num_rows == 2 and result.history[0].tokens == 2 + 1
+    assert result.extras["num_rows"] == 2 and result.history[0].tokens == 2 + 1
 
 
 def test_nothing_above_the_bar_is_a_clear_error():
@@ -56,7 +56,7 @@ def test_rejection_sft_trains_on_the_recorded_ledgers_and_raises_the_reward(tmp_
 
     sft = SFTConfig(max_steps=30, batch_size=16, lr=5e-3, warmup_steps=0, output_dir=tmp_path)
     result = train_rejection_sft(sft, buffer, per_task=2)
-    assert result.num_rows == len(best)
+    assert result.extras["num_rows"] == len(best)
     assert result.history[-1].loss < result.history[0].loss - 0.5
     after = sample_groups(config.model_copy(update={"model": str(result.checkpoint), "seed": 1}), 32)
     assert np.mean([t.total_reward for g in after for t in g]) > 2 * before

@@ -9,19 +9,18 @@ import pytest
 import torch
 
 import agentrl
+from agentrl.algos import sft_nll_loss
+from agentrl.data.buffer import collate
 from agentrl.errors import ConfigError
 from agentrl.learners import checkpoints
+from agentrl.learners.logprobs import policy_logprobs
 from agentrl.learners.sft import (
     Demonstration,
     SFTConfig,
-    _collate,
-    _forward,
     _rows,
     env_demonstrations,
-    masked_nll,
+    ledger_from_mask,
     read_messages_jsonl,
-    sft_loss,
-    shared_prefix_length,
     train_sft,
 )
 from agentrl.models.chat import ChatRenderer, demonstration_ledger
@@ -116,37 +115,48 @@ def test_bad_demonstrations_and_jsonl_lines_name_the_problem(tmp_path, tokenizer
         read_messages_jsonl(path)
 
 
+def _batch(tokenizer, demos, max_len: int, pack: bool, share_prefix: bool = False):
+    """The demonstrations as train_sft lays out one step of them."""
+    ledgers = [demonstration_ledger(ChatRenderer(tokenizer, d.tools), d.messages) for d in demos]
+    rows, _ = _rows(ledgers, max_len, pack=pack, seed=0)
+    conversations = [t for row in rows for t in row]
+    return collate(conversations, pad_id=tokenizer.pad_token_id, packing=pack, row_tokens=max_len,
+                   share_prefix=share_prefix).to_torch(), len(rows)  # fmt: skip
+
+
+def _sft_loss(model, batch):
+    logprobs_B_T, _ = policy_logprobs(model, batch)
+    return sft_nll_loss(logprobs_B_T, batch.loss_mask_B_T)
+
+
 def test_tool_result_tokens_never_receive_gradient(tokenizer, demos):
-    """The loss's gradient w.r.t. the logits predicting each tool-result (mask 0) token is exactly zero,
-    and nonzero for every assistant token; so no tool token is ever a target."""
+    """The loss's gradient w.r.t. each tool-result (mask 0) token's logprob is exactly zero, and nonzero for
+    every assistant token; the LM head runs only at the positions that predict an assistant token."""
     model = load_model("tiny")
-    ledgers = [demonstration_ledger(ChatRenderer(tokenizer, d.tools), d.messages) for d in demos[:3]]
-    rows, _ = _rows(ledgers, 2048, pack=False, seed=0)
-    batch = _collate(rows, tokenizer.pad_token_id, torch.device("cpu"))
-    logits = _forward(model, batch, packed=False)
-    logits.retain_grad()
-    masked_nll(logits, batch["ids_B_T"], batch["mask_B_T"]).backward()
-    grad_per_position = logits.grad.abs().sum(-1)  # [B, T]: position t predicts token t + 1
-    target = batch["mask_B_T"][:, 1:].bool()
-    assert (grad_per_position[:, :-1][~target] == 0).all()
-    assert (grad_per_position[:, :-1][target] > 0).all()
-    # Spot-check by text: a tool result's tokens are inside the zero-gradient region.
-    ids = batch["ids_B_T"][0].tolist()
+    batch, _ = _batch(tokenizer, demos[:3], 2048, pack=False)
+    captured = []
+    hook = model.lm_head.register_forward_hook(lambda _m, _i, out: captured.append(out))
+    logprobs_B_T, _ = policy_logprobs(model, batch)
+    hook.remove()
+    logprobs_B_T.retain_grad()
+    sft_nll_loss(logprobs_B_T, batch.loss_mask_B_T).backward()
+    target_B_T = batch.loss_mask_B_T.bool()
+    assert (logprobs_B_T.grad[~target_B_T] == 0).all()
+    assert (logprobs_B_T.grad[target_B_T] < 0).all()
+    (logits_N_V,) = captured
+    assert logits_N_V.shape[0] == int(target_B_T.sum())
+    # Spot-check by text: a tool result's tokens are not targets.
+    ids = batch.token_ids_B_T[0].tolist()
     start = next(i for i in range(len(ids)) if tokenizer.decode(ids[i : i + 1]) == "<tool_response>")
-    assert (grad_per_position[0, start - 1 : start + 3] == 0).all()
+    assert not target_B_T[0, start : start + 4].any()
 
 
 def test_packing_gives_the_padded_loss(tokenizer, demos):
     model = load_model("tiny")
-    ledgers = [demonstration_ledger(ChatRenderer(tokenizer, d.tools), d.messages) for d in demos]
-    padded, _ = _rows(ledgers, 1024, pack=False, seed=0)
-    packed, _ = _rows(ledgers, 1024, pack=True, seed=0)
-    assert len(packed) < len(padded)
-    losses = []
-    for rows, pack in ((padded, False), (packed, True)):
-        batch = _collate(rows, tokenizer.pad_token_id, torch.device("cpu"))
-        losses.append(masked_nll(_forward(model, batch, pack), batch["ids_B_T"], batch["mask_B_T"]).item())
-    assert losses[0] == pytest.approx(losses[1], abs=1e-5)
+    padded, padded_rows = _batch(tokenizer, demos, 1024, pack=False)
+    packed, packed_rows = _batch(tokenizer, demos, 1024, pack=True)
+    assert packed_rows < padded_rows and packed.shape[0] < padded.shape[0]
+    torch.testing.assert_close(_sft_loss(model, packed), _sft_loss(model, padded), atol=1e-5, rtol=0)
 
 
 def _loss_and_grads(model, loss_fn):
@@ -156,28 +166,45 @@ def _loss_and_grads(model, loss_fn):
     return loss.item(), {name: p.grad.clone() for name, p in model.named_parameters()}
 
 
-def test_shared_prefix_length_stops_before_the_earliest_predicting_position():
-    ids = torch.tensor([[5, 6, 7, 8, 9, 1], [5, 6, 7, 8, 2, 3], [5, 6, 7, 4, 4, 4]])
-    mask = torch.zeros_like(ids)
-    mask[:, 5] = 1
-    assert shared_prefix_length(ids, mask) == 3  # rows agree on 3 tokens
-    mask[1, 3] = 1  # row 1's target at 3 is predicted by position 2: positions 0-1 may be shared
-    assert shared_prefix_length(ids, mask) == 2
-    assert shared_prefix_length(ids[:1], mask[:1]) == 0  # one row: nothing to share
+def test_collate_shares_the_prefix_up_to_the_earliest_predicting_position():
+    rows = [[5, 6, 7, 8, 9, 1], [5, 6, 7, 8, 2, 3], [5, 6, 7, 4, 4, 4]]
+    masks = [[0, 0, 0, 0, 0, 1] for _ in rows]
+    assert collate([ledger_from_mask(r, m) for r, m in zip(rows, masks, strict=True)], share_prefix=True).shared_prefix == 3
+    masks[1] = [0, 0, 0, 1, 0, 1]  # row 1's target at 3 is predicted by position 2: positions 0-1 may be shared
+    ledgers = [ledger_from_mask(r, m) for r, m in zip(rows, masks, strict=True)]
+    assert collate(ledgers, share_prefix=True).shared_prefix == 2
+    assert collate(ledgers[:1], share_prefix=True).shared_prefix == 0  # one row: nothing to share
+    assert collate(ledgers, share_prefix=False).shared_prefix == 0
+    assert collate(ledgers, packing=True, row_tokens=12, share_prefix=True).shared_prefix == 0
+
+
+def test_a_packed_row_is_attended_per_segment_whichever_segment_comes_first():
+    # First-fit decreasing puts trajectory 1 (3 tokens) before trajectory 0 (2 tokens) in the second row.
+    ledgers = [ledger_from_mask(list(range(1, n + 1)), [0] + [1] * (n - 1)) for n in (2, 3, 5)]
+    batch = collate(ledgers, packing=True, row_tokens=5).to_torch()
+    assert batch.segment_ids_B_T[1].tolist() == [1, 1, 1, 0, 0]
+    inputs = batch.model_inputs()
+    assert set(inputs) == {"position_ids"} and inputs["position_ids"][1].tolist() == [0, 1, 2, 0, 1]
+    assert set(collate(ledgers).to_torch().model_inputs()) == {"attention_mask"}
 
 
 @pytest.mark.parametrize("pack", [False, True])
-def test_sft_loss_gives_the_full_logits_loss_and_gradients(tokenizer, demos, pack):
+def test_policy_logprobs_gives_the_full_logits_loss_and_gradients(tokenizer, demos, pack):
     """The LM head on target positions only, and the shared prefix run once (padded rows), change
-    neither the loss nor any parameter's gradient."""
+    neither the loss nor any parameter's gradient against the plain full-logits NLL."""
     model = load_model("tiny")
-    ledgers = [demonstration_ledger(ChatRenderer(tokenizer, d.tools), d.messages) for d in demos]
-    rows, _ = _rows(ledgers, 1024, pack=pack, seed=0)
-    batch = _collate(rows, tokenizer.pad_token_id, torch.device("cpu"))
-    shared = 0 if pack else shared_prefix_length(batch["ids_B_T"], batch["mask_B_T"])
-    assert pack or shared > 50  # the system prompt with the tool schemas
-    full = _loss_and_grads(model, lambda: masked_nll(_forward(model, batch, pack), batch["ids_B_T"], batch["mask_B_T"]))
-    fast = _loss_and_grads(model, lambda: sft_loss(model, batch, pack, shared))
+    batch, _ = _batch(tokenizer, demos, 1024, pack=pack, share_prefix=True)
+    assert batch.shared_prefix == 0 if pack else batch.shared_prefix > 50  # the system prompt with the tool schemas
+
+    def full_logits_nll():
+        logits_B_T_V = model(input_ids=batch.token_ids_B_T, use_cache=False, **batch.model_inputs()).logits
+        logp_B_T_V = torch.log_softmax(logits_B_T_V[:, :-1].float(), dim=-1)
+        picked_B_T = logp_B_T_V.gather(-1, batch.token_ids_B_T[:, 1:, None]).squeeze(-1)
+        mask_B_T = batch.loss_mask_B_T[:, 1:].float()
+        return -(picked_B_T * mask_B_T).sum() / mask_B_T.sum()
+
+    full = _loss_and_grads(model, full_logits_nll)
+    fast = _loss_and_grads(model, lambda: _sft_loss(model, batch))
     assert fast[0] == pytest.approx(full[0], abs=1e-5)
     for name, grad in full[1].items():
         torch.testing.assert_close(fast[1][name], grad, atol=1e-5, rtol=0, msg=name)

@@ -3,9 +3,11 @@
 TRL's side is the real trainer: a ``GRPOTrainer`` built on CPU around the tiny model, whose
 ``compute_loss`` runs on a hand-made batch (left-padded prompts, right-padded completions of different
 lengths, one advantage per sequence, old logprobs perturbed so that both clip bounds bite, reference
-logprobs for the KL term). Our side runs the same model's plain forward, :func:`token_logprobs` on the
-whole row (ledger alignment: position ``t`` holds the logprob of token ``t``) and :func:`policy_loss` with
-the aggregation that matches each TRL ``loss_type``:
+logprobs for the KL term). Our side is the path the learners train with: each row becomes the ledger a
+rollout records (the unpadded prompt, then the completion with loss mask 1), :func:`collate` lays the
+ledgers out as a :class:`Batch`, :func:`policy_logprobs` gives the ledger-aligned logprobs (position ``t``
+holds the logprob of token ``t``), and :func:`policy_loss` reduces them with the aggregation that matches
+each TRL ``loss_type``:
 
 - ``grpo``: each sequence's token mean, then the mean over sequences (``seq-mean-token-mean``);
 - ``dr_grpo``: the token sum over ``B * max_completion_length``, the config value, not the batch width
@@ -14,7 +16,7 @@ the aggregation that matches each TRL ``loss_type``:
   (``token-mean``; with one micro-batch per generation batch that count is the mask's sum).
 
 Settings TRL applies inside its loss that we apply explicitly: its log-probabilities are taken from
-logits divided by ``temperature`` (we divide before :func:`token_logprobs`); ``epsilon`` /
+logits divided by ``temperature`` (so are ours: :func:`policy_logprobs`' ``temperature``); ``epsilon`` /
 ``epsilon_high`` are our ``eps_low`` / ``eps_high``. Two conventions differ, each pinned by a test below:
 TRL's default ``use_bias_correction_kl=True`` multiplies the KL term by the (differentiable) ratio
 ``pi / pi_old``, which :func:`policy_loss` does not; and ``grpo`` counts a completion with no loss
@@ -33,7 +35,10 @@ import torch
 from datasets import Dataset
 from trl import GRPOConfig, GRPOTrainer
 
-from agentrl.algos.losses import aggregate, kl_estimate, policy_loss, ppo_clip_loss, token_logprobs
+from agentrl.algos.losses import aggregate, kl_estimate, policy_loss, ppo_clip_loss
+from agentrl.data.buffer import Batch, collate
+from agentrl.data.trajectory import Trajectory, TurnSpan
+from agentrl.learners.logprobs import policy_logprobs
 from agentrl.models.loading import load_model, load_tokenizer
 
 ATOL = 1e-5
@@ -76,7 +81,10 @@ def _batch(model: Any, completion_lengths: tuple[int, ...] = COMPLETION_LENGTHS)
         "completion_mask": completion_mask,
     }
     with torch.no_grad():
-        current = _full_row_logprobs(model, inputs)[:, width_p:]
+        batch = _ledger_batch(inputs)
+        logprobs_B_T, _ = policy_logprobs(model, batch, TEMPERATURE)
+    current = torch.zeros(completion_ids.shape)
+    current[completion_mask != 0] = logprobs_B_T[batch.loss_mask_B_T != 0]
     return {
         **inputs,
         "advantages": torch.tensor(ADVANTAGES_B),
@@ -86,17 +94,25 @@ def _batch(model: Any, completion_lengths: tuple[int, ...] = COMPLETION_LENGTHS)
     }
 
 
-def _full_row_logprobs(model: Any, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Our side: the model's plain forward, temperature-scaled logits, ledger-aligned logprobs ``(B, T)``."""
-    input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
-    attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
-    logits_B_T_V = model(input_ids=input_ids, attention_mask=attention_mask).logits
-    return token_logprobs(logits_B_T_V / TEMPERATURE, input_ids)
+def _ledger_batch(inputs: dict[str, torch.Tensor]) -> Batch:
+    """TRL's rows as the ledgers a rollout records (prompt without its left padding, then the completion,
+    mask 1 on it), collated one per row as the learners collate them."""
+    ledgers = []
+    for prompt, prompt_mask, completion, completion_mask in zip(
+        inputs["prompt_ids"], inputs["prompt_mask"], inputs["completion_ids"], inputs["completion_mask"], strict=True
+    ):
+        ids = [*prompt[prompt_mask != 0].tolist(), *completion[completion_mask != 0].tolist()]
+        n_p, n = int(prompt_mask.sum()), len(ids)
+        turns = (TurnSpan(n_p, n),) if n > n_p else ()
+        ledgers.append(Trajectory(ids, [0.0] * n, [0] * n_p + [1] * (n - n_p), turns))
+    return collate(ledgers, pad_id=PAD_ID).to_torch()
 
 
-def _to_rows(inputs: dict[str, torch.Tensor], key: str) -> torch.Tensor:
-    """A per-completion-token tensor placed on the full rows (0 on the prompt part)."""
-    return torch.nn.functional.pad(inputs[key], (inputs["prompt_ids"].shape[1], 0))
+def _on_ledger(batch: Batch, inputs: dict[str, torch.Tensor], key: str) -> torch.Tensor:
+    """A per-completion-token tensor of TRL's layout placed on the ledger rows (0 elsewhere)."""
+    out = torch.zeros(batch.shape)
+    out[batch.loss_mask_B_T != 0] = inputs[key][inputs["completion_mask"] != 0]
+    return out
 
 
 def _trainer(tmp_path, tokenizer, loss_type: str, beta: float, eps_high: float | None, **config: Any):
@@ -137,16 +153,16 @@ def _grads(model: Any) -> dict[str, torch.Tensor]:
 
 def _ours(model: Any, inputs: dict[str, torch.Tensor], loss_type: str, beta: float, eps_high: float | None):
     model.zero_grad(set_to_none=True)
-    logprobs_B_T = _full_row_logprobs(model, inputs)
-    mask_B_T = _to_rows(inputs, "completion_mask")
+    batch = _ledger_batch(inputs)
+    logprobs_B_T, _ = policy_logprobs(model, batch, TEMPERATURE)
     out = policy_loss(
         logprobs_B_T,
-        _to_rows(inputs, "old_per_token_logps"),
+        _on_ledger(batch, inputs, "old_per_token_logps"),
         inputs["advantages"][:, None].expand_as(logprobs_B_T),
-        mask_B_T,
+        batch.loss_mask_B_T,
         eps_low=EPS_LOW,
         eps_high=eps_high,
-        ref_logprobs_B_T=_to_rows(inputs, "ref_per_token_logps") if beta else None,
+        ref_logprobs_B_T=_on_ledger(batch, inputs, "ref_per_token_logps") if beta else None,
         beta=beta,
         aggregation=AGGREGATION[loss_type],
         norm=MAX_COMPLETION_LENGTH if loss_type == "dr_grpo" else None,
@@ -199,13 +215,14 @@ def test_trl_default_bias_corrected_kl_weights_k3_by_the_ratio(tmp_path, tokeniz
     trl_loss, trl_grads = _trl_loss(trainer, model, inputs)
 
     model.zero_grad(set_to_none=True)
-    logprobs_B_T = _full_row_logprobs(model, inputs)
-    mask_B_T = _to_rows(inputs, "completion_mask")
-    old_B_T = _to_rows(inputs, "old_per_token_logps")
+    batch = _ledger_batch(inputs)
+    logprobs_B_T, _ = policy_logprobs(model, batch, TEMPERATURE)
+    mask_B_T = batch.loss_mask_B_T
+    old_B_T = _on_ledger(batch, inputs, "old_per_token_logps")
     pg_B_T, _ = ppo_clip_loss(
         logprobs_B_T, old_B_T, inputs["advantages"][:, None], EPS_LOW, eps_high, mask_B_T=mask_B_T
     )
-    kl_B_T = kl_estimate(logprobs_B_T, _to_rows(inputs, "ref_per_token_logps"), "k3", mask_B_T=mask_B_T)
+    kl_B_T = kl_estimate(logprobs_B_T, _on_ledger(batch, inputs, "ref_per_token_logps"), "k3", mask_B_T=mask_B_T)
     ratio_B_T = torch.exp(torch.where(mask_B_T != 0, logprobs_B_T - old_B_T, 0.0))
     weighted = aggregate(pg_B_T + beta * ratio_B_T * kl_B_T, mask_B_T, "token-mean")
     weighted.backward()

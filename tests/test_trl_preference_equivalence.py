@@ -3,9 +3,11 @@
 TRL keeps these losses inside trainer methods. Real trainers need datasets, tokenizers and accelerate, so each
 method is called unbound on a stand-in object that carries just the attributes that method reads (listed at
 each stand-in). Everything else is real: a tiny Qwen2 policy and reference, TRL's fused LM head for DPO and KTO,
-TRL's own logprob, padding and NLL code for ORPO and CPO/SimPO. Our side computes logits with a plain forward,
-takes per-token logprobs with :func:`token_logprobs`, writes ``-inf`` outside the completion mask and reduces
-with :func:`sequence_logprobs`.
+TRL's own logprob, padding and NLL code for ORPO and CPO/SimPO. Our side is the path the learners train with:
+each (prompt, completion) becomes a ledger (mask 1 on the completion), :func:`collate` (or, for pairs that share
+their prompt, :func:`collate_shared`, as DPO lays them out) makes the :class:`Batch`, :func:`policy_logprobs`
+gives per-token logprobs, ``-inf`` is written outside the loss mask (it must not count) and
+:func:`sequence_logprobs` reduces them per sequence.
 
 Conventions found in TRL 1.16.0, and how these tests line up with them:
 
@@ -36,8 +38,10 @@ from agentrl.algos import (
     sequence_logprobs,
     sft_nll_loss,
     simpo_loss,
-    token_logprobs,
 )
+from agentrl.data.buffer import SHARED_SEGMENT, collate, collate_shared
+from agentrl.data.trajectory import Trajectory, TurnSpan
+from agentrl.learners.logprobs import policy_logprobs
 from agentrl.models.tiny import tiny_config
 
 trl = pytest.importorskip("trl")
@@ -110,21 +114,32 @@ def _pad(rows: Rows, width: int | None = None) -> tuple[torch.Tensor, torch.Tens
     return ids, attention, completion
 
 
-def _logits(model: Model, ids: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
-    return model(input_ids=ids, attention_mask=attention).logits
+def _ledger(prompt: list[int], completion: list[int], *, with_prompt: bool = False) -> Trajectory:
+    """The ledger of ``prompt + completion``: mask 1 on the completion (``with_prompt``: on every token but the
+    first, as TRL's ORPO NLL counts them)."""
+    ids = [*prompt, *completion]
+    start = 1 if with_prompt else len(prompt)
+    return Trajectory(ids, [0.0] * len(ids), [0] * start + [1] * (len(ids) - start), (TurnSpan(start, len(ids)),))
 
 
-def _sequence_logps(
-    logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, average: bool
-) -> torch.Tensor:
-    per_token = token_logprobs(logits, ids)
-    per_token = torch.where(mask != 0, per_token, float("-inf"))  # nothing outside the completion may count
-    return sequence_logprobs(per_token, mask, average=average)
+def _ours(model: Model, rows: Rows, *, average: bool = False, shared: bool = False) -> torch.Tensor:
+    """Each row's completion logprob (sum or mean), one conversation per row or, with ``shared``, each distinct
+    prompt computed once (:func:`collate_shared`)."""
+    ledgers = [_ledger(p, c) for p, c in rows]
+    batch = (collate_shared(ledgers) if shared else collate(ledgers)).to_torch()
+    assert bool((batch.segment_ids_B_T == SHARED_SEGMENT).any()) == shared  # the layout the test means
+    logprobs_B_T, _ = policy_logprobs(model, batch)
+    mask_B_T = batch.loss_mask_B_T
+    logprobs_B_T = torch.where(mask_B_T != 0, logprobs_B_T, float("-inf"))  # nothing outside may count
+    return sequence_logprobs(logprobs_B_T, mask_B_T, average=average, segment_ids_B_T=batch.segment_ids_B_T,
+                             num_sequences=len(rows))  # fmt: skip
 
 
-def _ours(model: Model, rows: Rows, *, average: bool = False) -> torch.Tensor:
-    ids, attention, completion = _pad(rows)
-    return _sequence_logps(_logits(model, ids, attention), ids, completion, average)
+def _nll(model: Model, rows: Rows, *, with_prompt: bool) -> torch.Tensor:
+    """The token-mean NLL of the rows' completions (``with_prompt``: of every token but the first)."""
+    batch = collate([_ledger(p, c, with_prompt=with_prompt) for p, c in rows]).to_torch()
+    logprobs_B_T, _ = policy_logprobs(model, batch)
+    return sft_nll_loss(logprobs_B_T, batch.loss_mask_B_T)
 
 
 def _identity(x: object) -> object:
@@ -142,8 +157,16 @@ def _metrics() -> dict[str, collections.defaultdict[str, list[float]]]:
 
 # ---------------------------------------------------------------------------------------------- DPO
 DPO_PAIRS = 4
-# (prompt, completion) lengths: the chosen rows, then the rejected rows
-DPO_LENGTHS = [(2, 3), (4, 1), (3, 6), (5, 4), (2, 5), (4, 2), (3, 1), (5, 4)]
+# (prompt, completion) lengths of the chosen rows, then the rejected completions' lengths
+DPO_LENGTHS = [(2, 3), (4, 1), (3, 6), (5, 4)]
+DPO_REJECTED = [5, 2, 1, 4]
+
+
+def _dpo_rows(seed: int) -> Rows:
+    """The chosen rows, then the rejected rows on the same prompts (as a learner's pairs come)."""
+    chosen = _random_rows(DPO_LENGTHS, seed)
+    rejected = [c for _, c in _random_rows([(1, n) for n in DPO_REJECTED], seed + 100)]
+    return chosen + [(p, r) for (p, _), r in zip(chosen, rejected, strict=True)]
 
 
 def _dpo_stand_in(
@@ -180,10 +203,10 @@ def test_dpo_loss_values_match_trl(
     models: tuple[Model, Model], kind: str, beta: float, smoothing: float, average: bool
 ) -> None:
     policy, ref = models
-    rows = _random_rows(DPO_LENGTHS, seed=0)
+    rows = _dpo_rows(seed=0)
     with torch.no_grad():
         trl_loss, _ = _trl_dpo(policy, ref, rows, kind, beta, smoothing)
-        pi, pi_ref = _ours(policy, rows, average=average), _ours(ref, rows, average=average)
+        pi, pi_ref = _ours(policy, rows, average=average, shared=True), _ours(ref, rows, average=average, shared=True)
     n = DPO_PAIRS
     ours = dpo_loss(pi[:n], pi[n:], pi_ref[:n], pi_ref[n:], beta, label_smoothing=smoothing, kind=kind)  # type: ignore[arg-type]
     assert abs(ours.loss_B.mean().item() - trl_loss.item()) < ATOL
@@ -193,15 +216,15 @@ def test_dpo_loss_values_match_trl(
 
 def test_dpo_gradients_and_rewards_match_trl(models: tuple[Model, Model]) -> None:
     policy, ref = models
-    rows = _random_rows(DPO_LENGTHS, seed=1)
+    rows = _dpo_rows(seed=1)
     policy.zero_grad()
     trl_loss, stand_in = _trl_dpo(policy, ref, rows, "sigmoid", beta=0.5)
     trl_loss.backward()
     trl_grads = [p.grad.clone() for p in policy.parameters() if p.grad is not None]
     policy.zero_grad()
-    pi = _ours(policy, rows)
+    pi = _ours(policy, rows, shared=True)
     with torch.no_grad():
-        pi_ref = _ours(ref, rows)
+        pi_ref = _ours(ref, rows, shared=True)
     n = DPO_PAIRS
     ours = dpo_loss(pi[:n], pi[n:], pi_ref[:n], pi_ref[n:], beta=0.5)
     ours.loss_B.mean().backward()
@@ -219,9 +242,9 @@ def test_dpo_gradients_and_rewards_match_trl(models: tuple[Model, Model]) -> Non
 
 def test_conservative_dpo_matches_trl_cpo_sigmoid_on_log_ratios(models: tuple[Model, Model]) -> None:
     policy, ref = models
-    rows = _random_rows(DPO_LENGTHS, seed=2)
+    rows = _dpo_rows(seed=2)
     with torch.no_grad():
-        pi, pi_ref = _ours(policy, rows), _ours(ref, rows)
+        pi, pi_ref = _ours(policy, rows, shared=True), _ours(ref, rows, shared=True)
     n, beta, smoothing = DPO_PAIRS, 0.5, 0.2
     # What CPOTrainer.cpo_loss reads; with the log-ratios as its "logps" it is cDPO
     stand_in = types.SimpleNamespace(
@@ -317,13 +340,10 @@ def _pair_batch(chosen: Rows, rejected: Rows) -> dict[str, torch.Tensor]:
     return batch
 
 
-def _pair_forward(policy: Model, chosen: Rows, rejected: Rows) -> tuple[torch.Tensor, ...]:
-    """Our side: mean logprobs of chosen and rejected, and the chosen rows' logits, ids, masks."""
-    ids, attention, completion = _pad(chosen + rejected)
-    logits = _logits(policy, ids, attention)
-    avg = _sequence_logps(logits, ids, completion, average=True)
-    n = len(chosen)
-    return avg[:n], avg[n:], logits[:n], ids[:n], attention[:n], completion[:n]
+def _pair_forward(policy: Model, chosen: Rows, rejected: Rows) -> tuple[torch.Tensor, torch.Tensor]:
+    """Our side: mean completion logprobs of chosen and rejected, each pair's prompt computed once."""
+    avg = _ours(policy, chosen + rejected, average=True, shared=True)
+    return avg[: len(chosen)], avg[len(chosen) :]
 
 
 def test_orpo_loss_value_matches_trl(models: tuple[Model, Model], pair_rows: tuple[Rows, Rows]) -> None:
@@ -340,9 +360,9 @@ def test_orpo_loss_value_matches_trl(models: tuple[Model, Model], pair_rows: tup
         trl_loss, metrics = ORPOTrainer.get_batch_loss_metrics(
             stand_in, policy, _pair_batch(chosen, rejected)
         )
-        avg_c, avg_r, logits_c, ids_c, attention_c, _ = _pair_forward(policy, chosen, rejected)
-        # TRL's ORPO NLL: every attended token of the chosen rows but the first (prompt included)
-        nll = sft_nll_loss(logits_c, ids_c, attention_c.index_fill(1, torch.tensor([0]), 0))
+        avg_c, avg_r = _pair_forward(policy, chosen, rejected)
+        # TRL's ORPO NLL: every token of the chosen rows but the first (prompt included)
+        nll = _nll(policy, chosen, with_prompt=True)
         ours = orpo_loss(avg_c, avg_r, nll, lam=lam)
     # log(1 - p) is far from 0 on the greedy responses: the odds ratio is not the probability ratio
     assert (ours.log_odds_B - (avg_c - avg_r)).abs().max().item() > 0.1
@@ -368,10 +388,10 @@ def test_simpo_loss_value_matches_trl_cpo(
     stand_in.cpo_loss = types.MethodType(CPOTrainer.cpo_loss, stand_in)
     with torch.no_grad():
         trl_loss, metrics = CPOTrainer.get_batch_loss_metrics(stand_in, policy, _pair_batch(chosen, rejected))
-        avg_c, avg_r, logits_c, ids_c, _, completion_c = _pair_forward(policy, chosen, rejected)
+        avg_c, avg_r = _pair_forward(policy, chosen, rejected)
         ours = simpo_loss(avg_c, avg_r, beta=beta, gamma=gamma, label_smoothing=smoothing)
         # CPO's NLL covers the response only
-        total = ours.loss_B.mean() + cpo_alpha * sft_nll_loss(logits_c, ids_c, completion_c)
+        total = ours.loss_B.mean() + cpo_alpha * _nll(policy, chosen, with_prompt=False)
     assert abs(total.item() - trl_loss.item()) < ATOL
     assert ours.chosen_rewards_B.mean().item() == pytest.approx(metrics["rewards/chosen"], abs=ATOL)
     assert ours.accuracy.item() == metrics["rewards/accuracies"] == 0.5

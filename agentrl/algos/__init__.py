@@ -31,7 +31,6 @@ from agentrl.algos.losses import (
     policy_loss,
     ppo_clip_loss,
     sft_nll_loss,
-    token_logprobs,
     truncated_is_weights,
     value_loss,
 )
@@ -79,7 +78,6 @@ __all__ = [
     "sequence_to_tokens",
     "sft_nll_loss",
     "simpo_loss",
-    "token_logprobs",
     "truncated_is_weights",
     "turn_advantages",
     "turn_index_from_mask",

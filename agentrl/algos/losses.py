@@ -6,7 +6,7 @@ reduced to a scalar, and it ignores masked positions entirely (their values, eve
 neither the loss nor any gradient). The functions that exponentiate a log-ratio also take ``mask_B_T``: a
 masked position then uses a log-ratio of 0, so a ``-inf`` logprob on an env token (one top-k filtered out)
 cannot reach the backward pass as ``0 * inf = nan``. Logprobs are aligned with the ledger: the logprob at
-position ``t`` is that of ``token_ids[t]`` (see :func:`token_logprobs`).
+position ``t`` is that of ``token_ids[t]`` (see :func:`agentrl.learners.logprobs.policy_logprobs`).
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ __all__ = [
     "policy_loss",
     "ppo_clip_loss",
     "sft_nll_loss",
-    "token_logprobs",
     "truncated_is_weights",
     "value_loss",
 ]
@@ -199,17 +198,6 @@ def entropy_from_logits(logits_B_T_V: torch.Tensor) -> torch.Tensor:
     return -(logp.exp() * logp).sum(dim=-1)
 
 
-def token_logprobs(logits_B_T_V: torch.Tensor, token_ids_B_T: torch.Tensor) -> torch.Tensor:
-    """Logprob of each token under a causal LM's logits, aligned with the ledger: position ``t`` holds
-    ``log p(token_ids[t] | tokens before t)``, read from ``logits[t - 1]``. Position 0 has no context: 0.0.
-    """
-    import torch
-
-    logp = torch.log_softmax(logits_B_T_V[:, :-1].float(), dim=-1)
-    picked = logp.gather(-1, token_ids_B_T[:, 1:].unsqueeze(-1)).squeeze(-1)
-    return torch.nn.functional.pad(picked, (1, 0))
-
-
 def aggregate(
     loss_B_T: torch.Tensor,
     mask_B_T: torch.Tensor,
@@ -361,14 +349,14 @@ def truncated_is_weights(
 
 
 def sft_nll_loss(
-    logits_B_T_V: torch.Tensor,
-    token_ids_B_T: torch.Tensor,
+    logprobs_B_T: torch.Tensor,
     mask_B_T: torch.Tensor,
     mode: Aggregation = "token-mean",
     *,
     norm: float | None = None,
 ) -> torch.Tensor:
-    """Masked negative log-likelihood of ``token_ids`` where ``mask`` is 1 (the assistant tokens).
+    """Masked negative log-likelihood: minus the ledger-aligned logprobs where ``mask`` is 1 (the assistant
+    tokens), aggregated by :func:`aggregate`.
 
     Raises:
         ValueError: a masked-in token at position 0 (it has no context to be predicted from).
@@ -377,4 +365,4 @@ def sft_nll_loss(
         raise ValueError(
             "mask is 1 at position 0; the first token has no context, start the mask at 1 or later"
         )
-    return aggregate(-token_logprobs(logits_B_T_V, token_ids_B_T), mask_B_T, mode, norm=norm)
+    return aggregate(-logprobs_B_T, mask_B_T, mode, norm=norm)

@@ -41,25 +41,34 @@ DPO_KINDS: tuple[str, ...] = ("sigmoid", "robust", "ipo", "hinge")
 
 
 def sequence_logprobs(
-    logprobs_B_T: torch.Tensor, mask_B_T: torch.Tensor, *, average: bool = False
+    logprobs_B_T: torch.Tensor,
+    mask_B_T: torch.Tensor,
+    *,
+    average: bool = False,
+    segment_ids_B_T: torch.Tensor | None = None,
+    num_sequences: int | None = None,
 ) -> torch.Tensor:
-    """Each row's log-likelihood over its policy tokens: the sum (or mean) of logprobs where the mask is nonzero.
+    """Each sequence's log-likelihood over its policy tokens: the sum (or mean) of logprobs where the mask is
+    nonzero. A sequence is a row, or with ``segment_ids_B_T`` a segment (packed and prompt-shared rows hold several).
 
     Masked positions are dropped with ``where``, not multiplied by 0, so a ``-inf`` or ``nan`` there (a tool
     token a top-k sampler never scored) changes neither the result nor any gradient. Nonzero mask values
     all count as 1.
 
     Args:
-        logprobs_B_T: per-token logprobs aligned with the ledger (see :func:`agentrl.algos.token_logprobs`).
+        logprobs_B_T: per-token logprobs aligned with the ledger (see :func:`agentrl.learners.logprobs.policy_logprobs`).
         mask_B_T: the loss mask; nonzero on policy-sampled tokens.
-        average: divide by the number of policy tokens (SimPO, ORPO and IPO's length normalisation); a row
-            without policy tokens gives 0 either way.
+        average: divide by the number of policy tokens (SimPO, ORPO and IPO's length normalisation); a
+            sequence without policy tokens gives 0 either way.
+        segment_ids_B_T: which sequence (0 to ``num_sequences - 1``) each token belongs to, as in
+            :class:`~agentrl.data.buffer.Batch` (negative where no sequence's own: padding, a shared prompt).
+        num_sequences: how many sequences ``segment_ids_B_T`` numbers; default its largest id + 1.
 
     Returns:
-        ``logps_B``.
+        ``logps_B`` (one per row), or ``logps_N`` (one per segment) with ``segment_ids_B_T``.
 
     Raises:
-        ValueError: the two shapes differ, or the tensors are not 2-D.
+        ValueError: the shapes differ, or the tensors are not 2-D.
     """
     import torch
 
@@ -70,10 +79,20 @@ def sequence_logprobs(
         )
     keep = mask_B_T != 0
     zero = torch.zeros((), dtype=logprobs_B_T.dtype, device=logprobs_B_T.device)
-    total = torch.where(keep, logprobs_B_T, zero).sum(dim=-1)
+    kept_B_T = torch.where(keep, logprobs_B_T, zero)
+    if segment_ids_B_T is None:
+        total, count = kept_B_T.sum(dim=-1), keep.sum(dim=-1)
+    else:
+        if segment_ids_B_T.shape != mask_B_T.shape:
+            raise ValueError(f"segment_ids_B_T has shape {tuple(segment_ids_B_T.shape)}, not {tuple(mask_B_T.shape)}")
+        n = num_sequences if num_sequences is not None else int(segment_ids_B_T.max()) + 1
+        keep = keep & (segment_ids_B_T >= 0)
+        index_K = segment_ids_B_T[keep]
+        total = kept_B_T.new_zeros(n).index_add(0, index_K, kept_B_T[keep])
+        count = torch.bincount(index_K, minlength=n)
     if not average:
         return total
-    return total / keep.sum(dim=-1).clamp(min=1).to(total.dtype)
+    return total / count.clamp(min=1).to(total.dtype)
 
 
 @dataclass(frozen=True)

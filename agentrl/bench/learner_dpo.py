@@ -89,7 +89,7 @@ def _ours(model: str, steps: int, precision: str, seed: int, precomputed: bool) 
     # Each step's tokens, from the seeded batch order train_dpo draws (counted before the clock starts).
     dataset = _dataset(config, load_tokenizer(model), data)
     batches = optim.iterate_batches(len(dataset), PAIRS_PER_STEP, seed)
-    tokens = [sum(len(dataset.chosen[i].ids) + len(dataset.rejected[i].ids) for i in next(batches))
+    tokens = [sum(len(dataset.chosen[i].token_ids) + len(dataset.rejected[i].token_ids) for i in next(batches))
               for _ in range(total)]  # fmt: skip
     marks: list[Mark] = []
 

@@ -150,6 +150,9 @@ class Batch:
         turn_rewards_B_T: each turn's reward placed at its last sampled token (0 elsewhere).
         rewards_B: each trajectory's total reward, shape ``(N,)`` with N = len(trajectories).
         trajectories: the trajectories, in segment order.
+        shared_prefix: how many leading tokens every row holds alike, none of them predicting a policy token
+            (padded rows only; see :func:`collate`'s ``share_prefix``). The rows still hold them in full; a
+            forward may run them once for all rows and let every row attend to their keys and values.
     """
 
     token_ids_B_T: Any
@@ -161,6 +164,7 @@ class Batch:
     turn_rewards_B_T: Any
     rewards_B: Any
     trajectories: tuple[Trajectory, ...] = field(repr=False, default=())
+    shared_prefix: int = 0
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -178,9 +182,9 @@ class Batch:
         arrays = {
             f.name: torch.as_tensor(getattr(self, f.name), device=device)
             for f in dataclasses.fields(self)
-            if f.name != "trajectories"
+            if f.name not in ("trajectories", "shared_prefix")
         }
-        return Batch(**arrays, trajectories=self.trajectories)
+        return Batch(**arrays, trajectories=self.trajectories, shared_prefix=self.shared_prefix)
 
     def model_inputs(self) -> dict[str, Any]:
         """How the rows are attended, as model keyword arguments (torch batches only): padded rows take their
@@ -198,7 +202,7 @@ class Batch:
             allowed = causal & (same | to_shared) & (segments != -1)[:, None, :]
             allowed |= torch.eye(T, dtype=torch.bool, device=segments.device)  # padding sees itself: no empty row
             return {"attention_mask": allowed[:, None], "position_ids": self.position_ids_B_T}
-        if bool((segments.max(dim=1).values != segments[:, 0]).any()):
+        if bool(((segments != segments[:, :1]) & (segments != -1)).any()):  # a row holds several segments
             return {"position_ids": self.position_ids_B_T}
         return {"attention_mask": self.attention_mask_B_T}
 
@@ -224,6 +228,7 @@ def collate(
     pad_id: int = 0,
     packing: bool = False,
     row_tokens: int | None = None,
+    share_prefix: bool = False,
 ) -> Batch:
     """Lay trajectories out as a :class:`Batch`.
 
@@ -233,6 +238,8 @@ def collate(
         packing: False: one trajectory per row, right-padded to the longest. True: padding-free packing,
             several trajectories per row (first-fit decreasing) up to ``row_tokens`` tokens each.
         row_tokens: the packed row length; defaults to the longest trajectory.
+        share_prefix: padded rows only: record in :attr:`Batch.shared_prefix` the tokens all rows open with
+            (system prompt, tool schemas) up to the position before the first that predicts a policy token.
 
     Raises:
         ConfigError: no trajectories, or one longer than ``row_tokens``.
@@ -269,7 +276,19 @@ def collate(
                 turn_rewards[b, at + turn.last_token] = turn.reward
             at += n
     rewards = np.array([t.total_reward for t in trajectories], dtype=np.float32)
-    return Batch(ids, mask, sampler_lp, attn, pos, segments, turn_rewards, rewards, tuple(trajectories))
+    shared = _common_prefix(ids, mask, attn) if share_prefix and not packing else 0
+    return Batch(ids, mask, sampler_lp, attn, pos, segments, turn_rewards, rewards, tuple(trajectories), shared)
+
+
+def _common_prefix(ids: np.ndarray, mask: np.ndarray, attn: np.ndarray) -> int:
+    """How many leading tokens all rows hold alike, stopping before the position that predicts the earliest
+    policy token of any row (0 for a single row: nothing to share)."""
+    if ids.shape[0] < 2:
+        return 0
+    same_T = (ids == ids[:1]).all(axis=0) & (attn != 0).all(axis=0)
+    common = int(np.cumprod(same_T).sum())
+    targets = np.flatnonzero(mask.any(axis=0))
+    return max(0, min(common, int(targets[0]) - 1)) if len(targets) else common
 
 
 SHARED_SEGMENT = -2

@@ -33,9 +33,10 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from agentrl.errors import ConfigError
-from agentrl.learners.dpo import DPOConfig, DPOResult, train_dpo
+from agentrl.learners.dpo import DPOConfig, train_dpo
 from agentrl.learners.preference_data import PreferenceConversation
-from agentrl.learners.sft import Demonstration, SFTConfig, SFTResult, train_sft
+from agentrl.learners.result import TrainResult
+from agentrl.learners.sft import Demonstration, SFTConfig, train_sft
 from agentrl.rollout.complete import Completion, acomplete
 from agentrl.rollout.policy import Policy, SamplingParams
 from agentrl.types import Message, ToolSchema
@@ -44,7 +45,6 @@ __all__ = [
     "CRITIQUE_TEMPLATE",
     "DEFAULT_SAMPLING",
     "REVISION_TEMPLATE",
-    "ConstitutionalResult",
     "Revision",
     "acritique_and_revise",
     "assign_principles",
@@ -276,14 +276,6 @@ def to_sft_examples(records: Sequence[Revision]) -> list[Demonstration]:
 
 
 # ---- both at once ---------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ConstitutionalResult:
-    """The critique-and-revise records and the training run on them."""
-
-    records: tuple[Revision, ...]
-    training: SFTResult | DPOResult
-
-
 def train_constitutional(
     config: SFTConfig | DPOConfig,
     prompts: Sequence[str | Sequence[Message]],
@@ -291,7 +283,7 @@ def train_constitutional(
     *,
     tools: Sequence[ToolSchema] = (),
     **options: Any,
-) -> ConstitutionalResult:
+) -> TrainResult:
     """Critique and revise with ``config.model`` itself (the ``hf`` backend), then train it on the
     revisions: SFT with an :class:`~agentrl.learners.sft.SFTConfig`, revision-over-draft preference
     learning with a :class:`~agentrl.learners.dpo.DPOConfig`.
@@ -301,6 +293,10 @@ def train_constitutional(
         prompts, principles: as for :func:`acritique_and_revise`.
         tools: tool schemas offered in every prompt.
         options: the keyword options of :func:`acritique_and_revise`.
+
+    Returns:
+        The SFT or DPO run's result, with the critique-and-revise records in ``extras["revisions"]``
+        beside that learner's own extras.
 
     Raises:
         ConfigError: no record gave training data (the message counts the failed ones).
@@ -330,4 +326,4 @@ def train_constitutional(
             "or raise sampling.max_tokens"
         )
     training = train_dpo(config, data) if isinstance(config, DPOConfig) else train_sft(config, data)
-    return ConstitutionalResult(tuple(records), training)
+    return dataclasses.replace(training, extras={**training.extras, "revisions": tuple(records)})

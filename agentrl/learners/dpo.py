@@ -9,7 +9,7 @@ the pure functions of :mod:`agentrl.algos.preference`; this module only feeds th
 One step: take ``batch_size`` examples in the seeded order of :func:`optim.iterate_batches`, compute the
 policy's per-token logprobs, sum (or average) them over the completion, read the reference's sums (computed
 once before training by default), and take an AdamW step on the loss's batch mean. A pair's chosen and
-rejected rows share their prompt, so the decoder computes it once for both (:func:`_pair_logps`).
+rejected rows share their prompt, so the decoder computes it once for both (:func:`_sequence_logps`).
 
 Usage::
 
@@ -33,7 +33,7 @@ import torch
 from pydantic import Field, model_validator
 
 from agentrl import algos
-from agentrl.data.buffer import SHARED_SEGMENT, Batch, PreferencePair
+from agentrl.data.buffer import PreferencePair, collate_shared
 from agentrl.data.trajectory import Trajectory
 from agentrl.errors import ConfigError
 from agentrl.learners import checkpoints, logprobs, optim, policy_model
@@ -44,17 +44,18 @@ from agentrl.learners.preference_data import (
     PreferenceConversation,
     read_preference_jsonl,
 )
+from agentrl.learners.result import TrainResult
+from agentrl.learners.sft import ledger_from_mask
 from agentrl.models.chat import ChatRenderer, demonstration_ledger
 from agentrl.types import Message
 
 __all__ = [
     "DPOConfig",
-    "DPOResult",
+    "DPOStepLog",
     "LabelledConversation",
     "PreferenceConversation",
     "PreferenceEval",
     "SequenceLogps",
-    "StepLog",
     "evaluate_preferences",
     "pair_loss",
     "read_preference_jsonl",
@@ -115,16 +116,9 @@ class DPOConfig(TrainConfig):
 
 
 # ---- data ---------------------------------------------------------------------------------------
-class _Ledger(NamedTuple):
-    """Token ids and the completion-only loss mask of one conversation."""
-
-    ids: tuple[int, ...]
-    mask: tuple[int, ...]
-
-
 def _completion_ledger(
     renderer: ChatRenderer, prompt: Sequence[Message], completion: Sequence[Message]
-) -> _Ledger:
+) -> Trajectory:
     """The ledger of ``prompt + completion`` with mask 1 on the completion's assistant tokens only."""
     trajectory = demonstration_ledger(renderer, [*prompt, *completion])
     k = sum(m.get("role") == "assistant" for m in prompt)
@@ -133,12 +127,11 @@ def _completion_ledger(
     return _cut_before(trajectory, trajectory.turns[k].start)
 
 
-def _cut_before(trajectory: Trajectory, start: int) -> _Ledger:
-    mask = [0] * start + list(trajectory.loss_mask[start:])
-    return _Ledger(tuple(trajectory.token_ids), tuple(mask))
+def _cut_before(trajectory: Trajectory, start: int) -> Trajectory:
+    return ledger_from_mask(trajectory.token_ids, [0] * start + list(trajectory.loss_mask[start:]))
 
 
-def _ledgers(tokenizer: Any, template: str | None, example: Example) -> tuple[_Ledger, ...]:
+def _ledgers(tokenizer: Any, template: str | None, example: Example) -> tuple[Trajectory, ...]:
     """``(chosen, rejected)`` for a pair, ``(completion,)`` for a labelled conversation."""
     if isinstance(example, PreferencePair):
         return (_cut_before(example.chosen, example.prefix_length),
@@ -150,10 +143,10 @@ def _ledgers(tokenizer: Any, template: str | None, example: Example) -> tuple[_L
             _completion_ledger(renderer, example.prompt, example.rejected))  # fmt: skip
 
 
-def _truncate(ledger: _Ledger, max_len: int) -> _Ledger | None:
+def _truncate(ledger: Trajectory, max_len: int) -> Trajectory | None:
     """The first ``max_len`` tokens, or None when no completion token is left (position 0 never counts)."""
-    ids, mask = ledger.ids[:max_len], (0, *ledger.mask[1:max_len])
-    return _Ledger(ids, mask) if any(mask) else None
+    mask = (0, *ledger.loss_mask[1:max_len])
+    return ledger_from_mask(ledger.token_ids[:max_len], mask) if any(mask) else None
 
 
 @dataclass(frozen=True)
@@ -162,14 +155,18 @@ class _Dataset:
     mismatched rows (prompt ``i`` with completion ``i - 1``) behind KTO's reference point."""
 
     kto: bool
-    chosen: list[_Ledger]
-    rejected: list[_Ledger]
+    chosen: list[Trajectory]
+    rejected: list[Trajectory]
     desirable: list[bool]
-    mismatched: list[_Ledger]
+    mismatched: list[Trajectory]
     num_cut: int
 
     def __len__(self) -> int:
         return len(self.chosen)
+
+    def second(self, i: int) -> Trajectory:
+        """What example ``i`` is scored against: its rejected row, KTO: its mismatched row."""
+        return self.mismatched[i] if self.kto else self.rejected[i]
 
 
 def _dataset(config: DPOConfig, tokenizer: Any, examples: Sequence[Example]) -> _Dataset:
@@ -186,9 +183,9 @@ def _dataset(config: DPOConfig, tokenizer: Any, examples: Sequence[Example]) -> 
             "use loss='kto' for unpaired data"
         )
     labels = [e.desirable if isinstance(e, LabelledConversation) else None for e in examples]
-    num_cut = sum(len(x.ids) > config.max_seq_len for b in built for x in b)
-    chosen: list[_Ledger] = []
-    rejected: list[_Ledger] = []
+    num_cut = sum(len(x.token_ids) > config.max_seq_len for b in built for x in b)
+    chosen: list[Trajectory] = []
+    rejected: list[Trajectory] = []
     desirable: list[bool] = []
     for rows, label in zip(built, labels, strict=True):
         cut = [_truncate(x, config.max_seq_len) for x in rows]
@@ -211,59 +208,13 @@ def _dataset(config: DPOConfig, tokenizer: Any, examples: Sequence[Example]) -> 
     return _Dataset(kto, chosen, rejected, desirable, mismatched, num_cut)
 
 
-def _mismatch(prompt_of: _Ledger, completion_of: _Ledger, max_len: int) -> _Ledger:
+def _mismatch(prompt_of: Trajectory, completion_of: Trajectory, max_len: int) -> Trajectory:
     """``prompt_of``'s prompt followed by ``completion_of``'s completion (from the first mask-1 token on)."""
-    a, b = prompt_of.mask.index(1), completion_of.mask.index(1)
-    ids = (*prompt_of.ids[:a], *completion_of.ids[b:])
-    mask = (*prompt_of.mask[:a], *completion_of.mask[b:])
-    cut = _truncate(_Ledger(ids, mask), max_len)  # no completion token left: the row scores 0
-    return cut if cut is not None else _Ledger(ids[:max_len], (0,) * min(len(ids), max_len))
-
-
-def _collate(rows: Sequence[_Ledger], pad_id: int, device: torch.device) -> Batch:
-    """Right-pad rows into a :class:`Batch` of tensors (one conversation per row)."""
-    width = max(len(r.ids) for r in rows)
-    pads = [width - len(r.ids) for r in rows]
-    ids = torch.tensor([[*r.ids, *[pad_id] * k] for r, k in zip(rows, pads, strict=True)])
-    mask = torch.tensor([[*r.mask, *[0] * k] for r, k in zip(rows, pads, strict=True)])
-    positions = torch.tensor([[*range(width - k), *[0] * k] for k in pads])
-    segments = torch.tensor([[b] * (width - k) + [-1] * k for b, k in enumerate(pads)])
-    attention = (segments != -1).long()
-    zeros, rewards = torch.zeros(ids.shape), torch.zeros(len(rows))
-    return Batch(ids, mask, zeros, attention, positions, segments, zeros, rewards).to_torch(device)
-
-
-def _shared_prefix(chosen: _Ledger, rejected: _Ledger) -> int:
-    """The tokens a pair shares before either completion, less the last (it predicts each completion's first
-    token, so each row keeps its own copy)."""
-    limit, n = min(next(t for t, m in enumerate(x.mask) if m) for x in (chosen, rejected)), 0
-    while n < limit and chosen.ids[n] == rejected.ids[n]:
-        n += 1
-    return max(n - 1, 0)
-
-
-def _collate_pairs(chosen: Sequence[_Ledger], rejected: Sequence[_Ledger], pad_id: int,
-                   device: torch.device) -> tuple[Batch, torch.Tensor]:  # fmt: skip
-    """One row per pair: the shared prefix (segment :data:`SHARED_SEGMENT`), then the rest of ``chosen[i]``
-    (segment 0) and of ``rejected[i]`` (segment 1), positions continuing from the prefix; and, for each cell
-    of ``_collate([*chosen, *rejected])``, the flat index of its token in these rows (0 on padding)."""
-    shared = [_shared_prefix(c, r) for c, r in zip(chosen, rejected, strict=True)]
-    width = max(len(c.ids) + len(r.ids) - s for c, r, s in zip(chosen, rejected, shared, strict=True))
-    padded = max(len(x.ids) for x in (*chosen, *rejected))
-    ids, mask, positions, segments, source_c, source_r = [], [], [], [], [], []
-    for i, (c, r, s) in enumerate(zip(chosen, rejected, shared, strict=True)):
-        nc, nr, at = len(c.ids) - s, len(r.ids) - s, i * width
-        k = width - s - nc - nr
-        ids.append([*c.ids, *r.ids[s:], *[pad_id] * k])
-        mask.append([*c.mask, *r.mask[s:], *[0] * k])
-        positions.append([*range(s + nc), *range(s, s + nr), *[0] * k])
-        segments.append([SHARED_SEGMENT] * s + [0] * nc + [1] * nr + [-1] * k)
-        source_c.append([*range(at, at + s + nc), *[0] * (padded - s - nc)])
-        source_r.append([*range(at, at + s), *range(at + s + nc, at + width - k), *[0] * (padded - s - nr)])
-    segments_B_T, zeros = torch.tensor(segments), torch.zeros(len(shared), width)
-    batch = Batch(torch.tensor(ids), torch.tensor(mask), zeros, (segments_B_T != -1).long(),
-                  torch.tensor(positions), segments_B_T, zeros, torch.zeros(len(shared)))  # fmt: skip
-    return batch.to_torch(device), torch.tensor(source_c + source_r, device=device)
+    a, b = prompt_of.prompt_length, completion_of.prompt_length
+    ids = (*prompt_of.token_ids[:a], *completion_of.token_ids[b:])
+    mask = (*prompt_of.loss_mask[:a], *completion_of.loss_mask[b:])
+    cut = _truncate(ledger_from_mask(ids, mask), max_len)  # no completion token left: the row scores 0
+    return cut if cut is not None else ledger_from_mask(ids[:max_len], (0,) * min(len(ids), max_len))
 
 
 # ---- sequence logprobs and the loss --------------------------------------------------------------
@@ -278,64 +229,29 @@ class SequenceLogps(NamedTuple):
         return SequenceLogps(self.sum_N[index_t], self.mean_N[index_t])
 
 
-def _sequence_logps(logprobs_B_T: torch.Tensor, mask_B_T: torch.Tensor) -> SequenceLogps:
-    return SequenceLogps(algos.sequence_logprobs(logprobs_B_T, mask_B_T),
-                         algos.sequence_logprobs(logprobs_B_T, mask_B_T, average=True))  # fmt: skip
-
-
-def _policy_logps(model: Any, rows: Sequence[_Ledger], pad_id: int, config: DPOConfig) -> SequenceLogps:
-    batch = _collate(rows, pad_id, torch.device(config.device))
+def _sequence_logps(model: Any, rows: Sequence[Trajectory], pad_id: int, config: DPOConfig) -> SequenceLogps:
+    """The completion logprobs of ``rows`` under ``model``, in one batch: rows that share a prompt (a pair's
+    chosen and rejected) compute it once (:func:`~agentrl.data.buffer.collate_shared`), and only the positions
+    that predict a completion token go through the softmax (:func:`~agentrl.learners.logprobs.policy_logprobs`)."""
+    batch = collate_shared(rows, pad_id=pad_id).to_torch(torch.device(config.device))
     with optim.autocast(config.precision, config.device):
         logprobs_B_T, _ = logprobs.policy_logprobs(model, batch)
-    return _sequence_logps(logprobs_B_T, batch.loss_mask_B_T)
-
-
-def _pair_logps(
-    model: Any, chosen: Sequence[_Ledger], rejected: Sequence[_Ledger], pad_id: int, config: DPOConfig
-) -> SequenceLogps:
-    """``_policy_logps(model, [*chosen, *rejected], ...)``, with each pair's shared prompt through the decoder
-    once (:func:`_collate_pairs`). The head's logits come out in :func:`_collate`'s layout, one conversation
-    per row, and only the positions that predict a completion token go through the softmax. Models that
-    :func:`~agentrl.learners.logprobs.decoder_and_head` cannot split run whole, one conversation per row."""
-    split = logprobs.decoder_and_head(model)
-    if split is None:
-        return _policy_logps(model, [*chosen, *rejected], pad_id, config)
-    decoder, head = split
-    device = torch.device(config.device)
-    shared, source_B_T = _collate_pairs(chosen, rejected, pad_id, device)
-    batch = _collate([*chosen, *rejected], pad_id, device)
-    with optim.autocast(config.precision, config.device):
-        hidden = decoder(input_ids=shared.token_ids_B_T, use_cache=False, **shared.model_inputs())[0]
-        logits_B_T_V = head(hidden.flatten(0, 1)[source_B_T])
-    counted_B_T = batch.loss_mask_B_T[:, 1:] != 0  # position 0 has no context: it never counts
-    predicts_B_T = torch.nn.functional.pad(counted_B_T, (0, 1))  # the logits at t predict token t + 1
-    targets_B_T = torch.nn.functional.pad(counted_B_T, (1, 0))
-    logp_N_V = torch.log_softmax(logits_B_T_V[predicts_B_T].float(), dim=-1)
-    picked_N = logp_N_V.gather(-1, batch.token_ids_B_T[targets_B_T].unsqueeze(-1)).squeeze(-1)
-    logprobs_B_T = picked_N.new_zeros(targets_B_T.shape).masked_scatter(targets_B_T, picked_N)
-    return _sequence_logps(logprobs_B_T, batch.loss_mask_B_T)
+    per_segment = {"segment_ids_B_T": batch.segment_ids_B_T, "num_sequences": len(rows)}
+    return SequenceLogps(algos.sequence_logprobs(logprobs_B_T.float(), batch.loss_mask_B_T, **per_segment),
+                         algos.sequence_logprobs(logprobs_B_T.float(), batch.loss_mask_B_T, average=True,
+                                                 **per_segment))  # fmt: skip
 
 
 @torch.no_grad()
-def _reference_pair_logps(reference: Any, model: Any, chosen: Sequence[_Ledger], rejected: Sequence[_Ledger],
-                          pad_id: int, config: DPOConfig) -> SequenceLogps:  # fmt: skip
-    """:func:`_pair_logps` under the reference: ``reference`` when loaded, else ``model`` with adapters off."""
+def _reference_logps(reference: Any, model: Any, rows: Sequence[Trajectory], pad_id: int, config: DPOConfig,
+                     chunk: int | None = None) -> SequenceLogps:  # fmt: skip
+    """:func:`_sequence_logps` under the reference (``reference`` when loaded, else ``model`` with adapters
+    off), in chunks of ``chunk`` rows, without gradients."""
+    chunk = chunk or len(rows)
     context = model.disable_adapter() if reference is None else contextlib.nullcontext()
     with context:
-        return _pair_logps(reference if reference is not None else model, chosen, rejected, pad_id, config)
-
-
-@torch.no_grad()
-def _reference_logps(reference: Any, model: Any, rows: Sequence[_Ledger], pad_id: int, config: DPOConfig,
-                     chunk: int | None = None) -> SequenceLogps:  # fmt: skip
-    """The reference's sequence logprobs of ``rows`` (in chunks of ``chunk`` rows), without gradients."""
-    chunk = chunk or len(rows)
-    parts = []
-    for i in range(0, len(rows), chunk):
-        batch = _collate(rows[i : i + chunk], pad_id, torch.device(config.device))
-        with optim.autocast(config.precision, config.device):
-            logprobs_B_T = logprobs.reference_logprobs(reference, model, batch)
-        parts.append(_sequence_logps(logprobs_B_T.float(), batch.loss_mask_B_T))
+        scorer = reference if reference is not None else model
+        parts = [_sequence_logps(scorer, rows[i : i + chunk], pad_id, config) for i in range(0, len(rows), chunk)]
     return SequenceLogps(torch.cat([p.sum_N for p in parts]), torch.cat([p.mean_N for p in parts]))
 
 
@@ -362,7 +278,7 @@ def pair_loss(config: DPOConfig, chosen: SequenceLogps, rejected: SequenceLogps,
 
 # ---- the loop -------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class StepLog:
+class DPOStepLog:
     """One optimizer step, measured on its batch before the update.
 
     ``chosen_reward`` / ``rejected_reward`` are the mean implicit rewards of the chosen and rejected
@@ -381,23 +297,11 @@ class StepLog:
     seconds: float
 
 
-@dataclass(frozen=True)
-class DPOResult:
-    """What :func:`train_dpo` returns: the trained model, its last checkpoint, the log and the data sizes."""
-
-    model: Any
-    tokenizer: Any
-    history: tuple[StepLog, ...]
-    checkpoint: Path | None
-    num_examples: int
-    num_cut: int
-
-
 def train_dpo(
     config: DPOConfig,
     data: Iterable[Example],
-    on_step: Callable[[StepLog], None] | None = None,
-) -> DPOResult:
+    on_step: Callable[[DPOStepLog], None] | None = None,
+) -> TrainResult:
     """Train ``config.model`` on preference data with ``config.loss``.
 
     Args:
@@ -406,11 +310,12 @@ def train_dpo(
             :class:`~agentrl.data.buffer.PreferencePair` s mined from a buffer (their ledgers are used as
             they are), or for ``loss="kto"`` also :class:`LabelledConversation` s (each pair then gives a
             desirable and an undesirable example).
-        on_step: called after every optimizer step with its :class:`StepLog`.
+        on_step: called after every optimizer step with its :class:`DPOStepLog`.
 
     Returns:
-        The trained model (in train mode), the tokenizer, the log and the final checkpoint's path (None
-        without ``output_dir``).
+        The trained model (in train mode), the tokenizer, the log, the final checkpoint's path (None
+        without ``output_dir``) and ``extras``: ``num_examples`` (pairs; KTO: examples) and ``num_cut``
+        (conversations cut to ``max_seq_len``).
 
     Raises:
         ConfigError: labelled conversations for a pairwise loss, or no example with a completion token
@@ -427,7 +332,7 @@ def train_dpo(
     if config.loss not in _REFERENCE_FREE:
         reference = policy_model.load_reference(config, model)
         if config.precompute_reference:
-            cached = _reference_logps(reference, model, _all_rows(dataset), pad_id, config, config.batch_size)
+            cached = _precompute_reference(config, reference, model, dataset, pad_id)
             reference = None
 
     optimizer = optim.make_optimizer(model, config.lr, config.weight_decay, config.betas)
@@ -437,7 +342,7 @@ def train_dpo(
         step = checkpoints.load_training_state(config.resume_from, optimizer, scheduler).step
     meta = {"config": config.model_dump(mode="json"), "learner": f"preference-{config.loss}"}
 
-    history: list[StepLog] = []
+    history: list[DPOStepLog] = []
     checkpoint: Path | None = None
     batches = optim.iterate_batches(len(dataset), config.batch_size, config.seed, start_step=step)
     while step < config.max_steps:
@@ -450,7 +355,7 @@ def train_dpo(
         grad_norm = optim.clip_and_step(model, optimizer, scheduler, config.grad_clip)
         step += 1
 
-        log = StepLog(step, loss.item(), **stats, lr=lr, grad_norm=float(grad_norm),
+        log = DPOStepLog(step, loss.item(), **stats, lr=lr, grad_norm=float(grad_norm),
                       seconds=time.perf_counter() - started)  # fmt: skip
         history.append(log)
         if on_step is not None:
@@ -458,39 +363,42 @@ def train_dpo(
         at_save = config.save_every is not None and step % config.save_every == 0
         if config.output_dir is not None and (at_save or step == config.max_steps):
             checkpoint = checkpoints.save_step(config, model, tokenizer, optimizer, scheduler, step, meta)
-    return DPOResult(model, tokenizer, tuple(history), checkpoint, len(dataset), dataset.num_cut)
+    extras = {"num_examples": len(dataset), "num_cut": dataset.num_cut}
+    return TrainResult(model, tokenizer, tuple(history), checkpoint, extras)
 
 
-def _all_rows(dataset: _Dataset) -> list[_Ledger]:
-    """Every row the reference scores, in the order :func:`_cached_ref` reads them back."""
-    return [*dataset.chosen, *dataset.rejected, *dataset.mismatched]
+def _precompute_reference(config: DPOConfig, reference: Any, model: Any, dataset: _Dataset,
+                          pad_id: int) -> SequenceLogps:  # fmt: skip
+    """The reference's sequence logprobs of every row, in the order :func:`_cached_ref` reads them back:
+    each example's row, then what it is scored against (so a pair's rows share their prompt's forward)."""
+    rows = [row for i in range(len(dataset)) for row in (dataset.chosen[i], dataset.second(i))]
+    return _reference_logps(reference, model, rows, pad_id, config, 2 * config.batch_size)
 
 
-def _cached_ref(
-    cached: SequenceLogps, dataset: _Dataset, index: Sequence[int]
-) -> tuple[SequenceLogps, SequenceLogps]:
+def _cached_ref(cached: SequenceLogps, index: Sequence[int]) -> tuple[SequenceLogps, SequenceLogps]:
     """The precomputed reference sums of the batch ``index``: (chosen, rejected), KTO: (examples, mismatched)."""
-    n = len(dataset)
-    return cached.take(list(index)), cached.take([n + i for i in index])
+    return cached.take([2 * i for i in index]), cached.take([2 * i + 1 for i in index])
 
 
 def _batch_loss(config: DPOConfig, model: Any, reference: Any, dataset: _Dataset, index: Sequence[int],
                 cached: SequenceLogps | None, pad_id: int) -> tuple[torch.Tensor, dict[str, float]]:  # fmt: skip
-    """The batch-mean loss of the examples ``index`` (with grad) and its :class:`StepLog` statistics."""
+    """The batch-mean loss of the examples ``index`` (with grad) and its :class:`DPOStepLog` statistics."""
     first = [dataset.chosen[i] for i in index]
-    second = [dataset.mismatched[i] if dataset.kto else dataset.rejected[i] for i in index]
+    second = [dataset.second(i) for i in index]
+    b = len(index)
     ref_first = ref_second = None
-    if cached is not None and config.loss not in _REFERENCE_FREE:
-        ref_first, ref_second = _cached_ref(cached, dataset, index)
+    if config.loss not in _REFERENCE_FREE:
+        if cached is not None:
+            ref_first, ref_second = _cached_ref(cached, index)
+        else:
+            ref = _reference_logps(reference, model, [*first, *second], pad_id, config)
+            ref_first, ref_second = ref.take(slice(0, b)), ref.take(slice(b, None))
     if dataset.kto:
-        if ref_first is None:
-            ref_first = _reference_logps(reference, model, first, pad_id, config)
-            ref_second = _reference_logps(reference, model, second, pad_id, config)
         assert ref_first is not None and ref_second is not None
         with torch.no_grad():
-            mismatched = _policy_logps(model, second, pad_id, config)
+            mismatched = _sequence_logps(model, second, pad_id, config)
         kl_ref = algos.kto_reference_point(mismatched.sum_N, ref_second.sum_N)
-        policy = _policy_logps(model, first, pad_id, config)
+        policy = _sequence_logps(model, first, pad_id, config)
         desirable_B = torch.tensor([dataset.desirable[i] for i in index], device=policy.sum_N.device)
         kto = algos.kto_loss(policy.sum_N, ref_first.sum_N, desirable_B, kl_ref, config.loss_beta,
                              config.kto_desirable_weight, config.kto_undesirable_weight)  # fmt: skip
@@ -500,11 +408,7 @@ def _batch_loss(config: DPOConfig, model: Any, reference: Any, dataset: _Dataset
         accuracy = float(((kto.rewards_B > 0) == desirable_B).float().mean())
         return kto.loss_B.mean(), {"accuracy": accuracy, "margin": chosen_r - rejected_r,
                                    "chosen_reward": chosen_r, "rejected_reward": rejected_r}  # fmt: skip
-    b = len(index)
-    if ref_first is None and config.loss not in _REFERENCE_FREE:
-        ref = _reference_pair_logps(reference, model, first, second, pad_id, config)
-        ref_first, ref_second = ref.take(slice(0, b)), ref.take(slice(b, None))
-    both = _pair_logps(model, first, second, pad_id, config)
+    both = _sequence_logps(model, [*first, *second], pad_id, config)
     out = pair_loss(config, both.take(slice(0, b)), both.take(slice(b, None)), ref_first, ref_second)
     return out.loss_B.mean(), {
         "accuracy": float(out.accuracy), "margin": float(out.margins_B.mean()),
@@ -545,7 +449,7 @@ def evaluate_preferences(
     was_training = model.training
     model.eval()
     try:
-        policy = _policy_logps(model, rows, pad_id, config)
+        policy = _sequence_logps(model, rows, pad_id, config)
         ref = None
         if config.loss not in _REFERENCE_FREE:
             reference = reference if reference is not None else policy_model.load_reference(config, model)

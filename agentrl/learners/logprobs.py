@@ -71,16 +71,37 @@ def _scatter(values_N: torch.Tensor, predicts_B_T: torch.Tensor) -> torch.Tensor
 
 def _predicting_logits(model: Any, batch: Any, predicts_B_T: torch.Tensor) -> torch.Tensor:
     """The logits at the positions ``predicts_B_T`` marks (of ``T - 1``), shape ``(N, V)``: the LM head runs
-    only there when the model splits into decoder and head, else the whole forward does."""
+    only there when the model splits into decoder and head, else the whole forward does. A batch's
+    :attr:`~agentrl.data.buffer.Batch.shared_prefix` runs once, batch 1, every row attending to its keys and
+    values (not under gradient checkpointing, which recomputes without a cache)."""
     inputs = batch.model_inputs()
     split = decoder_and_head(model)
     if split is None:
         logits_B_T_V = model(input_ids=batch.token_ids_B_T, use_cache=False, **inputs).logits
         return logits_B_T_V[:, :-1][predicts_B_T]
     decoder, head = split
+    shared = batch.shared_prefix if not getattr(decoder, "is_gradient_checkpointing", False) else 0
+    if shared:
+        ids_B_T = batch.token_ids_B_T
+        hidden_B_S_H = decoder(
+            input_ids=ids_B_T[:, shared:], attention_mask=inputs["attention_mask"],
+            past_key_values=_prefix_cache(decoder, ids_B_T[:1, :shared], ids_B_T.shape[0]),
+            position_ids=batch.position_ids_B_T[:, shared:], use_cache=False,
+        )[0]  # fmt: skip
+        return head(hidden_B_S_H[:, :-1][predicts_B_T[:, shared:]])
     hidden_B_T_H = decoder(input_ids=batch.token_ids_B_T, use_cache=False, **inputs)[0]
     return head(hidden_B_T_H[:, :-1][predicts_B_T])
 
+
+def _prefix_cache(decoder: Any, prefix_ids_1_P: torch.Tensor, rows: int) -> Any:
+    """The prefix run once, its keys and values broadcast to ``rows`` rows (gradients flow back through them)."""
+    from transformers.cache_utils import DynamicCache
+
+    cache = decoder(input_ids=prefix_ids_1_P, use_cache=True).past_key_values
+    layers = [
+        (layer.keys.expand(rows, -1, -1, -1), layer.values.expand(rows, -1, -1, -1)) for layer in cache.layers
+    ]
+    return DynamicCache(ddp_cache_data=layers, config=decoder.config)
 
 
 @torch.no_grad()

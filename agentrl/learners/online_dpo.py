@@ -33,8 +33,14 @@ from pydantic import Field
 
 from agentrl.data.buffer import PreferencePair, TrajectoryGroup, mine_pair
 from agentrl.learners import loop, optim, policy_model, rl
-from agentrl.learners.dpo import _REFERENCE_FREE, DPOConfig, SequenceLogps, _all_rows, _batch_loss, _dataset
-from agentrl.learners.dpo import _reference_logps as _sequence_reference_logps
+from agentrl.learners.dpo import (
+    _REFERENCE_FREE,
+    DPOConfig,
+    SequenceLogps,
+    _batch_loss,
+    _dataset,
+    _precompute_reference,
+)
 from agentrl.learners.result import TrainResult
 
 __all__ = ["GroupScorer", "OnlineDPOConfig", "mine_round", "train_online_dpo"]
@@ -139,9 +145,7 @@ def _update(config: OnlineDPOConfig, model: Any, optimizer: Any, scheduler: Any,
         # "previous": the policy itself, before this round's updates; "initial" under LoRA: None (adapters off).
         reference = model if config.reference == "previous" else initial
         model.eval()
-        cached = _sequence_reference_logps(
-            reference, model, _all_rows(dataset), pad_id, config, config.batch_size
-        )
+        cached = _precompute_reference(config, reference, model, dataset, pad_id)
     model.train()
     per_pass = math.ceil(len(dataset) / config.batch_size)
     batches = optim.iterate_batches(len(dataset), config.batch_size, config.seed + step)

@@ -22,7 +22,8 @@ from agentrl.data.buffer import TrajectoryBuffer, TrajectoryGroup
 from agentrl.data.trajectory import Trajectory
 from agentrl.errors import ConfigError
 from agentrl.learners import policy_model, rl
-from agentrl.learners.sft import SFTConfig, SFTResult, StepLog, train_sft
+from agentrl.learners.result import TrainResult
+from agentrl.learners.sft import SFTConfig, SFTStepLog, train_sft
 
 __all__ = ["sample_groups", "select_best", "train_rejection_sft"]
 
@@ -86,8 +87,8 @@ def train_rejection_sft(
     groups: Iterable[TrajectoryGroup] | TrajectoryBuffer,
     per_task: int = 1,
     min_reward: float | None = None,
-    on_step: Callable[[StepLog], None] | None = None,
-) -> SFTResult:
+    on_step: Callable[[SFTStepLog], None] | None = None,
+) -> TrainResult:
     """Fine-tune ``config.model`` on the best episodes of each group (see :func:`select_best`).
 
     Raises:

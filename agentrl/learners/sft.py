@@ -26,24 +26,24 @@ from typing import Any
 import torch
 from pydantic import Field
 
+from agentrl import algos
+from agentrl.data.buffer import collate
 from agentrl.data.jsonl import jsonl_records
-from agentrl.data.trajectory import Trajectory
+from agentrl.data.trajectory import Trajectory, TurnSpan
 from agentrl.errors import ConfigError
 from agentrl.learners import checkpoints, logprobs, optim, policy_model
 from agentrl.learners.config import TrainConfig
+from agentrl.learners.result import TrainResult
 from agentrl.models.chat import ChatRenderer, demonstration_ledger
 from agentrl.types import Message, ToolSchema
 
 __all__ = [
     "Demonstration",
     "SFTConfig",
-    "SFTResult",
-    "StepLog",
+    "SFTStepLog",
     "env_demonstrations",
-    "masked_nll",
+    "ledger_from_mask",
     "read_messages_jsonl",
-    "sft_loss",
-    "shared_prefix_length",
     "train_sft",
 ]
 
@@ -107,146 +107,44 @@ def read_messages_jsonl(path: str | Path) -> list[Demonstration]:
     return demos
 
 
-# ---- loss (moves to agentrl/algos/losses.py once that module offers a masked NLL) ---------------------
-def masked_nll(logits_B_T_V: torch.Tensor, ids_B_T: torch.Tensor, mask_B_T: torch.Tensor) -> torch.Tensor:
-    """Mean negative log-likelihood of the tokens where ``mask_B_T`` is 1 (token-mean over the batch).
-
-    ``mask_B_T[b, t] == 1`` means token ``t`` is a target; it is predicted by the logits at ``t - 1``, so
-    position 0 can never be a target. Returns 0 (with a gradient path) when no token is a target.
-    """
-    logprobs = torch.log_softmax(logits_B_T_V[:, :-1].float(), dim=-1)
-    target_logprobs_B_T = logprobs.gather(-1, ids_B_T[:, 1:].unsqueeze(-1)).squeeze(-1)
-    mask = mask_B_T[:, 1:].to(target_logprobs_B_T.dtype)
-    return -(target_logprobs_B_T * mask).sum() / mask.sum().clamp(min=1.0)
-
-
-# ---- batching -------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class _Row:
-    """One training row: token ids, loss mask and position ids (restarting at each packed conversation)."""
-
-    ids: tuple[int, ...]
-    mask: tuple[int, ...]
-    positions: tuple[int, ...]
+# ---- rows ---------------------------------------------------------------------------------------
+def ledger_from_mask(ids: Sequence[int], mask: Sequence[int]) -> Trajectory:
+    """Token ids and a loss mask as a ledger (each run of mask-1 tokens one turn): a cut or re-masked
+    conversation in the row type :func:`~agentrl.data.buffer.collate` lays out."""
+    turns, start = [], None
+    for t, m in enumerate((*mask, 0)):
+        if m and start is None:
+            start = t
+        elif not m and start is not None:
+            turns.append(TurnSpan(start, t))
+            start = None
+    return Trajectory(tuple(ids), (0.0,) * len(ids), tuple(mask), tuple(turns))
 
 
-def _rows(ledgers: Sequence[Trajectory], max_len: int, pack: bool, seed: int) -> tuple[list[_Row], int]:
-    """Cut each ledger to ``max_len`` tokens and, with ``pack``, fill rows greedily in a seeded order.
+def _rows(ledgers: Sequence[Trajectory], max_len: int, pack: bool, seed: int) -> tuple[list[list[Trajectory]], int]:
+    """Cut each ledger to ``max_len`` tokens and group the conversations into rows: one each, or with
+    ``pack`` filled greedily up to ``max_len`` tokens in a seeded order.
 
-    Returns the rows and how many conversations were cut. Conversations left with no target are dropped.
+    Returns the rows and how many conversations were cut. Conversations left with no target are dropped
+    (position 0 is never a target: nothing predicts it).
     """
     cut = sum(len(t.token_ids) > max_len for t in ledgers)
-    pieces = [(tuple(t.token_ids[:max_len]), tuple(t.loss_mask[:max_len])) for t in ledgers]
-    pieces = [(ids, mask) for ids, mask in pieces if any(mask[1:])]
+    pieces = [ledger_from_mask(t.token_ids[:max_len], (0, *t.loss_mask[1:max_len])) for t in ledgers
+              if any(t.loss_mask[1:max_len])]  # fmt: skip
     if not pack:
-        return [_Row(ids, mask, tuple(range(len(ids)))) for ids, mask in pieces], cut
+        return [[piece] for piece in pieces], cut
     order = torch.randperm(len(pieces), generator=torch.Generator().manual_seed(seed)).tolist()
-    rows: list[_Row] = []
-    ids_acc: list[int] = []
-    mask_acc: list[int] = []
-    pos_acc: list[int] = []
+    rows: list[list[Trajectory]] = [[]]
     for i in order:
-        ids, mask = pieces[i]
-        if ids_acc and len(ids_acc) + len(ids) > max_len:
-            rows.append(_Row(tuple(ids_acc), tuple(mask_acc), tuple(pos_acc)))
-            ids_acc, mask_acc, pos_acc = [], [], []
-        ids_acc += ids
-        mask_acc += mask
-        pos_acc += range(len(ids))
-    if ids_acc:
-        rows.append(_Row(tuple(ids_acc), tuple(mask_acc), tuple(pos_acc)))
-    return rows, cut
-
-
-def _collate(rows: Sequence[_Row], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """Right-pad rows into ``ids_B_T``, ``mask_B_T``, ``positions_B_T`` and ``attention_B_T``."""
-    width = max(len(r.ids) for r in rows)
-
-    def pad(values: Sequence[int], fill: int) -> list[int]:
-        return [*values, *([fill] * (width - len(values)))]
-
-    return {
-        "ids_B_T": torch.tensor([pad(r.ids, pad_id) for r in rows], device=device),
-        "mask_B_T": torch.tensor([pad(r.mask, 0) for r in rows], device=device),
-        "positions_B_T": torch.tensor([pad(r.positions, 0) for r in rows], device=device),
-        "attention_B_T": torch.tensor([pad([1] * len(r.ids), 0) for r in rows], device=device),
-    }
-
-
-def _forward(model: Any, batch: Mapping[str, torch.Tensor], packed: bool) -> torch.Tensor:
-    """Logits for a batch. Packed rows pass position ids and no attention mask: transformers then builds
-    a block-diagonal mask from where the positions restart (only without a KV cache, hence use_cache=False),
-    so packed conversations never attend to each other."""
-    if packed:
-        return model(input_ids=batch["ids_B_T"], position_ids=batch["positions_B_T"], use_cache=False).logits
-    return model(input_ids=batch["ids_B_T"], attention_mask=batch["attention_B_T"], use_cache=False).logits
-
-
-def shared_prefix_length(ids_B_T: torch.Tensor, mask_B_T: torch.Tensor) -> int:
-    """How many leading tokens every row has in common and that predict no target.
-
-    A target at ``t`` is predicted by position ``t - 1``, so the prefix stops before the position that
-    predicts the earliest target of any row. 0 for a single row (nothing to share).
-    """
-    if ids_B_T.shape[0] < 2:
-        return 0
-    same_T = (ids_B_T == ids_B_T[:1]).all(dim=0).long()
-    common = int(same_T.cumprod(0).sum())
-    has_target_B = mask_B_T.any(dim=1)
-    if not bool(has_target_B.any()):
-        return common
-    first_target = int(mask_B_T[has_target_B].long().argmax(dim=1).min())
-    return max(0, min(common, first_target - 1))
-
-
-def _prefix_cache(decoder: Any, prefix_ids_1_P: torch.Tensor, rows: int, config: Any) -> Any:
-    """The shared prefix run once, its keys and values broadcast to ``rows`` rows (gradients flow back)."""
-    from transformers.cache_utils import DynamicCache
-
-    cache = decoder(input_ids=prefix_ids_1_P, use_cache=True).past_key_values
-    layers = [
-        (layer.keys.expand(rows, -1, -1, -1), layer.values.expand(rows, -1, -1, -1)) for layer in cache.layers
-    ]
-    return DynamicCache(ddp_cache_data=layers, config=config)
-
-
-def sft_loss(model: Any, batch: Mapping[str, torch.Tensor], packed: bool, shared: int = 0) -> torch.Tensor:
-    """:func:`masked_nll` of the batch under ``model``, computing only what the loss reads.
-
-    The LM head and the softmax run only at positions that predict a target. With ``shared`` > 0 (padded
-    rows; at most :func:`shared_prefix_length`), the first ``shared`` tokens run once, batch 1, and every
-    row attends to their keys and values: the same loss and gradients as the plain layout, for a fraction
-    of the compute when a long system prompt opens every row.
-    """
-    ids_B_T, mask_B_T = batch["ids_B_T"], batch["mask_B_T"]
-    split = logprobs.decoder_and_head(model)
-    if split is None or (packed and shared):
-        return masked_nll(_forward(model, batch, packed), ids_B_T, mask_B_T)
-    decoder, head = split
-    if packed:
-        hidden_B_S_H = decoder(
-            input_ids=ids_B_T, position_ids=batch["positions_B_T"], use_cache=False
-        ).last_hidden_state
-    elif shared:
-        cache = _prefix_cache(decoder, ids_B_T[:1, :shared], ids_B_T.shape[0], model.config)
-        hidden_B_S_H = decoder(
-            input_ids=ids_B_T[:, shared:], attention_mask=batch["attention_B_T"], past_key_values=cache,
-            position_ids=batch["positions_B_T"][:, shared:], use_cache=False,
-        ).last_hidden_state  # fmt: skip
-    else:
-        hidden_B_S_H = decoder(
-            input_ids=ids_B_T, attention_mask=batch["attention_B_T"], use_cache=False
-        ).last_hidden_state
-    predicts_B_S = mask_B_T[:, shared + 1 :] != 0  # the hidden state at t predicts token t + 1
-    logits_N_V = head(hidden_B_S_H[:, :-1][predicts_B_S]).float()
-    targets_N = ids_B_T[:, shared + 1 :][predicts_B_S]
-    picked_N = torch.log_softmax(logits_N_V, dim=-1).gather(-1, targets_N.unsqueeze(-1)).squeeze(-1)
-    return -picked_N.sum() / max(int(predicts_B_S.sum()), 1)
+        if rows[-1] and sum(len(t.token_ids) for t in rows[-1]) + len(pieces[i].token_ids) > max_len:
+            rows.append([])
+        rows[-1].append(pieces[i])
+    return [row for row in rows if row], cut
 
 
 # ---- the loop -------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class StepLog:
+class SFTStepLog:
     """One optimizer step: its loss (before the update), learning rate, target tokens, wall seconds and the
     tokens the forward computed."""
 
@@ -260,34 +158,23 @@ class StepLog:
     """Tokens the forward ran over (padding included; a shared prefix once)."""
 
 
-@dataclass(frozen=True)
-class SFTResult:
-    """What :func:`train_sft` returns: the trained model, its last checkpoint and the per-step log."""
-
-    model: Any
-    tokenizer: Any
-    history: tuple[StepLog, ...]
-    checkpoint: Path | None
-    num_rows: int
-    num_cut: int
-
-
 def train_sft(
     config: SFTConfig,
     demonstrations: Sequence[Demonstration | Trajectory],
-    on_step: Callable[[StepLog], None] | None = None,
-) -> SFTResult:
+    on_step: Callable[[SFTStepLog], None] | None = None,
+) -> TrainResult:
     """Fine-tune ``config.model`` on the assistant tokens of ``demonstrations``.
 
     Args:
         config: the run's settings.
         demonstrations: conversations with tool calls, each tokenized with the model's chat template, or
             recorded trajectories (e.g. the best samples of rejection sampling), trained on their ledgers.
-        on_step: called after every optimizer step with its :class:`StepLog`.
+        on_step: called after every optimizer step with its :class:`SFTStepLog`.
 
     Returns:
-        The trained model (in train mode), the tokenizer, the log and the final checkpoint's path (None
-        without ``output_dir``).
+        The trained model (in train mode), the tokenizer, the log, the final checkpoint's path (None
+        without ``output_dir``) and ``extras``: ``num_rows`` (training rows) and ``num_cut`` (conversations
+        cut to ``max_seq_len``).
 
     Raises:
         ConfigError: no demonstration has a target token within ``max_seq_len``.
@@ -316,29 +203,30 @@ def train_sft(
         step = checkpoints.load_training_state(config.resume_from, optimizer, scheduler).step
     meta = {"config": config.model_dump(mode="json"), "learner": "sft"}
 
-    history: list[StepLog] = []
+    history: list[SFTStepLog] = []
     checkpoint: Path | None = None
-    share = config.share_prefix and not config.pack and not config.gradient_checkpointing
     batches = optim.iterate_batches(len(rows), config.batch_size, config.seed, start_step=step)
     while step < config.max_steps:
         started = time.perf_counter()
-        batch = _collate([rows[i] for i in next(batches)], pad_id, device)
-        shared = shared_prefix_length(batch["ids_B_T"], batch["mask_B_T"]) if share else 0
+        conversations = [t for i in next(batches) for t in rows[i]]
+        batch = collate(conversations, pad_id=pad_id, packing=config.pack, row_tokens=config.max_seq_len,
+                        share_prefix=config.share_prefix).to_torch(device)  # fmt: skip
         with optim.autocast(config.precision, device):
-            loss = sft_loss(model, batch, config.pack, shared)
+            logprobs_B_T, _ = logprobs.policy_logprobs(model, batch)
+            loss = algos.sft_nll_loss(logprobs_B_T, batch.loss_mask_B_T)  # the token mean over the batch
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         lr = optimizer.param_groups[0]["lr"]
         grad_norm = optim.clip_and_step(model, optimizer, scheduler, config.grad_clip)
         step += 1
 
-        computed = batch["ids_B_T"].numel() - shared * (batch["ids_B_T"].shape[0] - 1)
-        log = StepLog(step, loss.item(), lr, int(batch["mask_B_T"][:, 1:].sum()), float(grad_norm),
-                      time.perf_counter() - started, computed)  # fmt: skip
+        computed = batch.token_ids_B_T.numel() - batch.shared_prefix * (batch.shape[0] - 1)
+        log = SFTStepLog(step, loss.item(), lr, int(batch.loss_mask_B_T.sum()), float(grad_norm),
+                         time.perf_counter() - started, computed)  # fmt: skip
         history.append(log)
         if on_step is not None:
             on_step(log)
         at_save = config.save_every is not None and step % config.save_every == 0
         if config.output_dir is not None and (at_save or step == config.max_steps):
             checkpoint = checkpoints.save_step(config, model, tokenizer, optimizer, scheduler, step, meta)
-    return SFTResult(model, tokenizer, tuple(history), checkpoint, len(rows), num_cut)
+    return TrainResult(model, tokenizer, tuple(history), checkpoint, {"num_rows": len(rows), "num_cut": num_cut})

@@ -46,16 +46,16 @@ from pydantic import Field, model_validator
 from agentrl.errors import ConfigError
 from agentrl.learners.dpo import DPOConfig, SequenceLogps, _dataset, _reference_logps, train_dpo
 from agentrl.learners.preference_data import PreferenceConversation
+from agentrl.learners.result import TrainResult
 from agentrl.learners.sft import Demonstration
 from agentrl.models.chat import ChatRenderer
 from agentrl.rollout.complete import Completion
 from agentrl.types import Message, ToolSchema
 
 __all__ = [
-    "IterationLog",
     "SPINConfig",
     "SPINExample",
-    "SPINResult",
+    "SPINIterationLog",
     "generate_answers",
     "self_play_pairs",
     "spin_examples",
@@ -216,7 +216,7 @@ def _score(model: Any, rows: Sequence[Any], pad_id: int, config: DPOConfig) -> S
 
 # ---- the loop -------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class IterationLog:
+class SPINIterationLog:
     """One iteration. The log-probabilities are sums over each answer's tokens, averaged over the
     iteration's pairs, under its starting iterate (``_before``) and its trained one (``_after``); NaN where
     the iteration found no pair.
@@ -249,21 +249,11 @@ class IterationLog:
     seconds: float
 
 
-@dataclass(frozen=True)
-class SPINResult:
-    """What :func:`train_spin` returns: the last iterate (in train mode), its checkpoint and the log."""
-
-    model: Any
-    tokenizer: Any
-    history: tuple[IterationLog, ...]
-    checkpoint: Path | None
-
-
 def train_spin(
     config: SPINConfig,
     data: Iterable[Sequence[Message] | Demonstration | SPINExample],
-    on_iteration: Callable[[IterationLog, list[PreferenceConversation]], None] | None = None,
-) -> SPINResult:
+    on_iteration: Callable[[SPINIterationLog, list[PreferenceConversation]], None] | None = None,
+) -> TrainResult:
     """Run up to ``config.iterations`` self-play iterations from ``config.model``; see the module docstring.
 
     Args:
@@ -274,7 +264,7 @@ def train_spin(
 
     Returns:
         The last iterate (in train mode; the starting model when the first iteration found no pair), its
-        tokenizer and checkpoint, and one :class:`IterationLog` per iteration run.
+        tokenizer and checkpoint, and one :class:`SPINIterationLog` per iteration run.
 
     Raises:
         ConfigError: a conversation without a prompt or an answer; no pair with an answer token within
@@ -283,7 +273,7 @@ def train_spin(
     examples = spin_examples(data)
     if not examples:
         raise ConfigError("SPIN needs at least one example (a prompt and its ground-truth answer)")
-    history: list[IterationLog] = []
+    history: list[SPINIterationLog] = []
     model: Any = None
     tokenizer: Any = None
     with tempfile.TemporaryDirectory(prefix="agentrl-spin-") as scratch:
@@ -303,12 +293,12 @@ def train_spin(
             assert saved is not None  # train_dpo always saves its last step with an output_dir
             checkpoint = start = saved
         model.train()
-    return SPINResult(model, tokenizer, tuple(history), checkpoint if config.output_dir is not None else None)
+    return TrainResult(model, tokenizer, tuple(history), checkpoint if config.output_dir is not None else None)
 
 
 def _iteration(
     config: SPINConfig, k: int, start: str | Path, examples: Sequence[SPINExample], out: Path
-) -> tuple[Any, Any, Path | None, IterationLog, list[PreferenceConversation]]:
+) -> tuple[Any, Any, Path | None, SPINIterationLog, list[PreferenceConversation]]:
     """Generate with the iterate ``start``, pair, score the pairs under it, train DPO, score them again.
 
     Returns:
@@ -326,7 +316,7 @@ def _iteration(
     counts: dict[str, Any] = {"iteration": k, "prompts": len(examples), "pairs": len(pairs),
                               "matched": matched, "failed": failed, "generate_seconds": generate_s}  # fmt: skip
     if not pairs:
-        log = IterationLog(**counts, **_no_training(), checkpoint=None, seconds=time.perf_counter() - started)
+        log = SPINIterationLog(**counts, **_no_training(), checkpoint=None, seconds=time.perf_counter() - started)
         return model, tokenizer, None, log, pairs
 
     _write_pairs(out / "pairs.jsonl", pairs)
@@ -343,7 +333,7 @@ def _iteration(
 
     n, steps = len(dataset), result.history
     gain_c, gain_r = after[:n] - before[:n], after[n:] - before[n:]
-    log = IterationLog(
+    log = SPINIterationLog(
         **counts,
         loss=sum(s.loss for s in steps) / len(steps),
         step_accuracy=sum(s.accuracy for s in steps) / len(steps),
