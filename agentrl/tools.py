@@ -2,6 +2,9 @@
 
 :func:`parse_tool_calls` and :func:`parse_openai_tool_calls` never raise on bad model output; :func:`call_tool`
 turns every failure into text for the model. pydantic and jsonschema are imported inside the functions using them.
+
+This module is the boundary where model text becomes Python values and tool messages: every string it hands
+out (parsed calls, content, errors, tool results) is valid Unicode, so it can be tokenized and written.
 """
 
 from __future__ import annotations
@@ -17,11 +20,13 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from agentrl._safe_text import valid_json, valid_text
 from agentrl._schema_text import describe_error, path_text, preview
 from agentrl.errors import ConfigError, ToolCallError
 from agentrl.types import Message, ToolCall, ToolSchema
 
 __all__ = [
+    "MAX_BLOCKS_PER_TURN",
     "ParsedTurn",
     "Tool",
     "as_tool",
@@ -292,6 +297,8 @@ _TAG = re.compile(r"</?tool_call>")
 _NON_WS = re.compile(r"[^ \t\n\r]|\Z")  # JSON's whitespace only
 _DECODER = json.JSONDecoder()
 _FORMAT = 'write each call as <tool_call>{"name": "<tool name>", "arguments": {<arguments>}}</tool_call>'
+MAX_BLOCKS_PER_TURN = 32
+"""Default of ``parse_tool_calls(max_blocks=)``: bounds one turn's calls and error observations."""
 
 
 @dataclass(frozen=True)
@@ -310,18 +317,32 @@ class ParsedTurn:
     errors: tuple[ToolCallError, ...] = ()
 
 
-def parse_tool_calls(text: str) -> ParsedTurn:
+def parse_tool_calls(text: str, *, max_blocks: int | None = MAX_BLOCKS_PER_TURN) -> ParsedTurn:
     """Parse Hermes/Qwen-style ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` blocks.
 
-    ``arguments`` may be an object, a JSON string holding one, or absent (no arguments). Never raises:
-    each malformed block (unclosed, invalid JSON, wrong shape) becomes one error and is left out of
-    ``content``; the well-formed calls around it are still returned.
+    ``arguments`` may be an object, a JSON string holding one, or absent (no arguments). A JSON string may
+    hold a literal ``</tool_call>``; a literal ``<tool_call>`` always opens the next block (write ``\\u003c``
+    for ``<`` inside a string, as :func:`format_tool_calls` does). Never raises: each malformed block
+    (unclosed, invalid JSON, wrong shape) becomes one error and is left out of ``content``; the well-formed
+    calls around it are still returned. Time is linear in ``len(text)``.
+
+    Args:
+        text: The assistant's text.
+        max_blocks: The most blocks read (calls, malformed blocks and stray closing tags together); past it,
+            one more error says how many were left unread, and the rest of the text is not read. None: all.
+
+    Returns:
+        The turn. Every string in it is valid Unicode: a lone surrogate the model wrote as a JSON escape
+        (``"\\ud800"``) is decoded to U+FFFD, so it can be echoed, tokenized and written anywhere.
     """
     content: list[str] = []
     calls: list[ToolCall] = []
     errors: list[ToolCallError] = []
     pos, block = 0, 0
     while (tag := _TAG.search(text, pos)) is not None:
+        if max_blocks is not None and len(calls) + len(errors) >= max_blocks:
+            errors.append(_too_many(text, tag.start(), max_blocks))
+            return ParsedTurn(valid_text("".join(content).strip()), tuple(calls), tuple(errors))
         content.append(text[pos : tag.start()])
         if tag.group() == _CLOSE:
             errors.append(ToolCallError(f"found {_CLOSE} without an opening {_OPEN}; {_FORMAT}"))
@@ -335,30 +356,43 @@ def parse_tool_calls(text: str) -> ParsedTurn:
         else:
             calls.append(result)
     content.append(text[pos:])
-    return ParsedTurn("".join(content).strip(), tuple(calls), tuple(errors))
+    return ParsedTurn(valid_text("".join(content).strip()), tuple(calls), tuple(errors))
+
+
+def _too_many(text: str, start: int, max_blocks: int) -> ToolCallError:
+    unread = text.count(_OPEN, start)
+    return ToolCallError(
+        f"more than {max_blocks} tool-call blocks in one turn: the rest of the turn ({unread} more "
+        f"{_OPEN} block(s)) was not read; make at most {max_blocks} calls per turn"
+    )
 
 
 def _scan_block(text: str, start: int, label: str) -> tuple[int, Any]:
-    """Decode the block opened just before ``start``: where it ends, and its JSON value or a ToolCallError."""
+    """Decode the block opened just before ``start``: where it ends, and its JSON value or a ToolCallError.
+
+    Only the text up to the next opening tag is looked at, so each character is decoded at most once.
+    """
+    nxt_open = text.find(_OPEN, start)
+    window = text[start : len(text) if nxt_open < 0 else nxt_open]
     # Decoding first lets a JSON string contain a literal </tool_call>.
     try:
-        value, after = _DECODER.raw_decode(text, _skip_ws(text, start))
+        value, after = _DECODER.raw_decode(window, _skip_ws(window, 0))
     except (ValueError, RecursionError):
         pass
     else:
-        close = _skip_ws(text, after)
-        if text.startswith(_CLOSE, close):
-            return close + len(_CLOSE), value
-    nxt = _TAG.search(text, start)
-    if nxt is None:
-        return len(text), ToolCallError(f"{label}: {_OPEN} is never closed (output cut off?); add {_CLOSE}")
-    if nxt.group() == _OPEN:
-        return nxt.start(), ToolCallError(f"{label}: {_OPEN} is not closed before the next one; {_FORMAT}")
-    body = text[start : nxt.start()].strip()
+        close = _skip_ws(window, after)
+        if window.startswith(_CLOSE, close):
+            return start + close + len(_CLOSE), valid_json(value)
+    end = window.find(_CLOSE)
+    if end < 0:
+        if nxt_open < 0:
+            return len(text), ToolCallError(f"{label}: {_OPEN} is never closed (output cut off?); add {_CLOSE}")
+        return nxt_open, ToolCallError(f"{label}: {_OPEN} is not closed before the next one; {_FORMAT}")
+    body = window[:end].strip()
     if not body:
-        return nxt.end(), ToolCallError(f"{label}: the block is empty; {_FORMAT}")
+        return start + end + len(_CLOSE), ToolCallError(f"{label}: the block is empty; {_FORMAT}")
     value, problem = _loads(body)
-    return nxt.end(), ToolCallError(f"{label}: {problem}") if problem else value
+    return start + end + len(_CLOSE), ToolCallError(f"{label}: {problem}") if problem else value
 
 
 def _skip_ws(text: str, pos: int) -> int:
@@ -369,7 +403,7 @@ def _skip_ws(text: str, pos: int) -> int:
 def _loads(doc: str) -> tuple[Any, str | None]:
     """``json.loads`` that reports failure as text for the model: the reason, where, and an excerpt."""
     try:
-        return json.loads(doc), None
+        return valid_json(json.loads(doc)), None
     except json.JSONDecodeError as exc:
         before = doc[max(0, exc.pos - 24) : exc.pos].replace("\n", "\\n")
         after = doc[exc.pos : exc.pos + 24].replace("\n", "\\n")
@@ -405,20 +439,24 @@ def _decode_arguments(raw: Any, label: str) -> dict[str, Any] | ToolCallError:
             return ToolCallError(f'{label}: "arguments" is a string but not a JSON object: {problem}')
     if not isinstance(raw, dict):
         return ToolCallError(f'{label}: "arguments" must be a JSON object, got {preview(raw)}')
-    return raw
+    return valid_json(raw)
 
 
-def parse_openai_tool_calls(tool_calls: Sequence[Any] | None, content: str | None = None) -> ParsedTurn:
+def parse_openai_tool_calls(
+    tool_calls: Sequence[Any] | None, content: str | None = None, *, max_blocks: int | None = MAX_BLOCKS_PER_TURN
+) -> ParsedTurn:
     """Parse the ``tool_calls`` of an OpenAI-compatible chat completion message.
 
     Args:
         tool_calls: Entries ``{"id", "type": "function", "function": {"name", "arguments": "<JSON>"}}``
             as dicts; None means no calls.
         content: The message's text, passed through (None becomes "").
+        max_blocks: The most entries read; past it, one error says how many were left. None: all.
 
     Returns:
         The turn; calls keep the server's ids (``call_<index>`` when missing). Never raises: each malformed
-        entry becomes one error naming its position and id.
+        entry becomes one error naming its position and id. Strings are valid Unicode, as for
+        :func:`parse_tool_calls`.
     """
     calls: list[ToolCall] = []
     errors: list[ToolCallError] = []
@@ -426,12 +464,18 @@ def parse_openai_tool_calls(tool_calls: Sequence[Any] | None, content: str | Non
         errors.append(ToolCallError(f"tool_calls must be a list, got {type(tool_calls).__name__}"))
         tool_calls = None
     for index, entry in enumerate(tool_calls or ()):
-        result = _openai_entry(entry, index)
+        if max_blocks is not None and index >= max_blocks:
+            errors.append(ToolCallError(
+                f"more than {max_blocks} tool calls in one turn: the other {len(tool_calls or ()) - index} "
+                f"were not read; make at most {max_blocks} calls per turn"
+            ))
+            break
+        result = _openai_entry(valid_json(entry), index)
         if isinstance(result, ToolCallError):
             errors.append(result)
         else:
             calls.append(result)
-    return ParsedTurn(content or "", tuple(calls), tuple(errors))
+    return ParsedTurn(valid_text(content or ""), tuple(calls), tuple(errors))
 
 
 def _openai_entry(entry: Any, index: int) -> ToolCall | ToolCallError:
@@ -515,9 +559,9 @@ async def call_tool(call: ToolCall, tools: ToolsLike) -> Message:
     """Validate ``call``, run its tool (awaited if async, sync ones directly) and answer with a tool message.
 
     Returns:
-        ``{"role": "tool", "tool_call_id", "name", "content"}``: a string result as is, any other as JSON.
-        A validation error or any Exception from the tool becomes content ``"Error: ..."``; cancellation
-        and KeyboardInterrupt propagate.
+        ``{"role": "tool", "tool_call_id", "name", "content"}``: a string result as is, any other as JSON,
+        lone surrogates replaced by U+FFFD. A validation error or any Exception from the tool becomes content
+        ``"Error: ..."``; cancellation and KeyboardInterrupt propagate.
 
     Raises:
         ConfigError: The tool exists but has no implementation, or ``tools`` is malformed.
@@ -540,7 +584,7 @@ async def call_tool(call: ToolCall, tools: ToolsLike) -> Message:
         result = target.fn(*args, **kwargs)
         if inspect.isawaitable(result):
             result = await result
-        message["content"] = _to_text(result)
+        message["content"] = valid_text(_to_text(result))
     except Exception as exc:  # a failing tool is an observation for the model, not a crash of the episode
         message["content"] = _error_text(exc)
     return message
@@ -562,8 +606,8 @@ def tool_error_message(error: BaseException, call_id: str | None = None) -> Mess
 
 def _error_text(error: BaseException) -> str:
     if isinstance(error, ToolCallError):
-        return f"Error: {error}"
-    return f"Error: {type(error).__name__}: {error}"
+        return valid_text(f"Error: {error}")
+    return valid_text(f"Error: {type(error).__name__}: {error}")
 
 
 def _binding_problem(name: str, exc: Exception) -> str:
