@@ -170,3 +170,25 @@ def test_template_conformance_passes_for_the_tiny_template_and_fails_with_a_diff
         check_template(tokenizer, template=DROPS_REASONING)
     assert "<think>" in str(info.value) and "template='chatml'" in str(info.value)
     check_template(tokenizer, template="chatml")
+
+
+def test_jsonl_round_trips_any_code_point_as_valid_utf8(tmp_path):
+    """Lone surrogates (from a user env's observation or an exception's text) are written as ``\\udXXX``
+    escapes: the file is valid UTF-8 and reads back to the same trajectory."""
+    odd = "a\ud800b\udfff\U0010ffff\x00ü"
+    trajectory = Trajectory(
+        token_ids=(1, 2, 3),
+        logprobs=(0.0, -0.5, 0.0),
+        loss_mask=(0, 1, 0),
+        turns=(TurnSpan(1, 2, 1.0, {odd: 1.0}),),
+        messages=({"role": "tool", "content": odd},),
+        stop_reason=StopReason.ERROR,
+        error=f"ValueError: {odd}",
+        meta={odd: [odd]},
+    )
+    path = tmp_path / "t.jsonl"
+    assert write_jsonl(path, [trajectory]) == 1
+    text = path.read_bytes().decode("utf-8")
+    assert "\\ud800" in text and "ü" in text  # escaped where it must be, readable elsewhere
+    assert list(read_jsonl(path)) == [trajectory]
+    assert Trajectory.from_json(trajectory.to_json()) == trajectory

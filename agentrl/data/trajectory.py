@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agentrl._safe_text import escape_surrogates
 from agentrl.types import Message, StopReason
 
 __all__ = ["LedgerBuilder", "Trajectory", "TurnSpan", "read_jsonl", "write_jsonl"]
@@ -132,8 +133,12 @@ class Trajectory:
         )
 
     def to_json(self) -> str:
-        """One line of JSON (no NaN/inf: logprobs must be finite)."""
-        return json.dumps(self.to_dict(), ensure_ascii=False, allow_nan=False)
+        """One line of JSON (no NaN/inf: logprobs must be finite) that encodes as UTF-8 whatever the strings hold.
+
+        Text stays readable (``ensure_ascii=False``) but a lone surrogate, which no UTF-8 writer accepts, is
+        written as its escape ``\\udXXX``: :meth:`from_json` reads back the same string.
+        """
+        return escape_surrogates(json.dumps(self.to_dict(), ensure_ascii=False, allow_nan=False))
 
     @classmethod
     def from_json(cls, line: str) -> Trajectory:
