@@ -19,7 +19,8 @@ from agentrl.evaluation.config import EvalConfig
 from agentrl.evaluation.harness import build_results
 from agentrl.evaluation.report import transcript_name, write_report
 from agentrl.models.loading import load_tokenizer
-from agentrl.rollout.runner import rollout
+from agentrl.rollout.policy import SamplingParams
+from agentrl.rollout.runner import RolloutLimits, rollout
 from agentrl.testing import GuessEnv, ScriptedPolicy
 from agentrl.toolenv import ToolEnv
 from agentrl.types import StopReason
@@ -82,7 +83,7 @@ def fuzz_turn(rng: random.Random, tool: str, argument: str) -> str:
             block = block[: rng.randint(0, len(block))]
         elif rng.random() < 0.2:
             block = f'<tool_call>{{"name": "{fuzz_string(rng)}", "arguments": "{{\\"{argument}\\": {value.replace(chr(34), chr(92) + chr(34))}}}"}}</tool_call>'
-        parts.append(block)
+        parts.append(block * (rng.choice([1, 1, 1, 500])))  # now and then a flood of blocks
     return "\n".join(parts)
 
 
@@ -108,16 +109,28 @@ def write_read_report(trajectories: list[Trajectory], out: Path, env: str) -> st
     return (out / transcript_name(0)).read_text(encoding="utf-8")
 
 
-def test_lone_surrogate_in_a_wrong_typed_argument_does_not_end_the_run(tokenizer, tmp_path: Path) -> None:
-    """The red-team's case: ``"\\ud800"`` where toy-guess wants an integer; the episode goes on."""
-    reply = '<tool_call>{"name": "guess", "arguments": {"number": "\\ud800"}}</tool_call>'
-    [group] = rollout(lambda: GuessEnv(max_turns=2), ScriptedPolicy(tokenizer, reply), tokenizer, 1)
+@pytest.mark.parametrize(
+    ("env_id", "arguments", "echoed"),
+    [
+        ("toy-guess-v0", '{"number": "\\ud800"}', "expected integer"),
+        ("code-sandbox-v0", '{"code": ["\\ud800"]}', "expected string"),
+        ("web-tools-v0", '{"query": "\\ud800"}', "No results for"),
+    ],
+)
+def test_lone_surrogate_in_a_tool_argument_does_not_end_the_run(
+    tokenizer, tmp_path: Path, env_id: str, arguments: str, echoed: str
+) -> None:
+    """The red-team's case: ``"\\ud800"`` in an argument (wrong-typed, or sent on over HTTP), echoed back."""
+    name = {"toy-guess-v0": "guess", "code-sandbox-v0": "run_python", "web-tools-v0": "search"}[env_id]
+    reply = f'<tool_call>{{"name": "{name}", "arguments": {arguments}}}</tool_call>'
+    limits = RolloutLimits(max_turns=2)
+    [group] = rollout(env_id, ScriptedPolicy(tokenizer, reply), tokenizer, 1, limits=limits)
     [trajectory] = group.trajectories
-    assert trajectory.error is None and trajectory.stop_reason is StopReason.TRUNCATED
-    errors = [m["content"] for m in trajectory.messages if m["role"] == "tool"]
-    assert errors and all("expected integer" in e and "\ufffd" in e for e in errors)
-    page = write_read_report([trajectory], tmp_path, "toy-guess")
-    assert "expected integer" in page
+    assert trajectory.error is None and trajectory.stop_reason is StopReason.MAX_TURNS
+    echoes = [m["content"] for m in trajectory.messages if m["role"] == "tool"]
+    assert len(echoes) == 2 and all(echoed in e and "\ufffd" in e for e in echoes), echoes
+    page = write_read_report([trajectory], tmp_path, env_id)
+    assert echoed in page
 
 
 @pytest.mark.parametrize("env_name", ["toy-guess", "tool-env"])
@@ -128,21 +141,25 @@ def test_fuzz_escapes_and_code_points_survive_parse_to_report(tokenizer, tmp_pat
         "toy-guess": (lambda: GuessEnv(max_turns=2), "guess", "number"),
         "tool-env": (echo_env, "echo", "text"),
     }[env_name]
-    turns = [fuzz_turn(rng, tool, argument) for _ in range(24)]
+    turns = [fuzz_turn(rng, tool, argument) for _ in range(64)]
     played = iter(range(10**9))
 
     def reply(prompt: str) -> str:
         return turns[next(played) % len(turns)]
 
-    groups = rollout(make_env, ScriptedPolicy(tokenizer, reply), tokenizer, 12, concurrency=4)
+    policy = ScriptedPolicy(tokenizer, reply, max_context=1 << 20)
+    sampling = SamplingParams(max_tokens=1 << 16)
+    groups = rollout(make_env, policy, tokenizer, 24, concurrency=4, sampling=sampling)
     trajectories = [t for g in groups for t in g.trajectories]
-    assert len(trajectories) == 12
+    assert len(trajectories) == 24
     for trajectory in trajectories:
         assert trajectory.error is None, trajectory.error
         for message in trajectory.messages:
             assert_valid_unicode(json.dumps(message, ensure_ascii=False))
     observations = [m["content"] for t in trajectories for m in t.messages if m["role"] == "tool"]
     assert any("\ufffd" in text for text in observations)  # lone surrogates were fed and echoed back
+    assert any("tool-call blocks in one turn" in text for text in observations)  # floods were cut
+    assert max(len(t.messages) for t in trajectories) <= 2 + 2 * (1 + 33)  # opening, then per turn at most
     write_read_report(trajectories, tmp_path, env_name)
     assert time.monotonic() - started < TIME_BUDGET_S
 
