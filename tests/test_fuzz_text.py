@@ -17,12 +17,13 @@ import pytest
 from agentrl.data.trajectory import Trajectory, TurnSpan, read_jsonl, write_jsonl
 from agentrl.evaluation.config import EvalConfig
 from agentrl.evaluation.harness import build_results
-from agentrl.evaluation.report import transcript_name, write_report
+from agentrl.evaluation.report import escape, transcript_name, write_report
 from agentrl.models.loading import load_tokenizer
 from agentrl.rollout.policy import SamplingParams
 from agentrl.rollout.runner import RolloutLimits, rollout
 from agentrl.testing import GuessEnv, ScriptedPolicy
 from agentrl.toolenv import ToolEnv
+from agentrl.tracking import RunDir
 from agentrl.types import StopReason
 
 SEED = 20261207
@@ -164,9 +165,9 @@ def test_fuzz_escapes_and_code_points_survive_parse_to_report(tokenizer, tmp_pat
     assert time.monotonic() - started < TIME_BUDGET_S
 
 
-def test_text_from_elsewhere_with_lone_surrogates_is_written_and_shown_escaped(tmp_path: Path) -> None:
-    """A user env's observation or an exception's text is not parsed by agentrl.tools; the writers still
-    never fail: the JSONL keeps the code point as ``\\udXXX`` and the report shows that escape."""
+def test_text_from_elsewhere_with_lone_surrogates_is_written_and_shown_replaced(tmp_path: Path) -> None:
+    """A user env's observation or an exception's text is not parsed by agentrl.tools; the ledger cleans it,
+    so the JSONL and the report show U+FFFD."""
     odd = "tool said \ud800 and \udfff"
     trajectory = Trajectory(
         token_ids=(1, 2, 3), logprobs=(0.0, -0.5, 0.0), loss_mask=(0, 1, 0),
@@ -175,4 +176,13 @@ def test_text_from_elsewhere_with_lone_surrogates_is_written_and_shown_escaped(t
         stop_reason=StopReason.ERROR, error=f"ValueError: {odd}",
     )
     page = write_read_report([trajectory], tmp_path, "toy-guess")
-    assert "tool said \\ud800 and \\udfff" in page
+    assert "tool said \ufffd and \ufffd" in page
+    assert escape("id \ud800<") == "id \\ud800&lt;"  # any other string on a page: shown as its escape
+
+
+def test_a_string_metric_with_a_lone_surrogate_is_logged(tmp_path: Path) -> None:
+    with RunDir(tmp_path, tensorboard=False) as run:
+        run.start_phase("rl", total=1)
+        run.log("rl", 1, {"last_answer": "x\ud800"})
+    line = (tmp_path / "metrics.jsonl").read_bytes().decode("utf-8")
+    assert json.loads(line)["metrics"]["last_answer"] == "x\ud800"

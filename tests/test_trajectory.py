@@ -172,10 +172,11 @@ def test_template_conformance_passes_for_the_tiny_template_and_fails_with_a_diff
     check_template(tokenizer, template="chatml")
 
 
-def test_jsonl_round_trips_any_code_point_as_valid_utf8(tmp_path):
-    """Lone surrogates (from a user env's observation or an exception's text) are written as ``\\udXXX``
-    escapes: the file is valid UTF-8 and reads back to the same trajectory."""
+def test_text_with_lone_surrogates_becomes_valid_unicode_and_round_trips(tmp_path):
+    """Lone surrogates (from a user env's observation or an exception's text) become U+FFFD when the ledger is
+    built: the JSONL is valid UTF-8 and reads back to the same trajectory."""
     odd = "a\ud800b\udfff\U0010ffff\x00ü"
+    clean = "a\ufffdb\ufffd\U0010ffff\x00ü"
     trajectory = Trajectory(
         token_ids=(1, 2, 3),
         logprobs=(0.0, -0.5, 0.0),
@@ -186,9 +187,12 @@ def test_jsonl_round_trips_any_code_point_as_valid_utf8(tmp_path):
         error=f"ValueError: {odd}",
         meta={odd: [odd]},
     )
+    assert trajectory.messages == ({"role": "tool", "content": clean},)
+    assert trajectory.error == f"ValueError: {clean}" and trajectory.meta == {clean: [clean]}
+    assert dict(trajectory.turns[0].reward_components) == {clean: 1.0}
     path = tmp_path / "t.jsonl"
     assert write_jsonl(path, [trajectory]) == 1
-    text = path.read_bytes().decode("utf-8")
-    assert "\\ud800" in text and "ü" in text  # escaped where it must be, readable elsewhere
+    assert "ü" in path.read_bytes().decode("utf-8")  # strict UTF-8, non-ASCII text left readable
     assert list(read_jsonl(path)) == [trajectory]
-    assert Trajectory.from_json(trajectory.to_json()) == trajectory
+    trajectory.messages[0]["content"] = odd  # changed after construction: still written, as an escape
+    assert "\\ud800" in trajectory.to_json() and Trajectory.from_json(trajectory.to_json()).messages[0]["content"] == clean
