@@ -200,6 +200,7 @@ _OPEN, _CLOSE = "<tool_call>", "</tool_call>"
 _TAG = re.compile(r"</?tool_call>")
 _NON_WS = re.compile(r"[^ \t\n\r]|\Z")  # JSON's whitespace only
 _DECODER = json.JSONDecoder()
+_SURROGATE_SOURCE = re.compile(r"\\u[dD][89a-fA-F]|[\ud800-\udfff]")  # an escape that decodes to one, or one
 _FORMAT = 'write each call as <tool_call>{"name": "<tool name>", "arguments": {<arguments>}}</tool_call>'
 MAX_BLOCKS_PER_TURN = 32
 """Default of ``parse_tool_calls(max_blocks=)``: bounds one turn's calls and error observations."""
@@ -286,7 +287,7 @@ def _scan_block(text: str, start: int, label: str) -> tuple[int, Any]:
     else:
         close = _skip_ws(window, after)
         if window.startswith(_CLOSE, close):
-            return start + close + len(_CLOSE), valid_json(value)
+            return start + close + len(_CLOSE), _valid(value, window[:after])
     end = window.find(_CLOSE)
     if end < 0:
         if nxt_open < 0:
@@ -299,6 +300,11 @@ def _scan_block(text: str, start: int, label: str) -> tuple[int, Any]:
     return start + end + len(_CLOSE), ToolCallError(f"{label}: {problem}") if problem else value
 
 
+def _valid(value: Any, source: str) -> Any:
+    """``value`` decoded from ``source`` with surrogates replaced; the walk is skipped when none can be in it."""
+    return valid_json(value) if _SURROGATE_SOURCE.search(source) else value
+
+
 def _skip_ws(text: str, pos: int) -> int:
     end = _NON_WS.search(text, pos)
     return end.start() if end else len(text)
@@ -307,7 +313,7 @@ def _skip_ws(text: str, pos: int) -> int:
 def _loads(doc: str) -> tuple[Any, str | None]:
     """``json.loads`` that reports failure as text for the model: the reason, where, and an excerpt."""
     try:
-        return valid_json(json.loads(doc)), None
+        return _valid(json.loads(doc), doc), None
     except json.JSONDecodeError as exc:
         before = doc[max(0, exc.pos - 24) : exc.pos].replace("\n", "\\n")
         after = doc[exc.pos : exc.pos + 24].replace("\n", "\\n")
@@ -343,7 +349,7 @@ def _decode_arguments(raw: Any, label: str) -> dict[str, Any] | ToolCallError:
             return ToolCallError(f'{label}: "arguments" is a string but not a JSON object: {problem}')
     if not isinstance(raw, dict):
         return ToolCallError(f'{label}: "arguments" must be a JSON object, got {preview(raw)}')
-    return valid_json(raw)
+    return raw
 
 
 def parse_openai_tool_calls(
