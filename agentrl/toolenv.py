@@ -194,7 +194,8 @@ class ToolEnv(Env):
         answer_tag: The final answer is the text in ``<answer_tag>…</answer_tag>`` (the turn's tool calls are
             then not run). None: a turn without tool calls ends the episode and its text is the answer.
         format_penalty: Subtracted (component ``"format"``) on each turn that is not :attr:`Turn.well_formed`.
-        max_calls_per_turn: Further calls in one turn are answered with an error and not run.
+        max_calls_per_turn: Tool-call blocks read in one turn (calls and malformed blocks together); the rest
+            of the turn is answered with one error and not run.
         max_output_chars: Longer tool results are cut, with a note saying so.
         tools_in_system_prompt: Also write the tool schemas into the system message, for chat templates that
             do not render ``tools=`` (they are always in ``info["tools"]``).
@@ -295,13 +296,13 @@ class ToolEnv(Env):
     async def astep(self, action: str) -> StepResult:
         if self._done or self.task is None:
             raise RuntimeError("the episode is over; call reset() first")
-        parsed = parse_tool_calls(action)
+        parsed = parse_tool_calls(action, max_blocks=self.max_calls_per_turn)
         answer = self._final_answer(parsed.content, bool(parsed.calls or parsed.errors))
         obs: list[Message] = [tool_error_message(e) for e in parsed.errors]
         records: list[CallRecord] = []
         if answer is None:
-            for index, call in enumerate(parsed.calls):
-                message, record = await self._run_call(call, index)
+            for call in parsed.calls:
+                message, record = await self._run_call(call)
                 obs.append(message)
                 records.append(record)
             if not parsed.calls and not parsed.errors:
@@ -341,10 +342,7 @@ class ToolEnv(Env):
             return f"Call a tool, or give your final answer as <{self.answer_tag}>…</{self.answer_tag}>."
         return "Call a tool."
 
-    async def _run_call(self, call: ToolCall, index: int) -> tuple[Message, CallRecord]:
-        if index >= self.max_calls_per_turn:
-            extra = ToolCallError(f"at most {self.max_calls_per_turn} tool calls per turn; this one was not run")
-            return self._failed(call, extra, "invalid")
+    async def _run_call(self, call: ToolCall) -> tuple[Message, CallRecord]:
         try:
             validate_call(call, self._tools)
         except ToolCallError as invalid:

@@ -2,6 +2,9 @@
 
 :func:`parse_tool_calls` and :func:`parse_openai_tool_calls` never raise on bad model output; :func:`call_tool`
 turns every failure into text for the model. pydantic and jsonschema are imported inside the functions using them.
+
+This module is the boundary where model text becomes Python values and tool messages: every string it hands
+out (parsed calls, content, errors, tool results) is valid Unicode, so it can be tokenized and written.
 """
 
 from __future__ import annotations
@@ -17,11 +20,14 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from agentrl._safe_text import valid_json, valid_text
 from agentrl._schema_text import describe_error, path_text, preview
+from agentrl._tool_schema import Binder, parse_docstring, signature_schema, strip_titles
 from agentrl.errors import ConfigError, ToolCallError
 from agentrl.types import Message, ToolCall, ToolSchema
 
 __all__ = [
+    "MAX_BLOCKS_PER_TURN",
     "ParsedTurn",
     "Tool",
     "as_tool",
@@ -34,7 +40,6 @@ __all__ = [
     "validate_call",
 ]
 
-Binder = Callable[[dict[str, Any]], tuple[tuple[Any, ...], dict[str, Any]]]
 ToolsLike = Mapping[str, Any] | Iterable[Any]
 
 
@@ -77,8 +82,8 @@ class Tool:
         tool_name = name or getattr(fn, "__name__", None)
         if not tool_name or tool_name == "<lambda>":
             raise ConfigError(f"{fn!r} has no usable __name__; pass name= to Tool.from_function")
-        summary, arg_docs = _parse_docstring(inspect.getdoc(fn) or "")
-        parameters, bind = _signature_schema(fn, tool_name, arg_docs)
+        summary, arg_docs = parse_docstring(inspect.getdoc(fn) or "")
+        parameters, bind = signature_schema(fn, tool_name, arg_docs)
         return cls(tool_name, summary, parameters, fn, bind)
 
     @classmethod
@@ -96,11 +101,11 @@ class Tool:
             ConfigError: The model has no JSON schema.
         """
         try:
-            schema = _strip_titles(model_cls.model_json_schema())
+            schema = strip_titles(model_cls.model_json_schema())
         except Exception as exc:  # pydantic raises several error types for fields it cannot describe
             raise ConfigError(f"cannot build a JSON schema for {model_cls!r}: {exc}") from exc
         schema.pop("description", None)
-        summary, _ = _parse_docstring(model_cls.__dict__.get("__doc__") or "")
+        summary, _ = parse_docstring(model_cls.__dict__.get("__doc__") or "")
         if model_cls.model_config.get("extra") != "allow":
             # Arguments pydantic would drop silently are named to the model instead.
             schema.setdefault("additionalProperties", False)
@@ -189,109 +194,16 @@ def _tool_map(tools: ToolsLike) -> dict[str, Tool]:
     return registry
 
 
-# ---------------------------------------------------------------------------------------------- schemas
-
-_SECTION = re.compile(r"^(\w+(?: \w+)?):\s*$")
-_ARG_SECTIONS = {"Args", "Arguments", "Parameters", "Params", "Attributes", "Keyword Args"}
-_ARG_ITEM = re.compile(r"^\*{0,2}(\w+)\s*(?:\([^)]*\))?\s*:\s*(.*)$")
-_SCHEMA_MAPS = {"properties", "$defs", "definitions", "patternProperties", "dependentSchemas"}
-_DATA_KEYS = {"enum", "const", "default", "examples"}
-
-
-def _parse_docstring(doc: str) -> tuple[str, dict[str, str]]:
-    """Split a Google-style docstring into its first paragraph and its ``Args:``/``Attributes:`` entries."""
-    lines = inspect.cleandoc(doc).splitlines()
-    summary: list[str] = []
-    for line in lines:
-        if not line.strip() or _SECTION.match(line):
-            break
-        summary.append(line.strip())
-    entries: dict[str, str] = {}
-    in_args, current, indent = False, None, None
-    for line in lines:
-        if not line.strip():
-            continue
-        header = _SECTION.match(line)
-        if header or not line[0].isspace():
-            in_args, current, indent = header is not None and header.group(1) in _ARG_SECTIONS, None, None
-            continue
-        if not in_args:
-            continue
-        width = len(line) - len(line.lstrip())
-        item = _ARG_ITEM.match(line.strip())
-        if item and (indent is None or width <= indent):
-            indent, current = width, item.group(1)
-            entries[current] = item.group(2).strip()
-        elif current is not None:
-            entries[current] = f"{entries[current]} {line.strip()}".strip()
-    return " ".join(summary), entries
-
-
-def _signature_schema(fn: Callable[..., Any], name: str, arg_docs: Mapping[str, str]) -> tuple[dict, Binder]:
-    """The JSON schema of ``fn``'s parameters and the binder that calls it with validated values."""
-    from pydantic import ConfigDict, Field, create_model
-
-    try:
-        params = list(inspect.signature(fn, eval_str=True).parameters.values())
-    except (NameError, TypeError, ValueError) as exc:
-        raise ConfigError(f"cannot read the signature of tool {name!r}: {exc}") from exc
-    fields: dict[str, Any] = {}
-    for i, param in enumerate(params):
-        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
-            raise ConfigError(f"tool {name!r}: replace *{param.name} by named parameters")
-        if type(param.default).__name__ == "FieldInfo":
-            raise ConfigError(f"tool {name!r}: write `{param.name}: Annotated[<type>, Field(...)]`")
-        if param.annotation is param.empty:
-            raise ConfigError(f"tool {name!r}: parameter {param.name!r} needs a type hint")
-        extra: dict[str, Any] = {"description": arg_docs[param.name]} if param.name in arg_docs else {}
-        default = ... if param.default is param.empty else param.default
-        # Aliased internal names let parameters be called `json`, `schema` or `model_config`.
-        fields[f"p{i}"] = (param.annotation, Field(default, alias=param.name, **extra))
-    try:
-        model = create_model(f"{name}_arguments", __config__=ConfigDict(extra="forbid"), **fields)
-        schema = _strip_titles(model.model_json_schema())
-    except Exception as exc:  # pydantic raises several error types for types it cannot describe
-        raise ConfigError(f"tool {name!r}: cannot build a JSON schema from its type hints: {exc}") from exc
-    positional = [i for i, p in enumerate(params) if p.kind is p.POSITIONAL_ONLY]
-    positional_names = {params[i].name for i in positional}
-
-    def bind(arguments: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        values = model.model_validate(arguments)
-        args = tuple(getattr(values, f"p{i}") for i in positional)
-        # Only arguments the model gave are passed, so the function's own defaults apply to the rest.
-        given = values.model_fields_set
-        kwargs = {p.name: getattr(values, f"p{i}") for i, p in enumerate(params) if f"p{i}" in given}
-        return args, {k: v for k, v in kwargs.items() if k not in positional_names}
-
-    return schema, bind
-
-
-def _strip_titles(node: Any) -> Any:
-    """Drop pydantic's generated ``title`` keys: they repeat the names and cost prompt tokens."""
-    if isinstance(node, list):
-        return [_strip_titles(item) for item in node]
-    if not isinstance(node, dict):
-        return node
-    out: dict[str, Any] = {}
-    for key, value in node.items():
-        if key == "title" and isinstance(value, str):
-            continue
-        if key in _DATA_KEYS:
-            out[key] = value
-        elif key in _SCHEMA_MAPS and isinstance(value, dict):
-            out[key] = {name: _strip_titles(sub) for name, sub in value.items()}
-        else:
-            out[key] = _strip_titles(value)
-    return out
-
-
 # ---------------------------------------------------------------------------------------------- parsing
 
 _OPEN, _CLOSE = "<tool_call>", "</tool_call>"
 _TAG = re.compile(r"</?tool_call>")
 _NON_WS = re.compile(r"[^ \t\n\r]|\Z")  # JSON's whitespace only
 _DECODER = json.JSONDecoder()
+_SURROGATE_SOURCE = re.compile(r"\\u[dD][89a-fA-F]|[\ud800-\udfff]")  # an escape that decodes to one, or one
 _FORMAT = 'write each call as <tool_call>{"name": "<tool name>", "arguments": {<arguments>}}</tool_call>'
+MAX_BLOCKS_PER_TURN = 32
+"""Default of ``parse_tool_calls(max_blocks=)``: bounds one turn's calls and error observations."""
 
 
 @dataclass(frozen=True)
@@ -310,18 +222,32 @@ class ParsedTurn:
     errors: tuple[ToolCallError, ...] = ()
 
 
-def parse_tool_calls(text: str) -> ParsedTurn:
+def parse_tool_calls(text: str, *, max_blocks: int | None = MAX_BLOCKS_PER_TURN) -> ParsedTurn:
     """Parse Hermes/Qwen-style ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` blocks.
 
-    ``arguments`` may be an object, a JSON string holding one, or absent (no arguments). Never raises:
-    each malformed block (unclosed, invalid JSON, wrong shape) becomes one error and is left out of
-    ``content``; the well-formed calls around it are still returned.
+    ``arguments`` may be an object, a JSON string holding one, or absent (no arguments). A JSON string may
+    hold a literal ``</tool_call>``; a literal ``<tool_call>`` always opens the next block (write ``\\u003c``
+    for ``<`` inside a string, as :func:`format_tool_calls` does). Never raises: each malformed block
+    (unclosed, invalid JSON, wrong shape) becomes one error and is left out of ``content``; the well-formed
+    calls around it are still returned. Time is linear in ``len(text)``.
+
+    Args:
+        text: The assistant's text.
+        max_blocks: The most blocks read (calls, malformed blocks and stray closing tags together); past it,
+            one more error says how many were left unread, and the rest of the text is not read. None: all.
+
+    Returns:
+        The turn. Every string in it is valid Unicode: a lone surrogate the model wrote as a JSON escape
+        (``"\\ud800"``) is decoded to U+FFFD, so it can be echoed, tokenized and written anywhere.
     """
     content: list[str] = []
     calls: list[ToolCall] = []
     errors: list[ToolCallError] = []
     pos, block = 0, 0
     while (tag := _TAG.search(text, pos)) is not None:
+        if max_blocks is not None and len(calls) + len(errors) >= max_blocks:
+            errors.append(_too_many(text, tag.start(), max_blocks))
+            return ParsedTurn(valid_text("".join(content).strip()), tuple(calls), tuple(errors))
         content.append(text[pos : tag.start()])
         if tag.group() == _CLOSE:
             errors.append(ToolCallError(f"found {_CLOSE} without an opening {_OPEN}; {_FORMAT}"))
@@ -335,30 +261,48 @@ def parse_tool_calls(text: str) -> ParsedTurn:
         else:
             calls.append(result)
     content.append(text[pos:])
-    return ParsedTurn("".join(content).strip(), tuple(calls), tuple(errors))
+    return ParsedTurn(valid_text("".join(content).strip()), tuple(calls), tuple(errors))
+
+
+def _too_many(text: str, start: int, max_blocks: int) -> ToolCallError:
+    unread = text.count(_OPEN, start)
+    return ToolCallError(
+        f"more than {max_blocks} tool-call blocks in one turn: the rest of the turn ({unread} more "
+        f"{_OPEN} block(s)) was not read; make at most {max_blocks} calls per turn"
+    )
 
 
 def _scan_block(text: str, start: int, label: str) -> tuple[int, Any]:
-    """Decode the block opened just before ``start``: where it ends, and its JSON value or a ToolCallError."""
+    """Decode the block opened just before ``start``: where it ends, and its JSON value or a ToolCallError.
+
+    Only the text up to the next opening tag is looked at, so each character is decoded at most once.
+    """
+    nxt_open = text.find(_OPEN, start)
+    window = text[start : len(text) if nxt_open < 0 else nxt_open]
     # Decoding first lets a JSON string contain a literal </tool_call>.
     try:
-        value, after = _DECODER.raw_decode(text, _skip_ws(text, start))
+        value, after = _DECODER.raw_decode(window, _skip_ws(window, 0))
     except (ValueError, RecursionError):
         pass
     else:
-        close = _skip_ws(text, after)
-        if text.startswith(_CLOSE, close):
-            return close + len(_CLOSE), value
-    nxt = _TAG.search(text, start)
-    if nxt is None:
-        return len(text), ToolCallError(f"{label}: {_OPEN} is never closed (output cut off?); add {_CLOSE}")
-    if nxt.group() == _OPEN:
-        return nxt.start(), ToolCallError(f"{label}: {_OPEN} is not closed before the next one; {_FORMAT}")
-    body = text[start : nxt.start()].strip()
+        close = _skip_ws(window, after)
+        if window.startswith(_CLOSE, close):
+            return start + close + len(_CLOSE), _valid(value, window[:after])
+    end = window.find(_CLOSE)
+    if end < 0:
+        if nxt_open < 0:
+            return len(text), ToolCallError(f"{label}: {_OPEN} is never closed (output cut off?); add {_CLOSE}")
+        return nxt_open, ToolCallError(f"{label}: {_OPEN} is not closed before the next one; {_FORMAT}")
+    body = window[:end].strip()
     if not body:
-        return nxt.end(), ToolCallError(f"{label}: the block is empty; {_FORMAT}")
+        return start + end + len(_CLOSE), ToolCallError(f"{label}: the block is empty; {_FORMAT}")
     value, problem = _loads(body)
-    return nxt.end(), ToolCallError(f"{label}: {problem}") if problem else value
+    return start + end + len(_CLOSE), ToolCallError(f"{label}: {problem}") if problem else value
+
+
+def _valid(value: Any, source: str) -> Any:
+    """``value`` decoded from ``source`` with surrogates replaced; the walk is skipped when none can be in it."""
+    return valid_json(value) if _SURROGATE_SOURCE.search(source) else value
 
 
 def _skip_ws(text: str, pos: int) -> int:
@@ -369,7 +313,7 @@ def _skip_ws(text: str, pos: int) -> int:
 def _loads(doc: str) -> tuple[Any, str | None]:
     """``json.loads`` that reports failure as text for the model: the reason, where, and an excerpt."""
     try:
-        return json.loads(doc), None
+        return _valid(json.loads(doc), doc), None
     except json.JSONDecodeError as exc:
         before = doc[max(0, exc.pos - 24) : exc.pos].replace("\n", "\\n")
         after = doc[exc.pos : exc.pos + 24].replace("\n", "\\n")
@@ -408,17 +352,21 @@ def _decode_arguments(raw: Any, label: str) -> dict[str, Any] | ToolCallError:
     return raw
 
 
-def parse_openai_tool_calls(tool_calls: Sequence[Any] | None, content: str | None = None) -> ParsedTurn:
+def parse_openai_tool_calls(
+    tool_calls: Sequence[Any] | None, content: str | None = None, *, max_blocks: int | None = MAX_BLOCKS_PER_TURN
+) -> ParsedTurn:
     """Parse the ``tool_calls`` of an OpenAI-compatible chat completion message.
 
     Args:
         tool_calls: Entries ``{"id", "type": "function", "function": {"name", "arguments": "<JSON>"}}``
             as dicts; None means no calls.
         content: The message's text, passed through (None becomes "").
+        max_blocks: The most entries read; past it, one error says how many were left. None: all.
 
     Returns:
         The turn; calls keep the server's ids (``call_<index>`` when missing). Never raises: each malformed
-        entry becomes one error naming its position and id.
+        entry becomes one error naming its position and id. Strings are valid Unicode, as for
+        :func:`parse_tool_calls`.
     """
     calls: list[ToolCall] = []
     errors: list[ToolCallError] = []
@@ -426,12 +374,18 @@ def parse_openai_tool_calls(tool_calls: Sequence[Any] | None, content: str | Non
         errors.append(ToolCallError(f"tool_calls must be a list, got {type(tool_calls).__name__}"))
         tool_calls = None
     for index, entry in enumerate(tool_calls or ()):
-        result = _openai_entry(entry, index)
+        if max_blocks is not None and index >= max_blocks:
+            errors.append(ToolCallError(
+                f"more than {max_blocks} tool calls in one turn: the other {len(tool_calls or ()) - index} "
+                f"were not read; make at most {max_blocks} calls per turn"
+            ))
+            break
+        result = _openai_entry(valid_json(entry), index)
         if isinstance(result, ToolCallError):
             errors.append(result)
         else:
             calls.append(result)
-    return ParsedTurn(content or "", tuple(calls), tuple(errors))
+    return ParsedTurn(valid_text(content or ""), tuple(calls), tuple(errors))
 
 
 def _openai_entry(entry: Any, index: int) -> ToolCall | ToolCallError:
@@ -515,9 +469,9 @@ async def call_tool(call: ToolCall, tools: ToolsLike) -> Message:
     """Validate ``call``, run its tool (awaited if async, sync ones directly) and answer with a tool message.
 
     Returns:
-        ``{"role": "tool", "tool_call_id", "name", "content"}``: a string result as is, any other as JSON.
-        A validation error or any Exception from the tool becomes content ``"Error: ..."``; cancellation
-        and KeyboardInterrupt propagate.
+        ``{"role": "tool", "tool_call_id", "name", "content"}``: a string result as is, any other as JSON,
+        lone surrogates replaced by U+FFFD. A validation error or any Exception from the tool becomes content
+        ``"Error: ..."``; cancellation and KeyboardInterrupt propagate.
 
     Raises:
         ConfigError: The tool exists but has no implementation, or ``tools`` is malformed.
@@ -540,7 +494,7 @@ async def call_tool(call: ToolCall, tools: ToolsLike) -> Message:
         result = target.fn(*args, **kwargs)
         if inspect.isawaitable(result):
             result = await result
-        message["content"] = _to_text(result)
+        message["content"] = valid_text(_to_text(result))
     except Exception as exc:  # a failing tool is an observation for the model, not a crash of the episode
         message["content"] = _error_text(exc)
     return message
@@ -562,8 +516,8 @@ def tool_error_message(error: BaseException, call_id: str | None = None) -> Mess
 
 def _error_text(error: BaseException) -> str:
     if isinstance(error, ToolCallError):
-        return f"Error: {error}"
-    return f"Error: {type(error).__name__}: {error}"
+        return valid_text(f"Error: {error}")
+    return valid_text(f"Error: {type(error).__name__}: {error}")
 
 
 def _binding_problem(name: str, exc: Exception) -> str:

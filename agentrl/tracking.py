@@ -39,6 +39,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Literal
 
+from agentrl._safe_text import escape_surrogates
 from agentrl.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -317,11 +318,11 @@ class RunDir:
         flat = flatten_metrics(metrics)
         flat.pop("step", None)
         record = MetricRecord(phase, int(step), time.time(), self._elapsed(phase), flat)
-        line = json.dumps(
+        line = escape_surrogates(json.dumps(  # a string metric with a lone surrogate still writes as UTF-8
             {"phase": record.phase, "step": record.step, "time": round(record.time, 3),
              "elapsed": round(record.elapsed, 3), "metrics": flat},
             allow_nan=False, ensure_ascii=False,
-        )  # fmt: skip
+        ))  # fmt: skip
         if self._metrics_file is None:
             self._metrics_file = open(self.metrics_path, "a", encoding="utf-8")  # kept open: a line per step
         self._metrics_file.write(line + "\n")

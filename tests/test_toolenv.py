@@ -206,7 +206,7 @@ def test_answering_on_the_last_turn_terminates_rather_than_truncates():
     env.close()
 
 
-def test_calls_beyond_the_per_turn_limit_are_not_run():
+def test_blocks_beyond_the_per_turn_limit_get_one_error_and_are_not_run():
     ran = []
 
     @tool
@@ -221,9 +221,14 @@ def test_calls_beyond_the_per_turn_limit_are_not_run():
 
     env = ToolEnv([note], TASKS, exact, max_calls_per_turn=2)
     env.reset(seed=0)
-    obs = env.step("".join(call("note", text=str(i)) for i in range(4))).observation
+    obs = env.step("".join(call("note", text=str(i)) for i in range(4000))).observation
     assert ran == ["0", "1"]
-    assert [m["content"] for m in obs[2:]] == ["Error: at most 2 tool calls per turn; this one was not run"] * 2
+    assert [m["content"] for m in obs] == [
+        "Error: more than 2 tool-call blocks in one turn: the rest of the turn (3998 more <tool_call> block(s)) "
+        "was not read; make at most 2 calls per turn",
+        "ok",
+        "ok",
+    ]
     env.close()
 
 

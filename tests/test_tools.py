@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from typing import Annotated, Any, Literal
 
 import pytest
@@ -17,6 +18,7 @@ from pydantic import BaseModel, Field
 
 from agentrl.errors import ConfigError, ToolCallError
 from agentrl.tools import (
+    MAX_BLOCKS_PER_TURN,
     ParsedTurn,
     Tool,
     as_tool,
@@ -314,6 +316,80 @@ def test_parse_malformed_blocks(text: str, expected: list[str]) -> None:
     for fragment in expected:
         assert fragment in messages
     assert all(isinstance(e, ToolCallError) for e in parsed.errors)
+
+
+def test_parse_turns_lone_surrogate_escapes_into_replacement_characters() -> None:
+    text = (
+        '<tool_call>{"name": "guess", "arguments": {"number": "\\ud800", "\\udfff": ["x\\uDBFF"],'
+        ' "pair": "\\ud83d\\ude00"}}</tool_call>'
+        '<tool_call>{"name": "g", "arguments": "{\\"a\\": \\"\\\\udc00\\"}"}</tool_call>'
+        '<tool_call>{"name": "\\ud800", "arguments": 5}</tool_call>'
+    )
+    parsed = parse_tool_calls(text)
+    assert parsed.calls == (
+        ToolCall("guess", {"number": "\ufffd", "\ufffd": ["x\ufffd"], "pair": "\U0001f600"}, "call_0"),
+        ToolCall("g", {"a": "\ufffd"}, "call_1"),
+    )
+    assert len(parsed.errors) == 1
+    openai = parse_openai_tool_calls(
+        [{"id": "c\ud800", "function": {"name": "f", "arguments": {"s": "\udc80"}}}], "hi\ud800"
+    )
+    assert openai.calls == (ToolCall("f", {"s": "\ufffd"}, "c\ufffd"),) and openai.content == "hi\ufffd"
+    for turn in (parsed, openai):
+        json.dumps([turn.content, [str(e) for e in turn.errors], [c.arguments for c in turn.calls]],
+                   ensure_ascii=False).encode("utf-8")
+    with pytest.raises(ToolCallError) as invalid:
+        validate_call(parsed.calls[0], [Tool("guess", "", {"type": "object", "additionalProperties": False})])
+    str(invalid.value).encode("utf-8")
+
+
+def test_tool_messages_hold_valid_unicode_whatever_the_tool_returns() -> None:
+    def odd(kind: str) -> str:
+        """Return or raise text with a lone surrogate.
+
+        Args:
+            kind: "return" or "raise".
+        """
+        if kind == "raise":
+            raise ValueError("bad \udc80 byte")
+        return "out \udcff"
+
+    for kind in ("return", "raise"):
+        message = run(call_tool(ToolCall("odd", {"kind": kind}, "c1"), [odd]))
+        message["content"].encode("utf-8")
+        assert "\ufffd" in message["content"]
+    tool_error_message(RuntimeError("x\ud800"))["content"].encode("utf-8")
+
+
+def test_parse_reads_at_most_max_blocks_and_says_so_once() -> None:
+    block = '<tool_call>{"name": "a", "arguments": {}}</tool_call>'
+    parsed = parse_tool_calls(block * 1000 + "</tool_call>" * 1000 + "tail")
+    assert len(parsed.calls) == MAX_BLOCKS_PER_TURN
+    [error] = parsed.errors
+    assert f"more than {MAX_BLOCKS_PER_TURN} tool-call blocks" in str(error)
+    few = parse_tool_calls("<tool_call>{bad}</tool_call>" * 5 + block * 5, max_blocks=4)
+    assert few.calls == () and len(few.errors) == 5 and "more than 4" in str(few.errors[-1])
+    assert len(parse_tool_calls(block * 100, max_blocks=None).calls) == 100
+
+
+def _parse_seconds(text: str) -> float:
+    best = float("inf")
+    for _ in range(3):
+        started = time.perf_counter()
+        parse_tool_calls(text, max_blocks=None)
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
+@pytest.mark.parametrize(
+    "block",
+    ["<tool_call>", "<tool_call>{bad}</tool_call>\n", "<tool_call></tool_call>", '<tool_call>{"a\n',
+     '<tool_call>{"name": "f", "arguments": {"a": 1}}</tool_call>'],
+)
+def test_parse_time_is_linear_in_the_number_of_blocks(block: str) -> None:
+    small, large = _parse_seconds(block * 2048), _parse_seconds(block * 32768)
+    # 16 times the blocks: about 16 times the time; quadratic parsing took 256 times (seconds at 32k blocks).
+    assert large < 48 * small + 0.05, (small, large)
 
 
 def test_parse_keeps_good_calls_next_to_bad_ones() -> None:

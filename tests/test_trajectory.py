@@ -170,3 +170,29 @@ def test_template_conformance_passes_for_the_tiny_template_and_fails_with_a_diff
         check_template(tokenizer, template=DROPS_REASONING)
     assert "<think>" in str(info.value) and "template='chatml'" in str(info.value)
     check_template(tokenizer, template="chatml")
+
+
+def test_text_with_lone_surrogates_becomes_valid_unicode_and_round_trips(tmp_path):
+    """Lone surrogates (from a user env's observation or an exception's text) become U+FFFD when the ledger is
+    built: the JSONL is valid UTF-8 and reads back to the same trajectory."""
+    odd = "a\ud800b\udfff\U0010ffff\x00ü"
+    clean = "a\ufffdb\ufffd\U0010ffff\x00ü"
+    trajectory = Trajectory(
+        token_ids=(1, 2, 3),
+        logprobs=(0.0, -0.5, 0.0),
+        loss_mask=(0, 1, 0),
+        turns=(TurnSpan(1, 2, 1.0, {odd: 1.0}),),
+        messages=({"role": "tool", "content": odd},),
+        stop_reason=StopReason.ERROR,
+        error=f"ValueError: {odd}",
+        meta={odd: [odd]},
+    )
+    assert trajectory.messages == ({"role": "tool", "content": clean},)
+    assert trajectory.error == f"ValueError: {clean}" and trajectory.meta == {clean: [clean]}
+    assert dict(trajectory.turns[0].reward_components) == {clean: 1.0}
+    path = tmp_path / "t.jsonl"
+    assert write_jsonl(path, [trajectory]) == 1
+    assert "ü" in path.read_bytes().decode("utf-8")  # strict UTF-8, non-ASCII text left readable
+    assert list(read_jsonl(path)) == [trajectory]
+    trajectory.messages[0]["content"] = odd  # changed after construction: still written, as an escape
+    assert "\\ud800" in trajectory.to_json() and Trajectory.from_json(trajectory.to_json()).messages[0]["content"] == clean

@@ -13,10 +13,11 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from agentrl._safe_text import escape_surrogates, has_surrogates, valid_json
 from agentrl.types import Message, StopReason
 
 __all__ = ["LedgerBuilder", "Trajectory", "TurnSpan", "read_jsonl", "write_jsonl"]
@@ -59,6 +60,10 @@ class Trajectory:
         policy_version: the learner step whose weights sampled the episode (for off-policy accounting).
         trainable: False when the backend could not return token ids/logprobs (e.g. an API model).
         meta: free-form: env id, task id, seed, group id, ...
+
+    Text is valid Unicode: a surrogate code point in ``messages``, ``error``, ``meta`` or a reward component's
+    name (from a user env's observation or an exception; :mod:`agentrl.tools` already cleans model text)
+    becomes U+FFFD on construction, so the record can be tokenized and written, and reads back equal.
     """
 
     token_ids: Sequence[int]
@@ -75,6 +80,12 @@ class Trajectory:
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop_reason", StopReason(self.stop_reason))
         _check_ledger(self.token_ids, self.logprobs, self.loss_mask, self.turns)
+        for name in ("messages", "error", "meta"):
+            if has_surrogates(value := getattr(self, name)):
+                object.__setattr__(self, name, valid_json(value))
+        if any(has_surrogates(dict(t.reward_components)) for t in self.turns):
+            turns = tuple(replace(t, reward_components=valid_json(dict(t.reward_components))) for t in self.turns)
+            object.__setattr__(self, "turns", turns)
 
     # ---- derived views -----------------------------------------------------------------------------
     @property
@@ -132,8 +143,12 @@ class Trajectory:
         )
 
     def to_json(self) -> str:
-        """One line of JSON (no NaN/inf: logprobs must be finite)."""
-        return json.dumps(self.to_dict(), ensure_ascii=False, allow_nan=False)
+        """One line of JSON (no NaN/inf: logprobs must be finite), text readable (``ensure_ascii=False``).
+
+        A surrogate put into a message after construction is written as its escape ``\\udXXX``, so the line
+        always encodes as UTF-8.
+        """
+        return escape_surrogates(json.dumps(self.to_dict(), ensure_ascii=False, allow_nan=False))
 
     @classmethod
     def from_json(cls, line: str) -> Trajectory:

@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from agentrl._safe_text import escape_surrogates
 from agentrl.data.trajectory import Trajectory
 
 __all__ = ["escape", "format_summary", "html_page", "render_report", "render_transcript", "write_report"]
@@ -54,9 +55,9 @@ pre.code{margin-left:18px;background:#f3f5f8;padding:6px 8px;border-radius:4px}
 
 def escape(text: Any) -> str:
     """Text made safe for HTML element content and quoted attributes: markup characters escaped, control
-    characters (invalid in HTML) shown as ``\\xNN``."""
+    characters (invalid in HTML) shown as ``\\xNN``, lone surrogates (not encodable) as ``\\udXXX``."""
     escaped = html.escape(str(text), quote=True)
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", escaped)
+    return escape_surrogates(_CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", escaped))
 
 
 def _num(value: Any, digits: int = 3) -> str:
@@ -456,7 +457,8 @@ def write_report(out: Path, results: Mapping[str, Any], trajectories: Sequence[T
     for n, task in enumerate(results["tasks"]):
         neighbours = (indices[n - 1] if n > 0 else None, indices[n + 1] if n + 1 < len(indices) else None)
         page = render_transcript(results, task, by_task.get(int(task["task_index"]), []), neighbours)
-        (out / transcript_name(task["task_index"])).write_text(page, encoding="utf-8")
+        # backslashreplace: a string that reached the page without escape() still cannot stop the write
+        (out / transcript_name(task["task_index"])).write_text(page, encoding="utf-8", errors="backslashreplace")
     path = out / "report.html"
-    path.write_text(render_report(results, plots), encoding="utf-8")
+    path.write_text(render_report(results, plots), encoding="utf-8", errors="backslashreplace")
     return path
