@@ -19,10 +19,14 @@ from __future__ import annotations
 
 import json
 import math
+import re
+from itertools import accumulate
 from typing import Any
 
 MAX_DEPTH = 64
 MAX_ITEMS = 100_000
+MAX_INT_DIGITS = 4300  # CPython's own default cap on int <-> str conversion
+MAX_JSON_DEPTH = 3 * MAX_DEPTH + 8  # a dict level is 3 JSON levels ({"d": [[k, v]]}), plus the report's own
 
 
 class WireError(ValueError):
@@ -207,6 +211,35 @@ def loads(text: str) -> Any:
         return decode(json.loads(text))
     except (json.JSONDecodeError, RecursionError) as exc:
         raise WireError(f"not wire JSON: {exc}") from None
+
+
+def parse_json(text: str, max_chars: int) -> Any:
+    """``json.loads`` with bounds on size, nesting depth and digits of an int, for text a program controls.
+
+    Raises:
+        WireError: the text is longer than ``max_chars``, nests deeper than ``MAX_JSON_DEPTH``, holds an
+            int of more than ``MAX_INT_DIGITS`` digits, or is not JSON.
+    """
+    if len(text) > max_chars:
+        raise WireError(f"JSON text of {len(text)} characters; at most {max_chars}")
+    brackets = _NOT_BRACKETS.sub("", _STRINGS.sub('""', text))
+    if max(accumulate(map(_NESTING.__getitem__, brackets)), default=0) > MAX_JSON_DEPTH:
+        raise WireError(f"JSON nested deeper than {MAX_JSON_DEPTH}")
+    try:
+        return json.loads(text, parse_int=_parse_int)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+        raise WireError(f"not wire JSON: {exc}"[:300]) from None
+
+
+_STRINGS = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
+_NOT_BRACKETS = re.compile(r"[^\[\]{}]+")
+_NESTING = {"[": 1, "{": 1, "]": -1, "}": -1}
+
+
+def _parse_int(digits: str) -> int:
+    if len(digits.lstrip("-")) > MAX_INT_DIGITS:
+        raise WireError(f"an int of more than {MAX_INT_DIGITS} digits")
+    return int(digits)
 
 
 def same(a: Any, b: Any) -> bool:
