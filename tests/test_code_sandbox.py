@@ -200,6 +200,20 @@ def test_a_final_fenced_block_is_a_submission_and_the_format_gate_holds(env, mak
     lenient.close()
 
 
+def test_the_format_gate_covers_blocks_and_calls_after_the_submission(env):
+    task = generate_tasks(1, seed=4, config="rl")[0]
+    submit, run = _call("submit", task.reference), _call("run_python", "print(1)")
+    for after in ("\n<tool_call>\nI hope this is right, and here is why\n</tool_call>", "\n" + run, run,
+                  "\n" + _call("submit", task.reference)):
+        env.reset(options={"task": task})
+        step = env.step(submit + after)
+        assert step.terminated and step.reward == 0.0 and step.info["grade"]["gated"], after
+        assert step.info["grade"]["passed"] == 5
+    env.reset(options={"task": task})  # a call before the submission is fine, also with a tag in the code
+    tagged = _call("submit", task.reference + "# </tool_call> in a comment\n")
+    assert env.step(run + "\n" + tagged).reward == 1.0
+
+
 def test_weights_orm_modes_and_components_that_sum_to_the_reward(make):
     task = generate_tasks(1, seed=6, config="rl")[0]
     half = f"def solve(v):\n    return {task.tests.expected[0]!r} if v == {task.tests.calls[0].args[0]!r} else None\n"

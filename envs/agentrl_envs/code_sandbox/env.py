@@ -9,8 +9,9 @@ Rewards (named components, weighted by ``weights``; ``info["reward_components"]`
 ``info["reward_raw"]`` the raw values):
 
 - ``correct`` (ORM, last turn): the share of hidden tests passed, or 1/0 for all-pass with ``orm="all_pass"``.
-  With ``format_gate`` (default), a submission with text after its closing ``</tool_call>`` or code fence
-  scores 0: a policy must not learn to ramble after its answer.
+  With ``format_gate`` (default), a submission followed by anything (text, another ``<tool_call>`` block,
+  well-formed or not, after its closing ``</tool_call>``; text after its code fence) scores 0: a policy must
+  not learn to ramble after its answer.
 - ``format`` (PRM, every turn): -1 for a turn with a malformed call, or with neither a call nor a code block.
 - ``runs`` (PRM, every turn): the share of this turn's ``run_python`` programs that exited 0; on the
   submission turn, 1 if the program loaded and no call of the tests raised.
@@ -22,6 +23,7 @@ Rewards (named components, weighted by ``weights``; ``info["reward_components"]`
 from __future__ import annotations
 
 import ast
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -110,7 +112,7 @@ class CodeSandboxEnv(Env):
         max_turns: turns before the episode is truncated.
         orm: ``"share"`` (share of hidden tests passed) or ``"all_pass"`` (1 only if all pass).
         weights: weights of the components ``correct``, ``format``, ``runs``, ``progress``.
-        format_gate: score 0 for a submission followed by more text.
+        format_gate: score 0 for a submission followed by anything (text, another block or call).
         output_chars: characters of stdout and of stderr shown per ``run_python`` call.
         grading: time limits of a grading.
         system_prompt: the system message.
@@ -241,7 +243,7 @@ class CodeSandboxEnv(Env):
             if call.name == "run_python":
                 await self._run(episode, call, turn)
             else:
-                trailing = bool(action[action.rfind("</tool_call>") + len("</tool_call>"):].strip())
+                trailing = bool(_after_call(action, parsed.calls.index(call)).strip())
                 await self._submit(episode, str(call.arguments["code"]), trailing, turn, call.id)
                 break
         if not parsed.calls and not parsed.errors:
@@ -324,6 +326,17 @@ class _Turn:
     gated: bool = False
     grade: GradeResult | None = None
     progress: float = 0.0
+
+
+def _after_call(action: str, index: int) -> str:
+    """The text after the block of the ``index``-th well-formed call: any text, block (even a malformed one)
+    or further call there follows the submission."""
+    target = parse_tool_calls(action).calls[index]
+    for close in re.finditer(re.escape("</tool_call>"), action):
+        calls = parse_tool_calls(action[: close.end()]).calls
+        if len(calls) > index and calls[index] == target:
+            return action[close.end():]
+    return action  # unreachable for a parsed call; the whole turn counts as trailing
 
 
 def _defines(code: str, name: str) -> bool:
