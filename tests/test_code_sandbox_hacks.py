@@ -10,6 +10,7 @@ import asyncio
 
 import pytest
 from agentrl_envs.code_sandbox import CodeSandboxEnv, GradeConfig, generate_tasks, load_humaneval, load_mbpp
+from agentrl_envs.code_sandbox.tasks import AssertTests, Call, CodeTask, IOTests
 
 from agentrl.sandbox import SandboxLimits
 from agentrl.tools import format_tool_calls
@@ -248,3 +249,26 @@ def test_a_report_the_host_cannot_parse_grades_as_tampered_and_the_parser_is_bou
 
     nonce = "ab" * 16
     assert _report(ExecResult(0, None, f"{nonce} {body}\n", ""), nonce) == (None, "tampered")
+
+
+def _custom(entry: str, reference: str, tests) -> CodeTask:
+    return CodeTask(f"custom/{entry}", f"Write {entry}.", entry, reference, tests, source="custom")
+
+
+def test_sets_and_dict_keys_compare_with_their_types_all_the_way_down(env):
+    calls = (Call("pair", ()), Call("table", ()))
+    task = _custom("pair", "def pair():\n    return {1, 2}\ndef table():\n    return {1: 'a'}\n",
+                   IOTests(calls, ({1, 2}, {1: "a"})))
+    assert _reward(env, task, task.reference)[0] == 1.0
+    reward, grade = _reward(env, task, "def pair():\n    return {True, 2.0}\ndef table():\n    return {True: 'a'}\n")
+    assert reward == 0.0 and grade["passed"] == 0, grade
+
+
+@pytest.mark.parametrize(("output", "passed"), [("[0, 0, 0, 0, 1]", 0), ("[0, 0, 0, 1]", 1), ("[0, 0]", 2),
+                                                ("[]", 0), ("[0, 0, 0]", 3)])
+def test_outputs_that_change_how_many_asserts_run_never_reach_full_marks(env, output, passed):
+    tests = AssertTests(setup="", tests="for v in zeros(1):\n    assert v == 0\n", names=("zeros",))
+    task = _custom("zeros", "def zeros(n):\n    return [0, 0, 0]\n", tests)  # the reference runs 3 asserts
+    reward, grade = _reward(env, task, f"def zeros(n):\n    return {output}\n")
+    assert (grade["passed"], grade["total"]) == (passed, 3), grade
+    assert reward == pytest.approx(passed / 3)

@@ -254,6 +254,19 @@ def same(a: Any, b: Any) -> bool:
         return (math.isnan(a) and math.isnan(b)) or math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
     if type(a) in (list, tuple):
         return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
-    if type(a) is dict:
-        return a.keys() == b.keys() and all(same(v, b[k]) for k, v in a.items())
+    if type(a) is dict:  # keys as members of a set: ``{True: 'a'}`` has no key ``1``
+        keyed = {_key(k): v for k, v in b.items()}
+        return len(a) == len(keyed) and all(_key(k) in keyed and same(v, keyed[_key(k)]) for k, v in a.items())
+    if type(a) in (set, frozenset):
+        return len(a) == len(b) and {_key(x) for x in a} == {_key(x) for x in b}
     return bool(a == b)
+
+
+def _key(value: Any) -> Any:
+    """A hashable value's identity with its types all the way down, for members of sets and keys of dicts."""
+    kind = type(value)
+    if kind is tuple:
+        return kind, tuple(map(_key, value))
+    if kind is frozenset:
+        return kind, frozenset(map(_key, value))
+    return kind, value
