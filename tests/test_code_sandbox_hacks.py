@@ -272,3 +272,56 @@ def test_outputs_that_change_how_many_asserts_run_never_reach_full_marks(env, ou
     reward, grade = _reward(env, task, f"def zeros(n):\n    return {output}\n")
     assert (grade["passed"], grade["total"]) == (passed, 3), grade
     assert reward == pytest.approx(passed / 3)
+
+
+SLOW: dict[str, str] = {
+    "SIGALRM ignored": "import signal\nsignal.signal(signal.SIGALRM, signal.SIG_IGN)\n",
+    "SIGALRM blocked": "import signal\nsignal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})\n",
+    "timer disarmed": "import signal\nsignal.setitimer = lambda *a, **k: (0.0, 0.0)\n",
+    "watchdog stopped, its fds reopened to forge the report": (
+        "import json, os, signal, time\n"
+        "def slow(x):\n"
+        "    watchdog = os.getppid()\n"
+        "    try:\n        os.kill(watchdog, signal.SIGSTOP)\n    except OSError:\n        pass\n"
+        "    time.sleep(0.6)\n"
+        "    try:\n"
+        "        nonce = open(f'/proc/{watchdog}/fd/0').read().strip()\n"
+        "        report = {'load': None, 'results': [{'v': 9}, {'v': 16}]}\n"
+        "        with open(f'/proc/{watchdog}/fd/1', 'w') as f:\n"
+        "            f.write(nonce + ' ' + json.dumps(report) + '\\n')\n"
+        "        os.kill(watchdog, signal.SIGKILL)\n"
+        "    except OSError:\n        pass\n"
+        "    try:\n        os.kill(watchdog, signal.SIGCONT)\n    except OSError:\n        pass\n"
+        "    return x * x\n"
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def strict_env():
+    env = CodeSandboxEnv("rl", grading=GradeConfig(call_timeout=0.3, load_timeout=1.0, max_time=10.0))
+    yield env
+    env.close()
+
+
+@pytest.mark.parametrize("how", list(SLOW))
+def test_a_correct_but_too_slow_answer_scores_zero_whatever_it_does_to_the_alarm(strict_env, how):
+    task = _custom("square", "def square(x):\n    return x * x\n", IOTests((Call("square", (3,)), Call("square", (4,))),
+                                                                           (9, 16)))
+    assert _reward(strict_env, task, task.reference)[0] == 1.0
+    slow = SLOW[how] + "import time\ndef square(x):\n    time.sleep(1.0)\n    return x * x\n"
+    if "def slow" in SLOW[how]:
+        slow = SLOW[how] + "def square(x):\n    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})\n" \
+                           "    return slow(x)\n"
+    reward, grade = _reward(strict_env, task, slow)
+    assert reward == 0.0 and ("Timeout" in grade["detail"] or "stopped the harness" in grade["detail"]), grade
+
+
+def test_after_a_killed_call_a_fresh_runner_goes_on_with_the_next_one(strict_env):
+    task = _custom("square", "def square(x):\n    return x * x\n", IOTests((Call("square", (3,)), Call("square", (4,))),
+                                                                           (9, 16)))
+    slow_once = (SLOW["SIGALRM ignored"] + "import time\ndef square(x):\n"
+                 "    if x == 3:\n        time.sleep(1.0)\n    return x * x\n")
+    reward, grade = _reward(strict_env, task, slow_once)
+    assert (grade["passed"], grade["status"]) == (1, "graded") and "Timeout" in grade["detail"], grade
+    assert reward == 0.5

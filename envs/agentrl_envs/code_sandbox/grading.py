@@ -9,8 +9,12 @@ and builtins, disarm alarms, print fake reports, or read whatever test code sits
    forked from (a separate sandbox runs trusted code).
 2. **Only plain data comes out.** Each call's return value is encoded as exact built-in data
    (:mod:`._wire`); anything else fails that test. The report line carries a fresh 128-bit nonce that the
-   harness reads from stdin only after the last call returned; the host accepts exactly one such line.
-3. **The host decides.** For :class:`~.tasks.IOTests` the host compares each decoded output with the
+   harness reads from stdin only after the last call returned; the host accepts exactly one such line, and
+   a line it cannot parse within its bounds (size, depth, digits) is tampering.
+3. **Limits are kept from outside the program's process.** A watchdog process of the harness, where no
+   submitted code runs, kills the process that runs the program when a call (or the load) overruns its
+   limit, whatever the program did to its own signals and timers (:mod:`._harness_calls`).
+4. **The host decides.** For :class:`~.tasks.IOTests` the host compares each decoded output with the
    expected value. For :class:`~.tasks.AssertTests` a *trusted* sandbox, where no submitted code ever
    runs, re-runs the assertion code against a replay of those outputs (:mod:`._harness_asserts`), each
    ``assert`` on its own; the number of tests is fixed beforehand by recording the reference solution.
@@ -261,6 +265,9 @@ async def _run_calls(
                "tampered": "the report was duplicated or malformed"}[status]
         return None, GradeResult(0, len(calls), status, why)
     results = report.get("results")
+    for status in ("crashed", "tampered"):  # what the harness's watchdog saw the program's process do
+        if report.get(status) is not None:
+            return None, GradeResult(0, len(calls), status, str(report[status])[:300])
     if report.get("load") is not None:
         return None, GradeResult(0, len(calls), "load_error", str(report["load"])[:300])
     if not isinstance(results, list) or len(results) != len(calls) or not all(map(_valid_result, results)):
