@@ -7,6 +7,8 @@ HumanEval task and an MBPP task from ../shared/datasets.
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 
 import pytest
 from agentrl_envs.code_sandbox import CodeSandboxEnv, GradeConfig, generate_tasks, load_humaneval, load_mbpp
@@ -325,3 +327,62 @@ def test_after_a_killed_call_a_fresh_runner_goes_on_with_the_next_one(strict_env
     reward, grade = _reward(strict_env, task, slow_once)
     assert (grade["passed"], grade["status"]) == (1, "graded") and "Timeout" in grade["detail"], grade
     assert reward == 0.5
+
+
+def _grade_under_kills(task, code: str, role: str, kills: int, warm: bool = False):
+    """Grade ``code``, killing the ``role`` sandbox's supervisor from the host during its next ``kills`` runs."""
+    from agentrl_envs.code_sandbox.grading import SandboxPair, grade
+
+    config = GradeConfig(call_timeout=0.5, load_timeout=2.0, max_time=10.0)
+
+    async def run():
+        pair = SandboxPair()
+        try:
+            if warm:  # record the assertion tests first, unharmed
+                assert (await grade(task, task.reference, pair, config)).all_passed
+            box = await getattr(pair, role)()
+            await box.exec("pass")
+            real, left = box.exec, [kills]
+
+            async def killing_exec(program, **kwargs):
+                running = asyncio.ensure_future(real(program, **kwargs))
+                if left[0] > 0:
+                    left[0] -= 1
+                    await asyncio.sleep(0.3)
+                    for pid in box.supervisor_pids:
+                        os.kill(pid, signal.SIGKILL)
+                return await running
+
+            box.exec = killing_exec
+            return await grade(task, code, pair, config)
+        finally:
+            await pair.aclose()
+
+    return asyncio.run(run())
+
+
+def test_a_sandbox_killed_from_outside_is_retried_then_an_error_never_a_zero():
+    task = _custom("square", "def square(x):\n    return x * x\n", IOTests((Call("square", (3,)), Call("square", (4,))),
+                                                                           (9, 16)))
+    slow_but_right = "import time\ntime.sleep(0.8)\ndef square(x):\n    return x * x\n"
+    once = _grade_under_kills(task, slow_but_right, "untrusted", kills=1)
+    assert once.all_passed and once.status == "graded", once
+    twice = _grade_under_kills(task, slow_but_right, "untrusted", kills=2)
+    assert (twice.status, twice.passed) == ("sandbox_error", 0), twice
+
+
+def test_a_trusted_sandbox_lost_during_the_replay_is_retried_then_an_error_never_a_zero():
+    tests = AssertTests(setup="import time", tests="assert zeros(1) == [0]\ntime.sleep(0.8)\n", names=("zeros",))
+    task = _custom("zeros", "def zeros(n):\n    return [0] * n\n", tests)
+    once = _grade_under_kills(task, task.reference, "trusted", kills=1, warm=True)
+    assert once.all_passed and once.status == "graded", once
+    twice = _grade_under_kills(task, task.reference, "trusted", kills=2, warm=True)
+    assert twice.status == "task_error" and "lost" in twice.detail, twice
+
+
+def test_a_program_that_kills_its_own_process_or_the_harness_still_scores_zero(strict_env):
+    task = _custom("square", "def square(x):\n    return x * x\n", IOTests((Call("square", (3,)),), (9,)))
+    for victim in ("os.getpid()", "os.getppid()", "0"):
+        code = f"import os, signal\ndef square(x):\n    os.kill({victim}, signal.SIGKILL)\n    return x * x\n"
+        reward, grade = _reward(strict_env, task, code)
+        assert reward == 0.0 and grade["status"] == "crashed", (victim, grade)

@@ -20,7 +20,9 @@ and builtins, disarm alarms, print fake reports, or read whatever test code sits
    ``assert`` on its own; the number of tests is fixed beforehand by recording the reference solution.
 
 A timeout, crash, missing or duplicated report is a result with ``status`` saying so and 0 tests passed,
-never an exception.
+never an exception. A sandbox lost under a program (see :func:`_sandbox_lost`) is not the program's doing:
+its run is retried once, then graded ``"sandbox_error"`` / ``"task_error"``, which the env turns into an
+error episode, never a wrong answer's 0.
 """
 
 from __future__ import annotations
@@ -227,6 +229,35 @@ def rewrite_asserts(code: str) -> str:
     return ast.unparse(ast.fix_missing_locations(_Rewriter().visit(tree)))
 
 
+def _sandbox_lost(result: ExecResult) -> bool:
+    """Whether the sandbox itself died under the program, on evidence the program cannot forge.
+
+    The backends return a result with ``sandbox_restarted``, no exit status and no time-out only when their
+    supervisor (the fork-server: pid 1 of the sandbox's pid namespace, or of the container) was lost, which
+    a program cannot bring about: the kernel drops signals to a namespace's init sent from inside it, a
+    seccomp filter refuses them too, and the OOM killer takes programs first (a run that saw an OOM kill
+    is not counted here). Everything a program *can* do to itself or to the harness (exit, kill its own
+    process or the harness's, stop it, run out of time or memory) leaves the supervisor up to report an
+    exit status, a signal, a time-out or an OOM kill, and stays the program's failure.
+    """
+    return (result.sandbox_restarted and result.exit_code is None and not result.timed_out and not result.oom
+            and not result.stdout and not result.stderr)
+
+
+async def _exec(box: Sandbox, program: str, timeout: float, stdin: str | None = None) -> ExecResult:
+    """``box.exec``, run once more if the sandbox was lost under it (it restarts itself).
+
+    Raises:
+        SandboxError: the sandbox failed, or was lost twice.
+    """
+    for _ in range(2):
+        result = await box.exec(program, stdin=stdin, timeout=timeout)
+        if not _sandbox_lost(result):
+            return result
+        log.warning("a sandbox was lost while grading; running the program again")
+    raise SandboxError("the sandbox was lost (killed from outside) twice while grading")
+
+
 def _report(result: ExecResult, nonce: str) -> tuple[dict[str, Any] | None, str]:
     """The one report line tagged with ``nonce``, or None and the status that explains its absence."""
     prefix = nonce + " "
@@ -256,7 +287,7 @@ async def _run_calls(
     nonce = secrets.token_hex(16)
     budget = min(config.max_time, config.load_timeout + call_timeout * len(calls) + 1.0)
     try:
-        result = await box.exec(_program("_harness_calls.py", spec), stdin=nonce + "\n", timeout=budget)
+        result = await _exec(box, _program("_harness_calls.py", spec), budget, stdin=nonce + "\n")
     except SandboxError as exc:
         return None, GradeResult(0, len(calls), "sandbox_error", f"the sandbox failed: {exc}")
     report, status = _report(result, nonce)
@@ -312,7 +343,7 @@ async def record(task: CodeTask, box: Sandbox) -> Recording:
         return cached
     nonce = secrets.token_hex(16)
     spec = _assert_spec(tests, nonce, mode="record", reference=task.reference, preamble=task.preamble)
-    result = await box.exec(_program("_harness_asserts.py", spec), timeout=30.0)
+    result = await _exec(box, _program("_harness_asserts.py", spec), 30.0)
     report, status = _report(result, nonce)
     if report is None:
         return Recording((), 0, f"the reference run {status}: {result.stderr[-300:]}")
@@ -345,7 +376,7 @@ def _rewritten(code: str) -> str:
 async def _replay(tests: AssertTests, recording: Recording, results: list[Any], box: Sandbox) -> tuple[int, str]:
     nonce = secrets.token_hex(16)
     spec = _assert_spec(tests, nonce, mode="replay", recorded=list(recording.calls), outputs=results)
-    result = await box.exec(_program("_harness_asserts.py", spec), timeout=30.0)
+    result = await _exec(box, _program("_harness_asserts.py", spec), 30.0)
     report, status = _report(result, nonce)
     if report is None:
         return 0, f"the assertion run {status}"
