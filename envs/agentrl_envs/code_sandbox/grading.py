@@ -81,9 +81,10 @@ class GradeResult:
         passed: hidden tests passed.
         total: hidden tests (for assertion tests: the assertions the reference solution executes).
         status: ``"graded"`` (the tests ran; ``passed`` may be anything), ``"load_error"`` (the program did
-            not import), ``"timeout"``, ``"crashed"`` (it died without a report), ``"tampered"`` (more than
-            one report, or a malformed one), ``"sandbox_error"`` (the sandbox itself failed, not the
-            program) or ``"task_error"`` (the task's own tests cannot run, or the trusted sandbox failed).
+            not import), ``"timeout"``, ``"crashed"`` (its process died before the last call returned),
+            ``"tampered"`` (more than one report, one the host cannot parse, a malformed message, a stopped
+            watchdog), ``"sandbox_error"`` (the sandbox itself failed or was lost twice, not the program)
+            or ``"task_error"`` (the task's own tests cannot run, or the trusted sandbox failed).
         detail: a short explanation for people and for the model (first failure, error text).
         clean: the program loaded and no call raised or timed out.
         seconds: wall time of the grading.
