@@ -348,7 +348,10 @@ def _grade_under_kills(task, code: str, role: str, kills: int, warm: bool = Fals
                 running = asyncio.ensure_future(real(program, **kwargs))
                 if left[0] > 0:
                     left[0] -= 1
-                    await asyncio.sleep(0.3)
+                    await asyncio.sleep(0.05)
+                    while not box.supervisor_pids:  # a restarted sandbox is still starting
+                        await asyncio.sleep(0.05)
+                    await asyncio.sleep(0.3)  # the program is in its 0.8 s sleep now
                     for pid in box.supervisor_pids:
                         os.kill(pid, signal.SIGKILL)
                 return await running
