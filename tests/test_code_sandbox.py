@@ -185,6 +185,22 @@ def test_run_python_reports_errors_timeouts_and_truncates_output(make):
     env.close()
 
 
+def test_run_python_calls_beyond_the_per_turn_cap_are_error_observations_not_runs(make):
+    env = make(max_runs=2)
+    env.reset(seed=0)
+    calls = [ToolCall("run_python", {"code": f"print({i})"}) for i in range(4)]
+    step = env.step(format_tool_calls(calls))
+    assert [m["content"] for m in step.observation[:2]] == ["exit code: 0\nstdout:\n0", "exit code: 0\nstdout:\n1"]
+    for message in step.observation[2:]:
+        assert message["role"] == "tool" and message["content"].startswith("Error: at most 2 run_python calls")
+    assert [m["tool_call_id"] for m in step.observation] == ["call_0", "call_1", "call_2", "call_3"]
+    assert not step.terminated and step.info["reward_raw"]["runs"] == 0.5
+    assert env.step(_call("run_python", "print(5)")).observation[0]["content"] == "exit code: 0\nstdout:\n5"
+    assert CodeSandboxEnv().max_runs == 4
+    with pytest.raises(ConfigError, match="max_runs"):
+        CodeSandboxEnv(max_runs=0)
+
+
 def test_a_final_fenced_block_is_a_submission_and_the_format_gate_holds(env, make):
     task = generate_tasks(1, seed=4, config="rl")[0]
     env.reset(options={"task": task})
@@ -198,6 +214,20 @@ def test_a_final_fenced_block_is_a_submission_and_the_format_gate_holds(env, mak
     lenient.reset(options={"task": task})
     assert lenient.step(_call("submit", task.reference) + "\nbye").reward == 1.0
     lenient.close()
+
+
+def test_the_format_gate_covers_blocks_and_calls_after_the_submission(env):
+    task = generate_tasks(1, seed=4, config="rl")[0]
+    submit, run = _call("submit", task.reference), _call("run_python", "print(1)")
+    for after in ("\n<tool_call>\nI hope this is right, and here is why\n</tool_call>", "\n" + run, run,
+                  "\n" + _call("submit", task.reference)):
+        env.reset(options={"task": task})
+        step = env.step(submit + after)
+        assert step.terminated and step.reward == 0.0 and step.info["grade"]["gated"], after
+        assert step.info["grade"]["passed"] == 5
+    env.reset(options={"task": task})  # a call before the submission is fine, also with a tag in the code
+    tagged = _call("submit", task.reference + "# </tool_call> in a comment\n")
+    assert env.step(run + "\n" + tagged).reward == 1.0
 
 
 def test_weights_orm_modes_and_components_that_sum_to_the_reward(make):

@@ -7,9 +7,12 @@ HumanEval task and an MBPP task from ../shared/datasets.
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 
 import pytest
 from agentrl_envs.code_sandbox import CodeSandboxEnv, GradeConfig, generate_tasks, load_humaneval, load_mbpp
+from agentrl_envs.code_sandbox.tasks import AssertTests, Call, CodeTask, IOTests
 
 from agentrl.sandbox import SandboxLimits
 from agentrl.tools import format_tool_calls
@@ -94,6 +97,16 @@ HACKS: dict[str, str] = {
         "    try:\n        os.write(fd, (line + '\\n').encode())\n"
         "    except OSError:\n        pass\n"
         "os._exit(0)\n"
+    ),
+    "json.dumps replaced: 200k-deep report": (
+        "import json\n"
+        "json.dumps = lambda *a, **k: '[' * 200_000 + ']' * 200_000\n"
+        "def {name}(*a, **k):\n    return None\n"
+    ),
+    "json.dumps replaced: 5,000-digit int in the report": (
+        "import json\n"
+        "json.dumps = lambda *a, **k: '{{\"load\": null, \"results\": [{{\"v\": ' + '9' * 5000 + '}}]}}'\n"
+        "def {name}(*a, **k):\n    return None\n"
     ),
     "reading the tests": (
         "import gc, os, re, sys, ast\n"
@@ -223,3 +236,156 @@ def test_these_hacks_pass_a_naive_in_process_harness(tasks, hack):
 
     fooled = asyncio.run(run())
     assert fooled.exit_code == 0, fooled
+
+
+@pytest.mark.parametrize(
+    "body",
+    ["[" * 200_000 + "]" * 200_000, '{"load": null, "results": [{"v": ' + "9" * 5000 + "}]}",
+     '{"load": null, "results": [], "pad": "' + "x" * (2 << 20) + '"}'],
+    ids=["200k-deep", "5000-digit int", "2 MB"],
+)
+def test_a_report_the_host_cannot_parse_grades_as_tampered_and_the_parser_is_bounded(body):
+    from agentrl_envs.code_sandbox.grading import _report
+
+    from agentrl.sandbox import ExecResult
+
+    nonce = "ab" * 16
+    assert _report(ExecResult(0, None, f"{nonce} {body}\n", ""), nonce) == (None, "tampered")
+
+
+def _custom(entry: str, reference: str, tests) -> CodeTask:
+    return CodeTask(f"custom/{entry}", f"Write {entry}.", entry, reference, tests, source="custom")
+
+
+def test_sets_and_dict_keys_compare_with_their_types_all_the_way_down(env):
+    calls = (Call("pair", ()), Call("table", ()))
+    task = _custom("pair", "def pair():\n    return {1, 2}\ndef table():\n    return {1: 'a'}\n",
+                   IOTests(calls, ({1, 2}, {1: "a"})))
+    assert _reward(env, task, task.reference)[0] == 1.0
+    reward, grade = _reward(env, task, "def pair():\n    return {True, 2.0}\ndef table():\n    return {True: 'a'}\n")
+    assert reward == 0.0 and grade["passed"] == 0, grade
+
+
+@pytest.mark.parametrize(("output", "passed"), [("[0, 0, 0, 0, 1]", 0), ("[0, 0, 0, 1]", 1), ("[0, 0]", 2),
+                                                ("[]", 0), ("[0, 0, 0]", 3)])
+def test_outputs_that_change_how_many_asserts_run_never_reach_full_marks(env, output, passed):
+    tests = AssertTests(setup="", tests="for v in zeros(1):\n    assert v == 0\n", names=("zeros",))
+    task = _custom("zeros", "def zeros(n):\n    return [0, 0, 0]\n", tests)  # the reference runs 3 asserts
+    reward, grade = _reward(env, task, f"def zeros(n):\n    return {output}\n")
+    assert (grade["passed"], grade["total"]) == (passed, 3), grade
+    assert reward == pytest.approx(passed / 3)
+
+
+SLOW: dict[str, str] = {
+    "SIGALRM ignored": "import signal\nsignal.signal(signal.SIGALRM, signal.SIG_IGN)\n",
+    "SIGALRM blocked": "import signal\nsignal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})\n",
+    "timer disarmed": "import signal\nsignal.setitimer = lambda *a, **k: (0.0, 0.0)\n",
+    "watchdog stopped, its fds reopened to forge the report": (
+        "import json, os, signal, time\n"
+        "def slow(x):\n"
+        "    watchdog = os.getppid()\n"
+        "    try:\n        os.kill(watchdog, signal.SIGSTOP)\n    except OSError:\n        pass\n"
+        "    time.sleep(0.6)\n"
+        "    try:\n"
+        "        nonce = open(f'/proc/{watchdog}/fd/0').read().strip()\n"
+        "        report = {'load': None, 'results': [{'v': 9}, {'v': 16}]}\n"
+        "        with open(f'/proc/{watchdog}/fd/1', 'w') as f:\n"
+        "            f.write(nonce + ' ' + json.dumps(report) + '\\n')\n"
+        "        os.kill(watchdog, signal.SIGKILL)\n"
+        "    except OSError:\n        pass\n"
+        "    try:\n        os.kill(watchdog, signal.SIGCONT)\n    except OSError:\n        pass\n"
+        "    return x * x\n"
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def strict_env():
+    env = CodeSandboxEnv("rl", grading=GradeConfig(call_timeout=0.3, load_timeout=1.0, max_time=10.0))
+    yield env
+    env.close()
+
+
+@pytest.mark.parametrize("how", list(SLOW))
+def test_a_correct_but_too_slow_answer_scores_zero_whatever_it_does_to_the_alarm(strict_env, how):
+    task = _custom("square", "def square(x):\n    return x * x\n", IOTests((Call("square", (3,)), Call("square", (4,))),
+                                                                           (9, 16)))
+    assert _reward(strict_env, task, task.reference)[0] == 1.0
+    slow = SLOW[how] + "import time\ndef square(x):\n    time.sleep(1.0)\n    return x * x\n"
+    if "def slow" in SLOW[how]:
+        slow = SLOW[how] + "def square(x):\n    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})\n" \
+                           "    return slow(x)\n"
+    reward, grade = _reward(strict_env, task, slow)
+    assert reward == 0.0 and ("Timeout" in grade["detail"] or "stopped the harness" in grade["detail"]), grade
+
+
+def test_after_a_killed_call_a_fresh_runner_goes_on_with_the_next_one(strict_env):
+    task = _custom("square", "def square(x):\n    return x * x\n", IOTests((Call("square", (3,)), Call("square", (4,))),
+                                                                           (9, 16)))
+    slow_once = (SLOW["SIGALRM ignored"] + "import time\ndef square(x):\n"
+                 "    if x == 3:\n        time.sleep(1.0)\n    return x * x\n")
+    reward, grade = _reward(strict_env, task, slow_once)
+    assert (grade["passed"], grade["status"]) == (1, "graded") and "Timeout" in grade["detail"], grade
+    assert reward == 0.5
+
+
+def _grade_under_kills(task, code: str, role: str, kills: int, warm: bool = False):
+    """Grade ``code``, killing the ``role`` sandbox's supervisor from the host during its next ``kills`` runs."""
+    from agentrl_envs.code_sandbox.grading import SandboxPair, grade
+
+    config = GradeConfig(call_timeout=0.5, load_timeout=2.0, max_time=10.0)
+
+    async def run():
+        pair = SandboxPair()
+        try:
+            if warm:  # record the assertion tests first, unharmed
+                assert (await grade(task, task.reference, pair, config)).all_passed
+            box = await getattr(pair, role)()
+            await box.exec("pass")
+            real, left = box.exec, [kills]
+
+            async def killing_exec(program, **kwargs):
+                running = asyncio.ensure_future(real(program, **kwargs))
+                if left[0] > 0:
+                    left[0] -= 1
+                    await asyncio.sleep(0.05)
+                    while not box.supervisor_pids:  # a restarted sandbox is still starting
+                        await asyncio.sleep(0.05)
+                    await asyncio.sleep(0.3)  # the program is in its 0.8 s sleep now
+                    for pid in box.supervisor_pids:
+                        os.kill(pid, signal.SIGKILL)
+                return await running
+
+            box.exec = killing_exec
+            return await grade(task, code, pair, config)
+        finally:
+            await pair.aclose()
+
+    return asyncio.run(run())
+
+
+def test_a_sandbox_killed_from_outside_is_retried_then_an_error_never_a_zero():
+    task = _custom("square", "def square(x):\n    return x * x\n", IOTests((Call("square", (3,)), Call("square", (4,))),
+                                                                           (9, 16)))
+    slow_but_right = "import time\ntime.sleep(0.8)\ndef square(x):\n    return x * x\n"
+    once = _grade_under_kills(task, slow_but_right, "untrusted", kills=1)
+    assert once.all_passed and once.status == "graded", once
+    twice = _grade_under_kills(task, slow_but_right, "untrusted", kills=2)
+    assert (twice.status, twice.passed) == ("sandbox_error", 0), twice
+
+
+def test_a_trusted_sandbox_lost_during_the_replay_is_retried_then_an_error_never_a_zero():
+    tests = AssertTests(setup="import time", tests="assert zeros(1) == [0]\ntime.sleep(0.8)\n", names=("zeros",))
+    task = _custom("zeros", "def zeros(n):\n    return [0] * n\n", tests)
+    once = _grade_under_kills(task, task.reference, "trusted", kills=1, warm=True)
+    assert once.all_passed and once.status == "graded", once
+    twice = _grade_under_kills(task, task.reference, "trusted", kills=2, warm=True)
+    assert twice.status == "task_error" and "lost" in twice.detail, twice
+
+
+def test_a_program_that_kills_its_own_process_or_the_harness_still_scores_zero(strict_env):
+    task = _custom("square", "def square(x):\n    return x * x\n", IOTests((Call("square", (3,)),), (9,)))
+    for victim in ("os.getpid()", "os.getppid()", "0"):
+        code = f"import os, signal\ndef square(x):\n    os.kill({victim}, signal.SIGKILL)\n    return x * x\n"
+        reward, grade = _reward(strict_env, task, code)
+        assert reward == 0.0 and grade["status"] == "crashed", (victim, grade)

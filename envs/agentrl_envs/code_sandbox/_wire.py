@@ -19,10 +19,14 @@ from __future__ import annotations
 
 import json
 import math
+import re
+from itertools import accumulate
 from typing import Any
 
 MAX_DEPTH = 64
 MAX_ITEMS = 100_000
+MAX_INT_DIGITS = 4300  # CPython's own default cap on int <-> str conversion
+MAX_JSON_DEPTH = 3 * MAX_DEPTH + 8  # a dict level is 3 JSON levels ({"d": [[k, v]]}), plus the report's own
 
 
 class WireError(ValueError):
@@ -209,6 +213,35 @@ def loads(text: str) -> Any:
         raise WireError(f"not wire JSON: {exc}") from None
 
 
+def parse_json(text: str, max_chars: int) -> Any:
+    """``json.loads`` with bounds on size, nesting depth and digits of an int, for text a program controls.
+
+    Raises:
+        WireError: the text is longer than ``max_chars``, nests deeper than ``MAX_JSON_DEPTH``, holds an
+            int of more than ``MAX_INT_DIGITS`` digits, or is not JSON.
+    """
+    if len(text) > max_chars:
+        raise WireError(f"JSON text of {len(text)} characters; at most {max_chars}")
+    brackets = _NOT_BRACKETS.sub("", _STRINGS.sub('""', text))
+    if max(accumulate(map(_NESTING.__getitem__, brackets)), default=0) > MAX_JSON_DEPTH:
+        raise WireError(f"JSON nested deeper than {MAX_JSON_DEPTH}")
+    try:
+        return json.loads(text, parse_int=_parse_int)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+        raise WireError(f"not wire JSON: {exc}"[:300]) from None
+
+
+_STRINGS = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
+_NOT_BRACKETS = re.compile(r"[^\[\]{}]+")
+_NESTING = {"[": 1, "{": 1, "]": -1, "}": -1}
+
+
+def _parse_int(digits: str) -> int:
+    if len(digits.lstrip("-")) > MAX_INT_DIGITS:
+        raise WireError(f"an int of more than {MAX_INT_DIGITS} digits")
+    return int(digits)
+
+
 def same(a: Any, b: Any) -> bool:
     """Strict structural equality of plain values: equal *and* of the same types all the way down.
 
@@ -221,6 +254,19 @@ def same(a: Any, b: Any) -> bool:
         return (math.isnan(a) and math.isnan(b)) or math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
     if type(a) in (list, tuple):
         return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
-    if type(a) is dict:
-        return a.keys() == b.keys() and all(same(v, b[k]) for k, v in a.items())
+    if type(a) is dict:  # keys as members of a set: ``{True: 'a'}`` has no key ``1``
+        keyed = {_key(k): v for k, v in b.items()}
+        return len(a) == len(keyed) and all(_key(k) in keyed and same(v, keyed[_key(k)]) for k, v in a.items())
+    if type(a) in (set, frozenset):
+        return len(a) == len(b) and {_key(x) for x in a} == {_key(x) for x in b}
     return bool(a == b)
+
+
+def _key(value: Any) -> Any:
+    """A hashable value's identity with its types all the way down, for members of sets and keys of dicts."""
+    kind = type(value)
+    if kind is tuple:
+        return kind, tuple(map(_key, value))
+    if kind is frozenset:
+        return kind, frozenset(map(_key, value))
+    return kind, value

@@ -1,6 +1,6 @@
 """``code-sandbox-v0``: write a Python function, test it in a sandbox, submit it to hidden tests.
 
-Each turn the model may call ``run_python`` (any number of times; results come back as tool messages) and
+Each turn the model may call ``run_python`` (up to ``max_runs`` times; results come back as tool messages) and
 ends the episode by calling ``submit`` with its program, or by answering with a fenced python block and no
 tool call. Malformed calls come back as tool errors and the episode goes on; ``max_turns`` turns without a
 submission truncate it.
@@ -9,8 +9,9 @@ Rewards (named components, weighted by ``weights``; ``info["reward_components"]`
 ``info["reward_raw"]`` the raw values):
 
 - ``correct`` (ORM, last turn): the share of hidden tests passed, or 1/0 for all-pass with ``orm="all_pass"``.
-  With ``format_gate`` (default), a submission with text after its closing ``</tool_call>`` or code fence
-  scores 0: a policy must not learn to ramble after its answer.
+  With ``format_gate`` (default), a submission followed by anything (text, another ``<tool_call>`` block,
+  well-formed or not, after its closing ``</tool_call>``; text after its code fence) scores 0: a policy must
+  not learn to ramble after its answer.
 - ``format`` (PRM, every turn): -1 for a turn with a malformed call, or with neither a call nor a code block.
 - ``runs`` (PRM, every turn): the share of this turn's ``run_python`` programs that exited 0; on the
   submission turn, 1 if the program loaded and no call of the tests raised.
@@ -22,6 +23,7 @@ Rewards (named components, weighted by ``weights``; ``info["reward_components"]`
 from __future__ import annotations
 
 import ast
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -110,8 +112,10 @@ class CodeSandboxEnv(Env):
         max_turns: turns before the episode is truncated.
         orm: ``"share"`` (share of hidden tests passed) or ``"all_pass"`` (1 only if all pass).
         weights: weights of the components ``correct``, ``format``, ``runs``, ``progress``.
-        format_gate: score 0 for a submission followed by more text.
+        format_gate: score 0 for a submission followed by anything (text, another block or call).
         output_chars: characters of stdout and of stderr shown per ``run_python`` call.
+        max_runs: ``run_python`` calls run per turn; each one beyond comes back as an error message, not run
+            (a turn of runaway programs would otherwise hold the episode for ``max_runs`` x the wall time).
         grading: time limits of a grading.
         system_prompt: the system message.
 
@@ -135,6 +139,7 @@ class CodeSandboxEnv(Env):
         weights: Mapping[str, float] | None = None,
         format_gate: bool = True,
         output_chars: int = 1000,
+        max_runs: int = 4,
         grading: GradeConfig | None = None,
         system_prompt: str = SYSTEM_PROMPT,
     ):
@@ -142,13 +147,15 @@ class CodeSandboxEnv(Env):
             raise ConfigError(f"orm must be 'share' or 'all_pass', got {orm!r}")
         if not isinstance(max_turns, int) or max_turns < 1:
             raise ConfigError(f"max_turns must be a positive integer, got {max_turns!r}")
+        if not isinstance(max_runs, int) or max_runs < 1:
+            raise ConfigError(f"max_runs must be a positive integer, got {max_runs!r}")
         if sandbox not in list_sandboxes():
             raise ConfigError(f"no sandbox backend {sandbox!r}; installed: {list_sandboxes()}")
         self.source = _resolve_tasks(tasks)
         self.limits = sandbox_limits or SandboxLimits(wall_time=5.0, cpu_time=5.0)
         self.sandboxes = SandboxPair(sandbox, self.limits, **dict(sandbox_options or {}))
         self.max_turns: int = max_turns
-        self.orm, self.format_gate, self.output_chars = orm, format_gate, output_chars
+        self.orm, self.format_gate, self.output_chars, self.max_runs = orm, format_gate, output_chars, max_runs
         self.weights = {**DEFAULT_WEIGHTS, **parse_weights(weights, COMPONENTS)}
         self.grading = grading or GradeConfig()
         self.system_prompt = system_prompt
@@ -241,7 +248,7 @@ class CodeSandboxEnv(Env):
             if call.name == "run_python":
                 await self._run(episode, call, turn)
             else:
-                trailing = bool(action[action.rfind("</tool_call>") + len("</tool_call>"):].strip())
+                trailing = bool(_after_call(action, parsed.calls.index(call)).strip())
                 await self._submit(episode, str(call.arguments["code"]), trailing, turn, call.id)
                 break
         if not parsed.calls and not parsed.errors:
@@ -254,6 +261,12 @@ class CodeSandboxEnv(Env):
         return turn
 
     async def _run(self, episode: _Episode, call: ToolCall, turn: _Turn) -> None:
+        if len(turn.runs) >= self.max_runs:
+            text = (f"Error: at most {self.max_runs} run_python calls per turn; this one was not run. "
+                    "Run it in the next turn, or submit.")
+            turn.obs.append({"role": "tool", "content": text, "tool_call_id": call.id or "", "name": "run_python"})
+            turn.runs.append(False)
+            return
         code = str(call.arguments["code"])
         try:
             sandbox = await self.sandboxes.untrusted()
@@ -324,6 +337,17 @@ class _Turn:
     gated: bool = False
     grade: GradeResult | None = None
     progress: float = 0.0
+
+
+def _after_call(action: str, index: int) -> str:
+    """The text after the block of the ``index``-th well-formed call: any text, block (even a malformed one)
+    or further call there follows the submission."""
+    target = parse_tool_calls(action).calls[index]
+    for close in re.finditer(re.escape("</tool_call>"), action):
+        calls = parse_tool_calls(action[: close.end()]).calls
+        if len(calls) > index and calls[index] == target:
+            return action[close.end():]
+    return action  # unreachable for a parsed call; the whole turn counts as trailing
 
 
 def _defines(code: str, name: str) -> bool:

@@ -9,14 +9,20 @@ and builtins, disarm alarms, print fake reports, or read whatever test code sits
    forked from (a separate sandbox runs trusted code).
 2. **Only plain data comes out.** Each call's return value is encoded as exact built-in data
    (:mod:`._wire`); anything else fails that test. The report line carries a fresh 128-bit nonce that the
-   harness reads from stdin only after the last call returned; the host accepts exactly one such line.
-3. **The host decides.** For :class:`~.tasks.IOTests` the host compares each decoded output with the
+   harness reads from stdin only after the last call returned; the host accepts exactly one such line, and
+   a line it cannot parse within its bounds (size, depth, digits) is tampering.
+3. **Limits are kept from outside the program's process.** A watchdog process of the harness, where no
+   submitted code runs, kills the process that runs the program when a call (or the load) overruns its
+   limit, whatever the program did to its own signals and timers (:mod:`._harness_calls`).
+4. **The host decides.** For :class:`~.tasks.IOTests` the host compares each decoded output with the
    expected value. For :class:`~.tasks.AssertTests` a *trusted* sandbox, where no submitted code ever
    runs, re-runs the assertion code against a replay of those outputs (:mod:`._harness_asserts`), each
    ``assert`` on its own; the number of tests is fixed beforehand by recording the reference solution.
 
 A timeout, crash, missing or duplicated report is a result with ``status`` saying so and 0 tests passed,
-never an exception.
+never an exception. A sandbox lost under a program (see :func:`_sandbox_lost`) is not the program's doing:
+its run is retried once, then graded ``"sandbox_error"`` / ``"task_error"``, which the env turns into an
+error episode, never a wrong answer's 0.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ __all__ = ["GradeConfig", "GradeResult", "Recording", "SandboxPair", "grade", "r
 log = logging.getLogger(__name__)
 _HERE = Path(__file__).parent
 _STRIP = "# stripped when shipped"
+_MAX_REPORT_CHARS = 1 << 20  # the harness keeps its report under 0.5 MB
 
 
 @dataclass(frozen=True)
@@ -74,9 +81,10 @@ class GradeResult:
         passed: hidden tests passed.
         total: hidden tests (for assertion tests: the assertions the reference solution executes).
         status: ``"graded"`` (the tests ran; ``passed`` may be anything), ``"load_error"`` (the program did
-            not import), ``"timeout"``, ``"crashed"`` (it died without a report), ``"tampered"`` (more than
-            one report, or a malformed one), ``"sandbox_error"`` (the sandbox itself failed, not the
-            program) or ``"task_error"`` (the task's own tests cannot run, or the trusted sandbox failed).
+            not import), ``"timeout"``, ``"crashed"`` (its process died before the last call returned),
+            ``"tampered"`` (more than one report, one the host cannot parse, a malformed message, a stopped
+            watchdog), ``"sandbox_error"`` (the sandbox itself failed or was lost twice, not the program)
+            or ``"task_error"`` (the task's own tests cannot run, or the trusted sandbox failed).
         detail: a short explanation for people and for the model (first failure, error text).
         clean: the program loaded and no call raised or timed out.
         seconds: wall time of the grading.
@@ -222,6 +230,35 @@ def rewrite_asserts(code: str) -> str:
     return ast.unparse(ast.fix_missing_locations(_Rewriter().visit(tree)))
 
 
+def _sandbox_lost(result: ExecResult) -> bool:
+    """Whether the sandbox itself died under the program, on evidence the program cannot forge.
+
+    The backends return a result with ``sandbox_restarted``, no exit status and no time-out only when their
+    supervisor (the fork-server: pid 1 of the sandbox's pid namespace, or of the container) was lost, which
+    a program cannot bring about: the kernel drops signals to a namespace's init sent from inside it, a
+    seccomp filter refuses them too, and the OOM killer takes programs first (a run that saw an OOM kill
+    is not counted here). Everything a program *can* do to itself or to the harness (exit, kill its own
+    process or the harness's, stop it, run out of time or memory) leaves the supervisor up to report an
+    exit status, a signal, a time-out or an OOM kill, and stays the program's failure.
+    """
+    return (result.sandbox_restarted and result.exit_code is None and not result.timed_out and not result.oom
+            and not result.stdout and not result.stderr)
+
+
+async def _exec(box: Sandbox, program: str, timeout: float, stdin: str | None = None) -> ExecResult:
+    """``box.exec``, run once more if the sandbox was lost under it (it restarts itself).
+
+    Raises:
+        SandboxError: the sandbox failed, or was lost twice.
+    """
+    for _ in range(2):
+        result = await box.exec(program, stdin=stdin, timeout=timeout)
+        if not _sandbox_lost(result):
+            return result
+        log.warning("a sandbox was lost while grading; running the program again")
+    raise SandboxError("the sandbox was lost (killed from outside) twice while grading")
+
+
 def _report(result: ExecResult, nonce: str) -> tuple[dict[str, Any] | None, str]:
     """The one report line tagged with ``nonce``, or None and the status that explains its absence."""
     prefix = nonce + " "
@@ -232,9 +269,9 @@ def _report(result: ExecResult, nonce: str) -> tuple[dict[str, Any] | None, str]
         if result.timed_out:
             return None, "timeout"
         return None, "crashed"
-    try:
-        report = json.loads(lines[0])
-    except json.JSONDecodeError:
+    try:  # bounded: a program that subverts the harness chooses this text (deep nesting, huge ints)
+        report = _wire.parse_json(lines[0], _MAX_REPORT_CHARS)
+    except _wire.WireError:
         return None, "tampered"
     return (report, "graded") if isinstance(report, dict) else (None, "tampered")
 
@@ -251,7 +288,7 @@ async def _run_calls(
     nonce = secrets.token_hex(16)
     budget = min(config.max_time, config.load_timeout + call_timeout * len(calls) + 1.0)
     try:
-        result = await box.exec(_program("_harness_calls.py", spec), stdin=nonce + "\n", timeout=budget)
+        result = await _exec(box, _program("_harness_calls.py", spec), budget, stdin=nonce + "\n")
     except SandboxError as exc:
         return None, GradeResult(0, len(calls), "sandbox_error", f"the sandbox failed: {exc}")
     report, status = _report(result, nonce)
@@ -260,6 +297,9 @@ async def _run_calls(
                "tampered": "the report was duplicated or malformed"}[status]
         return None, GradeResult(0, len(calls), status, why)
     results = report.get("results")
+    for status in ("crashed", "tampered"):  # what the harness's watchdog saw the program's process do
+        if report.get(status) is not None:
+            return None, GradeResult(0, len(calls), status, str(report[status])[:300])
     if report.get("load") is not None:
         return None, GradeResult(0, len(calls), "load_error", str(report["load"])[:300])
     if not isinstance(results, list) or len(results) != len(calls) or not all(map(_valid_result, results)):
@@ -304,7 +344,7 @@ async def record(task: CodeTask, box: Sandbox) -> Recording:
         return cached
     nonce = secrets.token_hex(16)
     spec = _assert_spec(tests, nonce, mode="record", reference=task.reference, preamble=task.preamble)
-    result = await box.exec(_program("_harness_asserts.py", spec), timeout=30.0)
+    result = await _exec(box, _program("_harness_asserts.py", spec), 30.0)
     report, status = _report(result, nonce)
     if report is None:
         return Recording((), 0, f"the reference run {status}: {result.stderr[-300:]}")
@@ -337,12 +377,16 @@ def _rewritten(code: str) -> str:
 async def _replay(tests: AssertTests, recording: Recording, results: list[Any], box: Sandbox) -> tuple[int, str]:
     nonce = secrets.token_hex(16)
     spec = _assert_spec(tests, nonce, mode="replay", recorded=list(recording.calls), outputs=results)
-    result = await box.exec(_program("_harness_asserts.py", spec), timeout=30.0)
+    result = await _exec(box, _program("_harness_asserts.py", spec), 30.0)
     report, status = _report(result, nonce)
     if report is None:
         return 0, f"the assertion run {status}"
     passed, executed = int(report["passed"]), int(report["asserts"])
-    passed = min(passed, executed, recording.total)
+    # Each assertion the reference executed is one test. Where the outputs made the tests execute another
+    # number (``for v in f(1): assert v == 0``), the run cannot be matched to the reference's assertion for
+    # assertion: each missing or extra one counts as failed, so only a run like the reference's scores full.
+    failed = executed - passed + abs(executed - recording.total)
+    passed = max(0, recording.total - failed)
     detail = report["error"] or ("" if passed == recording.total else _first_error(results))
     return passed, detail or f"{recording.total - passed} assertion(s) failed"
 
