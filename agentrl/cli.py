@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -190,6 +191,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except AgentRLError as exc:
         print(f"agentrl: error: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:
+        if exc.errno not in _STORAGE_ERRORS:
+            raise
+        print(f"agentrl: error: cannot write {exc.filename or 'the output'}: {exc.strerror}. Files are written "
+              "whole or not at all, so nothing already saved was lost: free space or fix permissions, then "
+              "rerun (`agentrl train --resume <run dir>` continues a training run)", file=sys.stderr)  # fmt: skip
+        return 1
+
+
+_STORAGE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+"""OSError numbers that are the machine's state, not a bug: a full disk or quota, a read-only or forbidden
+path. The CLI reports them in a sentence; any other OSError keeps its traceback."""
 
 
 if __name__ == "__main__":

@@ -184,16 +184,20 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     """A run config file as a mapping.
 
     Raises:
-        ConfigError: missing file, bad YAML, or not a mapping at the top.
+        ConfigError: missing file, not UTF-8, bad YAML, an alias (``*name``), or not a mapping at the top.
     """
     import yaml
+
+    from agentrl import _yaml
 
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {exc.start}): save it as UTF-8 and rerun") from None
     try:
-        data = yaml.safe_load(text)
+        data = _yaml.load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({exc})") from None
     if data is None:
@@ -209,15 +213,13 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
     Raises:
         ConfigError: an override without ``=`` or with an empty key, or a path through a non-mapping.
     """
-    import yaml
-
     out = copy.deepcopy(data)
     for item in overrides:
         key, sep, raw = item.partition("=")
         parts = key.strip().split(".")
         if not sep or not all(parts):
             raise ConfigError(f"--set {item!r}: write key.path=value, e.g. --set learner.lr=1e-5")
-        value = _scalar(raw, yaml)
+        value = _scalar(raw)
         node = out
         for i, part in enumerate(parts[:-1]):
             child = node.setdefault(part, {})
@@ -228,15 +230,19 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
     return out
 
 
-def _scalar(raw: str, yaml: Any) -> Any:
+def _scalar(raw: str) -> Any:
     """``raw`` as a number when it reads as one (YAML 1.1 leaves ``1e-5`` a string), else as YAML."""
+    import yaml
+
+    from agentrl import _yaml
+
     for parse in (int, float):
         try:
             return parse(raw)
         except ValueError:
             pass
     try:
-        return yaml.safe_load(raw) if raw.strip() else ""
+        return _yaml.load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         return raw
 

@@ -1,0 +1,109 @@
+"""A user's mistake at the command line ends in one ``agentrl: error:`` sentence naming the file or flag and
+the fix (exit code 1), never a traceback, and nothing already on disk is created, rewritten or lost.
+
+Most tests call :func:`agentrl.cli.main` in-process (an escaping exception is the traceback a user would
+see); the alias bomb runs as a subprocess, bounded by a timeout."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from agentrl.cli import main
+from agentrl.errors import ConfigError
+from agentrl.pipeline.config import load_yaml
+
+
+def fails(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
+    """Run ``agentrl argv``; assert it exits 1 with one error line; return that line."""
+    code = main(list(argv))
+    err = capsys.readouterr().err.strip()
+    assert code == 1, err
+    assert err.startswith("agentrl: error: ") and "Traceback" not in err, err
+    return err
+
+
+def test_a_config_file_that_is_not_utf8_names_the_file(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_bytes("env: toy-digits\n# caf\xe9\n".encode("latin-1"))
+    err = fails(capsys, "train", "--config", str(config), "--dry-run")
+    assert str(config) in err and "UTF-8" in err
+
+
+def test_yaml_aliases_are_refused_so_an_alias_bomb_cannot_hang_the_run(tmp_path):
+    bomb = tmp_path / "bomb.yaml"
+    lines = ["env: toy-digits", "a0: &a0 [x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 10)]
+    bomb.write_text("\n".join(lines) + "\nlearner: {lr: *a9}\n")
+    with pytest.raises(ConfigError, match=r"bomb.yaml.*alias"):
+        load_yaml(bomb)
+    done = subprocess.run([sys.executable, "-m", "agentrl.cli", "train", "--config", str(bomb), "--dry-run"],
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert done.returncode == 1 and "Traceback" not in done.stderr and "alias" in done.stderr
+    anchors = tmp_path / "anchors.yaml"  # an anchor used once is harmless: still refused, with the fix
+    anchors.write_text("env: toy-digits\nlearner: &l {lr: 0.1}\nrl2: {learner: *l}\n")
+    with pytest.raises(ConfigError, match=r"write the value out"):
+        load_yaml(anchors)
+
+
+def test_an_output_dir_that_is_a_file_fails_at_dry_run(tmp_path, capsys):
+    file = tmp_path / "taken"
+    file.write_text("mine")
+    err = fails(capsys, "train", "--env", "toy-digits", "--output-dir", str(file), "--dry-run")
+    assert str(file) in err and "--output-dir" in err
+    err = fails(capsys, "train", "--env", "toy-digits", "--output-dir", str(file / "run"), "--dry-run")
+    assert str(file) in err
+    err = fails(capsys, "sft", "--data", str(file), "--output-dir", str(file), "--dry-run")
+    assert "--output-dir" in err
+    assert file.read_text() == "mine"
+
+
+def test_an_unwritable_output_dir_fails_before_any_work(tmp_path, capsys):
+    err = fails(capsys, "train", "--env", "toy-digits", "--output-dir", "/sys/agentrl-run", "--dry-run")
+    assert "/sys" in err and "--output-dir" in err
+
+
+def test_a_read_only_output_dir_fails_before_any_work(tmp_path, capsys):
+    mount = tmp_path / "ro"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1M,ro", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("needs permission to mount a read-only tmpfs")
+    try:
+        err = fails(capsys, "train", "--env", "toy-digits", "--output-dir", str(mount / "run"))
+        assert str(mount) in err and "read-only" in err.lower()
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_resume_of_a_file_or_a_missing_path_names_it_and_creates_nothing(tmp_path, capsys):
+    file = tmp_path / "notes.txt"
+    file.write_text("mine")
+    err = fails(capsys, "train", "--resume", str(file))
+    assert str(file) in err and "--resume" in err
+    missing = tmp_path / "no-such-run"
+    err = fails(capsys, "train", "--resume", str(missing))
+    assert str(missing) in err and "--resume" in err
+    assert not missing.exists()
+
+
+def test_eval_out_that_is_a_file_fails_before_any_model_loads(tmp_path, capsys):
+    file = tmp_path / "results"
+    file.write_text("mine")
+    err = fails(capsys, "eval", "--env", "toy-digits", "--model", "tiny", "--n", "1", "--out", str(file))
+    assert str(file) in err and "--out" in err
+    assert file.read_text() == "mine"
+
+
+def test_offline_commands_name_a_missing_input_file_and_bad_env_kwargs(tmp_path, capsys):
+    out = tmp_path / "out"
+    err = fails(capsys, "sft", "--data", str(tmp_path / "none.jsonl"), "--output-dir", str(out))
+    assert "--data" in err and "none.jsonl" in err
+    err = fails(capsys, "dpo", "--buffer", str(tmp_path / "none.jsonl"), "--output-dir", str(out))
+    assert "--buffer" in err and "none.jsonl" in err
+    err = fails(capsys, "dpo", "--data", str(tmp_path / "none.jsonl"), "--output-dir", str(out))
+    assert "--data" in err
+    err = fails(capsys, "sft", "--env", "toy-digits", "--env-kwargs", "{bad", "--output-dir", str(out), "--dry-run")
+    assert "--env-kwargs" in err and "JSON" in err
+    assert not out.exists()
