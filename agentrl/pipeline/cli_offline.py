@@ -51,6 +51,10 @@ def sft_main(args: argparse.Namespace) -> int:
 
     config = _config(SFTConfig, args, {})
     env_kwargs = _env_kwargs(args.env_kwargs) if args.env else {}
+    if args.env:
+        from agentrl.pipeline.config import check_env_kwargs
+
+        check_env_kwargs(args.env, env_kwargs, "--env-kwargs")
     if args.dry_run:
         return _print(config)
     from agentrl.learners.sft import env_demonstrations, read_messages_jsonl, train_sft

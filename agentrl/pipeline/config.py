@@ -34,6 +34,7 @@ __all__ = [
     "SecondRLSection",
     "apply_overrides",
     "build_run_config",
+    "check_env_kwargs",
     "env_recipe",
     "load_yaml",
     "resolve",
@@ -178,6 +179,39 @@ def env_recipe(env_id: str) -> dict[str, Any]:
     target = registry.spec(env_id).load()
     recipe = getattr(target, "default_run", None)
     return copy.deepcopy(dict(recipe)) if isinstance(recipe, Mapping) else {}
+
+
+def check_env_kwargs(env_id: str, kwargs: Mapping[str, Any], where: str) -> None:
+    """Check that ``env_id``'s constructor takes ``kwargs``, by its signature: nothing is built, so it is
+    instant and runs at ``--dry-run``.
+
+    Args:
+        where: the setting that holds them, for the message (``"eval.env_kwargs"``, ``"--env-kwargs"``).
+
+    Raises:
+        ConfigError: an argument the env does not take (or a required one missing), naming ``where``, the
+            env's arguments and the closest match.
+    """
+    import difflib
+    import inspect
+
+    from agentrl import registry
+
+    env_spec = registry.spec(env_id)
+    try:
+        signature = inspect.signature(env_spec.load())
+    except (TypeError, ValueError):
+        return  # no readable signature (some C callables): building it will tell
+    try:
+        signature.bind(**{**env_spec.kwargs, **kwargs})
+    except TypeError as exc:
+        named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        takes = [name for name, p in signature.parameters.items() if p.kind in named]
+        unknown = [k for k in kwargs if k not in takes]
+        close = difflib.get_close_matches(unknown[0], takes, n=1) if unknown else []
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"{where}: {env_spec.id} cannot be made with {dict(kwargs)}: {exc}{hint}; it takes "
+                          f"{', '.join(takes) or 'no arguments'}. Drop or rename it in {where}") from None  # fmt: skip
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -326,6 +360,7 @@ def resolve(run: RunConfig, run_dir: Path | None = None) -> Resolved:
         "seed": run.seed, "model": str(checkpoints.step_dir(sft.output_dir, sft.max_steps)) if sft else run.model,
         "output_dir": run_dir / "checkpoints" / "rl",
     })  # fmt: skip
+    _check_env_settings(run, learner["env_kwargs"])
     rl = _section("learner", config_cls, learner)
     sampling, rejection_sft = _rejection(run, run_dir, rl)
     learner2 = None
@@ -344,6 +379,20 @@ def resolve(run: RunConfig, run_dir: Path | None = None) -> Resolved:
             except ConfigError as exc:
                 raise ConfigError(f"rl2.judge: {exc}") from None
     return Resolved(run, run_dir, sft, rl, train, sampling, rejection_sft, learner2)
+
+
+def _check_env_settings(run: RunConfig, rl_kwargs: Mapping[str, Any]) -> None:
+    """Every env setting the run will build an env with, checked against the env's signature."""
+    settings = {
+        "env_kwargs" if rl_kwargs == run.env_kwargs else "learner.env_kwargs": rl_kwargs,
+        "sft.env_kwargs": run.sft.env_kwargs if run.sft.demos else None,
+        "eval.env_kwargs": run.eval.env_kwargs if run.eval.tasks else None,
+        "rejection.env_kwargs": {**run.env_kwargs, **run.rejection.env_kwargs} if run.rejection.tasks else None,
+        "gold.env_kwargs": run.gold.env_kwargs if run.gold.every else None,
+    }
+    for where, kwargs in settings.items():
+        if kwargs is not None:
+            check_env_kwargs(run.env, kwargs, where)
 
 
 def _rejection(run: RunConfig, run_dir: Path, rl: Any) -> tuple[Any, Any]:
