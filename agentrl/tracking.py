@@ -244,15 +244,30 @@ class RunDir:
         path.mkdir(parents=True, exist_ok=True)
         return path
 
-    def latest_checkpoint(self, phase: str) -> tuple[Path, int] | None:
-        """The phase's newest complete learner checkpoint and its step, or None (imports torch)."""
+    def latest_checkpoint(self, phase: str, echo: Callable[[str], None] | None = None) -> tuple[Path, int] | None:
+        """The phase's newest whole learner checkpoint and its step, or None (imports torch).
+
+        A newer one whose files are cut short or unreadable (a killed write, a full disk) is skipped, and
+        ``echo`` (default: a line on stderr) says which and why.
+        """
         from agentrl.learners import checkpoints
 
+        say = echo or (lambda line: print(line, file=sys.stderr, flush=True))
         found = checkpoints.checkpoint_dirs(self.path / CHECKPOINTS_DIR / _check_phase(phase))
-        if not found:
-            return None
-        summary = json.loads((found[-1] / checkpoints.STATE_JSON).read_text(encoding="utf-8"))
-        return found[-1], int(summary["step"])
+        skipped: list[str] = []
+        for path in reversed(found):
+            problem = checkpoints.checkpoint_problem(path)
+            if problem is not None:
+                skipped.append(f"{path} ({problem})")
+                continue
+            if skipped:
+                say(f"agentrl: skipped the damaged checkpoint {'; '.join(skipped)}: resuming from {path}")
+            summary = json.loads((path / checkpoints.STATE_JSON).read_text(encoding="utf-8"))
+            return path, int(summary["step"])
+        if skipped:
+            say(f"agentrl: no checkpoint of {phase} can be resumed from: {'; '.join(skipped)}; the phase starts "
+                "again from step 0")  # fmt: skip
+        return None
 
     # -- phases --
     def start_phase(self, phase: str, *, total: int | None = None, step: int = 0) -> None:

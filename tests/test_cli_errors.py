@@ -6,6 +6,8 @@ see); the alias bomb runs as a subprocess, bounded by a timeout."""
 
 from __future__ import annotations
 
+import json
+import re
 import subprocess
 import sys
 
@@ -120,3 +122,45 @@ def test_an_unknown_env_kwarg_fails_at_dry_run_naming_the_section_and_the_env_ar
                 "--output-dir", str(tmp_path / "sft"), "--dry-run")  # fmt: skip
     assert "--env-kwargs" in err and "'split'" in err
     assert not (tmp_path / "run").exists()
+
+
+def _stopped_run(run_dir) -> None:
+    """A run directory as a run killed during its RL phase leaves it (no checkpoint yet)."""
+    from agentrl.pipeline.config import build_run_config
+    from agentrl.tracking import RunDir
+
+    settings = ["sft.demos=0", "eval.tasks=0", "learner.max_steps=4"]
+    run = RunDir(run_dir, tensorboard=False)
+    run.write_config(build_run_config("toy-digits", overrides=settings, output_dir=str(run_dir)))
+    run.start_phase("rl", total=4)
+    for step in (1, 2, 3):
+        run.log("rl", step, {"loss": 1.0})
+    run.close()
+    (run_dir / "trajectories.jsonl").write_text("".join(
+        json.dumps({"meta": {"phase": "rl", "step": step}}) + "\n" for step in (1, 2, 3)))  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "damage", "expected"), [
+    ("state.json", lambda text: text[: len(text) // 2], r"state.json is damaged"),
+    ("config.yaml", lambda text: text.replace("learner:", "learner: [", 1), r"config.yaml is damaged"),
+    ("metrics.jsonl", lambda text: text.replace('"step": 2', '"step": 2,,', 1), r"metrics.jsonl:2 "),
+    ("trajectories.jsonl", lambda text: text.replace('"step": 2', '"step": [', 1), r"trajectories.jsonl:2 "),
+])  # fmt: skip
+def test_resume_of_a_damaged_run_dir_names_the_file_and_line_and_changes_nothing(tmp_path, capsys, name, damage,
+                                                                                 expected):  # fmt: skip
+    run_dir = tmp_path / "run"
+    _stopped_run(run_dir)
+    file = run_dir / name
+    file.write_text(damage(file.read_text()))
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+    err = fails(capsys, "train", "--resume", str(run_dir))
+    assert re.search(expected, err), err
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == before
+
+
+def test_a_config_yaml_that_is_not_utf8_stops_a_resume(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    _stopped_run(run_dir)
+    (run_dir / "config.yaml").write_bytes((run_dir / "config.yaml").read_bytes() + b"# \xe9\n")
+    err = fails(capsys, "train", "--resume", str(run_dir))
+    assert "config.yaml" in err and "UnicodeDecodeError" in err

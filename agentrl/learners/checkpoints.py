@@ -13,7 +13,9 @@ import ctypes
 import json
 import os
 import shutil
+import struct
 import tempfile
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +31,7 @@ from agentrl.learners.policy_model import ADAPTER_DIR, saveable
 __all__ = [
     "TrainingState",
     "checkpoint_dirs",
+    "checkpoint_problem",
     "load_training_state",
     "save_checkpoint",
     "save_step",
@@ -142,6 +145,47 @@ def checkpoint_dirs(output_dir: str | os.PathLike[str]) -> list[Path]:
         return []
     found = [p for p in root.iterdir() if p.name.startswith(CHECKPOINT_PREFIX) and (p / STATE_FILE).is_file()]
     return sorted(found, key=lambda p: p.name)
+
+
+def checkpoint_problem(path: str | os.PathLike[str]) -> str | None:
+    """Why the checkpoint at ``path`` cannot be resumed from, or None when it looks whole.
+
+    Reads only what tells a file cut short (a killed write, a full disk): ``training_state.json``, the zip
+    directory at the end of ``training_state.pt``, each safetensors header and its size; no tensor is loaded.
+    """
+    root = Path(path)
+    try:
+        int(json.loads((root / STATE_JSON).read_text(encoding="utf-8"))["step"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"{STATE_JSON} is unreadable ({type(exc).__name__}: {exc})"
+    try:
+        with zipfile.ZipFile(root / STATE_FILE):
+            pass
+    except (OSError, zipfile.BadZipFile) as exc:
+        return f"{STATE_FILE} is damaged ({exc})"
+    for file in sorted(root.rglob("*.safetensors")):
+        problem = _safetensors_problem(file)
+        if problem is not None:
+            return f"{file.relative_to(root)} {problem}"
+    return None
+
+
+def _safetensors_problem(file: Path) -> str | None:
+    """A safetensors file is an 8-byte header length, a JSON header, then the tensors' bytes."""
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        head = f.read(8)
+        length = struct.unpack("<Q", head)[0] if len(head) == 8 else None
+        if length is None or 8 + length > size:
+            return f"is truncated ({size} bytes, cut inside its header)"
+        try:
+            header = json.loads(f.read(length))
+            end = max((int(e["data_offsets"][1]) for k, e in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, AttributeError, IndexError):
+            return "has a damaged header"
+    if 8 + length + end > size:
+        return f"is truncated ({size} of {8 + length + end} bytes)"
+    return None
 
 
 def step_dir(output_dir: str | os.PathLike[str], step: int) -> Path:
