@@ -194,9 +194,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         if exc.errno not in _STORAGE_ERRORS:
             raise
-        print(f"agentrl: error: cannot write {exc.filename or 'the output'}: {exc.strerror}. Files are written "
-              "whole or not at all, so nothing already saved was lost: free space or fix permissions, then "
-              "rerun (`agentrl train --resume <run dir>` continues a training run)", file=sys.stderr)  # fmt: skip
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"agentrl: error: {exc.strerror}{where}. Files are written whole or not at all, so nothing already "
+              "saved was lost: free space or fix permissions, then rerun the same command (`agentrl train "
+              "--resume <run dir>` continues a training run from its last checkpoint)", file=sys.stderr)  # fmt: skip
         return 1
 
 

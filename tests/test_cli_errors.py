@@ -19,12 +19,12 @@ from agentrl.pipeline.config import load_yaml
 
 
 def fails(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
-    """Run ``agentrl argv``; assert it exits 1 with one error line; return that line."""
+    """Run ``agentrl argv``; assert it exits 1 with an error and no traceback; return the error."""
     code = main(list(argv))
     err = capsys.readouterr().err.strip()
     assert code == 1, err
-    assert err.startswith("agentrl: error: ") and "Traceback" not in err, err
-    return err
+    assert "agentrl: error: " in err and "Traceback" not in err, err
+    return err[err.index("agentrl: error: "):]  # after any progress lines
 
 
 def test_a_config_file_that_is_not_utf8_names_the_file(tmp_path, capsys):
@@ -164,3 +164,25 @@ def test_a_config_yaml_that_is_not_utf8_stops_a_resume(tmp_path, capsys):
     (run_dir / "config.yaml").write_bytes((run_dir / "config.yaml").read_bytes() + b"# \xe9\n")
     err = fails(capsys, "train", "--resume", str(run_dir))
     assert "config.yaml" in err and "UnicodeDecodeError" in err
+
+
+def test_a_full_disk_is_one_sentence_and_the_run_resumes_after_space_is_freed(tmp_path, capsys):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("needs permission to mount a tmpfs")
+    try:
+        run_dir = disk / "run"  # room for the logs, not for a checkpoint of the tiny model (about 4 MB)
+        err = fails(capsys, "train", "--env", "toy-digits", "--threads", "1", "--output-dir", str(run_dir),
+                    "--set", "sft.demos=0", "--set", "eval.tasks=0", "--set", "learner.max_steps=2",
+                    "--set", "learner.save_every=1", "--set", "learner.max_new_tokens=4", "--set", "learner.warmup_steps=0",
+                    "--no-report")  # fmt: skip
+        assert "No space left on device" in err and "nothing already saved was lost" in err
+        assert "step-000001" in err and "--resume" in err
+        assert [r["step"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())] == [1]
+        subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
+        assert main(["train", "--resume", str(run_dir), "--no-report"]) == 0
+        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in records if r["phase"] == "rl"] == [1, 2]
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)

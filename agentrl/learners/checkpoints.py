@@ -10,6 +10,7 @@ crash mid-write leaves the previous checkpoint at that path intact and never a h
 from __future__ import annotations
 
 import ctypes
+import errno
 import json
 import os
 import shutil
@@ -102,6 +103,11 @@ def save_checkpoint(
         _fsync_tree(tmp)
         tmp.chmod(0o755)
         _replace_dir(tmp, final)
+    except Exception as exc:
+        if not isinstance(exc, OSError) and _out_of_space(exc, tmp):
+            # the serializers (safetensors, torch.save) wrap the disk's ENOSPC in errors of their own
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(final)) from exc
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # after success it holds the previous checkpoint, or nothing
     return final
@@ -191,6 +197,17 @@ def _safetensors_problem(file: Path) -> str | None:
 def step_dir(output_dir: str | os.PathLike[str], step: int) -> Path:
     """Where the checkpoint of ``step`` goes: ``<output_dir>/step-000123``."""
     return Path(output_dir) / f"{CHECKPOINT_PREFIX}{step:06d}"
+
+
+def _out_of_space(exc: Exception, where: Path) -> bool:
+    """Whether ``exc`` (a serializer's own error type) came from a full disk or quota."""
+    text = str(exc)
+    if any(mark in text for mark in ("os error 28", "os error 122", "No space left", "quota exceeded")):
+        return True
+    try:  # torch.save says only "file write failed"
+        return "write failed" in text and shutil.disk_usage(where).free < 16 << 20
+    except OSError:
+        return False
 
 
 def _fsync_tree(root: Path) -> None:
