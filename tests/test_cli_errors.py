@@ -129,7 +129,7 @@ def _stopped_run(run_dir) -> None:
     from agentrl.pipeline.config import build_run_config
     from agentrl.tracking import RunDir
 
-    settings = ["sft.demos=0", "eval.tasks=0", "learner.max_steps=4"]
+    settings = ["sft.demos=0", "eval.tasks=0", "learner.max_steps=4", "learner.warmup_steps=0"]
     run = RunDir(run_dir, tensorboard=False)
     run.write_config(build_run_config("toy-digits", overrides=settings, output_dir=str(run_dir)))
     run.start_phase("rl", total=4)
