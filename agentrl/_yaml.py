@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-__all__ = ["AliasError", "load"]
+__all__ = ["AliasError", "describe", "load"]
 
 
 class AliasError(yaml.YAMLError):
@@ -34,3 +34,12 @@ def load(text: str) -> Any:
         yaml.YAMLError: bad YAML, or an :class:`AliasError`.
     """
     return yaml.load(text, Loader=_NoAliasLoader)
+
+
+def describe(exc: yaml.YAMLError) -> str:
+    """A YAML error in one line: what is wrong and where (PyYAML's own text spans several lines)."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None)
+    if problem and mark is not None:
+        return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
+    return " ".join(str(exc).split())

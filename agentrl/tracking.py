@@ -547,7 +547,8 @@ def _read_config(path: Path) -> dict[str, Any]:
         if not isinstance(data, dict):
             raise ValueError(f"the top level is a {type(data).__name__}, not a mapping")
     except (ValueError, yaml.YAMLError) as exc:  # UnicodeDecodeError is a ValueError
-        raise ConfigError(f"{path} is damaged ({type(exc).__name__}: {exc}); {_RESTORE}") from None
+        what = _yaml.describe(exc) if isinstance(exc, yaml.YAMLError) else str(exc)
+        raise ConfigError(f"{path} is damaged ({type(exc).__name__}: {what}); {_RESTORE}") from None
     return data
 
 

@@ -233,7 +233,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     try:
         data = _yaml.load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+        raise ConfigError(f"{path}: not valid YAML ({_yaml.describe(exc)})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
