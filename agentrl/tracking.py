@@ -21,7 +21,9 @@ torn by the kill is dropped when the directory is next opened). Non-finite float
 Resuming: :meth:`RunDir.start_phase` with ``step=S`` (the step of the checkpoint the learner resumes from)
 *truncates*: it removes the phase's records with a step above ``S`` from ``metrics.jsonl`` and
 ``trajectories.jsonl`` (an atomic rewrite) and tells TensorBoard to hide the phase's events from step
-``S + 1`` on, so the resumed run's steps are never logged twice.
+``S + 1`` on, so the resumed run's steps are never logged twice. It reads and checks both files before it
+rewrites either; :func:`check_run_dir` checks a whole directory (config, state, both logs) changing nothing,
+and :meth:`RunDir.latest_checkpoint` skips a newest checkpoint whose files were cut short.
 """
 
 from __future__ import annotations

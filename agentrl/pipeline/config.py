@@ -7,6 +7,7 @@ learners' own configs (:class:`~agentrl.learners.sft.SFTConfig`, the algorithm's
 Defaults come in three layers, later ones winning: the built-in ones here, the env's own recipe (a
 ``default_run`` mapping on the env class, e.g. which task sets SFT, RL and evaluation play, and the
 settings that make the tiny model learn on a CPU), then the user's YAML file and ``--set`` overrides.
+The YAML file is UTF-8 without aliases (``*name``): a few nested aliases could stand for billions of values.
 """
 
 from __future__ import annotations
