@@ -192,7 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"agentrl: error: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:
-        if exc.errno not in _STORAGE_ERRORS:
+        if exc.errno not in _STORAGE_ERRORS or (exc.errno not in _FULL and not exc.filename):
             raise
         where = f" ({exc.filename})" if exc.filename else ""
         print(f"agentrl: error: {exc.strerror}{where}. Files are written whole or not at all, so nothing already "
@@ -201,9 +201,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
-_STORAGE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
-"""OSError numbers that are the machine's state, not a bug: a full disk or quota, a read-only or forbidden
-path. The CLI reports them in a sentence; any other OSError keeps its traceback."""
+_FULL = {errno.ENOSPC, errno.EDQUOT}
+_STORAGE_ERRORS = {*_FULL, errno.EROFS, errno.EACCES, errno.EPERM}
+"""OSError numbers that are the machine's state, not a bug: a full disk or quota, or a read-only or
+forbidden path (one the error names). The CLI reports them in a sentence; any other OSError keeps its
+traceback."""
 
 
 if __name__ == "__main__":

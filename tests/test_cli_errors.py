@@ -186,3 +186,16 @@ def test_a_full_disk_is_one_sentence_and_the_run_resumes_after_space_is_freed(tm
         assert [r["step"] for r in records if r["phase"] == "rl"] == [1, 2]
     finally:
         subprocess.run(["umount", str(disk)], check=True)
+
+
+@pytest.mark.parametrize("error", [OSError(5, "Input/output error", "x"), OSError(1, "Operation not permitted"),
+                                   KeyError("bug")])  # fmt: skip
+def test_an_unexpected_error_keeps_its_traceback(monkeypatch, error):
+    import agentrl.pipeline.cli_train as cli_train
+
+    def crash(args):
+        raise error
+
+    monkeypatch.setattr(cli_train, "main", crash)
+    with pytest.raises(type(error)):
+        main(["train", "--env", "toy-digits"])
