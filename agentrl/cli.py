@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -190,6 +191,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except AgentRLError as exc:
         print(f"agentrl: error: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:
+        if exc.errno not in _STORAGE_ERRORS or (exc.errno not in _FULL and not exc.filename):
+            raise
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"agentrl: error: {exc.strerror}{where}. Files are written whole or not at all, so nothing already "
+              "saved was lost: free space or fix permissions, then rerun the same command (`agentrl train "
+              "--resume <run dir>` continues a training run from its last checkpoint)", file=sys.stderr)  # fmt: skip
+        return 1
+
+
+_FULL = {errno.ENOSPC, errno.EDQUOT}
+_STORAGE_ERRORS = {*_FULL, errno.EROFS, errno.EACCES, errno.EPERM}
+"""OSError numbers that are the machine's state, not a bug: a full disk or quota, or a read-only or
+forbidden path (one the error names). The CLI reports them in a sentence; any other OSError keeps its
+traceback."""
 
 
 if __name__ == "__main__":

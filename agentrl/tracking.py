@@ -21,7 +21,9 @@ torn by the kill is dropped when the directory is next opened). Non-finite float
 Resuming: :meth:`RunDir.start_phase` with ``step=S`` (the step of the checkpoint the learner resumes from)
 *truncates*: it removes the phase's records with a step above ``S`` from ``metrics.jsonl`` and
 ``trajectories.jsonl`` (an atomic rewrite) and tells TensorBoard to hide the phase's events from step
-``S + 1`` on, so the resumed run's steps are never logged twice.
+``S + 1`` on, so the resumed run's steps are never logged twice. It reads and checks both files before it
+rewrites either; :func:`check_run_dir` checks a whole directory (config, state, both logs) changing nothing,
+and :meth:`RunDir.latest_checkpoint` skips a newest checkpoint whose files were cut short.
 """
 
 from __future__ import annotations
@@ -51,6 +53,8 @@ __all__ = [
     "Progress",
     "RunDir",
     "atomic_write_text",
+    "check_output_dir",
+    "check_run_dir",
     "flatten_metrics",
     "format_duration",
     "progress_fields",
@@ -203,7 +207,7 @@ class RunDir:
         self._sessions: dict[str, tuple[float, float]] = {}  # phase -> (seconds before, session start)
         self._state: dict[str, Any] = {"phases": {}}
         if self.state_path.is_file():
-            self._state = json.loads(self.state_path.read_text(encoding="utf-8"))
+            self._state = _read_state(self.state_path)
         for file in (self.metrics_path, self.trajectories_path):
             _drop_torn_tail(file)
 
@@ -221,12 +225,12 @@ class RunDir:
         return self.config_path
 
     def read_config(self) -> dict[str, Any]:
-        """The config written by :meth:`write_config`, or ``{}`` when none was."""
-        import yaml
+        """The config written by :meth:`write_config`, or ``{}`` when none was.
 
-        if not self.config_path.is_file():
-            return {}
-        return yaml.safe_load(self.config_path.read_text(encoding="utf-8")) or {}
+        Raises:
+            ConfigError: ``config.yaml`` is not UTF-8, not YAML or not a mapping (naming the file and the fix).
+        """
+        return _read_config(self.config_path)
 
     @property
     def phases(self) -> dict[str, PhaseState]:
@@ -243,15 +247,30 @@ class RunDir:
         path.mkdir(parents=True, exist_ok=True)
         return path
 
-    def latest_checkpoint(self, phase: str) -> tuple[Path, int] | None:
-        """The phase's newest complete learner checkpoint and its step, or None (imports torch)."""
+    def latest_checkpoint(self, phase: str, echo: Callable[[str], None] | None = None) -> tuple[Path, int] | None:
+        """The phase's newest whole learner checkpoint and its step, or None (imports torch).
+
+        A newer one whose files are cut short or unreadable (a killed write, a full disk) is skipped, and
+        ``echo`` (default: a line on stderr) says which and why.
+        """
         from agentrl.learners import checkpoints
 
+        say = echo or (lambda line: print(line, file=sys.stderr, flush=True))
         found = checkpoints.checkpoint_dirs(self.path / CHECKPOINTS_DIR / _check_phase(phase))
-        if not found:
-            return None
-        summary = json.loads((found[-1] / checkpoints.STATE_JSON).read_text(encoding="utf-8"))
-        return found[-1], int(summary["step"])
+        skipped: list[str] = []
+        for path in reversed(found):
+            problem = checkpoints.checkpoint_problem(path)
+            if problem is not None:
+                skipped.append(f"{path} ({problem})")
+                continue
+            if skipped:
+                say(f"agentrl: skipped the damaged checkpoint {'; '.join(skipped)}: resuming from {path}")
+            summary = json.loads((path / checkpoints.STATE_JSON).read_text(encoding="utf-8"))
+            return path, int(summary["step"])
+        if skipped:
+            say(f"agentrl: no checkpoint of {phase} can be resumed from: {'; '.join(skipped)}; the phase starts "
+                "again from step 0")  # fmt: skip
+        return None
 
     # -- phases --
     def start_phase(self, phase: str, *, total: int | None = None, step: int = 0) -> None:
@@ -391,16 +410,14 @@ class RunDir:
             self._metrics_file.close()
             self._metrics_file = None
 
-        def metrics_step(raw: dict[str, Any]) -> tuple[str, int]:
-            return raw["phase"], raw["step"]
-
-        def trajectory_step(raw: dict[str, Any]) -> tuple[str, int]:
-            meta = raw.get("meta") or {}
-            return meta.get("phase", ""), meta.get("step", 0)
-
-        had = _rewrite_without(self.metrics_path, metrics_step, phase, step)
-        _rewrite_without(self.trajectories_path, trajectory_step, phase, step)
-        return had
+        # Both files are read and checked before either is rewritten: a bad line in the second must not
+        # leave the first already cut.
+        metrics = _kept_lines(self.metrics_path, _metrics_key, phase, step)
+        trajectories = _kept_lines(self.trajectories_path, _trajectory_key, phase, step)
+        for path, (kept, _, dropped) in ((self.metrics_path, metrics), (self.trajectories_path, trajectories)):
+            if dropped:
+                atomic_write_text(path, "".join(kept))
+        return metrics[1]
 
 
 # ---- files ------------------------------------------------------------------------------------------
@@ -449,31 +466,141 @@ def _drop_torn_tail(path: Path) -> None:
         f.truncate(0)
 
 
-def _rewrite_without(
+def _kept_lines(
     path: Path, key: Callable[[dict[str, Any]], tuple[str, int]], phase: str, step: int
-) -> bool:
-    """Atomically rewrite a JSONL file without the records of ``phase`` past ``step``.
+) -> tuple[list[str], bool, bool]:
+    """The lines of a JSONL file without the records of ``phase`` past ``step``.
 
     Returns:
-        Whether it held any record of ``phase``.
+        The lines kept, whether it held any record of ``phase``, whether any was dropped.
+
+    Raises:
+        ConfigError: a line that is not a record of the run (naming the file, the line and the fix).
     """
     if not path.is_file():
-        return False
+        return [], False, False
     kept, had, dropped = [], False, False
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if not line.endswith("\n"):
-                continue  # torn by a kill
+    for lineno, line in _lines(path):
+        if not line.endswith("\n"):
+            continue  # torn by a kill
+        try:
             of_phase, at = key(json.loads(line))
-            if of_phase == phase:
-                had = True
-                if at > step:
-                    dropped = True
-                    continue
-            kept.append(line)
-    if dropped:
-        atomic_write_text(path, "".join(kept))
-    return had
+            at = int(at)
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise _bad_line(path, lineno, exc) from None
+        if of_phase == phase:
+            had = True
+            if at > step:
+                dropped = True
+                continue
+        kept.append(line)
+    return kept, had, dropped
+
+
+def _metrics_key(raw: dict[str, Any]) -> tuple[str, int]:
+    """A metrics line's phase and step, checked as :func:`read_metrics` reads it."""
+    float(raw["time"]), float(raw["elapsed"]), dict(raw["metrics"])
+    return str(raw["phase"]), int(raw["step"])
+
+
+def _trajectory_key(raw: dict[str, Any]) -> tuple[str, int]:
+    meta = raw.get("meta") or {}
+    return meta.get("phase", ""), meta.get("step", 0)
+
+
+def _lines(path: Path) -> Iterable[tuple[int, str]]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            yield from enumerate(f, 1)
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {exc.start}): {_RESTORE}") from None
+
+
+_RESTORE = "restore it from a copy, or delete or fix the damaged part, then rerun --resume"
+
+
+def _bad_line(path: Path, lineno: int, exc: Exception) -> ConfigError:
+    return ConfigError(f"{path}:{lineno} is not a record of this run ({type(exc).__name__}: {exc}); delete or fix "
+                       "that line (or restore the file from a copy), then rerun --resume")  # fmt: skip
+
+
+def _read_state(path: Path) -> dict[str, Any]:
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(state, dict) or not isinstance(state.get("phases"), dict):
+            raise ValueError("no 'phases' mapping")
+        for name, entry in state["phases"].items():
+            PhaseState(**entry)  # a TypeError names a missing or unknown field
+            _check_phase(name)
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise ConfigError(f"{path} is damaged ({type(exc).__name__}: {exc}); {_RESTORE}, or start the run "
+                          "again in a new --output-dir") from None  # fmt: skip
+    return state
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    import yaml
+
+    from agentrl import _yaml
+
+    if not path.is_file():
+        return {}
+    try:
+        data = _yaml.load(path.read_text(encoding="utf-8")) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"the top level is a {type(data).__name__}, not a mapping")
+    except (ValueError, yaml.YAMLError) as exc:  # UnicodeDecodeError is a ValueError
+        what = _yaml.describe(exc) if isinstance(exc, yaml.YAMLError) else str(exc)
+        raise ConfigError(f"{path} is damaged ({type(exc).__name__}: {what}); {_RESTORE}") from None
+    return data
+
+
+def check_run_dir(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Check a run directory for ``--resume`` without changing anything in it: it is a directory whose
+    ``config.yaml`` and ``state.json`` parse and whose ``metrics.jsonl`` and ``trajectories.jsonl`` lines
+    are records (a last line torn by a kill is allowed).
+
+    Returns:
+        Its config (``config.yaml`` as a mapping).
+
+    Raises:
+        ConfigError: naming the path, the damage and the fix.
+    """
+    run = Path(path)
+    if not run.is_dir():
+        what = "is a file" if run.exists() else "does not exist"
+        raise ConfigError(f"--resume {run} {what}: pass the run directory of an earlier `agentrl train` (its "
+                          "--output-dir)")  # fmt: skip
+    config = _read_config(run / CONFIG_FILE)
+    if not config:
+        raise ConfigError(f"{run} has no config.yaml: is it a run directory written by agentrl train?")
+    if (run / STATE_FILE).is_file():
+        _read_state(run / STATE_FILE)
+    _kept_lines(run / METRICS_FILE, _metrics_key, "", 0)
+    _kept_lines(run / TRAJECTORIES_FILE, _trajectory_key, "", 0)
+    return config
+
+
+def check_output_dir(path: str | os.PathLike[str], flag: str) -> None:
+    """Check that ``path`` is, or can be made, a directory this process can write, creating nothing.
+
+    Raises:
+        ConfigError: ``path`` (or a parent) is a file, or nothing can be created there (read-only,
+            permissions), naming ``flag`` and the fix.
+    """
+    target = Path(path)
+    probe = target
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir():
+        where = "is a file" if probe == target else f"is inside {probe}, which is a file"
+        raise ConfigError(f"{flag} {target} {where}, not a directory: pass a directory path (one that does not "
+                          "exist yet is created)")  # fmt: skip
+    try:  # os.access says yes to root on a directory that still refuses (sysfs); trying is the real test
+        os.rmdir(tempfile.mkdtemp(prefix=".agentrl-write-check-", dir=probe))
+    except OSError as exc:
+        raise ConfigError(f"{flag} {target}: cannot write in {probe} ({exc.strerror}); pass a directory you can "
+                          "write to") from None  # fmt: skip
 
 
 def _columns(stream: IO[str]) -> int:

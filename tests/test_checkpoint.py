@@ -139,3 +139,16 @@ def test_importing_the_learners_package_imports_no_torch():
     code = "import sys, agentrl.learners; print('torch' in sys.modules, 'pydantic' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
+
+
+def test_a_checkpoint_cut_short_is_told_from_a_whole_one_without_loading_it(tmp_path, model):
+    path = checkpoints.save_checkpoint(tmp_path / "ck", model, load_tokenizer("tiny"), step=3)
+    assert checkpoints.checkpoint_problem(path) is None
+    weights = path / "model.safetensors"
+    whole = weights.read_bytes()
+    weights.write_bytes(whole[:-100])
+    assert "model.safetensors is truncated" in checkpoints.checkpoint_problem(path)
+    weights.write_bytes(whole)
+    state = path / checkpoints.STATE_FILE
+    state.write_bytes(state.read_bytes()[:-10])
+    assert "training_state.pt is damaged" in checkpoints.checkpoint_problem(path)

@@ -274,7 +274,7 @@ def test_latest_checkpoint_finds_the_learners_newest_step(tmp_path):
 
     class Weights:  # the checkpoint layout does not depend on the model; this keeps transformers unloaded
         def save_pretrained(self, directory, safe_serialization):
-            (directory / "model.safetensors").write_bytes(b"")
+            (directory / "model.safetensors").write_bytes(struct.pack("<Q", 2) + b"{}")  # no tensors
 
     run = RunDir(tmp_path, tensorboard=False)
     assert run.latest_checkpoint("rl") is None
@@ -284,6 +284,43 @@ def test_latest_checkpoint_finds_the_learners_newest_step(tmp_path):
         checkpoints.save_checkpoint(checkpoints.step_dir(directory, step), Weights(), step=step)
     (directory / ".step-000006.tmp-crashed").mkdir()  # what a crash mid-save leaves
     assert run.latest_checkpoint("rl") == (directory / "step-000004", 4)
+
+
+@pytest.mark.parametrize("damaged", ["model.safetensors", "training_state.pt", "training_state.json"])
+def test_a_damaged_newest_checkpoint_is_skipped_for_the_one_before_saying_why(tmp_path, damaged, capsys):
+    from agentrl.learners import checkpoints
+
+    class Weights:
+        def save_pretrained(self, directory, safe_serialization):
+            header = json.dumps({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}).encode()
+            (directory / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + bytes(16))
+
+    run = RunDir(tmp_path, tensorboard=False)
+    directory = run.checkpoint_dir("rl")
+    for step in (2, 4):
+        checkpoints.save_checkpoint(checkpoints.step_dir(directory, step), Weights(), step=step)
+    file = directory / "step-000004" / damaged
+    file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])  # a write cut short
+    assert run.latest_checkpoint("rl") == (directory / "step-000002", 2)
+    said = capsys.readouterr().err.strip().splitlines()
+    assert len(said) == 1 and "step-000004" in said[0] and damaged in said[0] and "step-000002" in said[0]
+
+
+def test_a_bad_trajectory_line_stops_a_resume_before_metrics_are_rewritten(tmp_path):
+    run = RunDir(tmp_path, tensorboard=False)
+    run.start_phase("rl", total=4)
+    for step in (1, 2, 3, 4):
+        run.log("rl", step, {"loss": 1.0})
+        run.add_trajectories("rl", step, [_trajectory(1.0)])
+    run.close()
+    metrics = run.metrics_path.read_bytes()
+    lines = run.trajectories_path.read_text().splitlines(keepends=True)
+    lines[1] = '{"meta": {"phase": "rl", "step": 2}, "token_ids": [1, 2\n'
+    run.trajectories_path.write_text("".join(lines))
+    again = RunDir(tmp_path, tensorboard=False)
+    with pytest.raises(ConfigError, match=r"trajectories.jsonl:2 .*delete or fix that line"):
+        again.start_phase("rl", total=4, step=2)
+    assert run.metrics_path.read_bytes() == metrics
 
 
 # ---- progress -----------------------------------------------------------------------------------------

@@ -161,6 +161,26 @@ def test_a_run_killed_with_sigkill_resumes_to_the_straight_runs_result(tmp_path)
     assert again.returncode == 1 and "--resume continues a run with its saved config" in again.stderr
 
 
+def test_a_resume_skips_a_newest_checkpoint_cut_short_and_says_so(tmp_path):
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "agentrl.cli", "train", *TINY_RUN, "--output-dir", str(run_dir), "--no-report"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not (run_dir / "checkpoints" / "rl" / "step-000004").is_dir() and process.poll() is None:
+        assert time.monotonic() < deadline, "the run never wrote its step-4 checkpoint"
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    weights = run_dir / "checkpoints" / "rl" / "step-000004" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # what a lost write leaves
+
+    resumed = agentrl("train", "--resume", str(run_dir), "--no-report")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "skipped the damaged checkpoint" in resumed.stderr and "step-000004 (model.safetensors is truncated" \
+        in resumed.stderr and "resuming from" in resumed.stderr and "step-000002" in resumed.stderr
+    assert [r["step"] for r in rl_records(run_dir)] == [1, 2, 3, 4, 5, 6]
+
+
 def test_sft_then_dpo_on_pairs_mined_from_a_runs_trajectories(tmp_path):
     sft = agentrl("sft", "--env", "toy-digits", "--demos", "8", "--output-dir", str(tmp_path / "sft"), "--threads", "1",
                   "--set", "max_steps=2", "--set", "warmup_steps=0", "--set", "batch_size=4")  # fmt: skip

@@ -200,7 +200,7 @@ def _config(args: argparse.Namespace) -> Any:
         raise ConfigError(
             "--env is required: a registered env id (`agentrl envs` lists them), e.g. --env toy-guess"
         )
-    return EvalConfig(
+    config = EvalConfig(
         env=args.env,
         env_kwargs=dict(args.env_arg),
         task_option=args.task_option,
@@ -236,6 +236,10 @@ def _config(args: argparse.Namespace) -> Any:
         retry_errors=args.retry_errors,
         out=args.out,
     )
+    from agentrl.tracking import check_output_dir
+
+    check_output_dir(config.out_dir, "--out")
+    return config
 
 
 def _print_outcome(outcome: Any) -> None:
@@ -270,6 +274,8 @@ def _report_only(args: argparse.Namespace) -> int:
 
     if args.out is None:
         raise ConfigError("--report-only needs --out: the output directory of an earlier agentrl eval")
+    if not args.out.is_dir():
+        raise ConfigError(f"--out {args.out} is not a directory: pass the output directory of an earlier agentrl eval")
     outcome = report_only(
         args.out,
         echo=_echo,

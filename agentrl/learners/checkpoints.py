@@ -10,10 +10,13 @@ crash mid-write leaves the previous checkpoint at that path intact and never a h
 from __future__ import annotations
 
 import ctypes
+import errno
 import json
 import os
 import shutil
+import struct
 import tempfile
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +32,7 @@ from agentrl.learners.policy_model import ADAPTER_DIR, saveable
 __all__ = [
     "TrainingState",
     "checkpoint_dirs",
+    "checkpoint_problem",
     "load_training_state",
     "save_checkpoint",
     "save_step",
@@ -99,6 +103,11 @@ def save_checkpoint(
         _fsync_tree(tmp)
         tmp.chmod(0o755)
         _replace_dir(tmp, final)
+    except Exception as exc:
+        if not isinstance(exc, OSError) and _out_of_space(exc, tmp):
+            # the serializers (safetensors, torch.save) wrap the disk's ENOSPC in errors of their own
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(final)) from exc
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # after success it holds the previous checkpoint, or nothing
     return final
@@ -144,9 +153,61 @@ def checkpoint_dirs(output_dir: str | os.PathLike[str]) -> list[Path]:
     return sorted(found, key=lambda p: p.name)
 
 
+def checkpoint_problem(path: str | os.PathLike[str]) -> str | None:
+    """Why the checkpoint at ``path`` cannot be resumed from, or None when it looks whole.
+
+    Reads only what tells a file cut short (a killed write, a full disk): ``training_state.json``, the zip
+    directory at the end of ``training_state.pt``, each safetensors header and its size; no tensor is loaded.
+    """
+    root = Path(path)
+    try:
+        int(json.loads((root / STATE_JSON).read_text(encoding="utf-8"))["step"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"{STATE_JSON} is unreadable ({type(exc).__name__}: {exc})"
+    try:
+        with zipfile.ZipFile(root / STATE_FILE):
+            pass
+    except (OSError, zipfile.BadZipFile) as exc:
+        return f"{STATE_FILE} is damaged ({exc})"
+    for file in sorted(root.rglob("*.safetensors")):
+        problem = _safetensors_problem(file)
+        if problem is not None:
+            return f"{file.relative_to(root)} {problem}"
+    return None
+
+
+def _safetensors_problem(file: Path) -> str | None:
+    """A safetensors file is an 8-byte header length, a JSON header, then the tensors' bytes."""
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        head = f.read(8)
+        length = struct.unpack("<Q", head)[0] if len(head) == 8 else None
+        if length is None or 8 + length > size:
+            return f"is truncated ({size} bytes, cut inside its header)"
+        try:
+            header = json.loads(f.read(length))
+            end = max((int(e["data_offsets"][1]) for k, e in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, AttributeError, IndexError):
+            return "has a damaged header"
+    if 8 + length + end > size:
+        return f"is truncated ({size} of {8 + length + end} bytes)"
+    return None
+
+
 def step_dir(output_dir: str | os.PathLike[str], step: int) -> Path:
     """Where the checkpoint of ``step`` goes: ``<output_dir>/step-000123``."""
     return Path(output_dir) / f"{CHECKPOINT_PREFIX}{step:06d}"
+
+
+def _out_of_space(exc: Exception, where: Path) -> bool:
+    """Whether ``exc`` (a serializer's own error type) came from a full disk or quota."""
+    text = str(exc)
+    if any(mark in text for mark in ("os error 28", "os error 122", "No space left", "quota exceeded")):
+        return True
+    try:  # torch.save says only "file write failed"
+        return "write failed" in text and shutil.disk_usage(where).free < 16 << 20
+    except OSError:
+        return False
 
 
 def _fsync_tree(root: Path) -> None:

@@ -13,6 +13,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from agentrl.errors import ConfigError
+
 __all__ = ["add_dpo_arguments", "add_sft_arguments", "dpo_main", "sft_main"]
 
 
@@ -48,6 +50,11 @@ def sft_main(args: argparse.Namespace) -> int:
     from agentrl.learners.sft import SFTConfig
 
     config = _config(SFTConfig, args, {})
+    env_kwargs = _env_kwargs(args.env_kwargs) if args.env else {}
+    if args.env:
+        from agentrl.pipeline.config import check_env_kwargs
+
+        check_env_kwargs(args.env, env_kwargs, "--env-kwargs")
     if args.dry_run:
         return _print(config)
     from agentrl.learners.sft import env_demonstrations, read_messages_jsonl, train_sft
@@ -55,11 +62,9 @@ def sft_main(args: argparse.Namespace) -> int:
     if args.data:
         data = read_messages_jsonl(args.data)
     else:
-        import json
-
         import agentrl
 
-        env = agentrl.make(args.env, **json.loads(args.env_kwargs))
+        env = agentrl.make(args.env, **env_kwargs)
         try:
             data = env_demonstrations(env, range(args.demos))
         finally:
@@ -93,12 +98,52 @@ def dpo_main(args: argparse.Namespace) -> int:
 
 
 def _config(cls: Any, args: argparse.Namespace, fixed: dict[str, Any]) -> Any:
+    """The learner config from the flags, after checking the output directory and the input file.
+
+    Raises:
+        ConfigError: a bad ``--set``, an output directory that cannot be written, a missing input file.
+    """
     from agentrl.pipeline.config import apply_overrides
 
     phase = "sft" if cls.__name__ == "SFTConfig" else "dpo"
     values = apply_overrides({"model": args.model, **fixed}, args.overrides)
     values["output_dir"] = Path(args.output_dir) / "checkpoints" / phase
-    return cls(**values)
+    config = cls(**values)
+    from agentrl.tracking import check_output_dir
+
+    check_output_dir(args.output_dir, "--output-dir")
+    for flag in ("data", "buffer"):
+        path = getattr(args, flag, None)
+        if path is not None and not Path(path).is_file():
+            what = "is a directory" if Path(path).is_dir() else "does not exist"
+            raise ConfigError(f"--{flag} {path} {what}: pass a JSONL file ({_INPUTS[phase, flag]})")
+    return config
+
+
+_INPUTS = {
+    ("sft", "data"): 'one {"messages": [...]} per line',
+    ("dpo", "data"): "one prompt/chosen/rejected record per line",
+    ("dpo", "buffer"): "trajectories, e.g. a run's trajectories.jsonl",
+}
+
+
+def _env_kwargs(text: str) -> dict[str, Any]:
+    """``--env-kwargs`` as a mapping.
+
+    Raises:
+        ConfigError: not a JSON object.
+    """
+    import json
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"--env-kwargs {text!r} is not JSON ({exc.msg} at column {exc.colno}); write an "
+                          """object, e.g. --env-kwargs '{"split": "test"}'""") from None  # fmt: skip
+    if not isinstance(value, dict):
+        raise ConfigError(f"--env-kwargs {text!r} must be a JSON object of keyword arguments, e.g. "
+                          """'{"split": "test"}'""")  # fmt: skip
+    return value
 
 
 def _print(config: Any) -> int:

@@ -44,18 +44,22 @@ def main(args: argparse.Namespace) -> int:
                                                       "seed", "threads") if getattr(args, k) is not None]  # fmt: skip
         if given or args.overrides:
             raise ConfigError(f"--resume continues a run with its saved config; drop {given or ['--set']}")
-        from agentrl.tracking import RunDir
+        from agentrl.tracking import check_run_dir
 
-        saved = RunDir(args.resume).read_config()
-        if not saved:
-            raise ConfigError(f"{args.resume} has no config.yaml: is it a run directory written by agentrl train?")
-        run = RunConfig(**{**saved, "output_dir": args.resume})
+        saved = check_run_dir(args.resume)  # reads and checks every file; changes nothing
+        try:
+            run = RunConfig(**{**saved, "output_dir": args.resume})
+        except ConfigError as exc:
+            raise ConfigError(f"{args.resume}/config.yaml: {exc}") from None
     else:
         run = build_run_config(
             args.env, args.config, args.overrides, model=args.model, algo=args.algo, rollout=args.rollout,
             output_dir=args.output_dir, seed=args.seed, threads=args.threads,
         )  # fmt: skip
     resolved = resolve(run)
+    from agentrl.tracking import check_output_dir
+
+    check_output_dir(resolved.run_dir, "--resume" if args.resume else "--output-dir")
     if args.dry_run:
         _print_resolved(resolved)
         return 0

@@ -7,6 +7,7 @@ learners' own configs (:class:`~agentrl.learners.sft.SFTConfig`, the algorithm's
 Defaults come in three layers, later ones winning: the built-in ones here, the env's own recipe (a
 ``default_run`` mapping on the env class, e.g. which task sets SFT, RL and evaluation play, and the
 settings that make the tiny model learn on a CPU), then the user's YAML file and ``--set`` overrides.
+The YAML file is UTF-8 without aliases (``*name``): a few nested aliases could stand for billions of values.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ __all__ = [
     "SecondRLSection",
     "apply_overrides",
     "build_run_config",
+    "check_env_kwargs",
     "env_recipe",
     "load_yaml",
     "resolve",
@@ -180,22 +182,59 @@ def env_recipe(env_id: str) -> dict[str, Any]:
     return copy.deepcopy(dict(recipe)) if isinstance(recipe, Mapping) else {}
 
 
+def check_env_kwargs(env_id: str, kwargs: Mapping[str, Any], where: str) -> None:
+    """Check that ``env_id``'s constructor takes ``kwargs``, by its signature: nothing is built, so it is
+    instant and runs at ``--dry-run``.
+
+    Args:
+        where: the setting that holds them, for the message (``"eval.env_kwargs"``, ``"--env-kwargs"``).
+
+    Raises:
+        ConfigError: an argument the env does not take (or a required one missing), naming ``where``, the
+            env's arguments and the closest match.
+    """
+    import difflib
+    import inspect
+
+    from agentrl import registry
+
+    env_spec = registry.spec(env_id)
+    try:
+        signature = inspect.signature(env_spec.load())
+    except (TypeError, ValueError):
+        return  # no readable signature (some C callables): building it will tell
+    try:
+        signature.bind(**{**env_spec.kwargs, **kwargs})
+    except TypeError as exc:
+        named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        takes = [name for name, p in signature.parameters.items() if p.kind in named]
+        unknown = [k for k in kwargs if k not in takes]
+        close = difflib.get_close_matches(unknown[0], takes, n=1) if unknown else []
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"{where}: {env_spec.id} cannot be made with {dict(kwargs)}: {exc}{hint}; it takes "
+                          f"{', '.join(takes) or 'no arguments'}. Drop or rename it in {where}") from None  # fmt: skip
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """A run config file as a mapping.
 
     Raises:
-        ConfigError: missing file, bad YAML, or not a mapping at the top.
+        ConfigError: missing file, not UTF-8, bad YAML, an alias (``*name``), or not a mapping at the top.
     """
     import yaml
+
+    from agentrl import _yaml
 
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {exc.start}): save it as UTF-8 and rerun") from None
     try:
-        data = yaml.safe_load(text)
+        data = _yaml.load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+        raise ConfigError(f"{path}: not valid YAML ({_yaml.describe(exc)})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -209,15 +248,13 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
     Raises:
         ConfigError: an override without ``=`` or with an empty key, or a path through a non-mapping.
     """
-    import yaml
-
     out = copy.deepcopy(data)
     for item in overrides:
         key, sep, raw = item.partition("=")
         parts = key.strip().split(".")
         if not sep or not all(parts):
             raise ConfigError(f"--set {item!r}: write key.path=value, e.g. --set learner.lr=1e-5")
-        value = _scalar(raw, yaml)
+        value = _scalar(raw)
         node = out
         for i, part in enumerate(parts[:-1]):
             child = node.setdefault(part, {})
@@ -228,15 +265,19 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
     return out
 
 
-def _scalar(raw: str, yaml: Any) -> Any:
+def _scalar(raw: str) -> Any:
     """``raw`` as a number when it reads as one (YAML 1.1 leaves ``1e-5`` a string), else as YAML."""
+    import yaml
+
+    from agentrl import _yaml
+
     for parse in (int, float):
         try:
             return parse(raw)
         except ValueError:
             pass
     try:
-        return yaml.safe_load(raw) if raw.strip() else ""
+        return _yaml.load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         return raw
 
@@ -320,6 +361,7 @@ def resolve(run: RunConfig, run_dir: Path | None = None) -> Resolved:
         "seed": run.seed, "model": str(checkpoints.step_dir(sft.output_dir, sft.max_steps)) if sft else run.model,
         "output_dir": run_dir / "checkpoints" / "rl",
     })  # fmt: skip
+    _check_env_settings(run, learner["env_kwargs"])
     rl = _section("learner", config_cls, learner)
     sampling, rejection_sft = _rejection(run, run_dir, rl)
     learner2 = None
@@ -338,6 +380,20 @@ def resolve(run: RunConfig, run_dir: Path | None = None) -> Resolved:
             except ConfigError as exc:
                 raise ConfigError(f"rl2.judge: {exc}") from None
     return Resolved(run, run_dir, sft, rl, train, sampling, rejection_sft, learner2)
+
+
+def _check_env_settings(run: RunConfig, rl_kwargs: Mapping[str, Any]) -> None:
+    """Every env setting the run will build an env with, checked against the env's signature."""
+    settings = {
+        "env_kwargs" if rl_kwargs == run.env_kwargs else "learner.env_kwargs": rl_kwargs,
+        "sft.env_kwargs": run.sft.env_kwargs if run.sft.demos else None,
+        "eval.env_kwargs": run.eval.env_kwargs if run.eval.tasks else None,
+        "rejection.env_kwargs": {**run.env_kwargs, **run.rejection.env_kwargs} if run.rejection.tasks else None,
+        "gold.env_kwargs": run.gold.env_kwargs if run.gold.every else None,
+    }
+    for where, kwargs in settings.items():
+        if kwargs is not None:
+            check_env_kwargs(run.env, kwargs, where)
 
 
 def _rejection(run: RunConfig, run_dir: Path, rl: Any) -> tuple[Any, Any]:
