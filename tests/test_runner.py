@@ -304,6 +304,27 @@ def test_an_episode_has_a_deadline_unless_a_run_removes_it():
     assert RolloutConfig(env="toy-echo", episode_deadline_s=None).episode_deadline_s is None
 
 
+class SurrogateEchoEnv(EchoEnv):
+    """An env whose own text holds lone surrogates (say, bytes from a tool decoded with surrogateescape)."""
+
+    def reset(self, *, seed=None, options=None):
+        opening, info = super().reset(seed=seed, options=options)
+        return ResetResult([{**m, "content": m["content"] + " \udc80"} for m in opening], info)
+
+    def step(self, action):
+        result = super().step(action)
+        return result._replace(observation=[{**m, "content": m["content"] + " \ud800"} for m in result.observation])
+
+
+def test_an_envs_text_with_lone_surrogates_reaches_the_model_replaced_and_the_episode_goes_on(tokenizer):
+    [group] = rollout(SurrogateEchoEnv, ScriptedPolicy(tokenizer, echo_reply), tokenizer, 1, group_size=2)
+    for trajectory in group:
+        assert trajectory.stop_reason is StopReason.TERMINATED, trajectory.error
+        env_text = [m["content"] for m in trajectory.messages if m["role"] != "assistant"]
+        assert all(text.endswith("\ufffd") for text in env_text[1:]) and len(env_text) == 4
+        assert "\ufffd" in tokenizer.decode(list(trajectory.token_ids))
+
+
 # ---------------------------------------------------------------------------------------------- limits
 WRONG_GUESS = '<tool_call>\n{"name": "guess", "arguments": {"number": 0}}\n</tool_call>'
 

@@ -34,6 +34,7 @@ from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from agentrl._safe_text import valid_json
 from agentrl.core import Env
 from agentrl.data.buffer import GROUP_KEY, TrajectoryGroup
 from agentrl.data.trajectory import LedgerBuilder, Trajectory
@@ -282,7 +283,8 @@ class Runner:
     async def _turns(self, env: Env, episode: _Episode) -> StopReason:
         """The multi-turn loop of one episode; returns why it ended (exceptions propagate to :meth:`_play`)."""
         opening, info = await env.areset(seed=episode.reset_seed, options=_options(episode.task))
-        opening, history = list(opening), list(opening)
+        opening = valid_json(list(opening))
+        history = list(opening)
         tools = info.get("tools") or env.tool_schemas()
         renderer = _Renderer(self.tokenizer, tools, self.template, opening, self._fast_tokenizer)
         ledger = episode.ledger = LedgerBuilder(self._prompt_ids(renderer), history)
@@ -310,6 +312,7 @@ class Runner:
             message = renderer.assistant_message(text)  # the text without its stop token: the env's action
             ledger.add_messages([message])  # before the env runs: an env that raises leaves what was said
             observation, reward, terminated, truncated, step_info = await env.astep(message["content"])
+            observation = valid_json(list(observation))  # an env's text may hold what no tokenizer encodes
             ledger.set_reward(_finite(reward), step_info.get("reward_components"))
             turn += 1
             answer = [message, *observation]
