@@ -202,7 +202,7 @@ class Env(gymnasium.Env[list[Message], str]):
     async def areset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> ResetResult:
         """Async twin of :meth:`reset`. Subclasses call ``await super().areset(seed=seed)`` first."""
         if self._overrides("reset") and not self._overrides("areset"):
-            return await in_thread(self.reset, seed=seed, options=options, name="the env's reset")
+            return await in_thread("the env's reset", self.reset, seed=seed, options=options)
         gymnasium.Env.reset(self, seed=seed)
         return None  # type: ignore[return-value]
 
@@ -216,7 +216,7 @@ class Env(gymnasium.Env[list[Message], str]):
     async def astep(self, action: str) -> StepResult:
         """Async twin of :meth:`step`."""
         if self._overrides("step") and not self._overrides("astep"):
-            return await in_thread(self.step, action, name="the env's step")
+            return await in_thread("the env's step", self.step, action)
         raise NotImplementedError(f"{type(self).__name__} must implement step() or astep()")
 
     # ---- close -------------------------------------------------------------------------------------
@@ -231,7 +231,7 @@ class Env(gymnasium.Env[list[Message], str]):
     async def aclose(self) -> None:
         """Async twin of :meth:`close`. Subclasses call ``await super().aclose()`` last."""
         if self._overrides("close") and not self._overrides("aclose"):
-            await in_thread(self.close, name="the env's close")
+            await in_thread("the env's close", self.close)
 
     async def aprobe(self) -> None:
         """Check what every episode needs (a sandbox, a server) once, before a run; the default checks

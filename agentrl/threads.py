@@ -17,8 +17,9 @@ __all__ = ["in_thread"]
 T = TypeVar("T")
 
 
-async def in_thread(fn: Callable[..., T], *args: Any, name: str = "call", **kwargs: Any) -> T:
-    """``fn(*args, **kwargs)`` on a new daemon thread; its result or exception, awaited.
+async def in_thread(name: str, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+    """``fn(*args, **kwargs)`` on a new daemon thread; its result or exception, awaited. ``name`` says what
+    runs ("the env's step", "tool 'search'") in the thread's name and in errors.
 
     A ``BaseException`` that is not an ``Exception`` (``SystemExit``, ``KeyboardInterrupt`` raised inside
     ``fn``) comes back as a ``RuntimeError`` naming it: it belongs to ``fn``, not to the caller's process.

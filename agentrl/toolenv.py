@@ -26,7 +26,6 @@ import inspect
 import json
 import math
 import re
-import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,6 +35,7 @@ import numpy as np
 from agentrl.core import Env, ResetResult, StepResult
 from agentrl.errors import ConfigError, ToolCallError
 from agentrl.rewards import RewardResult, compose
+from agentrl.threads import in_thread
 from agentrl.tools import Tool, as_tool, call_tool, parse_tool_calls, tool_error_message, validate_call
 from agentrl.types import Message, ToolCall
 
@@ -134,35 +134,6 @@ def _add(into: dict[str, float], parts: Mapping[str, float]) -> None:
         into[name] = into.get(name, 0.0) + value
 
 
-async def _in_thread(fn: Callable[..., Any], name: str, *args: Any, **kwargs: Any) -> Any:
-    """Run a sync tool in a daemon thread of its own.
-
-    Not the loop's default executor: a tool that hangs would hold an executor thread that
-    ``asyncio.run`` waits for at exit. A daemon thread is abandoned on timeout instead.
-    """
-    loop = asyncio.get_running_loop()
-    future: asyncio.Future[Any] = loop.create_future()
-
-    def settle(ok: bool, value: Any) -> None:
-        if not future.done():
-            future.set_result(value) if ok else future.set_exception(value)
-
-    def target() -> None:
-        try:
-            ok, value = True, fn(*args, **kwargs)
-        except Exception as exc:
-            ok, value = False, exc
-        except BaseException as exc:  # SystemExit in a tool must not reach the event loop
-            ok, value = False, RuntimeError(f"tool raised {type(exc).__name__}: {exc}")
-        try:
-            loop.call_soon_threadsafe(settle, ok, value)
-        except RuntimeError:  # the loop closed while the tool ran; nobody is waiting
-            pass
-
-    threading.Thread(target=target, name=f"agentrl-tool-{name}", daemon=True).start()
-    return await future
-
-
 def _threaded(tool: Tool) -> Tool:
     fn = tool.fn
     if fn is None:
@@ -171,7 +142,7 @@ def _threaded(tool: Tool) -> Tool:
         return tool
 
     async def run(*args: Any, **kwargs: Any) -> Any:
-        result = await _in_thread(fn, tool.name, *args, **kwargs)
+        result = await in_thread(f"tool {tool.name!r}", fn, *args, **kwargs)
         return await result if inspect.isawaitable(result) else result
 
     return dataclasses.replace(tool, fn=run)
