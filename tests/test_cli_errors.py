@@ -6,16 +6,21 @@ see); the alias bomb runs as a subprocess, bounded by a timeout."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from agentrl.cli import main
 from agentrl.errors import ConfigError
 from agentrl.pipeline.config import load_yaml
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # the CLI runs in-process and sets torch's threads: restored after
 
 
 def fails(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
@@ -62,21 +67,27 @@ def test_an_output_dir_that_is_a_file_fails_at_dry_run(tmp_path, capsys):
     assert file.read_text() == "mine"
 
 
+@contextlib.contextmanager
+def tmpfs(path: Path, options: str) -> Iterator[Path]:
+    """A tmpfs mounted at ``path`` with ``options`` for the block (the test skips where mounting is not allowed)."""
+    path.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True).returncode:
+        pytest.skip(f"needs permission to mount a tmpfs ({options})")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
+
+
 def test_an_unwritable_output_dir_fails_before_any_work(tmp_path, capsys):
     err = fails(capsys, "train", "--env", "toy-digits", "--output-dir", "/sys/agentrl-run", "--dry-run")
     assert "/sys" in err and "--output-dir" in err
 
 
 def test_a_read_only_output_dir_fails_before_any_work(tmp_path, capsys):
-    mount = tmp_path / "ro"
-    mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1M,ro", "tmpfs", str(mount)], capture_output=True).returncode:
-        pytest.skip("needs permission to mount a read-only tmpfs")
-    try:
+    with tmpfs(tmp_path / "ro", "size=1M,ro") as mount:
         err = fails(capsys, "train", "--env", "toy-digits", "--output-dir", str(mount / "run"))
         assert str(mount) in err and "read-only" in err.lower()
-    finally:
-        subprocess.run(["umount", str(mount)], check=True)
 
 
 def test_resume_of_a_file_or_a_missing_path_names_it_and_creates_nothing(tmp_path, capsys):
@@ -167,11 +178,7 @@ def test_a_config_yaml_that_is_not_utf8_stops_a_resume(tmp_path, capsys):
 
 
 def test_a_full_disk_is_one_sentence_and_the_run_resumes_after_space_is_freed(tmp_path, capsys):
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(disk)], capture_output=True).returncode:
-        pytest.skip("needs permission to mount a tmpfs")
-    try:
+    with tmpfs(tmp_path / "disk", "size=3m") as disk:
         run_dir = disk / "run"  # room for the logs, not for a checkpoint of the tiny model (about 4 MB)
         err = fails(capsys, "train", "--env", "toy-digits", "--threads", "1", "--output-dir", str(run_dir),
                     "--set", "sft.demos=0", "--set", "eval.tasks=0", "--set", "learner.max_steps=2",
@@ -184,8 +191,6 @@ def test_a_full_disk_is_one_sentence_and_the_run_resumes_after_space_is_freed(tm
         assert main(["train", "--resume", str(run_dir), "--no-report"]) == 0
         records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in records if r["phase"] == "rl"] == [1, 2]
-    finally:
-        subprocess.run(["umount", str(disk)], check=True)
 
 
 @pytest.mark.parametrize("error", [OSError(5, "Input/output error", "x"), OSError(1, "Operation not permitted"),

@@ -35,6 +35,18 @@ def rl_records(run_dir: Path) -> list[dict]:
     return [r for r in map(json.loads, lines) if r["phase"] == "rl"]
 
 
+def kill_after_checkpoint(run_dir, step):
+    """Start the tiny run into ``run_dir`` and SIGKILL it once its RL checkpoint of ``step`` exists."""
+    command = [sys.executable, "-m", "agentrl.cli", "train", *TINY_RUN, "--output-dir", str(run_dir), "--no-report"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not (run_dir / "checkpoints" / "rl" / f"step-{step:06d}").is_dir() and process.poll() is None:
+        assert time.monotonic() < deadline, f"the run never wrote its step-{step} checkpoint"
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
 def test_settings_layer_and_bad_values_name_the_field_and_the_fix(tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text("algo: rloo\nlearner:\n  lr: 3.0e-4\n  max_steps: 40\n")
@@ -137,14 +149,7 @@ def test_a_run_killed_with_sigkill_resumes_to_the_straight_runs_result(tmp_path)
     done = agentrl("train", *TINY_RUN, "--output-dir", str(straight), "--no-report")
     assert done.returncode == 0, done.stderr[-3000:]
 
-    command = [sys.executable, "-m", "agentrl.cli", "train", *TINY_RUN, "--output-dir", str(killed), "--no-report"]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 300
-    while not (killed / "checkpoints" / "rl" / "step-000002").is_dir() and process.poll() is None:
-        assert time.monotonic() < deadline, "the run never wrote its step-2 checkpoint"
-        time.sleep(0.05)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+    kill_after_checkpoint(killed, 2)
     assert not json.loads((killed / "state.json").read_text())["phases"]["rl"]["status"] == "finished"
 
     resumed = agentrl("train", "--resume", str(killed), "--no-report")
@@ -163,14 +168,7 @@ def test_a_run_killed_with_sigkill_resumes_to_the_straight_runs_result(tmp_path)
 
 def test_a_resume_skips_a_newest_checkpoint_cut_short_and_says_so(tmp_path):
     run_dir = tmp_path / "run"
-    command = [sys.executable, "-m", "agentrl.cli", "train", *TINY_RUN, "--output-dir", str(run_dir), "--no-report"]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 300
-    while not (run_dir / "checkpoints" / "rl" / "step-000004").is_dir() and process.poll() is None:
-        assert time.monotonic() < deadline, "the run never wrote its step-4 checkpoint"
-        time.sleep(0.05)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+    kill_after_checkpoint(run_dir, 4)
     weights = run_dir / "checkpoints" / "rl" / "step-000004" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # what a lost write leaves
 

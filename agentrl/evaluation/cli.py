@@ -274,8 +274,6 @@ def _report_only(args: argparse.Namespace) -> int:
 
     if args.out is None:
         raise ConfigError("--report-only needs --out: the output directory of an earlier agentrl eval")
-    if not args.out.is_dir():
-        raise ConfigError(f"--out {args.out} is not a directory: pass the output directory of an earlier agentrl eval")
     outcome = report_only(
         args.out,
         echo=_echo,
