@@ -1,6 +1,6 @@
 """The shell every online learner (GRPO, PPO, online DPO) runs in: it owns the rollout backend and its
 lifetime, the data position, the weight sync, the hooks, the step log, checkpoints and resuming, and when to
-stop. A learner hands it an :class:`Online` (its model, optimizer and a ``update(step, groups)`` function)
+stop. A learner hands it an :class:`Online` (its model, optimizer and an ``update(step, groups)`` function)
 and keeps its math in its own file.
 
 One step::
@@ -41,7 +41,18 @@ from agentrl.learners import checkpoints, optim, rl
 from agentrl.learners.result import TrainResult
 from agentrl.types import StopReason
 
-__all__ = ["FAILED_STEPS", "SILENT_STEPS", "Hooks", "Monitor", "OnRollout", "OnStep", "Online", "Rescore", "Update", "run_online"]
+__all__ = [
+    "FAILED_STEPS",
+    "SILENT_STEPS",
+    "Hooks",
+    "Monitor",
+    "OnRollout",
+    "OnStep",
+    "Online",
+    "Rescore",
+    "Update",
+    "run_online",
+]
 
 FAILED_STEPS = 3
 """Steps in a row whose every episode ended in an error before the shell stops the run."""
