@@ -28,12 +28,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agentrl.progress import format_duration
 from agentrl.tracking import (
     CONFIG_FILE,
     STATE_FILE,
     MetricRecord,
     atomic_write_text,
-    format_duration,
     read_metrics,
 )
 

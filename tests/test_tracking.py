@@ -22,14 +22,8 @@ import pytest
 
 from agentrl.data.trajectory import Trajectory, TurnSpan, read_jsonl
 from agentrl.errors import ConfigError
-from agentrl.tracking import (
-    Progress,
-    RunDir,
-    flatten_metrics,
-    format_duration,
-    progress_fields,
-    read_metrics,
-)
+from agentrl.progress import Progress, format_duration, progress_fields
+from agentrl.tracking import RunDir, flatten_metrics, read_metrics
 
 
 def _scalars(logdir, tag):

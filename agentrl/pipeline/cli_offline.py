@@ -159,7 +159,8 @@ def _run(phase: str, args: argparse.Namespace, config: Any, train: Callable[[Cal
         import torch
 
         torch.set_num_threads(args.threads)
-    from agentrl.tracking import Progress, RunDir
+    from agentrl.progress import Progress
+    from agentrl.tracking import RunDir
 
     out = RunDir(args.output_dir)
     out.write_config(config)

@@ -35,7 +35,8 @@ from typing import IO, Any
 from agentrl.data.buffer import TrajectoryGroup
 from agentrl.errors import ConfigError
 from agentrl.pipeline.config import Resolved
-from agentrl.tracking import Progress, RunDir, flatten_metrics
+from agentrl.progress import Progress
+from agentrl.tracking import RunDir, flatten_metrics
 
 __all__ = ["EvalResult", "RunSummary", "evaluate_checkpoint", "run_pipeline"]
 
