@@ -27,7 +27,8 @@ from agentrl_envs.math.tasks import generate_tasks
 
 import agentrl
 from agentrl import algos
-from agentrl.data.buffer import TrajectoryBuffer, collate
+from agentrl.data.batch import collate
+from agentrl.data.buffer import TrajectoryBuffer
 from agentrl.learners.logprobs import policy_logprobs
 from agentrl.learners.sft import SFTConfig, env_demonstrations, train_sft
 from agentrl.rollout.hf import HFPolicy

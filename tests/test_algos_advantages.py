@@ -22,7 +22,7 @@ from agentrl.algos.advantages import (
     turn_rewards_from_trajectories,
     turn_values_to_tokens,
 )
-from agentrl.data.buffer import collate
+from agentrl.data.batch import collate
 from agentrl.data.trajectory import LedgerBuilder, Trajectory
 from agentrl.types import StopReason
 

@@ -15,7 +15,7 @@ from agentrl.algos import (
     sequence_logprobs,
     simpo_loss,
 )
-from agentrl.data.buffer import collate
+from agentrl.data.batch import collate
 from agentrl.data.trajectory import LedgerBuilder
 from agentrl.types import StopReason
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from agentrl.data.buffer import SHARED_SEGMENT, PreferencePair, collate_shared
+from agentrl.data.batch import SHARED_SEGMENT, collate_shared
+from agentrl.data.buffer import PreferencePair
 from agentrl.errors import ConfigError
 from agentrl.learners import checkpoints
 from agentrl.learners.dpo import (

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import agentrl
-from agentrl.data.buffer import SHARED_SEGMENT, TrajectoryGroup, collate, collate_shared
+from agentrl.data.batch import SHARED_SEGMENT, collate, collate_shared
+from agentrl.data.buffer import TrajectoryGroup
 from agentrl.data.trajectory import Trajectory, TurnSpan
 from agentrl.errors import ConfigError
 from agentrl.learners import batching, logprobs, optim, policy_model, rl

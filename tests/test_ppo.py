@@ -8,7 +8,7 @@ import pytest
 import torch
 from test_grpo import FAST, ledger, weights
 
-from agentrl.data.buffer import collate
+from agentrl.data.batch import collate
 from agentrl.learners.ppo import CRITIC_DIR, PPOConfig, gae_advantages, train_ppo
 from agentrl.models.value_head import ValueModel
 

@@ -10,7 +10,7 @@ import torch
 
 import agentrl
 from agentrl.algos import sft_nll_loss
-from agentrl.data.buffer import collate
+from agentrl.data.batch import collate
 from agentrl.errors import ConfigError
 from agentrl.learners import checkpoints
 from agentrl.learners.logprobs import policy_logprobs

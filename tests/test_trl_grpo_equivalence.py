@@ -36,7 +36,7 @@ from datasets import Dataset
 from trl import GRPOConfig, GRPOTrainer
 
 from agentrl.algos.losses import aggregate, kl_estimate, policy_loss, ppo_clip_loss
-from agentrl.data.buffer import Batch, collate
+from agentrl.data.batch import Batch, collate
 from agentrl.data.trajectory import Trajectory, TurnSpan
 from agentrl.learners.logprobs import policy_logprobs
 from agentrl.models.loading import load_model, load_tokenizer

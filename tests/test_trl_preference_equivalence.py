@@ -39,7 +39,7 @@ from agentrl.algos import (
     sft_nll_loss,
     simpo_loss,
 )
-from agentrl.data.buffer import SHARED_SEGMENT, collate, collate_shared
+from agentrl.data.batch import SHARED_SEGMENT, collate, collate_shared
 from agentrl.data.trajectory import Trajectory, TurnSpan
 from agentrl.learners.logprobs import policy_logprobs
 from agentrl.models.tiny import tiny_config

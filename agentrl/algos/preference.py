@@ -61,7 +61,7 @@ def sequence_logprobs(
         average: divide by the number of policy tokens (SimPO, ORPO and IPO's length normalisation); a
             sequence without policy tokens gives 0 either way.
         segment_ids_B_T: which sequence (0 to ``num_sequences - 1``) each token belongs to, as in
-            :class:`~agentrl.data.buffer.Batch` (negative where no sequence's own: padding, a shared prompt).
+            :class:`~agentrl.data.batch.Batch` (negative where no sequence's own: padding, a shared prompt).
         num_sequences: how many sequences ``segment_ids_B_T`` numbers; default its largest id + 1.
 
     Returns:

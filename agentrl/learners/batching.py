@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from agentrl.data.buffer import Batch, collate, collate_shared
+from agentrl.data.batch import Batch, collate, collate_shared
 from agentrl.data.trajectory import Trajectory
 from agentrl.learners.logprobs import policy_logprobs, reference_logprobs
 from agentrl.learners.optim import autocast

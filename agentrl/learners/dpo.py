@@ -33,7 +33,8 @@ import torch
 from pydantic import Field, model_validator
 
 from agentrl import algos
-from agentrl.data.buffer import PreferencePair, collate_shared
+from agentrl.data.batch import collate_shared
+from agentrl.data.buffer import PreferencePair
 from agentrl.data.trajectory import Trajectory
 from agentrl.errors import ConfigError
 from agentrl.learners import checkpoints, logprobs, optim, policy_model
@@ -231,7 +232,7 @@ class SequenceLogps(NamedTuple):
 
 def _sequence_logps(model: Any, rows: Sequence[Trajectory], pad_id: int, config: DPOConfig) -> SequenceLogps:
     """The completion logprobs of ``rows`` under ``model``, in one batch: rows that share a prompt (a pair's
-    chosen and rejected) compute it once (:func:`~agentrl.data.buffer.collate_shared`), and only the positions
+    chosen and rejected) compute it once (:func:`~agentrl.data.batch.collate_shared`), and only the positions
     that predict a completion token go through the softmax (:func:`~agentrl.learners.logprobs.policy_logprobs`)."""
     batch = collate_shared(rows, pad_id=pad_id).to_torch(torch.device(config.device))
     with optim.autocast(config.precision, config.device):

@@ -33,7 +33,8 @@ import torch
 from pydantic import Field
 
 from agentrl import algos
-from agentrl.data.buffer import TrajectoryGroup, collate
+from agentrl.data.batch import collate
+from agentrl.data.buffer import TrajectoryGroup
 from agentrl.data.trajectory import Trajectory
 from agentrl.learners import batching, logprobs, loop, optim, policy_model, rl
 from agentrl.learners.result import TrainResult

@@ -1,6 +1,7 @@
 """The one logprob path: per-token logprobs (and entropies) of a collated batch's policy tokens under a
 model, for every learner (SFT, the DPO family, GRPO, PPO) and for loops written outside the library, e.g.
-``examples/grpo_math.py``. Rows may be padded, packed or prompt-shared (:meth:`~agentrl.data.buffer.Batch.model_inputs`).
+``examples/grpo_math.py``. Rows may be padded, packed or prompt-shared
+(:meth:`~agentrl.data.batch.Batch.model_inputs`).
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def policy_logprobs(
 
     Only the positions that predict a policy token go through the softmax, so a long prompt or tool
     result costs its forward pass and nothing more. Rows may be padded, packed or prompt-shared (see
-    :meth:`~agentrl.data.buffer.Batch.model_inputs`).
+    :meth:`~agentrl.data.batch.Batch.model_inputs`).
     """
     scale = temperature if temperature > 0 else 1.0
     predicts_B_T = batch.loss_mask_B_T[:, 1:] != 0  # the logits at t predict token t + 1
@@ -72,7 +73,7 @@ def _scatter(values_N: torch.Tensor, predicts_B_T: torch.Tensor) -> torch.Tensor
 def _predicting_logits(model: Any, batch: Any, predicts_B_T: torch.Tensor) -> torch.Tensor:
     """The logits at the positions ``predicts_B_T`` marks (of ``T - 1``), shape ``(N, V)``: the LM head runs
     only there when the model splits into decoder and head, else the whole forward does. A batch's
-    :attr:`~agentrl.data.buffer.Batch.shared_prefix` runs once, batch 1, every row attending to its keys and
+    :attr:`~agentrl.data.batch.Batch.shared_prefix` runs once, batch 1, every row attending to its keys and
     values (not under gradient checkpointing, which recomputes without a cache)."""
     inputs = batch.model_inputs()
     split = decoder_and_head(model)

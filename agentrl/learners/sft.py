@@ -27,7 +27,7 @@ import torch
 from pydantic import Field
 
 from agentrl import algos
-from agentrl.data.buffer import collate
+from agentrl.data.batch import collate
 from agentrl.data.jsonl import jsonl_records
 from agentrl.data.trajectory import Trajectory, TurnSpan
 from agentrl.errors import ConfigError
@@ -110,7 +110,7 @@ def read_messages_jsonl(path: str | Path) -> list[Demonstration]:
 # ---- rows ---------------------------------------------------------------------------------------
 def ledger_from_mask(ids: Sequence[int], mask: Sequence[int]) -> Trajectory:
     """Token ids and a loss mask as a ledger (each run of mask-1 tokens one turn): a cut or re-masked
-    conversation in the row type :func:`~agentrl.data.buffer.collate` lays out."""
+    conversation in the row type :func:`~agentrl.data.batch.collate` lays out."""
     turns, start = [], None
     for t, m in enumerate((*mask, 0)):
         if m and start is None:

@@ -14,7 +14,7 @@ from typing import Any, Literal, NamedTuple, TypeVar
 
 import torch
 
-from agentrl.data.buffer import collate
+from agentrl.data.batch import collate
 from agentrl.data.trajectory import Trajectory, TurnSpan
 from agentrl.errors import ConfigError, TemplateError
 from agentrl.models.chat import ChatRenderer, demonstration_ledger
@@ -127,7 +127,7 @@ def conversation_row(renderer: ChatRenderer, messages: Sequence[Message]) -> Sco
 
 def end_scores(model: ValueModel, rows: Sequence[ScoreRow], device: Any) -> torch.Tensor:
     """The head's score at every row's ``ends``, flattened in row order: ``(N,)``, from one batch of the
-    rows' ledgers (:func:`~agentrl.data.buffer.collate`; padding is masked and never read)."""
+    rows' ledgers (:func:`~agentrl.data.batch.collate`; padding is masked and never read)."""
     scores_B_T = model.scores(collate([r.ledger for r in rows]).to_torch(device))
     row_N = torch.tensor([b for b, r in enumerate(rows) for _ in r.ends], device=scores_B_T.device)
     end_N = torch.tensor([e for r in rows for e in r.ends], device=scores_B_T.device)
