@@ -326,7 +326,7 @@ def train_dpo(
     optim.seed_everything(config.seed)
     model, tokenizer = policy_model.load_trainable(config)
     dataset = _dataset(config, tokenizer, list(data))
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = policy_model.pad_id(tokenizer)
 
     # The reference's sums, for the whole dataset up front (default) or per batch from a loaded copy.
     reference, cached = None, None
@@ -445,7 +445,7 @@ def evaluate_preferences(
     """
     pairwise = config.model_copy(update={"loss": "dpo" if config.loss == "kto" else config.loss})
     dataset = _dataset(pairwise, tokenizer, list(pairs))
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = policy_model.pad_id(tokenizer)
     rows = [*dataset.chosen, *dataset.rejected]
     was_training = model.training
     model.eval()

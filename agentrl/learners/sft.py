@@ -194,7 +194,7 @@ def train_sft(
             f"none of the {len(ledgers)} demonstrations has an assistant token within max_seq_len="
             f"{config.max_seq_len}; raise max_seq_len or pass demonstrations with assistant turns"
         )
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = policy_model.pad_id(tokenizer)
 
     optimizer = optim.make_optimizer(model, config.lr, config.weight_decay, config.betas)
     scheduler = optim.make_scheduler(optimizer, config.warmup_steps, config.max_steps, config.min_lr_ratio)

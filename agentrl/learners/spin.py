@@ -44,6 +44,7 @@ import torch
 from pydantic import Field, model_validator
 
 from agentrl.errors import ConfigError
+from agentrl.learners import policy_model
 from agentrl.learners.dpo import DPOConfig, SequenceLogps, _dataset, _reference_logps, train_dpo
 from agentrl.learners.preference_data import PreferenceConversation
 from agentrl.learners.result import TrainResult
@@ -325,7 +326,7 @@ def _iteration(
     # Scored as pairs whatever the loss (KTO would lay the rows out as unpaired examples).
     dataset = _dataset(dpo.model_copy(update={"loss": "dpo"}), tokenizer, pairs)
     rows = [*dataset.chosen, *dataset.rejected]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = policy_model.pad_id(tokenizer)
     before = _score(model, rows, pad_id, dpo).sum_N
     model = None  # train_dpo loads its own policy and reference from the same checkpoint
     result = train_dpo(dpo, pairs)
