@@ -15,6 +15,12 @@ milliseconds on a large site-packages). A plug-in's code is imported only when i
 so one broken plug-in is reported by name and never breaks another env. Gymnasium has no such hook, so a
 plain ``gymnasium.make("agentrl/<plug-in id>")`` needs one registry read first; ``agentrl.make``,
 ``agentrl.list_envs()`` or ``agentrl.register_plugins()`` each do it.
+
+Environments from other ecosystems are made by *loaders*, addressed as ``<scheme>:<target>``, e.g.
+``verifiers:my-env`` or ``openenv:http://127.0.0.1:8000``: the scheme names a loader registered with
+:func:`register_loader` (``"module:function"``, imported on first use), the target is the loader's own
+address for one environment. ``make``, ``spec``, ``agentrl check``, ``train`` and ``eval`` accept such ids
+like any other; Gymnasium does not (its ids cannot hold every target).
 """
 
 from __future__ import annotations
@@ -29,7 +35,17 @@ from typing import Any
 from agentrl._plugins import load_object
 from agentrl.errors import EnvNotFoundError, PluginError, RegistryError
 
-__all__ = ["ENTRY_POINT_GROUP", "EnvSpec", "list_envs", "make", "register", "register_plugins", "spec"]
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "EnvSpec",
+    "list_envs",
+    "list_loaders",
+    "make",
+    "register",
+    "register_loader",
+    "register_plugins",
+    "spec",
+]
 
 ENTRY_POINT_GROUP = "agentrl.envs"
 GYM_NAMESPACE = "agentrl"
@@ -60,11 +76,11 @@ class EnvSpec:
 
     @property
     def name(self) -> str:
-        return _parse_id(self.id)[0]
+        return self.id if _scheme(self.id) else _parse_id(self.id)[0]
 
     @property
     def version(self) -> int | None:
-        return _parse_id(self.id)[1]
+        return None if _scheme(self.id) else _parse_id(self.id)[1]
 
     def load(self) -> EnvFactory:
         """Import and return the entry point. Raises :class:`PluginError` naming the env and its source."""
@@ -82,6 +98,49 @@ class EnvSpec:
 _REGISTRY: dict[str, EnvSpec] = {}
 _plugins_read = False
 _broken: dict[str, str] = {}
+# scheme -> ("module:function" taking (target, **kwargs) and returning an Env, one-line description)
+_LOADERS: dict[str, tuple[str | EnvFactory, str]] = {}
+_SCHEME_RE = re.compile(r"^(?P<scheme>[a-z][a-z0-9_-]*):(?P<target>.+)$", re.DOTALL)
+
+
+def _scheme(env_id: str) -> tuple[str, str] | None:
+    """``(scheme, target)`` for a loader id like ``verifiers:my-env``; None for a registered-style id."""
+    match = _SCHEME_RE.match(env_id)
+    return (match.group("scheme"), match.group("target")) if match else None
+
+
+def register_loader(scheme: str, entry_point: str | EnvFactory, *, description: str = "") -> None:
+    """Make ids ``<scheme>:<target>`` build envs with ``entry_point(target, **kwargs)``.
+
+    Raises:
+        RegistryError: the scheme is not lowercase letters, digits, '-' or '_'.
+    """
+    if not re.fullmatch(r"[a-z][a-z0-9_-]*", scheme):
+        raise RegistryError(f"loader scheme {scheme!r} must be lowercase letters, digits, '-' or '_'")
+    _LOADERS[scheme] = (entry_point, description)
+
+
+def list_loaders() -> dict[str, str]:
+    """Registered loader schemes with their descriptions."""
+    return {scheme: description for scheme, (_, description) in sorted(_LOADERS.items())}
+
+
+def _loader_spec(scheme: str, target: str) -> EnvSpec:
+    if scheme not in _LOADERS:
+        close = difflib.get_close_matches(scheme, list(_LOADERS), n=3, cutoff=0.5)
+        hint = f" Did you mean {' or '.join(repr(c + ':') for c in close)}?" if close else ""
+        raise EnvNotFoundError(
+            f"no environment loader for {scheme + ':'!r}.{hint} Known loaders: "
+            f"{', '.join(s + ':' for s in sorted(_LOADERS)) or 'none'}; a registered env id has no ':'."
+        )
+    entry_point, description = _LOADERS[scheme]
+    loader = load_object(entry_point, f"environment loader {scheme!r}")
+    return EnvSpec(
+        f"{scheme}:{target}",
+        functools.partial(loader, target),
+        description=description or None,
+        source=f"loader {scheme}",
+    )
 
 
 def _parse_id(env_id: str) -> tuple[str, int | None]:
@@ -160,6 +219,9 @@ def register_plugins(*, reload: bool = False) -> dict[str, str]:
 
 def _resolve(env_id: str) -> EnvSpec:
     """Find a spec by exact id or, for a bare name, its latest version; read plug-ins on a miss."""
+    scheme = _scheme(env_id)
+    if scheme is not None:
+        return _loader_spec(*scheme)
     for attempt in range(2):
         if env_id in _REGISTRY:
             return _REGISTRY[env_id]
@@ -221,6 +283,8 @@ def make(env_id: str, **kwargs: Any) -> Any:
     import gymnasium
 
     env = _make_unchecked(env_id, **kwargs)
+    if _scheme(env_id) is not None:
+        return env  # a loader's id is not a Gymnasium id
     gym_spec = gymnasium.spec(f"{GYM_NAMESPACE}/{_resolve(env_id).id}")
     env.unwrapped.spec = dataclasses.replace(gym_spec, kwargs={**gym_spec.kwargs, **kwargs})
     return env

@@ -143,3 +143,25 @@ def test_entry_point_metadata_is_not_read_at_import():
     code = "import agentrl, agentrl.registry as r, json; print(json.dumps(r._plugins_read))"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert json.loads(proc.stdout) is False
+
+
+def test_a_loader_scheme_builds_envs_by_target_and_unknown_schemes_name_the_known_ones():
+    from agentrl.registry import _LOADERS, list_loaders, register_loader
+    from agentrl.testing import GuessEnv
+
+    seen = []
+
+    def load(target, **kwargs):
+        seen.append((target, kwargs))
+        return GuessEnv()
+
+    register_loader("toyloader", load, description="guess envs by target")
+    try:
+        env = agentrl.make("toyloader:some/where:7", max_turns=3)
+        assert isinstance(env, GuessEnv) and seen == [("some/where:7", {"max_turns": 3})]
+        assert agentrl.spec("toyloader:x").source == "loader toyloader"
+        assert list_loaders()["toyloader"] == "guess envs by target"
+        with pytest.raises(EnvNotFoundError, match="toyloader:"):
+            agentrl.make("toyloadr:x")
+    finally:
+        _LOADERS.pop("toyloader", None)
