@@ -83,15 +83,23 @@ class SandboxLimits:
     Attributes:
         wall_time: seconds of wall-clock time per ``exec`` (the default ``timeout``).
         cpu_time: seconds of CPU time per process.
-        memory: bytes of memory: the address-space cap of each process; where the backend has a memory
-            cgroup, also the cap of all processes together (plus the ``disk`` and ``shm`` filesystems).
+        memory: bytes of memory held by all the program's processes *together* (its children, their
+            children, threads): the proportional set size of anonymous and shared-memory pages, so a page
+            shared after ``fork`` counts once. Passing it ends the whole program (``ExecResult.limit ==
+            "memory"``). Enforced on every backend by the sandbox's supervisor, which sums ``/proc`` every
+            5 ms or so (a fast allocator can overshoot by what it allocates in that time); where a memory
+            cgroup is available the kernel also caps memory + ``disk`` + ``shm`` + 64 MiB (the files
+            live in tmpfs, charged to the same group) without any delay. Each process is also capped at
+            ``memory`` of address space (``RLIMIT_AS``): one allocation larger than that fails inside the
+            program (``MemoryError``) instead of ending it. Files written do not count here.
         processes: processes and threads alive at once.
         open_files: open file descriptors per process.
         output_bytes: bytes of stdout and of stderr kept per ``exec`` (each); the rest is drained and
             counted, so a flooding program neither blocks nor fills the host.
         file_size: largest file a program may write, and the largest ``read_file`` returns.
-        disk: bytes of the work dir (``/tmp``), a size-capped filesystem.
-        shm: bytes of ``/dev/shm``.
+        disk: bytes of files in the work dir (``/tmp``), a size-capped filesystem: a write past it fails
+            with ``ENOSPC`` (``ExecResult.limit == "disk"`` when the program then fails).
+        shm: bytes of files in ``/dev/shm`` (POSIX shared memory), likewise (``limit == "shm"``).
         cpus: CPU cores the whole sandbox may keep busy, where the backend has a CPU cgroup.
         network: allow network access (off by default; even loopback services of the host are unreachable).
     """
@@ -141,9 +149,12 @@ class ExecResult:
         cpu_time: CPU seconds used by the program and every process it started.
         peak_memory: peak resident bytes of the program's largest process (``ru_maxrss`` of the main process
             and the children it waited for), or None where unknown.
-        timed_out: the wall-clock or CPU-time limit ended the program.
-        oom: the kernel's out-of-memory killer ended a process of the program (an allocation refused under
-            the address-space cap shows up as the program's own error instead, e.g. ``MemoryError``).
+        timed_out: the wall-clock or CPU-time limit ended the program (``limit`` says which).
+        oom: the ``memory`` limit ended the program: its processes together passed it (an allocation refused
+            under the per-process address-space cap shows up as the program's own error instead, e.g.
+            ``MemoryError``). Files never cause it: a full ``disk`` or ``shm`` is ``limit`` alone.
+        limit: which limit ended the program, or None: ``"wall_time"``, ``"cpu_time"``, ``"memory"``;
+            or ``"disk"`` / ``"shm"`` when the program failed with that filesystem full.
         sandbox_restarted: the sandbox had to be rebuilt after this program (its supervisor was lost or
             did not answer in time); files left in the work dir are gone.
     """
@@ -160,6 +171,7 @@ class ExecResult:
     timed_out: bool = False
     oom: bool = False
     sandbox_restarted: bool = False
+    limit: str | None = None
 
     @property
     def output_truncated(self) -> bool:

@@ -108,13 +108,9 @@ def test_memory_bomb_in_many_processes_is_capped(backend):
             os.waitpid(p, 0)
     """)
 
-    async def check(sb, result):
-        group = getattr(sb, "_cgroup", None)  # local: the total is capped only where a cgroup is available
-        if backend == "docker" or (group is not None and "memory" in group.dirs):
-            assert result.oom, result
-
     limits = SandboxLimits(memory=256 * MiB, disk=1 * MiB, shm=1 * MiB, processes=16, wall_time=20)
-    run(hostile(backend, program, limits, after=check))
+    result, _ = run(hostile(backend, program, limits))
+    assert result.oom and result.limit == "memory", result  # with or without a cgroup (test_sandbox_memory.py)
 
 
 def test_infinite_loop_hits_the_deadline(backend):
@@ -124,7 +120,9 @@ def test_infinite_loop_hits_the_deadline(backend):
 
 def test_cpu_time_limit(backend):
     result, _ = run(hostile(backend, "while True:\n    pass\n", SandboxLimits(cpu_time=1, wall_time=30)))
-    assert result.timed_out and result.signal in (signal.SIGXCPU, signal.SIGKILL) and result.cpu_time >= 0.9
+    # SIGXCPU comes from the kernel's CPU clock, which rusage can trail under load: the signal decides.
+    assert result.timed_out and result.limit == "cpu_time" and result.signal in (signal.SIGXCPU, signal.SIGKILL)
+    assert 0.5 <= result.cpu_time < 10 and not result.oom
 
 
 def test_sleep_past_timeout_and_ignoring_sigterm(backend):

@@ -326,3 +326,20 @@ def test_unsafe_mode_still_kills_daemons_and_blocks_sockets():
             assert set(sb.host_pids()) == set(sb.supervisor_pids)
 
     run(main())
+
+
+def test_exit_limit_names_the_limit_that_ended_a_program():
+    from agentrl_sandboxes._base import exit_limit
+
+    def reply(**fields):
+        return {"signal": None, "exit_code": 0, "cpu": 0.0, "limit": None, "full": [], **fields}
+
+    # Under load rusage can trail the kernel's CPU clock: SIGXCPU is the CPU limit whatever rusage says.
+    assert exit_limit(reply(signal=signal.SIGXCPU, exit_code=None, cpu=0.31), 1.0, False) == "cpu_time"
+    assert exit_limit(reply(signal=signal.SIGKILL, exit_code=None, cpu=2.0), 1.0, False) == "cpu_time"
+    assert exit_limit(reply(signal=signal.SIGKILL, exit_code=None, cpu=0.1), 1.0, False) is None
+    assert exit_limit(reply(signal=signal.SIGKILL, exit_code=None, limit="memory"), 1.0, False) == "memory"
+    assert exit_limit(reply(signal=signal.SIGKILL, exit_code=None, limit="wall_time"), 1.0, True) == "wall_time"
+    assert exit_limit(reply(signal=signal.SIGKILL, exit_code=None), 1.0, True) == "memory"  # a cgroup OOM kill
+    assert exit_limit(reply(exit_code=1, full=["disk"]), 1.0, False) == "disk"
+    assert exit_limit(reply(exit_code=0, full=["disk"]), 1.0, False) is None  # filled it and succeeded

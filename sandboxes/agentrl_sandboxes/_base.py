@@ -30,7 +30,7 @@ from agentrl.sandbox import (
 )
 from agentrl_sandboxes._process import ServerLost
 
-__all__ = ["START_TIMEOUT", "ForkServer", "ForkServerSandbox", "configure", "exec_request"]
+__all__ = ["START_TIMEOUT", "ForkServer", "ForkServerSandbox", "configure", "exec_request", "exit_limit"]
 
 log = logging.getLogger(__name__)
 START_TIMEOUT = 20.0
@@ -169,10 +169,11 @@ class ForkServerSandbox(Sandbox):
                 await self._stop_server()
                 if self._closed:
                     raise SandboxClosedError("the sandbox was closed while a program ran") from None
+                oom, timed_out = self._oom_since(oom_before), isinstance(exc, asyncio.TimeoutError)
                 return ExecResult(
                     exit_code=None, signal=signal.SIGKILL, stdout="", stderr="",
-                    wall_time=time.monotonic() - started, timed_out=isinstance(exc, asyncio.TimeoutError),
-                    oom=self._oom_since(oom_before), sandbox_restarted=True,
+                    wall_time=time.monotonic() - started, timed_out=timed_out and not oom, oom=oom,
+                    limit="memory" if oom else "wall_time" if timed_out else None, sandbox_restarted=True,
                 )
             except BaseException:
                 await self._stop_server()  # cancelled mid-program: kill it all, the protocol state is unknown
@@ -227,8 +228,7 @@ class ForkServerSandbox(Sandbox):
         return reply, out
 
     def _result(self, reply: dict[str, Any], out: list[bytes], oom_before: int | None) -> ExecResult:
-        # The kernel's CPU clock and rusage disagree by a tick or so: SIGXCPU/SIGKILL near the limit is the limit.
-        cpu_killed = reply["signal"] in (signal.SIGXCPU, signal.SIGKILL) and reply["cpu"] >= 0.9 * self.limits.cpu_time
+        limit = exit_limit(reply, self.limits.cpu_time, self._oom_since(oom_before))
         return ExecResult(
             exit_code=reply["exit_code"],
             signal=reply["signal"],
@@ -239,8 +239,9 @@ class ForkServerSandbox(Sandbox):
             wall_time=reply["wall"],
             cpu_time=reply["cpu"],
             peak_memory=reply["maxrss"] or None,
-            timed_out=reply["timed_out"] or cpu_killed,
-            oom=self._oom_since(oom_before),
+            timed_out=limit in ("wall_time", "cpu_time"),
+            oom=limit == "memory",
+            limit=limit,
             sandbox_restarted=not reply["clean"],
         )
 
@@ -273,6 +274,27 @@ class ForkServerSandbox(Sandbox):
             server.kill_now()  # before any await: this must happen even if we are being cancelled
             self._kill_extra()
             await server.stop()
+
+
+def exit_limit(reply: dict[str, Any], cpu_time: float, oom_killed: bool) -> str | None:
+    """Which limit ended (or, for ``disk``/``shm``, starved) a program, from the fork-server's reply.
+
+    The fork-server names the limits it enforces itself (``memory``: its watch of all processes together,
+    ``wall_time``); an OOM kill in the sandbox's memory cgroup is ``memory`` too. ``SIGXCPU`` comes only from
+    the kernel's CPU-time rlimit (or the program signalling itself), so it is ``cpu_time`` whatever the rusage
+    clock says (the two clocks disagree by a tick or more under load); a SIGKILL at the hard rlimit, one
+    second later, is recognised by the CPU time used. A program that failed with its work dir or
+    ``/dev/shm`` full reports ``disk`` / ``shm``.
+    """
+    if reply.get("limit") in ("memory", "wall_time"):
+        return str(reply["limit"])
+    if oom_killed:
+        return "memory"
+    if reply["signal"] == signal.SIGXCPU or (reply["signal"] == signal.SIGKILL and reply["cpu"] >= 0.9 * cpu_time):
+        return "cpu_time"
+    if reply["exit_code"] != 0 and reply.get("full"):
+        return str(reply["full"][0])
+    return None
 
 
 async def configure(server: Any, config: dict[str, Any], filters: Sequence[bytes]) -> None:

@@ -80,6 +80,57 @@ class Channel:
             view = view[os.write(self.fd_out, view):]
 
 
+class MemoryWatch:
+    """The program's memory: every process of it together, read from ``/proc``, checked every few ms.
+
+    The measure is proportional set size (``Pss_Anon + Pss_Shmem`` from ``smaps_rollup``): a page shared
+    by n processes (copy-on-write after a fork, a shared mapping) counts 1/n in each, so the sum is the
+    memory the processes hold together. Files in the work dir and ``/dev/shm`` are not in it (they count
+    against ``disk`` and ``shm``), except while a program maps one. ``smaps_rollup`` walks page tables, so a
+    cheap upper bound comes first: the summed resident pages of ``statm``; only when that passes the limit
+    is the exact sum taken. The interval grows with the cost of a scan, so the watch stays a small share
+    of one core even with many processes.
+    """
+
+    INTERVAL = 0.005
+
+    def __init__(self, pids, limit):
+        self.pids, self.limit = pids, limit
+        self.interval = self.INTERVAL
+        self.page = os.sysconf("SC_PAGE_SIZE")
+        self.peak = 0
+
+    def over(self):
+        """True when the program's processes together hold more than the limit."""
+        started = time.monotonic()
+        pids = self.pids()
+        total = sum(self.resident(pid) for pid in pids)
+        if total > self.limit:
+            total = sum(self.proportional(pid) for pid in pids)
+            self.peak = max(self.peak, total)
+        self.interval = max(self.INTERVAL, 4 * (time.monotonic() - started))
+        return total > self.limit
+
+    def resident(self, pid):
+        try:
+            with open(f"/proc/{pid}/statm", "rb") as f:
+                return int(f.read().split()[1]) * self.page
+        except (OSError, IndexError, ValueError):
+            return 0
+
+    @staticmethod
+    def proportional(pid):
+        total = 0
+        try:
+            with open(f"/proc/{pid}/smaps_rollup", "rb") as f:
+                for line in f:
+                    if line.startswith((b"Pss_Anon:", b"Pss_Shmem:")):
+                        total += int(line.split()[1]) * 1024
+        except (OSError, IndexError, ValueError):
+            pass
+        return total
+
+
 class SockFprog(ctypes.Structure):
     _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
 
@@ -186,6 +237,18 @@ class Server:
                     pass
             reap(block=False)
 
+    def full_filesystems(self):
+        """Which of the program's filesystems (``disk``: the work dir, ``shm``: /dev/shm) have no room left."""
+        full = []
+        for name, path in (("disk", self.work), ("shm", "/dev/shm")):
+            try:
+                info = os.statvfs(path)
+            except OSError:
+                continue
+            if info.f_bavail * info.f_frsize < 64 * 1024:
+                full.append(name)
+        return full
+
     def clean_up(self):
         """Kill and reap everything the program started; True when nothing is left."""
         for _ in range(5):
@@ -232,6 +295,7 @@ class Server:
             os.close(err_r)
             clean = self.clean_up()
         result["clean"] = clean
+        result["full"] = self.full_filesystems()
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         result["cpu"] = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
         return result, [bytes(outputs[1]), bytes(outputs[2])]
@@ -246,17 +310,24 @@ class Server:
         poller = select.poll()
         for fd in (*streams, *([pidfd] if pidfd is not None else [])):
             poller.register(fd, select.POLLIN)
-        open_streams, status, rusage, timed_out, wall = set(streams), None, None, False, None
+        open_streams, status, rusage, limit, wall = set(streams), None, None, None, None
         deadline, drain_until = start + timeout, None
+        watch = MemoryWatch(self.others, self.limits["memory"])
+        next_watch = start + watch.interval
         try:
             while open_streams or status is None:
                 now = time.monotonic()
-                if status is None and now >= deadline and not timed_out:
-                    timed_out = True
+                if status is None and limit is None and now >= next_watch:
+                    if watch.over():
+                        limit = "memory"
+                        self.kill_all()
+                    next_watch = time.monotonic() + watch.interval
+                if status is None and now >= deadline and limit is None:
+                    limit = "wall_time"
                     self.kill_all()
                 if drain_until is not None and now >= drain_until:
                     break  # writers are dead; only an unkillable holder could keep a pipe open
-                until = drain_until if status is not None else (None if timed_out else deadline)
+                until = drain_until if status is not None else (None if limit else min(deadline, next_watch))
                 wait_ms = -1 if until is None else max(0, int((until - now) * 1000) + 1)
                 if pidfd is None and status is None:
                     wait_ms = 10 if wait_ms < 0 else min(wait_ms, 10)
@@ -290,7 +361,8 @@ class Server:
             "signal": os.WTERMSIG(status) if os.WIFSIGNALED(status) else None,
             "wall": wall,
             "maxrss": rusage.ru_maxrss * 1024,
-            "timed_out": timed_out,
+            "limit": limit,
+            "memory_peak": watch.peak,
             "stdout_total": totals[1],
             "stderr_total": totals[2],
         }

