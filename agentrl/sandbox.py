@@ -31,10 +31,13 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from types import TracebackType
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from agentrl._plugins import load_object
 from agentrl.errors import AgentRLError, ConfigError, PluginError
+
+if TYPE_CHECKING:
+    from agentrl.sandbox_tests import TestRun
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -240,6 +243,36 @@ class Sandbox(abc.ABC):
             SandboxClosedError: the sandbox was closed.
             SandboxError: the sandbox could not run programs (and could not be restarted).
         """
+
+    async def run_tests(
+        self,
+        program: str,
+        tests: str,
+        *,
+        timeout: float | None = None,
+        files: Mapping[str, str | bytes] | None = None,
+    ) -> TestRun:
+        """Run ``program`` then ``tests``; passed only if the tests ran to their end (see :mod:`agentrl.sandbox_tests`).
+
+        ``sys.exit(0)``, ``os._exit(0)``, ``atexit`` hooks or a self-kill before the tests end never pass: the
+        verdict needs a per-call token that only reaches the sandbox's harness after the tests finished.
+
+        Args:
+            program: Python source of the code under test.
+            tests: Python source of the tests (``assert`` lines, calls), run in the program's namespace.
+            timeout: wall-clock seconds for both; defaults to ``limits.wall_time``.
+            files: files to create in the work dir first.
+
+        Returns:
+            A :class:`~agentrl.sandbox_tests.TestRun`: ``passed``, ``status``, ``detail`` and the raw result.
+
+        Raises:
+            ConfigError: ``program`` or ``tests`` is not a string.
+            SandboxClosedError / SandboxError: as from :meth:`exec`.
+        """
+        from agentrl.sandbox_tests import run_tests
+
+        return await run_tests(self, program, tests, timeout=timeout, files=files)
 
     @abc.abstractmethod
     async def write_file(self, path: str, data: str | bytes, *, executable: bool = False) -> None:

@@ -10,7 +10,8 @@ and builtins, disarm alarms, print fake reports, or read whatever test code sits
 2. **Only plain data comes out.** Each call's return value is encoded as exact built-in data
    (:mod:`._wire`); anything else fails that test. The report line carries a fresh 128-bit nonce that the
    harness reads from stdin only after the last call returned; the host accepts exactly one such line, and
-   a line it cannot parse within its bounds (size, depth, digits) is tampering.
+   a line it cannot parse within its bounds (size, depth, digits) is tampering. The token and the line
+   matching are :mod:`agentrl.sandbox_tests`' (the mechanism of ``Sandbox.run_tests``).
 3. **Limits are kept from outside the program's process.** A watchdog process of the harness, where no
    submitted code runs, kills the process that runs the program when a call (or the load) overruns its
    limit, whatever the program did to its own signals and timers (:mod:`._harness_calls`).
@@ -34,7 +35,6 @@ import importlib.util
 import json
 import logging
 import marshal
-import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +42,7 @@ from typing import Any
 
 from agentrl.errors import ConfigError
 from agentrl.sandbox import ExecResult, Sandbox, SandboxError, SandboxLimits, open_sandbox
+from agentrl.sandbox_tests import new_token, token_lines
 from agentrl_envs.code_sandbox import _wire
 from agentrl_envs.code_sandbox.tasks import AssertTests, CodeTask, IOTests, parse_source
 
@@ -261,8 +262,7 @@ async def _exec(box: Sandbox, program: str, timeout: float, stdin: str | None = 
 
 def _report(result: ExecResult, nonce: str) -> tuple[dict[str, Any] | None, str]:
     """The one report line tagged with ``nonce``, or None and the status that explains its absence."""
-    prefix = nonce + " "
-    lines = [line[len(prefix):] for line in result.stdout.splitlines() if line.startswith(prefix)]
+    lines = token_lines(result.stdout, nonce)
     if len(lines) > 1:
         return None, "tampered"
     if not lines:
@@ -285,7 +285,7 @@ async def _run_calls(
     """Run the submission on ``calls`` in the untrusted sandbox: its raw results, or a failed verdict."""
     spec = {"preamble": task.preamble, "code": code, "calls": calls, "call_timeout": call_timeout,
             "load_timeout": config.load_timeout}
-    nonce = secrets.token_hex(16)
+    nonce = new_token()
     budget = min(config.max_time, config.load_timeout + call_timeout * len(calls) + 1.0)
     try:
         result = await _exec(box, _program("_harness_calls.py", spec), budget, stdin=nonce + "\n")
@@ -342,7 +342,7 @@ async def record(task: CodeTask, box: Sandbox) -> Recording:
     cached = _RECORDINGS.get(tests.fingerprint(task.reference))
     if cached is not None:
         return cached
-    nonce = secrets.token_hex(16)
+    nonce = new_token()
     spec = _assert_spec(tests, nonce, mode="record", reference=task.reference, preamble=task.preamble)
     result = await _exec(box, _program("_harness_asserts.py", spec), 30.0)
     report, status = _report(result, nonce)
@@ -375,7 +375,7 @@ def _rewritten(code: str) -> str:
 
 
 async def _replay(tests: AssertTests, recording: Recording, results: list[Any], box: Sandbox) -> tuple[int, str]:
-    nonce = secrets.token_hex(16)
+    nonce = new_token()
     spec = _assert_spec(tests, nonce, mode="replay", recorded=list(recording.calls), outputs=results)
     result = await _exec(box, _program("_harness_asserts.py", spec), 30.0)
     report, status = _report(result, nonce)
