@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -226,3 +227,68 @@ def test_gvisor_runtime_where_the_engine_has_it():
 
     container_id = run(body())
     assert wait_until(lambda: not ours(id=container_id))
+
+
+IN_OWN_PID_NAMESPACE = textwrap.dedent("""
+    import asyncio, json, os, subprocess, sys
+    from agentrl.sandbox import SandboxLimits, open_sandbox
+
+    def decoy_with_pid(pid):
+        # A process of *this* namespace that holds the number the engine reports for the container's init.
+        for _ in range(20):
+            with open("/proc/sys/kernel/ns_last_pid", "w") as f:
+                f.write(str(pid - 1))
+            proc = subprocess.Popen(["sleep", "120"])
+            if proc.pid == pid:
+                return proc
+            proc.kill()
+            proc.wait()
+        raise SystemExit("could not place a decoy at pid %d" % pid)
+
+    async def main():
+        sb = open_sandbox("docker", SandboxLimits(wall_time=10))
+        await sb.start()
+        engine_pid = sb._client.api.inspect_container(sb.container_id)["State"]["Pid"]
+        decoy = decoy_with_pid(engine_pid)
+        first = (await sb.exec("print('ok')")).stdout
+        task = asyncio.ensure_future(sb.exec("import time; time.sleep(60)"))
+        await asyncio.sleep(1.0)
+        task.cancel()  # the kill path: the container must die, through the engine
+        await asyncio.gather(task, return_exceptions=True)
+        again = (await sb.exec("print('again')")).stdout  # a fresh container
+        await sb.close()
+        print(json.dumps({"first": first, "again": again, "supervisors": list(sb.supervisor_pids),
+                          "starts": sb.starts, "decoy_alive": decoy.poll() is None, "pid": os.getpid()}))
+        decoy.kill()
+
+    asyncio.run(main())
+""")
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"), reason="needs root and util-linux unshare")
+def test_works_from_its_own_pid_namespace_and_signals_no_host_pid():
+    """The engine's pid for the container is meaningless in the caller's pid namespace; a process of ours
+    that holds that number must survive every kill path (cancel, restart, close)."""
+    before = {c["Id"] for c in ours()}
+    done = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", IN_OWN_PID_NAMESPACE],
+                          capture_output=True, text=True, timeout=120, env=os.environ)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.splitlines()[-1])
+    assert report["pid"] < 100 and report["supervisors"] == []  # in its own namespace: nothing verified by pid
+    assert report["first"] == "ok\n" and report["again"] == "again\n" and report["starts"] == 2
+    assert report["decoy_alive"]
+    assert wait_until(lambda: not ({c["Id"] for c in ours()} - before))  # the engine removed both containers
+
+
+def test_container_pidfd_refuses_a_process_that_is_not_the_containers_init():
+    from agentrl_sandboxes.docker import container_pidfd
+
+    async def body():
+        async with open_sandbox("docker") as sb:
+            (pid,) = sb.supervisor_pids  # verified: we run in the engine's pid namespace
+            return pid, sb.container_id
+
+    pid, container_id = run(body())
+    assert container_pidfd(os.getpid(), container_id) is None  # a live host process, not in the container
+    assert container_pidfd(1, container_id) is None
+    assert container_pidfd(pid, container_id) is None  # the container is gone (its pid may be anyone's now)

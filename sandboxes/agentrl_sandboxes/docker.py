@@ -20,6 +20,9 @@ Design (the fork-server, :mod:`agentrl_sandboxes._forkserver`, is the same one t
   ``gc`` is the backstop. A program's output never crosses it except as a capped reply.
 - **From outside**, the host enforces a backstop deadline (``timeout + grace``): a fork-server that does not
   answer is SIGKILLed (pid 1: the kernel kills the rest of the container) and a fresh container started.
+  The host never signals a pid number: it signals through a pidfd verified to be the container's init
+  (:func:`container_pidfd`), or, where it cannot verify one (the caller runs in another pid namespace, a
+  remote engine, gVisor), has the engine kill and remove the container.
 - ``runtime="runsc"`` runs the container under gVisor where it is installed (``apt-get install runsc``).
 """
 
@@ -46,7 +49,7 @@ from agentrl_sandboxes._base import START_TIMEOUT, ForkServerSandbox, configure
 from agentrl_sandboxes._cgroups import cgroup_of
 from agentrl_sandboxes._process import Channel, ServerLost
 
-__all__ = ["DOCKERFILE", "DockerSandbox", "default_image", "docker_client", "owner_label"]
+__all__ = ["DOCKERFILE", "DockerSandbox", "container_pidfd", "default_image", "docker_client", "owner_label"]
 
 log = logging.getLogger(__name__)
 DOCKERFILE = Path(__file__).with_name("images") / "python" / "Dockerfile"
@@ -89,19 +92,58 @@ def _start_time(pid: int) -> str | None:
         return None
 
 
+def _pid_namespace() -> str:
+    try:
+        return os.readlink("/proc/self/ns/pid").partition("[")[2].rstrip("]")
+    except OSError:
+        return ""
+
+
 def owner_label(pid: int | None = None) -> str:
-    """``host:pid:start-time`` of the owning process: a recycled pid does not look like a live owner."""
+    """``host/pid-namespace:pid:start-time`` of the owner: a recycled pid does not look like a live owner,
+    and an owner in another pid namespace (a container, ``unshare --pid``) is not judged by its pid here."""
     pid = os.getpid() if pid is None else pid
-    return f"{socket.gethostname()}:{pid}:{_start_time(pid)}"
+    return f"{socket.gethostname()}/{_pid_namespace()}:{pid}:{_start_time(pid)}"
 
 
 def _owner_alive(label: str) -> bool | None:
-    """Whether the labelled owner still runs; None when it ran on another host (not ours to judge)."""
-    host, _, rest = label.partition(":")
+    """Whether the labelled owner still runs; None when it ran on another host or in another pid namespace."""
+    place, _, rest = label.partition(":")
     pid, _, start = rest.partition(":")
-    if host != socket.gethostname():
+    if place != f"{socket.gethostname()}/{_pid_namespace()}":
         return None
     return pid.isdigit() and _start_time(int(pid)) == start
+
+
+def container_pidfd(pid: int, container_id: str) -> int | None:
+    """A pidfd for ``pid`` only if, as this process sees it, that pid is the container's init; else None.
+
+    The engine reports ``State.Pid`` in *its* pid namespace; from a caller in another one (a container, a
+    hardened CI runner, ``unshare --pid``) that number is no pid at all, or an unrelated process's. So the
+    pid is opened as a pidfd first, then checked through ``/proc``: it is in a pid namespace other than
+    ours where it is pid 1 (``NSpid`` ends in 1), and its cgroup path names the container. The pidfd still
+    being live after the checks proves they read the same process (a pid is reused only after its owner
+    is gone). Signals then go through the pidfd, never a pid number.
+    """
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        return None
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+        nspid = next((line.split()[1:] for line in status.splitlines() if line.startswith("NSpid:")), [])
+        verified = (
+            len(nspid) >= 2 and nspid[-1] == "1"
+            and os.readlink(f"/proc/{pid}/ns/pid") != os.readlink("/proc/self/ns/pid")
+            and container_id in Path(f"/proc/{pid}/cgroup").read_text()
+            and not select.select([pidfd], [], [], 0)[0]  # still the same, live process
+        )
+    except OSError:
+        verified = False
+    if verified:
+        return pidfd
+    os.close(pidfd)
+    return None
 
 
 def seccomp_profile(*, network: bool) -> dict[str, Any]:
@@ -155,14 +197,20 @@ class ContainerServer:
 
     Attributes:
         container_id: the docker id.
-        supervisors: host pid of the fork-server where the engine runs on this host, else ().
+        supervisors: the fork-server's pid as this process sees it, where :func:`container_pidfd` verified it
+            (a local engine, the caller in the engine's pid namespace, not gVisor); else (). Only watched and
+            signalled through its pidfd; without one, the engine kills the container.
     """
 
-    def __init__(self, client: Any, container_id: str, sock: socket.socket, host_pid: int | None, reply_limit: int):
+    def __init__(self, client: Any, container_id: str, sock: socket.socket, engine_pid: int | None,
+                 reply_limit: int):
         self.client, self.container_id, self.sock = client, container_id, sock
-        self.supervisors: tuple[int, ...] = (host_pid,) if host_pid else ()
-        self.pid_ns = os.readlink(f"/proc/{host_pid}/ns/pid") if host_pid else None
-        self._pidfd = os.pidfd_open(host_pid) if host_pid else None
+        self._pidfd = container_pidfd(engine_pid, container_id) if engine_pid else None
+        self.supervisors: tuple[int, ...] = (engine_pid,) if self._pidfd is not None and engine_pid else ()
+        self.pid_ns: str | None = None
+        if self.supervisors:
+            with contextlib.suppress(OSError):  # gone already: host_pids() is then empty
+                self.pid_ns = os.readlink(f"/proc/{engine_pid}/ns/pid")
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._demux: _Demux | None = None
@@ -203,10 +251,11 @@ class ContainerServer:
         return sorted(found)
 
     def kill_now(self) -> None:
-        """SIGKILL the fork-server (pid 1: the kernel kills the rest) and close the channel; no await."""
-        for pid in self.supervisors:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        """SIGKILL the fork-server through its verified pidfd (pid 1: the kernel kills the rest) and close the
+        channel; no await. Without a pidfd, :meth:`stop` has the engine kill the container."""
+        if self._pidfd is not None:
+            with contextlib.suppress(ProcessLookupError, OSError):
+                signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
         if self._writer is not None:
             self._writer.close()
         else:
@@ -352,13 +401,13 @@ class DockerSandbox(ForkServerSandbox):
             _close_quietly(getattr(attached, "_response", None), attached, raw)
             client.api.start(container_id)
             state = client.api.inspect_container(container_id)["State"]
-            # The fork-server's host pid, where the host sees it: a local engine, and not under gVisor (whose
-            # processes live in its own kernel; its State.Pid is the gVisor sandbox process).
+            # The fork-server's pid in the engine's namespace: used only if container_pidfd() verifies it
+            # from here (not for a remote engine, not under gVisor, whose State.Pid is its own process).
             local = str(client.api.base_url).startswith(("http+docker://localhost", "http+unix://"))
-            host_pid = int(state.get("Pid") or 0) if local and self.runtime != "runsc" else None
+            engine_pid = int(state.get("Pid") or 0) if local and self.runtime != "runsc" else None
             sock.setblocking(False)
             limits = self.limits
-            return ContainerServer(client, container_id, sock, host_pid or None,
+            return ContainerServer(client, container_id, sock, engine_pid or None,
                                    reply_limit=2 * limits.output_bytes + limits.file_size + (1 << 20))
         except BaseException as exc:
             if sock is not None:
