@@ -339,7 +339,8 @@ def test_exit_limit_names_the_limit_that_ended_a_program():
     assert exit_limit(reply(signal=signal.SIGKILL, exit_code=None, cpu=2.0), 1.0, False) == "cpu_time"
     assert exit_limit(reply(signal=signal.SIGKILL, exit_code=None, cpu=0.1), 1.0, False) is None
     assert exit_limit(reply(signal=signal.SIGKILL, exit_code=None, limit="memory"), 1.0, False) == "memory"
-    assert exit_limit(reply(signal=signal.SIGKILL, exit_code=None, limit="wall_time"), 1.0, True) == "wall_time"
+    assert exit_limit(reply(signal=signal.SIGKILL, exit_code=None, limit="wall_time"), 1.0, False) == "wall_time"
+    assert exit_limit(reply(signal=signal.SIGKILL, exit_code=None, limit="wall_time"), 1.0, True) == "memory"
     assert exit_limit(reply(signal=signal.SIGKILL, exit_code=None), 1.0, True) == "memory"  # a cgroup OOM kill
     assert exit_limit(reply(exit_code=1, full=["disk"]), 1.0, False) == "disk"
     assert exit_limit(reply(exit_code=0, full=["disk"]), 1.0, False) is None  # filled it and succeeded

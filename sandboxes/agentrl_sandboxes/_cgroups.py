@@ -69,10 +69,34 @@ class Cgroup:
     def __init__(self, version: int, dirs: dict[str, Path]):
         self.version, self.dirs = version, dirs
 
-    def add(self, pid: int) -> None:
-        """Move a process (before it forks anything) into every controller's group."""
-        for directory in set(self.dirs.values()):
+    def add(self, pid: int, *, memory: bool = True) -> None:
+        """Move a process (before it forks anything) into every controller's group (but ``memory``'s, when
+        False and the memory controller has a group of its own: cgroup v1)."""
+        skip = self.dirs.get("memory") if not memory and self.version == 1 else None
+        for directory in set(self.dirs.values()) - {skip}:
             _write(directory / "cgroup.procs", str(pid))
+
+    def open_memory_events(self) -> int | None:
+        """A read-only descriptor of the file with the group's ``oom_kill`` count, for the fork-server's watch."""
+        directory = self.dirs.get("memory")
+        if directory is None:
+            return None
+        try:
+            name = "memory.oom_control" if self.version == 1 else "memory.events"
+            return os.open(directory / name, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return None
+
+    def open_memory_join(self) -> int | None:
+        """A write-only descriptor of the memory group's ``cgroup.procs`` (cgroup v1 only, where memory has a
+        hierarchy of its own), through which each program moves itself in; None elsewhere."""
+        directory = self.dirs.get("memory")
+        if directory is None or self.version != 1:
+            return None
+        try:
+            return os.open(directory / "cgroup.procs", os.O_WRONLY | os.O_CLOEXEC)
+        except OSError:
+            return None
 
     def oom_kills(self) -> int | None:
         """How many processes the OOM killer has ended in this group so far, where the kernel counts them."""
@@ -88,6 +112,22 @@ class Cgroup:
         except OSError:
             return None
         return None
+
+    def open_memory_limit(self) -> int | None:
+        """A write-only descriptor of the group's memory limit file, for the fork-server to move it, or None.
+
+        Opened here (as root, or a user the group is delegated to): the kernel checks permission when a
+        cgroup file is opened, so the fork-server, unprivileged in its namespaces, can write through it and
+        nothing else. It closes it in every program before the program runs.
+        """
+        directory = self.dirs.get("memory")
+        if directory is None:
+            return None
+        name = "memory.limit_in_bytes" if self.version == 1 else "memory.max"
+        try:
+            return os.open(directory / name, os.O_WRONLY | os.O_CLOEXEC)
+        except OSError:
+            return None
 
     def pids(self) -> set[int]:
         found: set[int] = set()

@@ -147,6 +147,14 @@ class Server:
         self.work = os.path.realpath(config["work"])
         self.limits = config["limits"]
         self.own_namespace = config["kill_mode"] == "namespace"
+        self.memcg = config.get("memcg")  # {"fd", "join_fd", "events_fd", "events_paths", "reserve"}
+        self.memcg_limit = None
+        for path in (self.memcg or {}).get("events_paths", ()):  # a container: its own group, read-only
+            try:
+                self.memcg["events_fd"] = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                break
+            except OSError:
+                continue
         self.staged = set()
         self.filters = []  # kept alive: the child passes their addresses to prctl
         for blob in filters:
@@ -237,6 +245,65 @@ class Server:
                     pass
             reap(block=False)
 
+    def oom_kills(self):
+        """The memory cgroup's OOM-kill count (read through the host's descriptor), or None."""
+        fd = (self.memcg or {}).get("events_fd")
+        if fd is None:
+            return None
+        try:
+            for line in os.pread(fd, 4096, 0).decode().splitlines():
+                key, _, value = line.partition(" ")
+                if key == "oom_kill":
+                    return int(value)
+        except (OSError, ValueError):
+            pass
+        return None
+
+    def probe_memcg_join(self):
+        """Whether a forked child can move itself into the memory cgroup through ``join_fd`` (the kernel
+        checks the opener's credentials on cgroup v1 since Linux 5.16); if not, the host puts us in it."""
+        fd = (self.memcg or {}).get("join_fd")
+        if fd is None:
+            return False
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.write(fd, b"0")
+            except OSError:
+                os._exit(1)
+            os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        ok = os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+        if not ok:
+            self.memcg["join_fd"] = None
+        return ok
+
+    def files_bytes(self):
+        """Bytes of files in the work dir and /dev/shm (tmpfs: charged to the memory cgroup, never ``memory``)."""
+        total = 0
+        for path in (self.work, "/dev/shm"):
+            try:
+                info = os.statvfs(path)
+                total += (info.f_blocks - info.f_bfree) * info.f_frsize
+            except OSError:
+                pass
+        return total
+
+    def hold_memcg(self, running):
+        """Set the memory cgroup's limit: ``memory`` + files now + reserve while a program runs, else the most."""
+        if not (self.memcg or {}).get("fd"):
+            return
+        limits = self.limits
+        files = self.files_bytes() if running else limits["disk"] + limits["shm"]
+        value = limits["memory"] + files + self.memcg["reserve"]
+        if self.memcg_limit is not None and abs(value - self.memcg_limit) < (1 << 20):
+            return
+        try:
+            os.write(self.memcg["fd"], str(value).encode())
+            self.memcg_limit = value
+        except OSError:  # v1 refuses a limit under the usage (EBUSY): the watch, then the next tick, decide
+            pass
+
     def full_filesystems(self):
         """Which of the program's filesystems (``disk``: the work dir, ``shm``: /dev/shm) have no room left."""
         full = []
@@ -281,6 +348,7 @@ class Server:
         os.lseek(stdin_fd, 0, os.SEEK_SET)
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
+        self.hold_memcg(running=True)
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         start = time.monotonic()
         pid = os.fork()
@@ -296,6 +364,7 @@ class Server:
             os.close(err_r)
             ended = time.monotonic()
             clean = self.clean_up()
+            self.hold_memcg(running=False)
         result["clean"] = clean
         result["full"] = self.full_filesystems()
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -317,12 +386,15 @@ class Server:
         open_streams, status, rusage, limit, wall = set(streams), None, None, None, None
         deadline, drain_until = start + timeout, None
         watch = MemoryWatch(self.others, self.limits["memory"])
+        oom_before = self.oom_kills()
         next_watch = start + watch.interval
         try:
             while open_streams or status is None:
                 now = time.monotonic()
                 if status is None and limit is None and now >= next_watch:
-                    if watch.over():
+                    self.hold_memcg(running=True)  # files the program wrote raise it, deleted ones lower it
+                    # The kernel's OOM kill of one process passed the same limit: the whole program ends.
+                    if watch.over() or (oom_before is not None and (self.oom_kills() or 0) > oom_before):
                         limit = "memory"
                         self.kill_all()
                     next_watch = time.monotonic() + watch.interval
@@ -376,11 +448,16 @@ class Server:
         """In the forked child: confine, then run the program. Never returns."""
         try:
             os.setsid()
+            join_fd = (self.memcg or {}).get("join_fd")
+            if join_fd is not None:  # into the memory cgroup; the server stays out, so its watch never stalls
+                os.write(join_fd, b"0")
             os.dup2(stdin_fd, 0)
             os.dup2(out_w, 1)
             os.dup2(err_w, 2)
             os.closerange(3, 1 << 16)
             prctl(self.libc, PR_SET_DUMPABLE, 1)  # ours again (own /proc/self); the server's fds are closed
+            if os.getpriority(os.PRIO_PROCESS, 0) < 0:  # the host raised the server's priority, not the program's
+                os.setpriority(os.PRIO_PROCESS, 0, 0)
             limits = self.limits
             cpu = max(1, int(limits["cpu_time"] + 0.999))
             caps = [("RLIMIT_CORE", 0), ("RLIMIT_AS", limits["memory"]), ("RLIMIT_DATA", limits["memory"]),
@@ -548,7 +625,7 @@ def main():
         return
     server = Server(channel, config, filters, libc)
     warm_up(config.get("preload", ()))
-    channel.send({"ok": True})
+    channel.send({"ok": True, "memcg_join": server.probe_memcg_join()})
     while True:
         try:
             req, blobs = channel.recv()

@@ -169,12 +169,13 @@ class ServerProcess:
     @classmethod
     async def spawn(
         cls, make_argv: Callable[[int], list[str]], *, seccomp: bytes, cwd: str, ids: dict[str, Any],
-        unsafe: bool, reply_limit: int,
+        unsafe: bool, reply_limit: int, extra_fds: Sequence[int] = (),
     ) -> ServerProcess:
         """Start ``make_argv(fd)``, where ``fd`` reads the seccomp filter (for ``bwrap --seccomp fd``).
 
         Args:
             ids: ``user``/``group``/``extra_groups`` to drop to before the exec (empty when not root).
+            extra_fds: more descriptors the fork-server inherits under the same numbers.
         """
         read_fd, write_fd = os.pipe()
         try:
@@ -184,7 +185,7 @@ class ServerProcess:
         try:
             proc = await asyncio.create_subprocess_exec(
                 *make_argv(read_fd), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE, pass_fds=(read_fd,), cwd=cwd, env={}, start_new_session=True, **ids,
+                stderr=asyncio.subprocess.PIPE, pass_fds=(read_fd, *extra_fds), cwd=cwd, env={}, start_new_session=True, **ids,
             )
         finally:
             os.close(read_fd)

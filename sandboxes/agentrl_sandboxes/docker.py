@@ -46,7 +46,7 @@ from typing import Any
 
 from agentrl.sandbox import SandboxLimits, SandboxUnavailableError
 from agentrl_sandboxes import _seccomp
-from agentrl_sandboxes._base import PRELOAD, START_TIMEOUT, ForkServerSandbox, configure
+from agentrl_sandboxes._base import PRELOAD, START_TIMEOUT, ForkServerSandbox, configure, prioritise
 from agentrl_sandboxes._cgroups import cgroup_of
 from agentrl_sandboxes._process import Channel, ServerLost
 
@@ -362,6 +362,8 @@ class DockerSandbox(ForkServerSandbox):
         server = await asyncio.to_thread(self._create, self._client)
         try:
             await server.connect()
+            if server.supervisors:  # a pid verified through its pidfd (never a bare number from the engine)
+                prioritise(server.supervisors[0])
             try:
                 await asyncio.wait_for(server.recv(), START_TIMEOUT)  # "ready"
             except (asyncio.TimeoutError, ServerLost) as exc:
@@ -372,7 +374,10 @@ class DockerSandbox(ForkServerSandbox):
             filters = [_seccomp.program_filter(server_pid=1), _seccomp.sandbox_filter(network=limits.network)]
             # Under runc every sandbox's uid 65534 shares one host-wide process count, so the pids cgroup caps
             # processes instead of RLIMIT_NPROC; gVisor counts per sandbox in its own kernel: use both there.
-            config = {"work": "/tmp", "kill_mode": "namespace", "keep_workdir": self.keep_workdir, "preload": list(self.preload),
+            # The container's own memory group is readable inside it: its OOM kills end the whole program.
+            events = ["/sys/fs/cgroup/memory.events", "/sys/fs/cgroup/memory/memory.oom_control"]
+            config = {"work": "/tmp", "kill_mode": "namespace", "keep_workdir": self.keep_workdir,
+                      "preload": list(self.preload), "memcg": {"events_paths": events},
                       "limits": limits.to_dict(), "nproc_rlimit": self.runtime == "runsc"}
             await configure(server, config, filters)
         except BaseException:

@@ -39,7 +39,7 @@ from pathlib import Path
 
 from agentrl.sandbox import SandboxLimits, SandboxUnavailableError
 from agentrl_sandboxes import _seccomp
-from agentrl_sandboxes._base import PRELOAD, START_TIMEOUT, ForkServerSandbox, configure
+from agentrl_sandboxes._base import PRELOAD, START_TIMEOUT, ForkServerSandbox, configure, prioritise
 from agentrl_sandboxes._bwrap import find_bwrap
 from agentrl_sandboxes._cgroups import Cgroup, create_cgroup, reap_stale_cgroups_everywhere
 from agentrl_sandboxes._process import ServerLost, ServerProcess, bwrap_argv
@@ -162,27 +162,42 @@ class LocalSandbox(ForkServerSandbox):
                 if root:
                     os.chown(self._workdir, self.uid, self.gid)
             workdir = self._workdir
-        server = await ServerProcess.spawn(
-            lambda fd: self._make_argv(workdir, fd), seccomp=_seccomp.sandbox_filter(network=limits.network),
-            cwd=workdir if self.unsafe_no_bwrap else "/", unsafe=self.unsafe_no_bwrap,
-            ids={"user": self.uid, "group": self.gid, "extra_groups": []} if root else {},
-            reply_limit=2 * limits.output_bytes + limits.file_size + (1 << 20),
-        )
+        self._make_cgroup()
+        limit_fd = self._cgroup.open_memory_limit() if self._cgroup is not None else None
+        join_fd = self._cgroup.open_memory_join() if self._cgroup is not None and limit_fd is not None else None
+        events_fd = self._cgroup.open_memory_events() if self._cgroup is not None and limit_fd is not None else None
+        fds = [fd for fd in (limit_fd, join_fd, events_fd) if fd is not None]
+        try:
+            server = await ServerProcess.spawn(
+                lambda fd: self._make_argv(workdir, fd), seccomp=_seccomp.sandbox_filter(network=limits.network),
+                cwd=workdir if self.unsafe_no_bwrap else "/", unsafe=self.unsafe_no_bwrap,
+                ids={"user": self.uid, "group": self.gid, "extra_groups": []} if root else {},
+                reply_limit=2 * limits.output_bytes + limits.file_size + (1 << 20), extra_fds=fds,
+            )
+        finally:
+            for fd in fds:
+                os.close(fd)
         try:
             try:
                 await asyncio.wait_for(server.recv(), START_TIMEOUT)  # "ready"
                 server.find_supervisors()
             except (asyncio.TimeoutError, ServerLost, RuntimeError) as exc:
                 raise SandboxUnavailableError(_start_failure(server.error_output() or str(exc))) from exc
-            self._join_cgroup(server)
+            self._join_cgroup(server, memory=join_fd is None)
+            prioritise(server.supervisors[0])
             filters = [_seccomp.program_filter(server_pid=server.proc.pid if self.unsafe_no_bwrap else 1)]
             if self.unsafe_no_bwrap:
                 filters.append(_seccomp.sandbox_filter(network=limits.network))
             config = {
+                "memcg": {"fd": limit_fd, "join_fd": join_fd, "events_fd": events_fd, "reserve": _CGROUP_OVERHEAD}
+                if limit_fd is not None else None,
                 "work": workdir, "kill_mode": "descendants" if self.unsafe_no_bwrap else "namespace",
                 "keep_workdir": self.keep_workdir, "preload": list(self.preload), "limits": limits.to_dict(),
             }
-            await configure(server, config, filters)
+            joined = await configure(server, config, filters)
+            if join_fd is not None and not joined.get("memcg_join"):  # programs cannot join by themselves
+                assert self._cgroup is not None
+                self._cgroup.add(server.supervisors[0])
         except BaseException:
             server.kill_now()
             self._kill_extra()
@@ -190,16 +205,24 @@ class LocalSandbox(ForkServerSandbox):
             raise
         return server
 
-    def _join_cgroup(self, server: ServerProcess) -> None:
+    def _make_cgroup(self) -> None:
+        """The sandbox's cgroup, made once. Its memory limit starts at memory + disk + shm + overhead (the
+        most there can be: tmpfs pages are charged to it); while a program runs the fork-server holds it at
+        memory + the bytes of files now in tmpfs + overhead, so the kernel caps the processes near
+        ``memory`` even when the fork-server's own watch is starved of CPU."""
         limits = self.limits
         if self.use_cgroups and self._cgroup is None:
             self._cgroup = create_cgroup(
                 f"agentrl-{os.getpid()}-{next(_counter)}", memory=limits.memory + limits.disk + limits.shm
                 + _CGROUP_OVERHEAD, processes=limits.processes + 8, cpus=limits.cpus,
             )
+
+    def _join_cgroup(self, server: ServerProcess, *, memory: bool) -> None:
+        """Put the fork-server in the sandbox's groups; in the memory group only where programs cannot move
+        themselves in (``memory``): outside it, its watch never stalls in the group's memory reclaim."""
         if self._cgroup is not None:
             for pid in server.supervisors:  # nothing has forked yet: the fork-server waits for its config
-                self._cgroup.add(pid)
+                self._cgroup.add(pid, memory=memory)
 
 
 def _start_failure(message: str) -> str:
