@@ -18,6 +18,7 @@ import os
 import signal
 import time
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, Protocol
 
 from agentrl.errors import ConfigError
@@ -295,6 +296,16 @@ class ForkServerSandbox(Sandbox):
 
 
 SUPERVISOR_NICE = -10
+_HERE = Path(__file__).parent
+_STRIP = "# stripped when shipped"
+
+
+def server_source() -> str:
+    """The fork-server as one Python source: its parts, then its main module (import lines for linters out)."""
+    texts = [(_HERE / name).read_text() for name in ("_forkparts.py", "_forkserver.py")]
+    return "\n".join(line for text in texts for line in text.splitlines() if not line.endswith(_STRIP)) + "\n"
+
+
 
 
 def prioritise(pid: int) -> None:

