@@ -91,8 +91,9 @@ class SandboxLimits:
             shared after ``fork`` counts once. Passing it ends the whole program (``ExecResult.limit ==
             "memory"``). Enforced on every backend by the sandbox's supervisor, which sums ``/proc`` every
             5 ms or so (a fast allocator can overshoot by what it allocates in that time); where a memory
-            cgroup is available the kernel also caps memory + ``disk`` + ``shm`` + 64 MiB (the files
-            live in tmpfs, charged to the same group) without any delay. Each process is also capped at
+            cgroup is available the kernel also caps it, with no delay: the local backend at ``memory`` +
+            the bytes of files now in tmpfs + 64 MiB while a program runs, docker at memory + ``disk`` +
+            ``shm`` + 64 MiB; an OOM kill there ends the whole program too. Each process is also capped at
             ``memory`` of address space (``RLIMIT_AS``): one allocation larger than that fails inside the
             program (``MemoryError``) instead of ending it. Files written do not count here.
         processes: processes and threads alive at once.
