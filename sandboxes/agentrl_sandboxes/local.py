@@ -17,8 +17,12 @@ Design (see :mod:`agentrl_sandboxes._forkserver` for the part inside):
 - **From outside**, the host enforces a backstop deadline (``timeout + grace``): if the fork-server does not
   answer, dies, cannot prove the namespace empty or cannot wipe the work dir, it is SIGKILLed (as pid 1, its
   whole namespace goes with it: the kernel kills every process in it) and a fresh one is started.
-- **cgroups where available** (detected, never assumed; :mod:`agentrl_sandboxes._cgroups`): a total memory cap
-  covering every process and the tmpfs pages, a process cap, a CPU quota, and OOM-kill counts for ``oom``.
+- **cgroups where available** (detected, never assumed; :mod:`agentrl_sandboxes._cgroups`): a memory cap the
+  fork-server holds at ``memory`` + files now in tmpfs + 64 MiB while a program runs (through a descriptor of
+  the limit file the host opened for it; on cgroup v1 programs join the memory group through another and
+  the fork-server stays out of it), a process cap, a CPU quota, and OOM-kill counts for ``oom``. The
+  ``memory`` total itself is the fork-server's ``/proc`` watch (:class:`~agentrl_sandboxes._forkparts.MemoryWatch`),
+  with or without cgroups.
 
 Without bubblewrap, :class:`LocalSandbox` refuses to start and says how to install it, unless the caller
 passes ``unsafe_no_bwrap=True``: programs then run on the host as an unprivileged uid (when root) in a
