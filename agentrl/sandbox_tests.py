@@ -35,7 +35,7 @@ from agentrl.errors import ConfigError
 if TYPE_CHECKING:
     from agentrl.sandbox import ExecResult, Sandbox
 
-__all__ = ["TestRun", "harness_source", "new_token", "run_tests", "token_lines"]
+__all__ = ["TestRun", "harness_source", "new_token", "run_tests", "token_lines", "verdict"]
 
 _MAX_REPORT = 4096
 
