@@ -299,3 +299,6 @@ def list_envs() -> list[EnvSpec]:
 def broken_plugins() -> dict[str, str]:
     """Entry points that could not be registered, by name, with the reason."""
     return dict(_broken)
+
+
+register_loader("verifiers", "agentrl.interop.verifiers:load_verifiers_env", description="an installed verifiers environment, by id")
