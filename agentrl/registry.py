@@ -301,4 +301,5 @@ def broken_plugins() -> dict[str, str]:
     return dict(_broken)
 
 
-register_loader("verifiers", "agentrl.interop.verifiers:load_verifiers_env", description="an installed verifiers environment, by id")
+register_loader("verifiers", "agentrl.interop.verifiers:load_verifiers_env", description="a verifiers env by id")
+register_loader("harbor", "agentrl.interop.harbor:load_harbor_env", description="Harbor task folders, in docker")
