@@ -207,7 +207,7 @@ def test_bad_envs_are_refused_with_the_reason(env_package):
     with pytest.raises(ConfigError, match="split"):
         agentrl.make(f"verifiers:{env_package}", split="test")
     env = agentrl.make(f"verifiers:{env_package}")
-    with pytest.raises(ConfigError, match="task_index"):
+    with pytest.raises(ConfigError, match="task 99"):
         env.reset(options={"task_index": 99})
     assert isinstance(env, VerifiersEnv)
     env.close()

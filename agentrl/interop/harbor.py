@@ -216,11 +216,12 @@ class HarborEnv(Env):
     async def areset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> ResetResult:
         await self._close_sandbox()
         await super().areset(seed=seed)
-        index = (options or {}).get("task_index")
+        options = options or {}
+        index = options.get("task", options.get("task_index"))
         if index is None:
             index = int(self.np_random.integers(0, len(self.tasks)))
         if not isinstance(index, int) or not 0 <= index < len(self.tasks):
-            raise ConfigError(f"task_index={index!r}; this env has tasks 0..{len(self.tasks) - 1}")
+            raise ConfigError(f"task {index!r}: this env has tasks 0..{len(self.tasks) - 1}")
         task = self._task = self.tasks[index]
         import asyncio
 
@@ -285,7 +286,9 @@ class HarborEnv(Env):
         }
         variables = self._task.section("verifier").get("env") or {}
         assign = "".join(f"{k}={shlex.quote(str(v))} " for k, v in variables.items())
-        script = f"cd {shlex.quote(self._workdir)} && {assign}bash /tests/test.sh"
+        # A reward file the agent wrote must not count: only what test.sh writes is the grade.
+        clear = f"rm -f {HARBOR}/logs/verifier/reward.txt {HARBOR}/logs/verifier/reward.json"
+        script = f"{clear} && cd {shlex.quote(self._workdir)} && {assign}bash /tests/test.sh"
         timeout = self._task.timeout("verifier", 600.0)
         result = await self._sandbox.exec(["bash", "-c", script], files=files, timeout=timeout)
         reads = ["cat", f"{HARBOR}/logs/verifier/reward.txt"], ["cat", f"{HARBOR}/logs/verifier/reward.json"]
@@ -313,6 +316,17 @@ class HarborEnv(Env):
             "arguments": {"command": f"bash <<'HARBOR_SOLUTION'\n{task.solution}\nHARBOR_SOLUTION"},
         }
         return (f"<tool_call>\n{json.dumps(call)}\n</tool_call>", "Done.")
+
+    def demonstration(self, task: int) -> list[Message]:
+        """The reference episode of task ``task`` played in a fresh container (real tool output), for SFT."""
+        messages = list(self.reset(seed=0, options={"task": task}).observation)
+        for action in self.demonstration_actions(task):
+            messages.append({"role": "assistant", "content": action})
+            step = self.step(action)
+            messages.extend(step.observation)
+            if step.terminated or step.truncated:
+                break
+        return messages
 
     async def _close_sandbox(self) -> None:
         sandbox, self._sandbox = self._sandbox, None

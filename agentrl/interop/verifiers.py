@@ -12,7 +12,7 @@ The mapping:
 
 - tasks: rows of the environment's eval dataset (``split="eval"``, which verifiers itself falls back to the
   train dataset for) or train dataset (``split="train"``); ``reset(options={"task_index": i})`` picks row
-  ``i``, otherwise the reset seed draws one.
+  ``i`` (``{"task": i}`` too), otherwise the reset seed draws one.
 - observations: each model request's messages past what the agent has already seen. A verifiers
   environment that rewrites earlier messages (an override of ``get_prompt_messages``) would break the token
   ledger's prefix contract; the step raises :class:`~agentrl.errors.RolloutError` naming it instead.
@@ -257,14 +257,34 @@ class VerifiersEnv(Env):
 
     # ---- episode ---------------------------------------------------------------------------------
     def _row(self, options: Mapping[str, Any] | None) -> tuple[int, dict[str, Any]]:
-        index = (options or {}).get("task_index")
+        options = options or {}
+        index = options.get("task", options.get("task_index"))
         if index is None:
             index = int(self.np_random.integers(0, len(self.rows)))
         if not isinstance(index, int) or not 0 <= index < len(self.rows):
-            raise ConfigError(f"task_index={index!r}; this env has tasks 0..{len(self.rows) - 1}")
+            raise ConfigError(f"task {index!r}: this env has tasks 0..{len(self.rows) - 1}")
         row = dict(self.rows[index])
         row.setdefault("example_id", index)
         return index, row
+
+    @property
+    def splits(self) -> dict[str, int]:
+        """Task counts of the environment's datasets (``eval`` falls back to ``train`` as verifiers does)."""
+        train = self.environment.get_dataset() if self.environment.dataset_source or self.environment.dataset else None
+        return {"train": len(train) if train is not None else 0, "eval": len(self.environment.get_eval_dataset())}
+
+    def demonstration(self, task: int) -> list[Message]:
+        """A reference episode for envs whose dataset ``answer`` is the final reply: the task's opening
+        messages and the answer as the one assistant turn (a single-turn QA env's gold episode).
+
+        Raises:
+            ConfigError: the task's row has no ``answer``.
+        """
+        _, row = self._row({"task": task})
+        if not row.get("answer"):
+            raise ConfigError(f"verifiers environment {self.env_id!r}: task {task} has no answer to demonstrate")
+        prompt = [_message(m) for m in row.get("prompt") or ()]
+        return [*prompt, {"role": "assistant", "content": str(row["answer"])}]
 
     async def _play(self, row: dict[str, Any], client: _ParkingClient) -> Any:
         state = await self.environment.rollout(row, client, self.model, None)
