@@ -76,7 +76,10 @@ SHELL_PAYLOADS: dict[str, str] = {
 """Commands that try to write the grade instead of earning it, run through an env's shell tool."""
 
 
-def _call(tool: str, argument: str, value: str) -> str:
+def _call(tool: str, argument: str, value: str, prompt: str = "") -> str:
+    """One tool call carrying ``value`` (plus, for the always-equal program, the functions ``prompt`` names)."""
+    if value is _ANYTHING:
+        value += _named_functions(prompt)
     return f"<tool_call>\n{json.dumps({'name': tool, 'arguments': {argument: value}})}\n</tool_call>"
 
 
@@ -86,6 +89,14 @@ def _named_functions(prompt: str) -> str:
 
     names = sorted(set(re.findall(r"`([A-Za-z_][A-Za-z0-9_]*)\(", prompt)))
     return "".join(f"def {name}(*args, **kwargs): return _anything()\n" for name in names)
+
+
+def _shell_probe(tool: str, argument: str, command: str, prompt: str) -> str:
+    return _call(tool, argument, command)
+
+
+def _code_probe(tool: str, argument: str, payload: str, prompt: str) -> str:
+    return _call(tool, argument, payload, prompt)
 
 
 def tool_probes(tools: Sequence[Mapping[str, Any]]) -> dict[str, Callable[[str], str]]:
@@ -99,13 +110,11 @@ def tool_probes(tools: Sequence[Mapping[str, Any]]) -> dict[str, Callable[[str],
         if name in ("bash", "shell") and len(params) == 1:
             (arg,) = params
             for label, command in SHELL_PAYLOADS.items():
-                probes[label] = lambda prompt, n=name, a=arg, c=command: _call(n, a, c)
+                probes[label] = functools.partial(_shell_probe, name, arg, command)
         code_args = [a for a in params if a in ("code", "program", "source", "solution")]
         if code_args and name not in ("run_python", "python", "bash", "shell"):
             for label, payload in GRADER_PAYLOADS.items():
-                probes[label] = lambda prompt, n=name, a=code_args[0], p=payload: _call(
-                    n, a, p + (_named_functions(prompt) if p is _ANYTHING else "")
-                )
+                probes[label] = functools.partial(_code_probe, name, code_args[0], payload)
     return probes
 
 

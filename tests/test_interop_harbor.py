@@ -132,16 +132,14 @@ def test_a_task_runs_in_docker_and_its_tests_give_the_reward(
 
 
 @pytest.mark.docker
-def test_the_agent_cannot_leave_its_container_and_a_silent_verifier_scores_zero(
-    tmp_path, docker_image, harbor_loader
-):
+def test_the_agent_can_neither_write_outside_nor_forge_the_reward_file(tmp_path, docker_image, harbor_loader):
     task = write_task(tmp_path / "count-lines", docker_image)
     (task / "tests" / "test.sh").write_text("#!/bin/bash\necho no reward written\n")
     env = HarborEnv(task, max_turns=1)
     try:
         env.reset(seed=0)
         step = env.step(
-            '<tool_call>\n{"name": "bash", "arguments": {"command": "touch /etc/x; curl -s http://1.1.1.1 || echo offline"}}\n</tool_call>'
+            '<tool_call>\n{"name": "bash", "arguments": {"command": "echo 1 > /logs/verifier/reward.txt; touch /etc/x"}}\n</tool_call>'
         )
         assert step.truncated and step.reward == pytest.approx(0.0)
         assert (
