@@ -196,6 +196,10 @@ def test_the_env_checker_passes_and_max_turns_truncates(env_package):
     assert last.truncated and not last.terminated and last.info["stop_condition"] == "max_turns_reached"
     assert last.info["reward_components"]["correct"] == pytest.approx(0.0)
     assert "num_turns" in last.info["metrics"]
+    env.reset(seed=1, options={"task": 0})
+    empty = env.step("")  # verifiers refuses an empty reply: the episode ends, scored, with the reason
+    assert empty.terminated and "EmptyModelResponseError" in empty.info["error"]
+    assert empty.info["reward_components"]["correct"] == pytest.approx(0.0)
     env.close()
 
 

@@ -24,8 +24,9 @@ The mapping:
   to ``info["metrics"]``. Group reward functions need every rollout of a group at once, which one env does
   not see; such rubrics are refused when loaded.
 - ends: ``truncated`` when the environment stopped on ``max_turns_reached`` or ``prompt_too_long``,
-  ``terminated`` otherwise; a rollout that ended with ``state["error"]`` raises
-  :class:`~agentrl.errors.RolloutError` from ``step``, which the runner records as a failed episode.
+  ``terminated`` otherwise. A rollout that verifiers ended with ``state["error"]`` (an empty reply, a tool
+  error listed in ``stop_errors``) is scored like verifiers scores it and ends with ``info["error"]``; an
+  exception that escapes the environment's rollout propagates from ``step`` (the runner records it).
 
 Only chat environments are supported (``message_type="completion"`` is refused). Tested with verifiers
 0.1.10, the newest release that installs beside ``mcp`` 2.3 (0.4's ``verifiers.v1`` taskset/harness format
@@ -270,8 +271,15 @@ class VerifiersEnv(Env):
     @property
     def splits(self) -> dict[str, int]:
         """Task counts of the environment's datasets (``eval`` falls back to ``train`` as verifiers does)."""
-        train = self.environment.get_dataset() if self.environment.dataset_source or self.environment.dataset else None
-        return {"train": len(train) if train is not None else 0, "eval": len(self.environment.get_eval_dataset())}
+        train = (
+            self.environment.get_dataset()
+            if self.environment.dataset_source or self.environment.dataset
+            else None
+        )
+        return {
+            "train": len(train) if train is not None else 0,
+            "eval": len(self.environment.get_eval_dataset()),
+        }
 
     def demonstration(self, task: int) -> list[Message]:
         """A reference episode for envs whose dataset ``answer`` is the final reply: the task's opening
@@ -282,7 +290,9 @@ class VerifiersEnv(Env):
         """
         _, row = self._row({"task": task})
         if not row.get("answer"):
-            raise ConfigError(f"verifiers environment {self.env_id!r}: task {task} has no answer to demonstrate")
+            raise ConfigError(
+                f"verifiers environment {self.env_id!r}: task {task} has no answer to demonstrate"
+            )
         prompt = [_message(m) for m in row.get("prompt") or ()]
         return [*prompt, {"role": "assistant", "content": str(row["answer"])}]
 
@@ -341,17 +351,15 @@ class VerifiersEnv(Env):
         return StepResult(observation, 0.0, False, False, {"reward_components": {}})
 
     def _finish(self, state: Any) -> StepResult:
-        error = state.get("error")
-        if error is not None:
-            raise RolloutError(
-                f"verifiers environment {self.env_id!r} ended the rollout with {type(error).__name__}: {error}"
-            )
         reward = float(state.get("reward") or 0.0)
         components, metrics = rubric_components(self.environment.rubric, state.get("metrics") or {}, reward)
         stop = state.get("stop_condition")
         truncated = stop in _TRUNCATING_STOPS
         final = [_message(m) for m in state.get("final_env_response") or ()]
-        info = {"reward_components": components, "metrics": metrics, "stop_condition": stop}
+        info: dict[str, Any] = {"reward_components": components, "metrics": metrics, "stop_condition": stop}
+        error = state.get("error")
+        if error is not None:  # e.g. an empty reply: verifiers ends and scores the rollout, and so do we
+            info["error"] = f"{type(error).__name__}: {error}"
         return StepResult(final, reward, not truncated, truncated, info)
 
     async def _stop_rollout(self) -> None:
