@@ -345,8 +345,12 @@ def model_pass_at_k(env_id: str, env_kwargs: Mapping[str, Any], model: str, *, n
     config = EvalConfig(env=env_id, env_kwargs=dict(env_kwargs), task_option="task", model=model, n=n, k=k,
                         pass_rule=PassRule("reward", pass_threshold), out=out)  # fmt: skip
     outcome = evaluate(config, echo=lambda line: None, show_progress=False)
-    summary = {key: value for key, value in outcome.results.items() if key not in ("tasks", "episodes")}
-    return {"model": model, "n": n, "k": k, "eval_dir": str(outcome.out), "results": summary}
+    metrics = outcome.results.get("metrics", {})
+    wanted = ("pass_at_k", "pass_rate", "reward", "reward_components", "turns", "stop_reasons", "errors")
+    summary = {key: metrics[key] for key in wanted if key in metrics}
+    if isinstance(summary.get("reward"), Mapping):
+        summary["reward"] = {k: v for k, v in summary["reward"].items() if k != "distribution"}
+    return {"model": model, "n": n, "k": k, "eval_dir": str(outcome.out), "metrics": summary}
 
 
 def _row(name: str, r: PolicyResult) -> str:
