@@ -249,17 +249,30 @@ def run_policy(env: Env, tasks: Sequence[int], policy: Callable[[int, int, list[
     )
 
 
-def _reference_policy(env: Any) -> tuple[Callable[[int, int, list[dict[str, Any]]], str | None] | None, str]:
+def _reference_policy(
+    env: Any, tasks: Sequence[int]
+) -> tuple[Callable[[int, int, list[dict[str, Any]]], str | None] | None, str]:
+    """Replay of the env's reference actions; worked out for every task before any episode starts, since
+    ``demonstration`` may play through the env itself."""
+    actions_of = getattr(env, "demonstration_actions", None)
     demonstrate = getattr(env, "demonstration", None)
-    if not callable(demonstrate):
+    if not callable(actions_of) and not callable(demonstrate):
         return None, "the env has no demonstration(task): no reference policy"
-    cache: dict[int, list[str]] = {}
+    actions: dict[int, list[str] | Exception] = {}
+    for task in tasks:
+        try:
+            if callable(actions_of):
+                actions[task] = list(actions_of(task))
+            elif callable(demonstrate):
+                actions[task] = [m["content"] for m in demonstrate(task) if m["role"] == "assistant"]
+        except Exception as exc:  # reported as that task's error
+            actions[task] = exc
 
     def policy(task: int, turn: int, messages: list[dict[str, Any]]) -> str | None:
-        if task not in cache:
-            cache[task] = [m["content"] for m in demonstrate(task) if m["role"] == "assistant"]
-        actions = cache[task]
-        return actions[turn] if turn < len(actions) else None
+        planned = actions[task]
+        if isinstance(planned, Exception):
+            raise planned
+        return planned[turn] if turn < len(planned) else None
 
     return policy, "the env's reference episodes (demonstration(task)), replayed turn by turn"
 
@@ -306,7 +319,7 @@ def make_card(env_id: str, *, env_kwargs: Mapping[str, Any] | None = None, n: in
         count = _task_count(env)
         tasks = list(range(min(n, count) if isinstance(count, int) else n))
         echo(f"{env_id}: {count} tasks; playing {len(tasks)} with the reference policy")
-        policy, note = _reference_policy(env)
+        policy, note = _reference_policy(env, tasks)
         reference = run_policy(env, tasks, policy, pass_threshold) if policy else None
         results = {}
         for name, probe in (probes or {**PROBES, **tool_probes(env.tools)}).items():
