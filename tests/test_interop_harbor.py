@@ -149,3 +149,14 @@ def test_the_agent_can_neither_write_outside_nor_forge_the_reward_file(tmp_path,
         assert "no reward written" in step.info["verifier_error"]
     finally:
         asyncio.run(env.aclose())
+
+
+@pytest.mark.docker
+def test_the_card_of_a_task_folder(tmp_path, docker_image, harbor_loader):
+    from agentrl.cards import make_card
+
+    write_task(tmp_path / "count-lines", docker_image)
+    card = make_card(f"harbor:{tmp_path / 'count-lines'}", n=1, seeds=1)
+    assert card.tasks == 1 and card.tools[0]["name"] == "bash"
+    assert card.reference is not None and card.reference.passed == 1
+    assert "forge-reward-file" in card.probes and card.flagged_probes == []
