@@ -49,8 +49,9 @@ def _print_loaded_envs() -> None:
     if not loaders:
         return
     print("\nloaders (ids <scheme>:<target>):")
+    width = max(len(scheme) for scheme in loaders) + len(":<target>")
     for scheme, description in loaders.items():
-        print(f"  {scheme}:<target>  {description}")
+        print(f"  {scheme + ':<target>':<{width}}  {description}")
     for scheme, target in LOADER_LISTINGS.items():
         if scheme not in loaders:
             continue
@@ -73,7 +74,8 @@ def _cmd_card(args: argparse.Namespace) -> int:
     echo = (lambda line: None) if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
     card = make_card(args.env, env_kwargs=env_kwargs, n=args.n, seeds=args.seeds,
                      pass_threshold=args.pass_threshold, echo=echo)  # fmt: skip
-    out = Path(args.out) if args.out else Path("runs") / "cards" / args.env.replace("/", "_").replace(":", "_")
+    slug = args.env.strip("/").replace("/", "_").replace(":", "_")
+    out = Path(args.out) if args.out else Path("runs") / "cards" / slug
     if args.model:
         card.model = model_pass_at_k(args.env, env_kwargs, args.model, n=args.n, k=args.k,
                                      pass_threshold=args.pass_threshold, out=out / "eval")  # fmt: skip

@@ -83,6 +83,8 @@ def load_environment(kind: str = "feedback", max_turns: int = 6, **kwargs):
     if kind == "tools":
         return ProbeEnv(tools=[probe], dataset=Dataset.from_list(_rows("tools")), rubric=rubric,
                         system_prompt="Use the probe tool, then answer with the number.", max_turns=max_turns)
+    if kind == "single":
+        return vf.SingleTurnEnv(dataset=Dataset.from_list(_rows("single")), rubric=rubric)
     if kind == "group":
         async def rank(completions) -> list[float]:
             return [0.0] * len(completions)
@@ -200,6 +202,14 @@ def test_the_env_checker_passes_and_max_turns_truncates(env_package):
     empty = env.step("")  # verifiers refuses an empty reply: the episode ends, scored, with the reason
     assert empty.terminated and "EmptyModelResponseError" in empty.info["error"]
     assert empty.info["reward_components"]["correct"] == pytest.approx(0.0)
+    env.close()
+
+
+def test_a_single_turn_env_terminates_at_its_one_turn(env_package):
+    env = agentrl.make(f"verifiers:{env_package}", kind="single", split="train")
+    env.reset(options={"task": 1})
+    step = env.step("7")
+    assert step.terminated and not step.truncated and step.reward == pytest.approx(0.99)
     env.close()
 
 

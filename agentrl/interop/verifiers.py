@@ -23,10 +23,11 @@ The mapping:
   weighted reward function is a ``reward_components`` entry (``score * weight``), the zero-weight metrics go
   to ``info["metrics"]``. Group reward functions need every rollout of a group at once, which one env does
   not see; such rubrics are refused when loaded.
-- ends: ``truncated`` when the environment stopped on ``max_turns_reached`` or ``prompt_too_long``,
-  ``terminated`` otherwise. A rollout that verifiers ended with ``state["error"]`` (an empty reply, a tool
-  error listed in ``stop_errors``) is scored like verifiers scores it and ends with ``info["error"]``; an
-  exception that escapes the environment's rollout propagates from ``step`` (the runner records it).
+- ends: ``truncated`` when the environment stopped on ``max_turns_reached`` (a single-turn environment
+  excepted) or ``prompt_too_long``, ``terminated`` otherwise. A rollout that verifiers ended with
+  ``state["error"]`` (an empty reply, a tool error listed in ``stop_errors``) is scored as verifiers scores
+  it and ends with ``info["error"]``; an exception that escapes the environment's rollout propagates from
+  ``step`` (the runner records it).
 
 Only chat environments are supported (``message_type="completion"`` is refused). Tested with verifiers
 0.1.10, the newest release that installs beside ``mcp`` 2.3 (0.4's ``verifiers.v1`` taskset/harness format
@@ -354,7 +355,8 @@ class VerifiersEnv(Env):
         reward = float(state.get("reward") or 0.0)
         components, metrics = rubric_components(self.environment.rubric, state.get("metrics") or {}, reward)
         stop = state.get("stop_condition")
-        truncated = stop in _TRUNCATING_STOPS
+        # A single-turn environment ends at its one turn by design, not by a limit.
+        truncated = stop in _TRUNCATING_STOPS and not (stop == "max_turns_reached" and self.max_turns == 1)
         final = [_message(m) for m in state.get("final_env_response") or ()]
         info: dict[str, Any] = {"reward_components": components, "metrics": metrics, "stop_condition": stop}
         error = state.get("error")
