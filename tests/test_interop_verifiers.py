@@ -12,7 +12,7 @@ pytest.importorskip("verifiers")
 
 import agentrl
 from agentrl.checker import check_env
-from agentrl.errors import ConfigError
+from agentrl.errors import ConfigError, RolloutError
 from agentrl.interop.verifiers import VerifiersEnv, installed_environments
 from agentrl.models.loading import load_tokenizer
 from agentrl.registry import register_loader
@@ -78,11 +78,21 @@ class HigherLower(vf.MultiTurnEnv):
         return [{"role": "user", "content": "higher" if int(guess) < secret else "lower"}]
 
 
+class Forgetful(HigherLower):
+    """Shows the model only the latest exchange: a conversation that does not extend the last prompt."""
+
+    async def get_prompt_messages(self, state):
+        messages = await super().get_prompt_messages(state)
+        return messages[-1:] if state["trajectory"] else messages
+
+
 def load_environment(kind: str = "feedback", max_turns: int = 6, **kwargs):
     rubric = vf.Rubric(funcs=[correct, brevity], weights=[1.0, 1.0])
     if kind == "tools":
         return ProbeEnv(tools=[probe], dataset=Dataset.from_list(_rows("tools")), rubric=rubric,
                         system_prompt="Use the probe tool, then answer with the number.", max_turns=max_turns)
+    if kind == "rewrite":
+        return Forgetful(dataset=Dataset.from_list(_rows("rewrite")), rubric=rubric, max_turns=max_turns)
     if kind == "single":
         return vf.SingleTurnEnv(dataset=Dataset.from_list(_rows("single")), rubric=rubric)
     if kind == "group":
@@ -210,6 +220,14 @@ def test_a_single_turn_env_terminates_at_its_one_turn(env_package):
     env.reset(options={"task": 1})
     step = env.step("7")
     assert step.terminated and not step.truncated and step.reward == pytest.approx(0.99)
+    env.close()
+
+
+def test_an_env_that_rewrites_history_fails_the_step_naming_the_ledger(env_package):
+    env = agentrl.make(f"verifiers:{env_package}", kind="rewrite")
+    env.reset(options={"task": 0})
+    with pytest.raises(RolloutError, match="token ledger"):
+        env.step("1")
     env.close()
 
 
