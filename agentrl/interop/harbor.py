@@ -26,6 +26,7 @@ environments are not supported.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import math
@@ -223,8 +224,6 @@ class HarborEnv(Env):
         if not isinstance(index, int) or not 0 <= index < len(self.tasks):
             raise ConfigError(f"task {index!r}: this env has tasks 0..{len(self.tasks) - 1}")
         task = self._task = self.tasks[index]
-        import asyncio
-
         tag, workdir = await asyncio.to_thread(self.image, task)
         self._sandbox = await _open(task, tag, self.docker_options)
         start = f"mkdir -p {HARBOR}/workdir {HARBOR}/tests {HARBOR}/logs/verifier {HARBOR}/logs/agent && " + (
