@@ -31,6 +31,61 @@ def _cmd_envs(args: argparse.Namespace) -> int:
         print("no environments registered")
     for name, reason in sorted(broken.items()):
         print(f"broken plug-in {name}: {reason}", file=sys.stderr)
+    _print_loaded_envs()
+    return 0
+
+
+LOADER_LISTINGS = {"verifiers": "agentrl.interop.verifiers:installed_environments"}
+"""Loader scheme -> ``"module:function"`` listing the targets installed here, for ``agentrl envs``."""
+
+
+def _print_loaded_envs() -> None:
+    """The loader schemes, and the envs of each that are installed (e.g. verifiers packages), by id."""
+    from agentrl._plugins import load_object
+    from agentrl.errors import PluginError
+    from agentrl.registry import list_loaders
+
+    loaders = list_loaders()
+    if not loaders:
+        return
+    print("\nloaders (ids <scheme>:<target>):")
+    width = max(len(scheme) for scheme in loaders) + len(":<target>")
+    for scheme, description in loaders.items():
+        print(f"  {scheme + ':<target>':<{width}}  {description}")
+    for scheme, target in LOADER_LISTINGS.items():
+        if scheme not in loaders:
+            continue
+        try:
+            found = load_object(target, f"the {scheme} listing")()
+        except PluginError as exc:
+            print(f"cannot list {scheme} envs: {exc}", file=sys.stderr)
+            continue
+        for name in found:
+            print(f"{scheme}:{name}")
+
+
+def _cmd_card(args: argparse.Namespace) -> int:
+    """Measure an env's card (tasks, tools, reference pass rate, reward-hack probes, determinism, speed)."""
+    from pathlib import Path
+
+    from agentrl.cards import make_card, model_pass_at_k, write_card
+
+    env_kwargs = dict(args.env_arg)
+    echo = (lambda line: None) if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
+    card = make_card(args.env, env_kwargs=env_kwargs, n=args.n, seeds=args.seeds,
+                     pass_threshold=args.pass_threshold, echo=echo)  # fmt: skip
+    slug = args.env.strip("/").replace("/", "_").replace(":", "_")
+    out = Path(args.out) if args.out else Path("runs") / "cards" / slug
+    if args.model:
+        card.model = model_pass_at_k(args.env, env_kwargs, args.model, n=args.n, k=args.k,
+                                     pass_threshold=args.pass_threshold, out=out / "eval")  # fmt: skip
+    md, js = write_card(card, out)
+    ref = card.reference
+    print(f"{args.env}: {card.tasks} tasks; reference passed {ref.passed}/{ref.episodes}" if ref else
+          f"{args.env}: {card.tasks} tasks; no reference policy")  # fmt: skip
+    print(f"probes flagged: {', '.join(card.flagged_probes) or 'none'}; resets reproducible "
+          f"{card.determinism['reproducible']}/{card.determinism['seeds']}")  # fmt: skip
+    print(f"wrote {md} and {js}")
     return 0
 
 
@@ -48,6 +103,19 @@ def _cmd_check(args: argparse.Namespace) -> int:
     passed = check_env(env, tokenizer=tokenizer)
     print(f"{args.env}: passed {', '.join(passed)}")
     return 0
+
+
+def _env_arg(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` with VALUE parsed as JSON when it is JSON, else kept as a string."""
+    import json
+
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. split=train), got {text!r}")
+    try:
+        return key, json.loads(value)
+    except ValueError:
+        return key, value
 
 
 def _cmd_sandbox_build(args: argparse.Namespace) -> int:
@@ -147,6 +215,19 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("env", help="environment id, e.g. toy-guess-v0")
     check.add_argument("--model", help="also check token masks with this model's tokenizer ('tiny', a path or hub id)")
     check.set_defaults(func=_cmd_check)
+
+    card = sub.add_parser("card", help="measure an env's card: tasks, tools, reference pass rate, hack probes")
+    card.add_argument("env", help="environment id, e.g. code-sandbox, verifiers:my-env or harbor:path/to/tasks")
+    card.add_argument("--env-arg", type=_env_arg, action="append", default=[], metavar="KEY=VALUE",
+                      help="env constructor argument, repeatable; VALUE is JSON or a string")  # fmt: skip
+    card.add_argument("--n", type=int, default=10, help="tasks each policy plays (default 10)")
+    card.add_argument("--seeds", type=int, default=5, help="seeds of the determinism check (default 5)")
+    card.add_argument("--pass-threshold", type=float, default=1.0, help="total reward that passes (default 1)")
+    card.add_argument("--model", help="also evaluate this model's pass@k with the eval harness ('tiny', a dir)")
+    card.add_argument("--k", type=int, default=4, help="samples per task for --model's pass@k (default 4)")
+    card.add_argument("--out", help="output directory (default runs/cards/<env>)")
+    card.add_argument("--quiet", action="store_true", help="no progress output")
+    card.set_defaults(func=_cmd_card)
 
     sandbox = sub.add_parser("sandbox", help="build the docker sandbox image; reap leaked sandboxes")
     sandbox_sub = sandbox.add_subparsers(dest="sandbox_command", required=True)

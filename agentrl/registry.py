@@ -299,3 +299,7 @@ def list_envs() -> list[EnvSpec]:
 def broken_plugins() -> dict[str, str]:
     """Entry points that could not be registered, by name, with the reason."""
     return dict(_broken)
+
+
+register_loader("verifiers", "agentrl.interop.verifiers:load_verifiers_env", description="a verifiers env by id")
+register_loader("harbor", "agentrl.interop.harbor:load_harbor_env", description="Harbor task folders, in docker")

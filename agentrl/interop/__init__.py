@@ -1,0 +1,1 @@
+"""Environments from other ecosystems (verifiers packages, Harbor task folders, ...) as agentrl envs."""
