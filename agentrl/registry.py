@@ -299,3 +299,6 @@ def list_envs() -> list[EnvSpec]:
 def broken_plugins() -> dict[str, str]:
     """Entry points that could not be registered, by name, with the reason."""
     return dict(_broken)
+
+
+register_loader("mcp", "agentrl.interop.mcp:load_mcp_env", description="tools from MCP servers; target: a YAML/JSON env config")

@@ -1,0 +1,11 @@
+"""Environments from other ecosystems, and ours served to them.
+
+- ``mcp:<config file>``: a tool env whose tools come from MCP servers (:mod:`agentrl.interop.mcp`).
+- ``openenv:<url>``: an env that drives an OpenEnv server (:mod:`agentrl.interop.openenv`).
+- ``agentrl serve <env-id>``: any agentrl env as an OpenEnv server (:mod:`agentrl.interop.serve`).
+
+Each module imports its ecosystem's packages (``mcp``, ``websockets``, ``fastapi``) only when used;
+install them with ``pip install 'agentrl[interop]'``.
+"""
+
+__all__: list[str] = []
