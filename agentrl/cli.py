@@ -80,6 +80,18 @@ def _cmd_sandbox_gc(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    """Serve one environment over OpenEnv's protocol until interrupted."""
+    from agentrl.interop.serve import serve
+
+    where = f"http://{args.host}:{args.port}"
+    print(f"agentrl serve: {args.env} as an OpenEnv server at {where} (sessions on {where.replace('http', 'ws', 1)}/ws)",
+          file=sys.stderr, flush=True)  # fmt: skip
+    serve(args.env, dict(args.env_arg), host=args.host, port=args.port, max_sessions=args.max_sessions,
+          idle_timeout=args.idle_timeout or None)  # fmt: skip
+    return 0
+
+
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("agentrl.pipeline.cli_train", "train an agent: SFT tool-format phase, RL, held-out evaluation, report"),
     "sft": ("agentrl.pipeline.cli_offline:sft", "supervised fine-tuning on chat JSONL or an env's demonstrations"),
@@ -147,6 +159,19 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("env", help="environment id, e.g. toy-guess-v0")
     check.add_argument("--model", help="also check token masks with this model's tokenizer ('tiny', a path or hub id)")
     check.set_defaults(func=_cmd_check)
+
+    from agentrl.evaluation.cli import _env_arg
+
+    serve = sub.add_parser("serve", help="serve an environment as an OpenEnv server (for TRL, SkyRL, OpenEnv clients)")
+    serve.add_argument("env", help="environment id, e.g. code-sandbox")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    serve.add_argument("--env-arg", type=_env_arg, action="append", default=[], metavar="KEY=VALUE",
+                       help="env constructor argument, repeatable; VALUE is JSON or a string")  # fmt: skip
+    serve.add_argument("--max-sessions", type=int, default=64, help="concurrent sessions, each its own env (default 64)")
+    serve.add_argument("--idle-timeout", type=float, default=600.0,
+                       help="seconds a session may stay silent before it is closed (0: never; default 600)")  # fmt: skip
+    serve.set_defaults(func=_cmd_serve)
 
     sandbox = sub.add_parser("sandbox", help="build the docker sandbox image; reap leaked sandboxes")
     sandbox_sub = sandbox.add_subparsers(dest="sandbox_command", required=True)

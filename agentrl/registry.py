@@ -302,3 +302,4 @@ def broken_plugins() -> dict[str, str]:
 
 
 register_loader("mcp", "agentrl.interop.mcp:load_mcp_env", description="tools from MCP servers; target: a YAML/JSON env config")
+register_loader("openenv", "agentrl.interop.openenv:load_openenv", description="an OpenEnv server; target: its http://host:port")
