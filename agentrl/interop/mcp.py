@@ -178,6 +178,12 @@ def _result_text(result: Any) -> str:
     return text
 
 
+_LISTED: dict[str, dict[str, list[Any]]] = {}
+"""Tool listings by server config: the runner builds an env per episode slot from inside its event loop,
+and only the first needs to block on starting servers to learn its tools; the others start theirs at reset,
+without blocking the loop."""
+
+
 class MCPConnections:
     """Sessions with MCP servers, kept on a private event loop in a daemon thread.
 
@@ -196,11 +202,17 @@ class MCPConnections:
         self.startup_timeout = startup_timeout
         self.links = {s.name: _Link(s) for s in servers}
         self._thread: _LoopThread | None = _LoopThread()
+        key = repr(servers)
+        if key in _LISTED:  # these servers were listed before: start them at the first reset, not here
+            for link in self.links.values():
+                link.tools = _LISTED[key][link.server.name]
+            return
         try:
             self._thread.run(self._start_all())
         except BaseException:
             self.close()
             raise
+        _LISTED[key] = {name: link.tools for name, link in self.links.items()}
 
     async def _start_all(self) -> None:
         for link in self.links.values():
