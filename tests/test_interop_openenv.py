@@ -123,11 +123,14 @@ def test_sessions_are_separate_and_capped(guess_server):
         first.step(CALL % 50)
         assert first._run_sync(first.astate())["step_count"] == 1
         assert second._run_sync(second.astate())["step_count"] == 0
-        third, fourth = (agentrl.make(f"openenv:{guess_server}") for _ in range(2))
+        third, fourth = (agentrl.make(f"openenv:{guess_server}", capacity_wait=1.0) for _ in range(2))
         third.reset(seed=3)
+        started = time.monotonic()
         with pytest.raises(EnvServerError, match="CAPACITY_REACHED"):
             fourth.reset(seed=4)
+        assert time.monotonic() - started > 0.5  # it waited for a free session before giving up
         third.close()
+        fourth.reset(seed=4)  # a session is free again
         fourth.close()
     finally:
         first.close()

@@ -364,6 +364,10 @@ class MCPToolEnv(ToolEnv):
         await self.connections.ensure()  # a server that died last episode starts again, outside any tool timeout
         return await super().areset(seed=seed, options=options)
 
+    async def aprobe(self) -> None:
+        """Start every server that is not running; raises :class:`EnvServerError` naming one that cannot."""
+        await self.connections.ensure()
+
     async def aclose(self) -> None:
         await in_thread("closing MCP servers", self.connections.close)
         await super().aclose()

@@ -78,6 +78,7 @@ class OpenEnvEnv(Env):
         reset_kwargs: Extra keyword arguments for every reset (e.g. a difficulty).
         max_turns: The turn limit as the env reports it (``agentrl serve`` announces its env's).
         message_timeout: Seconds to wait for one answer of the server.
+        capacity_wait: Seconds a reset keeps retrying (with backoff) while the server is at its session limit.
         description: One line for ``agentrl envs``.
 
     Raises:
@@ -94,11 +95,13 @@ class OpenEnvEnv(Env):
         reset_kwargs: Mapping[str, Any] | None = None,
         max_turns: int | None = None,
         message_timeout: float = 120.0,
+        capacity_wait: float = 120.0,
         description: str | None = None,
     ):
         self.base_url, self.ws_url = _http_url(base_url), _ws_url(base_url)
         self.action_key, self.observation_key, self.system_prompt = action_key, observation_key, system_prompt
         self.reset_kwargs, self.message_timeout = dict(reset_kwargs or {}), message_timeout
+        self.capacity_wait = capacity_wait
         about = self._about()
         self.tools = tuple(about.get("tools") or ())
         self.max_turns = max_turns if max_turns is not None else about.get("max_turns")
@@ -121,14 +124,16 @@ class OpenEnvEnv(Env):
 
     # ---- the session ---------------------------------------------------------------------------------
     async def _connect(self) -> Any:
-        loop = asyncio.get_running_loop()
-        if self._ws is not None and self._ws_loop is loop:
-            return self._ws
-        self._ws = None  # a socket opened on another loop cannot be used here; its session ends with it
         try:
             from websockets.asyncio.client import connect
+            from websockets.protocol import State
         except ImportError:
             raise MissingDependencyError("the OpenEnv client needs websockets: `pip install 'agentrl[interop]'`") from None
+        loop = asyncio.get_running_loop()
+        if self._ws is not None and self._ws_loop is loop and self._ws.state is State.OPEN:
+            return self._ws
+        # A socket the server closed, or one opened on another loop, cannot be used; its session is over.
+        self._ws = None
         try:
             self._ws = await connect(self.ws_url, max_size=None, open_timeout=30)
         except Exception as exc:
@@ -174,7 +179,7 @@ class OpenEnvEnv(Env):
         data = {**self.reset_kwargs, **(options or {})}
         if seed is not None:
             data["seed"] = seed
-        reply = await self._request({"type": "reset", "data": data})
+        reply = await self._reset_when_admitted(data)
         observation = reply.get("observation") or {}
         messages = observation_messages(observation, self.observation_key)
         if self.system_prompt and not any(m["role"] == "system" for m in messages):
@@ -183,6 +188,20 @@ class OpenEnvEnv(Env):
         info = {k: v for k, v in (observation.get("info") or {}).items() if k != "tools"}
         info["tools"] = list(observation.get("tools") or self.tool_schemas())
         return ResetResult(messages, info)
+
+    async def _reset_when_admitted(self, data: Mapping[str, Any]) -> dict[str, Any]:
+        """A reset, retried with backoff for up to ``capacity_wait`` seconds while the server is full."""
+        loop = asyncio.get_running_loop()
+        deadline, pause = loop.time() + self.capacity_wait, 0.25
+        while True:
+            try:
+                return await self._request({"type": "reset", "data": dict(data)})
+            except EnvServerError as exc:
+                if "CAPACITY_REACHED" not in str(exc) or loop.time() + pause > deadline:
+                    raise
+                await self._drop()
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 5.0)
 
     async def astep(self, action: str) -> StepResult:
         if self._done:

@@ -24,6 +24,7 @@ env in this process (for code-sandbox, hidden tests run in its sandbox), so a cl
 # at runtime, and those classes are imported inside create_app.
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import uuid
@@ -114,6 +115,10 @@ async def _run_session(websocket: Any, env_id: str, env_kwargs: Mapping[str, Any
     await websocket.accept()
     if slots.locked():
         await websocket.send_text(_error("the server is at its session limit; retry later", "CAPACITY_REACHED"))
+        # Close only after the client's first message (or a pause): a close that races the client's request
+        # can drop the reason before the client reads it.
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(websocket.receive_text(), 5.0)
         await websocket.close()
         return
     async with slots:
