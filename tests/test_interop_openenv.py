@@ -289,3 +289,10 @@ def test_check_env_passes_on_an_openenv_server(openenv_server):
         assert check_env(env)
     finally:
         env.close()
+
+
+def test_serving_an_unknown_env_fails_with_the_registry_hint():
+    proc = subprocess.run([sys.executable, "-m", "agentrl.cli", "serve", "code-sandbx", "--port", str(_free_port())],
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})  # fmt: skip
+    assert proc.returncode == 1 and "did you mean 'code-sandbox'" in proc.stderr.lower(), proc.stderr
