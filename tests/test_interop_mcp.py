@@ -213,3 +213,19 @@ def test_bad_configs_name_the_problem(tmp_path, server_file):
     twice = [_stdio(server_file), MCPServer("calc2", command=sys.executable, args=(str(server_file),))]
     with pytest.raises(ConfigError, match="tool_prefix"):
         MCPToolEnv(twice, TASKS, exact_reward)
+
+
+def test_the_readme_example_config_plays_its_demonstrations_to_full_reward():
+    from pathlib import Path
+
+    config = Path(__file__).resolve().parents[1] / "examples" / "mcp_calc" / "env.yaml"
+    env = agentrl.make(f"mcp:{config}")
+    try:
+        for task in env.tasks:
+            env.reset(options={"task": task.id})
+            results = [env.step(action) for action in task.demonstration]
+            tool_results = [m["content"] for r in results for m in r.observation if m["role"] == "tool"]
+            assert tool_results and not any(c.startswith("Error") for c in tool_results), tool_results
+            assert results[-1].terminated and results[-1].info["reward_components"]["correct"] == pytest.approx(1.0)
+    finally:
+        env.close()
