@@ -105,19 +105,6 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
-def _env_arg(text: str) -> tuple[str, Any]:
-    """``KEY=VALUE`` with VALUE parsed as JSON when it is JSON, else kept as a string."""
-    import json
-
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. split=train), got {text!r}")
-    try:
-        return key, json.loads(value)
-    except ValueError:
-        return key, value
-
-
 def _cmd_sandbox_build(args: argparse.Namespace) -> int:
     """Build the docker sandbox's image locally (no registry needed)."""
     from agentrl.errors import ConfigError
@@ -146,6 +133,18 @@ def _cmd_sandbox_gc(args: argparse.Namespace) -> int:
             continue
         print(f"{name}: removed {len(removed)}" + (f" ({', '.join(removed)})" if removed else ""))
     return 1 if failed else 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    """Serve one environment over OpenEnv's protocol until interrupted."""
+    from agentrl.interop.serve import serve
+
+    where = f"http://{args.host}:{args.port}"
+    print(f"agentrl serve: {args.env} as an OpenEnv server at {where} (sessions on {where.replace('http', 'ws', 1)}/ws)",
+          file=sys.stderr, flush=True)  # fmt: skip
+    serve(args.env, dict(args.env_arg), host=args.host, port=args.port, max_sessions=args.max_sessions,
+          idle_timeout=args.idle_timeout or None)  # fmt: skip
+    return 0
 
 
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -201,6 +200,8 @@ def _add_bench_parsers(sub: Any) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from agentrl.evaluation.cli import _env_arg
+
     parser = argparse.ArgumentParser(
         prog="agentrl", description="Train and evaluate LLM agents with RL in multi-turn environments."
     )
@@ -228,6 +229,17 @@ def build_parser() -> argparse.ArgumentParser:
     card.add_argument("--out", help="output directory (default runs/cards/<env>)")
     card.add_argument("--quiet", action="store_true", help="no progress output")
     card.set_defaults(func=_cmd_card)
+
+    serve = sub.add_parser("serve", help="serve an environment as an OpenEnv server (for TRL, SkyRL, OpenEnv clients)")
+    serve.add_argument("env", help="environment id, e.g. code-sandbox")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    serve.add_argument("--env-arg", type=_env_arg, action="append", default=[], metavar="KEY=VALUE",
+                       help="env constructor argument, repeatable; VALUE is JSON or a string")  # fmt: skip
+    serve.add_argument("--max-sessions", type=int, default=64, help="concurrent sessions, each its own env (default 64)")
+    serve.add_argument("--idle-timeout", type=float, default=600.0,
+                       help="seconds a session may stay silent before it is closed (0: never; default 600)")  # fmt: skip
+    serve.set_defaults(func=_cmd_serve)
 
     sandbox = sub.add_parser("sandbox", help="build the docker sandbox image; reap leaked sandboxes")
     sandbox_sub = sandbox.add_subparsers(dest="sandbox_command", required=True)

@@ -12,6 +12,7 @@ __all__ = [
     "ConfigError",
     "EnvCheckError",
     "EnvNotFoundError",
+    "EnvServerError",
     "MissingDependencyError",
     "PluginError",
     "RegistryError",
@@ -38,6 +39,11 @@ class EnvNotFoundError(AgentRLError, LookupError):
 
     def __str__(self) -> str:  # LookupError would quote the message like a dict key
         return str(self.args[0]) if self.args else ""
+
+
+class EnvServerError(AgentRLError, ConnectionError):
+    """An environment's server (an MCP server, an OpenEnv server) could not be started or reached; the message
+    names the server and what to check."""
 
 
 class PluginError(AgentRLError, ImportError):

@@ -301,5 +301,7 @@ def broken_plugins() -> dict[str, str]:
     return dict(_broken)
 
 
+register_loader("mcp", "agentrl.interop.mcp:load_mcp_env", description="tools from MCP servers; target: a YAML/JSON env config")
+register_loader("openenv", "agentrl.interop.openenv:load_openenv", description="an OpenEnv server; target: its http://host:port")
 register_loader("verifiers", "agentrl.interop.verifiers:load_verifiers_env", description="a verifiers env by id")
 register_loader("harbor", "agentrl.interop.harbor:load_harbor_env", description="Harbor task folders, in docker")

@@ -1,1 +1,13 @@
-"""Environments from other ecosystems (verifiers packages, Harbor task folders, ...) as agentrl envs."""
+"""Environments from other ecosystems, and ours served to them.
+
+- ``mcp:<config file>``: a tool env whose tools come from MCP servers (:mod:`agentrl.interop.mcp`).
+- ``openenv:<url>``: an env that drives an OpenEnv server (:mod:`agentrl.interop.openenv`).
+- ``verifiers:<env-id>``: an installed verifiers environment package (:mod:`agentrl.interop.verifiers`).
+- ``harbor:<path>``: Harbor task folders, run in the docker sandbox (:mod:`agentrl.interop.harbor`).
+- ``agentrl serve <env-id>``: any agentrl env as an OpenEnv server (:mod:`agentrl.interop.serve`).
+
+Each module imports its ecosystem's packages (``mcp``, ``websockets``, ``fastapi``, ``verifiers``) only
+when used; install them with ``pip install 'agentrl[interop]'`` or ``'agentrl[verifiers]'``.
+"""
+
+__all__: list[str] = []

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import datetime as _dt
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -429,4 +430,5 @@ def _section(name: str, cls: Callable[..., Any], values: dict[str, Any]) -> Any:
 
 def default_run_dir(run: RunConfig) -> Path:
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return Path("runs") / f"{run.env}-{run.algo}-{stamp}"
+    env = re.sub(r"[^A-Za-z0-9._-]+", "_", run.env)  # a loader id ("mcp:path/env.yaml") holds ':' and '/'
+    return Path("runs") / f"{env}-{run.algo}-{stamp}"
