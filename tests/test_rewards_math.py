@@ -117,3 +117,134 @@ def test_extraction_helpers():
     assert extract_answer("x = 5", "number") == "5"
     with pytest.raises(ValueError, match="unknown answer format"):
         extract_answer("5", "latex")
+
+
+# ---- failure classes of answers written elsewhere: parse, then compare (in-process rules) ------------------
+from agentrl.rewards._math_equiv import equivalent  # noqa: E402
+
+CLASS_CASES = {
+    "several_boxes": [
+        ("1, 2", "so $x = \\boxed{1}$ and $x = \\boxed{2}$", True),
+        ("\\{3, 5\\}", "\\boxed{3}, \\boxed{5}", True),
+        ("1, 2", "\\boxed{1}\\boxed{2}", True),
+        ("2", "first \\boxed{1}, then we find more.\n\nFinally $\\boxed{2}$", True),
+        ("1, 2", "\\boxed{1} \\boxed{3}", False),
+        ("1", "\\boxed{1}\\boxed{2}", False),
+    ],
+    "prose": [
+        ("-3.5", "Final answer: -3.5", True),
+        ("-3.5", "**Final Answer:** $-3.5$", True),
+        ("12", "We add them and get 12.", True),
+        ("7", "The value is 7. ", True),
+        ("9", "Trying $\\boxed{4}$ fails. The final answer is 9.", True),
+        ("4", "Trying $\\boxed{4}$ fails. The final answer is 9.", False),
+        ("6", "Final answer: 6.5", False),
+        ("6.5", "The answer is 6. 5 apples remain.", False),
+    ],
+    "lhs_inside_subscript": [
+        ("\\sum_{k=0}^{n} k^2", "\\sum_{k=1}^{n} k^3", False),
+        ("\\lim_{x=0} f", "g", False),
+        ("\\sum_{i=1}^{n} i", "\\sum_{i=1}^{n} i", True),
+        ("x_{n=1}", "5", False),
+        ("y = 2x + 1", "2x+1", True),
+    ],
+    "grouping": [
+        ("32349", "32, 349", False),
+        ("32, 349", "32349", False),
+        ("(32, 349)", "32,349", False),
+        ("32349", "32,349", True),
+        ("1000", "1 000", True),
+        ("1000.99", "1000,99", True),
+        ("2.74", "2,74", True),
+        ("2.74", "2,75", False),
+        ("1000", "1,000.5", False),
+        ("1, 2", "1,2", True),
+        ("1.2", "1, 2", False),
+        ("1234567", "1 234 567", True),
+        ("1234567", "1,234,567", True),
+        ("1234567", "1,23,4567", False),
+    ],
+    "roots": [
+        ("2", "\\sqrt[3]8", True),
+        ("\\sqrt[3]{8}", "\\sqrt[3]8", True),
+        ("2", "\\sqrt[3]9", False),
+        ("\\sqrt{8}", "\\sqrt[3]8", False),
+        ("2\\sqrt2", "\\sqrt8", True),
+    ],
+    "choice": [
+        ("C", "The correct option is (C).", True),
+        ("(C)", "Answer: C", True),
+        ("C", "After checking each option, the answer is **C**.", True),
+        ("B", "The correct option is (C).", False),
+        ("C", "A train leaves at noon; so the answer is (D).", False),
+        ("C", "\\boxed{C}", True),
+        ("C", "\\boxed{\\text{(C)}}", True),
+        ("D", "\\boxed{A}", False),
+    ],
+    "languages": [
+        ("5", "La respuesta es 5.", True),
+        ("5", "Die Antwort ist 5.", True),
+        ("5", "La réponse finale est 5.", True),
+        ("5", "答案是 5。", True),
+        ("5", "Ответ: 5", True),
+        ("5", "A resposta é 6.", False),
+        ("\\frac{1}{2}", "最终答案：$\\frac{1}{2}$", True),
+    ],
+}
+
+
+@pytest.mark.parametrize(
+    "case", [(cls, *case) for cls, cases in CLASS_CASES.items() for case in cases], ids=lambda c: c[0]
+)
+def test_failure_classes(case):
+    _, gold, pred, want = case
+    assert equivalent(gold, pred) is want
+
+
+@pytest.mark.parametrize(
+    ("gold", "pred", "want"),
+    [
+        ("C", "I pick C.", True),
+        ("C", "C) 42", True),
+        ("C", "(c)", True),
+        ("C", "Option C is wrong; B is right.", False),  # two letters named: never paid
+        ("C", "A or C", False),
+        ("C", "42", False),
+        ("(B) 12", "B", True),
+        ("B", "Antwort: B", True),
+        ("B", "答案是B", True),
+    ],
+)
+def test_explicit_choice_mode(gold, pred, want):
+    assert equivalent(gold, pred, mode="choice") is want
+
+
+@pytest.mark.parametrize(
+    ("gold", "pred", "decimal", "want"),
+    [
+        ("1.5", "1,5", "comma", True),
+        ("1000", "1.000", "comma", True),
+        ("1234.5", "1.234,5", "comma", True),
+        ("1234.5", "1 234,5", "comma", True),
+        ("1", "1,000", "comma", True),
+        ("1000", "1,000", "comma", False),
+        ("1000", "1,000", "point", True),
+        ("2.74", "2,74", "point", False),
+        ("1000.99", "1000,99", "point", False),
+        ("1, 5", "1,5", "point", True),
+    ],
+)
+def test_locale_number_modes(gold, pred, decimal, want):
+    assert equivalent(gold, pred, decimal=decimal) is want
+
+
+def test_options_reach_the_worker_and_bad_options_name_the_fix(verifier):
+    assert verifier.verify("1.5", "1,5", decimal="comma") is True
+    assert verifier.verify("1.5", "1,5", decimal="point") is False
+    assert verifier.verify("B", "So I choose B.", mode="choice") is True
+    from agentrl.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="decimal"):
+        verifier.verify("1", "1", decimal="dot")
+    with pytest.raises(ConfigError, match="mode"):
+        verifier.verify("1", "1", mode="letters")
