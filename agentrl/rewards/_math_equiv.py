@@ -25,8 +25,9 @@ from agentrl.rewards._math_numbers import decimal_comma_reading, numbers_equal, 
 __all__ = ["ANSWER_MODES", "Normal", "equivalent", "normalize"]
 
 ANSWER_MODES = ("math", "choice")
-"""``math``: any answer (a gold letter A–E is still read as a choice); ``choice``: the gold is a letter and
-the prediction's chosen letter is found in free text."""
+"""``math``: any answer (a gold letter A–E is still read as a choice, from an answer phrase, a box or a bare
+letter); ``choice``: multiple choice, the gold is a letter (``C``, ``(C) 12``) and the chosen letter is found in
+free text too ("I pick C."); a text naming several letters last ("A or C") scores 0 in both."""
 
 # ---- normalization -------------------------------------------------------------------------------------
 _UNICODE = {"−": "-", "–": "-", "π": "\\pi ", "°": "^\\circ", "×": "\\times ", "≤": "\\le ", "≥": "\\ge ",
