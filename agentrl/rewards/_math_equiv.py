@@ -20,6 +20,7 @@ import re
 from typing import Any, NamedTuple
 
 from agentrl.rewards._math_extract import chosen_letter, final_answer, is_prose
+from agentrl.rewards._math_fast import fast_equal
 from agentrl.rewards._math_numbers import decimal_comma_reading, numbers_equal, regroup, to_fraction
 
 __all__ = ["ANSWER_MODES", "Normal", "equivalent", "normalize"]
@@ -186,6 +187,12 @@ def _words(text: str) -> str | None:
     return None
 
 
+def _same_lhs(g_text: str, p_text: str) -> bool:
+    """Both answers assign to the same name (``y = …``), so their right-hand sides decided already."""
+    g_lhs, p_lhs = _LHS_PREFIX.match(_strip_math_delimiters(g_text)), _LHS_PREFIX.match(_strip_math_delimiters(p_text))
+    return bool(g_lhs and p_lhs and g_lhs.group(1).replace(" ", "") == p_lhs.group(1).replace(" ", ""))
+
+
 def equivalent(gold: str, pred: str, mode: str = "math", decimal: str = "auto") -> bool:
     """Whether ``pred`` states the same answer as ``gold`` (both may be bare answers or whole solutions).
 
@@ -210,21 +217,24 @@ def equivalent(gold: str, pred: str, mode: str = "math", decimal: str = "auto") 
     if g.text == p.text:
         return True
     g_words, p_words = _words(g_text), _words(p_text)
-    if g_words is not None and g_words == p_words:
-        return True
+    if g_words is not None and p_words is not None:
+        return g_words == p_words
     g_num, p_num = to_fraction(g.text), to_fraction(p.text)
     if g_num is not None and p_num is None and p.decimal_comma and g_num[1]:  # see _math_numbers
         p_num = to_fraction(p.decimal_comma)
     if g_num is not None and p_num is not None:
         return numbers_equal(g_num, p_num, "percent" in g.flags, "percent" in p.flags)
-    if _math_verify(g.text, p.text):
+    verdict = fast_equal(g.text, p.text)
+    if verdict or (verdict is None and _math_verify(g.text, p.text)):
         return True
-    if "=" in g_text + p_text:  # equations compare as equations, not by their right-hand sides
+    if "=" in g_text + p_text and not _same_lhs(g_text, p_text):  # equations compare as equations
         g_eq = normalize(g_text, assignments=False, decimal=decimal).text
         p_eq = normalize(p_text, assignments=False, decimal=decimal).text
         if (g_eq, p_eq) != (g.text, p.text) and _math_verify(g_eq, p_eq):
             return True
-    # math-verify's own LaTeX extraction, on the raw texts, catches answers our rules read wrongly.
+    if verdict is False:
+        return False
+    # math-verify's own LaTeX extraction, on the raw texts, catches answers our rules read but could not parse.
     prose = (g_text != gold.strip() and is_prose(gold)) or (p_text != pred.strip() and is_prose(pred))
     return prose and _math_verify(gold, pred, wrap=False)
 

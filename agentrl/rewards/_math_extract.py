@@ -23,7 +23,7 @@ from agentrl.rewards.answers import extract_answer_tag, extract_hashes
 __all__ = ["boxed_runs", "chosen_letter", "final_answer", "is_prose"]
 
 _MATH_SEGMENT = re.compile(r"\$\$(.+?)\$\$|\$(.+?)\$|\\\((.+?)\\\)|\\\[(.+?)\\\]", re.DOTALL)
-_WORD = re.compile(r"(?<![\\a-zA-Z])[A-Za-z]{2,}")
+_WORD = re.compile(r"(?<![\\\w])[^\W\d_]{2,}")
 _CHAT_JUNK = re.compile(r"<\|im_(?:start|end)\|>.*$|<\|endoftext\|>.*$", re.DOTALL)
 _BOX = re.compile(r"\\(?:boxed|fbox)\s*")
 
@@ -128,7 +128,7 @@ def final_answer(text: str) -> str:
             return found
     phrases = [_phrase_answer(m.group("a")) for m in _WEAK_PHRASE.finditer(text)]
     phrases = [p for p in phrases if p]
-    if phrases and (is_prose(text) or re.match(rf"\s*(?:{_WEAK})\s*[:：]", text, re.IGNORECASE)):
+    if phrases and (is_prose(text) or re.match(rf"\W*(?:{_WEAK})", text, re.IGNORECASE)):
         return phrases[-1]
     if not is_prose(text):
         return text

@@ -1,0 +1,306 @@
+"""A fast, sympy-free decision for the common answers: arithmetic in LaTeX and lists of it.
+
+:func:`fast_equal` reads a normalized answer (see :func:`agentrl.rewards._math_equiv.normalize`) as an
+expression over numbers, ``\\frac``, ``\\sqrt``, ``\\pi``, powers, a few functions and single-letter variables,
+or as a list, tuple, interval or set of such expressions, and compares by value: constants exactly up to
+float rounding, expressions with variables at several random points in (0.5, 2.5) (two different rational
+functions agree on random points with probability zero). It answers None, and math-verify decides, for
+anything else: equations, inequalities, words, capitals, subscripts, factorials, ``\\log``, ambiguous ``2^10``,
+mixed bracket kinds. ``e`` is Euler's number and ``i`` the imaginary unit, as math-verify reads them.
+"""
+
+from __future__ import annotations
+
+import cmath
+import functools
+import math
+import operator
+import random
+import re
+from collections.abc import Callable
+
+__all__ = ["fast_equal"]
+
+Fn = Callable[[dict[str, complex]], complex]
+_TOKEN = re.compile(r"\s*(\d+\.?\d*|\.\d+|\\[A-Za-z]+|[A-Za-z]|[-+*/^(){}\[\],|!_=<>&:;'\\])")
+_FUNCTIONS: dict[str, Callable[[complex], complex]] = {
+    "\\sin": cmath.sin, "\\cos": cmath.cos, "\\tan": cmath.tan, "\\ln": cmath.log, "\\exp": cmath.exp,
+    "\\arcsin": cmath.asin, "\\arccos": cmath.acos, "\\arctan": cmath.atan,
+}
+_TIMES = ("*", "\\cdot", "\\times")
+_POINTS = [{v: complex(0.5 + 2 * random.Random(f"{v}{k}").random()) for v in "abcdfghjklmnopqrstuvwxyz"} for k in range(3)]
+
+
+def _const(value: complex) -> Fn:
+    return functools.partial(_constant, complex(value))
+
+
+def _constant(value: complex, env: dict[str, complex]) -> complex:
+    return value
+
+
+def _variable(name: str, env: dict[str, complex]) -> complex:
+    return env[name]
+
+
+def _apply(op: Callable[[complex, complex], complex], left: Fn, right: Fn) -> Fn:
+    return functools.partial(_apply_at, op, left, right)
+
+
+def _apply_at(op: Callable[[complex, complex], complex], left: Fn, right: Fn, env: dict[str, complex]) -> complex:
+    return op(left(env), right(env))
+
+
+def _call(function: Callable[[complex], complex], operand: Fn) -> Fn:
+    return functools.partial(_call_at, function, operand)
+
+
+def _call_at(function: Callable[[complex], complex], operand: Fn, env: dict[str, complex]) -> complex:
+    return function(operand(env))
+
+
+class _Unsupported(Exception):
+    """The text is outside what this module reads; math-verify decides."""
+
+
+class _Parser:
+    """Recursive descent over the tokens of one expression."""
+
+    def __init__(self, text: str):
+        self.tokens: list[str] = []
+        pos = 0
+        while pos < len(text):
+            match = _TOKEN.match(text, pos)
+            if not match:
+                if text[pos:].strip():
+                    raise _Unsupported
+                break
+            self.tokens.append(match.group(1))
+            pos = match.end()
+        self.i = 0
+        self.names: set[str] = set()
+
+    def peek(self) -> str | None:
+        return self.tokens[self.i] if self.i < len(self.tokens) else None
+
+    def take(self, expected: str | None = None) -> str:
+        token = self.peek()
+        if token is None or (expected is not None and token != expected):
+            raise _Unsupported
+        self.i += 1
+        return token
+
+    def parse(self) -> Fn:
+        fn = self.expr()
+        if self.peek() is not None:
+            raise _Unsupported
+        return fn
+
+    def expr(self) -> Fn:
+        fn = self.term()
+        while self.peek() in ("+", "-"):
+            op = self.take()
+            fn = _apply(operator.add if op == "+" else operator.sub, fn, self.term())
+        return fn
+
+    def term(self) -> Fn:
+        fn = self.unary()
+        while True:
+            token = self.peek()
+            if token in _TIMES or token == "/" or token == "\\div":
+                self.take()
+                fn = _apply(operator.truediv if token in ("/", "\\div") else operator.mul, fn, self.unary())
+            elif token is not None and self._starts_primary(token):
+                if token[0].isdigit() and self.tokens[self.i - 1][0].isdigit():
+                    raise _Unsupported  # "2 3" is no product
+                fn = _apply(operator.mul, fn, self.power())
+            else:
+                return fn
+
+    @staticmethod
+    def _starts_primary(token: str) -> bool:
+        return token[0].isalnum() or token in ("(", "{", ".") or (token.startswith("\\") and token not in _TIMES)
+
+    def unary(self) -> Fn:
+        if self.peek() in ("-", "+"):
+            sign, operand = self.take(), self.unary()
+            return operand if sign == "+" else _call(operator.neg, operand)
+        return self.power()
+
+    def power(self) -> Fn:
+        base = self.primary()
+        if self.peek() != "^":
+            return base
+        self.take()
+        if self.peek() == "{":
+            exponent = self.group()
+        else:
+            token = self.peek() or ""
+            if token[:1].isdigit() and len(token) > 1:
+                raise _Unsupported  # "2^10": 2^1 * 0 in LaTeX, 1024 in plain text
+            exponent = self.unary() if token == "-" else self.primary()
+        return _apply(operator.pow, base, exponent)
+
+    def group(self) -> Fn:
+        self.take("{")
+        fn = self.expr()
+        self.take("}")
+        return fn
+
+    def argument(self) -> Fn:
+        """A command's argument: a brace group, or one token (``\\frac12`` is 1/2)."""
+        token = self.peek() or ""
+        if token == "{":
+            return self.group()
+        if token[:1].isdigit():
+            self.take()
+            if len(token) > 1:  # "\frac12": the first digit is the first argument
+                self.tokens.insert(self.i, token[1:])
+            return _const(float(token[0]))
+        return self.primary()
+
+    def primary(self) -> Fn:
+        token = self.take()
+        if token[0].isdigit() or token[0] == ".":
+            return _const(float(token))
+        if token in ("(", "{"):
+            fn = self.expr()
+            self.take(")" if token == "(" else "}")
+            return fn
+        if len(token) == 1 and token.isalpha():
+            if token in "ei":
+                return _const(math.e if token == "e" else 1j)
+            if not token.islower() or self.peek() == "(":
+                raise _Unsupported  # capitals (points, sets, choices) and f(x)
+            self.names.add(token)
+            return functools.partial(_variable, token)
+        if token == "\\pi":
+            return _const(math.pi)
+        if token in ("\\frac", "\\dfrac", "\\tfrac"):
+            top = self.argument()
+            return _apply(operator.truediv, top, self.argument())
+        if token == "\\sqrt":
+            return self._sqrt()
+        if token in _FUNCTIONS:
+            return _call(_FUNCTIONS[token], self.power())
+        raise _Unsupported
+
+    def _sqrt(self) -> Fn:
+        degree = _const(2)
+        if self.peek() == "[":
+            self.take()
+            degree = self.expr()
+            self.take("]")
+        radicand = self.argument()
+
+        def root(e: dict[str, complex]) -> complex:
+            value, n = radicand(e), degree(e)
+            if value.real < 0 and abs(value.imag) < 1e-12 and n.real % 2 == 1:  # odd roots of negatives are real
+                return -((-value) ** (1 / n))
+            return value ** (1 / n)
+
+        return root
+
+
+_OPEN_CLOSE = {"(": ")", "[": "]", "\\{": "\\}"}
+
+
+def _split_items(text: str) -> tuple[str, list[str]]:
+    """``(brackets, items)``: ``"(1, 2]"`` -> ``("(]", ["1", "2"])``; a bare list has brackets ``""``."""
+    brackets = ""
+    for left in ("\\{", "(", "["):
+        if text.startswith(left) and (text.endswith(")") or text.endswith("]") or text.endswith("\\}")):
+            right = text[-2:] if text.endswith("\\}") else text[-1]
+            inner = text[len(left) : len(text) - len(right)]
+            if _balanced(inner) and not (left + right == "()" and _balanced(inner.replace(",", ")("))):
+                brackets, text = left + right, inner
+            break
+    items, depth, start = [], 0, 0
+    for k, char in enumerate(text):
+        depth += char in "([{"
+        depth -= char in ")]}"
+        if char == "," and depth == 0:
+            items.append(text[start:k])
+            start = k + 1
+    items.append(text[start:])
+    return brackets, [item.strip() for item in items]
+
+
+def _balanced(text: str) -> bool:
+    depth = 0
+    for char in text:
+        depth += char in "([{"
+        depth -= char in ")]}"
+        if depth < 0:
+            return False
+    return depth == 0
+
+
+def _values(item: str) -> tuple[list[complex], bool] | None:
+    """The item's values at the sample points and whether it is written in decimals; None if unreadable."""
+    if not item:
+        return None
+    try:
+        parser = _Parser(item)
+        fn = parser.parse()
+        points = _POINTS if parser.names else _POINTS[:1]
+        return [fn(point) for point in points], "." in item
+    except (_Unsupported, ArithmeticError, ValueError, TypeError, OverflowError):
+        return None
+
+
+def _same(a: tuple[list[complex], bool], b: tuple[list[complex], bool]) -> bool | None:
+    """Equal, different, or None when too close to call."""
+    if len(a[0]) != len(b[0]):  # one side has variables, the other not: it must be constant to be equal
+        a, b = (a[0] * len(_POINTS), a[1]) if len(a[0]) == 1 else a, (b[0] * len(_POINTS), b[1]) if len(b[0]) == 1 else b
+    exact = 1e-9
+    rounding = 1e-6 if (a[1] or b[1]) else exact  # a decimal stands for what it rounds to
+    gaps = [abs(x - y) / max(1.0, abs(x)) for x, y in zip(a[0], b[0], strict=True)]
+    if all(gap <= rounding for gap in gaps):
+        return True
+    if any(gap > 1e-4 for gap in gaps):
+        return False
+    return None
+
+
+def fast_equal(gold: str, pred: str) -> bool | None:
+    """Whether two normalized answers are equal, decided without sympy; None when math-verify must decide."""
+    g_brackets, g_items = _split_items(gold)
+    p_brackets, p_items = _split_items(pred)
+    if (len(g_items) == 1) != (len(p_items) == 1) and "\\{\\}" not in (g_brackets, p_brackets):
+        if _values(g_items[0] if len(g_items) == 1 else p_items[0]) is not None:
+            return False  # a tuple, interval or list never equals one number
+    if g_brackets != p_brackets and {g_brackets, p_brackets} != {"", "\\{\\}"}:
+        intervals = {"()", "[]", "(]", "[)"}
+        return False if g_brackets in intervals and p_brackets in intervals else None
+    g_values = [_values(item) for item in g_items]
+    p_values = [_values(item) for item in p_items]
+    if any(v is None for v in g_values) or any(v is None for v in p_values):
+        return None
+    if g_brackets in ("", "\\{\\}") and p_brackets in ("", "\\{\\}"):  # sets: order and repeats do not count
+        return _sets_equal(g_values, p_values)  # type: ignore[arg-type]
+    if len(g_values) != len(p_values):
+        return False
+    verdicts = [_same(a, b) for a, b in zip(g_values, p_values, strict=True)]  # type: ignore[arg-type]
+    if any(v is False for v in verdicts):
+        return False
+    return True if all(verdicts) else None
+
+
+def _sets_equal(g_values: list[tuple[list[complex], bool]], p_values: list[tuple[list[complex], bool]]) -> bool | None:
+    def covered(items: list[tuple[list[complex], bool]], others: list[tuple[list[complex], bool]]) -> bool | None:
+        result: bool | None = True
+        for item in items:
+            verdicts = [_same(item, other) for other in others]
+            if any(verdicts):
+                continue
+            if any(v is None for v in verdicts):
+                result = None
+            else:
+                return False
+        return result
+
+    forward, backward = covered(g_values, p_values), covered(p_values, g_values)
+    if forward is False or backward is False:
+        return False
+    return True if forward and backward else None
