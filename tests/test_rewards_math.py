@@ -22,6 +22,7 @@ from agentrl.rewards.answers import (
 from agentrl.rewards.math import MathVerifier, verify
 
 CASES = Path(__file__).parent / "data" / "math_equivalence.txt"
+REGRESSION = Path(__file__).parent / "data" / "math_regression.txt"
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +47,28 @@ def test_accuracy_on_our_answer_equivalence_cases(verifier):
     assert accuracy >= 0.98, wrong
     # saying True to everything, or False, scores far lower: the file is not one-sided
     assert verifier.stats.timeouts == 0 and verifier.stats.errors == 0
+
+
+def test_the_regression_file_is_built_by_its_script_and_covers_every_class():
+    import runpy
+
+    build = runpy.run_path(str(REGRESSION.with_name("math_regression_build.py")))["build"]
+    built = [(equal, category, gold, pred) for equal, category, gold, pred in build()]
+    assert load_cases(REGRESSION) == built  # the committed file is what the script writes
+    verdicts = Counter(equal for equal, *_ in built)
+    assert len(built) >= 1000 and verdicts[False] >= 400 and verdicts[True] >= 400
+    classes = {"boxes", "prose", "lang", "choice", "lhs", "grouping", "roots", "trap"}
+    assert classes <= {category for _, category, *_ in built}
+
+
+@pytest.mark.slow
+def test_regression_set_accuracy_and_no_false_positive(verifier):
+    cases = load_cases(REGRESSION)
+    results = verifier.verify_many([(gold, pred) for _, _, gold, pred in cases])
+    false_pos = [(c, g, p) for (equal, c, g, p), r in zip(cases, results, strict=True) if r and not equal]
+    false_neg = [(c, g, p) for (equal, c, g, p), r in zip(cases, results, strict=True) if equal and not r]
+    assert not false_pos  # a wrong answer paid is the one error a policy learns to exploit
+    assert len(false_neg) / len(cases) <= 0.01, false_neg
 
 
 def test_verify_is_correct_from_threads_off_the_main_thread(verifier):
@@ -217,6 +240,29 @@ def test_failure_classes(case):
 )
 def test_explicit_choice_mode(gold, pred, want):
     assert equivalent(gold, pred, mode="choice") is want
+
+
+@pytest.mark.parametrize(
+    ("gold", "pred", "want"),
+    [
+        ("2^{100}", "2^{100}+1", False),  # floats cannot tell these apart: sympy decides
+        ("1234567", "1234567.5", False),  # a decimal stands for what it rounds to, no more
+        ("\\frac13", "0.333333", True),
+        ("\\frac13", "0.33", False),
+        ("\\sqrt2", "1.414214", True),
+        ("\\sqrt2", "1.41", False),
+        ("(x-1)(x+1)", "x^2-1", True),
+        ("(x-1)(x+1)", "x^2+1", False),
+        ("(1, 2)", "(2, 1)", False),
+        ("(1, 2)", "[1, 2]", False),
+        ("\\{1, 2\\}", "2, 1", True),
+        ("(3, 4)", "34", False),
+        ("2^10", "1024", True),  # ambiguous to the fast layer; math-verify reads it as 2^{10}
+        ("e^{2}", "2e", False),
+    ],
+)
+def test_the_exact_layer_and_its_limits(gold, pred, want):
+    assert equivalent(gold, pred) is want
 
 
 @pytest.mark.parametrize(

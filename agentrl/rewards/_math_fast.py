@@ -19,6 +19,8 @@ import random
 import re
 from collections.abc import Callable
 
+from agentrl.rewards._math_numbers import places, rounding_tolerance
+
 __all__ = ["fast_equal"]
 
 Fn = Callable[[dict[str, complex]], complex]
@@ -57,6 +59,10 @@ def _call(function: Callable[[complex], complex], operand: Fn) -> Fn:
 
 def _call_at(function: Callable[[complex], complex], operand: Fn, env: dict[str, complex]) -> complex:
     return function(operand(env))
+
+
+Values = tuple[list[complex], int]
+"""An item's values at the sample points, and the decimal places it is written with (0: exact)."""
 
 
 class _Unsupported(Exception):
@@ -236,7 +242,7 @@ def _balanced(text: str) -> bool:
     return depth == 0
 
 
-def _values(item: str) -> tuple[list[complex], bool] | None:
+def _values(item: str) -> Values | None:
     """The item's values at the sample points and whether it is written in decimals; None if unreadable."""
     if not item:
         return None
@@ -244,23 +250,24 @@ def _values(item: str) -> tuple[list[complex], bool] | None:
         parser = _Parser(item)
         fn = parser.parse()
         points = _POINTS if parser.names else _POINTS[:1]
-        return [fn(point) for point in points], "." in item
+        return [fn(point) for point in points], places(item)
     except (_Unsupported, ArithmeticError, ValueError, TypeError, OverflowError):
         return None
 
 
-def _same(a: tuple[list[complex], bool], b: tuple[list[complex], bool]) -> bool | None:
-    """Equal, different, or None when too close to call."""
+def _same(a: Values, b: Values) -> bool | None:
+    """Equal, different, or None when too close to call in floating point."""
     if len(a[0]) != len(b[0]):  # one side has variables, the other not: it must be constant to be equal
-        a, b = (a[0] * len(_POINTS), a[1]) if len(a[0]) == 1 else a, (b[0] * len(_POINTS), b[1]) if len(b[0]) == 1 else b
-    exact = 1e-9
-    rounding = 1e-6 if (a[1] or b[1]) else exact  # a decimal stands for what it rounds to
-    gaps = [abs(x - y) / max(1.0, abs(x)) for x, y in zip(a[0], b[0], strict=True)]
-    if all(gap <= rounding for gap in gaps):
-        return True
-    if any(gap > 1e-4 for gap in gaps):
+        a = (a[0] * len(_POINTS), a[1]) if len(a[0]) == 1 else a
+        b = (b[0] * len(_POINTS), b[1]) if len(b[0]) == 1 else b
+    gaps = [abs(x - y) for x, y in zip(a[0], b[0], strict=True)]
+    sizes = [max(abs(x), abs(y)) for x, y in zip(a[0], b[0], strict=True)]
+    if any(gap > 1e-4 * max(1.0, size) for gap, size in zip(gaps, sizes, strict=True)):
         return False
-    return None
+    if max(sizes) > 1e9:
+        return None  # beyond float's exactness for integers: 2^{100} and 2^{100} + 1 look alike
+    allowed = [max(1e-12 * max(1.0, size), rounding_tolerance(a[1], b[1], size)) for size in sizes]
+    return True if all(gap <= tol for gap, tol in zip(gaps, allowed, strict=True)) else None
 
 
 def fast_equal(gold: str, pred: str) -> bool | None:
@@ -287,8 +294,8 @@ def fast_equal(gold: str, pred: str) -> bool | None:
     return True if all(verdicts) else None
 
 
-def _sets_equal(g_values: list[tuple[list[complex], bool]], p_values: list[tuple[list[complex], bool]]) -> bool | None:
-    def covered(items: list[tuple[list[complex], bool]], others: list[tuple[list[complex], bool]]) -> bool | None:
+def _sets_equal(g_values: list[Values], p_values: list[Values]) -> bool | None:
+    def covered(items: list[Values], others: list[Values]) -> bool | None:
         result: bool | None = True
         for item in items:
             verdicts = [_same(item, other) for other in others]

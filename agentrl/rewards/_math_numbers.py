@@ -23,7 +23,15 @@ from __future__ import annotations
 import re
 from fractions import Fraction
 
-__all__ = ["DECIMAL_MARKS", "decimal_comma_reading", "numbers_equal", "regroup", "to_fraction"]
+__all__ = [
+    "DECIMAL_MARKS",
+    "decimal_comma_reading",
+    "numbers_equal",
+    "places",
+    "regroup",
+    "rounding_tolerance",
+    "to_fraction",
+]
 
 DECIMAL_MARKS = ("auto", "point", "comma")
 """The decimal-mark policies :func:`regroup` knows."""
@@ -67,9 +75,15 @@ _FRAC = re.compile(r"^(?P<sign>-?)(?P<whole>\d+)?\\frac\{?(?P<a>-?\d+)\}?\{?(?P<
 _SLASH = re.compile(rf"^(?P<a>{_NUM})/(?P<b>{_NUM})$")
 
 
-def to_fraction(s: str) -> tuple[Fraction, bool] | None:
-    """``(value, inexact)`` for a normalized plain number (no grouping left), or None; ``inexact`` marks
-    decimal notation."""
+def places(text: str) -> int:
+    """Decimal places of the numbers written in ``text`` (the fewest, where several): 0 when none has any."""
+    found = [len(m.group(1)) for m in re.finditer(r"\d\.(\d+)", text)]
+    return min(found) if found else 0
+
+
+def to_fraction(s: str) -> tuple[Fraction, int] | None:
+    """``(value, places)`` for a normalized plain number (no grouping left), or None; ``places`` counts the
+    decimal places of decimal notation (0 for integers, fractions, and ``5.``)."""
     s = s.lstrip("+")
     if s.startswith("(") and s.endswith(")") and "," not in s:
         s = s[1:-1]
@@ -78,27 +92,35 @@ def to_fraction(s: str) -> tuple[Fraction, bool] | None:
         if len(match.group("e") or "") > 4:
             return None
         value = Fraction(match.group("n")) * Fraction(10) ** int(match.group("e") or 0)
-        return value, "." in match.group("n")
+        return value, places(match.group("n"))
     match = _FRAC.match(s)
     if match and int(match.group("b")) != 0:
         value = Fraction(int(match.group("a")), int(match.group("b")))
         if match.group("whole"):  # a mixed number: 2\frac{1}{2} is 5/2
             value = int(match.group("whole")) + value
-        return (-value if match.group("sign") else value), False
+        return (-value if match.group("sign") else value), 0
     match = _SLASH.match(s)
     if match and Fraction(match.group("b")) != 0:
-        return Fraction(match.group("a")) / Fraction(match.group("b")), "." in s
+        return Fraction(match.group("a")) / Fraction(match.group("b")), places(s)
     return None
 
 
-def numbers_equal(gold: tuple[Fraction, bool], pred: tuple[Fraction, bool], g_pct: bool, p_pct: bool) -> bool:
-    """Exact equality, except that a decimal stands for what it rounds to (``0.333333`` is 1/3, as math-verify
-    rounds floats to 6 places) and a percentage may be written as a fraction (``50%`` is 50 and 0.5)."""
+def rounding_tolerance(gold_places: int, pred_places: int, magnitude: float) -> float:
+    """How far a decimal may be from the exact value it stands for: it must round to it (half a unit in its
+    last place) and lie within 1e-6 of it relatively, as math-verify rounds to 6 places; 0 between exact
+    numbers."""
+    written = [p for p in (gold_places, pred_places) if p]
+    if not written:
+        return 0.0
+    return min(0.5 * 10.0 ** -min(written), 1e-6 * max(1.0, magnitude))
+
+
+def numbers_equal(gold: tuple[Fraction, int], pred: tuple[Fraction, int], g_pct: bool, p_pct: bool) -> bool:
+    """Exact equality, except that a decimal stands for what it rounds to (``0.333333`` is 1/3, ``0.33`` is
+    not, ``1234567.5`` is not 1234567) and a percentage may be written as a fraction (``50%`` is 50 and 0.5)."""
 
     def close(a: Fraction, b: Fraction) -> bool:
-        if a == b:
-            return True
-        return (gold[1] or pred[1]) and abs(a - b) <= Fraction(1, 10**6) * max(Fraction(1), abs(a))
+        return a == b or abs(a - b) <= rounding_tolerance(gold[1], pred[1], float(abs(a)))
 
     g, p = gold[0], pred[0]
     if g_pct != p_pct:
