@@ -212,6 +212,9 @@ def test_multiple_choice_and_decimal_comma_per_env_and_per_task(tmp_path):
     assert env.step("\\boxed{\\text{(C) } 7}").info["reward_components"]["correct"] == 1.0
     env.reset(options={"task": "mc-1"})
     assert env.step("\\boxed{A or C}").info["reward_components"]["correct"] == 0.0  # two letters: not paid
+    env.reset(options={"task": "mc-1"})
+    step = env.step("\\boxed{A} or \\boxed{C}")
+    assert step.info["answer"] == "A, C" and step.reward == pytest.approx(0.1)  # one run of boxes, two letters
     env.reset(options={"task": "eu-1"})
     assert env.step("\\boxed{1,5}").info["reward_components"]["correct"] == 1.0  # the task's decimal comma
     env.close()

@@ -172,7 +172,7 @@ def normalize(text: str, assignments: bool = True, decimal: str = "auto") -> Nor
 # ---- the comparison ------------------------------------------------------------------------------------
 def _gold_letter(text: str, normal: str) -> str | None:
     """The letter of a gold answer that is a choice (``C``, ``(C)``, ``\\text{(C)}``, ``(C) 12``)."""
-    for candidate in (text.strip(), normal):
+    for candidate in (text.strip(), normal, _unwrap_style(_strip_math_delimiters(text)).strip()):
         match = _CHOICE.match(candidate) or re.match(r"^\(([A-E])\)\s", candidate)
         if match and not re.fullmatch(r"[a-e]", normal):  # a lone "a" may be a variable
             return match.group(1).upper()

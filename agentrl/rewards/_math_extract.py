@@ -36,9 +36,12 @@ _WEAK = (
     r"the\s+answer|answer|la\s+respuesta|respuesta|la\s+réponse|réponse|die\s+antwort|antwort|a\s+resposta"
     r"|resposta|la\s+risposta|risposta|ответ|答案|答え|정답|jawaban|đáp\s+án|cevap|odpowiedź|antwoord|svar"
 )
-_VERB = r"(?:\s*(?:(?:is|was|will\s+be|es|est|ist|é|è|lautet)(?![^\W\d_])|[是为為は:：=]))*"
+# A phrase counts only with a verb or a colon after it ("To answer this, ..." is no answer phrase).
+_VERB = r"(?:\**\s*(?:(?:is|was|will\s+be|es|est|ist|é|è|lautet)(?![^\W\d_])|[是为為は:：=]))+"
 _END = r"(?=\.(?:\s|$)|。|\n|$)"
-_STRONG_PHRASE = re.compile(rf"(?:{_STRONG}){_VERB}\s*(?P<a>[^\n。]+?)\s*{_END}", re.IGNORECASE)
+_STRONG_PHRASE = re.compile(
+    rf"(?:{_STRONG})(?:{_VERB}|\**[ \t]*\n)[\s*]*(?P<a>[^\n。]+?)\s*{_END}", re.IGNORECASE
+)
 _WEAK_PHRASE = re.compile(rf"(?<![A-Za-z])(?:{_WEAK}){_VERB}\s*(?P<a>[^\n。]+?)\s*{_END}", re.IGNORECASE)
 # What may stand between two boxes of one answer: spaces, math delimiters, commas, "and"/"or", "x =".
 _BOX_GAP = re.compile(

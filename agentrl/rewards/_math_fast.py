@@ -117,8 +117,9 @@ class _Parser:
                 self.take()
                 fn = _apply(operator.truediv if token in ("/", "\\div") else operator.mul, fn, self.unary())
             elif token is not None and self._starts_primary(token):
-                if token[0].isdigit() and self.tokens[self.i - 1][0].isdigit():
-                    raise _Unsupported  # "2 3" is no product
+                previous = self.tokens[self.i - 1]
+                if previous[0].isdigit() and (token[0].isdigit() or token in ("\\frac", "\\dfrac", "\\tfrac")):
+                    raise _Unsupported  # "2 3" is no product; "2\frac{1}{2}" is a mixed number, or 2 x 1/2
                 fn = _apply(operator.mul, fn, self.power())
             else:
                 return fn
@@ -159,6 +160,9 @@ class _Parser:
         if token == "{":
             return self.group()
         if token[:1].isdigit():
+            command = self.tokens[self.i - 1]
+            if len(token) > 2 or (len(token) == 2 and command not in ("\\frac", "\\dfrac", "\\tfrac")):
+                raise _Unsupported  # "\sqrt12", "\frac123": LaTeX reads one digit, the writer meant more
             self.take()
             if len(token) > 1:  # "\frac12": the first digit is the first argument
                 self.tokens.insert(self.i, token[1:])

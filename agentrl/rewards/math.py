@@ -36,6 +36,7 @@ from pathlib import Path
 
 from agentrl.errors import ConfigError, MissingDependencyError
 from agentrl.rewards._math_equiv import ANSWER_MODES
+from agentrl.rewards._math_extract import boxed_runs, chosen_letter, final_answer
 from agentrl.rewards._math_numbers import DECIMAL_MARKS
 from agentrl.rewards.answers import (
     extract_answer,
@@ -52,13 +53,16 @@ __all__ = [
     "VerifierLease",
     "VerifierStats",
     "averify",
+    "boxed_runs",
     "check_options",
+    "chosen_letter",
     "default_verifier",
     "extract_answer",
     "extract_answer_tag",
     "extract_boxed",
     "extract_final_number",
     "extract_hashes",
+    "final_answer",
     "verify",
 ]
 

@@ -20,8 +20,8 @@ from typing import Any
 from agentrl.core import Env, ResetResult, StepResult
 from agentrl.errors import ConfigError, ToolCallError
 from agentrl.rewards import compose, parse_weights
-from agentrl.rewards.answers import extract_answer_tag, extract_boxed
-from agentrl.rewards.math import check_options
+from agentrl.rewards.answers import extract_answer_tag
+from agentrl.rewards.math import boxed_runs, check_options
 from agentrl.tools import Tool, format_tool_calls, parse_tool_calls, tool_error_message, validate_call
 from agentrl.types import Message, ToolCall
 from agentrl_envs.math.calculator import CalculatorError, calculate
@@ -179,8 +179,11 @@ class MathEnv(Env):
         return await self._finish(action)
 
     async def _finish(self, action: str) -> StepResult:
-        extract = extract_boxed if self.answer_format == "boxed" else extract_answer_tag
-        answer = extract(action)
+        if self.answer_format == "boxed":  # adjacent boxes are one answer: "\boxed{1}, \boxed{2}"
+            runs = boxed_runs(action)
+            answer = runs[-1][1] if runs else None
+        else:
+            answer = extract_answer_tag(action)
         options = {"mode": self._task.answer_mode or self.answer_mode, "decimal": self._task.decimal or self.decimal}
         correct = bool(answer) and await self._averify(self._task.answer, answer or "", options)
         raw = {"correct": float(correct), "format": float(answer is not None)}
