@@ -259,6 +259,16 @@ def test_explicit_choice_mode(gold, pred, want):
         ("(3, 4)", "34", False),
         ("2^10", "1024", True),  # ambiguous to the fast layer; math-verify reads it as 2^{10}
         ("e^{2}", "2e", False),
+        ("\\tan^2 y+1", "\\sec^2 y", True),
+        ("\\tan^2 y+1", "\\cos^2 y", False),
+        ("3", "\\log_2 8", True),
+        ("\\begin{pmatrix}1 \\\\ 2\\end{pmatrix}", "\\begin{pmatrix}1 & 2\\end{pmatrix}", False),  # a column is no row
+        ("\\begin{pmatrix}1 & 0 \\\\ 0 & 1\\end{pmatrix}", "\\left[\\begin{array}{cc}1 & 0\\\\0 & 1\\end{array}\\right]", True),
+        ("1, 3", "2\\frac{1}{2}, 3", False),  # a mixed number, never 2 x 1/2
+        ("2", "\\sqrt12", False),  # \sqrt{1}2 to LaTeX, \sqrt{12} to its writer: paid only if right under both
+        ("2\\sqrt{3}", "\\sqrt12", False),
+        ("4", "\\sqrt16", False),
+        ("2", "\\sqrt[3]8", True),  # one digit: one reading
     ],
 )
 def test_the_exact_layer_and_its_limits(gold, pred, want):

@@ -43,6 +43,8 @@ _UNIT_TEXT = re.compile(r"\\text\{\s*[A-Za-z][A-Za-z .]*\}(?:\s*\^\s*\{?[23]\}?)
 _TRAILING_WORDS = re.compile(r"^(-?[\d.,/]*\d)\s+[A-Za-z]+(?:[\s/]+[A-Za-z]+)*\.?(?:\s*\^\s*\{?[23]\}?)?$")
 _CONNECTIVE = re.compile(r"\\text\{\s*(?:and|or)\s*\}|\s+(?:and|or)\s+", re.IGNORECASE)
 _LHS_PREFIX = re.compile(r"^([A-Za-z](?:_\{?\w+\}?)?\s*=\s*)(.*)$", re.DOTALL)
+# "\sqrt12", "\frac123": LaTeX takes one digit per argument; whoever wrote it may have meant them all.
+_UNBRACED_DIGITS = re.compile(r"(\\sqrt\s*(?:\[[^\]]*\])?\s*|\\[dt]?frac\s*\d)(\d)(\d+)")
 _SQRT_TOKEN = re.compile(r"\\sqrt\s*(\[[^\]]*\])?\s*([0-9A-Za-z])(?![0-9A-Za-z])")
 _SIMPLE_LHS = re.compile(
     r"^\s*(?:[A-Za-z](?:_\{?\w+\}?)?|\\text\{[^{}]*\}|[A-Za-z]\([A-Za-z]\)|\\[A-Za-z]+|\([A-Za-z](?:\s*,\s*[A-Za-z])*\))\s*$"
@@ -163,7 +165,8 @@ def normalize(text: str, assignments: bool = True, decimal: str = "auto") -> Nor
     if base:
         s = base.group(1)
     s = re.sub(r"\s+", " ", s).strip()
-    s = re.sub(r"\s*([,=+\-*/^_(){}\[\]<>])\s*", r"\1", s).replace(",", ", ")
+    s = re.sub(r"\s*([,=+\-*/^_(){}\[\]<>&])\s*|\s+(?=\\)", r"\1", s).replace(",", ", ")
+    s = re.sub(r"(\\[A-Za-z]+)\s+(?=[\d({])", r"\1", s)  # "\times 10" -> "\times10"
     if re.fullmatch(r"\{[^{}]*\}", s):  # "{12}" -> "12", never "\{1,2\}"
         s = s[1:-1]
     return Normal(s, frozenset(flags), comma)
@@ -182,7 +185,7 @@ def _gold_letter(text: str, normal: str) -> str | None:
 def _words(text: str) -> str | None:
     """Lower-cased words when the answer is words (``\\text{Monday}``, ``even``), else None."""
     plain = _unwrap_style(_strip_math_delimiters(text)).strip().rstrip(".").strip()
-    if re.fullmatch(r"[A-Za-z][A-Za-z '\-]*", plain) and (len(plain) >= 4 or "\\text" in text or " " in plain):
+    if re.fullmatch(r"[A-Za-z][A-Za-z '\-]*", plain) and (len(plain) >= 3 or "\\text" in text or " " in plain):
         return " ".join(plain.lower().split())
     return None
 
@@ -214,6 +217,9 @@ def equivalent(gold: str, pred: str, mode: str = "math", decimal: str = "auto") 
     g_letter = _gold_letter(g_text, g.text)
     if g_letter is not None:
         return chosen_letter(pred) == g_letter
+    if _UNBRACED_DIGITS.search(p_text):  # "\sqrt12": paid only if right under both readings
+        readings = (_UNBRACED_DIGITS.sub(r"\1{\2}\3", p_text), _UNBRACED_DIGITS.sub(r"\1{\2\3}", p_text))
+        return all(equivalent(gold, reading, mode, decimal) for reading in readings)
     if g.text == p.text:
         return True
     g_words, p_words = _words(g_text), _words(p_text)

@@ -6,7 +6,7 @@ or as a list, tuple, interval or set of such expressions, and compares by value:
 float rounding, expressions with variables at several random points in (0.5, 2.5) (two different rational
 functions agree on random points with probability zero). It answers None, and math-verify decides, for
 anything else: equations, inequalities, words, capitals, subscripts, factorials, ``\\log``, ambiguous ``2^10``,
-mixed bracket kinds. ``e`` is Euler's number and ``i`` the imaginary unit, as math-verify reads them.
+mixed bracket kinds. Matrices compare cell by cell. ``e`` is Euler's number and ``i`` the imaginary unit, as math-verify reads them.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ _TOKEN = re.compile(r"\s*(\d+\.?\d*|\.\d+|\\[A-Za-z]+|[A-Za-z]|[-+*/^(){}\[\],|!
 _FUNCTIONS: dict[str, Callable[[complex], complex]] = {
     "\\sin": cmath.sin, "\\cos": cmath.cos, "\\tan": cmath.tan, "\\ln": cmath.log, "\\exp": cmath.exp,
     "\\arcsin": cmath.asin, "\\arccos": cmath.acos, "\\arctan": cmath.atan,
+    "\\sec": lambda x: 1 / cmath.cos(x), "\\csc": lambda x: 1 / cmath.sin(x), "\\cot": lambda x: 1 / cmath.tan(x),
 }
 _TIMES = ("*", "\\cdot", "\\times")
 _POINTS = [{v: complex(0.5 + 2 * random.Random(f"{v}{k}").random()) for v in "abcdfghjklmnopqrstuvwxyz"} for k in range(3)]
@@ -191,9 +192,23 @@ class _Parser:
             return _apply(operator.truediv, top, self.argument())
         if token == "\\sqrt":
             return self._sqrt()
-        if token in _FUNCTIONS:
-            return _call(_FUNCTIONS[token], self.power())
+        if token in _FUNCTIONS:  # "\sin x", "\tan^2 y" (the square of the tangent)
+            exponent = self._function_power()
+            fn = _call(_FUNCTIONS[token], self.power())
+            return fn if exponent is None else _apply(operator.pow, fn, exponent)
+        if token == "\\log" and self.peek() == "_":  # "\log_2 8"; a bare \log has no agreed base
+            self.take()
+            base = self.argument()
+            return _apply(operator.truediv, _call(cmath.log, self.power()), _call(cmath.log, base))
         raise _Unsupported
+
+    def _function_power(self) -> Fn | None:
+        if self.peek() != "^":
+            return None
+        self.take()
+        if "-" in self.tokens[self.i : self.i + 2]:
+            raise _Unsupported  # "\\sin^{-1} x" is the arcsine to some, 1 / sin x to others
+        return self.group() if self.peek() == "{" else self.argument()
 
     def _sqrt(self) -> Fn:
         degree = _const(2)
@@ -274,8 +289,34 @@ def _same(a: Values, b: Values) -> bool | None:
     return True if all(gap <= tol for gap, tol in zip(gaps, allowed, strict=True)) else None
 
 
+_MATRIX = re.compile(r"^\(?\\begin\{(?P<env>[pbvB]?matrix|array)\}(?:\{[lcr|]*\})?(?P<body>.*)\\end\{(?P=env)\}\)?$", re.DOTALL)
+
+
+def _matrix(text: str) -> list[list[str]] | None:
+    """The cells of a ``pmatrix`` / ``bmatrix`` / ``(array)``, row by row; None for anything else."""
+    match = _MATRIX.match(text.strip())
+    if not match or match.group("env") == "vmatrix":  # |…| is a determinant, a number
+        return None
+    rows = [row for row in re.split(r"\\\\", match.group("body")) if row.strip()]
+    return [[cell.strip() for cell in row.split("&")] for row in rows]
+
+
+def _matrices_equal(gold: list[list[str]], pred: list[list[str]]) -> bool | None:
+    if [len(row) for row in gold] != [len(row) for row in pred]:
+        return False
+    verdicts = [fast_equal(g, p) for g_row, p_row in zip(gold, pred, strict=True) for g, p in zip(g_row, p_row, strict=True)]
+    if any(v is False for v in verdicts):
+        return False
+    return True if all(verdicts) else None
+
+
 def fast_equal(gold: str, pred: str) -> bool | None:
     """Whether two normalized answers are equal, decided without sympy; None when math-verify must decide."""
+    g_matrix, p_matrix = _matrix(gold), _matrix(pred)
+    if g_matrix is not None and p_matrix is not None:
+        return _matrices_equal(g_matrix, p_matrix)
+    if g_matrix is not None or p_matrix is not None:
+        return None
     g_brackets, g_items = _split_items(gold)
     p_brackets, p_items = _split_items(pred)
     if (len(g_items) == 1) != (len(p_items) == 1) and "\\{\\}" not in (g_brackets, p_brackets):
