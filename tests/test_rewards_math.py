@@ -269,6 +269,10 @@ def test_explicit_choice_mode(gold, pred, want):
         ("2\\sqrt{3}", "\\sqrt12", False),
         ("4", "\\sqrt16", False),
         ("2", "\\sqrt[3]8", True),  # one digit: one reading
+        ("\\sum_{k=1}^{n} k", "\\frac{n(n+1)}{2}", True),
+        ("\\sum_{k=1}^{n} (k^2 + 3)", "\\sum_{k=2}^{n} (k^2 + 3)", False),
+        ("\\sum_{i=1}^{8} i", "36", True),  # the index i is no imaginary unit
+        ("\\sqrt{2}", "sqrt(2)", True),  # plain words go to math-verify, never read as s*q*r*t
     ],
 )
 def test_the_exact_layer_and_its_limits(gold, pred, want):

@@ -30,8 +30,14 @@ _FUNCTIONS: dict[str, Callable[[complex], complex]] = {
     "\\arcsin": cmath.asin, "\\arccos": cmath.acos, "\\arctan": cmath.atan,
     "\\sec": lambda x: 1 / cmath.cos(x), "\\csc": lambda x: 1 / cmath.sin(x), "\\cot": lambda x: 1 / cmath.tan(x),
 }
+_PLAIN_WORD = re.compile(r"(?<![\\A-Za-z])(?:[A-Za-z]{3,}|pi)(?![A-Za-z])|(?<![\\A-Za-z])[A-Za-z]{3,}")
 _TIMES = ("*", "\\cdot", "\\times")
-_POINTS = [{v: complex(0.5 + 2 * random.Random(f"{v}{k}").random()) for v in "abcdfghjklmnopqrstuvwxyz"} for k in range(3)]
+# Sample points: reals in (0.5, 2.5), except n, m, k, which count (a sum's bound), at distinct odd integers.
+_POINTS = [
+    {v: complex(0.5 + 2 * random.Random(f"{v}{k}").random()) for v in "abcdfghjlopqrstuvwxyz"}
+    | {v: complex(11 + 6 * k + 2 * "nmk".index(v)) for v in "nmk"}
+    for k in range(4)
+]
 
 
 def _const(value: complex) -> Fn:
@@ -66,6 +72,19 @@ Values = tuple[list[complex], int]
 """An item's values at the sample points, and the decimal places it is written with (0: exact)."""
 
 
+def _series_at(is_sum: bool, index: str, low: Fn, high: Fn, body: Fn, env: dict[str, complex]) -> complex:
+    start, stop = low(env), high(env)
+    if abs(start.imag) > 1e-9 or abs(stop.imag) > 1e-9 or abs(start.real - round(start.real)) > 1e-9:
+        raise ValueError("a sum runs over integers")
+    if abs(stop.real - round(stop.real)) > 1e-9 or round(stop.real) - round(start.real) > 10_000:
+        raise ValueError("a sum runs over integers")
+    total = complex(0 if is_sum else 1)
+    for value in range(round(start.real), round(stop.real) + 1):
+        term = body({**env, index: complex(value)})
+        total = total + term if is_sum else total * term
+    return total
+
+
 class _Unsupported(Exception):
     """The text is outside what this module reads; math-verify decides."""
 
@@ -74,6 +93,8 @@ class _Parser:
     """Recursive descent over the tokens of one expression."""
 
     def __init__(self, text: str):
+        if _PLAIN_WORD.search(text):
+            raise _Unsupported  # "sqrt(2)", "2pi", words: not a product of letters
         self.tokens: list[str] = []
         pos = 0
         while pos < len(text):
@@ -86,6 +107,7 @@ class _Parser:
             pos = match.end()
         self.i = 0
         self.names: set[str] = set()
+        self.bound: set[str] = set()  # indices of the sums being read
 
     def peek(self) -> str | None:
         return self.tokens[self.i] if self.i < len(self.tokens) else None
@@ -179,14 +201,18 @@ class _Parser:
             self.take(")" if token == "(" else "}")
             return fn
         if len(token) == 1 and token.isalpha():
+            if token in self.bound:
+                return functools.partial(_variable, token)
             if token in "ei":
                 return _const(math.e if token == "e" else 1j)
-            if not token.islower() or self.peek() == "(":
+            if not token.islower() or (token in "fgh" and self.peek() == "("):
                 raise _Unsupported  # capitals (points, sets, choices) and f(x)
             self.names.add(token)
             return functools.partial(_variable, token)
         if token == "\\pi":
             return _const(math.pi)
+        if token in ("\\sum", "\\prod"):
+            return self._series(token)
         if token in ("\\frac", "\\dfrac", "\\tfrac"):
             top = self.argument()
             return _apply(operator.truediv, top, self.argument())
@@ -201,6 +227,27 @@ class _Parser:
             base = self.argument()
             return _apply(operator.truediv, _call(cmath.log, self.power()), _call(cmath.log, base))
         raise _Unsupported
+
+    def _series(self, command: str) -> Fn:
+        """``\\sum_{k=a}^{b} body`` over integer bounds; the body is one product (``\\sum_{k=1}^{n} k^2 + 1``
+        could mean either grouping, so a sum followed by + or - is left to math-verify)."""
+        self.take("_")
+        self.take("{")
+        index = self.take()
+        if not (len(index) == 1 and index.isalpha()):
+            raise _Unsupported
+        self.take("=")
+        low = self.expr()
+        self.take("}")
+        self.take("^")
+        high = self.group() if self.peek() == "{" else self.argument()
+        outer, self.bound = set(self.names), self.bound | {index}
+        body = self.term()
+        if self.peek() in ("+", "-"):
+            raise _Unsupported
+        self.bound -= {index}
+        self.names = outer | {name for name in self.names if name != index}
+        return functools.partial(_series_at, command == "\\sum", index, low, high, body)
 
     def _function_power(self) -> Fn | None:
         if self.peek() != "^":

@@ -3,7 +3,8 @@
 Run ``python tests/data/math_regression_build.py`` to rebuild the file (the output is deterministic). Every
 template states its verdict by construction: equal forms of one value, or a wrong value dressed to look right
 (a neighbour, a sign, a shifted decimal, a list read as a number, an intermediate result, a second letter).
-Categories: int, decimal, frac, grouping, boxes, prose, lang, choice, lhs, roots, expr, sets, units, trap.
+Categories: int, decimal, frac, grouping, boxes, prose, lang, choice, lhs, roots, expr, sets, units, trap, words,
+sci, percent, money, mixed, matrix, eq, ineq.
 """
 
 from __future__ import annotations
@@ -237,10 +238,57 @@ def traps(rng: random.Random) -> list[Case]:
     return cases
 
 
+DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
+
+
+def words(rng: random.Random) -> list[Case]:
+    cases = []
+    for day in DAYS:
+        other = rng.choice([d for d in DAYS if d != day])
+        cases += [(True, "words", f"\\text{{{day}}}", day), (True, "words", day, f"So the meeting falls on a {day}. The answer is {day}.")]
+        cases += [(False, "words", f"\\text{{{day}}}", other), (False, "words", day, f"It is {other}, not {day}... no: {other}.")]
+    for yes, no in (("yes", "no"), ("even", "odd"), ("true", "false")):
+        cases += [(True, "words", f"\\text{{{yes}}}", yes.capitalize()), (False, "words", yes, no)]
+    return cases
+
+
+def notation(rng: random.Random) -> list[Case]:
+    cases = []
+    for _ in range(20):
+        mantissa, power = f"{rng.randint(1, 9)}.{rng.randint(10, 99)}", rng.randint(3, 25)
+        cases.append((True, "sci", f"{mantissa} \\times 10^{{{power}}}", f"{mantissa}e{power}"))
+        cases.append((False, "sci", f"{mantissa} \\times 10^{{{power}}}", f"{mantissa}e{power - 1}"))
+        pct = rng.randint(1, 99)
+        cases.append((True, "percent", f"{pct}\\%", f"{pct / 100:g}"))
+        cases.append((False, "percent", f"{pct}\\%", f"{pct / 1000:g}"))
+        dollars = rng.randint(1000, 99999) + rng.randint(1, 99) / 100
+        cases.append((True, "money", f"\\${dollars:,.2f}", f"{dollars:.2f}".rstrip("0")))
+        cases.append((False, "money", f"\\${dollars:,.2f}", f"{dollars + 0.1:.2f}"))
+        whole, num, den = rng.randint(1, 9), rng.randint(1, 3), 4
+        cases.append((True, "mixed", f"{whole}\\frac{{{num}}}{{{den}}}", f"{whole + num / den:g}"))
+        cases.append((False, "mixed", f"{whole}\\frac{{{num}}}{{{den}}}", f"{whole * num / den:g}"))
+    return cases
+
+
+def structures(rng: random.Random) -> list[Case]:
+    cases = []
+    for _ in range(12):
+        a, b, c, d = (rng.randint(-9, 9) for _ in range(4))
+        matrix = f"\\begin{{pmatrix}} {a} & {b} \\\\ {c} & {d} \\end{{pmatrix}}"
+        cases.append((True, "matrix", matrix, f"\\begin{{bmatrix}}{a}&{b}\\\\{c}&{d}\\end{{bmatrix}}"))
+        cases.append((False, "matrix", matrix, f"\\begin{{pmatrix}} {a} & {c} \\\\ {b} & {d + 1} \\end{{pmatrix}}"))
+        k, m = rng.randint(2, 9), rng.randint(1, 9)
+        cases.append((True, "eq", f"y = {k}x + {m}", f"y - {k}x = {m}"))
+        cases.append((False, "eq", f"y = {k}x + {m}", f"y = {m}x + {k}" if k != m else f"y = {k}x - {m}"))
+        cases.append((True, "ineq", f"(-\\infty, {m})", f"x < {m}"))
+        cases.append((False, "ineq", f"(-\\infty, {m})", f"x \\le {m}"))
+    return cases
+
+
 def build(seed: int = 2026) -> list[Case]:
     rng = random.Random(seed)
     makers = (ints, decimals, fractions, grouping, boxes, prose, languages, choices, lhs, roots, expressions, sets,
-              units, traps)
+              units, traps, words, notation, structures)
     cases = [case for make in makers for case in make(rng)]
     return list(dict.fromkeys(cases))
 
