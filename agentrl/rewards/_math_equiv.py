@@ -2,13 +2,16 @@
 
 :func:`equivalent` layers cheap, exact rules in front of math-verify:
 
-1. find the final answer in each text (``\\boxed{}``, ``<answer>``, ``####``, "the answer is …", the last math);
+1. find the final answer in each text (:mod:`agentrl.rewards._math_extract`: the last box run, tag, ``####``
+   or "final answer" phrase; then "the answer is …"; then the last math);
 2. normalize the LaTeX people and models write differently (``\\dfrac``, ``\\left(``, ``\\!``, units, ``\\$``,
-   ``^\\circ``, ``1{,}000``, ``x =``, ``\\text{(A)}``) and compare the strings;
-3. decide multiple-choice letters, words and plain numbers (fractions, decimals, percentages, thousands
-   separators, scientific notation) exactly, with rational arithmetic;
-4. otherwise ask math-verify, on the normalized answers wrapped as LaTeX math and on the raw texts.
+   ``^\\circ``, ``1{,}000``, ``x =`` outside braces, ``\\text{(A)}``, ``\\sqrt[3]8``) and compare the strings;
+3. decide multiple-choice letters, words and plain numbers exactly (digit grouping and the decimal mark by
+   :mod:`agentrl.rewards._math_numbers`), then arithmetic, lists, intervals and matrices without sympy
+   (:mod:`agentrl.rewards._math_fast`);
+4. only what is left goes to math-verify, on the normalized answers wrapped as LaTeX math, and as equations.
 
+Where a text has two readings (``\\sqrt12``, ``32, 349``) the reading that could pay a wrong answer loses.
 math-verify and sympy are imported on first use; the worker runs them without their ``signal.alarm``
 timeouts, under one deadline of its own (see :mod:`agentrl.rewards._math_worker`).
 """

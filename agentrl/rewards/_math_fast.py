@@ -312,6 +312,8 @@ def _values(item: str) -> Values | None:
     """The item's values at the sample points and whether it is written in decimals; None if unreadable."""
     if not item:
         return None
+    if item.lstrip("+-") == "\\infty":
+        return [complex(-math.inf if item.startswith("-") else math.inf)], 0
     try:
         parser = _Parser(item)
         fn = parser.parse()
@@ -326,6 +328,8 @@ def _same(a: Values, b: Values) -> bool | None:
     if len(a[0]) != len(b[0]):  # one side has variables, the other not: it must be constant to be equal
         a = (a[0] * len(_POINTS), a[1]) if len(a[0]) == 1 else a
         b = (b[0] * len(_POINTS), b[1]) if len(b[0]) == 1 else b
+    if any(cmath.isinf(x) for x in a[0] + b[0]):
+        return a[0] == b[0]
     gaps = [abs(x - y) for x, y in zip(a[0], b[0], strict=True)]
     sizes = [max(abs(x), abs(y)) for x, y in zip(a[0], b[0], strict=True)]
     if any(gap > 1e-4 * max(1.0, size) for gap, size in zip(gaps, sizes, strict=True)):
@@ -357,8 +361,27 @@ def _matrices_equal(gold: list[list[str]], pred: list[list[str]]) -> bool | None
     return True if all(verdicts) else None
 
 
+_ONE_SIDED = re.compile(r"^[a-z]\s*(<|>|\\le|\\ge)\s*([^<>=]+)$")
+_TWO_SIDED = re.compile(r"^([^<>=]+?)(<|\\le)\s*[a-z]\s*(<|\\le)\s*([^<>=]+)$")
+
+
+def _interval(text: str) -> str:
+    """An inequality in one variable as the interval it describes (``x\\le3`` -> ``(-\\infty, 3]``)."""
+    match = _TWO_SIDED.match(text)
+    if match:
+        low, left, right, high = match.groups()
+        return f"{'(' if left == '<' else '['}{low}, {high}{')' if right == '<' else ']'}"
+    match = _ONE_SIDED.match(text)
+    if match:
+        op, bound = match.groups()
+        return {"<": f"(-\\infty, {bound})", "\\le": f"(-\\infty, {bound}]", ">": f"({bound}, \\infty)",
+                "\\ge": f"[{bound}, \\infty)"}[op]
+    return text
+
+
 def fast_equal(gold: str, pred: str) -> bool | None:
     """Whether two normalized answers are equal, decided without sympy; None when math-verify must decide."""
+    gold, pred = _interval(gold), _interval(pred)
     g_matrix, p_matrix = _matrix(gold), _matrix(pred)
     if g_matrix is not None and p_matrix is not None:
         return _matrices_equal(g_matrix, p_matrix)

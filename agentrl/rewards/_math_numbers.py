@@ -13,9 +13,9 @@ The decimal mark is chosen per env or task (``decimal=``):
     be right anyway.
 
 Never read as one number, in any mode: a comma followed by a space (``32, 349`` is a pair: "1,000" is
-grouped without spaces, lists are written with them) and irregular groups (``1,23,4567``). An answer is
-never paid under a reading the reference does not share: "32, 349" equals neither 32349 nor, when the
-reference is 32349, anything else.
+grouped without spaces, lists are written with them) and irregular groups (``1,23,4567``). So "32, 349"
+never equals 32349, nor "(32, 349)" the grouped "32,349": a false negative at worst, never a wrong answer
+paid.
 """
 
 from __future__ import annotations
