@@ -273,6 +273,8 @@ def test_explicit_choice_mode(gold, pred, want):
         ("\\sum_{k=1}^{n} (k^2 + 3)", "\\sum_{k=2}^{n} (k^2 + 3)", False),
         ("\\sum_{i=1}^{8} i", "36", True),  # the index i is no imaginary unit
         ("\\sqrt{2}", "sqrt(2)", True),  # plain words go to math-verify, never read as s*q*r*t
+        ("\\frac{1}{2}", "\\frac{1}{2} + 10^{-13}", False),  # below float noise: sympy decides
+        ("\\sqrt{2}", "\\sqrt{2} + 0.0000000000001", False),
         ("(-\\infty, 3]", "x \\le 3", True),
         ("(-\\infty, 3]", "x < 3", False),
         ("[2, 5)", "2 \\le x < 5", True),
