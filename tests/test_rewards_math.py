@@ -163,6 +163,10 @@ CLASS_CASES = {
         ("4", "Trying $\\boxed{4}$ fails. The final answer is 9.", False),
         ("6", "Final answer: 6.5", False),
         ("6.5", "The answer is 6. 5 apples remain.", False),
+        ("5", "I think it's 5.", True),
+        ("12", "The total cost is $\\$12$.", True),  # an escaped dollar opens no math
+        ("(1, 2)", "The point is (1, 2).", True),
+        ("2", "The point is (1, 2).", False),
     ],
     "lhs_inside_subscript": [
         ("\\sum_{k=0}^{n} k^2", "\\sum_{k=1}^{n} k^3", False),

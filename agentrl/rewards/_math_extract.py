@@ -22,7 +22,7 @@ from agentrl.rewards.answers import extract_answer_tag, extract_hashes
 
 __all__ = ["boxed_runs", "chosen_letter", "final_answer", "is_prose"]
 
-_MATH_SEGMENT = re.compile(r"\$\$(.+?)\$\$|\$(.+?)\$|\\\((.+?)\\\)|\\\[(.+?)\\\]", re.DOTALL)
+_MATH_SEGMENT = re.compile(r"\$\$(.+?)\$\$|(?<!\\)\$(.+?)(?<!\\)\$|\\\((.+?)\\\)|\\\[(.+?)\\\]", re.DOTALL)
 _WORD = re.compile(r"(?<![\\\w])[^\W\d_]{2,}")
 _CHAT_JUNK = re.compile(r"<\|im_(?:start|end)\|>.*$|<\|endoftext\|>.*$", re.DOTALL)
 _BOX = re.compile(r"\\(?:boxed|fbox)\s*")
@@ -98,7 +98,7 @@ def is_prose(text: str) -> bool:
     """True for text that reads as sentences rather than a bare answer (several words outside math)."""
     outside = _MATH_SEGMENT.sub(" ", text)
     outside = re.sub(r"\\(?:begin|end)\{\w+\*?\}(?:\{[lcr|]+\})?|\\text\w*\{[^{}]*\}|\\[A-Za-z]+", " ", outside)
-    return len(_WORD.findall(outside)) >= 3 or bool(re.search(r"[\u3040-\u30ff\u4e00-\u9fff\uac00-\ud7af]", outside))
+    return len(_WORD.findall(outside)) >= 2 or bool(re.search(r"[\u3040-\u30ff\u4e00-\u9fff\uac00-\ud7af]", outside))
 
 
 def _phrase_answer(answer: str) -> str:
@@ -138,7 +138,8 @@ def final_answer(text: str) -> str:
     segments = [next(g for g in m.groups() if g is not None) for m in _MATH_SEGMENT.finditer(text)]
     if segments:
         return segments[-1].strip()
-    numbers = re.findall(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?%?", text)
+    # the last number, or the last tuple or interval of numbers ("The point is (1, 2).")
+    numbers = re.findall(r"[(\[]\s*-?\d[\d.,\s/-]*[)\]]|-?\d[\d,]*(?:\.\d+)?(?:/\d+)?%?", text)
     return numbers[-1].rstrip(",") if numbers else text
 
 
