@@ -200,3 +200,35 @@ def test_single_turn_demonstrations_end_with_the_wrapped_answer():
     demo = env.demonstration(0)
     assert [m["role"] for m in demo] == ["system", "user", "assistant"]
     assert demo[-1]["content"].endswith("\\boxed{27}") and "12 + 15" in demo[-1]["content"]
+
+
+def test_multiple_choice_and_decimal_comma_per_env_and_per_task(tmp_path):
+    from agentrl_envs.math import MathTask
+
+    choice = MathTask("mc-1", "Which is prime? (A) 4 (B) 6 (C) 7 (D) 9", "C")
+    comma = MathTask("eu-1", "Halbiere 3.", "1.5", answer_mode="math", decimal="comma")
+    env = MathEnv([choice, comma], answer_mode="choice")
+    env.reset(options={"task": "mc-1"})
+    assert env.step("\\boxed{\\text{(C) } 7}").info["reward_components"]["correct"] == 1.0
+    env.reset(options={"task": "mc-1"})
+    assert env.step("\\boxed{A or C}").info["reward_components"]["correct"] == 0.0  # two letters: not paid
+    env.reset(options={"task": "mc-1"})
+    step = env.step("\\boxed{A} or \\boxed{C}")
+    assert step.info["answer"] == "A, C" and step.reward == pytest.approx(0.1)  # one run of boxes, two letters
+    env.reset(options={"task": "eu-1"})
+    assert env.step("\\boxed{1,5}").info["reward_components"]["correct"] == 1.0  # the task's decimal comma
+    env.close()
+    point = MathEnv([MathTask("en-1", "Halve 3.", "1.5")], decimal="point")
+    point.reset()
+    assert point.step("\\boxed{1,5}").info["reward_components"]["correct"] == 0.0  # "1,5" is a list here
+    point.close()
+    with pytest.raises(ConfigError, match="decimal"):
+        MathEnv(decimal="dot")
+    with pytest.raises(ConfigError, match="answer mode"):
+        MathEnv(answer_mode="letters")
+    records = tmp_path / "mc.jsonl"
+    records.write_text(json.dumps({"problem": "p", "answer": "B", "answer_mode": "choice"}) + "\n"
+                       + json.dumps({"problem": "p", "answer": "1", "decimal": "dot"}) + "\n")
+    assert load_jsonl(records, limit=1)[0].answer_mode == "choice"
+    with pytest.raises(ConfigError, match=r"mc.jsonl:2: unknown decimal='dot'"):
+        load_jsonl(records)

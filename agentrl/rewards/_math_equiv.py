@@ -2,13 +2,16 @@
 
 :func:`equivalent` layers cheap, exact rules in front of math-verify:
 
-1. find the final answer in each text (``\\boxed{}``, ``<answer>``, ``####``, "the answer is …", the last math);
+1. find the final answer in each text (:mod:`agentrl.rewards._math_extract`: the last box run, tag, ``####``
+   or "final answer" phrase; then "the answer is …"; then the last math);
 2. normalize the LaTeX people and models write differently (``\\dfrac``, ``\\left(``, ``\\!``, units, ``\\$``,
-   ``^\\circ``, ``1{,}000``, ``x =``, ``\\text{(A)}``) and compare the strings;
-3. decide multiple-choice letters, words and plain numbers (fractions, decimals, percentages, thousands
-   separators, scientific notation) exactly, with rational arithmetic;
-4. otherwise ask math-verify, on the normalized answers wrapped as LaTeX math and on the raw texts.
+   ``^\\circ``, ``1{,}000``, ``x =`` outside braces, ``\\text{(A)}``, ``\\sqrt[3]8``) and compare the strings;
+3. decide multiple-choice letters, words and plain numbers exactly (digit grouping and the decimal mark by
+   :mod:`agentrl.rewards._math_numbers`), then arithmetic, lists, intervals and matrices without sympy
+   (:mod:`agentrl.rewards._math_fast`);
+4. only what is left goes to math-verify, on the normalized answers wrapped as LaTeX math, and as equations.
 
+Where a text has two readings (``\\sqrt12``, ``32, 349``) the reading that could pay a wrong answer loses.
 math-verify and sympy are imported on first use; the worker runs them without their ``signal.alarm``
 timeouts, under one deadline of its own (see :mod:`agentrl.rewards._math_worker`).
 """
@@ -17,48 +20,18 @@ from __future__ import annotations
 
 import functools
 import re
-from fractions import Fraction
-from typing import Any
+from typing import Any, NamedTuple
 
-from agentrl.rewards.answers import extract_answer_tag, extract_boxed, extract_hashes
+from agentrl.rewards._math_extract import chosen_letter, final_answer, is_prose
+from agentrl.rewards._math_fast import fast_equal
+from agentrl.rewards._math_numbers import decimal_comma_reading, numbers_equal, regroup, to_fraction
 
-__all__ = ["equivalent", "final_answer", "normalize"]
+__all__ = ["ANSWER_MODES", "Normal", "equivalent", "normalize"]
 
-# ---- finding the final answer --------------------------------------------------------------------------
-_FINAL_PHRASE = re.compile(
-    r"(?:final answer|the answer|answer)\s*(?:is|:|=)?\s*(?::)?\s*(.+?)(?:\.\s*I hope|\.?\s*$|\.\s+[A-Z]|\n)",
-    re.IGNORECASE | re.DOTALL,
-)
-_MATH_SEGMENT = re.compile(r"\$\$(.+?)\$\$|\$(.+?)\$|\\\((.+?)\\\)|\\\[(.+?)\\\]", re.DOTALL)
-_WORD = re.compile(r"(?<![\\a-zA-Z])[A-Za-z]{2,}")
-_CHAT_JUNK = re.compile(r"<\|im_(?:start|end)\|>.*$|<\|endoftext\|>.*$", re.DOTALL)
-
-
-def _is_prose(text: str) -> bool:
-    """True for text that reads as sentences rather than a bare answer (several words outside math)."""
-    outside = _MATH_SEGMENT.sub(" ", text)
-    outside = re.sub(r"\\text\w*\{[^{}]*\}|\\[A-Za-z]+", " ", outside)
-    return len(_WORD.findall(outside)) >= 3
-
-
-def final_answer(text: str) -> str:
-    """The final answer inside ``text``, or ``text`` itself when it already is a bare answer."""
-    text = _CHAT_JUNK.sub("", text).strip()
-    for extract in (extract_boxed, extract_answer_tag, extract_hashes):
-        found = extract(text)
-        if found:
-            return found
-    if not _is_prose(text):
-        return text
-    phrases = _FINAL_PHRASE.findall(text)
-    if phrases:
-        return phrases[-1].strip()
-    segments = [next(g for g in m.groups() if g is not None) for m in _MATH_SEGMENT.finditer(text)]
-    if segments:
-        return segments[-1].strip()
-    numbers = re.findall(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?%?", text)
-    return numbers[-1].rstrip(",") if numbers else text
-
+ANSWER_MODES = ("math", "choice")
+"""``math``: any answer (a gold letter A–E is still read as a choice, from an answer phrase, a box or a bare
+letter); ``choice``: multiple choice, the gold is a letter (``C``, ``(C) 12``) and the chosen letter is found in
+free text too ("I pick C."); a text naming several letters last ("A or C") scores 0 in both."""
 
 # ---- normalization -------------------------------------------------------------------------------------
 _UNICODE = {"−": "-", "–": "-", "π": "\\pi ", "°": "^\\circ", "×": "\\times ", "≤": "\\le ", "≥": "\\ge ",
@@ -72,7 +45,10 @@ _UNIT_TEXT = re.compile(r"\\text\{\s*[A-Za-z][A-Za-z .]*\}(?:\s*\^\s*\{?[23]\}?)
 # "5 cm", "15 dollars", "60 miles per hour": a plain number, a space, then only words (never "3x").
 _TRAILING_WORDS = re.compile(r"^(-?[\d.,/]*\d)\s+[A-Za-z]+(?:[\s/]+[A-Za-z]+)*\.?(?:\s*\^\s*\{?[23]\}?)?$")
 _CONNECTIVE = re.compile(r"\\text\{\s*(?:and|or)\s*\}|\s+(?:and|or)\s+", re.IGNORECASE)
-_ASSIGN = re.compile(r"(?<![<>!\\=])=(?!=)")
+_LHS_PREFIX = re.compile(r"^([A-Za-z](?:_\{?\w+\}?)?\s*=\s*)(.*)$", re.DOTALL)
+# "\sqrt12", "\frac123": LaTeX takes one digit per argument; whoever wrote it may have meant them all.
+_UNBRACED_DIGITS = re.compile(r"(\\sqrt\s*(?:\[[^\]]*\])?\s*|\\[dt]?frac\s*\d)(\d)(\d+)")
+_SQRT_TOKEN = re.compile(r"\\sqrt\s*(\[[^\]]*\])?\s*([0-9A-Za-z])(?![0-9A-Za-z])")
 _SIMPLE_LHS = re.compile(
     r"^\s*(?:[A-Za-z](?:_\{?\w+\}?)?|\\text\{[^{}]*\}|[A-Za-z]\([A-Za-z]\)|\\[A-Za-z]+|\([A-Za-z](?:\s*,\s*[A-Za-z])*\))\s*$"
 )
@@ -103,8 +79,9 @@ def _strip_math_delimiters(text: str) -> str:
 
 
 def _strip_assignment(text: str) -> str:
-    """``x = 5`` -> ``5``; ``a = 1 = 2`` -> ``2`` (math-verify reads a chain by its last part)."""
-    parts = _ASSIGN.split(text)
+    """``x = 5`` -> ``5``; ``a = 1 = 2`` -> ``2`` (math-verify reads a chain by its last part). Only an
+    ``=`` outside braces and brackets counts: ``\\sum_{k=0}^{n} k`` has no left-hand side."""
+    parts = [part for part in _split_top(text, "=")]
     if len(parts) > 2:
         return parts[-1].strip()
     if len(parts) == 2 and _SIMPLE_LHS.match(parts[0]):
@@ -113,7 +90,8 @@ def _strip_assignment(text: str) -> str:
 
 
 def _split_top(text: str, sep: str = ",") -> list[str]:
-    """Split at ``sep`` outside brackets and braces."""
+    """Split at ``sep`` outside brackets and braces (an ``=`` only where it is an equals sign, not in
+    ``<=``, ``==`` or ``\\ne=``)."""
     parts, depth, start = [], 0, 0
     for i, char in enumerate(text):
         if char in "([{":
@@ -121,6 +99,8 @@ def _split_top(text: str, sep: str = ",") -> list[str]:
         elif char in ")]}":
             depth -= 1
         elif char == sep and depth == 0:
+            if sep == "=" and (text[i - 1 : i] in ("<", ">", "!", "\\", "=") or text[i + 1 : i + 2] == "="):
+                continue
             parts.append(text[start:i])
             start = i + 1
     parts.append(text[start:])
@@ -134,16 +114,34 @@ def _expand_plus_minus(text: str) -> str:
     return f"{text.replace(chr(92) + 'pm', '+')}, {text.replace(chr(92) + 'pm', '-')}"
 
 
+class Normal(NamedTuple):
+    """An answer in canonical string form."""
+
+    text: str
+    flags: frozenset[str]
+    """Notations removed on the way (``percent``, ``degrees``, ``text``, ``dollars``): they decide how numbers
+    compare."""
+    decimal_comma: str | None = None
+    """The ``"auto"`` mode's decimal-comma reading (``2,74`` -> ``2.74``), when the answer allows one."""
+
+
+def _regroup(text: str, decimal: str) -> str:
+    """Digit grouping and the decimal mark written plainly, also after a simple ``x =``."""
+    lhs = _LHS_PREFIX.match(text)
+    return lhs.group(1) + regroup(lhs.group(2), decimal) if lhs else regroup(text, decimal)
+
+
 @functools.lru_cache(maxsize=4096)
-def normalize(text: str, assignments: bool = True) -> tuple[str, frozenset[str]]:
-    """Canonical string form of an answer and the notations removed on the way (``percent``, ``degrees``,
-    ``text``, ``dollars``), which decide how numbers compare. ``assignments`` drops ``x =`` prefixes."""
+def normalize(text: str, assignments: bool = True, decimal: str = "auto") -> Normal:
+    """The canonical string form of an answer; ``assignments`` drops ``x =`` prefixes; ``decimal`` is the
+    decimal-mark policy of :mod:`agentrl.rewards._math_numbers`. List items are separated by ", "."""
     flags: set[str] = set()
     s = _strip_math_delimiters(text)
     for char, replacement in _UNICODE.items():
         s = s.replace(char, replacement)
     s = re.sub(r"\\[dtc]frac", r"\\frac", s)
     s = re.sub(r"\\[dt]binom", r"\\binom", s)
+    s = _SQRT_TOKEN.sub(lambda m: f"\\sqrt{m.group(1) or ''}{{{m.group(2)}}}", s)
     s = s.replace("{,}", ",").replace("\\varnothing", "\\emptyset").replace("\\{\\}", "\\emptyset")
     s = s.replace("\\neq", "\\ne").replace("\\geq", "\\ge").replace("\\leq", "\\le")
     s = s.replace("**", "^").replace(">=", "\\ge ").replace("<=", "\\le ").replace("!=", "\\ne ")
@@ -161,6 +159,8 @@ def normalize(text: str, assignments: bool = True) -> tuple[str, frozenset[str]]
     words = _TRAILING_WORDS.match(s)
     if words:
         s = words.group(1).strip()
+    s = _regroup(re.sub(r"\s+", " ", s), decimal)
+    comma = decimal_comma_reading(s) if decimal == "auto" else None
     if assignments:
         s = ", ".join(_strip_assignment(part) for part in _split_top(s))
     s = _expand_plus_minus(s)
@@ -168,101 +168,83 @@ def normalize(text: str, assignments: bool = True) -> tuple[str, frozenset[str]]
     if base:
         s = base.group(1)
     s = re.sub(r"\s+", " ", s).strip()
-    s = re.sub(r"\s*([,=+\-*/^_(){}\[\]<>])\s*", r"\1", s)
+    s = re.sub(r"\s*([,=+\-*/^_(){}\[\]<>&])\s*|\s+(?=\\)", r"\1", s).replace(",", ", ")
+    s = re.sub(r"(\\[A-Za-z]+)\s+(?=[\d({])", r"\1", s)  # "\times 10" -> "\times10"
     if re.fullmatch(r"\{[^{}]*\}", s):  # "{12}" -> "12", never "\{1,2\}"
         s = s[1:-1]
-    return s, frozenset(flags)
-
-
-# ---- exact numbers -------------------------------------------------------------------------------------
-_NUM = r"-?(?:\d+(?:\.\d*)?|\.\d+)"
-_PLAIN = re.compile(rf"^(?P<n>{_NUM})(?:(?:e|E|\\times10\^|\\cdot10\^|\*10\^)\{{?(?P<e>-?\d+)\}}?)?$")
-_FRAC = re.compile(r"^(?P<sign>-?)(?P<whole>\d+)?\\frac\{?(?P<a>-?\d+)\}?\{?(?P<b>-?\d+)\}?$")
-_SLASH = re.compile(rf"^(?P<a>{_NUM})/(?P<b>{_NUM})$")
-_THOUSANDS = re.compile(r"^-?\d{1,3}(?:,\d{3})+(?:\.\d+)?$")
-
-
-def to_fraction(s: str) -> tuple[Fraction, bool] | None:
-    """``(value, inexact)`` for a normalized plain number, or None; ``inexact`` marks decimal notation."""
-    if _THOUSANDS.match(s):
-        s = s.replace(",", "")
-    s = s.lstrip("+")
-    if s.startswith("(") and s.endswith(")") and "," not in s:
-        s = s[1:-1]
-    match = _PLAIN.match(s)
-    if match:
-        value = Fraction(match.group("n")) * Fraction(10) ** int(match.group("e") or 0)
-        return value, "." in match.group("n")
-    match = _FRAC.match(s)
-    if match and int(match.group("b")) != 0:
-        value = Fraction(int(match.group("a")), int(match.group("b")))
-        if match.group("whole"):  # a mixed number: 2\frac{1}{2} is 5/2
-            value = int(match.group("whole")) + value
-        return (-value if match.group("sign") else value), False
-    match = _SLASH.match(s)
-    if match and Fraction(match.group("b")) != 0:
-        return Fraction(match.group("a")) / Fraction(match.group("b")), "." in s
-    return None
-
-
-def _numbers_equal(gold: tuple[Fraction, bool], pred: tuple[Fraction, bool], g_pct: bool, p_pct: bool) -> bool:
-    def close(a: Fraction, b: Fraction) -> bool:
-        if a == b:
-            return True
-        # A decimal stands for what it rounds: 0.333333 is 1/3, as math-verify rounds floats to 6 places.
-        return (gold[1] or pred[1]) and abs(a - b) <= Fraction(1, 10**6) * max(Fraction(1), abs(a))
-
-    g, p = gold[0], pred[0]
-    if g_pct != p_pct:  # "50%" matches "50" and "0.5"
-        return close(g, p) or (close(g / 100, p) if g_pct else close(g, p / 100))
-    return close(g, p)
+    return Normal(s, frozenset(flags), comma)
 
 
 # ---- the comparison ------------------------------------------------------------------------------------
-def _choice(text: str) -> str | None:
-    match = _CHOICE.match(text.strip())
-    if match:
-        return match.group(1).upper()
-    match = re.match(r"^\(([A-E])\)\s", text.strip())
-    return match.group(1) if match else None
+def _gold_letter(text: str, normal: str) -> str | None:
+    """The letter of a gold answer that is a choice (``C``, ``(C)``, ``\\text{(C)}``, ``(C) 12``)."""
+    for candidate in (text.strip(), normal, _unwrap_style(_strip_math_delimiters(text)).strip()):
+        match = _CHOICE.match(candidate) or re.match(r"^\(([A-E])\)\s", candidate)
+        if match and not re.fullmatch(r"[a-e]", normal):  # a lone "a" may be a variable
+            return match.group(1).upper()
+    return None
 
 
 def _words(text: str) -> str | None:
     """Lower-cased words when the answer is words (``\\text{Monday}``, ``even``), else None."""
     plain = _unwrap_style(_strip_math_delimiters(text)).strip().rstrip(".").strip()
-    if re.fullmatch(r"[A-Za-z][A-Za-z '\-]*", plain) and (len(plain) >= 4 or "\\text" in text or " " in plain):
+    if re.fullmatch(r"[A-Za-z][A-Za-z '\-]*", plain) and (len(plain) >= 3 or "\\text" in text or " " in plain):
         return " ".join(plain.lower().split())
     return None
 
 
-def equivalent(gold: str, pred: str) -> bool:
-    """Whether ``pred`` states the same answer as ``gold`` (both may be bare answers or whole solutions)."""
+def _same_lhs(g_text: str, p_text: str) -> bool:
+    """Both answers assign to the same name (``y = …``), so their right-hand sides decided already."""
+    g_lhs, p_lhs = _LHS_PREFIX.match(_strip_math_delimiters(g_text)), _LHS_PREFIX.match(_strip_math_delimiters(p_text))
+    return bool(g_lhs and p_lhs and g_lhs.group(1).replace(" ", "") == p_lhs.group(1).replace(" ", ""))
+
+
+def equivalent(gold: str, pred: str, mode: str = "math", decimal: str = "auto") -> bool:
+    """Whether ``pred`` states the same answer as ``gold`` (both may be bare answers or whole solutions).
+
+    Args:
+        gold: The reference answer.
+        pred: The prediction.
+        mode: One of :data:`ANSWER_MODES`.
+        decimal: One of :data:`agentrl.rewards._math_numbers.DECIMAL_MARKS`.
+    """
+    if mode == "choice":
+        g_letter = chosen_letter(gold, strict=False)
+        return g_letter is not None and chosen_letter(pred, strict=False) == g_letter
     g_text, p_text = final_answer(gold), final_answer(pred)
     if not g_text.strip() or not p_text.strip():
         return False
-    (g, g_flags), (p, p_flags) = normalize(g_text), normalize(p_text)
-    if not g or not p:
+    g, p = normalize(g_text, decimal=decimal), normalize(p_text, decimal=decimal)
+    if not g.text or not p.text:
         return False
-    if g == p:
+    g_letter = _gold_letter(g_text, g.text)
+    if g_letter is not None:
+        return chosen_letter(pred) == g_letter
+    if _UNBRACED_DIGITS.search(p_text):  # "\sqrt12": paid only if right under both readings
+        readings = (_UNBRACED_DIGITS.sub(r"\1{\2}\3", p_text), _UNBRACED_DIGITS.sub(r"\1{\2\3}", p_text))
+        return all(equivalent(gold, reading, mode, decimal) for reading in readings)
+    if g.text == p.text:
         return True
-    g_choice = _choice(g_text) or _choice(g)
-    if g_choice is not None and not re.fullmatch(r"[a-e]", g):
-        p_choice = _choice(p_text) or _choice(p)
-        return p_choice == g_choice
     g_words, p_words = _words(g_text), _words(p_text)
-    if g_words is not None and g_words == p_words:
-        return True
-    g_num, p_num = to_fraction(g), to_fraction(p)
+    if g_words is not None and p_words is not None:
+        return g_words == p_words
+    g_num, p_num = to_fraction(g.text), to_fraction(p.text)
+    if g_num is not None and p_num is None and p.decimal_comma and g_num[1]:  # see _math_numbers
+        p_num = to_fraction(p.decimal_comma)
     if g_num is not None and p_num is not None:
-        return _numbers_equal(g_num, p_num, "percent" in g_flags, "percent" in p_flags)
-    if _math_verify(g, p):
+        return numbers_equal(g_num, p_num, "percent" in g.flags, "percent" in p.flags)
+    verdict = fast_equal(g.text, p.text)
+    if verdict or (verdict is None and _math_verify(g.text, p.text)):
         return True
-    if "=" in g_text + p_text:  # equations compare as equations, not by their right-hand sides
-        g_eq, p_eq = normalize(g_text, assignments=False)[0], normalize(p_text, assignments=False)[0]
-        if (g_eq, p_eq) != (g, p) and _math_verify(g_eq, p_eq):
+    if "=" in g_text + p_text and not _same_lhs(g_text, p_text):  # equations compare as equations
+        g_eq = normalize(g_text, assignments=False, decimal=decimal).text
+        p_eq = normalize(p_text, assignments=False, decimal=decimal).text
+        if (g_eq, p_eq) != (g.text, p.text) and _math_verify(g_eq, p_eq):
             return True
-    # math-verify's own extraction, on the raw texts, catches answers our rules read wrongly.
-    prose = (g_text != gold.strip() and _is_prose(gold)) or (p_text != pred.strip() and _is_prose(pred))
+    if verdict is False:
+        return False
+    # math-verify's own LaTeX extraction, on the raw texts, catches answers our rules read but could not parse.
+    prose = (g_text != gold.strip() and is_prose(gold)) or (p_text != pred.strip() and is_prose(pred))
     return prose and _math_verify(gold, pred, wrap=False)
 
 
@@ -273,7 +255,9 @@ def _parse(text: str, wrap: bool) -> tuple[Any, ...]:
 
     if wrap and "$" not in text and "\\(" not in text and "\\[" not in text:
         text = f"${text}$"
-    configs = [LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig()]
+    configs: list[Any] = [LatexExtractionConfig(boxed_match_priority=0)]
+    if wrap:  # on raw prose, reading bare numbers ("32, 349" as 349) is ours to do, not math-verify's
+        configs.append(ExprExtractionConfig())
     return tuple(parse(text, configs, parsing_timeout=None))  # type: ignore[arg-type]
 
 

@@ -1,6 +1,7 @@
 """The verifier's worker process: ``python -m agentrl.rewards._math_worker``.
 
-Protocol, one JSON object per line: the parent writes ``{"gold": str, "pred": str, "budget": float}``; the
+Protocol, one JSON object per line: the parent writes ``{"gold": str, "pred": str, "budget": float, "mode": str,
+"decimal": str}`` (the last two optional: see :func:`agentrl.rewards._math_equiv.equivalent`); the
 worker answers ``{"equal": bool}``, ``{"timeout": true}`` when the comparison ran past ``budget`` seconds, or
 ``{"error": "Type: message"}``. On start it writes ``{"ready": true}`` (or ``{"fatal": ...}`` when math-verify
 is missing). It exits when its stdin closes, so it never outlives the parent.
@@ -30,7 +31,8 @@ def _on_timer(signum: int, frame: Any) -> None:
 def _answer(equivalent: Any, request: dict[str, Any]) -> dict[str, Any]:
     signal.setitimer(signal.ITIMER_REAL, max(0.001, float(request.get("budget", 5.0))))
     try:
-        return {"equal": bool(equivalent(str(request["gold"]), str(request["pred"])))}
+        options = {key: str(request[key]) for key in ("mode", "decimal") if key in request}
+        return {"equal": bool(equivalent(str(request["gold"]), str(request["pred"]), **options))}
     except _Budget:
         return {"timeout": True}
     except Exception as exc:  # a bad answer is data: report it, keep serving

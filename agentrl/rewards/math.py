@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import functools
 import json
 import os
 import select
@@ -34,6 +35,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agentrl.errors import ConfigError, MissingDependencyError
+from agentrl.rewards._math_equiv import ANSWER_MODES
+from agentrl.rewards._math_extract import boxed_runs, chosen_letter, final_answer
+from agentrl.rewards._math_numbers import DECIMAL_MARKS
 from agentrl.rewards.answers import (
     extract_answer,
     extract_answer_tag,
@@ -43,21 +47,40 @@ from agentrl.rewards.answers import (
 )
 
 __all__ = [
+    "ANSWER_MODES",
+    "DECIMAL_MARKS",
     "MathVerifier",
     "VerifierLease",
     "VerifierStats",
     "averify",
+    "boxed_runs",
+    "check_options",
+    "chosen_letter",
     "default_verifier",
     "extract_answer",
     "extract_answer_tag",
     "extract_boxed",
     "extract_final_number",
     "extract_hashes",
+    "final_answer",
     "verify",
 ]
 
 MAX_CHARS = 100_000
 """Longer texts keep their last MAX_CHARS characters (where a final answer is)."""
+
+
+def check_options(mode: str, decimal: str) -> dict[str, str]:
+    """The comparison options as the worker reads them.
+
+    Raises:
+        ConfigError: ``mode`` not in :data:`ANSWER_MODES` or ``decimal`` not in :data:`DECIMAL_MARKS`.
+    """
+    if mode not in ANSWER_MODES:
+        raise ConfigError(f"unknown answer mode={mode!r}; choose one of {list(ANSWER_MODES)}")
+    if decimal not in DECIMAL_MARKS:
+        raise ConfigError(f"unknown decimal={decimal!r} (the decimal mark); choose one of {list(DECIMAL_MARKS)}")
+    return {"mode": mode, "decimal": decimal}
 
 
 @dataclass(frozen=True)
@@ -118,10 +141,12 @@ class _Worker:
         reply: dict[str, object] = json.loads(line)
         return reply
 
-    def ask(self, gold: str, pred: str, budget: float, deadline: float) -> dict[str, object] | None:
+    def ask(
+        self, gold: str, pred: str, options: dict[str, str], budget: float, deadline: float
+    ) -> dict[str, object] | None:
         """Send one comparison; the reply, or None at the deadline. Raises OSError/EOFError if the worker died."""
         assert self.proc.stdin is not None
-        request = {"gold": gold[-MAX_CHARS:], "pred": pred[-MAX_CHARS:], "budget": budget}
+        request = {"gold": gold[-MAX_CHARS:], "pred": pred[-MAX_CHARS:], "budget": budget, **options}
         self.proc.stdin.write((json.dumps(request) + "\n").encode())
         self.proc.stdin.flush()
         return self._read(deadline)
@@ -206,12 +231,14 @@ class MathVerifier:
             if worker in self._all:
                 self._all.remove(worker)
 
-    def verify(self, gold: str, pred: str) -> bool:
+    def verify(self, gold: str, pred: str, *, mode: str = "math", decimal: str = "auto") -> bool:
         """Whether ``pred`` states the same answer as ``gold``; see :func:`verify`.
 
         Raises:
+            ConfigError: An unknown ``mode`` or ``decimal``.
             MissingDependencyError: math-verify is not installed.
         """
+        options = check_options(mode, decimal)
         self._count("calls")
         if not isinstance(gold, str) or not isinstance(pred, str) or not gold.strip() or not pred.strip():
             return False
@@ -225,7 +252,7 @@ class MathVerifier:
                 return False
             try:
                 deadline = time.monotonic() + self.timeout
-                reply = worker.ask(gold, pred, 0.8 * self.timeout, deadline)
+                reply = worker.ask(gold, pred, options, 0.8 * self.timeout, deadline)
             except (OSError, EOFError, ValueError):
                 self._discard(worker)
                 self._count("crashes")
@@ -245,15 +272,18 @@ class MathVerifier:
             return True
         return False
 
-    def verify_many(self, pairs: Iterable[tuple[str, str]]) -> list[bool]:
+    def verify_many(
+        self, pairs: Iterable[tuple[str, str]], *, mode: str = "math", decimal: str = "auto"
+    ) -> list[bool]:
         """:meth:`verify` over many ``(gold, pred)`` pairs, using every worker; results in input order."""
         pairs = list(pairs)
+        check_options(mode, decimal)
         with ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="agentrl-verify") as pool:
-            return list(pool.map(lambda pair: self.verify(*pair), pairs))
+            return list(pool.map(lambda pair: self.verify(*pair, mode=mode, decimal=decimal), pairs))
 
-    async def averify(self, gold: str, pred: str) -> bool:
+    async def averify(self, gold: str, pred: str, *, mode: str = "math", decimal: str = "auto") -> bool:
         """Async :meth:`verify`: waits in a thread, so the event loop keeps running."""
-        return await asyncio.to_thread(self.verify, gold, pred)
+        return await asyncio.to_thread(functools.partial(self.verify, mode=mode, decimal=decimal), gold, pred)
 
     def lease(self) -> VerifierLease:
         """A handle for an owner (an env) that shares this verifier: when the last open lease closes, the
@@ -293,11 +323,11 @@ class VerifierLease:
         self.verifier = verifier
         self._open = True
 
-    async def averify(self, gold: str, pred: str) -> bool:
-        return await self.verifier.averify(gold, pred)
+    async def averify(self, gold: str, pred: str, *, mode: str = "math", decimal: str = "auto") -> bool:
+        return await self.verifier.averify(gold, pred, mode=mode, decimal=decimal)
 
-    def verify(self, gold: str, pred: str) -> bool:
-        return self.verifier.verify(gold, pred)
+    def verify(self, gold: str, pred: str, *, mode: str = "math", decimal: str = "auto") -> bool:
+        return self.verifier.verify(gold, pred, mode=mode, decimal=decimal)
 
     def close(self) -> None:
         """Give the share back. Idempotent."""
@@ -320,7 +350,7 @@ def default_verifier() -> MathVerifier:
         return _default
 
 
-def verify(gold: str, pred: str) -> bool:
+def verify(gold: str, pred: str, *, mode: str = "math", decimal: str = "auto") -> bool:
     """Whether the predicted answer ``pred`` is mathematically the same answer as ``gold``.
 
     Both may be bare answers (``\\\\frac{1}{2}``, ``0.5``, ``x = 5``, ``(A)``, ``[0, 1)``) or whole solutions
@@ -336,16 +366,21 @@ def verify(gold: str, pred: str) -> bool:
     Args:
         gold: The reference answer.
         pred: The model's answer or solution.
+        mode: ``"math"`` or ``"choice"`` (multiple choice: the chosen letter is found in free text); see
+            :data:`ANSWER_MODES`.
+        decimal: The decimal mark: ``"auto"``, ``"point"`` or ``"comma"``; see
+            :mod:`agentrl.rewards._math_numbers` for how ``1,000``, ``2,74`` and ``32, 349`` read under each.
 
     Returns:
         True when equivalent.
 
     Raises:
+        ConfigError: An unknown ``mode`` or ``decimal``.
         MissingDependencyError: math-verify is not installed.
     """
-    return default_verifier().verify(gold, pred)
+    return default_verifier().verify(gold, pred, mode=mode, decimal=decimal)
 
 
-async def averify(gold: str, pred: str) -> bool:
+async def averify(gold: str, pred: str, *, mode: str = "math", decimal: str = "auto") -> bool:
     """Async :func:`verify` for environments written with ``astep``."""
-    return await default_verifier().averify(gold, pred)
+    return await default_verifier().averify(gold, pred, mode=mode, decimal=decimal)

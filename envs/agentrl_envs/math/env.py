@@ -20,7 +20,8 @@ from typing import Any
 from agentrl.core import Env, ResetResult, StepResult
 from agentrl.errors import ConfigError, ToolCallError
 from agentrl.rewards import compose, parse_weights
-from agentrl.rewards.answers import extract_answer_tag, extract_boxed
+from agentrl.rewards.answers import extract_answer_tag
+from agentrl.rewards.math import boxed_runs, check_options
 from agentrl.tools import Tool, format_tool_calls, parse_tool_calls, tool_error_message, validate_call
 from agentrl.types import Message, ToolCall
 from agentrl_envs.math.calculator import CalculatorError, calculate
@@ -62,12 +63,16 @@ class MathEnv(Env):
         tools: Tool names among ``calculator`` and ``python``; empty for single-turn.
         max_turns: Turn limit with tools (the episode is truncated after it).
         weights: Reward weights by component name (``correct``, ``format``, ``tool_error``).
-        verifier: Anything with ``async averify(gold, pred) -> bool``; default: the shared
+        verifier: Anything with ``async averify(gold, pred, *, mode, decimal) -> bool``; default: the shared
             :class:`~agentrl.rewards.math.MathVerifier`, leased until :meth:`close`.
+        answer_mode: ``"math"``, or ``"choice"`` for multiple choice (the gold is a letter, the chosen letter is
+            read from the answer); a task's own ``answer_mode`` wins.
+        decimal: The decimal mark of answers, ``"auto"``, ``"point"`` or ``"comma"`` (see
+            :func:`agentrl.rewards.math.verify`); a task's own ``decimal`` wins.
         sandbox: The sandbox backend for the ``python`` tool.
 
     Raises:
-        ConfigError: An unknown format, tool or weight name, or an empty task set.
+        ConfigError: An unknown format, tool, weight name, answer mode or decimal mark, or an empty task set.
     """
 
     description = "Math word problems and equations with a verified \\boxed{} answer (optional calculator tool)"
@@ -81,7 +86,10 @@ class MathEnv(Env):
         weights: Mapping[str, float] | None = None,
         verifier: Any = None,
         sandbox: str = "local",
+        answer_mode: str = "math",
+        decimal: str = "auto",
     ):
+        check_options(answer_mode, decimal)
         if answer_format not in FORMATS:
             raise ConfigError(f"answer_format must be one of {sorted(FORMATS)}, got {answer_format!r}")
         unknown = sorted(set(tools) - set(TOOLS))
@@ -91,6 +99,7 @@ class MathEnv(Env):
         if not self.tasks:
             raise ConfigError("MathEnv needs at least one task")
         self.answer_format = answer_format
+        self.answer_mode, self.decimal = answer_mode, decimal
         self.tool_names = tuple(tools)
         self.tools = tuple(TOOLS[name].schema() for name in self.tool_names)
         self.max_turns: int = max_turns if self.tool_names else 1
@@ -170,23 +179,27 @@ class MathEnv(Env):
         return await self._finish(action)
 
     async def _finish(self, action: str) -> StepResult:
-        extract = extract_boxed if self.answer_format == "boxed" else extract_answer_tag
-        answer = extract(action)
-        correct = bool(answer) and await self._averify(self._task.answer, answer or "")
+        if self.answer_format == "boxed":  # adjacent boxes are one answer: "\boxed{1}, \boxed{2}"
+            runs = boxed_runs(action)
+            answer = runs[-1][1] if runs else None
+        else:
+            answer = extract_answer_tag(action)
+        options = {"mode": self._task.answer_mode or self.answer_mode, "decimal": self._task.decimal or self.decimal}
+        correct = bool(answer) and await self._averify(self._task.answer, answer or "", options)
         raw = {"correct": float(correct), "format": float(answer is not None)}
         reward = compose(raw, {k: self.weights[k] for k in raw})
         info = {"reward_components": dict(reward.components), "task_id": self._task.id, "answer": answer,
                 "gold": self._task.answer}
         return StepResult([], reward.score, True, False, info)
 
-    async def _averify(self, gold: str, pred: str) -> bool:
+    async def _averify(self, gold: str, pred: str, options: dict[str, str]) -> bool:
         if self._verifier is not None:
-            return bool(await self._verifier.averify(gold, pred))
+            return bool(await self._verifier.averify(gold, pred, **options))
         if self._lease is None:
             from agentrl.rewards.math import default_verifier
 
             self._lease = default_verifier().lease()
-        return bool(await self._lease.averify(gold, pred))
+        return bool(await self._lease.averify(gold, pred, **options))
 
     # ---- tools -------------------------------------------------------------------------------------
     async def _run_tools(

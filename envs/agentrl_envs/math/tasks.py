@@ -16,11 +16,12 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from agentrl.errors import ConfigError
 from agentrl.rewards.answers import extract_boxed, extract_hashes
+from agentrl.rewards.math import check_options
 
 __all__ = ["LEVELS", "MathTask", "generate_task", "generate_tasks", "load_jsonl"]
 
@@ -39,6 +40,10 @@ class MathTask:
         steps: Worked steps as ``(text, expression)`` pairs: ``expression`` is what a calculator call would
             evaluate for the step (empty when the step needs none).
         solution: A full written solution when the source has one (MATH, GSM8K).
+        answer_mode: How the answer is compared, overriding the env's: ``"math"`` or ``"choice"`` (multiple
+            choice; the answer is a letter); empty for the env's.
+        decimal: The decimal mark of the task's numbers, overriding the env's: ``"auto"``, ``"point"`` or
+            ``"comma"``; empty for the env's.
     """
 
     id: str
@@ -47,6 +52,8 @@ class MathTask:
     difficulty: int = -1
     steps: tuple[tuple[str, str], ...] = field(default_factory=tuple)
     solution: str = ""
+    answer_mode: str = ""
+    decimal: str = ""
 
 
 def _level0(rng: random.Random) -> tuple[str, str, list[tuple[str, str]]]:
@@ -135,6 +142,16 @@ def generate_tasks(count: int, seed: int = 0, levels: Sequence[int] = tuple(rang
 
 
 def _record_task(record: dict[str, object], task_id: str, where: str) -> MathTask:
+    task = _record_answer(record, task_id, where)
+    options = {key: str(record[key]) for key in ("answer_mode", "decimal") if record.get(key)}
+    try:
+        check_options(options.get("answer_mode", "math"), options.get("decimal", "auto"))
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
+    return replace(task, **options)
+
+
+def _record_answer(record: dict[str, object], task_id: str, where: str) -> MathTask:
     if "question" in record and "answer" in record:  # GSM8K: the solution ends in "#### N"
         solution = str(record["answer"])
         answer = extract_hashes(solution) or solution.strip()
@@ -167,11 +184,12 @@ def _records(path: Path) -> Iterator[tuple[int, dict[str, object]]]:
 
 def load_jsonl(path: str | Path, limit: int | None = None) -> list[MathTask]:
     """Load GSM8K-format (``question``, ``answer`` ending in ``#### N``) or MATH-format (``problem``,
-    ``solution`` with ``\\boxed{}``, optional ``answer``) JSONL; an ``id`` field, if any, names the task.
+    ``solution`` with ``\\boxed{}``, optional ``answer``) JSONL; an ``id`` field, if any, names the task, and
+    ``answer_mode`` / ``decimal`` fields set the task's comparison (see :class:`MathTask`).
 
     Raises:
-        ConfigError: The file is missing, or a line is not JSON or has neither format's fields (the message
-            names the file and line).
+        ConfigError: The file is missing, or a line is not JSON, has neither format's fields or an unknown
+            ``answer_mode`` / ``decimal`` (the message names the file and line).
     """
     path = Path(path)
     if not path.is_file():
