@@ -462,6 +462,7 @@ def _fast_tokenizer(tokenizer: Any, template: str | None, options: Mapping[str, 
         return None
     renderer = ChatRenderer(tokenizer, None, template, **options)
     messages, renderer.tools = _probe_conversation(renderer.format)
+    messages = [renderer.assistant_message(m["content"]) if m["role"] == "assistant" else m for m in messages]
     text = renderer.render(messages, add_generation_prompt=True)
     same = backend.encode(text, add_special_tokens=False).ids == tokenizer.encode(text, add_special_tokens=False)
     return backend if same else None
