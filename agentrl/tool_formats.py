@@ -121,7 +121,9 @@ class Hermes(ToolFormat):
 
     name = "hermes"
 
-    def parse(self, text, *, tools=None, max_blocks=MAX_BLOCKS_PER_TURN):  # type: ignore[no-untyped-def]
+    def parse(
+        self, text: str, *, tools: Sequence[ToolSchema] | None = None, max_blocks: int | None = MAX_BLOCKS_PER_TURN
+    ) -> ParsedTurn:
         return parse_tool_calls(text, max_blocks=max_blocks)
 
     def render(self, calls: Sequence[ToolCall]) -> str:
@@ -135,7 +137,9 @@ class Llama3Json(ToolFormat):
     name = "llama3_json"
     _FORMAT = 'answer with only {"name": <tool name>, "parameters": {<arguments>}}'
 
-    def parse(self, text, *, tools=None, max_blocks=MAX_BLOCKS_PER_TURN):  # type: ignore[no-untyped-def]
+    def parse(
+        self, text: str, *, tools: Sequence[ToolSchema] | None = None, max_blocks: int | None = MAX_BLOCKS_PER_TURN
+    ) -> ParsedTurn:
         body = text.strip()
         body = body[len("<|python_tag|>") :].lstrip() if body.startswith("<|python_tag|>") else body
         if not body.startswith("{"):
@@ -192,7 +196,9 @@ class Mistral(ToolFormat):
     def call_id(self, index: int) -> str:
         return f"call{index:05d}"
 
-    def parse(self, text, *, tools=None, max_blocks=MAX_BLOCKS_PER_TURN):  # type: ignore[no-untyped-def]
+    def parse(
+        self, text: str, *, tools: Sequence[ToolSchema] | None = None, max_blocks: int | None = MAX_BLOCKS_PER_TURN
+    ) -> ParsedTurn:
         at = text.find(self._TAG)
         if at < 0:
             return ParsedTurn(valid_text(text.strip()))
@@ -246,7 +252,9 @@ class Qwen3Coder(ToolFormat):
     _PARAMETER = re.compile(r"<parameter=([^>\n]+)>\n?(.*?)\n?</parameter>", re.DOTALL)
     _FORMAT = "write <tool_call>\n<function=NAME>\n<parameter=KEY>\nvalue\n</parameter>\n</function>\n</tool_call>"
 
-    def parse(self, text, *, tools=None, max_blocks=MAX_BLOCKS_PER_TURN):  # type: ignore[no-untyped-def]
+    def parse(
+        self, text: str, *, tools: Sequence[ToolSchema] | None = None, max_blocks: int | None = MAX_BLOCKS_PER_TURN
+    ) -> ParsedTurn:
         types = _parameter_types(tools)
         calls: list[ToolCall] = []
         errors: list[ToolCallError] = []
@@ -320,7 +328,9 @@ class Harmony(ToolFormat):
     )
     _RECIPIENT = re.compile(r"to=functions\.([^\s<]+)")
 
-    def parse(self, text, *, tools=None, max_blocks=MAX_BLOCKS_PER_TURN):  # type: ignore[no-untyped-def]
+    def parse(
+        self, text: str, *, tools: Sequence[ToolSchema] | None = None, max_blocks: int | None = MAX_BLOCKS_PER_TURN
+    ) -> ParsedTurn:
         return self._read(text, max_blocks)[0]
 
     def _read(self, text: str, max_blocks: int | None) -> tuple[ParsedTurn, str]:
@@ -464,7 +474,9 @@ class ResponseTemplateFormat(ToolFormat):
     def __init__(self, schema: Mapping[str, Any]):
         self.schema = dict(schema)
 
-    def parse(self, text, *, tools=None, max_blocks=MAX_BLOCKS_PER_TURN):  # type: ignore[no-untyped-def]
+    def parse(
+        self, text: str, *, tools: Sequence[ToolSchema] | None = None, max_blocks: int | None = MAX_BLOCKS_PER_TURN
+    ) -> ParsedTurn:
         from transformers.utils.chat_parsing import parse_response
 
         from agentrl.tools import parse_openai_tool_calls

@@ -233,3 +233,38 @@ def test_a_turn_split_ledger_must_keep_each_turn_inside_one_sequence_after_its_p
     with pytest.raises(ValueError, match="not inside one sequence"):
         Trajectory((1, 2, 3, 4), (0.0, -1.0, -1.0, -1.0), (0, 1, 1, 1), (TurnSpan(1, 2), TurnSpan(2, 4)),
                    sequence_starts=(0, 2))  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------- agentrl check
+
+RECOMMENDED = {"qwen2.5": "append", "qwen3": "keep_reasoning", "qwen3-coder": "append", "llama3.1": "turn_split",
+               "mistral": "turn_split", "gpt-oss": "turn_split"}  # fmt: skip
+FORMAT_OF = {"qwen2.5": "hermes", "qwen3": "hermes", "qwen3-coder": "qwen3_coder", "llama3.1": "llama3_json",
+             "mistral": "mistral", "gpt-oss": "harmony"}  # fmt: skip
+
+
+def test_describe_model_names_each_familys_format_and_the_history_it_needs(tokenizers):
+    from agentrl.checker import describe_model
+
+    reports = {family: describe_model(tok) for family, tok in tokenizers.items()}
+    assert {f: r.tool_format for f, r in reports.items()} == FORMAT_OF
+    assert {f: r.recommended for f, r in reports.items()} == RECOMMENDED
+    assert {f: {m for m, p in r.history.items() if p is None} - {"turn_split"} for f, r in reports.items()} == APPENDS
+    assert "rewrites earlier turns (first difference at character" in reports["qwen3"].history["append"]
+
+
+def test_agentrl_check_model_prints_the_detected_format_and_template(tmp_path):
+    import subprocess
+    import sys
+
+    from _family_tokenizers import family_tokenizer_dir
+
+    model = family_tokenizer_dir("qwen3", tmp_path / "qwen3")
+    out = subprocess.run([sys.executable, "-m", "agentrl.cli", "check", "--model", str(model)],
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "tool-call format: hermes (from its chat template)" in out.stdout
+    assert "history append: refused: the template rewrites earlier turns" in out.stdout
+    assert "history turn_split: ok" in out.stdout and "use: history=keep_reasoning" in out.stdout
+    nothing = subprocess.run([sys.executable, "-m", "agentrl.cli", "check"], capture_output=True, text=True, timeout=120)
+    assert nothing.returncode == 2 and "--model" in nothing.stderr
