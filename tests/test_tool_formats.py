@@ -246,3 +246,14 @@ def test_no_output_makes_a_parser_raise_and_every_string_is_valid_unicode(pieces
     json.dumps([parsed.content, [dict(c.arguments) for c in parsed.calls], [str(e) for e in parsed.errors]])
     for text in [parsed.content, *(str(e) for e in parsed.errors)]:
         text.encode("utf-8")
+
+
+def test_parse_tool_calls_takes_a_format_name_for_envs_that_serve_other_families():
+    from agentrl.tools import parse_tool_calls
+
+    text = '[TOOL_CALLS][{"name": "lookup", "arguments": {"word": "a"}}]'
+    parsed = parse_tool_calls(text, tool_format="mistral")
+    assert [(c.name, dict(c.arguments), c.id) for c in parsed.calls] == [("lookup", {"word": "a"}, "call00000")]
+    assert parse_tool_calls(text).calls == ()  # Hermes by default: no <tool_call> block in that text
+    with pytest.raises(ConfigError, match="unknown tool format"):
+        parse_tool_calls(text, tool_format="gemma")
