@@ -97,6 +97,24 @@ def test_qwen3_refuses_to_append_and_turn_split_renders_each_prompt_as_the_model
     assert Trajectory.from_json(trajectory.to_json()) == trajectory
 
 
+
+def test_a_turn_split_prompt_that_does_not_fit_ends_the_episode_before_it_joins_the_ledger(tokenizers):
+    from agentrl.rollout.runner import RolloutLimits
+
+    tokenizer = tokenizers["qwen3"]
+    policy = ScriptedPolicy(tokenizer, lambda prompt: think_and_echo(prompt).rsplit("\n", 1)[1])
+    (group,) = rollout(lambda: EchoEnv(rounds=3), policy, tokenizer, 1, history="turn_split")
+    full = group.trajectories[0]
+    second_prompt = full.turns[1].start - full.sequence_starts[1]
+    assert full.turns[0].end < second_prompt  # the first turn fits where the second prompt does not
+    first_turn = full.turns[0].end - full.turns[0].start
+    for limits, reason in ((RolloutLimits(max_context=second_prompt), StopReason.CONTEXT_OVERFLOW),
+                           (RolloutLimits(max_sampled_tokens=first_turn), StopReason.MAX_TOKENS)):  # fmt: skip
+        (group,) = rollout(lambda: EchoEnv(rounds=3), policy, tokenizer, 1, history="turn_split", limits=limits)
+        (cut,) = group
+        assert cut.stop_reason is reason
+        assert len(cut.turns) == 1 and cut.sequence_starts == () and len(cut.token_ids) == full.turns[0].end
+
 def test_keep_reasoning_gives_qwen3_one_ledger_with_every_turns_reasoning(tokenizers):
     tokenizer = tokenizers["qwen3"]
     policy = ScriptedPolicy(tokenizer, think_and_echo)

@@ -307,8 +307,8 @@ class Runner:
                 return StopReason.MAX_TURNS
             if self.turn_split and turn > 0:  # this turn's prompt, exactly as the template renders it now
                 prompt_ids = renderer.prompt_ids(history)
-                if len(prompt_ids) + self.limits.min_turn_tokens > self._context():
-                    return StopReason.CONTEXT_OVERFLOW
+                if (limit := self._turn_cap(len(prompt_ids), _sampled(ledger))[1]) is not None:
+                    return limit  # checked before the prompt joins the ledger: no sequence without a turn
                 ledger.start_sequence(prompt_ids)
             cap, limit = self._turn_cap(len(ledger.ids) - ledger.prompt_start, _sampled(ledger))
             if limit is not None:
