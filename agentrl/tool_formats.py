@@ -450,29 +450,40 @@ _SIGNATURES: tuple[tuple[str, tuple[str, ...]], ...] = (
 def detect_tool_format(tokenizer: Any, template: str | None = None) -> Detection:
     """The tool format of ``tokenizer``: its ``response_template`` if it has one, else the markup of its chat
     template (or of ``template``, when a training template replaces it), else Hermes."""
-    schema = getattr(tokenizer, "response_template", None)
-    if template is None and isinstance(schema, Mapping):
-        return Detection(ResponseTemplateFormat(schema), "response_template")
     text = template if template is not None else getattr(tokenizer, "chat_template", None)
     if isinstance(text, Mapping):  # several named templates: the default one renders chats
         text = text.get("default") or next(iter(text.values()), "")
-    for name, needles in _SIGNATURES:
-        if isinstance(text, str) and all(n in text for n in needles):
-            return Detection(tool_format(name), "chat_template")
-    return Detection(tool_format("hermes"), "default")
+    markup = next(
+        (Detection(tool_format(name), "chat_template") for name, needles in _SIGNATURES
+         if isinstance(text, str) and all(n in text for n in needles)),
+        Detection(tool_format("hermes"), "default"),
+    )  # fmt: skip
+    schema = getattr(tokenizer, "response_template", None)
+    if template is None and isinstance(schema, Mapping):
+        return Detection(ResponseTemplateFormat(schema, markup.format), "response_template")
+    return markup
 
 
 class ResponseTemplateFormat(ToolFormat):
     """A tokenizer's own declarative ``response_template`` (transformers' response parser) read as a format.
 
-    Parsing is transformers' :func:`parse_response`; rendering writes Hermes blocks (a response template
-    describes how to read output, not how to write it).
+    Parsing is transformers' :func:`parse_response`; writing (rendering, ids, history messages) is the
+    ``writer`` format's, the one the chat template's markup showed (a response template says how to read
+    output, not how to write it).
     """
 
     name = "response_template"
 
-    def __init__(self, schema: Mapping[str, Any]):
+    def __init__(self, schema: Mapping[str, Any], writer: ToolFormat | None = None):
         self.schema = dict(schema)
+        self.writer = writer or Hermes()
+        self.structured_history = self.writer.structured_history
+
+    def call_id(self, index: int) -> str:
+        return self.writer.call_id(index)
+
+    def turn_text(self, text: str, calls: Sequence[ToolCall], thinking: str = "") -> str:
+        return self.writer.turn_text(text, calls, thinking)
 
     def parse(
         self, text: str, *, tools: Sequence[ToolSchema] | None = None, max_blocks: int | None = MAX_BLOCKS_PER_TURN
@@ -494,4 +505,7 @@ class ResponseTemplateFormat(ToolFormat):
         return parse_openai_tool_calls(entries, message.get("content"), max_blocks=max_blocks)
 
     def render(self, calls: Sequence[ToolCall]) -> str:
-        return format_tool_calls(calls)
+        return self.writer.render(calls)
+
+    def message(self, text: str, *, tools: Sequence[ToolSchema] | None = None) -> Message:
+        return self.writer.message(text, tools=tools)

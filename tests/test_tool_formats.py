@@ -218,6 +218,14 @@ def test_a_tokenizers_response_template_is_used_as_its_parser(tokenizers, tmp_pa
     text = 'Sure.\n<tool_call>\n{"name": "lookup", "arguments": {"word": "a"}}\n</tool_call>'
     parsed = detection.format.parse(text)
     assert [(c.name, dict(c.arguments)) for c in parsed.calls] == [("lookup", {"word": "a"})]
+    # Writing follows the markup of the chat template beside it.
+    assert detection.format.render(parsed.calls) == tool_format("hermes").render(parsed.calls)
+    mistral = tokenizers["mistral"]
+    mistral.response_template = tokenizer.response_template
+    beside_mistral = detect_tool_format(mistral).format
+    assert beside_mistral.render(parsed.calls).startswith("[TOOL_CALLS][") and beside_mistral.structured_history
+    assert beside_mistral.call_id(0) == tool_format("mistral").call_id(0)
+    mistral.response_template = None
     # A training template named by the run replaces the tokenizer's: detection follows the template.
     coder = (TEMPLATES / "Qwen-Qwen3-Coder.jinja").read_text(encoding="utf-8")
     assert detect_tool_format(reloaded, template=coder).format.name == "qwen3_coder"
