@@ -2,6 +2,13 @@
 
 Used by :meth:`agentrl.tools.Tool.from_function` and :meth:`~agentrl.tools.Tool.from_model`; pydantic is
 imported inside the function that needs it.
+
+Why not ``transformers.utils.get_json_schema``: it agrees with this module on names, descriptions, base types
+and required arguments (a test holds both to that), but it requires every argument to be documented, knows no
+constraints (``Annotated[int, Field(ge=0)]``), enums, pydantic models or positional-only parameters, writes
+optionals with OpenAPI's ``nullable`` (which JSON-schema validation ignores) and forbids nothing extra. The
+schema here is the one calls are validated against and the binder builds values from; a schema made by
+``get_json_schema`` is still accepted as is (:meth:`~agentrl.tools.Tool.from_schema`).
 """
 
 from __future__ import annotations

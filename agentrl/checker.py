@@ -12,6 +12,9 @@ it over the whole registry. Checks:
 - masks (given a tokenizer): a scripted episode's token ledger has mask 1 exactly on the sampled tokens;
 - close: ``close()`` twice is fine, and the env leaves no child process (sandbox) running;
 - Gymnasium's ``gymnasium.utils.env_checker.check_env``, with its warnings treated as failures.
+
+:func:`describe_model` says what a model's tokenizer brings: its tool-call format and which history modes its
+chat template can carry (``agentrl check --model <dir>`` prints it).
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +31,7 @@ from agentrl.core import Env, ResetResult, StepResult
 from agentrl.errors import EnvCheckError
 from agentrl.types import StopReason
 
-__all__ = ["DEFAULT_PROBES", "check_env"]
+__all__ = ["DEFAULT_PROBES", "ModelReport", "check_env", "describe_model"]
 
 DEFAULT_PROBES: tuple[str, ...] = (
     "Hello! I am not sure what to do.",
@@ -238,3 +242,64 @@ def _check_close(env: Env, make_env: Callable[[], Env] | None, before: set[int])
     if leaked:
         raise _fail("close", f"processes {sorted(leaked)} are still running after close(); release sandboxes "
                     "and subprocesses in close()/aclose()")
+
+
+@dataclass(frozen=True)
+class ModelReport:
+    """What a tokenizer brings to the ledger.
+
+    Attributes:
+        tool_format: the detected tool-call format's name (see :mod:`agentrl.tool_formats`).
+        format_source: ``"response_template"``, ``"chat_template"`` or ``"default"`` (nothing recognized).
+        template: which template renders: ``"tokenizer"`` (its own), ``"chatml"`` or ``"custom"``.
+        history: per history mode, None when the template carries it, else the first line of why not.
+    """
+
+    tool_format: str
+    format_source: str
+    template: str
+    history: Mapping[str, str | None]
+
+    @property
+    def recommended(self) -> str | None:
+        """The first history mode that works, in the order append, keep_reasoning, turn_split."""
+        return next((mode for mode, problem in self.history.items() if problem is None), None)
+
+    def lines(self) -> list[str]:
+        """The report as lines for people."""
+        sources = {"response_template": "the tokenizer's response_template", "chat_template": "its chat template",
+                   "default": "nothing recognized; the default"}  # fmt: skip
+        out = [f"tool-call format: {self.tool_format} (from {sources[self.format_source]})",
+               f"chat template: {self.template}"]  # fmt: skip
+        out += [f"history {mode}: {'ok' if problem is None else 'refused: ' + problem}"
+                for mode, problem in self.history.items()]  # fmt: skip
+        out.append(f"use: history={self.recommended}" if self.recommended else "use: template=chatml")
+        return out
+
+
+def describe_model(tokenizer: Any, template: str | None = None) -> ModelReport:
+    """Detect ``tokenizer``'s tool format and check its chat template (or ``template``) in every history mode."""
+    from agentrl.models.chat import HISTORY_MODES, check_template
+    from agentrl.tool_formats import detect_tool_format
+
+    detection = detect_tool_format(tokenizer, template)
+    history: dict[str, str | None] = {}
+    for mode in HISTORY_MODES:
+        try:
+            check_template(tokenizer, template, history=mode)
+            history[mode] = None
+        except Exception as exc:  # a template may raise anything on the probe
+            history[mode] = _why_refused(exc)
+    kind = "tokenizer" if template is None else "chatml" if template == "chatml" else "custom"
+    return ModelReport(detection.format.name, detection.source, kind, history)
+
+
+def _why_refused(exc: Exception) -> str:
+    """One short line: where a template stops extending the conversation, or the template's own error."""
+    text = str(exc)
+    at = text.find("first difference at character ")
+    if at >= 0:
+        where = text[at:].splitlines()[0].rstrip(":")
+        return f"the template rewrites earlier turns ({where})"
+    first = text.splitlines()[0] if text else ""
+    return f"{type(exc).__name__}: {first[:160]}"

@@ -90,16 +90,26 @@ def _cmd_card(args: argparse.Namespace) -> int:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    """Run the env checker on one registered environment."""
+    """Run the env checker on one registered environment; with ``--model``, say what the model's tokenizer
+    brings (tool-call format, template, history modes) and check the env's token masks with it."""
+    tokenizer = None
+    if args.model:
+        from agentrl.checker import describe_model
+        from agentrl.models.loading import load_tokenizer
+
+        tokenizer = load_tokenizer(args.model)
+        print(f"model {args.model}:")
+        for line in describe_model(tokenizer).lines():
+            print(f"  {line}")
+    if args.env is None:
+        if tokenizer is None:
+            print("agentrl check: give an environment id, --model, or both", file=sys.stderr)
+            return 2
+        return 0
     import agentrl
     from agentrl.checker import check_env
 
     env = agentrl.make(args.env)
-    tokenizer = None
-    if args.model:
-        from agentrl.models.loading import load_tokenizer
-
-        tokenizer = load_tokenizer(args.model)
     passed = check_env(env, tokenizer=tokenizer)
     print(f"{args.env}: passed {', '.join(passed)}")
     return 0
@@ -212,9 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
     envs.add_argument("-v", "--verbose", action="store_true", help="also show where each env comes from")
     envs.set_defaults(func=_cmd_envs)
 
-    check = sub.add_parser("check", help="check an environment against the Env contract")
-    check.add_argument("env", help="environment id, e.g. toy-guess-v0")
-    check.add_argument("--model", help="also check token masks with this model's tokenizer ('tiny', a path or hub id)")
+    check = sub.add_parser("check", help="check an environment against the Env contract, or a model's template")
+    check.add_argument("env", nargs="?", help="environment id, e.g. toy-guess-v0")
+    check.add_argument("--model", help="say which tool-call format and history modes this model's tokenizer "
+                       "supports ('tiny', a path or hub id), and check the env's token masks with it")
     check.set_defaults(func=_cmd_check)
 
     card = sub.add_parser("card", help="measure an env's card: tasks, tools, reference pass rate, hack probes")

@@ -222,8 +222,12 @@ class ParsedTurn:
     errors: tuple[ToolCallError, ...] = ()
 
 
-def parse_tool_calls(text: str, *, max_blocks: int | None = MAX_BLOCKS_PER_TURN) -> ParsedTurn:
-    """Parse Hermes/Qwen-style ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` blocks.
+def parse_tool_calls(
+    text: str, *, max_blocks: int | None = MAX_BLOCKS_PER_TURN, tool_format: str = "hermes",
+    tools: Sequence[ToolSchema] | None = None,
+) -> ParsedTurn:  # fmt: skip
+    """Parse Hermes/Qwen-style ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` blocks, or with
+    ``tool_format`` another family's markup (:mod:`agentrl.tool_formats`).
 
     ``arguments`` may be an object, a JSON string holding one, or absent (no arguments). A JSON string may
     hold a literal ``</tool_call>``; a literal ``<tool_call>`` always opens the next block (write ``\\u003c``
@@ -233,6 +237,9 @@ def parse_tool_calls(text: str, *, max_blocks: int | None = MAX_BLOCKS_PER_TURN)
 
     Args:
         text: The assistant's text.
+        tool_format: A registered format name (``"hermes"``, ``"llama3_json"``, ``"mistral"``,
+            ``"qwen3_coder"``, ``"harmony"``, ...); a ConfigError names the known ones.
+        tools: The tool schemas, which type the text values of formats that write arguments as text.
         max_blocks: The most blocks read (calls, malformed blocks and stray closing tags together); past it,
             one more error says how many were left unread, and the rest of the text is not read. None: all.
 
@@ -240,6 +247,10 @@ def parse_tool_calls(text: str, *, max_blocks: int | None = MAX_BLOCKS_PER_TURN)
         The turn. Every string in it is valid Unicode: a lone surrogate the model wrote as a JSON escape
         (``"\\ud800"``) is decoded to U+FFFD, so it can be echoed, tokenized and written anywhere.
     """
+    if tool_format != "hermes":
+        from agentrl import tool_formats
+
+        return tool_formats.tool_format(tool_format).parse(text, tools=tools, max_blocks=max_blocks)
     content: list[str] = []
     calls: list[ToolCall] = []
     errors: list[ToolCallError] = []

@@ -652,3 +652,37 @@ def test_fuzz_truncated_calls_report_one_error(prefix: str, call: ToolCall) -> N
             assert "never closed" in str(parsed.errors[0])
         else:
             assert parsed == ParsedTurn(full[:end].strip())
+
+
+def test_schemas_agree_with_transformers_get_json_schema_where_it_describes_the_function():
+    """Ours is built with pydantic: it adds defaults, ``additionalProperties: false`` and standard ``anyOf``
+    for optionals (transformers writes OpenAPI's ``nullable``, which JSON-schema validation ignores), so the
+    schema is what call validation enforces. Names, descriptions, base types and required arguments agree."""
+    from transformers.utils import get_json_schema
+
+    def lookup(query: str, limit: int = 5, exact: bool | None = None, tags: list[str] | None = None) -> list[str]:
+        """Look something up.
+
+        Args:
+            query: What to look for.
+            limit: How many results.
+            exact: Exact match only.
+            tags: Tags to filter by.
+        """
+        return [query] * limit
+
+    theirs = get_json_schema(lookup)["function"]
+    ours = Tool.from_function(lookup).schema()["function"]
+    assert (ours["name"], ours["description"]) == (theirs["name"], theirs["description"])
+    assert ours["parameters"]["required"] == theirs["parameters"]["required"] == ["query"]
+    for name, prop in theirs["parameters"]["properties"].items():
+        mine = ours["parameters"]["properties"][name]
+        assert mine["description"] == prop["description"]
+        types = {branch.get("type") for branch in mine.get("anyOf", [mine])} - {"null"}
+        assert types == {prop["type"]}
+    assert ours["parameters"]["additionalProperties"] is False
+    # A schema from get_json_schema is accepted as a schema-only tool, its calls validated against it.
+    imported = as_tool(get_json_schema(lookup))
+    assert validate_call(ToolCall("lookup", {"query": "x", "limit": 2}), [imported])
+    with pytest.raises(ToolCallError, match="limit"):
+        validate_call(ToolCall("lookup", {"query": "x", "limit": "two"}), [imported])

@@ -30,7 +30,8 @@ class Batch:
         loss_mask_B_T: 1 on policy-sampled tokens.
         sampler_logprobs_B_T: the sampler's logprob of each sampled token (0 elsewhere).
         attention_mask_B_T: 1 on real tokens.
-        position_ids_B_T: positions, restarting at 0 for each packed sequence.
+        position_ids_B_T: the model's positions, restarting at 0 for each packed sequence and for each turn
+            of a turn-split trajectory (:attr:`~agentrl.data.trajectory.Trajectory.sequence_starts`).
         segment_ids_B_T: which trajectory of the batch (index into ``trajectories``) each token belongs to;
             -1 on padding. With packing, a row holds several segments: attend within a segment only. In a
             prompt-shared row (:func:`collate_shared`), the shared prompt is :data:`SHARED_SEGMENT`: every
@@ -38,6 +39,8 @@ class Batch:
         turn_rewards_B_T: each turn's reward placed at its last sampled token (0 elsewhere).
         rewards_B: each trajectory's total reward, shape ``(N,)`` with N = len(trajectories).
         trajectories: the trajectories, in segment order.
+        token_index_B_T: which token of its trajectory each position holds (an index into ``token_ids``; 0 on
+            padding): how per-trajectory arrays are laid onto the batch and read back.
         shared_prefix: how many leading tokens every row holds alike, none of them predicting a policy token
             (padded rows only; see :func:`collate`'s ``share_prefix``). The rows still hold them in full; a
             forward may run them once for all rows and let every row attend to their keys and values.
@@ -51,6 +54,7 @@ class Batch:
     segment_ids_B_T: Any
     turn_rewards_B_T: Any
     rewards_B: Any
+    token_index_B_T: Any
     trajectories: tuple[Trajectory, ...] = field(repr=False, default=())
     shared_prefix: int = 0
 
@@ -77,20 +81,28 @@ class Batch:
     def model_inputs(self) -> dict[str, Any]:
         """How the rows are attended, as model keyword arguments (torch batches only): padded rows take their
         attention mask; packed rows take position ids (transformers builds the block-diagonal mask where they
-        restart, without a KV cache); prompt-shared rows take a 4-D boolean mask (each segment sees itself
-        causally and the shared prompt) and position ids."""
+        restart, without a KV cache), as do rows of turn-split trajectories; prompt-shared rows take a 4-D
+        boolean mask (each segment sees itself causally and the shared prompt, a turn-split sequence only
+        itself) and position ids."""
         import torch
 
-        segments = self.segment_ids_B_T
+        segments, positions = self.segment_ids_B_T, self.position_ids_B_T
+        restarts = bool(((positions[:, 1:] == 0) & (self.attention_mask_B_T[:, 1:] != 0)).any())
         if bool((segments == SHARED_SEGMENT).any()):
             T = segments.shape[1]
             causal = torch.ones(T, T, dtype=torch.bool, device=segments.device).tril()
             same = segments[:, :, None] == segments[:, None, :]
             to_shared = (segments == SHARED_SEGMENT)[:, None, :]
-            allowed = causal & (same | to_shared) & (segments != -1)[:, None, :]
+            # A turn-split trajectory's later sequences (positions restart inside a segment) see only themselves.
+            new_segment = torch.ones_like(segments, dtype=torch.bool)
+            new_segment[:, 1:] = segments[:, 1:] != segments[:, :-1]
+            block = ((positions == 0) & ~new_segment).cumsum(-1)
+            first = block == torch.where(new_segment, block, -1).cummax(-1).values
+            same_block = block[:, :, None] == block[:, None, :]
+            allowed = causal & ((same & same_block) | (to_shared & first[:, :, None])) & (segments != -1)[:, None, :]
             allowed |= torch.eye(T, dtype=torch.bool, device=segments.device)  # padding sees itself: no empty row
             return {"attention_mask": allowed[:, None], "position_ids": self.position_ids_B_T}
-        if bool(((segments != segments[:, :1]) & (segments != -1)).any()):  # a row holds several segments
+        if restarts or bool(((segments != segments[:, :1]) & (segments != -1)).any()):  # several sequences
             return {"position_ids": self.position_ids_B_T}
         return {"attention_mask": self.attention_mask_B_T}
 
@@ -147,7 +159,7 @@ def collate(
     width = max(sum(lengths[i] for i in row) for row in rows)
     shape = (len(rows), width)
     ids = np.full(shape, pad_id, dtype=np.int64)
-    mask, attn, pos = (np.zeros(shape, dtype=np.int64) for _ in range(3))
+    mask, attn, pos, index = (np.zeros(shape, dtype=np.int64) for _ in range(4))
     segments = np.full(shape, -1, dtype=np.int64)
     sampler_lp, turn_rewards = np.zeros(shape, dtype=np.float32), np.zeros(shape, dtype=np.float32)
     for b, row in enumerate(rows):
@@ -158,14 +170,18 @@ def collate(
             mask[b, at : at + n] = t.loss_mask
             sampler_lp[b, at : at + n] = t.logprobs
             attn[b, at : at + n] = 1
-            pos[b, at : at + n] = np.arange(n)
+            pos[b, at : at + n] = t.positions if t.sequence_starts else np.arange(n)
+            index[b, at : at + n] = np.arange(n)
             segments[b, at : at + n] = i
             for turn in t.turns:
                 turn_rewards[b, at + turn.last_token] = turn.reward
             at += n
     rewards = np.array([t.total_reward for t in trajectories], dtype=np.float32)
     shared = _common_prefix(ids, mask, attn) if share_prefix and not packing else 0
-    return Batch(ids, mask, sampler_lp, attn, pos, segments, turn_rewards, rewards, tuple(trajectories), shared)
+    if any(t.sequence_starts for t in trajectories):  # rows attended by position ids: no shared-prefix cache
+        shared = 0
+    return Batch(ids, mask, sampler_lp, attn, pos, segments, turn_rewards, rewards, index, tuple(trajectories), shared)
+
 
 
 def _common_prefix(ids: np.ndarray, mask: np.ndarray, attn: np.ndarray) -> int:
@@ -191,7 +207,8 @@ def collate_shared(trajectories: Sequence[Trajectory], *, pad_id: int = 0) -> Ba
     sampled token), positions continuing from the prompt. Attend causally within a segment and to the
     shared prompt (:meth:`Batch.model_inputs` builds that mask). A GRPO group of G
     samples of a P-token prompt then costs P + G * (1 + completion) tokens instead of G * (P + completion).
-    Segment ``i`` is ``trajectories[i]``, in the order given.
+    Segment ``i`` is ``trajectories[i]``, in the order given. A turn-split trajectory shares its first
+    prompt like any other; its later sequences restart their positions and see only themselves.
 
     Raises:
         ConfigError: no trajectories.
@@ -208,12 +225,13 @@ def collate_shared(trajectories: Sequence[Trajectory], *, pad_id: int = 0) -> Ba
     width = max(len(prefix) + rest for prefix, _, rest in layouts)
     shape = (len(layouts), width)
     ids = np.full(shape, pad_id, dtype=np.int64)
-    mask, attn, pos = (np.zeros(shape, dtype=np.int64) for _ in range(3))
+    mask, attn, pos, index = (np.zeros(shape, dtype=np.int64) for _ in range(4))
     segments = np.full(shape, -1, dtype=np.int64)
     sampler_lp, turn_rewards = np.zeros(shape, dtype=np.float32), np.zeros(shape, dtype=np.float32)
     for b, (prefix, members, _) in enumerate(layouts):
         shared = len(prefix)
         ids[b, :shared], attn[b, :shared], pos[b, :shared] = prefix, 1, np.arange(shared)
+        index[b, :shared] = np.arange(shared)
         segments[b, :shared] = SHARED_SEGMENT
         at = shared
         for i in members:
@@ -223,13 +241,14 @@ def collate_shared(trajectories: Sequence[Trajectory], *, pad_id: int = 0) -> Ba
             mask[b, at : at + n] = t.loss_mask[shared:]
             sampler_lp[b, at : at + n] = t.logprobs[shared:]
             attn[b, at : at + n] = 1
-            pos[b, at : at + n] = np.arange(shared, shared + n)
+            pos[b, at : at + n] = t.positions[shared:] if t.sequence_starts else np.arange(shared, shared + n)
+            index[b, at : at + n] = np.arange(shared, shared + n)
             segments[b, at : at + n] = i
             for turn in t.turns:
                 turn_rewards[b, at + turn.last_token - shared] = turn.reward
             at += n
     rewards = np.array([t.total_reward for t in trajectories], dtype=np.float32)
-    return Batch(ids, mask, sampler_lp, attn, pos, segments, turn_rewards, rewards, tuple(trajectories))
+    return Batch(ids, mask, sampler_lp, attn, pos, segments, turn_rewards, rewards, index, tuple(trajectories))
 
 
 # ---------------------------------------------------------------------------------------------- mismatch

@@ -10,6 +10,7 @@ stored is what the next turn's prompt was built from, so training sees the seque
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -60,6 +61,11 @@ class Trajectory:
         policy_version: the learner step whose weights sampled the episode (for off-policy accounting).
         trainable: False when the backend could not return token ids/logprobs (e.g. an API model).
         meta: free-form: env id, task id, seed, group id, ...
+        sequence_starts: where each independent sequence of a *turn-split* ledger starts (the first is 0);
+            empty for the usual ledger, which is one sequence. A turn-split ledger holds one sequence per
+            turn, each that turn's prompt exactly as the model saw it followed by its sampled tokens; a
+            learner runs each sequence on its own (positions restart, no attention across) while the turn
+            spans, rewards and advantages stay those of the one episode.
 
     Text is valid Unicode: a surrogate code point in ``messages``, ``error``, ``meta`` or a reward component's
     name (from a user env's observation or an exception; :mod:`agentrl.tools` already cleans model text)
@@ -76,10 +82,14 @@ class Trajectory:
     policy_version: int = 0
     trainable: bool = True
     meta: Mapping[str, Any] = field(default_factory=dict)
+    sequence_starts: Sequence[int] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop_reason", StopReason(self.stop_reason))
         _check_ledger(self.token_ids, self.logprobs, self.loss_mask, self.turns)
+        if self.sequence_starts:
+            object.__setattr__(self, "sequence_starts", tuple(int(s) for s in self.sequence_starts))
+            _check_sequences(self.sequence_starts, self.turns, len(self.token_ids))
         for name in ("messages", "error", "meta"):
             if has_surrogates(value := getattr(self, name)):
                 object.__setattr__(self, name, valid_json(value))
@@ -106,6 +116,15 @@ class Trajectory:
     def truncated(self) -> bool:
         return self.stop_reason.is_truncation
 
+    @property
+    def positions(self) -> list[int]:
+        """Each token's position in its own sequence: ``0..T-1``, restarting at every sequence start of a
+        turn-split ledger."""
+        positions = list(range(len(self.token_ids)))
+        for start, end in zip(self.sequence_starts, [*self.sequence_starts[1:], len(self.token_ids)], strict=True):
+            positions[start:end] = range(end - start)
+        return positions
+
     # ---- JSON --------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -123,6 +142,7 @@ class Trajectory:
             "policy_version": self.policy_version,
             "trainable": self.trainable,
             "meta": dict(self.meta),
+            **({"sequence_starts": list(self.sequence_starts)} if self.sequence_starts else {}),
         }
 
     @classmethod
@@ -140,6 +160,7 @@ class Trajectory:
             policy_version=int(data.get("policy_version", 0)),
             trainable=bool(data.get("trainable", True)),
             meta=dict(data.get("meta", {})),
+            sequence_starts=tuple(data.get("sequence_starts", ())),
         )
 
     def to_json(self) -> str:
@@ -181,14 +202,25 @@ def _check_ledger(
             raise ValueError(f"logprobs[{i}] = {lp} is not a finite log-probability (0.0 where not sampled)")
 
 
+def _check_sequences(starts: Sequence[int], turns: Sequence[TurnSpan], n: int) -> None:
+    """Raise ValueError unless ``starts`` open sequences that each hold whole turns, each after a prompt."""
+    if starts[0] != 0 or any(b <= a for a, b in itertools.pairwise(starts)) or starts[-1] >= n:
+        raise ValueError(f"sequence_starts {list(starts)} must start at 0 and increase within the {n} tokens")
+    for i, turn in enumerate(turns):
+        opened = max(s for s in starts if s <= turn.start)
+        if opened == turn.start or any(turn.start < s < turn.end for s in starts):
+            raise ValueError(f"turn {i} [{turn.start}, {turn.end}) is not inside one sequence after its prompt")
+
+
 class LedgerBuilder:
     """Accumulates an episode's tokens turn by turn; :meth:`finish` freezes it into a :class:`Trajectory`.
 
     The runner calls, in order: ``LedgerBuilder(prompt_ids, opening_messages)``, then per turn
     ``add_sampled`` (policy tokens), ``set_reward`` (the env's answer), ``add_observation`` (glue + env
     messages + the next generation prompt, from :class:`agentrl.models.chat.ChatRenderer`) and
-    ``add_messages`` (the same turn as text). ``ids`` is always the exact
-    prompt for the next generation.
+    ``add_messages`` (the same turn as text). ``ids[prompt_start:]`` is always the exact prompt for the
+    next generation: the whole ledger, or in a turn-split ledger (:meth:`start_sequence` instead of
+    ``add_observation``) the turn's own sequence.
     """
 
     def __init__(self, prompt_ids: Sequence[int], messages: Iterable[Message] = ()):
@@ -197,6 +229,19 @@ class LedgerBuilder:
         self.mask: list[int] = [0] * len(self.ids)
         self.turns: list[TurnSpan] = []
         self.messages: list[Message] = list(messages)
+        self.sequence_starts: list[int] = []
+        self.prompt_start = 0
+
+    def start_sequence(self, prompt_ids: Sequence[int]) -> None:
+        """Turn-split ledgers: open a new independent sequence with the next turn's whole prompt (mask 0).
+
+        ``ids[prompt_start:]`` is then the exact prompt of the next generation.
+        """
+        if not self.sequence_starts:
+            self.sequence_starts.append(0)
+        self.prompt_start = len(self.ids)
+        self.sequence_starts.append(self.prompt_start)
+        self.add_observation(prompt_ids)
 
     def add_sampled(self, ids: Sequence[int], logprobs: Sequence[float] | None) -> None:
         """Append one assistant turn's sampled tokens (mask 1). ``logprobs=None``: unknown (untrainable)."""
@@ -248,6 +293,7 @@ class LedgerBuilder:
             policy_version=policy_version,
             trainable=trainable,
             meta=dict(meta or {}),
+            sequence_starts=tuple(self.sequence_starts),
         )
 
 

@@ -56,7 +56,7 @@ def per_trajectory(
         batch = to_batch(chunk, pad_id, config)
         with autocast(config.precision, config.device):
             values_B_T = fn(batch).double().cpu()
-        segments, positions = batch.segment_ids_B_T.cpu(), batch.position_ids_B_T.cpu()
+        segments, positions = batch.segment_ids_B_T.cpu(), batch.token_index_B_T.cpu()
         for segment, trajectory in enumerate(chunk):
             where = segments == segment
             values = np.zeros(len(trajectory.token_ids))
@@ -93,7 +93,7 @@ def place(batch: Batch, values: Sequence[np.ndarray], dtype: torch.dtype = torch
 
     ``values[i]`` belongs to ``batch.trajectories[i]`` (segment ``i``).
     """
-    segments, positions = batch.segment_ids_B_T, batch.position_ids_B_T
+    segments, positions = batch.segment_ids_B_T, batch.token_index_B_T
     offsets = np.cumsum([0, *(len(v) for v in values[:-1])])
     flat = torch.as_tensor(np.concatenate(values), dtype=dtype, device=segments.device)
     index = torch.as_tensor(offsets, device=segments.device)[segments.clamp(min=0)] + positions

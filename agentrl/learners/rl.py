@@ -65,6 +65,15 @@ class RolloutConfig(TrainConfig):
         default_factory=dict, description="extra options for the rollout backend, e.g. {'max_batch': 128}"
     )
     concurrency: int = Field(256, ge=1, description="episodes in flight at once")
+    history: Literal["append", "keep_reasoning", "turn_split"] = Field(
+        "append", description="how earlier turns reach the next prompt: 'append' (one ledger; the template must be "
+        "prefix-stable), 'keep_reasoning' (one ledger, earlier reasoning kept; Qwen3-style templates) or "
+        "'turn_split' (each turn its own sample under the native template, e.g. for thinking models)",
+    )
+    tool_format: str | None = Field(
+        None, description="tool-call markup, e.g. 'hermes', 'llama3_json', 'mistral', 'qwen3_coder', 'harmony'; "
+        "None: detected from the tokenizer",
+    )
     max_seconds: float | None = Field(
         None,
         gt=0,
@@ -162,7 +171,8 @@ def make_runner(config: RolloutConfig, model: Any, tokenizer: Any) -> Runner:
     )  # fmt: skip
     return Runner(
         config.env, policy, tokenizer, sampling=config.sampling, limits=limits, concurrency=config.concurrency,
-        seed=config.seed, template=config.template, env_kwargs=config.env_kwargs,
+        seed=config.seed, template=config.template, env_kwargs=config.env_kwargs, history=config.history,
+        tool_format=config.tool_format,
     )  # fmt: skip
 
 

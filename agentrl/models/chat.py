@@ -6,7 +6,17 @@ the next generation prompt). That is only the model's real prompt format if the 
 *prefix-stable*: rendering the conversation so far is a string prefix of rendering it with one more turn,
 and the assistant's text appears verbatim. :func:`check_template` proves it on a probe conversation at
 start-up; templates that rewrite history (e.g. drop earlier reasoning) fail fast with a diff. Such models
-can still be trained with the fixed template :data:`CHATML_TEMPLATE` (``ChatRenderer(tok, template="chatml")``).
+can still be trained three ways, chosen by ``history``:
+
+- ``"keep_reasoning"``: the native template, given each earlier assistant turn as its sampled text with an
+  explicit empty ``reasoning_content``, which templates that honour that field (Qwen3 and its kin) render
+  verbatim, reasoning included: one ledger per episode, the model's own template, earlier reasoning kept;
+- ``"turn_split"``: a *turn-split ledger*: each turn's prompt rendered by the native template from the
+  whole conversation, exactly as the model saw it at that turn, each turn its own sequence of the one
+  trajectory (:attr:`~agentrl.data.trajectory.Trajectory.sequence_starts`); no template property needed;
+- or the fixed template :data:`CHATML_TEMPLATE` (``template="chatml"``).
+
+Tool calls are written in the tokenizer's own markup (:mod:`agentrl.tool_formats`), which the probe uses.
 :func:`demonstration_ledger` builds that ledger for a whole written conversation (SFT, the preference
 learners and the reward models read conversations through it).
 """
@@ -19,9 +29,18 @@ from typing import Any
 
 from agentrl.data.trajectory import LedgerBuilder, Trajectory
 from agentrl.errors import ConfigError, TemplateError
-from agentrl.types import Message, StopReason, ToolSchema
+from agentrl.tool_formats import ToolFormat, detect_tool_format, tool_format
+from agentrl.types import Message, StopReason, ToolCall, ToolSchema
 
-__all__ = ["ChatRenderer", "check_template", "demonstration_ledger"]
+__all__ = ["HISTORY_MODES", "ChatRenderer", "check_template", "demonstration_ledger"]
+
+HISTORY_MODES = ("append", "keep_reasoning", "turn_split")
+"""How earlier turns reach the next prompt; see the module docstring."""
+_WAYS_OUT = (
+    "set history='turn_split' (each turn its own sample under the native template), "
+    "history='keep_reasoning' (for templates that honour reasoning_content, e.g. Qwen3), "
+    "or template='chatml' (a fixed training template)"
+)
 
 
 def _fixed_template(name: str) -> str:
@@ -54,10 +73,22 @@ class ChatRenderer:
         tools: tool schemas passed to the template as ``tools=`` on every render.
         template: None for the tokenizer's own template, ``"chatml"`` for the bundled fixed one, or a
             Jinja template string.
+        tool_format: the tool-call markup (a name or :class:`~agentrl.tool_formats.ToolFormat`); None:
+            detected from the tokenizer (:func:`~agentrl.tool_formats.detect_tool_format`).
+        history: one of :data:`HISTORY_MODES`: how earlier assistant turns are handed to the template.
+
+    Raises:
+        TemplateError: no chat template.
+        ConfigError: unknown ``history`` or tool format.
     """
 
-    def __init__(self, tokenizer: Any, tools: Sequence[ToolSchema] | None = None, template: str | None = None):
-        self.tokenizer = tokenizer
+    def __init__(
+        self, tokenizer: Any, tools: Sequence[ToolSchema] | None = None, template: str | None = None, *,
+        tool_format: str | ToolFormat | None = None, history: str = "append",
+    ):  # fmt: skip
+        if history not in HISTORY_MODES:
+            raise ConfigError(f"history must be one of {', '.join(HISTORY_MODES)}, got {history!r}")
+        self.tokenizer, self.history = tokenizer, history
         self.tools = list(tools) if tools else None
         if template is not None and "{" not in template:
             template = _fixed_template(template)
@@ -67,6 +98,7 @@ class ChatRenderer:
                 f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat template; "
                 "pass template='chatml' to use the bundled one"
             )
+        self.format = _resolve_format(tokenizer, self.template, tool_format)
 
     def render(self, messages: Sequence[Message], add_generation_prompt: bool) -> str:
         return self.tokenizer.apply_chat_template(
@@ -89,10 +121,20 @@ class ChatRenderer:
         return self.encode(self.render(messages, add_generation_prompt=True))
 
     def assistant_message(self, sampled_text: str) -> Message:
-        """The assistant message for a sampled turn: its text without the trailing stop token."""
-        eos = self.tokenizer.eos_token or ""
-        content = sampled_text[: -len(eos)] if eos and sampled_text.endswith(eos) else sampled_text
+        """The assistant message for a sampled turn, shaped for the template's history: its text without the
+        trailing stop token (with ``reasoning_content=""`` under ``keep_reasoning``), or the tool format's
+        structured message (harmony's channels)."""
+        content = self.action_text(sampled_text)
+        if self.format.structured_history:
+            return self.format.message(content, tools=self.tools)
+        if self.history == "keep_reasoning":
+            return {"role": "assistant", "content": content, "reasoning_content": ""}  # type: ignore[typeddict-unknown-key]
         return {"role": "assistant", "content": content}
+
+    def action_text(self, sampled_text: str) -> str:
+        """What the env receives for a sampled turn: its text without the trailing stop token."""
+        eos = self.tokenizer.eos_token or ""
+        return sampled_text[: -len(eos)] if eos and sampled_text.endswith(eos) else sampled_text
 
     def observation_ids(
         self, history: Sequence[Message], sampled_text: str, new_messages: Sequence[Message]
@@ -112,8 +154,7 @@ class ChatRenderer:
         after = self.render(full, add_generation_prompt=bool(new_messages))
         if not after.startswith(before):
             raise TemplateError(
-                "the chat template is not prefix-stable, so the ledger cannot append turns; "
-                "pass template='chatml' (a fixed training template) or fix the template.\n"
+                f"the chat template is not prefix-stable, so the ledger cannot append turns; {_WAYS_OUT}.\n"
                 + _diff(before, after)
             )
         return self.encode(after[len(before) :])
@@ -174,7 +215,16 @@ def _assistant_text(renderer: ChatRenderer, history: Sequence[Message], message:
     return after[len(before) : end + len(eos)]
 
 
-def _probe_conversation() -> tuple[list[Message], list[ToolSchema]]:
+def _resolve_format(tokenizer: Any, template: str | None, chosen: str | ToolFormat | None) -> ToolFormat:
+    if chosen is not None:
+        return tool_format(chosen)
+    return detect_tool_format(tokenizer, template).format
+
+
+def _probe_conversation(fmt: ToolFormat | None = None) -> tuple[list[Message], list[ToolSchema]]:
+    """A conversation with reasoning, tool calls in ``fmt``'s markup (Hermes by default), two tool results in
+    one turn, untrimmed text and a second user turn; it ends on a user turn, as an episode's prompts do."""
+    fmt = fmt or tool_format("hermes")
     tools: list[ToolSchema] = [
         {
             "type": "function",
@@ -189,48 +239,65 @@ def _probe_conversation() -> tuple[list[Message], list[ToolSchema]]:
             },
         }
     ]
-    call = '<tool_call>\n{"name": "run_python", "arguments": {"code": "print(6 * 7)"}}\n</tool_call>'
+    ids = [fmt.call_id(i) for i in range(3)]
+    calls = [ToolCall("run_python", {"code": "print(6 * 7)"}, i) for i in ids]
+    result = [{"role": "tool", "content": "42\n", "tool_call_id": i, "name": "run_python"} for i in ids]
     messages: list[Message] = [
         {"role": "system", "content": "You are a careful programmer."},
         {"role": "user", "content": "What is 6 * 7? Check with the tool."},
-        {"role": "assistant", "content": "<think>Multiply, then check.</think>Let me run it.\n" + call},
-        {"role": "tool", "content": "42\n", "tool_call_id": "call_0", "name": "run_python"},
-        {"role": "assistant", "content": call + "\n" + call},
-        {"role": "tool", "content": "42\n", "tool_call_id": "call_1", "name": "run_python"},
-        {"role": "tool", "content": "42\n", "tool_call_id": "call_2", "name": "run_python"},
-        {"role": "assistant", "content": "  The answer is 42.  \n"},
+        {"role": "assistant", "content": fmt.turn_text("Let me run it.\n", calls[:1], "Multiply, then check.")},
+        result[0],  # type: ignore[list-item]
+        {"role": "assistant", "content": fmt.turn_text("", calls[1:])},
+        *result[1:],  # type: ignore[list-item]
+        {"role": "assistant", "content": fmt.turn_text("  The answer is 42.  \n", [])},
         {"role": "user", "content": "Thanks! And 7 * 8?"},
-        {"role": "assistant", "content": "56"},
+        {"role": "assistant", "content": fmt.turn_text("56", [])},
+        {"role": "user", "content": "Thanks."},
     ]
     return messages, tools
 
 
-def check_template(tokenizer: Any, template: str | None = None) -> None:
+def check_template(
+    tokenizer: Any, template: str | None = None, *, tool_format: str | ToolFormat | None = None,
+    history: str = "append",
+) -> None:  # fmt: skip
     """Prove the chat template fits the ledger on a probe conversation with tools and two tool turns.
 
     Checks, for every assistant turn: its prompt and verbatim text are a string prefix of the rendering
     with the env's answer appended, and the ledger's tokens (prompt + sampled + observation pieces) equal
-    the tokenization of the whole rendering, so a deployed model sees the sequence training saw.
+    the tokenization of the whole rendering, so a deployed model sees the sequence training saw. The tool
+    calls are written in the tokenizer's tool format. Under ``history="turn_split"`` every turn's prompt is
+    rendered afresh, so only that each prompt renders is checked.
 
     Raises:
-        TemplateError: with a readable diff of the first violation.
+        TemplateError: with a readable diff of the first violation and the ways out.
     """
-    messages, tools = _probe_conversation()
-    renderer = ChatRenderer(tokenizer, tools, template)
+    renderer = ChatRenderer(tokenizer, None, template, tool_format=tool_format, history=history)
+    messages, tools = _probe_conversation(renderer.format)
+    renderer.tools = tools
     eos = tokenizer.eos_token or ""
     turn_starts = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-    ledger = renderer.prompt_ids(messages[: turn_starts[0]])
+    history_so_far = list(messages[: turn_starts[0]])
+    ledger = renderer.prompt_ids(history_so_far)
     for n, k in enumerate(turn_starts):
         sampled = renderer.encode(messages[k]["content"] + eos)
-        ledger += sampled
         stop = turn_starts[n + 1] if n + 1 < len(turn_starts) else len(messages)
-        ledger += renderer.observation_ids(messages[:k], renderer.decode(sampled), messages[k + 1 : stop])
-    whole = renderer.encode(renderer.render(messages, add_generation_prompt=False))
+        answer = messages[k + 1 : stop]
+        if history == "turn_split":
+            history_so_far += [renderer.assistant_message(renderer.decode(sampled)), *answer]
+            renderer.prompt_ids(history_so_far)
+            continue
+        ledger += sampled
+        ledger += renderer.observation_ids(history_so_far, renderer.decode(sampled), answer)
+        history_so_far += [renderer.assistant_message(renderer.decode(sampled)), *answer]
+    if history == "turn_split":
+        return
+    whole = renderer.encode(renderer.render(history_so_far, add_generation_prompt=True))
     if ledger != whole:
         at = _first_difference(ledger, whole)
         raise TemplateError(
             "the ledger's tokens differ from the tokenized whole conversation at token "
             f"{at}: ledger {renderer.decode(ledger[at : at + 8])!r} vs template "
             f"{renderer.decode(whole[at : at + 8])!r}. The tokenizer merges across message boundaries; "
-            "pass template='chatml' or use a tokenizer whose special tokens delimit turns."
+            f"{_WAYS_OUT}, or use a tokenizer whose special tokens delimit turns."
         )

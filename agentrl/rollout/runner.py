@@ -151,6 +151,12 @@ class Runner:
         prompt_format: ``"token_ids"`` (the ledger's ids, what trainable backends take) or ``"messages"``
             (the conversation so far, for chat endpoints of API models: their text is re-tokenized into
             the ledger and the trajectory is marked untrainable).
+        history: how earlier turns reach the next prompt (:data:`~agentrl.models.chat.HISTORY_MODES`):
+            ``"append"`` (one ledger; the template must be prefix-stable), ``"keep_reasoning"`` (one
+            ledger; earlier turns keep their reasoning) or ``"turn_split"`` (each turn's prompt rendered
+            from the whole conversation by the native template, each turn its own sequence of the
+            trajectory; for templates that rewrite history, such as thinking models dropping reasoning).
+        tool_format: the model's tool-call markup (:mod:`agentrl.tool_formats`); None: detected.
 
     Raises:
         ConfigError: bad limits or concurrency.
@@ -171,6 +177,8 @@ class Runner:
         env_kwargs: Mapping[str, Any] | None = None,
         exact_glue: bool = False,
         prompt_format: str = "token_ids",
+        history: str = "append",
+        tool_format: str | None = None,
     ):
         from agentrl.models.chat import check_template
 
@@ -187,9 +195,13 @@ class Runner:
         self.concurrency, self.seed = concurrency, seed
         self.send_messages = prompt_format == "messages"
         self.calls = 0  # the call the next run() plays by default: each call draws fresh seeds
-        check_template(tokenizer, template)
-        self.anchored_glue = not exact_glue and _anchored_glue_holds(tokenizer, template)
-        self._fast_tokenizer = _fast_tokenizer(tokenizer, template)
+        self.render_options: dict[str, Any] = {"tool_format": tool_format, "history": history}
+        self.turn_split = history == "turn_split"
+        check_template(tokenizer, template, **self.render_options)
+        self.anchored_glue = (
+            not exact_glue and not self.turn_split and _anchored_glue_holds(tokenizer, template, self.render_options)
+        )
+        self._fast_tokenizer = _fast_tokenizer(tokenizer, template, self.render_options)
         self._idle: list[Env] = []
         self._prompt_cache: dict[str, list[int]] = {}
 
@@ -286,17 +298,22 @@ class Runner:
         opening = valid_json(list(opening))
         history = list(opening)
         tools = info.get("tools") or env.tool_schemas()
-        renderer = _Renderer(self.tokenizer, tools, self.template, opening, self._fast_tokenizer)
+        renderer = _Renderer(self.tokenizer, tools, self.template, opening, self._fast_tokenizer, self.render_options)
         ledger = episode.ledger = LedgerBuilder(self._prompt_ids(renderer), history)
         max_turns = self.limits.max_turns or self._spec_max_turns or env.max_turns
         turn = 0
         while True:
             if max_turns is not None and turn >= max_turns:
                 return StopReason.MAX_TURNS
-            cap, limit = self._turn_cap(len(ledger.ids), _sampled(ledger))
+            if self.turn_split and turn > 0:  # this turn's prompt, exactly as the template renders it now
+                prompt_ids = renderer.prompt_ids(history)
+                if (limit := self._turn_cap(len(prompt_ids), _sampled(ledger))[1]) is not None:
+                    return limit  # checked before the prompt joins the ledger: no sequence without a turn
+                ledger.start_sequence(prompt_ids)
+            cap, limit = self._turn_cap(len(ledger.ids) - ledger.prompt_start, _sampled(ledger))
             if limit is not None:
                 return limit
-            prompt = list(history) if self.send_messages else tuple(ledger.ids)
+            prompt = list(history) if self.send_messages else tuple(ledger.ids[ledger.prompt_start :])
             sampling = self._sampling(episode, turn, cap)
             if self.send_messages:  # chat APIs take the tools as a field; token prompts have them rendered
                 generation = await self.policy.generate(prompt, sampling, tools=tools or None)
@@ -306,12 +323,13 @@ class Runner:
             ledger.add_sampled(ids, logprobs)
             if generation.finish_reason == "length" and len(ids) >= cap and cap < self.sampling.max_tokens:
                 ledger.add_messages([renderer.assistant_message(renderer.decode(ids))])
-                return self._cut_reason(len(ledger.ids) - len(ids), _sampled(ledger) - len(ids))
+                return self._cut_reason(len(ledger.ids) - ledger.prompt_start - len(ids), _sampled(ledger) - len(ids))
             # Decode the ids ourselves even when the backend sent text: the ledger's glue must follow the ids.
             text = renderer.decode(ids) if generation.token_ids else generation.text or ""
-            message = renderer.assistant_message(text)  # the text without its stop token: the env's action
+            message = renderer.assistant_message(text)  # as the template takes it in the history
             ledger.add_messages([message])  # before the env runs: an env that raises leaves what was said
-            observation, reward, terminated, truncated, step_info = await env.astep(message["content"])
+            action = renderer.action_text(text)  # the text without its stop token
+            observation, reward, terminated, truncated, step_info = await env.astep(action)
             observation = valid_json(list(observation))  # an env's text may hold what no tokenizer encodes
             ledger.set_reward(_finite(reward), step_info.get("reward_components"))
             turn += 1
@@ -319,6 +337,9 @@ class Runner:
             ledger.add_messages(observation)
             if terminated or truncated:
                 return StopReason.TERMINATED if terminated else StopReason.TRUNCATED
+            if self.turn_split:
+                history += answer
+                continue
             # Anchored glue renders the opening plus this turn only: same tokens, constant cost per turn.
             observation_ids = renderer.observation_ids(opening if self.anchored_glue else history, text, observation)
             if len(ledger.ids) + len(observation_ids) + self.limits.min_turn_tokens > self._context():
@@ -411,9 +432,10 @@ class _Renderer(ChatRenderer):
     """
 
     def __init__(
-        self, tokenizer: Any, tools: Any, template: str | None, opening: list[Message], fast: Any = None
-    ):
-        super().__init__(tokenizer, tools, template)
+        self, tokenizer: Any, tools: Any, template: str | None, opening: list[Message], fast: Any = None,
+        options: Mapping[str, Any] | None = None,
+    ):  # fmt: skip
+        super().__init__(tokenizer, tools, template, **dict(options or {}))
         self.opening, self.fast = opening, fast
         self._opening_text: str | None = None
 
@@ -430,7 +452,7 @@ class _Renderer(ChatRenderer):
         return self._opening_text
 
 
-def _fast_tokenizer(tokenizer: Any, template: str | None) -> Any:
+def _fast_tokenizer(tokenizer: Any, template: str | None, options: Mapping[str, Any]) -> Any:
     """The Rust tokenizer behind a fast HF tokenizer, when it encodes exactly as the wrapper does (it skips
     the wrapper's per-call overhead, a large share of a short observation's cost); else None."""
     from agentrl.models.chat import _probe_conversation
@@ -438,13 +460,15 @@ def _fast_tokenizer(tokenizer: Any, template: str | None) -> Any:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         return None
-    messages, tools = _probe_conversation()
-    text = ChatRenderer(tokenizer, tools, template).render(messages, add_generation_prompt=True)
+    renderer = ChatRenderer(tokenizer, None, template, **options)
+    messages, renderer.tools = _probe_conversation(renderer.format)
+    messages = [renderer.assistant_message(m["content"]) if m["role"] == "assistant" else m for m in messages]
+    text = renderer.render(messages, add_generation_prompt=True)
     same = backend.encode(text, add_special_tokens=False).ids == tokenizer.encode(text, add_special_tokens=False)
     return backend if same else None
 
 
-def _anchored_glue_holds(tokenizer: Any, template: str | None) -> bool:
+def _anchored_glue_holds(tokenizer: Any, template: str | None, options: Mapping[str, Any]) -> bool:
     """Whether this template's glue after a turn depends only on the opening messages and that turn.
 
     Checked on the probe conversation of :func:`~agentrl.models.chat.check_template` (tools, several tool
@@ -453,16 +477,18 @@ def _anchored_glue_holds(tokenizer: Any, template: str | None) -> bool:
     """
     from agentrl.models.chat import _probe_conversation
 
-    messages, tools = _probe_conversation()
-    renderer = ChatRenderer(tokenizer, tools, template)
+    renderer = ChatRenderer(tokenizer, None, template, **options)
+    messages, renderer.tools = _probe_conversation(renderer.format)
     eos = tokenizer.eos_token or ""
     starts = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     opening = messages[: starts[0]]
+    history = list(opening)
     for n, k in enumerate(starts):
         text = renderer.decode(renderer.encode(messages[k]["content"] + eos))
         answer = messages[k + 1 : starts[n + 1] if n + 1 < len(starts) else len(messages)]
-        if renderer.observation_ids(messages[:k], text, answer) != renderer.observation_ids(opening, text, answer):
+        if renderer.observation_ids(history, text, answer) != renderer.observation_ids(opening, text, answer):
             return False
+        history += [renderer.assistant_message(text), *answer]
     return True
 
 
