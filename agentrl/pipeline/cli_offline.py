@@ -25,6 +25,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         help="a learner config field, e.g. --set lr=1e-5 (repeatable)")  # fmt: skip
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     parser.add_argument("--dry-run", action="store_true", help="validate and print the config; run nothing")
+    parser.add_argument("--report-to", default="tensorboard", metavar="A,B",
+                        help="experiment trackers: tensorboard (default), wandb, mlflow, trackio, comma-separated; "
+                             "'none' for metrics.jsonl only")  # fmt: skip
 
 
 def add_sft_arguments(parser: argparse.ArgumentParser) -> None:
@@ -50,6 +53,7 @@ def sft_main(args: argparse.Namespace) -> int:
     from agentrl.learners.sft import SFTConfig
 
     config = _config(SFTConfig, args, {})
+    _tracking(args.report_to)
     env_kwargs = _env_kwargs(args.env_kwargs) if args.env else {}
     if args.env:
         from agentrl.pipeline.config import check_env_kwargs
@@ -78,6 +82,7 @@ def dpo_main(args: argparse.Namespace) -> int:
     from agentrl.learners.dpo import DPOConfig
 
     config = _config(DPOConfig, args, {"loss": args.loss})
+    _tracking(args.report_to)
     if args.dry_run:
         return _print(config)
     from agentrl.learners.dpo import read_preference_jsonl, train_dpo
@@ -146,6 +151,18 @@ def _env_kwargs(text: str) -> dict[str, Any]:
     return value
 
 
+def _tracking(flag: str) -> Any:
+    """``--report-to`` as tracker settings (``none``: no tracker).
+
+    Raises:
+        ConfigError: an unknown tracker name.
+    """
+    from agentrl.trackers import TrackerSettings, check_report_to
+
+    names = [] if flag.strip().lower() == "none" else [n.strip() for n in flag.split(",") if n.strip()]
+    return TrackerSettings(check_report_to(names))
+
+
 def _print(config: Any) -> int:
     import yaml
 
@@ -162,7 +179,7 @@ def _run(phase: str, args: argparse.Namespace, config: Any, train: Callable[[Cal
     from agentrl.progress import Progress
     from agentrl.tracking import RunDir
 
-    out = RunDir(args.output_dir)
+    out = RunDir(args.output_dir, tracking=_tracking(args.report_to))
     out.write_config(config)
     out.start_phase(phase, total=config.max_steps)
     try:

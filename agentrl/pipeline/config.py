@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from agentrl.errors import ConfigError
 from agentrl.learners.config import StrictConfig
@@ -33,6 +33,7 @@ __all__ = [
     "RunConfig",
     "SFTSection",
     "SecondRLSection",
+    "TrackingSection",
     "apply_overrides",
     "build_run_config",
     "check_env_kwargs",
@@ -136,6 +137,35 @@ class GoldSection(StrictConfig):
     patience: int = Field(2, ge=1, description="consecutive flagged measurements that make a divergence")
 
 
+class TrackingSection(StrictConfig):
+    """Where the run's metrics go besides ``metrics.jsonl`` (see :mod:`agentrl.trackers`)."""
+
+    report_to: list[str] = Field(
+        default_factory=lambda: ["tensorboard"],
+        description="trackers: any of tensorboard, wandb, mlflow, trackio (a list or 'a,b'); [] for none",
+    )
+    project: str | None = Field(None, description="W&B / trackio project, MLflow experiment; None: 'agentrl'")
+    name: str | None = Field(None, description="the run's name in the trackers; None: the run directory's name")
+    options: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="per tracker, its start call's keyword arguments, e.g. {wandb: {mode: offline}}"
+    )
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _names(cls, value: Any) -> Any:
+        from agentrl.trackers import check_report_to
+
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        return list(check_report_to(value)) if isinstance(value, list | tuple) else value
+
+    def settings(self) -> Any:
+        """These settings as the :class:`~agentrl.trackers.TrackerSettings` a run directory takes."""
+        from agentrl.trackers import TrackerSettings
+
+        return TrackerSettings(tuple(self.report_to), self.project, self.name, self.options)
+
+
 class RunConfig(StrictConfig):
     """One ``agentrl train`` run. See the module docstring for where defaults come from."""
 
@@ -160,6 +190,7 @@ class RunConfig(StrictConfig):
     rejection: RejectionSection = Field(default_factory=RejectionSection, description="rejection-sampling SFT")
     rl2: SecondRLSection = Field(default_factory=SecondRLSection, description="a second RL stage")
     gold: GoldSection = Field(default_factory=GoldSection, description="the over-optimisation monitor")
+    tracking: TrackingSection = Field(default_factory=TrackingSection, description="experiment trackers")
 
     @model_validator(mode="after")
     def _known_algo(self) -> RunConfig:

@@ -107,7 +107,7 @@ def run_pipeline(resolved: Resolved, *, stream: IO[str] | None = None, report: b
     if run.threads is not None:
         torch.set_num_threads(run.threads)
     _probe_envs(resolved)
-    out = RunDir(resolved.run_dir)
+    out = RunDir(resolved.run_dir, tracking=run.tracking.settings())
     out.write_config(run)
     evals: dict[str, EvalResult | None] = {}
     seconds: dict[str, float] = {}
