@@ -75,6 +75,14 @@ class SFTSection(StrictConfig):
     learner: dict[str, Any] = Field(
         default_factory=dict, description="SFTConfig fields, e.g. {max_steps: 700, lr: 2e-3}"
     )
+    data: str | None = Field(
+        None, description="SFT conversations from a data set instead of the env's demonstrations: a JSONL/"
+        "Parquet/Arrow file, a save_to_disk directory or a Hub id (see agentrl.data.sources)",
+    )
+    columns: dict[str, str] = Field(
+        default_factory=dict, description="data: {field: the data set's column}, e.g. {messages: conversation}"
+    )
+    split: str = Field("train", description="data: the split to read, e.g. train")
 
 
 class EvalSection(StrictConfig):
@@ -371,7 +379,7 @@ def resolve(run: RunConfig, run_dir: Path | None = None) -> Resolved:
 
     run_dir = Path(run_dir or run.output_dir or default_run_dir(run))
     sft = None
-    if run.sft.demos > 0:
+    if run.sft.demos > 0 or run.sft.data is not None:
         from agentrl.learners.sft import SFTConfig
 
         sft = _section("sft.learner", SFTConfig, {
@@ -417,7 +425,7 @@ def _check_env_settings(run: RunConfig, rl_kwargs: Mapping[str, Any]) -> None:
     """Every env setting the run will build an env with, checked against the env's signature."""
     settings = {
         "env_kwargs" if rl_kwargs == run.env_kwargs else "learner.env_kwargs": rl_kwargs,
-        "sft.env_kwargs": run.sft.env_kwargs if run.sft.demos else None,
+        "sft.env_kwargs": run.sft.env_kwargs if run.sft.demos and run.sft.data is None else None,
         "eval.env_kwargs": run.eval.env_kwargs if run.eval.tasks else None,
         "rejection.env_kwargs": {**run.env_kwargs, **run.rejection.env_kwargs} if run.rejection.tasks else None,
         "gold.env_kwargs": run.gold.env_kwargs if run.gold.every else None,
