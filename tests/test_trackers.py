@@ -238,3 +238,20 @@ def test_offline_commands_refuse_an_unknown_tracker_before_loading_anything(tmp_
     assert code != 0
     assert "unknown tracker 'trackoi' (did you mean 'trackio'?)" in capsys.readouterr().err
     assert not (tmp_path / "out" / "metrics.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_eval_logs_its_summary_to_the_trackers(tmp_path, capsys):
+    from agentrl.cli import main
+
+    out = tmp_path / "eval"
+    assert main(["eval", "--env", "toy-digits", "--model", "tiny", "--n", "2", "--max-new-tokens", "4",
+                 "--out", str(out), "--quiet", "--report-to", "tensorboard"]) == 0  # fmt: skip
+    results = json.loads((out / "results.json").read_text())["metrics"]
+    scalars = _tensorboard_scalars(out, "eval")
+    assert scalars["eval/pass_at_k/1/value"] == [(0, pytest.approx(results["pass_at_k"]["1"]["value"]))]
+    assert scalars["eval/tasks"] == [(0, 2.0)]
+    assert main(["eval", "--env", "toy-digits", "--model", "tiny", "--n", "1", "--out", str(tmp_path / "x"),
+                 "--report-to", "tensorbord"]) != 0  # fmt: skip
+    assert "did you mean 'tensorboard'" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
