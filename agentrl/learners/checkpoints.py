@@ -1,7 +1,7 @@
 """Atomic checkpoints, and where a run's checkpoints are.
 
 A checkpoint is a directory that ``agentrl.models.loading.load_model(path)`` (or ``from_pretrained``) loads
-as it is and that ``push_to_hub`` / ``huggingface-cli upload`` takes as it is: the model, generation config
+as it is and that ``push_to_hub`` / ``hf upload`` takes as it is: the model, generation config
 and tokenizer as ``save_pretrained`` writes them (safetensors), a model card ``README.md``
 (:mod:`agentrl.models.card`: recipe, env, metrics, agentrl version), plus ``training_state.pt`` (optimizer,
 scheduler, step, RNG states) for resuming and ``training_state.json`` (the step and metadata, for people).

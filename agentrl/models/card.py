@@ -11,7 +11,7 @@ built from what the directory and its run know:
 
 The front matter is Hub metadata (``library_name: transformers``, ``pipeline_tag``, ``tags``, ``base_model``
 when the starting model is a Hub id), rendered by ``huggingface_hub.ModelCardData``. The directory uploads
-as it is (``huggingface-cli upload <repo> <dir>``; ``--exclude "training_state.*"`` leaves out the
+as it is (``hf upload <repo> <dir> .``; ``--exclude "training_state.*"`` leaves out the
 optimizer state that only resuming needs).
 """
 
