@@ -190,6 +190,8 @@ class TensorBoardTracker(Tracker):
 
     def start_phase(self, phase: str, step: int, truncated: bool) -> None:
         self._close(phase)
+        if truncated:
+            _wait_past_event_files(self.root / phase)
         self._writer(phase, purge_step=(step + 1 if step > 0 else 0) if truncated else None)
 
     def log(self, phase: str, step: int, metrics: Mapping[str, float | int], walltime: float) -> None:
@@ -216,6 +218,21 @@ class TensorBoardTracker(Tracker):
         writer = self._writers.pop(phase, None)
         if writer is not None:
             writer.close()
+
+
+def _wait_past_event_files(directory: Path) -> None:
+    """Wait, if need be, until the clock's second is past every event file's in ``directory``.
+
+    TensorBoard reads a directory's event files in name order, and a name is ``<second>.<host>.<pid>.<n>``
+    with ``n`` a counter that goes 9, 10: a file written in the same second could sort before the older
+    one, and its purge (hiding the truncated steps) would come first and hide nothing.
+    """
+    import time
+
+    seconds = [int(part) for f in directory.glob("events.out.tfevents.*")
+               if (part := f.name.split(".")[3]).isdigit()]  # fmt: skip
+    while seconds and int(time.time()) <= max(seconds):
+        time.sleep(0.05)
 
 
 # ---- Weights & Biases -------------------------------------------------------------------------------
@@ -258,6 +275,9 @@ class MLflowTracker(Tracker):
         from mlflow.entities import Param
 
         options = dict(run.options)
+        unknown = sorted(set(options) - {"tracking_uri", "tags"})
+        if unknown:
+            raise ConfigError(f"tracking.options.mlflow: unknown {unknown}; it takes tracking_uri and tags")
         uri = options.pop("tracking_uri", None) or os.environ.get("MLFLOW_TRACKING_URI")
         if uri is None:  # MLflow 3 keeps its file store but asks for an opt-in; a run directory holds its run
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")

@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import ClassVar
@@ -153,8 +154,12 @@ def test_wandb_offline_and_tensorboard_at_once(tmp_path, monkeypatch):
                                      "rl/pass@1": 0.5})  # fmt: skip
     run_id = json.loads((tmp_path / "trackers.json").read_text())["wandb"]
     (log,) = glob.glob(str(tmp_path / "wandb" / f"offline-run-*-{run_id}" / f"run-{run_id}.wandb"))
-    data = Path(log).read_bytes()  # W&B's transaction log, what `wandb sync` uploads
-    assert all(key in data for key in (b"sft/loss", b"rl/reward", b"rl/step"))
+    keys = (b"sft/loss", b"rl/reward", b"rl/step")
+    for _ in range(600):  # W&B's own process may still be writing its transaction log when finish() returns
+        if all(key in Path(log).read_bytes() for key in keys):
+            break
+        time.sleep(0.05)
+    assert all(key in Path(log).read_bytes() for key in keys)  # what `wandb sync` uploads
     assert _tensorboard_scalars(tmp_path, "sft")["sft/loss"] == [(1, 1.0), (2, 0.5), (3, pytest.approx(1 / 3))]
     assert _tensorboard_scalars(tmp_path, "rl")["rl/pass@1"] == [(1, 0.25), (2, 0.5)]
 

@@ -191,7 +191,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="none",
         metavar="A,B",
         help="also log the summary metrics (phase 'eval', step 0) to these trackers: tensorboard, wandb, "
-        "mlflow, trackio (their files go under the output directory); default none",
+        "mlflow, trackio (TensorBoard, W&B and MLflow files go under --out); default none",
     )
 
 
