@@ -53,7 +53,7 @@ class Task:
         prompt: The user message that opens the episode.
         answer: The reference answer, for the reward function (any type).
         id: A stable name (defaults to the task's index in the task set).
-        data: Anything else the reward function needs.
+        data: Anything else the reward function needs (a task dict's keys that are no Task field land here).
         demonstration: Assistant turns that solve the task; :meth:`ToolEnv.demonstration` plays them through
             the env so the tool results in the SFT transcript are the real ones.
     """
@@ -110,10 +110,13 @@ def _as_task(item: Any, index: int) -> Task:
         return Task(item, id=str(index))
     if isinstance(item, Mapping) and isinstance(item.get("prompt"), str):
         known = {f.name for f in dataclasses.fields(Task)}
-        unknown = sorted(set(item) - known)
-        if unknown:
-            raise ConfigError(f"task {index}: unknown key(s) {unknown}; a task has {sorted(known)}")
-        task = Task(**{**item, "demonstration": tuple(item.get("demonstration", ()))})
+        fields = {k: v for k, v in item.items() if k in known}
+        extra = {k: v for k, v in item.items() if k not in known}  # a data set's other columns: metadata
+        data = fields.get("data") or {}
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"task {index}: 'data' must be a mapping, got {type(data).__name__}")
+        task = Task(**{**fields, "id": str(fields.get("id") or ""), "data": {**extra, **data},
+                       "demonstration": tuple(fields.get("demonstration") or ())})  # fmt: skip
         return task if task.id else dataclasses.replace(task, id=str(index))
     raise ConfigError(f"task {index}: expected a Task, a prompt string or a dict with 'prompt', got {item!r:.80}")
 
@@ -154,8 +157,10 @@ class ToolEnv(Env):
     Args:
         tools: Typed functions (sync or async), :class:`~agentrl.tools.Tool` objects (``@tool``,
             :func:`~agentrl.http_tools.http_tool` for HTTP endpoints) or OpenAI schemas with an ``fn``.
-        tasks: :class:`Task` objects, prompt strings or dicts with Task's fields; or a function
-            ``(np.random.Generator) -> Task`` that makes one (procedural tasks).
+        tasks: :class:`Task` objects, prompt strings or dicts with Task's fields (other keys, e.g. a data
+            set's extra columns, go into ``Task.data``), such as the rows of
+            :func:`agentrl.data.sources.load_records`; or a function ``(np.random.Generator) -> Task``
+            that makes one (procedural tasks).
         reward: The outcome reward, ``reward(task, answer) -> float | dict | RewardResult``, called once when
             the episode ends; ``answer`` is the final answer text, ``""`` if a limit ended the episode.
         process_reward: Optional ``process_reward(task, turn: Turn) -> float | dict | RewardResult``, every turn.

@@ -8,15 +8,16 @@ and :func:`agentrl.train_report.write_train_report` can draw it::
       state.json           phases in order: status, last step logged, total, seconds run (atomic)
       metrics.jsonl        one record per line: {"phase", "step", "time", "elapsed", "metrics": {...}}
       trajectories.jsonl   sampled trajectories, ``meta["phase"]`` / ``meta["step"]`` tagged
-      tensorboard/<phase>/ TensorBoard event files, tags ``<phase>/<metric>``
+      tensorboard/<phase>/ TensorBoard event files, tags ``<phase>/<metric>`` (the default tracker)
+      trackers.json        W&B / MLflow / trackio run ids, when ``report_to`` names them (see agentrl.trackers)
       checkpoints/<phase>/ the learner's ``output_dir`` (``step-NNNNNN`` checkpoints)
 
 A run is a sequence of *phases* (e.g. ``sft``, ``eval-sft``, ``rl``, ``eval-rl``), each with its own step
 count. An evaluation is a phase named ``eval`` or ``eval-<what it evaluates>``; its step is the step of the
 policy it evaluated.
 
-Durability: each metrics line is flushed as it is written, so a killed run loses nothing it logged (a line
-torn by the kill is dropped when the directory is next opened). Non-finite floats are written as ``null``.
+Durability: each metrics line is flushed as written; a line torn by a kill is dropped when the directory is
+next opened. Non-finite floats are written as ``null``.
 
 Resuming: :meth:`RunDir.start_phase` with ``step=S`` (the step of the checkpoint the learner resumes from)
 *truncates*: it removes the phase's records with a step above ``S`` from ``metrics.jsonl`` and
@@ -43,6 +44,7 @@ from typing import IO, TYPE_CHECKING, Any, Literal
 
 from agentrl._safe_text import escape_surrogates
 from agentrl.errors import ConfigError
+from agentrl.trackers import Tracker, TrackerSettings, check_report_to, open_trackers
 
 if TYPE_CHECKING:
     from agentrl.data.trajectory import Trajectory
@@ -67,7 +69,6 @@ CHECKPOINTS_DIR = "checkpoints"
 
 Scalar = float | int | str | None
 _PHASE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-
 
 # ---- records --------------------------------------------------------------------------------------
 @dataclass(frozen=True)
@@ -170,7 +171,8 @@ def read_metrics(path: str | os.PathLike[str], phase: str | None = None) -> list
 
 # ---- the run directory ------------------------------------------------------------------------------
 class RunDir:
-    """A training run's directory: config, metrics, trajectories, TensorBoard events, checkpoints, state.
+    """A training run's directory: config, metrics, trajectories, checkpoints, state, and the records
+    copied to the trackers of ``report_to`` (TensorBoard by default; see :mod:`agentrl.trackers`).
 
     Opening a directory that exists continues it (its state and logs are kept); use
     :meth:`start_phase` with the checkpoint's step to resume a phase. Per phase::
@@ -184,13 +186,19 @@ class RunDir:
         metrics_path / trajectories_path / config_path / state_path / tensorboard_dir: its files.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, tensorboard: bool = True):
-        """Create ``path`` (and parents) if missing, or open it.
+    def __init__(
+        self, path: str | os.PathLike[str], *, tensorboard: bool = True, tracking: TrackerSettings | None = None
+    ):
+        """Create ``path`` (and parents) if missing, or open it. ``tracking``: the trackers (None: TensorBoard
+        alone; ``tensorboard=False`` drops it), started at the first :meth:`start_phase` with the config of
+        :meth:`write_config`.
 
-        Args:
-            path: the run directory.
-            tensorboard: also write TensorBoard event files (imports torch on the first log).
+        Raises:
+            ConfigError: an unknown tracker name.
         """
+        settings = tracking or TrackerSettings()
+        self.tracking = replace(settings, report_to=tuple(
+            n for n in check_report_to(settings.report_to) if tensorboard or n != "tensorboard"))  # fmt: skip
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.path / METRICS_FILE
@@ -198,8 +206,8 @@ class RunDir:
         self.config_path = self.path / CONFIG_FILE
         self.state_path = self.path / STATE_FILE
         self.tensorboard_dir = self.path / TENSORBOARD_DIR
-        self._tensorboard = tensorboard
-        self._writers: dict[str, Any] = {}
+        self._trackers: list[Tracker] | None = None
+        self._config: dict[str, Any] = {}
         self._metrics_file: IO[str] | None = None
         self._sessions: dict[str, tuple[float, float]] = {}  # phase -> (seconds before, session start)
         self._state: dict[str, Any] = {"phases": {}}
@@ -218,6 +226,7 @@ class RunDir:
 
         data = config.model_dump(mode="json") if hasattr(config, "model_dump") else dict(config)
         data = json.loads(json.dumps(data, default=str))
+        self._config = data
         atomic_write_text(self.config_path, yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
         return self.config_path
 
@@ -299,9 +308,8 @@ class RunDir:
         entry.update(status="running", step=step, total=total if total is not None else entry.get("total"),
                      seconds=seconds)  # fmt: skip
         self._save_state()
-        if self._tensorboard:
-            self._close_writer(phase)
-            self._writer(phase, purge_step=(step + 1 if step > 0 else 0) if had_records else None)
+        for tracker in self._open_trackers():
+            tracker.start_phase(phase, step, had_records)
 
     def finish_phase(self, phase: str) -> None:
         """Mark ``phase`` finished in ``state.json`` with its run time.
@@ -312,11 +320,12 @@ class RunDir:
         seconds = self._elapsed(phase)
         self._state["phases"][phase].update(status="finished", seconds=seconds)
         self._save_state()
-        self._close_writer(phase)
+        for tracker in self._trackers or ():
+            tracker.finish_phase(phase)
 
     # -- logging --
     def log(self, phase: str, step: int, metrics: Mapping[str, Any]) -> MetricRecord:
-        """Append one record to ``metrics.jsonl`` (flushed) and its numbers to TensorBoard.
+        """Append one record to ``metrics.jsonl`` (flushed) and its numbers to the trackers.
 
         Args:
             phase: a phase started with :meth:`start_phase`.
@@ -343,12 +352,9 @@ class RunDir:
             self._metrics_file = open(self.metrics_path, "a", encoding="utf-8")  # kept open: a line per step
         self._metrics_file.write(line + "\n")
         self._metrics_file.flush()
-        if self._tensorboard:
-            writer = self._writer(phase)
-            for name, value in flat.items():
-                if isinstance(value, int | float):
-                    writer.add_scalar(f"{phase}/{name}", value, record.step, walltime=record.time)
-            writer.flush()
+        numbers = {name: value for name, value in flat.items() if isinstance(value, int | float)}
+        for tracker in self._open_trackers():
+            tracker.log(phase, record.step, numbers, record.time)
         self._state["phases"][phase].update(step=record.step, seconds=record.elapsed)
         self._save_state(durable=False)
         return record
@@ -366,12 +372,13 @@ class RunDir:
                            append=True)  # fmt: skip
 
     def close(self) -> None:
-        """Flush and close the files (idempotent); the state stays as last written."""
+        """Flush and close the files and end the trackers' runs (idempotent); the state stays as last written."""
         if self._metrics_file is not None:
             self._metrics_file.close()
             self._metrics_file = None
-        for phase in list(self._writers):
-            self._close_writer(phase)
+        for tracker in self._trackers or ():
+            tracker.close()
+        self._trackers = None
 
     def __enter__(self) -> RunDir:
         return self
@@ -386,17 +393,10 @@ class RunDir:
         before, started = self._sessions[phase]
         return before + time.monotonic() - started
 
-    def _writer(self, phase: str, purge_step: int | None = None) -> Any:
-        if phase not in self._writers:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._writers[phase] = SummaryWriter(str(self.tensorboard_dir / phase), purge_step=purge_step)
-        return self._writers[phase]
-
-    def _close_writer(self, phase: str) -> None:
-        writer = self._writers.pop(phase, None)
-        if writer is not None:
-            writer.close()
+    def _open_trackers(self) -> list[Tracker]:
+        if self._trackers is None:
+            self._trackers = open_trackers(self.tracking, self.path, self._config or self.read_config())
+        return self._trackers
 
     def _save_state(self, durable: bool = True) -> None:
         atomic_write_text(self.state_path, json.dumps(self._state, indent=2) + "\n", durable=durable)

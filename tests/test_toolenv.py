@@ -333,7 +333,7 @@ def test_tasks_may_be_strings_dicts_or_a_generator():
     ("kwargs", "message"),
     [
         ({"tasks": []}, "task set is empty"),
-        ({"tasks": [{"prompt": "x", "gold": 1}]}, r"unknown key\(s\) \['gold'\]"),
+        ({"tasks": [{"prompt": "x", "data": 3}]}, "task 0: 'data' must be a mapping"),
         ({"tasks": [3]}, "expected a Task, a prompt string or a dict"),
         ({"tools": [add, add]}, "tool names must be unique"),
         ({"max_turns": 0}, "max_turns"),

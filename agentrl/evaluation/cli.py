@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -185,6 +186,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="compare two output directories (B - A with intervals); with --out, also write there",
     )
     output.add_argument("--quiet", action="store_true", help="no progress output")
+    output.add_argument(
+        "--report-to",
+        default="none",
+        metavar="A,B",
+        help="also log the summary metrics (phase 'eval', step 0) to these trackers: tensorboard, wandb, "
+        "mlflow, trackio (TensorBoard, W&B and MLflow files go under --out); default none",
+    )
 
 
 def _echo(text: str) -> None:
@@ -250,6 +258,37 @@ def _print_outcome(outcome: Any) -> None:
     print(f"report:  {outcome.out / 'report.html'}")
 
 
+def _tracker_names(flag: str) -> tuple[str, ...]:
+    """``--report-to`` checked against the tracker registry (raises ConfigError naming an unknown one)."""
+    from agentrl.trackers import check_report_to
+
+    return check_report_to([n.strip() for n in flag.split(",") if n.strip() and n.strip().lower() != "none"])
+
+
+def _report_to_trackers(flag: str, outcome: Any, config: Any) -> None:
+    """Log the summary's numbers (``pass_at_k/1/value``, ``reward/value``, ...) to the ``--report-to`` trackers."""
+    from agentrl.trackers import TrackerSettings, open_trackers
+
+    names = _tracker_names(flag)
+    if not names:
+        return
+
+    def numbers(node: Any, prefix: str = "") -> dict[str, float | int]:
+        if isinstance(node, dict):
+            return {k: v for key, child in node.items() for k, v in numbers(child, f"{prefix}{key}/").items()}
+        keep = isinstance(node, int | float) and not isinstance(node, bool) and node == node
+        return {prefix.rstrip("/"): node} if keep else {}
+
+    trackers = open_trackers(TrackerSettings(names), Path(outcome.out), config.to_dict())
+    try:
+        for tracker in trackers:
+            tracker.start_phase("eval", 0, False)
+            tracker.log("eval", 0, numbers(outcome.results["metrics"]), time.time())
+    finally:
+        for tracker in trackers:
+            tracker.close()
+
+
 def _compare(args: argparse.Namespace) -> int:
     from agentrl.evaluation.compare import compare_runs, format_compare, load_results, render_compare
 
@@ -305,6 +344,7 @@ def main(args: argparse.Namespace) -> int:
     from agentrl.evaluation.harness import evaluate
 
     config = _config(args)
+    _tracker_names(args.report_to)
     if config.k > 1 and config.temperature == 0:
         _echo("note: --temperature 0 samples greedily, so the k samples of a task will be (nearly) alike")
     try:
@@ -315,6 +355,7 @@ def main(args: argparse.Namespace) -> int:
         )
         return 130
     _print_outcome(outcome)
+    _report_to_trackers(args.report_to, outcome, config)
     if outcome.failed_all:
         first = outcome.results["metrics"]["errors"]["top"][0]["error"]
         _echo(

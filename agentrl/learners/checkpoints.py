@@ -1,7 +1,9 @@
 """Atomic checkpoints, and where a run's checkpoints are.
 
-A checkpoint is a directory that ``agentrl.models.loading.load_model(path)`` loads as it is: the model and
-tokenizer as ``save_pretrained`` writes them (safetensors), plus ``training_state.pt`` (optimizer,
+A checkpoint is a directory that ``agentrl.models.loading.load_model(path)`` (or ``from_pretrained``) loads
+as it is and that ``push_to_hub`` / ``hf upload`` takes as it is: the model, generation config
+and tokenizer as ``save_pretrained`` writes them (safetensors), a model card ``README.md``
+(:mod:`agentrl.models.card`: recipe, env, metrics, agentrl version), plus ``training_state.pt`` (optimizer,
 scheduler, step, RNG states) for resuming and ``training_state.json`` (the step and metadata, for people).
 It is written into a hidden temporary directory beside its destination and renamed into place, so a
 crash mid-write leaves the previous checkpoint at that path intact and never a half-written one.
@@ -28,6 +30,7 @@ from agentrl.errors import ConfigError
 from agentrl.learners.config import TrainConfig
 from agentrl.learners.optim import Joint, restore_rng_state, rng_state
 from agentrl.learners.policy_model import ADAPTER_DIR, saveable
+from agentrl.models.card import write_model_card
 
 __all__ = [
     "TrainingState",
@@ -86,6 +89,9 @@ def save_checkpoint(
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
         model.save_pretrained(tmp, safe_serialization=True)
+        generation = getattr(model, "generation_config", None)
+        if generation is not None and not (tmp / "generation_config.json").is_file():
+            generation.save_pretrained(tmp)  # a Hub-ready folder carries its sampling defaults
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         for name, extra in (extras or {}).items():
@@ -100,6 +106,7 @@ def save_checkpoint(
         torch.save(state, tmp / STATE_FILE)
         summary = {"step": step, "meta": dict(meta or {})}
         (tmp / STATE_JSON).write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
+        write_model_card(tmp, name=final.name)
         _fsync_tree(tmp)
         tmp.chmod(0o755)
         _replace_dir(tmp, final)

@@ -28,7 +28,6 @@ from pydantic import Field
 
 from agentrl import algos
 from agentrl.data.batch import collate
-from agentrl.data.jsonl import jsonl_records
 from agentrl.data.trajectory import Trajectory, TurnSpan
 from agentrl.errors import ConfigError
 from agentrl.learners import checkpoints, logprobs, optim, policy_model
@@ -43,6 +42,7 @@ __all__ = [
     "SFTStepLog",
     "env_demonstrations",
     "ledger_from_mask",
+    "read_messages",
     "read_messages_jsonl",
     "train_sft",
 ]
@@ -93,18 +93,37 @@ def env_demonstrations(
     return [Demonstration(tuple(env.demonstration(task, **(options or {}))), tuple(tools)) for task in tasks]
 
 
-def read_messages_jsonl(path: str | Path) -> list[Demonstration]:
-    """Read ``{"messages": [...], "tools": [...]}`` lines (OpenAI chat format; ``tools`` optional).
+def read_messages(
+    source: Any, *, columns: Mapping[str, str] | None = None, split: str = "train", name: str | None = None
+) -> list[Demonstration]:
+    """Conversations from any data source of :func:`agentrl.data.sources.load_records` (JSONL, Parquet,
+    Arrow, a ``save_to_disk`` directory, a Hub id), one per row: ``{"messages": [...], "tools": [...]}``
+    (OpenAI chat format; ``tools`` optional), or TRL's ``{"prompt": [...], "completion": [...]}``.
+
+    Args:
+        columns: ``{field: the source's column}``, e.g. ``{"messages": "conversation"}``.
 
     Raises:
-        ConfigError: a line is not JSON or lacks a ``messages`` list; the message names file and line.
+        ConfigError: the source cannot be read, or a row has neither form (naming the source and row).
     """
+    from agentrl.data.sources import placed_records
+
     demos = []
-    for lineno, record in jsonl_records(path):
-        if not isinstance(record, dict) or not isinstance(record.get("messages"), list):
-            raise ConfigError(f'{path}:{lineno}: expected {{"messages": [...], "tools": [...]}}')
-        demos.append(Demonstration(tuple(record["messages"]), tuple(record.get("tools") or ())))
+    for place, row in placed_records(source, columns=columns, split=split, name=name):
+        messages = row.get("messages")
+        if messages is None and isinstance(row.get("prompt"), list) and isinstance(row.get("completion"), list):
+            messages = [*row["prompt"], *row["completion"]]
+        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+            raise ConfigError(f'{place}: expected {{"messages": [...], "tools": [...]}} or '
+                              f'{{"prompt": [...], "completion": [...]}}; it has {sorted(row)} (map columns '
+                              "with columns={'messages': '<column>'} / --columns messages=<column>)")  # fmt: skip
+        demos.append(Demonstration(tuple(messages), tuple(row.get("tools") or ())))
     return demos
+
+
+def read_messages_jsonl(path: str | Path) -> list[Demonstration]:
+    """:func:`read_messages` of a JSONL file (kept for its existing callers)."""
+    return read_messages(path)
 
 
 # ---- rows ---------------------------------------------------------------------------------------

@@ -25,11 +25,19 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         help="a learner config field, e.g. --set lr=1e-5 (repeatable)")  # fmt: skip
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     parser.add_argument("--dry-run", action="store_true", help="validate and print the config; run nothing")
+    parser.add_argument("--columns", metavar="FIELD=COLUMN,...",
+                        help="--data: map the fields read to the data set's columns, e.g. messages=conversation")
+    parser.add_argument("--split", default="train", help="--data: the split of a data set directory or Hub id")
+    parser.add_argument("--subset", help="--data: the configuration (subset) of a Hub data set")
+    parser.add_argument("--report-to", default="tensorboard", metavar="A,B",
+                        help="experiment trackers: tensorboard (default), wandb, mlflow, trackio, comma-separated; "
+                             "'none' for metrics.jsonl only")  # fmt: skip
 
 
 def add_sft_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--data", help='OpenAI-messages JSONL: {"messages": [...], "tools": [...]} per line')
+    source.add_argument("--data", help='{"messages": [...], "tools": [...]} rows: JSONL, Parquet, Arrow, a '
+                        "save_to_disk directory or a Hub data set id")  # fmt: skip
     source.add_argument("--env", help="use this env's reference demonstrations (with --demos)")
     parser.add_argument("--demos", type=int, default=1000, help="tasks to take demonstrations of (with --env)")
     parser.add_argument("--env-kwargs", default="{}", help="JSON keyword arguments for agentrl.make (with --env)")
@@ -38,7 +46,8 @@ def add_sft_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_dpo_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--data", help="preference JSONL (prompt/chosen/rejected, or KTO's labelled form)")
+    source.add_argument("--data", help="preference rows (prompt/chosen/rejected, or KTO's labelled form): JSONL, "
+                        "Parquet, Arrow, a save_to_disk directory or a Hub data set id")  # fmt: skip
     source.add_argument("--buffer", help="trajectories JSONL (e.g. a run's trajectories.jsonl): best vs worst "
                                          "of each group")  # fmt: skip
     parser.add_argument("--loss", default="dpo", help="dpo, ipo, robust, hinge, kto, orpo or simpo")
@@ -50,6 +59,7 @@ def sft_main(args: argparse.Namespace) -> int:
     from agentrl.learners.sft import SFTConfig
 
     config = _config(SFTConfig, args, {})
+    _tracking(args.report_to)
     env_kwargs = _env_kwargs(args.env_kwargs) if args.env else {}
     if args.env:
         from agentrl.pipeline.config import check_env_kwargs
@@ -57,10 +67,10 @@ def sft_main(args: argparse.Namespace) -> int:
         check_env_kwargs(args.env, env_kwargs, "--env-kwargs")
     if args.dry_run:
         return _print(config)
-    from agentrl.learners.sft import env_demonstrations, read_messages_jsonl, train_sft
+    from agentrl.learners.sft import env_demonstrations, read_messages, train_sft
 
     if args.data:
-        data = read_messages_jsonl(args.data)
+        data = read_messages(args.data, **_source_options(args))
     else:
         import agentrl
 
@@ -78,13 +88,15 @@ def dpo_main(args: argparse.Namespace) -> int:
     from agentrl.learners.dpo import DPOConfig
 
     config = _config(DPOConfig, args, {"loss": args.loss})
+    _tracking(args.report_to)
     if args.dry_run:
         return _print(config)
-    from agentrl.learners.dpo import read_preference_jsonl, train_dpo
+    from agentrl.learners.dpo import train_dpo
+    from agentrl.learners.preference_data import read_preferences
 
     data: Sequence[Any]
     if args.data:
-        data = read_preference_jsonl(args.data)
+        data = read_preferences(args.data, **_source_options(args))
     else:
         from agentrl.data.buffer import TrajectoryBuffer
 
@@ -112,19 +124,26 @@ def _config(cls: Any, args: argparse.Namespace, fixed: dict[str, Any]) -> Any:
     from agentrl.tracking import check_output_dir
 
     check_output_dir(args.output_dir, "--output-dir")
-    for flag in ("data", "buffer"):
-        path = getattr(args, flag, None)
-        if path is not None and not Path(path).is_file():
-            what = "is a directory" if Path(path).is_dir() else "does not exist"
-            raise ConfigError(f"--{flag} {path} {what}: pass a JSONL file ({_INPUTS[phase, flag]})")
+    path = getattr(args, "buffer", None)
+    if path is not None and not Path(path).is_file():
+        what = "is a directory" if Path(path).is_dir() else "does not exist"
+        raise ConfigError(f"--buffer {path} {what}: pass a JSONL file ({_INPUTS[phase, 'buffer']})")
+    if getattr(args, "data", None) is not None:
+        from agentrl.data.sources import check_source
+
+        check_source(args.data, "--data")
+        _source_options(args)
     return config
 
 
-_INPUTS = {
-    ("sft", "data"): 'one {"messages": [...]} per line',
-    ("dpo", "data"): "one prompt/chosen/rejected record per line",
-    ("dpo", "buffer"): "trajectories, e.g. a run's trajectories.jsonl",
-}
+def _source_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``--columns``, ``--split``, ``--subset`` as :func:`agentrl.data.sources.load_records` options."""
+    from agentrl.data.sources import parse_columns
+
+    return {"columns": parse_columns(args.columns), "split": args.split, "name": args.subset}
+
+
+_INPUTS = {("dpo", "buffer"): "trajectories, e.g. a run's trajectories.jsonl"}
 
 
 def _env_kwargs(text: str) -> dict[str, Any]:
@@ -146,6 +165,18 @@ def _env_kwargs(text: str) -> dict[str, Any]:
     return value
 
 
+def _tracking(flag: str) -> Any:
+    """``--report-to`` as tracker settings (``none``: no tracker).
+
+    Raises:
+        ConfigError: an unknown tracker name.
+    """
+    from agentrl.trackers import TrackerSettings, check_report_to
+
+    names = [] if flag.strip().lower() == "none" else [n.strip() for n in flag.split(",") if n.strip()]
+    return TrackerSettings(check_report_to(names))
+
+
 def _print(config: Any) -> int:
     import yaml
 
@@ -162,7 +193,7 @@ def _run(phase: str, args: argparse.Namespace, config: Any, train: Callable[[Cal
     from agentrl.progress import Progress
     from agentrl.tracking import RunDir
 
-    out = RunDir(args.output_dir)
+    out = RunDir(args.output_dir, tracking=_tracking(args.report_to))
     out.write_config(config)
     out.start_phase(phase, total=config.max_steps)
     try:

@@ -27,6 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dry-run", action="store_true", help="validate and print the resolved config; run nothing")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its newest checkpoints")
     parser.add_argument("--no-report", action="store_true", help="skip the HTML report at the end")
+    parser.add_argument("--report-to", metavar="A,B", help="experiment trackers: tensorboard (default), wandb, "
+                        "mlflow, trackio, comma-separated; 'none' for metrics.jsonl only (tracking.report_to)")  # fmt: skip
 
 
 def main(args: argparse.Namespace) -> int:
@@ -41,7 +43,7 @@ def main(args: argparse.Namespace) -> int:
         )
     if args.resume:
         given = [f"--{k.replace('_', '-')}" for k in ("env", "model", "algo", "rollout", "config", "output_dir",
-                                                      "seed", "threads") if getattr(args, k) is not None]  # fmt: skip
+                                                      "seed", "threads", "report_to") if getattr(args, k) is not None]  # fmt: skip
         if given or args.overrides:
             raise ConfigError(f"--resume continues a run with its saved config; drop {given or ['--set']}")
         from agentrl.tracking import check_run_dir
@@ -54,7 +56,7 @@ def main(args: argparse.Namespace) -> int:
     else:
         run = build_run_config(
             args.env, args.config, args.overrides, model=args.model, algo=args.algo, rollout=args.rollout,
-            output_dir=args.output_dir, seed=args.seed, threads=args.threads,
+            output_dir=args.output_dir, seed=args.seed, threads=args.threads, tracking=report_to(args.report_to),
         )  # fmt: skip
     resolved = resolve(run)
     from agentrl.tracking import check_output_dir
@@ -78,6 +80,13 @@ def main(args: argparse.Namespace) -> int:
     if summary.report is not None:
         print(f"report: {summary.report}")
     return 0
+
+
+def report_to(flag: str | None) -> dict[str, str] | None:
+    """``--report-to`` as a ``tracking`` section override (None when the flag is not given)."""
+    if flag is None:
+        return None
+    return {"report_to": "" if flag.strip().lower() == "none" else flag}
 
 
 def _print_resolved(resolved: Resolved) -> None:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from agentrl.errors import ConfigError
 from agentrl.learners.config import StrictConfig
@@ -34,6 +34,7 @@ __all__ = [
     "RunConfig",
     "SFTSection",
     "SecondRLSection",
+    "TrackingSection",
     "apply_overrides",
     "build_run_config",
     "check_env_kwargs",
@@ -75,6 +76,14 @@ class SFTSection(StrictConfig):
     learner: dict[str, Any] = Field(
         default_factory=dict, description="SFTConfig fields, e.g. {max_steps: 700, lr: 2e-3}"
     )
+    data: str | None = Field(
+        None, description="SFT conversations from a data set instead of the env's demonstrations: a JSONL/"
+        "Parquet/Arrow file, a save_to_disk directory or a Hub id (see agentrl.data.sources)",
+    )
+    columns: dict[str, str] = Field(
+        default_factory=dict, description="data: {field: the data set's column}, e.g. {messages: conversation}"
+    )
+    split: str = Field("train", description="data: the split to read, e.g. train")
 
 
 class EvalSection(StrictConfig):
@@ -137,6 +146,35 @@ class GoldSection(StrictConfig):
     patience: int = Field(2, ge=1, description="consecutive flagged measurements that make a divergence")
 
 
+class TrackingSection(StrictConfig):
+    """Where the run's metrics go besides ``metrics.jsonl`` (see :mod:`agentrl.trackers`)."""
+
+    report_to: list[str] = Field(
+        default_factory=lambda: ["tensorboard"],
+        description="trackers: any of tensorboard, wandb, mlflow, trackio (a list or 'a,b'); [] for none",
+    )
+    project: str | None = Field(None, description="W&B / trackio project, MLflow experiment; None: 'agentrl'")
+    name: str | None = Field(None, description="the run's name in the trackers; None: the run directory's name")
+    options: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="per tracker, its start call's keyword arguments, e.g. {wandb: {mode: offline}}"
+    )
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _names(cls, value: Any) -> Any:
+        from agentrl.trackers import check_report_to
+
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        return list(check_report_to(value)) if isinstance(value, list | tuple) else value
+
+    def settings(self) -> Any:
+        """These settings as the :class:`~agentrl.trackers.TrackerSettings` a run directory takes."""
+        from agentrl.trackers import TrackerSettings
+
+        return TrackerSettings(tuple(self.report_to), self.project, self.name, self.options)
+
+
 class RunConfig(StrictConfig):
     """One ``agentrl train`` run. See the module docstring for where defaults come from."""
 
@@ -161,6 +199,7 @@ class RunConfig(StrictConfig):
     rejection: RejectionSection = Field(default_factory=RejectionSection, description="rejection-sampling SFT")
     rl2: SecondRLSection = Field(default_factory=SecondRLSection, description="a second RL stage")
     gold: GoldSection = Field(default_factory=GoldSection, description="the over-optimisation monitor")
+    tracking: TrackingSection = Field(default_factory=TrackingSection, description="experiment trackers")
 
     @model_validator(mode="after")
     def _known_algo(self) -> RunConfig:
@@ -341,7 +380,7 @@ def resolve(run: RunConfig, run_dir: Path | None = None) -> Resolved:
 
     run_dir = Path(run_dir or run.output_dir or default_run_dir(run))
     sft = None
-    if run.sft.demos > 0:
+    if run.sft.demos > 0 or run.sft.data is not None:
         from agentrl.learners.sft import SFTConfig
 
         sft = _section("sft.learner", SFTConfig, {
@@ -387,7 +426,7 @@ def _check_env_settings(run: RunConfig, rl_kwargs: Mapping[str, Any]) -> None:
     """Every env setting the run will build an env with, checked against the env's signature."""
     settings = {
         "env_kwargs" if rl_kwargs == run.env_kwargs else "learner.env_kwargs": rl_kwargs,
-        "sft.env_kwargs": run.sft.env_kwargs if run.sft.demos else None,
+        "sft.env_kwargs": run.sft.env_kwargs if run.sft.demos and run.sft.data is None else None,
         "eval.env_kwargs": run.eval.env_kwargs if run.eval.tasks else None,
         "rejection.env_kwargs": {**run.env_kwargs, **run.rejection.env_kwargs} if run.rejection.tasks else None,
         "gold.env_kwargs": run.gold.env_kwargs if run.gold.every else None,

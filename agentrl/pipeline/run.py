@@ -5,7 +5,8 @@ newest checkpoint with optimizer, scheduler, RNG, step and data position restore
 
 Phases, in order (each skipped when its section turns it off)::
 
-    sft       the env's reference demonstrations (``env.demonstration(i)`` for i < sft.demos) -> SFT learner
+    sft       the env's reference demonstrations (``env.demonstration(i)`` for i < sft.demos), or the
+              conversations of the data set ``sft.data`` -> SFT learner
     eval-sft  greedy episodes on ``eval.tasks`` held-out tasks by the evaluation harness (``eval/sft/``:
               results.json, report.html with every transcript): pass@1 with its interval, mean reward
     rl        the algorithm's learner from the SFT checkpoint (or the starting model)
@@ -107,7 +108,7 @@ def run_pipeline(resolved: Resolved, *, stream: IO[str] | None = None, report: b
     if run.threads is not None:
         torch.set_num_threads(run.threads)
     _probe_envs(resolved)
-    out = RunDir(resolved.run_dir)
+    out = RunDir(resolved.run_dir, tracking=run.tracking.settings())
     out.write_config(run)
     evals: dict[str, EvalResult | None] = {}
     seconds: dict[str, float] = {}
@@ -199,11 +200,17 @@ def _sft_phase(resolved: Resolved, out: RunDir, stream: IO[str] | None) -> Path:
     final = checkpoints.step_dir(config.output_dir, config.max_steps)
     if out.is_finished("sft"):
         return _last_checkpoint(out, "sft", final)
-    env = agentrl.make(resolved.run.env, **resolved.run.sft.env_kwargs)
-    try:
-        demos = env_demonstrations(env, range(resolved.run.sft.demos), resolved.run.sft.demo_options)
-    finally:
-        env.close()
+    section = resolved.run.sft
+    if section.data is not None:
+        from agentrl.learners.sft import read_messages
+
+        demos = read_messages(section.data, columns=section.columns, split=section.split)
+    else:
+        env = agentrl.make(resolved.run.env, **section.env_kwargs)
+        try:
+            demos = env_demonstrations(env, range(section.demos), section.demo_options)
+        finally:
+            env.close()
     config, step = _resume_point(out, "sft", config)
     out.start_phase("sft", total=config.max_steps, step=step)
     with Progress("sft", config.max_steps, initial=step, stream=stream) as bar:
@@ -339,6 +346,9 @@ def _eval_phase(phase: str, checkpoint: Path | None, resolved: Resolved, out: Ru
         raise ConfigError(f"{phase}: the checkpoint {checkpoint} is missing; rerun the phase that writes it")
     out.start_phase(phase, total=1)
     result = evaluate_checkpoint(checkpoint, resolved, where, max_new_tokens)
+    from agentrl.models.card import write_model_card
+
+    write_model_card(checkpoint, {f"held-out {k}": v for k, v in result.metrics().items()})
     out.log(phase, 0, result.metrics())
     out.finish_phase(phase)
     with Progress(phase, 1, stream=stream, interval_s=0) as bar:

@@ -1,18 +1,20 @@
-"""Loaders for HumanEval- and MBPP-format problem files (JSONL, or a JSON list as in sanitized MBPP).
+"""Loaders for HumanEval- and MBPP-format problems: JSONL, a JSON list (as sanitized MBPP ships), Parquet or
+Arrow files, a ``save_to_disk`` directory, or a Hub id (e.g. ``openai/openai_humaneval``, split ``test``),
+all read by :func:`agentrl.data.sources.load_records`.
 
 - HumanEval rows: ``task_id``, ``prompt`` (signature and docstring), ``canonical_solution``, ``test``
   (defines ``check(candidate)``), ``entry_point``.
 - MBPP rows: ``task_id``, ``text`` (original) or ``prompt`` (sanitized), ``code``, ``test_list`` (``assert``
   lines), optional ``test_imports`` / ``test_setup_code``.
 
-Files are read from where they are; nothing is downloaded or copied. :func:`dataset_path` resolves a file
-name against ``$AGENTRL_DATASETS`` (default: ``shared/datasets`` beside the project checkout).
+Local files are read from where they are. :func:`dataset_path` resolves a file name against
+``$AGENTRL_DATASETS`` (default: ``shared/datasets`` beside the project checkout); a name found nowhere that
+reads as a Hub id is loaded with ``datasets`` (network, or the Hub cache with ``HF_HUB_OFFLINE=1``).
 """
 
 from __future__ import annotations
 
 import ast
-import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -34,11 +36,11 @@ def dataset_path(name: str) -> Path:
         ConfigError: the file is found nowhere; the message names where it looked and the variable to set.
     """
     direct = Path(name).expanduser()
-    if direct.is_file():
+    if direct.exists():
         return direct
     base = Path(os.environ.get(DATASETS_ENV) or _DEFAULT_DIR)
     candidate = base / name
-    if candidate.is_file():
+    if candidate.exists():
         return candidate
     raise ConfigError(
         f"data set file {name!r} not found (looked at {direct} and {candidate}); pass a path, or set "
@@ -46,21 +48,25 @@ def dataset_path(name: str) -> Path:
     )
 
 
-def _rows(path: Path) -> list[dict[str, Any]]:
-    text = path.read_text(encoding="utf-8")
+def _source(name: str | os.PathLike[str]) -> tuple[str | Path, list[dict[str, Any]]]:
+    """The data set ``name`` names (a local path, one under ``$AGENTRL_DATASETS``, or a Hub id; split
+    ``test``, where HumanEval and MBPP keep their problems) and its rows.
+
+    Raises:
+        ConfigError: found nowhere, or unreadable.
+    """
+    from agentrl.data.sources import load_records, looks_local
+
     try:
-        if text.lstrip().startswith("["):
-            rows = json.loads(text)
-        else:
-            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path}: not JSON lines or a JSON list ({exc})") from exc
-    if not all(isinstance(row, dict) for row in rows):
-        raise ConfigError(f"{path}: every row must be a JSON object")
-    return rows
+        where: str | Path = dataset_path(str(name))
+    except ConfigError:
+        if looks_local(str(name)):
+            raise
+        where = str(name)  # a Hub id
+    return where, load_records(where, split="test")
 
 
-def _need(row: Mapping[str, Any], keys: tuple[str, ...], path: Path) -> None:
+def _need(row: Mapping[str, Any], keys: tuple[str, ...], path: str | Path) -> None:
     missing = [k for k in keys if k not in row]
     if missing:
         raise ConfigError(f"{path}: row {row.get('task_id', '?')!r} lacks {missing}; is this the right format?")
@@ -129,8 +135,7 @@ def load_humaneval(path: str | os.PathLike[str] = "humaneval.jsonl") -> list[Cod
     Raises:
         ConfigError: the file is missing or a row lacks a field.
     """
-    file = dataset_path(str(path))
-    rows = _rows(file)
+    file, rows = _source(path)
     for row in rows:
         _need(row, ("task_id", "prompt", "canonical_solution", "test", "entry_point"), file)
     return [humaneval_task(row) for row in rows]
@@ -142,8 +147,7 @@ def load_mbpp(path: str | os.PathLike[str] = "mbpp-sanitized.json") -> list[Code
     Raises:
         ConfigError: the file is missing or a row lacks a field.
     """
-    file = dataset_path(str(path))
-    rows = _rows(file)
+    file, rows = _source(path)
     for row in rows:
         _need(row, ("task_id", "code", "test_list"), file)
         if "text" not in row and "prompt" not in row:
@@ -157,8 +161,7 @@ def load_tasks(path: str | os.PathLike[str]) -> list[CodeTask]:
     Raises:
         ConfigError: the file is missing, empty, or in neither format.
     """
-    file = dataset_path(str(path))
-    rows = _rows(file)
+    file, rows = _source(path)
     if not rows:
         raise ConfigError(f"{file}: no tasks in the file")
     if "entry_point" in rows[0]:
