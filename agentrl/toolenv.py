@@ -176,6 +176,9 @@ class ToolEnv(Env):
         tools_in_system_prompt: Also write the tool schemas into the system message, for chat templates that
             do not render ``tools=`` (they are always in ``info["tools"]``).
         description: One line for ``agentrl envs``.
+        tool_format: The markup the model writes tool calls in (``"hermes"``, ``"llama3_json"``,
+            ``"mistral"``, ``"qwen3_coder"``, ``"harmony"``; :mod:`agentrl.tool_formats`); ``agentrl check
+            --model`` says which one a model's chat template uses.
 
     A float from a reward function is named ``"outcome"`` / ``"process"`` in ``info["reward_components"]``;
     a dict or RewardResult keeps its own names (the same name from both is summed).
@@ -200,7 +203,12 @@ class ToolEnv(Env):
         max_output_chars: int = 8_000,
         tools_in_system_prompt: bool = False,
         description: str | None = None,
+        tool_format: str = "hermes",
     ):
+        from agentrl.tool_formats import tool_format as named_format
+
+        named_format(tool_format)  # an unknown name fails here, listing the known ones
+        self.tool_format = tool_format
         if max_turns < 1 or tool_timeout <= 0 or max_calls_per_turn < 1 or max_output_chars < 1:
             raise ConfigError("max_turns, max_calls_per_turn and max_output_chars must be >= 1, tool_timeout > 0")
         built = [as_tool(t) for t in tools]
@@ -272,7 +280,9 @@ class ToolEnv(Env):
     async def astep(self, action: str) -> StepResult:
         if self._done or self.task is None:
             raise RuntimeError("the episode is over; call reset() first")
-        parsed = parse_tool_calls(action, max_blocks=self.max_calls_per_turn)
+        parsed = parse_tool_calls(
+            action, max_blocks=self.max_calls_per_turn, tool_format=self.tool_format, tools=self.tools
+        )
         answer = self._final_answer(parsed.content, bool(parsed.calls or parsed.errors))
         obs: list[Message] = [tool_error_message(e) for e in parsed.errors]
         records: list[CallRecord] = []

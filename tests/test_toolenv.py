@@ -424,3 +424,20 @@ def test_the_example_runs(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "passed: types, robustness, seeding, async, gymnasium, close" in proc.stdout
     assert "reward=1.0 {'format': 0.0, 'outcome': 1.0}" in proc.stdout
+
+
+@pytest.mark.parametrize("name", ["llama3_json", "mistral", "qwen3_coder", "harmony"])
+def test_a_tool_env_runs_calls_written_in_another_familys_markup(name):
+    from agentrl.tool_formats import tool_format
+
+    fmt = tool_format(name)
+    env = ToolEnv([add], TASKS, exact, tool_format=name)
+    env.reset(seed=0, options={"task": "add"})
+    result = env.step(fmt.turn_text("", [ToolCall("add", {"a": 17, "b": 25}, fmt.call_id(0))]))
+    assert [(m["role"], m["content"]) for m in result.observation] == [("tool", "42")]
+    hermes = ToolEnv([add], TASKS, exact)  # the same text read as Hermes markup runs nothing
+    hermes.reset(seed=0, options={"task": "add"})
+    seen = hermes.step(fmt.turn_text("", [ToolCall("add", {"a": 17, "b": 25}, fmt.call_id(0))])).observation
+    assert ("tool", "42") not in [(m["role"], m["content"]) for m in seen]
+    with pytest.raises(ConfigError, match="unknown tool format"):
+        ToolEnv([add], TASKS, exact, tool_format="hermes2")
