@@ -93,6 +93,8 @@ def test_only_the_infrastructure_failures_are_typed_as_such():
 
     assert faults.classify(failed("SandboxError: the sandbox was lost twice")) is faults.Infra.SANDBOX_LOST
     assert faults.classify(failed("EngineUnavailable: no engine answered")) is faults.Infra.ENGINE_LOST
+    assert faults.classify(failed("RayTaskError(EngineUnavailable): no engine")) is faults.Infra.ENGINE_LOST
+    assert faults.classify(failed("RuntimeError: the reply mentions SandboxError")) is None
     assert faults.classify(failed("ValueError: the env returned a non-finite reward")) is None
     assert faults.classify(ledger([0])) is None
 

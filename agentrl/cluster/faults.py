@@ -35,5 +35,5 @@ def classify(trajectory: Trajectory) -> Infra | None:
     doing (an ordinary trajectory, kept as data)."""
     if trajectory.stop_reason is not StopReason.ERROR or not trajectory.error:
         return None
-    name = trajectory.error.split(":", 1)[0].strip().rsplit(".", 1)[-1]
-    return _INFRA_ERRORS.get(name)
+    head = trajectory.error.split(":", 1)[0]  # the type, possibly wrapped: "RayTaskError(EngineUnavailable)"
+    return next((kind for name, kind in _INFRA_ERRORS.items() if name in head), None)
