@@ -53,7 +53,7 @@ def main() -> None:
         settings.append(f"cluster.address={args.address}")
     if args.small:
         settings += ["sft.demos=0", "learner.max_steps=3", "learner.prompts_per_step=2", "learner.group_size=2",
-                     "learner.max_new_tokens=32", "eval.tasks=0", "cluster.num_cpus=2"]  # fmt: skip
+                     "learner.max_new_tokens=32", "learner.warmup_steps=0", "eval.tasks=0", "cluster.num_cpus=2"]  # fmt: skip
     command = ["train", "--env", "code-sandbox", "--output-dir", str(out), "--no-report"]
     code = agentrl_main([*command, *(arg for s in settings for arg in ("--set", s))])
     if code:

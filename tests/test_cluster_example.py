@@ -19,7 +19,8 @@ pytestmark = pytest.mark.slow
 
 
 def test_code_sandbox_trains_with_env_workers_on_ray(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path), "TQDM_DISABLE": "1"}
+    # TMPDIR stays: Ray keeps its sockets under it, and a socket path has at most 107 bytes
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
     proc = subprocess.run([sys.executable, str(EXAMPLE), "--small", "--output-dir", str(tmp_path / "run")],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr[-4000:]}"

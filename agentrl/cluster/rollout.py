@@ -184,6 +184,7 @@ class ClusterRollout:
         ]  # fmt: skip
         if self._shape is None:
             self._shape, self._first, self._next = (len(task_list), group_size), (call, self.policy.version), call
+            self._last = (time.monotonic(), {}, {})  # the first step's figures leave out the actors' start-up
             if self.drop:
                 self._next = call * len(task_list)
         elif self._shape != (len(task_list), group_size) or (self.k is not None and not isinstance(tasks, int)):

@@ -18,6 +18,10 @@ A run whose every episode failed for :data:`FAILED_STEPS` steps in a row stops w
 and training on nothing only burns time); one that trains on nothing, or moves no weight, for
 :data:`SILENT_STEPS` steps in a row gets a warning saying why.
 
+With ``config.cluster`` set, the rollouts play on Ray (:class:`agentrl.cluster.rollout.ClusterRollout`, the
+runner's surface: ``run``, ``policy.update_weights``, ``aclose``), the update runs off the event loop so episodes
+keep settling and starting meanwhile, and each step log gains the cluster's figures (``log.cluster``).
+
 A resumed run restores the optimizer, scheduler, RNG states and the learner's ``state`` from the checkpoint
 and plays from the step it reached, so it sees the tasks and seeds the straight run would have.
 """
