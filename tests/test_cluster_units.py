@@ -159,3 +159,17 @@ def test_a_single_process_run_imports_no_ray():
             "max_steps=1, warmup_steps=0)); print('ray' in sys.modules)")  # fmt: skip
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
     assert out.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_the_router_picks_the_least_loaded_engine_and_keeps_an_episode_on_it():
+    from agentrl.cluster.engine import Router
+
+    router = Router(["engine-0", "engine-1", "engine-2"])
+    router.outstanding = [2, 0, 1]
+    assert router._pick("a", []) == 1  # fewest outstanding
+    router.outstanding = [0, 5, 0]
+    assert router._pick("a", []) == 1  # pinned: its later turns stay where its prefix is cached
+    assert router._pick("b", []) == 0
+    assert router._pick("a", [1]) == 0 and router.pinned["a"] == 0  # its engine failed: re-pinned elsewhere
+    router.release("a")
+    assert "a" not in router.pinned
