@@ -32,7 +32,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--env-workers", type=int, default=2, help="env-worker actors (default 2)")
     parser.add_argument("--engines", type=int, default=1, help="generation engines (default 1)")
     parser.add_argument("--max-staleness", type=int, default=1, help="the asynchronous bound (default 1)")
-    parser.add_argument("--address", default=None, help="a Ray address to join; default: start a local instance")
+    parser.add_argument(
+        "--address", default=None, help="a Ray address to join; default: start a local instance"
+    )
     parser.add_argument("--steps", type=int, default=30, help="GRPO steps (default 30)")
     parser.add_argument("--sft-demos", type=int, default=2000, help="SFT demonstrations first (default 2000)")
     parser.add_argument("--output-dir", default=None, help="the run directory (default: a temporary one)")

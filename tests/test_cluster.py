@@ -52,7 +52,9 @@ class Played:
 
 
 def train(played: Played, **fields) -> list:
-    return list(train_grpo(GRPOConfig(**fields), on_step=played.on_step, on_rollout=played.on_rollout).history)
+    return list(
+        train_grpo(GRPOConfig(**fields), on_step=played.on_step, on_rollout=played.on_rollout).history
+    )
 
 
 def assert_within_staleness(played: Played, bound: int) -> Counter[int]:
@@ -68,7 +70,11 @@ def assert_within_staleness(played: Played, bound: int) -> Counter[int]:
 
 
 def assert_each_episode_once(played: Played, steps: int, tasks: int, group: int) -> None:
-    keys = [(t.meta["call"], t.meta["task_index"], t.meta["sample_index"]) for ts in played.steps.values() for t in ts]
+    keys = [
+        (t.meta["call"], t.meta["task_index"], t.meta["sample_index"])
+        for ts in played.steps.values()
+        for t in ts
+    ]
     assert len(keys) == len(set(keys)) == steps * tasks * group
     assert all(t.stop_reason is not StopReason.ERROR for ts in played.steps.values() for t in ts)
 
@@ -110,7 +116,9 @@ def test_asynchronous_training_with_staleness_1_reaches_the_synchronous_reward()
     assert sync_last > 0.5, [round(log.reward_mean, 3) for log in sync_history]
     assert async_last > 0.5 and abs(async_last - sync_last) < 0.3, (sync_last, async_last)
     seen = assert_within_staleness(async_, 1)
-    assert seen[1] >= (steps - 2) * 32  # it did overlap: after the first steps every sample is one version old
+    assert (
+        seen[1] >= (steps - 2) * 32
+    )  # it did overlap: after the first steps every sample is one version old
     assert all(log.cluster["staleness_max"] <= 1 for log in async_history)
     assert all(log.update.get("ratio") is not None for log in async_history)  # the IS-corrected update ran
 
@@ -120,7 +128,9 @@ def test_the_dropping_mode_never_trains_past_the_bound_and_counts_what_it_droppe
     history = train(played, **LATENCY, max_steps=3, cluster={**CLUSTER, "admission": "drop"}, max_staleness=0)
     assert_within_staleness(played, 0)
     assert all(len(ts) == 16 for ts in played.steps.values())
-    assert history[-1].cluster["dropped_groups"] >= 1  # bound 0: a group still playing when weights move is stale
+    assert (
+        history[-1].cluster["dropped_groups"] >= 1
+    )  # bound 0: a group still playing when weights move is stale
 
 
 # ---- faults ---------------------------------------------------------------------------------------------------

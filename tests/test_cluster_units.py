@@ -35,7 +35,9 @@ def test_max_staleness_needs_a_cluster_and_turns_truncated_is_on():
         GRPOConfig(env="toy-digits-v0", max_staleness=1)
     config = GRPOConfig(env="toy-digits-v0", max_staleness=1, cluster={"env_workers": 2})
     assert config.tis_cap == pytest.approx(ASYNC_TIS_CAP) and config.cluster is not None
-    assert GRPOConfig(env="toy-digits-v0", max_staleness=1, cluster={}, tis_cap=1.5).tis_cap == pytest.approx(1.5)
+    assert GRPOConfig(env="toy-digits-v0", max_staleness=1, cluster={}, tis_cap=1.5).tis_cap == pytest.approx(
+        1.5
+    )
     assert GRPOConfig(env="toy-digits-v0", cluster={}).tis_cap is None  # synchronous: on-policy
 
 
@@ -157,7 +159,9 @@ def test_a_single_process_run_imports_no_ray():
     code = ("import sys; from agentrl.learners.grpo import GRPOConfig, train_grpo; "
             "train_grpo(GRPOConfig(env='toy-digits-v0', prompts_per_step=1, group_size=2, max_new_tokens=4, "
             "max_steps=1, warmup_steps=0)); print('ray' in sys.modules)")  # fmt: skip
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True
+    )
     assert out.stdout.strip().splitlines()[-1] == "False"
 
 

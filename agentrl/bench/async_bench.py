@@ -32,12 +32,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tasks", type=int, default=8, help="tasks per step (default 8)")
     parser.add_argument("--group", type=int, default=4, help="samples per task (default 4)")
     parser.add_argument("--turns", type=int, default=3, help="turns per episode (default 3)")
-    parser.add_argument("--p50", type=float, default=0.05, help="median tool latency in seconds (default 0.05)")
-    parser.add_argument("--p99", type=float, default=2.0, help="99th-percentile tool latency in seconds (default 2)")
+    parser.add_argument(
+        "--p50", type=float, default=0.05, help="median tool latency in seconds (default 0.05)"
+    )
+    parser.add_argument(
+        "--p99", type=float, default=2.0, help="99th-percentile tool latency in seconds (default 2)"
+    )
     parser.add_argument("--env-workers", type=int, default=2, help="env-worker actors (default 2)")
     parser.add_argument("--engines", type=int, default=1, help="generation engines (default 1)")
     parser.add_argument("--max-staleness", type=int, default=1, help="the asynchronous bound (default 1)")
-    parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all)")
+    parser.add_argument(
+        "--num-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all)"
+    )
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES, help="which runs, in order")
 
 
@@ -79,7 +85,9 @@ def _measure(args: argparse.Namespace, mode: str) -> dict[str, Any]:
         row["dropped_groups"] = steady[-1].cluster.get("dropped_groups", 0.0)
         row["staleness_max"] = max(log.cluster.get("staleness_max", 0.0) for log in steady)
     else:  # one process, synchronous: everything played is trained (failed episodes aside)
-        row["sampled/length"] = row["trained/length"] = sum(log.response_tokens_mean for log in steady) / len(steady)
+        row["sampled/length"] = row["trained/length"] = sum(log.response_tokens_mean for log in steady) / len(
+            steady
+        )
         row["sampled/reward"] = row["trained/reward"] = sum(log.reward_mean for log in steady) / len(steady)
     return row
 

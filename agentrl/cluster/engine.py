@@ -119,7 +119,11 @@ class Engine:
         return version
 
     def stats(self) -> dict[str, float]:
-        return {"busy_s": self._clock.busy_s, "requests": float(self._requests), "active": float(self._clock.active)}
+        return {
+            "busy_s": self._clock.busy_s,
+            "requests": float(self._requests),
+            "active": float(self._clock.active),
+        }
 
 
 class Router:
@@ -163,7 +167,9 @@ class Router:
             self.outstanding[i] += 1
             try:
                 await self._current(i)
-                return await asyncio.wait_for(self.engines[i].generate.remote(prompt, sampling), self.timeout_s)
+                return await asyncio.wait_for(
+                    self.engines[i].generate.remote(prompt, sampling), self.timeout_s
+                )
             except (ray.exceptions.RayActorError, asyncio.TimeoutError) as exc:
                 lost = isinstance(exc, ray.exceptions.RayActorError)
                 self.counts["engine_lost" if lost else "engine_timeout"] += 1
@@ -185,7 +191,9 @@ class Router:
         pinned = self.pinned.get(key)
         if pinned is not None and pinned not in failed:
             return pinned
-        candidates = [i for i in range(len(self.engines)) if i not in failed] or list(range(len(self.engines)))
+        candidates = [i for i in range(len(self.engines)) if i not in failed] or list(
+            range(len(self.engines))
+        )
         choice = min(candidates, key=lambda i: (self.outstanding[i], i))
         self.pinned[key] = choice
         return choice

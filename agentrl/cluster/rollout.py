@@ -137,14 +137,18 @@ class ClusterRollout:
                               **engine_options}  # fmt: skip
         engine_actor = ray.remote(Engine)
         engines = [
-            engine_actor.options(name=f"agentrl-{tag}-engine-{i}", num_cpus=cluster.engine_cpus,
-                                 num_gpus=cluster.engine_gpus, max_restarts=-1).remote(
-                config.rollout, engine_options, cluster.setup, cluster.threads
-            )
+            engine_actor.options(
+                name=f"agentrl-{tag}-engine-{i}",
+                num_cpus=cluster.engine_cpus,
+                num_gpus=cluster.engine_gpus,
+                max_restarts=-1,
+            ).remote(config.rollout, engine_options, cluster.setup, cluster.threads)
             for i in range(cluster.engines)
         ]
-        router = ray.remote(Router).options(num_cpus=0, max_restarts=-1, name=f"agentrl-{tag}-router").remote(
-            engines, cluster.request_retries, cluster.engine_timeout_s
+        router = (
+            ray.remote(Router)
+            .options(num_cpus=0, max_restarts=-1, name=f"agentrl-{tag}-router")
+            .remote(engines, cluster.request_retries, cluster.engine_timeout_s)
         )
         max_context = int(await engines[0].max_context.remote())
         spec = WorkerSpec(
@@ -154,8 +158,12 @@ class ClusterRollout:
         )  # fmt: skip
         worker_actor = ray.remote(EnvWorker)
         workers = [
-            worker_actor.options(name=f"agentrl-{tag}-env-worker-{i}", num_cpus=cluster.worker_cpus, max_restarts=-1,
-                                 max_concurrency=cluster.episodes_per_worker).remote(spec, router)
+            worker_actor.options(
+                name=f"agentrl-{tag}-env-worker-{i}",
+                num_cpus=cluster.worker_cpus,
+                max_restarts=-1,
+                max_concurrency=cluster.episodes_per_worker,
+            ).remote(spec, router)
             for i in range(cluster.env_workers)
         ]
         rollout = cls(config, workers, engines, router, owns)
@@ -176,18 +184,26 @@ class ClusterRollout:
             ray.exceptions.RayError: a failure of the driver's own calls to Ray (not an actor's loss).
         """
         if seed is not None:
-            raise ConfigError("a cluster plays with the run's seed; a per-call seed needs the single-process runner")
+            raise ConfigError(
+                "a cluster plays with the run's seed; a per-call seed needs the single-process runner"
+            )
         call = self.calls if call is None else call
         self.calls = call + 1
         task_list = [Task() for _ in range(tasks)] if isinstance(tasks, int) else [
             t if isinstance(t, Task) else Task(seed=t) for t in tasks
         ]  # fmt: skip
         if self._shape is None:
-            self._shape, self._first, self._next = (len(task_list), group_size), (call, self.policy.version), call
+            self._shape, self._first, self._next = (
+                (len(task_list), group_size),
+                (call, self.policy.version),
+                call,
+            )
             self._last = (time.monotonic(), {}, {})  # the first step's figures leave out the actors' start-up
             if self.drop:
                 self._next = call * len(task_list)
-        elif self._shape != (len(task_list), group_size) or (self.k is not None and not isinstance(tasks, int)):
+        elif self._shape != (len(task_list), group_size) or (
+            self.k is not None and not isinstance(tasks, int)
+        ):
             raise ConfigError("the asynchronous mode plays the same number of tasks and samples every call")
         self._train_version = self.policy.version
         if self.drop:
@@ -217,7 +233,9 @@ class ClusterRollout:
             task.cancel()
         workers, self.workers = self.workers, []
         if workers:
-            await asyncio.wait([asyncio.ensure_future(_quiet(w.aclose.remote())) for w in workers], timeout=10)
+            await asyncio.wait(
+                [asyncio.ensure_future(_quiet(w.aclose.remote())) for w in workers], timeout=10
+            )
         for actor in [*workers, *self.engines, self.router]:
             if actor is not None:
                 ray.kill(actor, no_restart=True)

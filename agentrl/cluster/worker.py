@@ -128,7 +128,10 @@ class EnvWorker:
         self._clock.start()
         try:
             trajectory = await self.runner.play(
-                episode.task, call=episode.call, task_index=episode.task_index, sample_index=episode.sample_index
+                episode.task,
+                call=episode.call,
+                task_index=episode.task_index,
+                sample_index=episode.sample_index,
             )
         finally:
             self._clock.stop()
@@ -139,7 +142,11 @@ class EnvWorker:
         return Played(episode.key, trajectory, infra)
 
     def stats(self) -> dict[str, float]:
-        return {"busy_s": self._clock.busy_s, "played": float(self._played), "active": float(self._clock.active)}
+        return {
+            "busy_s": self._clock.busy_s,
+            "played": float(self._played),
+            "active": float(self._clock.active),
+        }
 
     async def aclose(self) -> None:
         await self.runner.aclose()
