@@ -250,7 +250,7 @@ class ClusterRollout:
             return
         tasks, _ = self._shape
         if self.drop:
-            while len({k for k in self._groups}) < tasks * (self.k + 1):
+            while len(self._groups) < tasks * (self.k + 1):  # playing or ready, not yet taken
                 call, index = divmod(self._next, tasks)
                 self._start_group(call, index, Task(id=f"call-{call}-task-{index}"))
                 self._next += 1
