@@ -11,5 +11,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "rollout": ("agentrl.bench.rollout", "runner overhead (turns/s) and hf vs vllm generation tokens/s"),
     "learner": ("agentrl.bench.learner",
                 "our GRPO or DPO (--algo) vs TRL's GRPOTrainer / DPOTrainer: CPU-s/step, tokens/s, peak RSS"),
+    "async": ("agentrl.bench.async_bench",
+              "GRPO with long-tailed tool latency: one process vs Ray sync vs Ray async (pace, drop): episodes/s"),
 }
 """name -> (module, one-line help)."""

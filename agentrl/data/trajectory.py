@@ -125,6 +125,15 @@ class Trajectory:
             positions[start:end] = range(end - start)
         return positions
 
+    @property
+    def turn_versions(self) -> tuple[int, ...]:
+        """The weight version that sampled each turn (``meta["turn_versions"]``, written by the runner); a
+        ledger without them says ``policy_version`` for every turn. ``policy_version`` is their minimum."""
+        versions = self.meta.get("turn_versions")
+        if isinstance(versions, list | tuple) and len(versions) == len(self.turns):
+            return tuple(int(v) for v in versions)
+        return (self.policy_version,) * len(self.turns)
+
     # ---- JSON --------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -18,6 +18,10 @@ A run whose every episode failed for :data:`FAILED_STEPS` steps in a row stops w
 and training on nothing only burns time); one that trains on nothing, or moves no weight, for
 :data:`SILENT_STEPS` steps in a row gets a warning saying why.
 
+With ``config.cluster`` set, the rollouts play on Ray (:class:`agentrl.cluster.rollout.ClusterRollout`, the
+runner's surface: ``run``, ``policy.update_weights``, ``aclose``), the update runs off the event loop so episodes
+keep settling and starting meanwhile, and each step log gains the cluster's figures (``log.cluster``).
+
 A resumed run restores the optimizer, scheduler, RNG states and the learner's ``state`` from the checkpoint
 and plays from the step it reached, so it sees the tasks and seeds the straight run would have.
 """
@@ -141,7 +145,10 @@ async def _run(config: rl.RolloutConfig, learner: str, build: Callable[[], Onlin
         step = resumed.step
         online.state.update({k: resumed.meta[k] for k in online.state if k in resumed.meta})
 
-    runner = rl.make_runner(config, model, tokenizer)
+    if config.cluster is None:
+        runner: Any = rl.make_runner(config, model, tokenizer)
+    else:  # on Ray: agentrl.cluster
+        runner = await _cluster(config, model, tokenizer)
     history: list[rl.RLStepLog] = []
     failed = silent = 0  # steps in a row: every episode an error / nothing learned
     checkpoint: Path | None = None
@@ -160,12 +167,16 @@ async def _run(config: rl.RolloutConfig, learner: str, build: Callable[[], Onlin
                 hooks.on_rollout(step + 1, groups)
 
             lr = online.optimizer.param_groups[0]["lr"]
-            update = online.update(step, groups)
+            # On a cluster the update runs off the event loop, so episodes settle and the next ones start meanwhile.
+            update = online.update(step, groups) if config.cluster is None else await asyncio.to_thread(
+                online.update, step, groups)  # fmt: skip
             step += 1
             await rl.sync_weights(runner, model)
 
             log = rl.step_log(step, groups, update.trained, update.dropped, lr, update.stats, rollout_s, started,
                               runner)  # fmt: skip
+            if config.cluster is not None:
+                log = dataclasses.replace(log, cluster=await runner.step_metrics(update.trained, rollout_s))
             if hooks.monitor is not None:
                 log = dataclasses.replace(log, monitors=dict(await hooks.monitor(log, model, tokenizer)))
             history.append(log)
@@ -191,6 +202,13 @@ async def _run(config: rl.RolloutConfig, learner: str, build: Callable[[], Onlin
         await runner.policy.aclose()
     model.train()
     return TrainResult(model, tokenizer, tuple(history), checkpoint, {**online.saved, **online.state})
+
+
+async def _cluster(config: rl.RolloutConfig, model: Any, tokenizer: Any) -> Any:
+    """The rollouts on Ray (:mod:`agentrl.cluster`), shaped like a runner; imported only for a cluster run."""
+    from agentrl.cluster.rollout import ClusterRollout
+
+    return await ClusterRollout.start(config, model, tokenizer)
 
 
 def _all_failed(groups: Sequence[TrajectoryGroup]) -> bool:

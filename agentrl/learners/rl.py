@@ -14,6 +14,7 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from agentrl.algos import Aggregation
+from agentrl.cluster.config import ClusterConfig
 from agentrl.data.buffer import TrajectoryBuffer, TrajectoryGroup, drop_zero_variance
 from agentrl.data.trajectory import Trajectory
 from agentrl.learners.config import TrainConfig
@@ -23,6 +24,7 @@ from agentrl.rollout.runner import RolloutLimits, Runner
 from agentrl.types import DEFAULT_DEADLINE_S, StopReason
 
 __all__ = [
+    "ASYNC_TIS_CAP",
     "RLConfig",
     "RLStepLog",
     "RolloutConfig",
@@ -33,6 +35,10 @@ __all__ = [
     "sync_weights",
 ]
 
+
+
+ASYNC_TIS_CAP = 2.0
+"""The truncated-IS cap the asynchronous mode uses when ``tis_cap`` is not set."""
 
 
 class RolloutConfig(TrainConfig):
@@ -80,6 +86,25 @@ class RolloutConfig(TrainConfig):
         description="stop (and checkpoint) after the step that ends this many seconds into this "
         "session's loop, e.g. 540; the schedule still spans max_steps. None: run all max_steps",
     )
+
+    cluster: ClusterConfig | None = Field(
+        None, description="play the rollouts on Ray (env workers, generation engines); None: in this process"
+    )
+    max_staleness: int | None = Field(
+        None, ge=0,
+        description="asynchronous mode (needs a cluster): sampling goes on during updates and a trained sample "
+        "is at most this many weight versions old, e.g. 1; truncated IS (tis_cap, 2.0 unless set) is on. "
+        "None: synchronous",
+    )  # fmt: skip
+
+    @model_validator(mode="after")
+    def _async_on_a_cluster(self) -> RolloutConfig:
+        if self.max_staleness is not None and self.cluster is None:
+            raise ValueError(
+                f"max_staleness={self.max_staleness} is the asynchronous mode, which runs on a cluster: set "
+                "cluster (e.g. --set cluster.env_workers=2), or drop max_staleness"
+            )
+        return self
 
     @property
     def sampling(self) -> SamplingParams:
@@ -132,6 +157,14 @@ class RLConfig(RolloutConfig):
         description="loss reduction: 'token-mean' (DAPO), 'seq-mean-token-mean' (GRPO), "
         "'seq-mean-token-sum-norm' (Dr. GRPO)",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _async_corrects(cls, data: Any) -> Any:
+        """Async samples come from older weights: truncated IS against the sampler's logprobs is always on."""
+        if isinstance(data, dict) and data.get("max_staleness") is not None and data.get("tis_cap") is None:
+            return {**data, "tis_cap": ASYNC_TIS_CAP}
+        return data
 
     @model_validator(mode="after")
     def _rl_consistent(self) -> RLConfig:
@@ -239,6 +272,7 @@ class RLStepLog:
     seconds: float
     policy_version: int
     monitors: Mapping[str, float] = field(default_factory=dict)
+    cluster: Mapping[str, float] = field(default_factory=dict)  # see agentrl.cluster.metrics
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from agentrl.cluster.config import ClusterConfig
 from agentrl.errors import ConfigError
 from agentrl.learners.config import StrictConfig
 
@@ -200,6 +201,10 @@ class RunConfig(StrictConfig):
     rl2: SecondRLSection = Field(default_factory=SecondRLSection, description="a second RL stage")
     gold: GoldSection = Field(default_factory=GoldSection, description="the over-optimisation monitor")
     tracking: TrackingSection = Field(default_factory=TrackingSection, description="experiment trackers")
+    cluster: ClusterConfig | None = Field(
+        None, description="play the RL rollouts on Ray, e.g. --set cluster.env_workers=2 (see agentrl.cluster); "
+        "learner.max_staleness makes it asynchronous. None: in this process",
+    )  # fmt: skip
 
     @model_validator(mode="after")
     def _known_algo(self) -> RunConfig:
@@ -396,6 +401,8 @@ def resolve(run: RunConfig, run_dir: Path | None = None) -> Resolved:
 
         learner = {**PRESETS[preset], **learner}
     learner.update({**_CHECKPOINTS, **run.learner})
+    if run.cluster is not None:
+        learner["cluster"] = {**run.cluster.model_dump(), **learner.get("cluster", {})}
     learner.update({
         "env": run.env, "env_kwargs": {**run.env_kwargs, **learner.get("env_kwargs", {})}, "rollout": run.rollout,
         "seed": run.seed, "model": str(checkpoints.step_dir(sft.output_dir, sft.max_steps)) if sft else run.model,

@@ -249,6 +249,14 @@ class Runner:
             for i, t in enumerate(task_list)
         ]
 
+    async def play(
+        self, task: Task, *, call: int, task_index: int, sample_index: int, seed: int | None = None
+    ) -> Trajectory:
+        """Play one episode of :meth:`run`'s ``call`` exactly as it would (same seeds, same meta), for a caller
+        that schedules episodes itself (the cluster's env workers). Never raises for a failed episode."""
+        run_seed = self.seed if seed is None else seed
+        return await self._play(self._new_episode(task, run_seed, call, task_index, sample_index))
+
     async def aclose(self) -> None:
         """Close the envs kept for reuse. Idempotent; the policy is the caller's to close."""
         idle, self._idle = self._idle, []
@@ -407,6 +415,7 @@ class Runner:
             "run_seed": episode.run_seed,
             "call": episode.call,
             "finish_reasons": list(episode.finish_reasons),
+            "turn_versions": list(episode.versions),  # the weight version that sampled each turn
             "elapsed_s": round(elapsed, 6),
         }
         return episode.ledger.finish(
