@@ -5,6 +5,7 @@ with one line per bad field naming the value, the problem and what the field exp
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -12,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from agentrl.errors import ConfigError
 
-__all__ = ["LoRAConfig", "StrictConfig", "TrainConfig", "explain"]
+__all__ = ["LoRAConfig", "StrictConfig", "TrainConfig", "derived_warmup", "explain"]
 
 
 class StrictConfig(BaseModel):
@@ -51,7 +52,10 @@ class TrainConfig(StrictConfig):
     betas: tuple[float, float] = Field(
         (0.9, 0.999), description="AdamW betas, each in [0, 1), e.g. (0.9, 0.999)"
     )
-    warmup_steps: int = Field(30, ge=0, description="linear warm-up steps, fewer than max_steps, e.g. 30")
+    warmup_steps: int = Field(
+        30, ge=0, description="linear warm-up steps, fewer than max_steps, e.g. 30 (left unset: its default, or "
+        "max_steps // 10 where the default would not fit)"
+    )
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine floor as a fraction of lr, in [0, 1]")
     grad_clip: float | None = Field(
         1.0, gt=0, description="max global gradient norm, or None for no clipping"
@@ -74,6 +78,22 @@ class TrainConfig(StrictConfig):
     )
     resume_from: Path | None = Field(None, description="a step-NNNNNN checkpoint to resume (weights + state)")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _fit_default_warmup(cls, data: Any) -> Any:
+        """A warm-up left at its default that would not fit a short run shrinks to a tenth of it, with a note."""
+        if not isinstance(data, dict) or data.get("warmup_steps") is not None:
+            return data
+        default, max_steps = cls.model_fields["warmup_steps"].default, data.get("max_steps")
+        if not isinstance(max_steps, int) or isinstance(max_steps, bool) or not 0 < max_steps <= default:
+            return data
+        warmup = derived_warmup(default, max_steps)
+        warnings.warn(
+            f"{cls.__name__}: warmup_steps {warmup} (the default {default} is not fewer than max_steps {max_steps}); "
+            "set warmup_steps to choose another", UserWarning, stacklevel=2,
+        )  # fmt: skip
+        return {**data, "warmup_steps": warmup}
+
     @model_validator(mode="after")
     def _consistent(self) -> TrainConfig:
         if self.warmup_steps >= self.max_steps and self.warmup_steps > 0:
@@ -86,6 +106,11 @@ class TrainConfig(StrictConfig):
         if self.save_every is not None and self.output_dir is None:
             raise ValueError("save_every needs output_dir: set output_dir to where checkpoints should go")
         return self
+
+
+def derived_warmup(default: int, max_steps: int) -> int:
+    """The warm-up a run gets when none was set: ``default``, or ``max_steps // 10`` where that is too long."""
+    return default if default < max_steps else max_steps // 10
 
 
 def explain(cls: type[BaseModel], exc: ValidationError) -> str:
