@@ -39,7 +39,11 @@ def _cmd_check(args: argparse.Namespace) -> int:
     import agentrl
     from agentrl.checker import check_env
 
-    env = agentrl.make(args.env)
+    if args.env_arg:
+        from agentrl.pipeline.config import check_env_kwargs
+
+        check_env_kwargs(args.env, dict(args.env_arg), "--env-arg")
+    env = agentrl.make(args.env, **dict(args.env_arg))
     tokenizer = None
     if args.model:
         from agentrl.models.loading import load_tokenizer
@@ -143,9 +147,13 @@ def build_parser() -> argparse.ArgumentParser:
     envs.add_argument("-v", "--verbose", action="store_true", help="also show where each env comes from")
     envs.set_defaults(func=_cmd_envs)
 
+    from agentrl.evaluation.cli import env_arg
+
     check = sub.add_parser("check", help="check an environment against the Env contract")
     check.add_argument("env", help="environment id, e.g. toy-guess-v0")
     check.add_argument("--model", help="also check token masks with this model's tokenizer ('tiny', a path or hub id)")
+    check.add_argument("--env-arg", type=env_arg, action="append", default=[], metavar="KEY=VALUE",
+                       help="env constructor argument, repeatable; VALUE is JSON or a string (e.g. tasks=mbpp)")
     check.set_defaults(func=_cmd_check)
 
     sandbox = sub.add_parser("sandbox", help="build the docker sandbox image; reap leaked sandboxes")

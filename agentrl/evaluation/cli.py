@@ -25,10 +25,11 @@ from typing import Any
 
 from agentrl.types import DEFAULT_DEADLINE_S
 
-__all__ = ["add_arguments", "main"]
+__all__ = ["add_arguments", "env_arg", "main"]
 
 
-def _env_arg(text: str) -> tuple[str, Any]:
+def env_arg(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` of ``--env-arg``: VALUE parsed as JSON, else kept as a string."""
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. tasks=humaneval), got {text!r}")
@@ -57,7 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     what.add_argument(
         "--env-arg",
-        type=_env_arg,
+        type=env_arg,
         action="append",
         default=[],
         metavar="KEY=VALUE",

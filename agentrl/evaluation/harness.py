@@ -152,6 +152,25 @@ async def _probe(env: Env, config: EvalConfig, task: Task) -> None:
         raise ConfigError(f"{config.env} cannot run episodes: {type(exc).__name__}: {exc}") from exc
 
 
+async def probe_endpoint(config: EvalConfig) -> None:
+    """With ``--base-url``, ask the server which models it serves before anything is played or written.
+
+    Raises:
+        ConfigError: the server does not serve ``--model`` (the message names what it serves), or refuses
+            the key.
+        OpenAIError: no reply from ``--base-url``.
+    """
+    if config.backend != "openai":
+        return
+    from agentrl.rollout.openai import OpenAIPolicy
+
+    policy = OpenAIPolicy(config.model, config.base_url or "", api_key_env=config.api_key_env, retries=1)
+    try:
+        await policy.aprobe()
+    finally:
+        await policy.aclose()
+
+
 def build_policy(config: EvalConfig) -> tuple[Any, Any]:
     """The policy backend and the tokenizer the runner renders with."""
     from agentrl.models.loading import load_tokenizer
@@ -205,6 +224,17 @@ def _pending(config: EvalConfig, done: Mapping[tuple[int, int], Trajectory]) -> 
     if config.retry_errors:
         return [key for key in plan if key not in done or done[key].stop_reason == StopReason.ERROR]
     return [key for key in plan if key not in done]
+
+
+def _replaying_only_failures(config: EvalConfig, done: Mapping[tuple[int, int], Trajectory], echo: Echo) -> bool:
+    """``--retry-errors`` over a directory whose every episode failed: nothing sampled is kept, so new
+    settings (a corrected ``--model``) may replace the old ones."""
+    if not (config.retry_errors and all(t.stop_reason == StopReason.ERROR for t in done.values())):
+        return False
+    existing = read_run_file(config.out_dir)
+    if existing is not None and existing["identity"] != json.loads(json.dumps(config.identity())):
+        echo(f"every saved episode in {config.out_dir} failed: replaying them with the settings given now")
+    return True
 
 
 def _record(
@@ -455,11 +485,14 @@ def evaluate(config: EvalConfig, *, echo: Echo = print, show_progress: bool = Tr
     if config.best_of_n_by:  # a scorer that cannot work fails now, not after every episode is played
         selection.check_source(config.best_of_n_by)
     asyncio.run(probe_env(config))
+    asyncio.run(probe_endpoint(config))
     out = config.out_dir
     with EpisodeStore(out, echo) as store:
-        if store.episodes:  # settings bind a directory once it holds episodes
+        # Settings bind a directory once it holds episodes, except where every one failed and is replayed.
+        binding = bool(store.episodes) and not _replaying_only_failures(config, store.episodes, echo)
+        if binding:
             check_identity(out, config.identity())
-        write_run_file(out, config.identity(), config.to_dict(), keep_identity=bool(store.episodes))
+        write_run_file(out, config.identity(), config.to_dict(), keep_identity=binding)
         pending = _pending(config, store.episodes)
         resumed = config.n * config.k - len(pending)
         if resumed:

@@ -5,6 +5,7 @@ with one line per bad field naming the value, the problem and what the field exp
 
 from __future__ import annotations
 
+import difflib
 import warnings
 from pathlib import Path
 from typing import Any, Literal
@@ -120,6 +121,9 @@ def explain(cls: type[BaseModel], exc: ValidationError) -> str:
         name = ".".join(str(part) for part in error["loc"])
         field = cls.model_fields.get(str(error["loc"][0])) if error["loc"] else None
         hint = f" ({name}: {field.description})" if field is not None and field.description else ""
+        if error["type"] == "extra_forbidden" and len(error["loc"]) == 1:
+            close = difflib.get_close_matches(str(error["loc"][-1]), list(cls.model_fields), n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; the fields: {', '.join(cls.model_fields)}"
         where = f"{cls.__name__}.{name}: got {error['input']!r};" if name else f"{cls.__name__}:"
         lines.append(f"{where} {error['msg'].removeprefix('Value error, ')}{hint}")
     return f"invalid {cls.__name__}:\n  " + "\n  ".join(lines)
