@@ -245,15 +245,15 @@ def _check_outcome(env: Env, seed: int) -> None:
             raise _fail("outcome", f"the reference episode of task 0 (demonstration(0)) raised "
                         f"{type(exc).__name__}: {exc}; the outcome reward of a finished episode must be a finite "
                         "float (or named floats)") from exc  # fmt: skip
-    results = [env.reset(seed=seed)]
+    env.reset(seed=seed)
     for turn in range(OUTCOME_TURNS):
         try:
-            results.append(env.step(DEFAULT_PROBES[0]))
+            result = env.step(DEFAULT_PROBES[0])
         except Exception as exc:
             raise _fail("outcome", f"step #{turn} of a chat-only episode raised {type(exc).__name__}: {exc}; the "
                         "reward of an episode that ends without an answer must be a finite float") from exc  # fmt: skip
-        _check_step(env, results[-1], f"step #{turn} of a chat-only episode")
-        if results[-1][2] or results[-1][3]:
+        _check_step(env, result, f"step #{turn} of a chat-only episode")
+        if result[2] or result[3]:
             return
 
 
