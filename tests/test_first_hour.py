@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
 import os
 import subprocess
@@ -292,3 +293,25 @@ def test_agentrl_check_takes_env_args_and_names_a_wrong_one():
     assert good.returncode == 0 and "outcome" in good.stdout, good.stderr
     bad = subprocess.run([*run, "toy-echo", "--env-arg", "round=2"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 1 and "--env-arg" in bad.stderr and "rounds" in bad.stderr, bad.stderr
+
+
+def test_dpo_on_a_buffer_without_pairs_says_why(tmp_path, one_thread):
+    from agentrl.cli import main as agentrl_main
+    from agentrl.data.buffer import TrajectoryBuffer
+    from agentrl.models.loading import load_model, load_tokenizer
+    from agentrl.rollout.hf import HFPolicy
+    from agentrl.rollout.policy import SamplingParams
+    from agentrl.rollout.runner import rollout
+
+    agentrl.register("test-constant-v0", lambda: _ConstantEnv(rounds=1), override=True, max_turns=1)
+    tokenizer = load_tokenizer("tiny")
+    groups = rollout("test-constant-v0", HFPolicy(load_model("tiny"), tokenizer, seed=0), tokenizer, 3,
+                     group_size=2, sampling=SamplingParams(max_tokens=4), seed=0)  # fmt: skip
+    path = tmp_path / "trajectories.jsonl"
+    TrajectoryBuffer(groups).save(path)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = agentrl_main(["dpo", "--buffer", str(path), "--output-dir", str(tmp_path / "dpo")])
+    assert code == 1 and "dpo: 0 pairs mined" in err.getvalue()
+    assert "3 groups (tasks); 3 whose rewards differ by no more than --min-margin 0 (every sample scored alike" \
+        in err.getvalue(), err.getvalue()
