@@ -315,3 +315,13 @@ def test_dpo_on_a_buffer_without_pairs_says_why(tmp_path, one_thread):
     assert code == 1 and "dpo: 0 pairs mined" in err.getvalue()
     assert "3 groups (tasks); 3 whose rewards differ by no more than --min-margin 0 (every sample scored alike" \
         in err.getvalue(), err.getvalue()
+
+
+def test_a_run_without_a_recipe_says_what_is_off_and_how_to_turn_it_on():
+    from agentrl.pipeline.cli_train import phases_off
+    from agentrl.pipeline.config import build_run_config
+
+    notes = phases_off(build_run_config("toy-guess"))
+    assert len(notes) == 2 and all("toy-guess has no default_run recipe" in n for n in notes)
+    assert "--set sft.demos=N" in notes[0] and "--set eval.tasks=N" in notes[1]
+    assert phases_off(build_run_config("toy-guess", overrides=["sft.demos=4", "eval.tasks=2"])) == []

@@ -325,6 +325,12 @@ def _rl_phase(resolved: Resolved, out: RunDir, stream: IO[str] | None, phase: st
     return result.checkpoint or final
 
 
+def _trained_steps(checkpoint: Path) -> int:
+    """The step a ``step-NNNNNN`` checkpoint was saved at (0 for a model that is no such checkpoint)."""
+    name = Path(checkpoint).name
+    return int(name.removeprefix("step-")) if name.startswith("step-") and name[5:].isdigit() else 0
+
+
 def _eval_phase(phase: str, checkpoint: Path | None, resolved: Resolved, out: RunDir, max_new_tokens: int,
                 stream: IO[str] | None) -> EvalResult | None:  # fmt: skip
     """Evaluate ``checkpoint`` on the held-out tasks into ``eval/<stage>/`` (skipped with ``eval.tasks`` 0)."""
@@ -339,7 +345,7 @@ def _eval_phase(phase: str, checkpoint: Path | None, resolved: Resolved, out: Ru
         raise ConfigError(f"{phase}: the checkpoint {checkpoint} is missing; rerun the phase that writes it")
     out.start_phase(phase, total=1)
     result = evaluate_checkpoint(checkpoint, resolved, where, max_new_tokens)
-    out.log(phase, 0, result.metrics())
+    out.log(phase, _trained_steps(checkpoint), result.metrics())  # at the step of the policy it measured
     out.finish_phase(phase)
     with Progress(phase, 1, stream=stream, interval_s=0) as bar:
         bar.update(1, result.metrics())
