@@ -325,3 +325,36 @@ def test_a_run_without_a_recipe_says_what_is_off_and_how_to_turn_it_on():
     assert len(notes) == 2 and all("toy-guess has no default_run recipe" in n for n in notes)
     assert "--set sft.demos=N" in notes[0] and "--set eval.tasks=N" in notes[1]
     assert phases_off(build_run_config("toy-guess", overrides=["sft.demos=4", "eval.tasks=2"])) == []
+
+
+# ---- progress ------------------------------------------------------------------------------------------------
+def test_the_eta_follows_the_pace_after_the_first_step_and_knows_the_budget():
+    from agentrl.progress import eta_seconds
+
+    assert eta_seconds(0, 99, 0.0, None) is None  # one step says nothing of the pace
+    assert eta_seconds(4, 10, 8.0, None) == pytest.approx(20.0)
+    assert eta_seconds(4, 10, 8.0, 5.0) == pytest.approx(5.0) and eta_seconds(4, 10, 8.0, 60.0) == pytest.approx(20.0)
+    assert eta_seconds(0, 99, 0.0, 30.0) == pytest.approx(30.0) and eta_seconds(4, 10, 8.0, -1.0) == 0.0
+
+
+def test_a_budget_shows_in_the_eta_and_ends_the_phase_with_a_line():
+    from agentrl.progress import Progress
+
+    stream = io.StringIO()
+    with Progress("rl", total=250, stream=stream, interval_s=0, budget_s=0.0) as bar:
+        bar.update(1, {"reward_mean": 0.5})
+        bar.update(2, {"reward_mean": 0.5})
+        bar.stopped_early(2, "its time budget")
+    lines = stream.getvalue().splitlines()
+    assert lines[0].endswith(", eta 0.0s (budget)") and "eta 0.0s (budget)" in lines[1]
+    assert lines[2] == "[rl] stopped at step 2/250 by its time budget"
+
+
+def test_a_training_run_says_when_its_budget_ends_rl_and_shows_no_transformers_bars(tmp_path):
+    run = [sys.executable, "-m", "agentrl.cli", "train", "--env", "toy-digits", "--threads", "1", "--no-report",
+           "--set", "learner.max_steps=50", "--set", "learner.max_seconds=0.001", "--set", "learner.max_new_tokens=4",
+           "--set", "learner.prompts_per_step=2", "--set", "learner.group_size=2", "--output-dir", str(tmp_path / "r")]
+    done = subprocess.run(run, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "[rl] stopped at step 1/50 by its time budget (learner.max_seconds = 0.001 s" in done.stderr
+    assert "Loading weights" not in done.stderr and "Writing model shards" not in done.stderr, done.stderr
