@@ -174,6 +174,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _short_notes() -> None:
+    """Show agentrl's config notes as one ``note:`` line each (other warnings keep Python's format)."""
+    import warnings
+
+    plain = warnings.formatwarning
+
+    def formatwarning(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> str:
+        if category.__name__ == "ConfigNote":
+            return f"note: {message}\n"
+        return plain(message, category, *args, **kwargs)
+
+    warnings.formatwarning = formatwarning  # type: ignore[assignment]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``agentrl`` console script."""
     import os
@@ -186,6 +200,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    _short_notes()
     if args.version:
         from agentrl import __version__
 

@@ -14,7 +14,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from agentrl.errors import ConfigError
 
-__all__ = ["LoRAConfig", "StrictConfig", "TrainConfig", "derived_warmup", "explain"]
+__all__ = ["ConfigNote", "LoRAConfig", "StrictConfig", "TrainConfig", "derived_warmup", "explain"]
+
+
+class ConfigNote(UserWarning):
+    """A setting derived for the user (e.g. a warm-up shortened to fit a short run): shown, never an error."""
 
 
 class StrictConfig(BaseModel):
@@ -91,7 +95,7 @@ class TrainConfig(StrictConfig):
         warmup = derived_warmup(default, max_steps)
         warnings.warn(
             f"{cls.__name__}: warmup_steps {warmup} (the default {default} is not fewer than max_steps {max_steps}); "
-            "set warmup_steps to choose another", UserWarning, stacklevel=2,
+            "set warmup_steps to choose another", ConfigNote, stacklevel=2,
         )  # fmt: skip
         return {**data, "warmup_steps": warmup}
 
