@@ -105,7 +105,7 @@ def test_checker_with_a_scripted_solving_episode(make):
     env = make([task])
     actions = [m["content"] for m in demonstration(task) if m["role"] == "assistant"]
     assert check_env(env, actions=actions, make_env=lambda: make([task])) == [
-        "types", "robustness", "seeding", "async", "gymnasium", "close"]
+        "types", "robustness", "seeding", "async", "outcome", "gymnasium", "close"]
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])

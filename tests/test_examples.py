@@ -48,7 +48,7 @@ def test_readme_countdown_is_the_example():
 
 def test_custom_env_checks_trains_and_evaluates(tmp_path):
     out = run_example("custom_env.py", tmp_path)
-    assert "checked: types, robustness, seeding, async, gymnasium, close" in out
+    assert "checked: types, robustness, seeding, async, outcome, gymnasium, close" in out
     assert re.search(r"(?m)^step 1 reward \d\.\d\d$", out) and re.search(r"(?m)^step 2 reward", out)
     assert 0.0 <= number(r"eval: ([\d.]+) numbers right per episode", out) <= 5.0
     report = Path(out.split("report: ")[1].split()[0])

@@ -358,3 +358,20 @@ def test_a_training_run_says_when_its_budget_ends_rl_and_shows_no_transformers_b
     assert done.returncode == 0, done.stderr[-3000:]
     assert "[rl] stopped at step 1/50 by its time budget (learner.max_seconds = 0.001 s" in done.stderr
     assert "Loading weights" not in done.stderr and "Writing model shards" not in done.stderr, done.stderr
+
+
+# ---- the README ----------------------------------------------------------------------------------------------
+def test_the_readme_tool_env_snippet_runs_as_pasted():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = [b.split("\n```", 1)[0] for b in readme.split("```python\n")[1:]]
+    snippets = [b for b in blocks if "from agentrl.toolenv import Task, ToolEnv" in b]
+    assert len(snippets) == 1, "the README's ToolEnv snippet is gone"
+    code = snippets[0].replace('"shop-v0"', '"test-readme-shop-v0"')
+    exec(compile(code, "README.md", "exec"), {})  # a fresh namespace, as a new file would be
+    env = agentrl.make("test-readme-shop")
+    try:
+        assert "apples" in env.reset(seed=0)[0][-1]["content"]
+    finally:
+        env.close()
