@@ -4,7 +4,7 @@ Examples::
 
     agentrl eval --env code-sandbox --env-arg tasks=eval --pass-on correct --temperature 0 --max-turns 1 \\
         --max-new-tokens 160 --n 20 --model runs/<train run>/checkpoints/rl/step-NNNNNN
-        # the model `agentrl train --env code-sandbox` wrote, greedy on 20 held-out functions: about a minute
+        # the model `agentrl train --env code-sandbox` wrote, greedy on 20 held-out functions: under a minute
     agentrl eval --env code-sandbox --env-arg tasks=humaneval --task-option task_index --pass-on correct \\
         --n 164 --k 10 --model Qwen/Qwen2.5-0.5B-Instruct --backend vllm --temperature 0.8 --out runs/eval/he
     agentrl eval --env math --base-url https://api.openai.com/v1 --model gpt-4o-mini \\

@@ -209,6 +209,19 @@ def build_policy(config: EvalConfig) -> tuple[Any, Any]:
     return policy, tokenizer
 
 
+def _quietly(build: Callable[[EvalConfig], Any], config: EvalConfig) -> Any:
+    """``build(config)`` without transformers' own progress bars ("Loading weights") beside the harness's."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        return build(config)
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 def resolved_device(config: EvalConfig) -> str:
     """``--device``, else ``cuda`` where a GPU is visible, else ``cpu`` (local backends only)."""
     if config.device:
@@ -305,7 +318,7 @@ async def play(
     from agentrl.rollout.policy import SamplingParams
     from agentrl.rollout.runner import RolloutLimits
 
-    policy, tokenizer = build_policy(config)
+    policy, tokenizer = _quietly(build_policy, config)
     try:
         sampling = SamplingParams(
             max_tokens=config.max_new_tokens, temperature=config.temperature, top_p=config.top_p
