@@ -162,6 +162,9 @@ def test_a_wrong_model_name_fails_before_any_episode_and_names_the_served_ones(t
     assert code == 1, stderr
     assert "does not serve a model named 'gpt-x'; it serves: served-a, served-b" in stderr and "--model served-a" in stderr
     assert [r["path"] for r in seen] == ["/v1/models"] and not (out / "episodes.jsonl").exists()
+    with api_server(["served-a"]) as (url, seen):  # a server may take names it does not list: not asked then
+        code, _, stderr = eval_cli(*EVAL, "--base-url", url, "--model", "gpt-x", "--no-model-check", "--out", str(out))
+    assert code == 1 and "every episode played failed" in stderr and seen[0]["path"] == "/v1/chat/completions"
 
 
 def test_retry_errors_replays_an_all_failed_directory_under_a_corrected_model(tmp_path):

@@ -94,6 +94,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     policy.add_argument("--base-url", help="OpenAI-compatible API root, e.g. http://127.0.0.1:8000/v1")
     policy.add_argument(
+        "--no-model-check",
+        action="store_true",
+        help="with --base-url, skip asking /v1/models whether it serves --model (for a server that takes "
+        "names it does not list)",
+    )
+    policy.add_argument(
         "--api-key-env",
         default="OPENAI_API_KEY",
         metavar="VAR",
@@ -237,6 +243,7 @@ def _config(args: argparse.Namespace) -> Any:
         resamples=args.resamples or 1000,
         confidence=args.confidence or 0.95,
         retry_errors=args.retry_errors,
+        check_model=not args.no_model_check,
         out=args.out,
     )
     from agentrl.tracking import check_output_dir

@@ -160,7 +160,7 @@ async def probe_endpoint(config: EvalConfig) -> None:
             the key.
         OpenAIError: no reply from ``--base-url``.
     """
-    if config.backend != "openai":
+    if config.backend != "openai" or not config.check_model:
         return
     from agentrl.rollout.openai import OpenAIPolicy
 

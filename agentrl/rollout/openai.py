@@ -191,7 +191,8 @@ class OpenAIPolicy:
             shown = ", ".join(served[:10]) + (f" (and {len(served) - 10} more)" if len(served) > 10 else "")
             raise ConfigError(
                 f"{self.base_url} does not serve a model named {self.model!r}; it serves: {shown}. "
-                f"Pass one of those as the model name (e.g. --model {served[0]})"
+                f"Pass one of those as the model name (e.g. --model {served[0]}), or --no-model-check where the "
+                "server takes names it does not list"
             )
 
     async def update_weights(self, named_tensors: Any) -> None:
