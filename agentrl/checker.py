@@ -9,6 +9,9 @@ it over the whole registry. Checks:
   the reward;
 - robustness: garbage and malformed tool calls come back as observations, never as exceptions;
 - seed reproducibility: the same seed and actions give the same episode, through the sync and the async API;
+- outcome: an episode played to its end reaches the outcome reward, which must be finite: the env's reference
+  episode (``demonstration(0)``, played through the env) where it has one, and a chat turn repeated until the
+  env ends the episode (at most :data:`OUTCOME_TURNS` turns);
 - masks (given a tokenizer): a scripted episode's token ledger has mask 1 exactly on the sampled tokens;
 - close: ``close()`` twice is fine, and the env leaves no child process (sandbox) running;
 - Gymnasium's ``gymnasium.utils.env_checker.check_env``, with its warnings treated as failures.
@@ -28,10 +31,13 @@ from pathlib import Path
 from typing import Any
 
 from agentrl.core import Env, ResetResult, StepResult
-from agentrl.errors import EnvCheckError
+from agentrl.errors import ConfigError, EnvCheckError
 from agentrl.types import StopReason
 
-__all__ = ["DEFAULT_PROBES", "ModelReport", "check_env", "describe_model"]
+__all__ = ["DEFAULT_PROBES", "OUTCOME_TURNS", "ModelReport", "check_env", "describe_model"]
+
+OUTCOME_TURNS = 64
+"""Turns the outcome check plays before it gives up on the env ending an episode (then it checks nothing more)."""
 
 DEFAULT_PROBES: tuple[str, ...] = (
     "Hello! I am not sure what to do.",
@@ -211,6 +217,9 @@ def check_env(
         raise _fail("types", "return ResetResult / StepResult (named tuples) from reset and step")
     passed += ["seeding", "async"]
 
+    _check_outcome(env, seed)
+    passed.append("outcome")
+
     if tokenizer is not None:
         _check_masks(env, tokenizer, seed, actions)
         passed.append("masks")
@@ -222,6 +231,34 @@ def check_env(
     _check_close(env, make_env, children_before)
     passed.append("close")
     return passed
+
+
+def _check_outcome(env: Env, seed: int) -> None:
+    """Reach the outcome reward, paid only when an episode ends: through the reference episode of task 0
+    (a right answer) where the env has ``demonstration``, and through chat turns until the env ends it."""
+    demonstration = getattr(env, "demonstration", None)
+    if callable(demonstration):
+        try:
+            demonstration(0)
+        except ConfigError as exc:
+            if "no demonstration" not in str(exc):  # a task without one leaves the chat-only half to check
+                raise _fail("outcome", f"the reference episode of task 0 (demonstration(0)) raised ConfigError: "
+                            f"{exc}; the outcome reward of a finished episode must be a finite float (or named "
+                            "floats)") from exc  # fmt: skip
+        except Exception as exc:
+            raise _fail("outcome", f"the reference episode of task 0 (demonstration(0)) raised "
+                        f"{type(exc).__name__}: {exc}; the outcome reward of a finished episode must be a finite "
+                        "float (or named floats)") from exc  # fmt: skip
+    env.reset(seed=seed)
+    for turn in range(OUTCOME_TURNS):
+        try:
+            result = env.step(DEFAULT_PROBES[0])
+        except Exception as exc:
+            raise _fail("outcome", f"step #{turn} of a chat-only episode raised {type(exc).__name__}: {exc}; the "
+                        "reward of an episode that ends without an answer must be a finite float") from exc  # fmt: skip
+        _check_step(env, result, f"step #{turn} of a chat-only episode")
+        if result[2] or result[3]:
+            return
 
 
 def _check_close(env: Env, make_env: Callable[[], Env] | None, before: set[int]) -> None:

@@ -109,7 +109,11 @@ def _cmd_check(args: argparse.Namespace) -> int:
     import agentrl
     from agentrl.checker import check_env
 
-    env = agentrl.make(args.env)
+    if args.env_arg:
+        from agentrl.pipeline.config import check_env_kwargs
+
+        check_env_kwargs(args.env, dict(args.env_arg), "--env-arg")
+    env = agentrl.make(args.env, **dict(args.env_arg))
     passed = check_env(env, tokenizer=tokenizer)
     print(f"{args.env}: passed {', '.join(passed)}")
     return 0
@@ -210,7 +214,7 @@ def _add_bench_parsers(sub: Any) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from agentrl.evaluation.cli import _env_arg
+    from agentrl.evaluation.cli import env_arg
 
     parser = argparse.ArgumentParser(
         prog="agentrl", description="Train and evaluate LLM agents with RL in multi-turn environments."
@@ -226,11 +230,13 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("env", nargs="?", help="environment id, e.g. toy-guess-v0")
     check.add_argument("--model", help="say which tool-call format and history modes this model's tokenizer "
                        "supports ('tiny', a path or hub id), and check the env's token masks with it")
+    check.add_argument("--env-arg", type=env_arg, action="append", default=[], metavar="KEY=VALUE",
+                       help="env constructor argument, repeatable; VALUE is JSON or a string (e.g. tasks=mbpp)")
     check.set_defaults(func=_cmd_check)
 
     card = sub.add_parser("card", help="measure an env's card: tasks, tools, reference pass rate, hack probes")
     card.add_argument("env", help="environment id, e.g. code-sandbox, verifiers:my-env or harbor:path/to/tasks")
-    card.add_argument("--env-arg", type=_env_arg, action="append", default=[], metavar="KEY=VALUE",
+    card.add_argument("--env-arg", type=env_arg, action="append", default=[], metavar="KEY=VALUE",
                       help="env constructor argument, repeatable; VALUE is JSON or a string")  # fmt: skip
     card.add_argument("--n", type=int, default=10, help="tasks each policy plays (default 10)")
     card.add_argument("--seeds", type=int, default=5, help="seeds of the determinism check (default 5)")
@@ -245,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("env", help="environment id, e.g. code-sandbox")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    serve.add_argument("--env-arg", type=_env_arg, action="append", default=[], metavar="KEY=VALUE",
+    serve.add_argument("--env-arg", type=env_arg, action="append", default=[], metavar="KEY=VALUE",
                        help="env constructor argument, repeatable; VALUE is JSON or a string")  # fmt: skip
     serve.add_argument("--max-sessions", type=int, default=64, help="concurrent sessions, each its own env (default 64)")
     serve.add_argument("--idle-timeout", type=float, default=600.0,
@@ -270,6 +276,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _short_notes() -> None:
+    """Show agentrl's config notes as one ``note:`` line each (other warnings keep Python's format)."""
+    import warnings
+
+    plain = warnings.formatwarning
+
+    def formatwarning(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> str:
+        if category.__name__ == "ConfigNote":
+            return f"note: {message}\n"
+        return plain(message, category, *args, **kwargs)
+
+    warnings.formatwarning = formatwarning  # type: ignore[assignment]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``agentrl`` console script."""
     import os
@@ -282,6 +302,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    _short_notes()
     if args.version:
         from agentrl import __version__
 

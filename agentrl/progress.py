@@ -12,7 +12,7 @@ from typing import IO, Any
 
 from agentrl.tracking import flatten_metrics
 
-__all__ = ["Progress", "format_duration", "progress_fields"]
+__all__ = ["Progress", "eta_seconds", "format_duration", "progress_fields"]
 
 
 def _columns(stream: IO[str]) -> int:
@@ -60,15 +60,28 @@ def format_duration(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m"
 
 
+def eta_seconds(done: int, remaining: int, seconds_since_first: float, budget_left: float | None) -> float | None:
+    """Seconds left: the pace of the steps after the first (the first pays for loading and warm-up, so it
+    says little of the rest) times the steps remaining, capped by what is left of a time budget. None before
+    a second step when no budget is known."""
+    pace = seconds_since_first / done if done > 0 else None
+    estimate = pace * remaining if pace is not None else None
+    if budget_left is None:
+        return estimate
+    return max(0.0, budget_left) if estimate is None else min(estimate, max(0.0, budget_left))
+
+
 class Progress:
     """A phase's progress: a tqdm bar on a terminal, plain lines elsewhere (CI logs, files, pipes).
 
     Plain lines look like ``[rl] step 12/100 (12%) reward 0.431 pass 0.380 tok/s 1520 | 1m02s, eta 7m35s``;
     one is printed for the first step, the last step, and otherwise at most every ``interval_s`` seconds.
+    The ETA follows the pace of the steps after the first and, for a phase with a time budget, never runs
+    past it (``eta 4m10s (budget)``); :meth:`stopped_early` prints the line that says a budget ended it.
     """
 
     def __init__(self, phase: str, total: int | None = None, *, initial: int = 0, stream: IO[str] | None = None,
-                 tty: bool | None = None, interval_s: float = 10.0):  # fmt: skip
+                 tty: bool | None = None, interval_s: float = 10.0, budget_s: float | None = None):  # fmt: skip
         """Start the display (a bar at once on a terminal; plain mode prints from the first update).
 
         Args:
@@ -78,8 +91,10 @@ class Progress:
             stream: where to write; ``sys.stderr`` by default.
             tty: force the mode; ``None`` draws a bar exactly when ``stream`` is a terminal.
             interval_s: plain mode: the least seconds between two lines (0: a line per step).
+            budget_s: the phase's time budget in seconds (e.g. RL's ``max_seconds``), counted from here.
         """
-        self.phase, self.total, self.interval_s = phase, total, interval_s
+        self.phase, self.total, self.interval_s, self.budget_s = phase, total, interval_s, budget_s
+        self._first: tuple[int, float] | None = None  # (step, time) of the first update
         self.stream = stream if stream is not None else sys.stderr
         self.tty = tty if tty is not None else bool(getattr(self.stream, "isatty", lambda: False)())
         self._initial, self._started, self._last_line = initial, time.monotonic(), -math.inf
@@ -94,11 +109,15 @@ class Progress:
     def update(self, step: int, metrics: Mapping[str, Any] | None = None) -> None:
         """Show that ``step`` is done, with its metrics (flattened or nested)."""
         fields = progress_fields(flatten_metrics(metrics or {}))
+        now = time.monotonic()
+        if self._first is None:
+            self._first = (step, now)
         if self._bar is not None:
+            if self.budget_s is not None:
+                fields["budget left"] = format_duration(self.budget_s - (now - self._started))
             self._bar.set_postfix_str(" ".join(f"{k} {v}" for k, v in fields.items()), refresh=False)
             self._bar.update(step - self._bar.n)
             return
-        now = time.monotonic()
         last = self.total is not None and step >= self.total
         if step == self._initial + 1 or last or now - self._last_line >= self.interval_s:
             self._last_line = now
@@ -111,10 +130,24 @@ class Progress:
             head += f"/{self.total} ({100 * step / self.total:.0f}%)"
         body = "".join(f" {k} {v}" for k, v in fields.items())
         tail = format_duration(elapsed)
-        done = step - self._initial
-        if self.total and 0 < done and step < self.total:
-            tail += f", eta {format_duration(elapsed / done * (self.total - step))}"
+        first_step, first_at = self._first if self._first is not None else (step, self._started + elapsed)
+        if self.total and step < self.total:
+            budget_left = None if self.budget_s is None else self.budget_s - elapsed
+            eta = eta_seconds(step - first_step, self.total - step, self._started + elapsed - first_at, budget_left)
+            if eta is not None:
+                by_budget = budget_left is not None and eta >= budget_left
+                tail += f", eta {format_duration(eta)}" + (" (budget)" if by_budget else "")
         return f"{head}{body} | {tail}"
+
+    def stopped_early(self, step: int, reason: str) -> None:
+        """Say that ``reason`` (e.g. ``"its 8.5-minute time budget"``) ended the phase at ``step``, before its
+        total; on a terminal too, below the bar."""
+        of = f"/{self.total}" if self.total else ""
+        line = f"[{self.phase}] stopped at step {step}{of} by {reason}"
+        if self._bar is not None:
+            self._bar.write(line, file=self.stream)
+        else:
+            print(line, file=self.stream, flush=True)
 
     def close(self) -> None:
         """End the bar (idempotent); plain mode has nothing to end."""

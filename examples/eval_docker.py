@@ -67,8 +67,22 @@ def check_sandbox(env_kwargs: dict) -> None:
     print(f"sandbox check: the reference solution of {info['task_id']} passed {passed} hidden tests in docker")
 
 
+def find_humaneval() -> None:
+    """Stop with the fix, not a traceback, where HumanEval is not on this machine (nothing is downloaded)."""
+    from agentrl_envs.code_sandbox.datasets import dataset_path
+
+    from agentrl.errors import ConfigError
+
+    try:
+        dataset_path("humaneval.jsonl")
+    except ConfigError as exc:
+        sys.exit(f"{exc}. HumanEval is openai/human-eval's data/HumanEval.jsonl.gz, gunzipped and saved as "
+                 "humaneval.jsonl (see the README's evaluation section)")  # fmt: skip
+
+
 def main() -> None:
     args = parse_args()
+    find_humaneval()
     env_kwargs = {"sandbox": "docker", "tasks": "humaneval"}
     check_sandbox(env_kwargs)
     config = EvalConfig(

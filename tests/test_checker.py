@@ -13,7 +13,7 @@ from agentrl.checker import check_env
 from agentrl.errors import EnvCheckError
 from agentrl.testing import EchoEnv
 
-ALL_CHECKS = ["types", "robustness", "seeding", "async", "masks", "gymnasium", "close"]
+ALL_CHECKS = ["types", "robustness", "seeding", "async", "outcome", "masks", "gymnasium", "close"]
 
 
 @pytest.fixture(scope="module")
@@ -128,6 +128,6 @@ def test_gymnasiums_checker_runs_and_its_failures_are_reported():
 def test_agentrl_check_command(tmp_path):
     proc = subprocess.run(["agentrl", "check", "toy-guess-v0"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert "passed types, robustness, seeding, async, gymnasium, close" in proc.stdout
+    assert "passed types, robustness, seeding, async, outcome, gymnasium, close" in proc.stdout
     proc = subprocess.run(["agentrl", "check", "toy-gues"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and "Did you mean" in proc.stderr

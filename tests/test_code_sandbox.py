@@ -8,13 +8,13 @@ import warnings
 
 import gymnasium
 import pytest
+from _datasets import require_dataset
+from _datasets import task as dataset_task
 from agentrl_envs.code_sandbox import (
     CodeSandboxEnv,
     GradeConfig,
     demonstration,
     generate_tasks,
-    load_humaneval,
-    load_mbpp,
 )
 
 import agentrl
@@ -105,7 +105,7 @@ def test_checker_with_a_scripted_solving_episode(make):
     env = make([task])
     actions = [m["content"] for m in demonstration(task) if m["role"] == "assistant"]
     assert check_env(env, actions=actions, make_env=lambda: make([task])) == [
-        "types", "robustness", "seeding", "async", "gymnasium", "close"]
+        "types", "robustness", "seeding", "async", "outcome", "gymnasium", "close"]
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
@@ -139,15 +139,16 @@ def test_the_env_demonstrates_a_task_or_a_seed_under_its_own_system_prompt(make)
     assert listed.demonstration(0) == demonstration(task)
 
 
-@pytest.mark.parametrize(("loader", "task_id"), [(load_humaneval, "HumanEval/32"), (load_mbpp, "MBPP/17")])
-def test_scripted_policy_solves_real_humaneval_and_mbpp_items(env, loader, task_id):
-    task = next(t for t in loader() if t.task_id == task_id)
+@pytest.mark.parametrize("task_id", ["HumanEval/32", "MBPP/17"])
+def test_scripted_policy_solves_real_humaneval_and_mbpp_items(env, task_id):
+    task = dataset_task(task_id)
     steps = play_demonstration(env, task)
     assert len(steps) == 1 and steps[0].terminated and steps[0].reward == 1.0, steps[0].info
     assert steps[0].info["grade"]["total"] >= 3
 
 
 def test_a_dataset_env_draws_its_tasks_by_seed_or_by_id(make):
+    require_dataset("humaneval")
     env = make("humaneval")
     assert env.reset(seed=5)[1]["task_id"] == env.reset(seed=5)[1]["task_id"]
     assert env.reset(options={"task_id": "HumanEval/7"})[1]["task_id"] == "HumanEval/7"
@@ -258,6 +259,7 @@ def test_weights_orm_modes_and_components_that_sum_to_the_reward(make):
 
 
 def test_sandboxes_open_lazily_and_close_without_leaks(make):
+    require_dataset("mbpp")
     before = _children()
     env = make("mbpp")
     env.reset(seed=0)

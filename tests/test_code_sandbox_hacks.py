@@ -1,7 +1,7 @@
 """Reward hacking in code-sandbox-v0: every known way to forge a verdict scores 0; honest programs score 1.
 
 Each hack is submitted through the env (the real local sandbox, the real graders) on a generated task, a
-HumanEval task and an MBPP task from ../shared/datasets.
+HumanEval task and an MBPP task from ../shared/datasets (those tests skip where the data sets are not found).
 """
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ import os
 import signal
 
 import pytest
-from agentrl_envs.code_sandbox import CodeSandboxEnv, GradeConfig, generate_tasks, load_humaneval, load_mbpp
+from _datasets import task as dataset_task
+from agentrl_envs.code_sandbox import CodeSandboxEnv, GradeConfig, generate_tasks
 from agentrl_envs.code_sandbox.tasks import AssertTests, Call, CodeTask, IOTests
 
 from agentrl.sandbox import SandboxLimits
@@ -150,16 +151,21 @@ def _submit(code: str) -> str:
     return format_tool_calls([ToolCall("submit", {"code": code})])
 
 
-def _tasks():
-    generated = generate_tasks(1, seed=3, config="rl")[0]
-    humaneval = next(t for t in load_humaneval() if t.task_id == "HumanEval/0")
-    mbpp = next(t for t in load_mbpp() if t.task_id == "MBPP/2")
-    return {"generated": generated, "humaneval": humaneval, "mbpp": mbpp}
+_MAKE_TASK = {"generated": lambda: generate_tasks(1, seed=3, config="rl")[0],
+              "humaneval": lambda: dataset_task("HumanEval/0"), "mbpp": lambda: dataset_task("MBPP/2")}
+
+
+class _Tasks(dict):
+    """The three kinds of task, each made on first use: a test whose data set is missing skips with the reason."""
+
+    def __missing__(self, kind: str):
+        self[kind] = _MAKE_TASK[kind]()
+        return self[kind]
 
 
 @pytest.fixture(scope="module")
 def tasks():
-    return _tasks()
+    return _Tasks()
 
 
 @pytest.fixture(scope="module")

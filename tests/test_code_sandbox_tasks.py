@@ -9,6 +9,7 @@ import json
 import math
 from collections import Counter, OrderedDict, namedtuple
 
+import _datasets as datasets
 import pytest
 from agentrl_envs.code_sandbox import (
     PRESETS,
@@ -21,8 +22,6 @@ from agentrl_envs.code_sandbox import (
     generate_tasks,
     grade,
     grading,
-    load_humaneval,
-    load_mbpp,
     load_tasks,
 )
 from agentrl_envs.code_sandbox.datasets import DATASETS_ENV, dataset_path
@@ -122,7 +121,7 @@ def test_references_of_generated_tasks_pass_in_the_sandbox(pair):
 
 
 def test_the_shared_data_sets_load():
-    humaneval, mbpp = load_humaneval(), load_mbpp()
+    humaneval, mbpp = datasets.humaneval(), datasets.mbpp()
     assert len(humaneval) == 164 and len(mbpp) == 427
     assert humaneval[0].task_id == "HumanEval/0" and humaneval[0].tests.check == "check"
     assert "def similar_elements(test_tup1, test_tup2):" in mbpp[0].prompt and mbpp[0].entry_point == "similar_elements"
@@ -130,7 +129,7 @@ def test_the_shared_data_sets_load():
 
 
 def test_dataset_references_pass_in_the_sandbox(pair):
-    items = load_humaneval()[::20] + load_mbpp()[::40]
+    items = datasets.humaneval()[::20] + datasets.mbpp()[::40]
     results = _grade_all(pair, [(t, t.reference) for t in items])
     failed = [(t.task_id, r) for t, r in zip(items, results, strict=True) if r.share < 1]
     assert not failed and len(results) == 20

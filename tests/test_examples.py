@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from _datasets import require_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -47,7 +48,7 @@ def test_readme_countdown_is_the_example():
 
 def test_custom_env_checks_trains_and_evaluates(tmp_path):
     out = run_example("custom_env.py", tmp_path)
-    assert "checked: types, robustness, seeding, async, gymnasium, close" in out
+    assert "checked: types, robustness, seeding, async, outcome, gymnasium, close" in out
     assert re.search(r"(?m)^step 1 reward \d\.\d\d$", out) and re.search(r"(?m)^step 2 reward", out)
     assert 0.0 <= number(r"eval: ([\d.]+) numbers right per episode", out) <= 5.0
     report = Path(out.split("report: ")[1].split()[0])
@@ -76,6 +77,7 @@ def test_sft_then_dpo_mines_pairs_and_reports_held_out_figures(tmp_path):
 
 @pytest.mark.docker
 def test_eval_docker_humaneval(tmp_path, docker_image):
+    require_dataset("humaneval")
     out = run_example("eval_docker.py", tmp_path, "--out", str(tmp_path / "eval"))
     assert "sandbox check: the reference solution of HumanEval/0 passed 7/7 hidden tests in docker" in out
     assert re.search(r"pass@1 +\d\.\d{3}", out)

@@ -241,6 +241,8 @@ def test_gradient_checkpointing_and_bf16_give_the_same_update():
     plain, checkpointed = grads(), grads(gradient_checkpointing=True)
     for name, grad in plain.items():
         torch.testing.assert_close(checkpointed[name], grad, atol=1e-6, rtol=1e-5)
+    if (reason := optim.cpu_bf16_error()) is not None:
+        pytest.skip(f"bf16 does not run on this CPU (gradient checkpointing checked): {reason}")
     bf16 = grads(precision="bf16")
     cosine = torch.nn.functional.cosine_similarity(
         torch.cat([g.flatten() for g in plain.values()]),

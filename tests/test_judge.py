@@ -87,13 +87,30 @@ def test_preference_parsing_is_strict(text, value):
 
 # ---- a real local judge -------------------------------------------------------------------------------
 def test_a_local_judge_scores_by_the_rubric_and_keeps_its_raw_text(judge_dir):
+    """Each verdict is the model's own greedy answer to the rubric's question (decoded here through transformers,
+    apart from the judge's backend), kept raw and parsed on the scale. How many the fixture judge gets right is
+    printed, not asserted: 200 SFT steps round differently on other CPUs' kernels and can end in another rule."""
+    from agentrl.judge import verdicts as judge_verdicts
+    from agentrl.models.loading import load_model, load_tokenizer
+
     judge = make_judge(judge_dir)
     items, qualities = held_out(16)
     verdicts = judge.score(items)
     assert all(v.ok and v.error is None and v.attempts == 1 for v in verdicts)
-    assert all(v.raw is not None and v.raw.startswith("Score:") for v in verdicts)
+    model, tokenizer = load_model(judge_dir), load_tokenizer(judge_dir)
+    for (prompt, answer), verdict in zip(items, verdicts, strict=True):
+        asked = judge_verdicts.pointwise_messages(prompt, answer, rubric=judge.rubric, scale=judge.scale,
+                                                  template=OPTIONS["pointwise_template"], system=None)  # fmt: skip
+        ids = tokenizer.apply_chat_template(asked, add_generation_prompt=True, tokenize=True, return_dict=False)
+        with torch.no_grad():
+            out = model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+        expected = tokenizer.decode(out[0, len(ids):], skip_special_tokens=True).strip()
+        assert verdict.raw is not None and verdict.raw.strip() == expected
+        assert verdict.score == pytest.approx(parse_score(expected, judge.scale).value)
+    assert all(v.raw.startswith("Score:") for v in verdicts if v.raw)  # the verdict format was learned
     right = sum((v.score > 0.5) == (q == "good") for v, q in zip(verdicts, qualities, strict=True))  # type: ignore[operator]
-    assert right >= 15, [(i[1], v.raw) for i, v in zip(items, verdicts, strict=True)]
+    print(f"the fixture judge scored {right}/16 held-out responses by its rule")
 
 
 def test_pairwise_verdicts_are_asked_in_both_orders_and_position_bias_cancels(judge_dir):

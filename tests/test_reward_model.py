@@ -264,10 +264,10 @@ def test_the_scorers_are_named_components_of_a_weighted_reward(rm_run, prm_run):
                              RewardSpec("rm", rm, weight=0.5)])  # fmt: skip
     result = reward(task, "the dog yes runs")
     (expected,) = rm.score_conversations([default_to_messages(task, "the dog yes runs")])
-    assert result.components == {"correct": 0.0, "rm": 0.5 * expected}
-    assert result.score == 0.5 * expected
-    assert rm(task, default_to_messages(task, "the dog yes runs")).score == expected  # messages as they are
-    assert rm("red cat sun", "the dog yes runs").score == expected  # a str task is its prompt
+    assert result.components == {"correct": 0.0, "rm": pytest.approx(0.5 * expected, abs=1e-6)}
+    assert result.score == pytest.approx(0.5 * expected, abs=1e-6)
+    assert rm(task, default_to_messages(task, "the dog yes runs")).score == pytest.approx(expected, abs=1e-6)
+    assert rm("red cat sun", "the dog yes runs").score == pytest.approx(expected, abs=1e-6)  # a str task: its prompt
 
     def echo(text: str) -> str:
         """Echo text."""

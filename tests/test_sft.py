@@ -12,7 +12,7 @@ import agentrl
 from agentrl.algos import sft_nll_loss
 from agentrl.data.batch import collate
 from agentrl.errors import ConfigError
-from agentrl.learners import checkpoints
+from agentrl.learners import checkpoints, optim
 from agentrl.learners.logprobs import policy_logprobs
 from agentrl.learners.sft import (
     Demonstration,
@@ -299,6 +299,8 @@ def test_no_target_within_max_seq_len_is_a_config_error(demos):
 
 
 def test_bf16_autocast_trains(demos):
+    if (reason := optim.cpu_bf16_error()) is not None:
+        pytest.skip(f"bf16 does not run on this CPU: {reason}")
     result = train_sft(SFTConfig(max_steps=4, batch_size=4, warmup_steps=0, precision="bf16"), demos[:4])
     assert all(torch.isfinite(torch.tensor(log.loss)) for log in result.history)
     assert result.model.dtype == torch.float32  # autocast only: weights and optimizer stay fp32

@@ -388,8 +388,8 @@ def test_the_async_api_runs_on_the_callers_loop():
 def test_a_tool_env_passes_the_checker_and_gymnasiums_check():
     env = ToolEnv([add, multiply, divide], TASKS, exact, format_penalty=0.1)
     actions = [call("add", a=1, b=2), "<tool_call>{", call("divide", a=1, b=0), "<answer>42</answer>"]
-    assert check_env(env, actions=actions) == ["types", "robustness", "seeding", "async", "gymnasium", "close"]
-    assert check_env(ToolEnv([add], TASKS, exact)) == ["types", "robustness", "seeding", "async", "gymnasium",
+    assert check_env(env, actions=actions) == ["types", "robustness", "seeding", "async", "outcome", "gymnasium", "close"]
+    assert check_env(ToolEnv([add], TASKS, exact)) == ["types", "robustness", "seeding", "async", "outcome", "gymnasium",
                                                        "close"]
 
 
@@ -422,7 +422,7 @@ def test_the_example_runs(tmp_path):
     example = Path(__file__).resolve().parents[1] / "examples" / "tool_env.py"
     proc = subprocess.run([sys.executable, str(example)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert "passed: types, robustness, seeding, async, gymnasium, close" in proc.stdout
+    assert "passed: types, robustness, seeding, async, outcome, gymnasium, close" in proc.stdout
     assert "reward=1.0 {'format': 0.0, 'outcome': 1.0}" in proc.stdout
 
 

@@ -134,6 +134,8 @@ def test_a_tiny_run_goes_through_every_phase_into_its_run_directory(tmp_path):
     assert all(p["status"] == "finished" for p in state["phases"].values())
     records = rl_records(run_dir)
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert {r["phase"]: r["step"] for r in logged if r["phase"].startswith("eval-")} == {"eval-sft": 3, "eval-rl": 6}
     assert {"reward_mean", "pass_rate", "tokens_per_s", "monitor/repeated_ngram_rate"} <= set(records[0]["metrics"])
     assert (run_dir / "checkpoints" / "rl" / "step-000006" / "model.safetensors").is_file()
     assert (run_dir / "config.yaml").is_file() and any((run_dir / "tensorboard").rglob("events.out.*"))

@@ -221,7 +221,7 @@ def test_it_passes_the_checker_with_a_solving_episode_and_gymnasium_make():
     q = QUESTIONS[0]
     actions = [call("search", query=q.hops[0].query), call("open", url=f"/page/{q.answer_page}"),
                f"<answer>{q.answer}</answer>"]
-    assert check_env(env, actions=actions) == ["types", "robustness", "seeding", "async", "gymnasium", "close"]
+    assert check_env(env, actions=actions) == ["types", "robustness", "seeding", "async", "outcome", "gymnasium", "close"]
     agentrl.register_plugins()
     made = gymnasium.make("agentrl/web-tools-v0")
     _, info = made.reset(seed=0)

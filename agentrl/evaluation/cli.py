@@ -2,7 +2,9 @@
 
 Examples::
 
-    agentrl eval --env toy-guess --model tiny --n 20 --k 4 --pass-on solved
+    agentrl eval --env code-sandbox --env-arg tasks=eval --pass-on correct --temperature 0 --max-turns 1 \\
+        --max-new-tokens 160 --n 20 --model runs/<train run>/checkpoints/rl/step-NNNNNN
+        # the model `agentrl train --env code-sandbox` wrote, greedy on 20 held-out functions: under a minute
     agentrl eval --env code-sandbox --env-arg tasks=humaneval --task-option task_index --pass-on correct \\
         --n 164 --k 10 --model Qwen/Qwen2.5-0.5B-Instruct --backend vllm --temperature 0.8 --out runs/eval/he
     agentrl eval --env math --base-url https://api.openai.com/v1 --model gpt-4o-mini \\
@@ -26,10 +28,11 @@ from typing import Any
 
 from agentrl.types import DEFAULT_DEADLINE_S
 
-__all__ = ["add_arguments", "main"]
+__all__ = ["add_arguments", "env_arg", "main"]
 
 
-def _env_arg(text: str) -> tuple[str, Any]:
+def env_arg(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` of ``--env-arg``: VALUE parsed as JSON, else kept as a string."""
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. tasks=humaneval), got {text!r}")
@@ -58,7 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     what.add_argument(
         "--env-arg",
-        type=_env_arg,
+        type=env_arg,
         action="append",
         default=[],
         metavar="KEY=VALUE",
@@ -91,6 +94,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="generation backend (default: openai with --base-url, else hf)",
     )
     policy.add_argument("--base-url", help="OpenAI-compatible API root, e.g. http://127.0.0.1:8000/v1")
+    policy.add_argument(
+        "--no-model-check",
+        action="store_true",
+        help="with --base-url, skip asking /v1/models whether it serves --model (for a server that takes "
+        "names it does not list)",
+    )
     policy.add_argument(
         "--api-key-env",
         default="OPENAI_API_KEY",
@@ -242,6 +251,7 @@ def _config(args: argparse.Namespace) -> Any:
         resamples=args.resamples or 1000,
         confidence=args.confidence or 0.95,
         retry_errors=args.retry_errors,
+        check_model=not args.no_model_check,
         out=args.out,
     )
     from agentrl.tracking import check_output_dir

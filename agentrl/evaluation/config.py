@@ -85,6 +85,8 @@ class EvalConfig:
             ``hashes``, ``number`` or ``any`` (:func:`agentrl.rewards.answers.extract_answer`).
         resamples, confidence: the bootstrap over tasks behind every interval.
         retry_errors: play again the episodes that ended with an error in an earlier run.
+        check_model: with ``base_url``, fail before playing when the server's ``/models`` list lacks ``model``
+            (off for a server that takes names it does not list).
         out: the output directory (episodes, results, report); reruns resume from it.
     """
 
@@ -119,6 +121,7 @@ class EvalConfig:
     resamples: int = 1000
     confidence: float = 0.95
     retry_errors: bool = False
+    check_model: bool = True
     out: Path | None = None
 
     def __post_init__(self) -> None:

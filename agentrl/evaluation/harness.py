@@ -152,6 +152,25 @@ async def _probe(env: Env, config: EvalConfig, task: Task) -> None:
         raise ConfigError(f"{config.env} cannot run episodes: {type(exc).__name__}: {exc}") from exc
 
 
+async def probe_endpoint(config: EvalConfig) -> None:
+    """With ``--base-url``, ask the server which models it serves before anything is played or written.
+
+    Raises:
+        ConfigError: the server does not serve ``--model`` (the message names what it serves), or refuses
+            the key.
+        OpenAIError: no reply from ``--base-url``.
+    """
+    if config.backend != "openai" or not config.check_model:
+        return
+    from agentrl.rollout.openai import OpenAIPolicy
+
+    policy = OpenAIPolicy(config.model, config.base_url or "", api_key_env=config.api_key_env, retries=1)
+    try:
+        await policy.aprobe()
+    finally:
+        await policy.aclose()
+
+
 def build_policy(config: EvalConfig) -> tuple[Any, Any]:
     """The policy backend and the tokenizer the runner renders with."""
     from agentrl.models.loading import load_tokenizer
@@ -190,6 +209,19 @@ def build_policy(config: EvalConfig) -> tuple[Any, Any]:
     return policy, tokenizer
 
 
+def _quietly(build: Callable[[EvalConfig], Any], config: EvalConfig) -> Any:
+    """``build(config)`` without transformers' own progress bars ("Loading weights") beside the harness's."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        return build(config)
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 def resolved_device(config: EvalConfig) -> str:
     """``--device``, else ``cuda`` where a GPU is visible, else ``cpu`` (local backends only)."""
     if config.device:
@@ -205,6 +237,17 @@ def _pending(config: EvalConfig, done: Mapping[tuple[int, int], Trajectory]) -> 
     if config.retry_errors:
         return [key for key in plan if key not in done or done[key].stop_reason == StopReason.ERROR]
     return [key for key in plan if key not in done]
+
+
+def _replaying_only_failures(config: EvalConfig, done: Mapping[tuple[int, int], Trajectory], echo: Echo) -> bool:
+    """``--retry-errors`` over a directory whose every episode failed: nothing sampled is kept, so new
+    settings (a corrected ``--model``) may replace the old ones."""
+    if not (config.retry_errors and all(t.stop_reason == StopReason.ERROR for t in done.values())):
+        return False
+    existing = read_run_file(config.out_dir)
+    if existing is not None and existing["identity"] != json.loads(json.dumps(config.identity())):
+        echo(f"every saved episode in {config.out_dir} failed: replaying them with the settings given now")
+    return True
 
 
 def _record(
@@ -275,7 +318,7 @@ async def play(
     from agentrl.rollout.policy import SamplingParams
     from agentrl.rollout.runner import RolloutLimits
 
-    policy, tokenizer = build_policy(config)
+    policy, tokenizer = _quietly(build_policy, config)
     try:
         sampling = SamplingParams(
             max_tokens=config.max_new_tokens, temperature=config.temperature, top_p=config.top_p
@@ -455,11 +498,14 @@ def evaluate(config: EvalConfig, *, echo: Echo = print, show_progress: bool = Tr
     if config.best_of_n_by:  # a scorer that cannot work fails now, not after every episode is played
         selection.check_source(config.best_of_n_by)
     asyncio.run(probe_env(config))
+    asyncio.run(probe_endpoint(config))
     out = config.out_dir
     with EpisodeStore(out, echo) as store:
-        if store.episodes:  # settings bind a directory once it holds episodes
+        # Settings bind a directory once it holds episodes, except where every one failed and is replayed.
+        binding = bool(store.episodes) and not _replaying_only_failures(config, store.episodes, echo)
+        if binding:
             check_identity(out, config.identity())
-        write_run_file(out, config.identity(), config.to_dict(), keep_identity=bool(store.episodes))
+        write_run_file(out, config.identity(), config.to_dict(), keep_identity=binding)
         pending = _pending(config, store.episodes)
         resumed = config.n * config.k - len(pending)
         if resumed:

@@ -37,6 +37,7 @@ __all__ = [
     "pass_at_k",
     "pass_at_k_tasks",
     "summarize",
+    "task_cluster",
     "tool_call_counts",
     "unpaired_bootstrap",
 ]
@@ -84,7 +85,12 @@ def _check_bootstrap(resamples: int, confidence: float) -> None:
 
 
 def bootstrap_ci(
-    values_T: Sequence[float] | np.ndarray, *, resamples: int = 1000, confidence: float = 0.95, seed: int = 0
+    values_T: Sequence[float] | np.ndarray,
+    *,
+    resamples: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+    clusters_T: Sequence[Any] | None = None,
 ) -> tuple[float, float]:
     """Percentile bootstrap interval of the mean of per-task values, resampling tasks with replacement.
 
@@ -93,19 +99,36 @@ def bootstrap_ci(
         resamples: bootstrap resamples.
         confidence: the interval's nominal coverage.
         seed: the resampling seed (the same seed gives the same interval).
+        clusters_T: a label per task; tasks with one label are one cluster (the same underlying problem
+            drawn twice), resampled together, so repeats do not narrow the interval. None: every task its own.
 
     Returns:
-        ``(low, high)``; ``(nan, nan)`` for no tasks, the value itself twice for one task.
+        ``(low, high)``; ``(nan, nan)`` for no tasks, the value itself twice for one cluster.
     """
     _check_bootstrap(resamples, confidence)
     values = np.asarray(values_T, dtype=np.float64)
     if values.size == 0:
         return math.nan, math.nan
     rng = np.random.default_rng(seed)
-    means_R = values[rng.integers(0, values.size, size=(resamples, values.size))].mean(axis=1)
+    if clusters_T is None:
+        means_R = values[rng.integers(0, values.size, size=(resamples, values.size))].mean(axis=1)
+    else:
+        means_R = _cluster_means(values, clusters_T, rng, resamples)
     tail = (1 - confidence) / 2
     low, high = np.quantile(means_R, [tail, 1 - tail])
     return float(low), float(high)
+
+
+def _cluster_means(values: np.ndarray, clusters_T: Sequence[Any], rng: np.random.Generator, resamples: int
+                   ) -> np.ndarray:  # fmt: skip
+    """Means of ``resamples`` cluster bootstrap draws: C clusters drawn with replacement, each bringing all
+    its tasks (the estimate is the mean over the tasks drawn)."""
+    labels = {label: i for i, label in enumerate(dict.fromkeys(clusters_T))}
+    index_T = np.array([labels[label] for label in clusters_T])
+    sums_C = np.bincount(index_T, weights=values, minlength=len(labels))
+    counts_C = np.bincount(index_T, minlength=len(labels)).astype(np.float64)
+    drawn_R_C = rng.integers(0, len(labels), size=(resamples, len(labels)))
+    return np.asarray(sums_C[drawn_R_C].sum(axis=1) / counts_C[drawn_R_C].sum(axis=1))
 
 
 def paired_bootstrap(
@@ -249,6 +272,7 @@ class EpisodeStats:
     latency_s: float
     tool_calls: int
     tool_errors: int
+    env_task_id: str | None = None  # the env's own id of the task (None where it reports none)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -311,6 +335,7 @@ def episode_stats(trajectory: Trajectory, rule: PassRule) -> EpisodeStats:
         latency_s=float(meta.get("elapsed_s", math.nan)),
         tool_calls=calls,
         tool_errors=failed,
+        env_task_id=None if meta.get("env_task_id") is None else str(meta["env_task_id"]),
     )
 
 
@@ -358,6 +383,13 @@ def group_tasks(episodes: Sequence[EpisodeStats]) -> list[TaskResult]:
     ]
 
 
+def task_cluster(task: TaskResult) -> str:
+    """What makes two evaluation tasks the same problem: the env's task id where it reports one (tasks drawn
+    by seed can repeat), else the evaluation's own task id."""
+    env_ids = {s.env_task_id for s in task.samples if s.env_task_id is not None}
+    return f"env:{min(env_ids)}" if env_ids else f"eval:{task.task_id}"
+
+
 def _with_ci(values_T: np.ndarray, ci: Callable[[np.ndarray], tuple[float, float]]) -> dict[str, Any]:
     low, high = ci(values_T)
     mean = float(values_T.mean()) if values_T.size else math.nan
@@ -375,7 +407,8 @@ def summarize(
     """Every metric of a run.
 
     pass@k uses the tasks with at least ``k`` samples (all of them in a finished run); its interval and
-    the mean reward's come from :func:`bootstrap_ci` over tasks. Episode-level numbers (turns, tokens,
+    the mean reward's come from :func:`bootstrap_ci` over tasks, clustered by :func:`task_cluster` where
+    the env drew one problem more than once (``distinct_tasks`` < ``tasks``). Episode-level numbers (turns, tokens,
     latency, stop reasons, tool-call errors) pool all episodes.
 
     Returns:
@@ -386,16 +419,21 @@ def summarize(
         ``episodes`` and ``tasks``.
     """
     tasks = group_tasks(episodes)
+    label = {t.task_index: task_cluster(t) for t in tasks}
+    repeats = len(set(label.values())) < len(tasks)
 
-    def ci(values_T: np.ndarray) -> tuple[float, float]:
-        return bootstrap_ci(values_T, resamples=resamples, confidence=confidence, seed=seed)
+    def ci_of(chosen: Sequence[TaskResult]) -> Callable[[np.ndarray], tuple[float, float]]:
+        clusters = [label[t.task_index] for t in chosen] if repeats else None
+        return lambda values_T: bootstrap_ci(values_T, resamples=resamples, confidence=confidence, seed=seed,
+                                             clusters_T=clusters)  # fmt: skip
 
     pass_k: dict[str, Any] = {}
     for k in ks:
         eligible = [t for t in tasks if t.n >= k]
         values_T = pass_at_k_tasks([t.n for t in eligible], [t.passed for t in eligible], k)
-        pass_k[str(k)] = _with_ci(values_T, ci)
+        pass_k[str(k)] = _with_ci(values_T, ci_of(eligible))
     reward_T = np.array([t.mean_reward for t in tasks], dtype=np.float64)
+    ci = ci_of(tasks)
     rewards = [e.reward for e in episodes]
     calls, failed = sum(e.tool_calls for e in episodes), sum(e.tool_errors for e in episodes)
     stops: dict[str, int] = {}
@@ -408,6 +446,7 @@ def summarize(
     return {
         "episodes": len(episodes),
         "tasks": len(tasks),
+        "distinct_tasks": len(set(label.values())),
         "pass_at_k": pass_k,
         "pass_rate": sum(e.passed for e in episodes) / len(episodes) if episodes else math.nan,
         "reward": {**_with_ci(reward_T, ci), "distribution": distribution(rewards)},

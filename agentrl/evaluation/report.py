@@ -125,6 +125,12 @@ def format_summary(results: Mapping[str, Any]) -> str:
         f"pass rule: {results['pass_rule']}; intervals: {config['confidence']:.0%} bootstrap over tasks, "
         f"{config['resamples']} resamples",
     ]
+    distinct = metrics.get("distinct_tasks", metrics["tasks"])
+    if distinct < metrics["tasks"]:
+        lines.append(
+            f"  the env drew {distinct} distinct tasks for the {metrics['tasks']} (drawn by seed, with repeats): "
+            "intervals resample the distinct ones, repeats together; --task-option picks each task once"
+        )
     for k, entry in metrics["pass_at_k"].items():
         lines.append(
             f"  {'pass@' + k:<18}{_num(entry['value']):>8}  {_ci(entry):<18} ({entry['tasks']} tasks)"

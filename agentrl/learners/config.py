@@ -5,6 +5,8 @@ with one line per bad field naming the value, the problem and what the field exp
 
 from __future__ import annotations
 
+import difflib
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -12,7 +14,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from agentrl.errors import ConfigError
 
-__all__ = ["LoRAConfig", "StrictConfig", "TrainConfig", "explain"]
+__all__ = ["ConfigNote", "LoRAConfig", "StrictConfig", "TrainConfig", "derived_warmup", "explain"]
+
+
+class ConfigNote(UserWarning):
+    """A setting derived for the user (e.g. a warm-up shortened to fit a short run): shown, never an error."""
 
 
 class StrictConfig(BaseModel):
@@ -51,7 +57,10 @@ class TrainConfig(StrictConfig):
     betas: tuple[float, float] = Field(
         (0.9, 0.999), description="AdamW betas, each in [0, 1), e.g. (0.9, 0.999)"
     )
-    warmup_steps: int = Field(30, ge=0, description="linear warm-up steps, fewer than max_steps, e.g. 30")
+    warmup_steps: int = Field(
+        30, ge=0, description="linear warm-up steps, fewer than max_steps, e.g. 30 (left unset: its default, or "
+        "max_steps // 10 where the default would not fit)"
+    )
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine floor as a fraction of lr, in [0, 1]")
     grad_clip: float | None = Field(
         1.0, gt=0, description="max global gradient norm, or None for no clipping"
@@ -74,6 +83,22 @@ class TrainConfig(StrictConfig):
     )
     resume_from: Path | None = Field(None, description="a step-NNNNNN checkpoint to resume (weights + state)")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _fit_default_warmup(cls, data: Any) -> Any:
+        """A warm-up left at its default that would not fit a short run shrinks to a tenth of it, with a note."""
+        if not isinstance(data, dict) or data.get("warmup_steps") is not None:
+            return data
+        default, max_steps = cls.model_fields["warmup_steps"].default, data.get("max_steps")
+        if not isinstance(max_steps, int) or isinstance(max_steps, bool) or not 0 < max_steps <= default:
+            return data
+        warmup = derived_warmup(default, max_steps)
+        warnings.warn(
+            f"{cls.__name__}: warmup_steps {warmup} (the default {default} is not fewer than max_steps {max_steps}); "
+            "set warmup_steps to choose another", ConfigNote, stacklevel=2,
+        )  # fmt: skip
+        return {**data, "warmup_steps": warmup}
+
     @model_validator(mode="after")
     def _consistent(self) -> TrainConfig:
         if self.warmup_steps >= self.max_steps and self.warmup_steps > 0:
@@ -88,6 +113,11 @@ class TrainConfig(StrictConfig):
         return self
 
 
+def derived_warmup(default: int, max_steps: int) -> int:
+    """The warm-up a run gets when none was set: ``default``, or ``max_steps // 10`` where that is too long."""
+    return default if default < max_steps else max_steps // 10
+
+
 def explain(cls: type[BaseModel], exc: ValidationError) -> str:
     """One line per bad field: its value, what is wrong, and the field's documentation (the fix)."""
     lines = []
@@ -95,6 +125,9 @@ def explain(cls: type[BaseModel], exc: ValidationError) -> str:
         name = ".".join(str(part) for part in error["loc"])
         field = cls.model_fields.get(str(error["loc"][0])) if error["loc"] else None
         hint = f" ({name}: {field.description})" if field is not None and field.description else ""
+        if error["type"] == "extra_forbidden" and len(error["loc"]) == 1:
+            close = difflib.get_close_matches(str(error["loc"][-1]), list(cls.model_fields), n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; the fields: {', '.join(cls.model_fields)}"
         where = f"{cls.__name__}.{name}: got {error['input']!r};" if name else f"{cls.__name__}:"
         lines.append(f"{where} {error['msg'].removeprefix('Value error, ')}{hint}")
     return f"invalid {cls.__name__}:\n  " + "\n  ".join(lines)

@@ -324,6 +324,7 @@ def train_dpo(
         TemplateError: the chat template cannot reproduce the rollout's tokens.
     """
     optim.seed_everything(config.seed)
+    optim.check_precision(config.precision, config.device)
     model, tokenizer = policy_model.load_trainable(config)
     dataset = _dataset(config, tokenizer, list(data))
     pad_id = policy_model.pad_id(tokenizer)

@@ -197,6 +197,7 @@ def train_grpo(
 
 
 def _learner(config: GRPOConfig) -> loop.Online:
+    optim.check_precision(config.precision, config.device)
     model, tokenizer = policy_model.load_trainable(config)
     reference = policy_model.load_reference(config, model) if config.beta > 0 else None
     optimizer = optim.make_optimizer(model, config.lr, config.weight_decay, config.betas)

@@ -4,6 +4,7 @@ gradient clipping, and the seeded batch order of the offline learners."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import random
 from collections.abc import Iterator, Mapping, Sequence
@@ -16,7 +17,9 @@ from agentrl.errors import ConfigError
 __all__ = [
     "Joint",
     "autocast",
+    "check_precision",
     "clip_and_step",
+    "cpu_bf16_error",
     "iterate_batches",
     "make_optimizer",
     "make_scheduler",
@@ -113,16 +116,53 @@ def autocast(precision: str, device: torch.device | str) -> contextlib.AbstractC
     Weights, gradients and optimizer state stay fp32 either way; only matmuls run in bf16.
 
     Raises:
-        ConfigError: bf16 on a CUDA device without bf16 support, or an unknown precision.
+        ConfigError: as :func:`check_precision`.
     """
-    device_type = torch.device(device).type
+    check_precision(precision, device)
     if precision == "fp32":
         return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+
+
+def check_precision(precision: str, device: torch.device | str) -> None:
+    """Fail before any work where ``device`` cannot train in ``precision``; learners call it before loading.
+
+    Raises:
+        ConfigError: an unknown precision; bf16 on a GPU without bf16, or on a CPU whose kernels cannot run a
+            bf16 attention forward and backward (torch's CPU bf16 attention needs AVX-512; see
+            :func:`cpu_bf16_error`).
+    """
+    if precision == "fp32":
+        return
     if precision != "bf16":
         raise ConfigError(f"precision {precision!r} is not one of 'fp32', 'bf16'")
+    device_type = torch.device(device).type
     if device_type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ConfigError("this GPU has no bf16 support; set precision='fp32'")
-    return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
+    if device_type == "cpu" and (reason := cpu_bf16_error()) is not None:
+        raise ConfigError(
+            f"bf16 does not run on this CPU (torch's CPU capability: {torch.backends.cpu.get_cpu_capability()}; "
+            f"a bf16 attention step fails with {reason!r}); set precision='fp32'"
+        )
+
+
+@functools.cache
+def cpu_bf16_error() -> str | None:
+    """Why a small bf16-autocast attention forward and backward fails on this CPU, or None where it runs.
+
+    Shapes matter: torch's fused CPU attention takes another path for very short sequences, so the probe uses
+    64 positions, as a real batch would.
+    """
+    query_B_H_T_D = torch.randn(1, 2, 64, 16, requires_grad=True)
+    try:
+        with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+            out = torch.nn.functional.scaled_dot_product_attention(
+                query_B_H_T_D, query_B_H_T_D, query_B_H_T_D, is_causal=True
+            )
+        out.float().sum().backward()
+    except RuntimeError as exc:
+        return str(exc).splitlines()[0]
+    return None
 
 
 class Joint:

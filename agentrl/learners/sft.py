@@ -201,6 +201,7 @@ def train_sft(
     """
     optim.seed_everything(config.seed)
     device = torch.device(config.device)
+    optim.check_precision(config.precision, config.device)
     model, tokenizer = policy_model.load_trainable(config)
 
     # Tokenize every conversation exactly as a rollout would have recorded it (a recorded one is used as is).

@@ -15,7 +15,7 @@ from typing import Any
 
 from agentrl.errors import ConfigError
 
-__all__ = ["add_dpo_arguments", "add_sft_arguments", "dpo_main", "sft_main"]
+__all__ = ["add_dpo_arguments", "add_sft_arguments", "dpo_main", "sft_main", "why_no_pairs"]
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -100,13 +100,37 @@ def dpo_main(args: argparse.Namespace) -> int:
     else:
         from agentrl.data.buffer import TrajectoryBuffer
 
-        data = TrajectoryBuffer.load(args.buffer).preference_pairs(args.min_margin)
+        buffer = TrajectoryBuffer.load(args.buffer)
+        data = buffer.preference_pairs(args.min_margin)
         print(f"dpo: {len(data)} pairs mined from {args.buffer}", file=sys.stderr)
+        if not data:
+            raise ConfigError(f"no preference pair in {args.buffer}: {why_no_pairs(buffer.groups, args.min_margin)}")
     result = _run("dpo", args, config, lambda on_step: train_dpo(config, data, on_step=on_step))
     last = result.history[-1]
     print(f"dpo ({config.loss}): {len(result.history)} steps, final loss {last.loss:.4f}, "
           f"accuracy {last.accuracy:.2f}, margin {last.margin:.3f}; model: {result.checkpoint}")  # fmt: skip
     return 0
+
+
+def why_no_pairs(groups: Sequence[Any], min_margin: float) -> str:
+    """Why best-vs-worst mining found nothing, counted over ``groups`` (the rules of ``mine_pair``)."""
+    from agentrl.types import StopReason
+
+    usable = [[t for t in g if t.trainable and t.turns and t.stop_reason is not StopReason.ERROR] for g in groups]
+    small = sum(len(u) < 2 for u in usable)
+    spreads = [max(t.total_reward for t in u) - min(t.total_reward for t in u) for u in usable if len(u) >= 2]
+    alike = sum(spread <= min_margin for spread in spreads)
+    parts = [f"{len(groups)} groups (tasks)"]
+    if small:
+        parts.append(f"{small} with fewer than two trainable episodes that did not fail (a group needs two: "
+                     "sample several per task, e.g. group_size >= 2, and check the episodes' errors)")  # fmt: skip
+    if alike:
+        parts.append(f"{alike} whose rewards differ by no more than --min-margin {min_margin:g} (every sample "
+                     "scored alike: nothing to prefer; sample at a higher temperature or lower --min-margin)")  # fmt: skip
+    rest = len(groups) - small - alike
+    if rest:
+        parts.append(f"{rest} whose best and worst episodes share every turn")
+    return "; ".join(parts)
 
 
 def _config(cls: Any, args: argparse.Namespace, fixed: dict[str, Any]) -> Any:

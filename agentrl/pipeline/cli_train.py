@@ -8,16 +8,17 @@ import time
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from agentrl.pipeline.config import Resolved
+    from agentrl.pipeline.config import Resolved, RunConfig
 
-__all__ = ["add_arguments", "main"]
+__all__ = ["add_arguments", "main", "phases_off"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--env", help="registered env id, e.g. code-sandbox (see `agentrl envs`)")
     parser.add_argument("--model", help="starting model: 'tiny' (default), a hub id or a local directory")
     parser.add_argument("--algo", help="RL algorithm: grpo (default), dapo, dr_grpo, rloo, reinforce_pp, ppo, dpo")
-    parser.add_argument("--rollout", choices=("hf", "vllm", "openai"), help="sampler backend (default hf)")
+    parser.add_argument("--rollout", metavar="{hf,vllm}", help="sampler backend: hf (default) or vllm; an API "
+                        "endpoint cannot take trained weights, so it evaluates (agentrl eval --base-url)")  # fmt: skip
     parser.add_argument("--config", metavar="RUN.YAML", help="a run config file (see --dry-run for its keys)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one setting, e.g. --set learner.lr=1e-5 (repeatable)")  # fmt: skip
@@ -59,6 +60,8 @@ def main(args: argparse.Namespace) -> int:
             output_dir=args.output_dir, seed=args.seed, threads=args.threads, tracking=report_to(args.report_to),
         )  # fmt: skip
     resolved = resolve(run)
+    for note in phases_off(run):
+        print(f"note: {note}", file=sys.stderr)
     from agentrl.tracking import check_output_dir
 
     check_output_dir(resolved.run_dir, "--resume" if args.resume else "--output-dir")
@@ -87,6 +90,25 @@ def report_to(flag: str | None) -> dict[str, str] | None:
     if flag is None:
         return None
     return {"report_to": "" if flag.strip().lower() == "none" else flag}
+
+
+def phases_off(run: RunConfig) -> list[str]:
+    """What of the pipeline a run leaves off (SFT, evaluation), each with the setting that turns it on.
+
+    An env's ``default_run`` mapping is where these are set for a plain ``agentrl train --env <id>``; a
+    plug-in env without one trains RL only unless the run sets them.
+    """
+    from agentrl.pipeline.config import env_recipe
+
+    recipe = "" if env_recipe(run.env) else f" ({run.env} has no default_run recipe that sets it)"
+    notes = []
+    if run.sft.demos == 0:
+        notes.append(f"the SFT phase is off: sft.demos is 0{recipe}; turn it on with --set sft.demos=N (N tasks "
+                     "whose env.demonstration(task) episodes are the SFT data)")  # fmt: skip
+    if run.eval.tasks == 0:
+        notes.append(f"evaluation is off, so no pass@1 is reported: eval.tasks is 0{recipe}; turn it on with --set "
+                     "eval.tasks=N (and eval.env_kwargs for held-out tasks, eval.pass_on for the component)")  # fmt: skip
+    return notes
 
 
 def _print_resolved(resolved: Resolved) -> None:

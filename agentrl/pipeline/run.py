@@ -26,9 +26,10 @@ recipe (cold-start SFT, RL on verifiable rewards, rejection sampling, RL with ve
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -107,6 +108,26 @@ def run_pipeline(resolved: Resolved, *, stream: IO[str] | None = None, report: b
     run = resolved.run
     if run.threads is not None:
         torch.set_num_threads(run.threads)
+    with _quiet_transformers():
+        return _run_phases(resolved, report, stream)
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """No transformers progress bars ("Loading weights", "Writing model shards") among the phases' own."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _run_phases(resolved: Resolved, report: bool, stream: IO[str] | None) -> RunSummary:
+    run = resolved.run
     _probe_envs(resolved)
     out = RunDir(resolved.run_dir, tracking=run.tracking.settings())
     out.write_config(run)
@@ -313,7 +334,8 @@ def _rl_phase(resolved: Resolved, out: RunDir, stream: IO[str] | None, phase: st
         if every and (step == 1 or step % every == 0):
             out.add_trajectories(phase, step, trajectories)
 
-    with Progress(phase, config.max_steps, initial=step, stream=stream) as bar:
+    budget = getattr(config, "max_seconds", None)
+    with Progress(phase, config.max_steps, initial=step, stream=stream, budget_s=budget) as bar:
 
         def on_step(log: Any) -> None:
             metrics = {**flatten_metrics(log.as_dict()), **played.pop(log.step, {})}
@@ -328,8 +350,17 @@ def _rl_phase(resolved: Resolved, out: RunDir, stream: IO[str] | None, phase: st
         finally:
             if "rescore" in hooks:  # the judge's backend (a model, or an HTTP client)
                 asyncio.run(hooks["rescore"].judge.aclose())
+        last = result.history[-1].step if result.history else step
+        if budget is not None and last < config.max_steps:
+            bar.stopped_early(last, f"its time budget (learner.max_seconds = {budget:g} s; raise it to train on)")
     out.finish_phase(phase)
     return result.checkpoint or final
+
+
+def _trained_steps(checkpoint: Path) -> int:
+    """The step a ``step-NNNNNN`` checkpoint was saved at (0 for a model that is no such checkpoint)."""
+    name = Path(checkpoint).name
+    return int(name.removeprefix("step-")) if name.startswith("step-") and name[5:].isdigit() else 0
 
 
 def _eval_phase(phase: str, checkpoint: Path | None, resolved: Resolved, out: RunDir, max_new_tokens: int,
@@ -349,7 +380,7 @@ def _eval_phase(phase: str, checkpoint: Path | None, resolved: Resolved, out: Ru
     from agentrl.models.card import write_model_card
 
     write_model_card(checkpoint, {f"held-out {k}": v for k, v in result.metrics().items()})
-    out.log(phase, 0, result.metrics())
+    out.log(phase, _trained_steps(checkpoint), result.metrics())  # at the step of the policy it measured
     out.finish_phase(phase)
     with Progress(phase, 1, stream=stream, interval_s=0) as bar:
         bar.update(1, result.metrics())

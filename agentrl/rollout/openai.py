@@ -11,7 +11,11 @@ Two kinds of prompt, two endpoints:
   ids gives text only and ``trainable=False``.
 - **Messages** go to ``/v1/chat/completions`` (API models, for evaluation). The reply is text only
   (``trainable=False``); tool calls the server returns as structured ``tool_calls`` are written into the
-  text as Hermes ``<tool_call>`` blocks, the format the envs parse.
+  text as Hermes ``<tool_call>`` blocks, the format the envs parse. The turn's cap goes as ``max_tokens``,
+  or as ``max_completion_tokens`` from the first reply that asks for it (reasoning models refuse the other).
+
+:meth:`OpenAIPolicy.aprobe` asks ``/models`` once before a run, so a wrong model name fails in a second with
+the names the server serves, instead of as one failed episode per task.
 
 Requests run at most ``max_concurrency`` at a time. Timeouts, 408/409/429/5xx replies and connection errors
 are retried with exponential backoff (honouring ``Retry-After``); other 4xx replies fail at once with the
@@ -116,6 +120,7 @@ class OpenAIPolicy:
         self._client: Any = None
         self._slots: asyncio.Semaphore | None = None
         self._closed = False
+        self._max_tokens_field = "max_tokens"  # chat: "max_completion_tokens" once a server asks for it
 
     # ---- Policy protocol ---------------------------------------------------------------------------
     async def generate(
@@ -139,10 +144,56 @@ class OpenAIPolicy:
             return generation_from_completion(await self._post("/completions", body))
         if all(isinstance(m, Mapping) and "role" in m for m in prompt):
             body = self._chat_body(prompt, sampling, tools)  # type: ignore[arg-type]
-            return generation_from_chat(await self._post("/chat/completions", body))
+            try:
+                reply = await self._post("/chat/completions", body)
+            except ConfigError as exc:
+                # Reasoning models refuse max_tokens and name its successor: switch once, for good.
+                if self._max_tokens_field != "max_tokens" or "max_completion_tokens" not in str(exc):
+                    raise
+                self._max_tokens_field = "max_completion_tokens"
+                body["max_completion_tokens"] = body.pop("max_tokens")
+                reply = await self._post("/chat/completions", body)
+            return generation_from_chat(reply)
         raise ConfigError(
             "prompt must be a list of token ids or a list of chat messages ({'role', 'content'})"
         )
+
+    async def aprobe(self) -> None:
+        """Ask the server which models it serves (``GET /models``) before any episode is played.
+
+        A server that does not list models (no such endpoint, or a reply of another shape) passes: the first
+        request will tell. Closes nothing; call :meth:`aclose` after.
+
+        Raises:
+            ConfigError: the server serves other models than ``model`` (the message lists them), or the key
+                is refused (401/403).
+            OpenAIError: no reply from ``base_url`` (after retries).
+        """
+        import httpx
+
+        client, _ = self._session()
+        url = f"{self.base_url}/models"
+        for attempt in range(self.retries + 1):
+            try:
+                response = await client.get(url)
+                break
+            except (httpx.TimeoutException, httpx.TransportError) as exc:
+                if attempt == self.retries:
+                    raise OpenAIError(
+                        f"{url}: no reply after {attempt + 1} attempts ({type(exc).__name__}: {exc}); is the "
+                        "server running and reachable at base_url?"
+                    ) from exc
+                await asyncio.sleep(self._delay(attempt, None))
+        if response.status_code in (401, 403):
+            raise await self._status_error(url, response, 1)
+        served = _model_ids(response) if response.status_code == 200 else None
+        if served and self.model not in served:
+            shown = ", ".join(served[:10]) + (f" (and {len(served) - 10} more)" if len(served) > 10 else "")
+            raise ConfigError(
+                f"{self.base_url} does not serve a model named {self.model!r}; it serves: {shown}. "
+                f"Pass one of those as the model name (e.g. --model {served[0]}), or --no-model-check where the "
+                "server takes names it does not list"
+            )
 
     async def update_weights(self, named_tensors: Any) -> None:
         """A remote server's weights are not ours to change.
@@ -188,7 +239,7 @@ class OpenAIPolicy:
         body: dict[str, Any] = {
             "model": self.model,
             "messages": chat_messages(messages),
-            "max_tokens": sampling.max_tokens,
+            self._max_tokens_field: sampling.max_tokens,
             "temperature": sampling.temperature,
             "top_p": sampling.top_p,
         }
@@ -264,9 +315,9 @@ class OpenAIPolicy:
         client, _ = self._session()
         try:
             response = await client.get(f"{self.base_url}/models")
-            return [str(m["id"]) for m in response.json()["data"]][:10] if response.status_code == 200 else []
         except Exception:
             return []
+        return (_model_ids(response) or [])[:10] if response.status_code == 200 else []
 
     def _session(self) -> tuple[Any, asyncio.Semaphore]:
         """The client and concurrency limit of the running event loop (made afresh for a new loop)."""
@@ -403,6 +454,15 @@ def _floats(values: Any) -> tuple[float, ...] | None:
     if isinstance(values, list) and all(isinstance(v, int | float) for v in values):
         return tuple(float(v) for v in values)
     return None
+
+
+def _model_ids(response: Any) -> list[str] | None:
+    """The ids of a ``/models`` reply (``{"data": [{"id": ...}, ...]}``), or None for another shape."""
+    try:
+        data = response.json()["data"]
+        return [str(m["id"]) for m in data]
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def _server_message(response: Any) -> str:
