@@ -380,3 +380,20 @@ def test_failed_episodes_are_kept_and_replayed_with_retry_errors(tmp_path):
     results = results_of(out)
     assert results["metrics"]["errors"]["count"] == 0 and results["metrics"]["pass_at_k"]["1"]["value"] == 1.0
     assert len((out / "episodes.jsonl").read_text().splitlines()) == 8  # the latest record of a pair counts
+
+
+def test_eval_plays_turn_split_ledgers_and_refuses_unknown_history_or_format(tmp_path):
+    from agentrl.errors import ConfigError
+    from agentrl.evaluation.config import EvalConfig
+
+    out = tmp_path / "split"
+    guess = ["--env", "toy-guess-v0", "--n", "2", "--k", "2", "--max-new-tokens", "8", "--max-turns", "3", "--quiet"]
+    code, _, stderr = eval_cli(*guess, "--history", "turn_split", "--out", str(out))
+    assert code == 0, stderr
+    ledgers = read_jsonl(out / "episodes.jsonl")
+    multi = [t for t in ledgers if len(t.turns) > 1]
+    assert multi and all(len(t.sequence_starts) == len(t.turns) for t in multi)  # one sequence a turn
+    with pytest.raises(ConfigError, match="--history"):
+        EvalConfig(env="toy-guess-v0", history="split")
+    with pytest.raises(ConfigError, match="unknown tool format"):
+        EvalConfig(env="toy-guess-v0", tool_format="hermes3")

@@ -119,6 +119,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     policy.add_argument(
         "--template", help="chat template: 'chatml' or a Jinja string (default: the tokenizer's)"
     )
+    policy.add_argument(
+        "--history", choices=("append", "keep_reasoning", "turn_split"), default="append",
+        help="how earlier turns reach the next prompt (default append; `agentrl check --model M` says which "
+        "the model's template takes: turn_split or keep_reasoning for thinking models)",
+    )  # fmt: skip
+    policy.add_argument("--tool-format", help="the model's tool-call markup, e.g. llama3_json (default: detected)")
     policy.add_argument("--device", help="device of a local model (default: cuda if visible, else cpu)")
     policy.add_argument(
         "--dtype", help="weights' dtype of a local model, e.g. bfloat16 (default: the checkpoint's)"
@@ -228,6 +234,8 @@ def _config(args: argparse.Namespace) -> Any:
         tokenizer=args.tokenizer,
         prompt_format=args.prompt_format,
         template=args.template,
+        history=args.history,
+        tool_format=args.tool_format,
         n=args.n,
         k=args.k,
         ks=args.ks,

@@ -65,6 +65,9 @@ class EvalConfig:
             endpoints, where token counts are then approximate).
         prompt_format: ``token_ids`` or ``messages``; None: ``messages`` for ``openai``, else ``token_ids``.
         template: chat template: None (the tokenizer's), ``chatml`` or a Jinja string.
+        history: how earlier turns reach the next prompt: ``append``, ``keep_reasoning`` or ``turn_split``
+            (:data:`agentrl.models.chat.HISTORY_MODES`; ``agentrl check --model`` says which a template takes).
+        tool_format: the model's tool-call markup (:mod:`agentrl.tool_formats`); None: detected.
         n: tasks (indices ``0..n-1``).
         k: samples per task.
         ks: the k of each pass@k reported; empty: ``(1, k)``.
@@ -100,6 +103,8 @@ class EvalConfig:
     tokenizer: str | None = None
     prompt_format: str | None = None
     template: str | None = None
+    history: str = "append"
+    tool_format: str | None = None
     n: int = 10
     k: int = 1
     ks: tuple[int, ...] = ()
@@ -141,6 +146,12 @@ class EvalConfig:
             raise ConfigError(
                 "--model is empty: pass a model directory, a hub id, 'tiny', or a served model name"
             )
+        if self.history not in ("append", "keep_reasoning", "turn_split"):
+            raise ConfigError(f"--history must be append, keep_reasoning or turn_split, got {self.history!r}")
+        if self.tool_format is not None:
+            from agentrl.tool_formats import tool_format
+
+            tool_format(self.tool_format)  # an unknown name fails here, listing the known ones
         if self.prompt_format not in (None, "token_ids", "messages"):
             raise ConfigError(f"--prompt-format must be token_ids or messages, got {self.prompt_format!r}")
         if self.prompt_format == "messages" and self.backend != "openai":

@@ -287,6 +287,8 @@ class _Slot:
             seed=config.seed,
             template=config.template,
             prompt_format=config.resolved_prompt_format,
+            history=config.history,
+            tool_format=config.tool_format,
         )
         self.config = config
 
