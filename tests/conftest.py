@@ -30,6 +30,23 @@ def torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
+@contextlib.contextmanager
+def loopback_server(handler: type) -> Iterator[str]:
+    """A real HTTP server on 127.0.0.1 serving ``handler`` (a ``BaseHTTPRequestHandler``) from a thread;
+    yields its OpenAI-style API root, ``http://127.0.0.1:<port>/v1``, and shuts down after the block."""
+    import threading
+    from http.server import ThreadingHTTPServer
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 @pytest.fixture
 def one_thread() -> Iterator[None]:
     """One torch thread for the test: small models are faster, and timings steadier, on a shared CPU. A module

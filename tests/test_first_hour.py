@@ -10,13 +10,13 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import warnings
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 import pytest
+from conftest import loopback_server
 from test_evaluation import eval_cli
 
 import agentrl
@@ -142,14 +142,8 @@ def api_server(models: list[str], listed: bool = True, reasoning: bool = False
                 choice = {"index": 0, "message": message, "finish_reason": "stop"}
                 self._send(200, {"id": "c", "object": "chat.completion", "model": body["model"], "choices": [choice]})
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/v1", seen
-    finally:
-        server.shutdown()
-        server.server_close()
+    with loopback_server(Handler) as url:
+        yield url, seen
 
 
 EVAL = ["--env", "toy-guess", "--n", "2", "--k", "2", "--max-turns", "2", "--quiet"]
