@@ -13,13 +13,12 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from conftest import loopback_server
+from conftest import JSONHandler, loopback_server
 from test_evaluation import HUMANEVAL, eval_cli, humaneval_rows, results_of
 
 from agentrl.data.trajectory import read_jsonl
@@ -169,10 +168,7 @@ def chat_server(
     (an assistant message; one with ``"status"`` is sent as that HTTP error instead)."""
     seen: list[dict[str, Any]] = []
 
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, *args: Any) -> None:
-            pass
-
+    class Handler(JSONHandler):
         def do_POST(self) -> None:
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             seen.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
@@ -182,12 +178,7 @@ def chat_server(
             reply = {"id": "c", "object": "chat.completion", "model": body["model"], "choices": [choice]}
             if status != 200:
                 reply = {"error": {"message": message.get("content", "failed"), "code": status}}
-            data = json.dumps(reply).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+            self.send_json(status, reply)
 
     with loopback_server(Handler) as url:
         yield url, seen

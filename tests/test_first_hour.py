@@ -12,11 +12,10 @@ import subprocess
 import sys
 import warnings
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 import pytest
-from conftest import loopback_server
+from conftest import JSONHandler, loopback_server
 from test_evaluation import eval_cli
 
 import agentrl
@@ -109,38 +108,27 @@ def api_server(models: list[str], listed: bool = True, reasoning: bool = False
     with ``max_tokens`` gets OpenAI's 400 for reasoning models. Others are answered with a ``guess(50)``."""
     seen: list[dict[str, Any]] = []
 
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, *args: Any) -> None:
-            pass
-
-        def _send(self, status: int, reply: dict[str, Any]) -> None:
-            data = json.dumps(reply).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
+    class Handler(JSONHandler):
         def do_GET(self) -> None:
             seen.append({"path": self.path})
             if not listed or self.path != "/v1/models":
-                self._send(404, {"error": {"message": "not found"}})
+                self.send_json(404, {"error": {"message": "not found"}})
             else:
-                self._send(200, {"object": "list", "data": [{"id": m, "object": "model"} for m in models]})
+                self.send_json(200, {"object": "list", "data": [{"id": m, "object": "model"} for m in models]})
 
         def do_POST(self) -> None:
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             seen.append({"path": self.path, "body": body})
             if body["model"] not in models:
-                self._send(404, {"error": {"message": f"The model `{body['model']}` does not exist."}})
+                self.send_json(404, {"error": {"message": f"The model `{body['model']}` does not exist."}})
             elif reasoning and "max_tokens" in body:
-                self._send(400, {"error": {"message": "Unsupported parameter: 'max_tokens' is not supported with "
+                self.send_json(400, {"error": {"message": "Unsupported parameter: 'max_tokens' is not supported with "
                                            "this model. Use 'max_completion_tokens' instead."}})  # fmt: skip
             else:
                 call = {"id": "c1", "type": "function", "function": {"name": "guess", "arguments": '{"number": 50}'}}
                 message = {"role": "assistant", "content": "", "tool_calls": [call]}
                 choice = {"index": 0, "message": message, "finish_reason": "stop"}
-                self._send(200, {"id": "c", "object": "chat.completion", "model": body["model"], "choices": [choice]})
+                self.send_json(200, {"id": "c", "object": "chat.completion", "model": body["model"], "choices": [choice]})
 
     with loopback_server(Handler) as url:
         yield url, seen
