@@ -28,12 +28,15 @@ class Message(_MessageRequired, total=False):
     """One chat message, OpenAI format.
 
     ``tool_calls`` appears on assistant messages (OpenAI shape: ``{"id", "type": "function",
-    "function": {"name", "arguments"}}``), ``tool_call_id`` and ``name`` on tool results.
+    "function": {"name", "arguments"}}``), ``tool_call_id`` and ``name`` on tool results. ``weight`` 0 on an
+    assistant message of a demonstration makes it context, not a training target (OpenAI fine-tuning's
+    convention; 1, the default, trains on it).
     """
 
     tool_calls: list[dict[str, Any]]
     tool_call_id: str
     name: str
+    weight: int
 
 
 @dataclass(frozen=True)

@@ -77,6 +77,22 @@ def test_mask_is_exact_on_a_multi_turn_demonstration_with_tool_calls(tokenizer, 
     assert whole[len(ledger.token_ids) :] == renderer.encode("\n")
 
 
+def test_an_assistant_turn_of_weight_0_is_context_not_a_target(tokenizer, demos):
+    demo = next(d for d in demos if sum(m["role"] == "tool" for m in d.messages) >= 2)
+    first = next(i for i, m in enumerate(demo.messages) if m["role"] == "assistant")
+    messages = [dict(m) for m in demo.messages]
+    messages[first]["weight"] = 0
+    renderer = ChatRenderer(tokenizer, demo.tools)
+    plain, weighted = demonstration_ledger(renderer, demo.messages), demonstration_ledger(renderer, messages)
+    assert weighted.token_ids == plain.token_ids  # the same conversation, token for token
+    trained = [text for text, m in mask_runs(tokenizer, weighted) if m]
+    assistant = [m["content"] for m in demo.messages if m["role"] == "assistant"]
+    assert trained == [a + IM_END for a in assistant[1:]]  # every assistant turn but the first
+    messages[first]["weight"] = 0.5
+    with pytest.raises(ConfigError, match="weight must be 0 .context only. or 1"):
+        demonstration_ledger(renderer, messages)
+
+
 def test_openai_structured_tool_calls_from_jsonl_give_the_same_ledger(tmp_path, tokenizer, demos):
     demo = demos[0]
     structured = []

@@ -163,7 +163,8 @@ class ChatRenderer:
 def demonstration_ledger(renderer: ChatRenderer, messages: Sequence[Message]) -> Trajectory:
     """Tokenize a conversation into the ledger the rollout runner would have recorded for it.
 
-    Assistant turns (their text, tool-call markup and end-of-turn token) get mask 1; everything else 0.
+    Assistant turns (their text, tool-call markup and end-of-turn token) get mask 1, except those with
+    ``weight`` 0 (context only); everything else 0.
     Messages after the last assistant turn are dropped (the runner stops there too).
 
     Raises:
@@ -182,7 +183,10 @@ def demonstration_ledger(renderer: ChatRenderer, messages: Sequence[Message]) ->
     for n, k in enumerate(turns):
         text = _assistant_text(renderer, history, messages[k])
         ids = renderer.encode(text)
-        ledger.add_sampled(ids, None)
+        if _weight(messages[k]):
+            ledger.add_sampled(ids, None)
+        else:  # context the model reads, not a target: mask 0
+            ledger.add_observation(ids)
         sampled = renderer.decode(ids)
         message = renderer.assistant_message(sampled)  # content text, as the env receives it in a rollout
         if n + 1 == len(turns):
@@ -198,6 +202,13 @@ def demonstration_ledger(renderer: ChatRenderer, messages: Sequence[Message]) ->
         ledger.add_messages([message, *answer])
         history += [message, *answer]
     return ledger.finish(StopReason.TERMINATED, meta={"source": "demonstration"})
+
+
+def _weight(message: Message) -> int:
+    weight = message.get("weight", 1)
+    if weight not in (0, 1) or isinstance(weight, bool):
+        raise ConfigError(f"an assistant message's weight must be 0 (context only) or 1 (trained on), got {weight!r}")
+    return int(weight)
 
 
 def _assistant_text(renderer: ChatRenderer, history: Sequence[Message], message: Message) -> str:

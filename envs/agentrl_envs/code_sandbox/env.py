@@ -1,14 +1,23 @@
 """``code-sandbox-v0``: write a Python function, test it in a sandbox, submit it to hidden tests.
 
 Each turn the model may call ``run_python`` (up to ``max_runs`` times; results come back as tool messages) and
-ends the episode by calling ``submit`` with its program, or by answering with a fenced python block and no
-tool call. Malformed calls come back as tool errors and the episode goes on; ``max_turns`` turns without a
-submission truncate it.
+submits its program by calling ``submit``, or by answering with a fenced python block and no tool call.
+Malformed calls come back as tool errors and the episode goes on; ``max_turns`` turns without a submission
+truncate it.
+
+With ``attempts`` = 1 (the class default) a submission ends the episode. With more, a submission is first run
+on the task's *public* tests (:attr:`~agentrl_envs.code_sandbox.tasks.CodeTask.feedback`), in an execution of
+its own: if one fails, the agent reads the first failure (the call, what it returned or raised, what was
+expected) and may submit again; when they all pass, or no attempt is left, the submission is final. The
+*hidden* tests alone decide the reward and are never shown, so no number of attempts reveals them (this is
+the RLEF design: feedback from public tests, reward from private ones). A task without public tests says only
+how many hidden tests passed.
 
 Rewards (named components, weighted by ``weights``; ``info["reward_components"]`` holds the weighted parts,
 ``info["reward_raw"]`` the raw values):
 
-- ``correct`` (ORM, last turn): the share of hidden tests passed, or 1/0 for all-pass with ``orm="all_pass"``.
+- ``correct`` (ORM, last turn): the share of hidden tests the final submission passed, or 1/0 for all-pass
+  with ``orm="all_pass"``. Earlier submissions score nothing.
   With ``format_gate`` (default), a submission followed by anything (text, another ``<tool_call>`` block,
   well-formed or not, after its closing ``</tool_call>``; text after its code fence) scores 0: a policy must
   not learn to ramble after its answer.
@@ -18,6 +27,10 @@ Rewards (named components, weighted by ``weights``; ``info["reward_components"]`
 - ``progress`` (PRM): each turn, how much the best share of hidden tests passed so far went up; programs
   run with ``run_python`` that define the entry point are graded too. Over an episode it sums to the best
   share reached. Costs a grading per such run, so it is computed only when its weight is not 0.
+
+Each step's ``info["turn_metrics"]`` says what the turn did, for multi-turn metrics: ``attempt`` (1 if it
+submitted), ``attempt_passed`` (1 if that submission passed every hidden test), ``tool_calls`` and
+``tool_errors`` (malformed or invalid calls, calls beyond ``max_runs``, sandbox failures).
 """
 
 from __future__ import annotations
@@ -38,7 +51,7 @@ from agentrl.tools import parse_tool_calls, tool_error_message, validate_call
 from agentrl.types import Message, ToolCall
 from agentrl_envs.code_sandbox.datasets import load_humaneval, load_mbpp, load_tasks
 from agentrl_envs.code_sandbox.generator import PRESETS, GeneratorConfig, generate_task
-from agentrl_envs.code_sandbox.grading import GradeConfig, GradeResult, SandboxPair, grade
+from agentrl_envs.code_sandbox.grading import GradeConfig, GradeResult, SandboxPair, grade, grade_public
 from agentrl_envs.code_sandbox.prompts import (
     RUN_TOOL,
     SUBMIT_TOOL,
@@ -46,6 +59,7 @@ from agentrl_envs.code_sandbox.prompts import (
     demonstration,
     final_code_block,
     format_run,
+    retry_feedback,
 )
 from agentrl_envs.code_sandbox.tasks import CodeTask, parse_source
 
@@ -72,22 +86,25 @@ def _resolve_tasks(tasks: str | GeneratorConfig | Sequence[CodeTask]) -> Generat
 
 
 DEFAULT_RUN: dict[str, Any] = {
-    # `agentrl train --env code-sandbox` with nothing else: the tiny model on a 2-core CPU. SFT on reference
-    # episodes that submit at once (demonstrated phrasings only), GRPO on tasks that mostly use the other
-    # phrasings (where the SFT model is partly right), greedy pass@1 (all hidden tests) on held-out functions.
+    # `agentrl train --env code-sandbox` with nothing else: the tiny model on a 2-core CPU, three submissions
+    # per episode. SFT on reference episodes (demonstrated phrasings only), half of them recovering from a
+    # slipped first submission; GRPO with turn-level credit on tasks that mostly use the other phrasings (where
+    # the SFT model is partly right); greedy pass@1 (all hidden tests) on held-out functions.
     "threads": 2,
-    "env_kwargs": {"tasks": "rl"},
+    "env_kwargs": {"tasks": "rl", "attempts": 3, "max_turns": 3},
     "sft": {
         "demos": 16000,
-        "env_kwargs": {"tasks": "sft"},
-        "demo_options": {"check": False},
+        "env_kwargs": {"tasks": "sft", "attempts": 3, "max_turns": 3},
+        "demo_options": {"check": False, "recover": 0.5},
         "learner": {"max_steps": 500, "batch_size": 32, "lr": 2e-3, "warmup_steps": 30, "max_seq_len": 1024},
     },
     "learner": {
         "max_steps": 250, "max_seconds": 510, "prompts_per_step": 16, "group_size": 8, "max_new_tokens": 128,
-        "max_turns": 1, "temperature": 1.0, "lr": 1e-4, "warmup_steps": 5, "dynamic_sampling": True,
+        "max_turns": 3, "advantage": "turn", "temperature": 1.0, "lr": 1e-4, "warmup_steps": 5,
+        "dynamic_sampling": True,
     },
-    "eval": {"tasks": 300, "env_kwargs": {"tasks": "eval"}, "pass_on": "correct", "max_new_tokens": 160},
+    "eval": {"tasks": 300, "env_kwargs": {"tasks": "eval", "attempts": 3, "max_turns": 3}, "pass_on": "correct",
+             "max_new_tokens": 160},
 }  # fmt: skip
 """The env's recipe for ``agentrl train`` (see :mod:`agentrl.pipeline.config`); any key can be overridden."""
 
@@ -98,6 +115,9 @@ class _Episode:
     turn: int = 0
     best: float = 0.0
     done: bool = False
+    submissions: int = 0
+    last: GradeResult | None = None  # the latest submission's hidden-test verdict
+    last_gated: bool = False
 
 
 class CodeSandboxEnv(Env):
@@ -110,6 +130,8 @@ class CodeSandboxEnv(Env):
         sandbox_limits: limits of every program; defaults to 5 s wall and CPU time, 512 MiB.
         sandbox_options: backend options.
         max_turns: turns before the episode is truncated.
+        attempts: submissions per episode; beyond the first, each failed public test is shown and the agent
+            may submit again (see the module docstring).
         orm: ``"share"`` (share of hidden tests passed) or ``"all_pass"`` (1 only if all pass).
         weights: weights of the components ``correct``, ``format``, ``runs``, ``progress``.
         format_gate: score 0 for a submission followed by anything (text, another block or call).
@@ -135,6 +157,7 @@ class CodeSandboxEnv(Env):
         sandbox_limits: SandboxLimits | None = None,
         sandbox_options: Mapping[str, Any] | None = None,
         max_turns: int = 4,
+        attempts: int = 1,
         orm: str = "share",
         weights: Mapping[str, float] | None = None,
         format_gate: bool = True,
@@ -147,6 +170,8 @@ class CodeSandboxEnv(Env):
             raise ConfigError(f"orm must be 'share' or 'all_pass', got {orm!r}")
         if not isinstance(max_turns, int) or max_turns < 1:
             raise ConfigError(f"max_turns must be a positive integer, got {max_turns!r}")
+        if not isinstance(attempts, int) or attempts < 1:
+            raise ConfigError(f"attempts must be a positive integer, got {attempts!r}")
         if not isinstance(max_runs, int) or max_runs < 1:
             raise ConfigError(f"max_runs must be a positive integer, got {max_runs!r}")
         if sandbox not in list_sandboxes():
@@ -155,6 +180,7 @@ class CodeSandboxEnv(Env):
         self.limits = sandbox_limits or SandboxLimits(wall_time=5.0, cpu_time=5.0)
         self.sandboxes = SandboxPair(sandbox, self.limits, **dict(sandbox_options or {}))
         self.max_turns: int = max_turns
+        self.attempts = attempts
         self.orm, self.format_gate, self.output_chars, self.max_runs = orm, format_gate, output_chars, max_runs
         self.weights = {**DEFAULT_WEIGHTS, **parse_weights(weights, COMPONENTS)}
         self.grading = grading or GradeConfig()
@@ -163,7 +189,7 @@ class CodeSandboxEnv(Env):
         self._episode: _Episode | None = None
 
     # ---- demonstrations ------------------------------------------------------------------------------
-    def demonstration(self, task: CodeTask | int, check: bool = True) -> list[Message]:
+    def demonstration(self, task: CodeTask | int, check: bool = True, recover: float = 0.0) -> list[Message]:
         """The reference episode of ``task`` under this env's system prompt, for SFT (see
         :func:`~agentrl_envs.code_sandbox.prompts.demonstration`).
 
@@ -171,13 +197,18 @@ class CodeSandboxEnv(Env):
             task: a task, or a seed: the task a generator env draws from it (a data set env: its index).
             check: run the reference on the task's example with ``run_python`` before submitting; False
                 submits at once (a one-turn episode).
+            recover: the share of tasks (chosen by a hash of the task id) whose episode first submits the
+                reference with one plausible slip, reads the env's feedback on it and submits the fix; that
+                first attempt is context, not a training target (``weight`` 0). Needs ``attempts`` > 1.
         """
         if not isinstance(task, CodeTask):
             if isinstance(self.source, GeneratorConfig):
                 task = generate_task(self.source, np.random.default_rng(int(task)))
             else:
                 task = self.source[int(task)]
-        return demonstration(task, self.system_prompt, check=check)
+        if recover and self.attempts < 2:
+            raise ConfigError("recovery demonstrations need attempts > 1: the env must allow a second submission")
+        return demonstration(task, self.system_prompt, check=check, recover=recover, attempts=self.attempts)
 
     # ---- episode -------------------------------------------------------------------------------------
     def _pick(self, options: Mapping[str, Any]) -> CodeTask:
@@ -231,19 +262,21 @@ class CodeSandboxEnv(Env):
             raise RuntimeError("the episode is over; call reset() first")
         episode.turn += 1
         turn = await self._play_turn(episode, action)
-        episode.done = turn.submitted or episode.turn >= self.max_turns
+        episode.done = turn.final or episode.turn >= self.max_turns
         return self._result(episode, turn)
 
     # ---- one turn ------------------------------------------------------------------------------------
     async def _play_turn(self, episode: _Episode, action: str) -> _Turn:
         parsed = parse_tool_calls(action)
         turn = _Turn(obs=[tool_error_message(e) for e in parsed.errors], malformed=bool(parsed.errors))
+        turn.calls, turn.errors = len(parsed.calls) + len(parsed.errors), len(parsed.errors)
         for call in parsed.calls:
             try:
                 validate_call(call, _TOOLS)
             except ToolCallError as error:
                 turn.obs.append(tool_error_message(error, call.id))
                 turn.malformed = True
+                turn.errors += 1
                 continue
             if call.name == "run_python":
                 await self._run(episode, call, turn)
@@ -266,6 +299,7 @@ class CodeSandboxEnv(Env):
                     "Run it in the next turn, or submit.")
             turn.obs.append({"role": "tool", "content": text, "tool_call_id": call.id or "", "name": "run_python"})
             turn.runs.append(False)
+            turn.errors += 1
             return
         code = str(call.arguments["code"])
         try:
@@ -274,6 +308,7 @@ class CodeSandboxEnv(Env):
             text, ok = format_run(result, self.output_chars, self.limits.wall_time), result.ok
         except SandboxError as exc:  # the sandbox failed (not the program): tell the model, keep going
             text, ok = f"Error: the sandbox failed to run the code: {exc}", False
+            turn.errors += 1
         turn.obs.append({"role": "tool", "content": text, "tool_call_id": call.id or "", "name": "run_python"})
         turn.runs.append(ok)
         if self.weights["progress"] and _defines(code, episode.task.entry_point):
@@ -282,7 +317,7 @@ class CodeSandboxEnv(Env):
             episode.best = max(episode.best, graded.share)
 
     async def _submit(self, episode: _Episode, code: str, trailing: bool, turn: _Turn, call_id: str | None) -> None:
-        graded = await grade(episode.task, code, self.sandboxes, self.grading)
+        graded = await grade(episode.task, code, self.sandboxes, self.grading, hidden=self.attempts > 1)
         if graded.status in ("sandbox_error", "task_error"):
             # Not the policy's doing: the episode ends as an error (learners drop it, evaluations count it)
             # instead of scoring 0 as if the program had failed its tests.
@@ -292,19 +327,41 @@ class CodeSandboxEnv(Env):
         turn.gated = self.format_gate and trailing
         turn.progress += max(0.0, graded.share - episode.best)
         episode.best = max(episode.best, graded.share)
-        text = f"Submitted: {graded.passed}/{graded.total} hidden tests passed ({graded.status})."
-        if turn.gated:
-            text += " Scored 0: nothing may follow the submission."
+        episode.submissions += 1
+        episode.last, episode.last_gated = graded, turn.gated
+        left = min(self.attempts - episode.submissions, self.max_turns - episode.turn)
+        failure = await self._public_failure(episode.task, code, graded, turn.gated) if left > 0 else None
+        turn.final = failure is None
+        if failure is not None:
+            text = retry_feedback(failure, left)
+        else:
+            text = f"Submitted: {graded.passed}/{graded.total} hidden tests passed ({graded.status})."
+            if turn.gated:
+                text += " Scored 0: nothing may follow the submission."
         message: Message = {"role": "tool", "content": text, "name": "submit"}
         if call_id is not None:
             message["tool_call_id"] = call_id
         turn.obs.append(message)
 
+    async def _public_failure(self, task: CodeTask, code: str, graded: GradeResult, gated: bool) -> str | None:
+        """What the agent is told about a submission that may be retried, or None when it is final (its
+        public tests pass; with no public tests, its hidden tests pass)."""
+        if gated:
+            return "nothing may follow the submission: submit with nothing after the call"
+        public = await grade_public(task, code, self.sandboxes, self.grading)
+        if public is None:
+            return None if graded.all_passed else f"{graded.passed}/{graded.total} hidden tests passed"
+        if public.status in ("sandbox_error", "task_error"):
+            raise SandboxError(f"task {task.task_id}: the public tests could not be run: {public.detail}")
+        if public.all_passed:
+            return None
+        return public.detail if public.status == "graded" else f"the program {public.status}: {public.detail}"
+
     # ---- reward --------------------------------------------------------------------------------------
     def _result(self, episode: _Episode, turn: _Turn) -> StepResult:
-        correct = 0.0
-        if turn.grade is not None and not turn.gated:
-            correct = turn.grade.share if self.orm == "share" else float(turn.grade.all_passed)
+        correct, ends = 0.0, episode.done
+        if ends and episode.last is not None and not episode.last_gated:  # the final submission's verdict
+            correct = episode.last.share if self.orm == "share" else float(episode.last.all_passed)
         if turn.submitted:
             runs = 1.0 if turn.grade is not None and turn.grade.clean else 0.0
         else:
@@ -312,14 +369,18 @@ class CodeSandboxEnv(Env):
         raw = {"correct": correct, "format": -1.0 if turn.malformed or turn.gated else 0.0, "runs": runs,
                "progress": turn.progress}
         reward = compose(raw, self.weights)
+        passed = turn.grade is not None and turn.grade.all_passed and not turn.gated
+        metrics = {"attempt": float(turn.submitted), "attempt_passed": float(passed),
+                   "tool_calls": float(turn.calls), "tool_errors": float(turn.errors)}
         info: dict[str, Any] = {"reward_components": dict(reward.components), "reward_raw": dict(reward.raw),
-                                "task_id": episode.task.task_id, "turn": episode.turn}
+                                "task_id": episode.task.task_id, "turn": episode.turn, "turn_metrics": metrics,
+                                "attempt": episode.submissions}
         if turn.grade is not None:
             g = turn.grade
             info["grade"] = {"passed": g.passed, "total": g.total, "status": g.status, "detail": g.detail,
                              "clean": g.clean, "gated": turn.gated}
-        truncated = not turn.submitted and episode.turn >= self.max_turns
-        return StepResult(turn.obs, reward.score, turn.submitted, truncated, info)
+        truncated = not turn.final and episode.turn >= self.max_turns
+        return StepResult(turn.obs, reward.score, turn.final, truncated, info)
 
     # ---- lifecycle -----------------------------------------------------------------------------------
     async def aclose(self) -> None:
@@ -337,6 +398,9 @@ class _Turn:
     gated: bool = False
     grade: GradeResult | None = None
     progress: float = 0.0
+    final: bool = False  # a submission that ends the episode
+    calls: int = 0
+    errors: int = 0
 
 
 def _after_call(action: str, index: int) -> str:

@@ -142,6 +142,8 @@ class GeneratorConfig:
         depths: the numbers of transformation clauses to draw from (uniformly).
         alt_share: the probability that a clause uses its undemonstrated phrasing (0 for SFT data).
         tests: hidden tests per task.
+        public_tests: public tests per task (:attr:`CodeTask.feedback`): inputs apart from the hidden tests,
+            drawn from the task's own seed, so adding them changes no other draw.
         eval_share: the share of functions that belong to the eval split.
         domains: the domains to draw from.
     """
@@ -150,6 +152,7 @@ class GeneratorConfig:
     depths: tuple[int, ...] = (1, 2)
     alt_share: float = 0.8
     tests: int = 5
+    public_tests: int = 3
     eval_share: float = 0.2
     domains: tuple[str, ...] = ("list", "int", "str")
 
@@ -160,8 +163,8 @@ class GeneratorConfig:
             raise ConfigError(f"GeneratorConfig.depths must be clause counts in 1..3, got {self.depths!r}")
         if not 0.0 <= self.alt_share <= 1.0 or not 0.0 < self.eval_share < 1.0:
             raise ConfigError("GeneratorConfig.alt_share must be in [0, 1] and eval_share in (0, 1)")
-        if self.tests < 1:
-            raise ConfigError("GeneratorConfig.tests must be at least 1")
+        if self.tests < 1 or self.public_tests < 0:
+            raise ConfigError("GeneratorConfig.tests must be at least 1 and public_tests at least 0")
         unknown = set(self.domains) - {d.name for d in DOMAINS}
         if unknown or not self.domains:
             raise ConfigError(f"unknown domains {sorted(unknown)}; choose from {[d.name for d in DOMAINS]}")
@@ -230,8 +233,9 @@ def _build(config: GeneratorConfig, rng: np.random.Generator, domain: Domain, ch
     inputs = [_random_input(domain, rng) for _ in range(config.tests + 1)]
     outputs = _run_reference(reference, inputs)
     alts = "".join(str(alt) for _, _, alt in chosen)
+    task_id = f"gen/{semantic}/{alts}"
     return CodeTask(
-        task_id=f"gen/{semantic}/{alts}",
+        task_id=task_id,
         prompt=prompt,
         entry_point=ENTRY,
         reference=reference,
@@ -242,7 +246,27 @@ def _build(config: GeneratorConfig, rng: np.random.Generator, domain: Domain, ch
         demonstrated="1" not in alts,
         example=Call(ENTRY, (inputs[0],)),
         example_stdout=str(outputs[0]),
+        feedback=_public_tests(domain, reference, task_id, inputs, config.public_tests),
     )
+
+
+def _public_tests(domain: Domain, reference: str, task_id: str, hidden: list[Any], n: int) -> IOTests | None:
+    """``n`` public tests: inputs drawn from the task id's own seed (the main stream is untouched), none
+    equal to a hidden test's input (or the example's), so what the agent is shown never reveals a hidden test."""
+    if n == 0:
+        return None
+    rng = np.random.default_rng(int.from_bytes(hashlib.sha256(task_id.encode()).digest()[:8], "big"))
+    taken, inputs = {repr(v) for v in hidden}, list[Any]()
+    for _ in range(50 * n):
+        value = _random_input(domain, rng)
+        if repr(value) not in taken:
+            taken.add(repr(value))
+            inputs.append(value)
+            if len(inputs) == n:
+                break
+    if not inputs:
+        return None
+    return IOTests(tuple(Call(ENTRY, (v,)) for v in inputs), tuple(_run_reference(reference, inputs)))
 
 
 def generate_task(config: GeneratorConfig, rng: np.random.Generator, max_tries: int = 1000) -> CodeTask:

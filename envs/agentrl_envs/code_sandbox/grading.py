@@ -19,6 +19,10 @@ and builtins, disarm alarms, print fake reports, or read whatever test code sits
    expected value. For :class:`~.tasks.AssertTests` a *trusted* sandbox, where no submitted code ever
    runs, re-runs the assertion code against a replay of those outputs (:mod:`._harness_asserts`), each
    ``assert`` on its own; the number of tests is fixed beforehand by recording the reference solution.
+5. **Nothing of the hidden tests flows back to the agent.** A sandbox keeps its files between programs, so
+   when the agent acts after a grading (the env's ``attempts`` > 1), submissions meet the hidden tests in
+   a sandbox of their own (``grade(..., hidden=True)``): what a program stores there (the inputs it was
+   called with) no ``run_python`` call and no public-test run can read.
 
 A timeout, crash, missing or duplicated report is a result with ``status`` saying so and 0 tests passed,
 never an exception. A sandbox lost under a program (see :func:`_sandbox_lost`) is not the program's doing:
@@ -31,12 +35,12 @@ from __future__ import annotations
 import ast
 import asyncio
 import base64
+import dataclasses
 import importlib.util
 import json
 import logging
 import marshal
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,9 +48,19 @@ from agentrl.errors import ConfigError
 from agentrl.sandbox import ExecResult, Sandbox, SandboxError, SandboxLimits, open_sandbox
 from agentrl.sandbox_tests import new_token, token_lines
 from agentrl_envs.code_sandbox import _wire
-from agentrl_envs.code_sandbox.tasks import AssertTests, CodeTask, IOTests, parse_source
+from agentrl_envs.code_sandbox.tasks import AssertTests, Call, CodeTask, IOTests, parse_source
 
-__all__ = ["GradeConfig", "GradeResult", "Recording", "SandboxPair", "grade", "record", "rewrite_asserts"]
+__all__ = [
+    "GradeConfig",
+    "GradeResult",
+    "Recording",
+    "SandboxPair",
+    "describe_failure",
+    "grade",
+    "grade_public",
+    "record",
+    "rewrite_asserts",
+]
 
 log = logging.getLogger(__name__)
 _HERE = Path(__file__).parent
@@ -54,7 +68,7 @@ _STRIP = "# stripped when shipped"
 _MAX_REPORT_CHARS = 1 << 20  # the harness keeps its report under 0.5 MB
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class GradeConfig:
     """Time limits of one grading.
 
@@ -74,7 +88,7 @@ class GradeConfig:
                 raise ConfigError(f"GradeConfig.{name} must be a positive number of seconds")
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class GradeResult:
     """The verdict on one submission.
 
@@ -108,7 +122,7 @@ class GradeResult:
         return self.total > 0 and self.passed == self.total
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Recording:
     """What the reference solution does under a task's assertion tests (computed once per task).
 
@@ -126,7 +140,8 @@ class Recording:
 
 
 class SandboxPair:
-    """The two sandboxes grading needs, opened on first use: one for untrusted code, one for trusted code.
+    """The sandboxes grading needs, opened on first use: one for untrusted code, one for trusted code, and
+    one for submissions under hidden tests when the agent acts after a grading (see the module docstring).
 
     Args:
         backend: the sandbox backend's registered name (``"local"``, ``"docker"``, ...).
@@ -157,8 +172,13 @@ class SandboxPair:
         """The sandbox for reference solutions and assertion code; no submitted code ever runs in it."""
         return await self._get("trusted")
 
+    async def hidden(self) -> Sandbox:
+        """The sandbox for submissions under the hidden tests when the agent acts after a grading; no
+        ``run_python`` call or public-test run reads its files."""
+        return await self._get("hidden")
+
     async def aclose(self) -> None:
-        """Close both sandboxes; idempotent, completes even when cancelled, and never raises."""
+        """Close the sandboxes; idempotent, completes even when cancelled, and never raises."""
         boxes, self._boxes = list(self._boxes.values()), {}
         for box in boxes:
             try:
@@ -325,8 +345,27 @@ def _compare(tests: IOTests, results: list[Any]) -> tuple[int, str]:
             ok, got = False, "<malformed value>"
         passed += ok
         if not ok and not detail:
-            detail = f"{call.text()} raised {item['e']}" if "e" in item else f"{call.text()} returned {got!r:.200}"
+            detail = describe_failure(call, expected, item["e"] if "e" in item else None, got)
     return passed, detail
+
+
+def describe_failure(call: Call, expected: Any, error: str | None = None, got: Any = None) -> str:
+    """One failed test as the agent reads it, e.g. ``solve([1, 2]) returned 3, expected 2`` or
+    ``solve(0) raised ZeroDivisionError: ...`` (the env's feedback and the demonstrations both use it)."""
+    if error is not None:
+        return f"{call.text()} raised {error:.200}"
+    return f"{call.text()} returned {got!r:.200}, expected {expected!r:.200}"
+
+
+async def grade_public(
+    task: CodeTask, code: str, sandboxes: SandboxPair, config: GradeConfig | None = None
+) -> GradeResult | None:
+    """Run ``code`` on the task's public tests (:attr:`CodeTask.feedback`) in an execution of their own, so a
+    program cannot carry what it saw during the hidden tests into what it returns here. None: no public tests.
+    """
+    if task.feedback is None:
+        return None
+    return await grade(dataclasses.replace(task, tests=task.feedback), code, sandboxes, config)
 
 
 async def record(task: CodeTask, box: Sandbox) -> Recording:
@@ -391,7 +430,9 @@ async def _replay(tests: AssertTests, recording: Recording, results: list[Any], 
     return passed, detail or f"{recording.total - passed} assertion(s) failed"
 
 
-async def grade(task: CodeTask, code: str, sandboxes: SandboxPair, config: GradeConfig | None = None) -> GradeResult:
+async def grade(
+    task: CodeTask, code: str, sandboxes: SandboxPair, config: GradeConfig | None = None, *, hidden: bool = False
+) -> GradeResult:
     """Run ``code`` against ``task``'s hidden tests.
 
     Args:
@@ -399,22 +440,25 @@ async def grade(task: CodeTask, code: str, sandboxes: SandboxPair, config: Grade
         code: the submitted program (full source defining ``task.entry_point``).
         sandboxes: where to run it (untrusted) and the assertion code (trusted).
         config: time limits.
+        hidden: run the submission in the sandbox for hidden tests, whose files nothing the agent runs
+            later can read (for an agent that acts after the grading).
 
     Returns:
         The verdict; failures of the program (and of the sandbox) are recorded in it, never raised.
     """
     config = config or GradeConfig()
     start = time.perf_counter()
-    verdict = await _grade(task, code, sandboxes, config)
+    verdict = await _grade(task, code, sandboxes, config, hidden)
     return GradeResult(verdict.passed, verdict.total, verdict.status, verdict.detail, verdict.clean,
                        time.perf_counter() - start)
 
 
-async def _grade(task: CodeTask, code: str, sandboxes: SandboxPair, config: GradeConfig) -> GradeResult:
+async def _grade(task: CodeTask, code: str, sandboxes: SandboxPair, config: GradeConfig, hidden: bool) -> GradeResult:
     tests = task.tests
+    box = await (sandboxes.hidden() if hidden else sandboxes.untrusted())
     if isinstance(tests, IOTests):
         calls = [[c.name, _wire.encode(list(c.args), True), _wire.encode(dict(c.kwargs), True)] for c in tests.calls]
-        results, failed = await _run_calls(await sandboxes.untrusted(), task, code, calls, config, config.call_timeout)
+        results, failed = await _run_calls(box, task, code, calls, config, config.call_timeout)
         if results is None:
             return failed  # type: ignore[return-value]
         passed, detail = _compare(tests, results)
@@ -428,7 +472,7 @@ async def _grade(task: CodeTask, code: str, sandboxes: SandboxPair, config: Grad
     # A slow reference (some MBPP tasks need seconds) gets a per-call limit to match.
     call_timeout = max(config.call_timeout, 3 * recording.slowest + 0.5)
     calls = list(recording.calls)
-    results, failed = await _run_calls(await sandboxes.untrusted(), task, code, calls, config, call_timeout)
+    results, failed = await _run_calls(box, task, code, calls, config, call_timeout)
     if results is None:
         return GradeResult(0, recording.total, failed.status, failed.detail)  # type: ignore[union-attr]
     clean = not _first_error(results)

@@ -6,6 +6,7 @@ would play (a test replays one and compares every message).
 
 from __future__ import annotations
 
+import hashlib
 import re
 
 from agentrl.sandbox import ExecResult
@@ -20,6 +21,7 @@ __all__ = [
     "demonstration",
     "final_code_block",
     "format_run",
+    "retry_feedback",
 ]
 
 SYSTEM_PROMPT = (
@@ -93,28 +95,56 @@ def final_code_block(text: str) -> tuple[str, bool] | None:
     return last.group(1), not text[last.end():].strip()
 
 
+def retry_feedback(failure: str, left: int) -> str:
+    """The env's answer to a submission that failed and may be retried: what failed, and attempts left."""
+    return f"Submitted: not yet correct. {failure}. Fix it and submit again ({left} left)."
+
+
 def _assistant(call: ToolCall) -> Message:
     return {"role": "assistant", "content": format_tool_calls([call])}
 
 
-def demonstration(task: CodeTask, system_prompt: str = SYSTEM_PROMPT, check: bool = True) -> list[Message]:
+def _recovers(task: CodeTask, share: float) -> bool:
+    """Whether ``task``'s demonstration is a recovery: a stable ``share`` of task ids, by hash."""
+    return int.from_bytes(hashlib.sha256(b"recover:" + task.task_id.encode()).digest()[:8], "big") / 2**64 < share
+
+
+def demonstration(
+    task: CodeTask, system_prompt: str = SYSTEM_PROMPT, check: bool = True, recover: float = 0.0, attempts: int = 1
+) -> list[Message]:
     """A reference episode for SFT: a quick check of the reference solution with ``run_python`` (when
     ``check`` and the task has an example), then ``submit`` of the reference.
+
+    With ``recover``, that share of tasks first submits the reference with one plausible slip that the public
+    tests catch (:func:`~agentrl_envs.code_sandbox.slips.slipped`), reads the env's feedback on it, and then
+    submits the reference. The slipped submission has ``weight`` 0: the model sees it as context and is not
+    taught to make it.
 
     Args:
         task: the task to demonstrate.
         system_prompt: the system message (the env's ``system_prompt``).
         check: run the reference on the task's example before submitting. False gives a one-turn episode
             with about a third of the assistant tokens.
+        recover: the share of tasks demonstrated as a recovery (chosen by a hash of the task id).
+        attempts: the env's submissions per episode (the feedback says how many are left).
 
     Returns:
         The messages: system, user, then assistant tool calls and the tool results the env returns.
     """
+    from agentrl_envs.code_sandbox.grading import describe_failure
+    from agentrl_envs.code_sandbox.slips import slipped
+
     messages: list[Message] = [{"role": "system", "content": system_prompt}, {"role": "user", "content": task.prompt}]
     if check and task.example is not None:
         code = f"{task.reference.rstrip()}\n\nprint({task.example.text()})\n"
         ran = ExecResult(exit_code=0, signal=None, stdout=task.example_stdout + "\n", stderr="")
         messages.append(_assistant(ToolCall("run_python", {"code": code}, "call_0")))
         messages.append({"role": "tool", "content": format_run(ran), "tool_call_id": "call_0", "name": "run_python"})
+    slip = slipped(task) if recover and attempts > 1 and _recovers(task, recover) else None
+    if slip is not None:
+        first = {**_assistant(ToolCall("submit", {"code": slip.program}, "call_0")), "weight": 0}
+        failure = describe_failure(slip.call, slip.expected, got=slip.got)
+        messages += [first, {"role": "tool", "content": retry_feedback(failure, attempts - 1), "tool_call_id": "call_0",
+                             "name": "submit"}]  # fmt: skip
     messages.append(_assistant(ToolCall("submit", {"code": task.reference}, "call_0")))
     return messages

@@ -116,6 +116,9 @@ class CodeTask:
         example_stdout: what ``print(<example>)`` prints for the reference (without the final newline).
         preamble: code run in the submission's namespace before it (MBPP's test imports); also before the
             reference solution.
+        feedback: public tests, apart from the hidden ones: with ``attempts`` > 1 the env runs a submission on
+            them and shows the first failure (call, expected, got) so the agent can try again; the hidden
+            tests alone decide the reward and are never shown. None: no public tests.
     """
 
     task_id: str
@@ -130,3 +133,4 @@ class CodeTask:
     example: Call | None = None
     example_stdout: str = ""
     preamble: str = ""
+    feedback: IOTests | None = None
