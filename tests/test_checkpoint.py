@@ -116,6 +116,32 @@ def test_warmup_cosine_on_hand_computed_points():
     assert optim.warmup_cosine(0, 0, 10, 0.0) == pytest.approx(1.0)
 
 
+def test_a_time_budget_moves_the_schedule_when_the_time_runs_ahead_of_the_steps(monkeypatch):
+    clock = [100.0]
+    monkeypatch.setattr(optim.time, "perf_counter", lambda: clock[0])
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([parameter], lr=1.0)
+    scheduler = optim.make_scheduler(optimizer, 0, 100, 0.1, max_seconds=10.0)
+    optimizer.step()
+    clock[0] = 105.0  # one step, half the time: the rate of step 50
+    scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(optim.warmup_cosine(50, 0, 100, 0.1))
+    optimizer.step()
+    clock[0] = 130.0  # past the budget: the final rate
+    scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.1)
+
+    clock[0] = 200.0
+    fast = optim.make_scheduler(optimizer, 0, 100, 0.1, max_seconds=10.0)
+    for _ in range(20):  # 20 steps in 1 s: the steps lead the time (10%)
+        optimizer.step()
+        fast.step()
+    clock[0] = 201.0
+    optimizer.step()
+    fast.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(optim.warmup_cosine(21, 0, 100, 0.1))
+
+
 def test_weight_decay_skips_one_dimensional_parameters(model):
     groups = optim.make_optimizer(model, lr=1e-3, weight_decay=0.1).param_groups
     assert all(p.ndim >= 2 for p in groups[0]["params"]) and groups[0]["weight_decay"] == 0.1

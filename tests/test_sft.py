@@ -89,7 +89,7 @@ def test_an_assistant_turn_of_weight_0_is_context_not_a_target(tokenizer, demos)
     assistant = [m["content"] for m in demo.messages if m["role"] == "assistant"]
     assert trained == [a + IM_END for a in assistant[1:]]  # every assistant turn but the first
     messages[first]["weight"] = 0.5
-    with pytest.raises(ConfigError, match="weight must be 0 .context only. or 1"):
+    with pytest.raises(ConfigError, match=r"weight must be 0 \(context only\) or 1"):
         demonstration_ledger(renderer, messages)
 
 
@@ -260,6 +260,16 @@ def test_short_sft_run_lowers_the_loss_and_the_checkpoint_reproduces_the_model(t
     with torch.no_grad():
         assert torch.equal(reloaded(input_ids=ids).logits, result.model(input_ids=ids).logits)
     assert load_tokenizer(result.checkpoint).encode("<tool_call>") == result.tokenizer.encode("<tool_call>")
+
+
+def test_a_time_budget_ends_the_phase_early_with_a_checkpoint_at_the_low_rate(tmp_path, demos):
+    config = SFTConfig(max_steps=4000, batch_size=2, warmup_steps=0, lr=1e-3, max_seconds=6.0, output_dir=tmp_path)
+    result = train_sft(config, demos)
+    last = result.history[-1]
+    assert last.step < config.max_steps
+    assert result.checkpoint is not None and result.checkpoint.name == f"step-{last.step:06d}"
+    # The schedule followed the time spent (steps alone would have kept the rate near its start).
+    assert last.lr < 0.5 * config.lr < config.lr * optim.warmup_cosine(last.step - 1, 0, 4000, 0.1)
 
 
 def test_resume_from_a_checkpoint_gives_the_straight_runs_weights(tmp_path, demos):

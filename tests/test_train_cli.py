@@ -215,6 +215,16 @@ def test_the_code_sandbox_recipe_runs_end_to_end_in_a_small_configuration(tmp_pa
     assert "pass_on: correct" in config and "check: false" in config
 
 
+def test_a_run_budget_leaves_rl_the_time_the_evaluation_after_it_needs():
+    from agentrl.pipeline.run import rl_seconds
+
+    assert rl_seconds(None, 100.0, 30.0, 510.0) == 510.0  # no run budget: the learner's own limit
+    assert rl_seconds(14, 300.0, 40.0, 510.0) == pytest.approx(840 - 300 - 1.25 * 40 - 15)
+    assert rl_seconds(14, 300.0, 40.0, 200.0) == 200.0  # never more than the learner's own limit
+    assert rl_seconds(14, 300.0, None, None) == pytest.approx(840 - 300 - 15)  # no evaluation to come
+    assert rl_seconds(5, 290.0, 40.0, None) == 30.0  # a run already over its budget still trains a little
+
+
 def test_a_sandbox_that_cannot_run_fails_the_run_before_any_work(tmp_path):
     settings = ["sft.demos=0", "learner.max_steps=1", "learner.warmup_steps=0", "learner.prompts_per_step=1",
                 "learner.group_size=2", "learner.max_new_tokens=8", "eval.tasks=2",

@@ -7,6 +7,7 @@ import contextlib
 import functools
 import math
 import random
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -102,12 +103,27 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: flo
 
 
 def make_scheduler(
-    optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, min_ratio: float
+    optimizer: torch.optim.Optimizer,
+    warmup_steps: int,
+    total_steps: int,
+    min_ratio: float,
+    max_seconds: float | None = None,
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """A ``LambdaLR`` following :func:`warmup_cosine`; call ``step()`` once after each optimizer step."""
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: warmup_cosine(step, warmup_steps, total_steps, min_ratio)
-    )
+    """A ``LambdaLR`` following :func:`warmup_cosine`; call ``step()`` once after each optimizer step.
+
+    With ``max_seconds`` (a phase that stops at a time budget) the schedule follows whichever is further
+    along, the steps taken or the share of ``max_seconds`` spent (as a share of ``total_steps``), so a phase
+    that runs out of time on a slow machine still ends at the low rate instead of mid-schedule.
+    """
+    started = time.perf_counter()
+
+    def multiplier(step: int) -> float:
+        if max_seconds is not None and step > 0:
+            spent = (time.perf_counter() - started) / max_seconds
+            step = max(step, min(total_steps, int(spent * total_steps)))
+        return warmup_cosine(step, warmup_steps, total_steps, min_ratio)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
 
 
 def autocast(precision: str, device: torch.device | str) -> contextlib.AbstractContextManager[Any]:

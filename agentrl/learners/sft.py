@@ -58,6 +58,11 @@ class SFTConfig(TrainConfig):
         2048, ge=2, description="tokens per row; longer conversations are cut, e.g. 2048"
     )
     pack: bool = Field(False, description="pack several conversations into each row of max_seq_len tokens")
+    max_seconds: float | None = Field(
+        None, gt=0, description="stop (and checkpoint) after the step that ends this many seconds into the loop; "
+        "the learning rate follows the time spent when it is further along than the steps, so a slow machine "
+        "still ends the schedule, e.g. 240. None: run all max_steps",
+    )
     share_prefix: bool = Field(
         True,
         description="run the token prefix all rows of a batch share (system prompt, tool schemas) once and "
@@ -217,7 +222,9 @@ def train_sft(
     pad_id = policy_model.pad_id(tokenizer)
 
     optimizer = optim.make_optimizer(model, config.lr, config.weight_decay, config.betas)
-    scheduler = optim.make_scheduler(optimizer, config.warmup_steps, config.max_steps, config.min_lr_ratio)
+    scheduler = optim.make_scheduler(
+        optimizer, config.warmup_steps, config.max_steps, config.min_lr_ratio, config.max_seconds
+    )
     step = 0
     if config.resume_from is not None:
         step = checkpoints.load_training_state(config.resume_from, optimizer, scheduler).step
@@ -226,7 +233,8 @@ def train_sft(
     history: list[SFTStepLog] = []
     checkpoint: Path | None = None
     batches = optim.iterate_batches(len(rows), config.batch_size, config.seed, start_step=step)
-    while step < config.max_steps:
+    loop_started, out_of_time = time.perf_counter(), False
+    while step < config.max_steps and not out_of_time:
         started = time.perf_counter()
         conversations = [t for i in next(batches) for t in rows[i]]
         batch = collate(conversations, pad_id=pad_id, packing=config.pack, row_tokens=config.max_seq_len,
@@ -246,7 +254,8 @@ def train_sft(
         history.append(log)
         if on_step is not None:
             on_step(log)
+        out_of_time = config.max_seconds is not None and time.perf_counter() - loop_started >= config.max_seconds
         at_save = config.save_every is not None and step % config.save_every == 0
-        if config.output_dir is not None and (at_save or step == config.max_steps):
+        if config.output_dir is not None and (at_save or step == config.max_steps or out_of_time):
             checkpoint = checkpoints.save_step(config, model, tokenizer, optimizer, scheduler, step, meta)
     return TrainResult(model, tokenizer, tuple(history), checkpoint, {"num_rows": len(rows), "num_cut": num_cut})

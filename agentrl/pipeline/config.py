@@ -189,6 +189,10 @@ class RunConfig(StrictConfig):
     seed: int = Field(0, description="seeds every phase")
     output_dir: Path | None = Field(None, description="the run directory; None: runs/<env>-<algo>-<time>")
     threads: int | None = Field(None, ge=1, description="torch CPU threads; None: torch's default")
+    budget_minutes: float | None = Field(
+        None, gt=0, description="the whole run's wall-clock budget: RL stops in time for the evaluation after "
+        "it (as long as the one after SFT took, plus a margin) to end within it; None: each phase's own limits",
+    )
     trajectories_every: int = Field(
         10, ge=0, description="write the RL step's trajectories to trajectories.jsonl every N steps; 0: never"
     )

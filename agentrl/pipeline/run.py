@@ -128,6 +128,7 @@ def _quiet_transformers() -> Iterator[None]:
 
 def _run_phases(resolved: Resolved, report: bool, stream: IO[str] | None) -> RunSummary:
     run = resolved.run
+    run_started = time.perf_counter()
     _probe_envs(resolved)
     out = RunDir(resolved.run_dir, tracking=run.tracking.settings())
     out.write_config(run)
@@ -139,9 +140,13 @@ def _run_phases(resolved: Resolved, report: bool, stream: IO[str] | None) -> Run
             started = time.perf_counter()
             sft_model = _sft_phase(resolved, out, stream)
             seconds["sft"] = time.perf_counter() - started
+            started = time.perf_counter()
             evals["sft"] = _eval_phase("eval-sft", sft_model, resolved, out, max_new, stream)
+            seconds["eval-sft"] = time.perf_counter() - started
+        budget = rl_seconds(run.budget_minutes, time.perf_counter() - run_started, seconds.get("eval-sft"),
+                            resolved.learner.max_seconds)  # fmt: skip
         started = time.perf_counter()
-        rl_model = _rl_phase(resolved, out, stream)
+        rl_model = _rl_phase(resolved, out, stream, budget_s=budget)
         seconds["rl"] = time.perf_counter() - started
         evals["rl"] = _eval_phase("eval-rl", rl_model, resolved, out, max_new, stream)
         last = rl_model
@@ -163,6 +168,19 @@ def _run_phases(resolved: Resolved, report: bool, stream: IO[str] | None) -> Run
 
         path = write_train_report(out.path)
     return RunSummary(out.path, evals, seconds, path)
+
+
+def rl_seconds(budget_minutes: float | None, spent: float, eval_seconds: float | None,
+               max_seconds: float | None) -> float | None:  # fmt: skip
+    """RL's time budget within a run's ``budget_minutes``: what is left after ``spent`` seconds, less the
+    evaluation to come (as long as the one after SFT took, ``eval_seconds``, plus a quarter) and 15 s for the
+    report; never more than the learner's own ``max_seconds`` and never under 30 s.
+    """
+    if budget_minutes is None:
+        return max_seconds
+    reserve = 1.25 * (eval_seconds or 0.0) + 15.0
+    left = max(30.0, 60.0 * budget_minutes - spent - reserve)
+    return left if max_seconds is None else min(max_seconds, left)
 
 
 def _probe_envs(resolved: Resolved) -> None:
@@ -234,7 +252,7 @@ def _sft_phase(resolved: Resolved, out: RunDir, stream: IO[str] | None) -> Path:
             env.close()
     config, step = _resume_point(out, "sft", config)
     out.start_phase("sft", total=config.max_steps, step=step)
-    with Progress("sft", config.max_steps, initial=step, stream=stream) as bar:
+    with Progress("sft", config.max_steps, initial=step, stream=stream, budget_s=config.max_seconds) as bar:
 
         def on_step(log: Any) -> None:
             metrics = {**vars(log), "tokens_per_s": log.tokens / log.seconds if log.seconds else 0.0}
@@ -242,6 +260,9 @@ def _sft_phase(resolved: Resolved, out: RunDir, stream: IO[str] | None) -> Path:
             bar.update(log.step, metrics)
 
         result = train_sft(config, demos, on_step=on_step)
+        last = result.history[-1].step if result.history else step
+        if config.max_seconds is not None and last < config.max_steps:
+            bar.stopped_early(last, f"its time budget (sft.learner.max_seconds = {config.max_seconds:g} s)")
     out.finish_phase("sft")
     return result.checkpoint or final
 
@@ -301,14 +322,16 @@ def _rl_hooks(resolved: Resolved, phase: str) -> dict[str, Any]:
 
 
 def _rl_phase(resolved: Resolved, out: RunDir, stream: IO[str] | None, phase: str = "rl",
-              start: Path | None = None) -> Path | None:  # fmt: skip
-    """Train with the run's algorithm (``phase`` "rl", or the second stage "rl2" from ``start``); returns the
-    final checkpoint."""
+              start: Path | None = None, budget_s: float | None = None) -> Path | None:  # fmt: skip
+    """Train with the run's algorithm (``phase`` "rl", or the second stage "rl2" from ``start``, with
+    ``budget_s`` as its ``max_seconds`` when given); returns the final checkpoint."""
     from agentrl._plugins import load_object
     from agentrl.learners import checkpoints
     from agentrl.rewards.monitors import trajectory_monitors
 
     config = resolved.learner
+    if budget_s is not None and budget_s != config.max_seconds:
+        config = config.model_copy(update={"max_seconds": budget_s})
     if phase == "rl2":
         config = resolved.learner2.model_copy(update={"model": str(start)}) if start else resolved.learner2
     final = checkpoints.step_dir(config.output_dir, config.max_steps)
@@ -352,7 +375,9 @@ def _rl_phase(resolved: Resolved, out: RunDir, stream: IO[str] | None, phase: st
                 asyncio.run(hooks["rescore"].judge.aclose())
         last = result.history[-1].step if result.history else step
         if budget is not None and last < config.max_steps:
-            bar.stopped_early(last, f"its time budget (learner.max_seconds = {budget:g} s; raise it to train on)")
+            shrunk = budget_s is not None and budget_s != resolved.learner.max_seconds
+            why = "run.budget_minutes" if shrunk else "learner.max_seconds"
+            bar.stopped_early(last, f"its time budget ({budget:.0f} s from {why}; raise it to train on)")
     out.finish_phase(phase)
     return result.checkpoint or final
 
