@@ -215,6 +215,24 @@ def test_the_code_sandbox_recipe_runs_end_to_end_in_a_small_configuration(tmp_pa
     assert "pass_on: correct" in config and "check: false" in config
 
 
+def test_a_second_run_with_the_same_sft_phase_takes_it_from_the_cache(tmp_path):
+    environ = {**os.environ, "AGENTRL_CACHE": str(tmp_path / "cache")}
+    sft_only = [*TINY_RUN, "--set", "sft.cache=true", "--set", "learner.max_steps=1", "--no-report"]
+    first = agentrl("train", *sft_only, "--output-dir", str(tmp_path / "a"), env=environ)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "took the finished phase" not in first.stderr
+    (entry,) = (tmp_path / "cache" / "sft").iterdir()
+    second = agentrl("train", *sft_only, "--output-dir", str(tmp_path / "b"), env=environ)
+    assert second.returncode == 0 and f"took the finished phase with the same settings, data, model and code from {entry}" in second.stderr
+    sft = [[r["step"], r["metrics"]["loss"]] for r in map(json.loads, (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()) if r["phase"] == "sft"]
+    again = [[r["step"], r["metrics"]["loss"]] for r in map(json.loads, (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()) if r["phase"] == "sft"]
+    assert sft == again and len(sft) == 3  # the curve is in the second run's log too
+    assert (tmp_path / "b" / "checkpoints" / "sft" / "step-000003" / "config.json").is_file()
+    changed = agentrl("train", *sft_only, "--set", "sft.learner.lr=1e-3", "--output-dir", str(tmp_path / "c"), env=environ)
+    assert changed.returncode == 0 and "took the finished phase" not in changed.stderr
+    assert len(list((tmp_path / "cache" / "sft").iterdir())) == 2
+
+
 def test_a_run_budget_leaves_rl_the_time_the_evaluation_after_it_needs():
     from agentrl.pipeline.run import rl_seconds
 

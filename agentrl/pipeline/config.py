@@ -85,6 +85,10 @@ class SFTSection(StrictConfig):
         default_factory=dict, description="data: {field: the data set's column}, e.g. {messages: conversation}"
     )
     split: str = Field("train", description="data: the split to read, e.g. train")
+    cache: bool = Field(
+        False, description="keep the finished phase under the digest of its settings, data, model and agentrl's "
+        "source, and take it from there when a run's SFT phase would be the same (see agentrl.pipeline.sft_cache)",
+    )
 
 
 class EvalSection(StrictConfig):

@@ -250,13 +250,22 @@ def _sft_phase(resolved: Resolved, out: RunDir, stream: IO[str] | None) -> Path:
             demos = env_demonstrations(env, range(section.demos), section.demo_options)
         finally:
             env.close()
+    key = None
+    if section.cache:
+        from agentrl.pipeline import sft_cache
+
+        key = sft_cache.sft_key(config.model_dump(mode="json"), demos)
+        if (entry := sft_cache.lookup(key)) is not None:
+            return _reuse_sft(out, config, entry, stream)
     config, step = _resume_point(out, "sft", config)
     out.start_phase("sft", total=config.max_steps, step=step)
+    records: list[dict[str, Any]] = []
     with Progress("sft", config.max_steps, initial=step, stream=stream, budget_s=config.max_seconds) as bar:
 
         def on_step(log: Any) -> None:
             metrics = {**vars(log), "tokens_per_s": log.tokens / log.seconds if log.seconds else 0.0}
             out.log("sft", log.step, metrics)
+            records.append({"step": log.step, "metrics": metrics})
             bar.update(log.step, metrics)
 
         result = train_sft(config, demos, on_step=on_step)
@@ -264,7 +273,27 @@ def _sft_phase(resolved: Resolved, out: RunDir, stream: IO[str] | None) -> Path:
         if config.max_seconds is not None and last < config.max_steps:
             bar.stopped_early(last, f"its time budget (sft.learner.max_seconds = {config.max_seconds:g} s)")
     out.finish_phase("sft")
+    if key is not None and step == 0 and result.checkpoint is not None:  # a resumed phase has part of its log
+        sft_cache.store(key, result.checkpoint, last, records)
     return result.checkpoint or final
+
+
+def _reuse_sft(out: RunDir, config: Any, entry: Any, stream: IO[str] | None) -> Path:
+    """Take a cached SFT phase: its checkpoint into this run's ``checkpoints/sft/``, its records into the log."""
+    import shutil
+
+    from agentrl.learners import checkpoints
+
+    target = checkpoints.step_dir(config.output_dir, entry.step)
+    if not target.is_dir():
+        shutil.copytree(entry.checkpoint, target)
+    out.start_phase("sft", total=config.max_steps)
+    for record in entry.records():
+        out.log("sft", record["step"], record["metrics"])
+    out.finish_phase("sft")
+    print(f"[sft] took the finished phase with the same settings, data, model and code from {entry.path} "
+          "(sft.cache; --set sft.cache=false trains it again)", file=stream or sys.stderr, flush=True)  # fmt: skip
+    return target
 
 
 def _rejection_phase(resolved: Resolved, out: RunDir, stream: IO[str] | None, rl_model: Path) -> Path:
