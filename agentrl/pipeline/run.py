@@ -83,7 +83,10 @@ class EvalResult:
         )  # fmt: skip
 
     def metrics(self) -> dict[str, float]:
-        """The numbers logged for the evaluation (``metrics.jsonl``, the model card)."""
+        """The numbers logged for the evaluation (``metrics.jsonl``, the model card): ``pass@1`` (with
+        ``/ci_low``, ``/ci_high``), ``reward_mean``, ``tasks``, and with graded attempts ``mt/first_attempt_pass``
+        and ``mt/recovery`` (each with ``/ci_low``, ``/ci_high``) and ``mt/<figure>`` for the other figures
+        (a share of no episodes, NaN, is left out)."""
         out = {"pass@1": self.pass_at_1, "pass@1/ci_low": self.ci[0], "pass@1/ci_high": self.ci[1],
                "reward_mean": self.reward_mean, "tasks": self.tasks}  # fmt: skip
         for name, value, ci in (("mt/first_attempt_pass", self.first_attempt, self.first_attempt_ci),
@@ -91,7 +94,7 @@ class EvalResult:
             if value is not None and ci is not None:
                 out.update({name: value, f"{name}/ci_low": ci[0], f"{name}/ci_high": ci[1]})
         out.update({f"mt/{k}": v for k, v in self.turn_figures.items()})
-        return out
+        return {k: v for k, v in out.items() if not (k.startswith("mt/") and math.isnan(v))}  # NaN: no episodes
 
 
 def _nan(value: Any) -> float:
