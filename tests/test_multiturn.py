@@ -65,8 +65,8 @@ def test_each_figure_against_hand_counts():
 
 def test_the_pass_rule_decides_final_pass_not_the_last_attempt():
     # The env said the attempt passed, but the run's rule (the reward component) says the episode did not.
-    assert multi_turn_metrics([episode(A_FAIL, A_PASS, passed=False)], CORRECT)["recovery"] == 0.0
-    assert multi_turn_metrics([episode(A_FAIL, A_PASS, passed=False)], lambda t: True)["recovery"] == 1.0
+    assert multi_turn_metrics([episode(A_FAIL, A_PASS, passed=False)], CORRECT)["recovery"] == pytest.approx(0.0)
+    assert multi_turn_metrics([episode(A_FAIL, A_PASS, passed=False)], lambda t: True)["recovery"] == pytest.approx(1.0)
 
 
 def test_tool_figures_and_their_edge_cases():
@@ -75,7 +75,7 @@ def test_tool_figures_and_their_edge_cases():
     assert figures == pytest.approx({"turns_per_episode": 1.5, "tool_calls_per_turn": 4 / 3, "tool_error_rate": 1 / 4})
     assert "first_attempt_pass" not in figures and "recovery" not in figures  # never invented
     silent = multi_turn_metrics([episode({"tool_calls": 0.0})], CORRECT)
-    assert silent["tool_error_rate"] == 0.0 and silent["tool_calls_per_turn"] == 0.0  # 0 calls: rate 0.0
+    assert silent == pytest.approx({"turns_per_episode": 1.0, "tool_calls_per_turn": 0.0, "tool_error_rate": 0.0})
 
 
 def test_no_failed_first_attempt_gives_a_nan_recovery_and_no_episodes_nothing():
@@ -83,7 +83,7 @@ def test_no_failed_first_attempt_gives_a_nan_recovery_and_no_episodes_nothing():
     assert multi_turn_metrics([], CORRECT) == {}
     # No turn data at all (a single-turn env, or an episode that failed at reset): turns only.
     bare = Trajectory((0,), (0.0,), (0,), (), stop_reason=StopReason.ERROR, error="RuntimeError: x")
-    assert multi_turn_metrics([bare, episode(NO_ATTEMPT)], CORRECT) == {"turns_per_episode": 0.5}
+    assert multi_turn_metrics([bare, episode(NO_ATTEMPT)], CORRECT) == pytest.approx({"turns_per_episode": 0.5})
     # A list shorter than the turns (an older ledger) reads as empty mappings for the rest.
     short = episode(A_FAIL, NO_ATTEMPT, passed=True)
     short = Trajectory(short.token_ids, short.logprobs, short.loss_mask, short.turns, meta={"turn_metrics": [A_FAIL]})
@@ -175,7 +175,7 @@ def test_turns_played_before_an_error_or_the_deadline_keep_their_entries(tokeniz
     assert hang.stop_reason is StopReason.DEADLINE
     for trajectory in (crash, hang):  # turn 1 answered, turn 2 never: one entry per ledger turn
         assert len(trajectory.turns) == 2
-        assert trajectory.meta["turn_metrics"][0]["attempt_passed"] == 0.0 and trajectory.meta["turn_metrics"][1] == {}
+        assert trajectory.meta["turn_metrics"][0]["attempt_passed"] == pytest.approx(0.0) and trajectory.meta["turn_metrics"][1] == {}
     assert bad.stop_reason is StopReason.ERROR
     assert bad.error == "ValueError: the env's info['turn_metrics']['attempt'] must be a finite number, got 'yes'"
     assert bad.meta["turn_metrics"] == [{}]

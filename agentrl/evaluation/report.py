@@ -200,14 +200,14 @@ def multi_turn_rows(metrics: Mapping[str, Any]) -> list[tuple[str, str, str, str
     ):
         entry = section[key]
         rows.append((label, _num(entry["value"]), _ci(entry), note.format(n=entry["episodes"])))
-    for key, label in (
-        ("turns_per_episode", "turns / episode"),
-        ("attempts_per_episode", "attempts / episode"),
-        ("tool_calls_per_turn", "tool calls / turn"),
-        ("tool_error_rate", "tool error rate"),
+    for key, label, note in (
+        ("turns_per_episode", "turns / episode", ""),
+        ("attempts_per_episode", "attempts / episode", "graded attempts"),
+        ("tool_calls_per_turn", "tool calls / turn", "as the env counted them"),
+        ("tool_error_rate", "tool error rate", "errored calls / calls, as the env counted them"),
     ):
         if key in section:
-            rows.append((label, _num(section[key], 2), "", "errored calls / calls" if "error" in key else ""))
+            rows.append((label, _num(section[key], 2), "", note))
     return rows
 
 
