@@ -286,8 +286,8 @@ def test_the_line_formatter_by_hand():
 
 def test_train_report_plots_the_figures_and_shows_recovered_transcripts(eval_run, tmp_path):
     from agentrl.pipeline.run import EvalResult
-    from agentrl.tracking import RunDir
-    from agentrl.train_report import write_train_report
+    from agentrl.tracking import RunDir, read_metrics
+    from agentrl.train_report import charts_for, write_train_report
 
     outcome, out = eval_run
     shutil.copytree(out, tmp_path / "eval" / "rl")
@@ -298,7 +298,8 @@ def test_train_report_plots_the_figures_and_shows_recovered_transcripts(eval_run
         run.finish_phase("eval-sft")
         run.start_phase("rl", total=5)
         for step in range(1, 6):
-            run.log("rl", step, {"reward_mean": 0.1 * step, "mt/first_attempt_pass": 0.1 * step, "mt/recovery": math.nan,
+            run.log("rl", step, {"reward_mean": 0.1 * step, "mt/first_attempt_pass": 0.1 * step,
+                                 "mt/recovery": math.nan if step == 1 else 0.2 * step,
                                  "mt/turns_per_episode": 3 - 0.2 * step, "mt/tool_calls_per_turn": 1.5})  # fmt: skip
         run.finish_phase("rl")
         run.start_phase("eval-rl")
@@ -306,6 +307,10 @@ def test_train_report_plots_the_figures_and_shows_recovered_transcripts(eval_run
         run.finish_phase("eval-rl")
     page = write_train_report(tmp_path).read_text()
     assert {"mt_recovery.png", "mt_turns.png", "mt_tools.png"} <= {p.name for p in (tmp_path / "plots").iterdir()}
+    charts = {c.name: c for c in charts_for(read_metrics(tmp_path))}
+    recovery = {s.label: list(s.steps) for s in charts["mt_recovery"].series}
+    assert recovery == {"first_attempt_pass": [1, 2, 3, 4, 5], "recovery": [2, 3, 4, 5]}  # NaN: no point
+    assert [s.label for s in charts["mt_turns"].series] == ["turns_per_episode"]
     text = re.sub(r"<[^>]+>", " ", page)
     ci = r"\[[\d.]+, [\d.]+\]"
     # side by side, each with its interval: final pass@1, first-attempt pass@1, recovery, turns, attempts, ...
