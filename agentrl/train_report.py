@@ -7,8 +7,11 @@ every piece of text from the run (config values, metric and phase names) is esca
 
 What it draws, from whatever the log has (a plot without data is skipped, and the page says so):
 reward (mean ± std), pass rate, reward components, KL, entropy, response length, the reward-hacking monitors
-(:mod:`agentrl.rewards.monitors`, logged bare or under ``monitor/`` or ``monitors/``), training loss (SFT, DPO) and the
-evaluations.
+(:mod:`agentrl.rewards.monitors`, logged bare or under ``monitor/`` or ``monitors/``), training loss (SFT, DPO), the
+multi-turn figures (``mt/*``: first-attempt pass, recovery, turns per episode, tool calls per turn) and the
+evaluations. Where the evaluations graded attempts, their multi-turn figures stand side by side and the page
+shows a few transcripts of episodes of the last evaluation that recovered from a failed first attempt
+(:mod:`agentrl.train_report_turns`).
 
 Evaluations are phases named ``eval`` or ``eval-<label>`` (``eval-sft``: the policy after the ``sft``
 phase). Their records carry ``pass@<k>`` (optionally ``pass@<k>/ci_low`` and ``pass@<k>/ci_high``) and
@@ -186,6 +189,7 @@ def charts_for(records: Sequence[MetricRecord]) -> list[Chart]:
     if gold:  # only runs with a GoldMonitor measure it
         charts.append(Chart("overoptimisation", "Over-optimisation: training reward vs held-out gold", "score",
                             gold, _GOLD_NOTE, legend=True))  # fmt: skip
+    charts += _multi_turn_charts(records)
     rows = [(r, pass_at(r.metrics)) for r in eval_rows(records)]
     k = next((next(iter(passes)) for _, passes in rows if passes), 1)
     finals = [
@@ -198,6 +202,26 @@ def charts_for(records: Sequence[MetricRecord]) -> list[Chart]:
     if during:
         charts.append(Chart("eval_during", "Evaluations during training", "pass@k", during,
                             "Eval phases run more than once, over the step of the policy evaluated."))  # fmt: skip
+    return charts
+
+
+def _multi_turn_charts(records: Sequence[MetricRecord]) -> list[Chart]:
+    """Charts of the ``mt/*`` figures the RL phases log per step (:mod:`agentrl.evaluation.multiturn`); only
+    those the log has (an env without graded attempts or tool counts logs none of theirs)."""
+    wanted = [
+        ("mt_recovery", "First attempts and recovery", "share of episodes", r"mt/(final_pass|first_attempt_pass|recovery)",
+         "Per step: episodes passing in the end, passing at their first attempt, and the share of failed first "
+         "attempts that ended passing (recovery)."),
+        ("mt_turns", "Turns per episode", "per episode", r"mt/(turns_per_episode|attempts_per_episode)",
+         "Mean turns and graded attempts per episode."),
+        ("mt_tools", "Tool calls per turn", "per turn / share", r"mt/(tool_calls_per_turn|tool_error_rate)",
+         "Mean tool calls per turn, and the share of them that errored."),
+    ]  # fmt: skip
+    charts = []
+    for name, title, ylabel, pattern, note in wanted:
+        series = _series(records, pattern)
+        if series:
+            charts.append(Chart(name, title, ylabel, series, note, legend=True))
     return charts
 
 
@@ -367,7 +391,7 @@ def _eval_table(records: Sequence[MetricRecord]) -> str:
     rows = eval_rows(records)
     if not rows:
         return ""
-    names = {k for r in rows for k, v in r.metrics.items() if v is not None}
+    names = {k for r in rows for k, v in r.metrics.items() if v is not None and not k.startswith("mt/")}
     names -= {n for n in names if n.endswith(("/ci_low", "/ci_high")) and n.rsplit("/", 1)[0] in names}
     ordered = sorted(names, key=lambda k: (not _PASS.match(k), k))
     head = (
@@ -382,9 +406,14 @@ def _eval_table(records: Sequence[MetricRecord]) -> str:
 
 
 def render_train_report(records: Sequence[MetricRecord], state: Mapping[str, Any], config: Mapping[str, Any],
-                        charts: Sequence[Chart], images: Mapping[str, bytes], *, title: str) -> str:  # fmt: skip
-    """The report page: headline cards, phases, evaluations, the charts drawn (``images``: PNG bytes by
-    chart name, embedded), the charts without data, and the config."""
+                        charts: Sequence[Chart], images: Mapping[str, bytes], *, title: str,
+                        transcripts: str = "") -> str:  # fmt: skip
+    """The report page: headline cards, phases, evaluations (with their multi-turn figures side by side),
+    the charts drawn (``images``: PNG bytes by chart name, embedded), the charts without data, ``transcripts``
+    (HTML of :func:`agentrl.train_report_turns.recovered_transcripts`) and the config."""
+    from agentrl.evaluation.report import CSS as TRANSCRIPT_CSS
+    from agentrl.train_report_turns import multi_turn_eval_table
+
     phases = state.get("phases", {})
     figures = "".join(
         f'<figure><img src="data:image/png;base64,{base64.b64encode(images[c.name]).decode()}" alt="{escape(c.title)}">'
@@ -402,14 +431,16 @@ def render_train_report(records: Sequence[MetricRecord], state: Mapping[str, Any
         f"{escape(time.strftime('%Y-%m-%d %H:%M:%S'))}</p>"
         f'<div class="cards">{_cards(records, phases)}</div>'
         f"<h2>Phases</h2>{_phase_table(records, phases)}"
-        f"{_eval_table(records)}"
+        f"{_eval_table(records)}{multi_turn_eval_table(records)}"
         f'<h2>Plots</h2><div class="grid">{figures or "<p>No metrics logged yet.</p>"}</div>'
         + (f'<p class="sub">Not plotted (no data in the log):</p><ul class="sub">{missing}</ul>' if missing else "")
+        + transcripts
         + (f"<h2>Config</h2><table>{config_rows}</table>" if config_rows else "")
     )  # fmt: skip
     return (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
             f'<meta name="viewport" content="width=device-width, initial-scale=1">'
-            f"<title>{escape(title)}</title><style>{_CSS}</style></head>\n<body><main>\n{body}\n</main></body></html>\n")  # fmt: skip
+            f"<title>{escape(title)}</title><style>{_CSS}{TRANSCRIPT_CSS if transcripts else ''}</style></head>\n"
+            f"<body><main>\n{body}\n</main></body></html>\n")  # fmt: skip
 
 
 def write_train_report(run_dir: str | Path, *, title: str | None = None) -> Path:
@@ -445,7 +476,10 @@ def write_train_report(run_dir: str | Path, *, title: str | None = None) -> Path
         else:
             path.unlink(missing_ok=True)  # drawn by an earlier report, before a resume cut its data
     mapping = config if isinstance(config, Mapping) else {}
-    page = render_train_report(records, state, mapping, charts, images, title=title)
+    from agentrl.train_report_turns import recovered_transcripts
+
+    transcripts = recovered_transcripts(run, records)
+    page = render_train_report(records, state, mapping, charts, images, title=title, transcripts=transcripts)
     atomic_write_text(run / REPORT_FILE, page)
     return run / REPORT_FILE
 

@@ -134,6 +134,15 @@ class Trajectory:
             return tuple(int(v) for v in versions)
         return (self.policy_version,) * len(self.turns)
 
+    @property
+    def turn_metrics(self) -> tuple[Mapping[str, float], ...]:
+        """What the env reported of each turn (``meta["turn_metrics"]``, written by the runner from each step's
+        ``info["turn_metrics"]``), one mapping per turn; empty mappings where it reported nothing."""
+        reported = self.meta.get("turn_metrics")
+        entries = list(reported) if isinstance(reported, list | tuple) else []
+        entries = [e if isinstance(e, Mapping) else {} for e in entries[: len(self.turns)]]
+        return tuple(entries) + ({},) * (len(self.turns) - len(entries))
+
     # ---- JSON --------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return {

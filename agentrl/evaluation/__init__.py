@@ -2,6 +2,8 @@
 
 - :mod:`~agentrl.evaluation.metrics`: pure functions: unbiased pass@k, bootstrap intervals over tasks, the
   pass rule, per-episode and per-run statistics.
+- :mod:`~agentrl.evaluation.multiturn`: first-attempt pass, recovery, turns, attempts and tool calls per turn
+  from the per-turn ``info["turn_metrics"]`` an env reports.
 - :mod:`~agentrl.evaluation.harness`: :func:`evaluate` plays the missing (task, sample) pairs of a plan into
   an output directory and scores all of them; :func:`report_only` rescores saved episodes.
 - :mod:`~agentrl.evaluation.report`, :mod:`~agentrl.evaluation.plots`: printed summary, ``report.html``,

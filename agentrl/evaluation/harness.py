@@ -32,7 +32,8 @@ from agentrl.data.trajectory import Trajectory
 from agentrl.errors import ConfigError
 from agentrl.evaluation import selection
 from agentrl.evaluation.config import EvalConfig
-from agentrl.evaluation.metrics import PassRule, episode_stats, group_tasks, summarize
+from agentrl.evaluation.metrics import PassRule, episode_stats, group_tasks, summarize, task_cluster
+from agentrl.evaluation.multiturn import first_attempt, multi_turn_section
 from agentrl.evaluation.store import (
     EpisodeStore,
     check_identity,
@@ -415,6 +416,14 @@ def build_results(
     answers = selection.episode_answers(config, trajectories) if config.maj_k else None
     grouped = group_tasks(stats)
     metrics.update(selection.selection_metrics(config, grouped, scores, answers))
+    cluster = {task.task_index: task_cluster(task) for task in grouped}
+    multi_turn = multi_turn_section(
+        trajectories, config.pass_rule, [cluster[s.task_index] for s in stats], resamples=config.resamples,
+        confidence=config.confidence, seed=config.seed,
+    )  # fmt: skip
+    if multi_turn is not None:
+        metrics["multi_turn"] = multi_turn
+    firsts = {(s.task_index, s.sample_index): first_attempt(t) for s, t in zip(stats, trajectories, strict=True)}
     env_task_ids = {int(t.meta["task_index"]): t.meta.get("env_task_id") for t in trajectories}
     tasks = []
     for task in grouped:
@@ -425,6 +434,8 @@ def build_results(
                 sample["score"] = scores.get(key)
             if answers is not None:
                 sample["answer"] = answers.get(key)
+            if multi_turn is not None:
+                sample["first_attempt_passed"] = firsts.get(key)
         if env_task_ids.get(task.task_index) is not None:
             entry["env_task_id"] = env_task_ids[task.task_index]
         tasks.append(entry)

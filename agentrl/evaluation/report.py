@@ -17,7 +17,16 @@ from typing import Any
 from agentrl._safe_text import escape_surrogates
 from agentrl.data.trajectory import Trajectory
 
-__all__ = ["escape", "format_summary", "html_page", "render_report", "render_transcript", "write_report"]
+__all__ = [
+    "escape",
+    "format_summary",
+    "html_page",
+    "multi_turn_rows",
+    "render_report",
+    "render_sample",
+    "render_transcript",
+    "write_report",
+]
 
 MAX_MESSAGE_CHARS = 20_000
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
@@ -157,6 +166,11 @@ def format_summary(results: Mapping[str, Any]) -> str:
             f"  {label:<18}{_num(d['mean'], 2):>8}  mean; p50 {_num(d['p50'], 2)}, p90 "
             f"{_num(d['p90'], 2)}, max {_num(d['max'], 2)}{unit}"
         )
+    turn_rows = multi_turn_rows(metrics)
+    if turn_rows:
+        lines.append("  multi-turn (the env's graded attempts; intervals over tasks as above):")
+        for label, value, interval, note in turn_rows:
+            lines.append(f"    {label:<20}{value:>8}  {interval:<18} {note}".rstrip())
     calls = metrics["tool_calls"]
     lines.append(
         f"  {'tool calls':<18}{calls['calls']:>8}  {calls['failed']} failed "
@@ -171,6 +185,30 @@ def format_summary(results: Mapping[str, Any]) -> str:
         )
         lines.append("  (rerun with --retry-errors to play the failed episodes again)")
     return "\n".join(lines)
+
+
+def multi_turn_rows(metrics: Mapping[str, Any]) -> list[tuple[str, str, str, str]]:
+    """``metrics.multi_turn`` of ``results.json`` as (label, value, interval, note) rows; none without it."""
+    section = metrics.get("multi_turn")
+    if not section:
+        return []
+    rows = []
+    for key, label, note in (
+        ("final_pass", "final pass", "share of episodes passing"),
+        ("first_attempt_pass", "first-attempt pass", "share whose first attempt passed"),
+        ("recovery", "recovery", "of the {n} episodes whose first attempt failed, the share ending passing"),
+    ):
+        entry = section[key]
+        rows.append((label, _num(entry["value"]), _ci(entry), note.format(n=entry["episodes"])))
+    for key, label, note in (
+        ("turns_per_episode", "turns / episode", ""),
+        ("attempts_per_episode", "attempts / episode", "graded attempts"),
+        ("tool_calls_per_turn", "tool calls / turn", "as the env counted them"),
+        ("tool_error_rate", "tool error rate", "errored calls / calls, as the env counted them"),
+    ):
+        if key in section:
+            rows.append((label, _num(section[key], 2), "", note))
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------- report.html
@@ -253,6 +291,31 @@ def _selection_html(results: Mapping[str, Any]) -> str:
     )
 
 
+def _multi_turn_html(results: Mapping[str, Any]) -> str:
+    """The multi-turn figures, and links to the episodes that recovered from a failed first attempt."""
+    rows = multi_turn_rows(results["metrics"])
+    if not rows:
+        return ""
+    body = "".join(
+        f'<tr><th>{escape(a)}</th><td class="num">{escape(b)}</td><td>{escape(c)}</td><td class="muted">{escape(d)}</td></tr>'
+        for a, b, c, d in rows
+    )
+    recovered = [
+        (task, sample)
+        for task in results["tasks"]
+        for sample in task["samples"]
+        if sample.get("first_attempt_passed") is False and sample["passed"]
+    ]
+    links = ", ".join(
+        f'<a href="{transcript_name(task["task_index"])}#sample-{s["sample"]}">{escape(task["task_id"])} '
+        f"sample {s['sample']}</a>"
+        for task, s in recovered[:30]
+    )
+    more = f" and {len(recovered) - 30} more" if len(recovered) > 30 else ""
+    listed = f'<p class="sub">Recovered ↻: {links}{more}.</p>' if recovered else ""
+    return f"<h2>Multi-turn</h2><table>{body}</table>{listed}"
+
+
 def _stop_table(results: Mapping[str, Any]) -> str:
     counts = results["metrics"]["stop_reasons"]
     total = max(1, sum(counts.values()))
@@ -287,7 +350,7 @@ def _tasks_table(results: Mapping[str, Any]) -> str:
         dots = "".join(
             f'<a href="{link}#sample-{s["sample"]}" class="{"ok" if s["passed"] else "bad"}" '
             f'title="sample {s["sample"]}: reward {_num(s["reward"])}, {escape(s["stop_reason"])}">'
-            f"{'●' if s['passed'] else '○'}</a>"
+            f"{('↻' if s.get('first_attempt_passed') is False else '●') if s['passed'] else '○'}</a>"
             for s in task["samples"]
         )
         cells = "".join(f'<td class="num">{_num(task["pass_at_k"].get(k))}</td>' for k in ks)
@@ -342,10 +405,10 @@ def render_report(results: Mapping[str, Any], plots: Sequence[tuple[str, str]]) 
         f"over tasks ({escape(config['resamples'])} resamples)</p>{note}"
         f'<div class="cards">{_cards(results)}</div>'
         f'<h2>Plots</h2><div class="grid">{figures}</div>'
-        f"{_selection_html(results)}"
+        f"{_selection_html(results)}{_multi_turn_html(results)}"
         f"<h2>Metrics</h2>{_metrics_table(results)}"
         f"<h2>Stop reasons</h2>{_stop_table(results)}"
-        f'<h2>Tasks</h2><p class="sub">● passed ○ failed; each links to its transcript.</p>{_tasks_table(results)}'
+        f'<h2>Tasks</h2><p class="sub">● passed ○ failed{" ↻ passed after a failed first attempt" if "multi_turn" in results["metrics"] else ""}; each links to its transcript.</p>{_tasks_table(results)}'
         f"<h2>Config</h2>{_config_table(config)}"
     )
     return html_page(f"agentrl eval: {_title(results)}", body)
@@ -393,7 +456,9 @@ def _message(message: Mapping[str, Any], reward_line: str) -> str:
     return f'<div class="msg {role_class}"><div class="role">{label}</div>{body}{more}{reward_line}</div>'
 
 
-def _sample(trajectory: Trajectory, sample: Mapping[str, Any], open_: bool) -> str:
+def render_sample(trajectory: Trajectory, sample: Mapping[str, Any], open_: bool) -> str:
+    """One episode as a ``<details>`` block: its messages with per-turn rewards, the error if any, and a
+    summary line from ``sample`` (an entry of a task's ``samples`` in ``results.json``). Needs :data:`CSS`."""
     turn_iter = iter(trajectory.turns)
     parts = []
     for message in trajectory.messages:
@@ -414,6 +479,8 @@ def _sample(trajectory: Trajectory, sample: Mapping[str, Any], open_: bool) -> s
         summary += f" · score {_num(sample['score'])}"
     if "answer" in sample:
         summary += f" · answer {escape(sample['answer'] if sample['answer'] is not None else '–')}"
+    if sample.get("first_attempt_passed") is False:
+        summary += " · first attempt failed" + (", recovered ↻" if sample["passed"] else "")
     error = f'<div class="error"><pre>{escape(trajectory.error)}</pre></div>' if trajectory.error else ""
     return (
         f'<details class="sample" id="sample-{sample["sample"]}"{" open" if open_ else ""}><summary>{summary}</summary>'
@@ -436,7 +503,7 @@ def render_transcript(
     if following is not None:
         nav.append(f'<a href="../{transcript_name(following)}">next task</a>')
     samples = "".join(
-        _sample(by_sample[int(s["sample"])], s, open_=i == 0)
+        render_sample(by_sample[int(s["sample"])], s, open_=i == 0)
         for i, s in enumerate(task["samples"])
         if int(s["sample"]) in by_sample
     )

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from agentrl.pipeline.config import Resolved, RunConfig
+    from agentrl.pipeline.run import EvalResult
 
-__all__ = ["add_arguments", "main", "phases_off"]
+__all__ = ["add_arguments", "eval_lines", "main", "phases_off"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -76,13 +78,45 @@ def main(args: argparse.Namespace) -> int:
     summary = run_pipeline(resolved, report=not args.no_report)
     for stage, result in summary.evals.items():
         if result is not None:
-            print(f"pass@1 after {stage.upper()}: {100 * result.pass_at_1:.1f}% "
-                  f"({result.tasks} held-out tasks, mean reward {result.reward_mean:.3f})")  # fmt: skip
+            print("\n".join(eval_lines(stage, result)))
     phases = ", ".join(f"{name} {s / 60:.1f} min" for name, s in summary.seconds.items())
     print(f"run time: {(time.perf_counter() - started) / 60:.1f} min ({phases})")
     if summary.report is not None:
         print(f"report: {summary.report}")
     return 0
+
+
+def eval_lines(stage: str, result: EvalResult) -> list[str]:
+    """The end-of-run lines of one held-out evaluation (scripts parse them; keep their shape).
+
+    With the env's graded attempts (``result.first_attempt`` set), two lines::
+
+        after SFT: final pass@1 31.0% [26.0, 36.3], first-attempt pass@1 22.0% [17.5, 26.9], recovery 11.5% [7.9, 15.4] (300 held-out tasks)
+        after SFT: mean reward 0.412
+
+    (``recovery n/a`` when no first attempt failed); otherwise the one line
+    ``pass@1 after SFT: 31.0% (300 held-out tasks, mean reward 0.412)``.
+    """
+    name = stage.upper()
+    if result.first_attempt is None:
+        return [f"pass@1 after {name}: {_percent(result.pass_at_1)} "
+                f"({result.tasks} held-out tasks, mean reward {result.reward_mean:.3f})"]  # fmt: skip
+    parts = [
+        f"final pass@1 {_percent(result.pass_at_1, result.ci)}",
+        f"first-attempt pass@1 {_percent(result.first_attempt, result.first_attempt_ci)}",
+        f"recovery {_percent(result.recovery, result.recovery_ci)}",
+    ]
+    return [f"after {name}: {', '.join(parts)} ({result.tasks} held-out tasks)",
+            f"after {name}: mean reward {result.reward_mean:.3f}"]  # fmt: skip
+
+
+def _percent(value: float | None, ci: tuple[float, float] | None = None) -> str:
+    """``31.0%``, or ``31.0% [26.0, 36.3]`` with an interval; ``n/a`` for a share of no episodes (NaN)."""
+    if value is None or math.isnan(value):
+        return "n/a"
+    if ci is None or any(math.isnan(x) for x in ci):
+        return f"{100 * value:.1f}%"
+    return f"{100 * value:.1f}% [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
 
 
 def report_to(flag: str | None) -> dict[str, str] | None:

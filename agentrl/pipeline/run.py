@@ -27,10 +27,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import math
 import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
@@ -46,23 +48,62 @@ __all__ = ["EvalResult", "RunSummary", "evaluate_checkpoint", "run_pipeline"]
 @dataclass(frozen=True)
 class EvalResult:
     """Greedy held-out evaluation by the harness: pass@1 with its bootstrap interval, the mean reward, and
-    the directory with the episodes, ``results.json`` and the HTML report with every transcript."""
+    the directory with the episodes, ``results.json`` and the HTML report with every transcript.
+
+    Where the env grades attempts (``metrics.multi_turn`` of ``results.json``), also the first-attempt
+    pass@1 and the recovery rate with their intervals (None otherwise; ``recovery`` is NaN when no first
+    attempt failed), and the other multi-turn figures in ``turn_figures`` (``turns_per_episode``, ...).
+    """
 
     pass_at_1: float
     ci: tuple[float, float]
     reward_mean: float
     tasks: int
     out: Path
+    first_attempt: float | None = None
+    first_attempt_ci: tuple[float, float] | None = None
+    recovery: float | None = None
+    recovery_ci: tuple[float, float] | None = None
+    turn_figures: Mapping[str, float] = field(default_factory=dict)
 
     @classmethod
     def from_results(cls, results: Mapping[str, Any], out: Path) -> EvalResult:
         metrics = results["metrics"]
         pass1 = metrics["pass_at_k"]["1"]
-        return cls(pass1["value"], tuple(pass1["ci"]), metrics["reward"]["value"], metrics["tasks"], out)  # type: ignore[arg-type]
+        result = cls(_nan(pass1["value"]), _interval(pass1["ci"]), _nan(metrics["reward"]["value"]),
+                     metrics["tasks"], out)  # fmt: skip
+        section = metrics.get("multi_turn")
+        if not section:
+            return result
+        first, recovery = section["first_attempt_pass"], section["recovery"]
+        figures = {k: _nan(v) for k, v in section.items() if isinstance(v, int | float | None) and k != "episodes"}
+        return dataclasses.replace(
+            result, first_attempt=_nan(first["value"]), first_attempt_ci=_interval(first["ci"]),
+            recovery=_nan(recovery["value"]), recovery_ci=_interval(recovery["ci"]), turn_figures=figures,
+        )  # fmt: skip
 
     def metrics(self) -> dict[str, float]:
-        return {"pass@1": self.pass_at_1, "pass@1/ci_low": self.ci[0], "pass@1/ci_high": self.ci[1],
-                "reward_mean": self.reward_mean, "tasks": self.tasks}  # fmt: skip
+        """The numbers logged for the evaluation (``metrics.jsonl``, the model card): ``pass@1`` (with
+        ``/ci_low``, ``/ci_high``), ``reward_mean``, ``tasks``, and with graded attempts ``mt/first_attempt_pass``
+        and ``mt/recovery`` (each with ``/ci_low``, ``/ci_high``) and ``mt/<figure>`` for the other figures
+        (a share of no episodes, NaN, is left out)."""
+        out = {"pass@1": self.pass_at_1, "pass@1/ci_low": self.ci[0], "pass@1/ci_high": self.ci[1],
+               "reward_mean": self.reward_mean, "tasks": self.tasks}  # fmt: skip
+        for name, value, ci in (("mt/first_attempt_pass", self.first_attempt, self.first_attempt_ci),
+                                ("mt/recovery", self.recovery, self.recovery_ci)):  # fmt: skip
+            if value is not None and ci is not None:
+                out.update({name: value, f"{name}/ci_low": ci[0], f"{name}/ci_high": ci[1]})
+        out.update({f"mt/{k}": v for k, v in self.turn_figures.items()})
+        return {k: v for k, v in out.items() if not (k.startswith("mt/") and math.isnan(v))}  # NaN: no episodes
+
+
+def _nan(value: Any) -> float:
+    """A number of ``results.json`` (null stands for NaN there)."""
+    return math.nan if value is None else float(value)
+
+
+def _interval(ci: Sequence[Any]) -> tuple[float, float]:
+    return _nan(ci[0]), _nan(ci[1])
 
 
 @dataclass(frozen=True)
@@ -370,6 +411,7 @@ def _rl_phase(resolved: Resolved, out: RunDir, stream: IO[str] | None, phase: st
     config, step = _resume_point(out, phase, config)
     out.start_phase(phase, total=config.max_steps, step=step)
     from agentrl.evaluation.metrics import PassRule
+    from agentrl.evaluation.multiturn import multi_turn_metrics
 
     passed, every = PassRule(resolved.run.eval.pass_on, resolved.run.eval.pass_threshold), resolved.run.trajectories_every
     played: dict[int, dict[str, float]] = {}
@@ -379,6 +421,7 @@ def _rl_phase(resolved: Resolved, out: RunDir, stream: IO[str] | None, phase: st
         played[step] = {
             "pass_rate": sum(map(passed, trajectories)) / max(len(trajectories), 1),
             **{f"monitor/{k}": v for k, v in trajectory_monitors(trajectories).items()},
+            **{f"mt/{k}": v for k, v in multi_turn_metrics(trajectories, passed).items()},
         }
         judged = [t.meta["judge"] for t in trajectories if isinstance(t.meta.get("judge"), Mapping)]
         if judged:

@@ -12,6 +12,11 @@ its own :class:`~agentrl.types.StopReason`:
 - the episode's wall-clock deadline (``DEADLINE``);
 - any exception from the env, a tool, a reward or the backend (``ERROR``, with the exception's text).
 
+Each turn's ``info["turn_metrics"]`` (numbers by name: ``attempt``, ``attempt_passed``, ``tool_calls``,
+``tool_errors``, ...; see :mod:`agentrl.evaluation.multiturn`) is kept in the trajectory's
+``meta["turn_metrics"]``, one mapping per turn (empty where the env gave none), also when the episode ends
+in an error or at its deadline.
+
 This module is the single place where those failures are caught: a failed episode is a trajectory with a
 stop reason, and the other episodes finish. A sample cut by the context or the budget is never handed to
 the env: the turn stays in the ledger (reward 0) and the episode ends with that limit's reason.
@@ -115,6 +120,7 @@ class _Episode:
     ledger: LedgerBuilder = field(default_factory=lambda: LedgerBuilder(()))
     finish_reasons: list[str] = field(default_factory=list)
     versions: list[int] = field(default_factory=list)
+    turn_metrics: list[dict[str, float]] = field(default_factory=list)
     trainable: bool = True
 
 
@@ -340,6 +346,7 @@ class Runner:
             observation, reward, terminated, truncated, step_info = await env.astep(action)
             observation = valid_json(list(observation))  # an env's text may hold what no tokenizer encodes
             ledger.set_reward(_finite(reward), step_info.get("reward_components"))
+            episode.turn_metrics.append(_turn_metrics(step_info.get("turn_metrics")))
             turn += 1
             answer = [message, *observation]
             ledger.add_messages(observation)
@@ -416,6 +423,7 @@ class Runner:
             "call": episode.call,
             "finish_reasons": list(episode.finish_reasons),
             "turn_versions": list(episode.versions),  # the weight version that sampled each turn
+            "turn_metrics": _per_turn(episode.turn_metrics, len(episode.ledger.turns)),
             "elapsed_s": round(elapsed, 6),
         }
         return episode.ledger.finish(
@@ -510,6 +518,26 @@ def _finite(reward: Any) -> float:
     if not math.isfinite(value):
         raise ValueError(f"the env returned a non-finite reward {reward!r}")
     return value
+
+
+def _turn_metrics(reported: Any) -> dict[str, float]:
+    """An env's ``info["turn_metrics"]`` for one turn (:mod:`agentrl.evaluation.multiturn`), checked."""
+    if reported is None:
+        return {}
+    if not isinstance(reported, Mapping) or not all(isinstance(k, str) for k in reported):
+        raise ValueError(f"the env's info['turn_metrics'] must map names to numbers, got {reported!r}")
+    values = {}
+    for name, value in reported.items():
+        if isinstance(value, str) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise ValueError(f"the env's info['turn_metrics'][{name!r}] must be a finite number, got {value!r}")
+        values[name] = float(value)
+    return values
+
+
+def _per_turn(reported: list[dict[str, float]], turns: int) -> list[dict[str, float]]:
+    """One entry per turn of the ledger: ``{}`` for a turn the env never answered (a cut sample, or a step
+    that raised)."""
+    return [dict(m) for m in reported[:turns]] + [{} for _ in range(turns - len(reported))]
 
 
 def _options(task: Task) -> dict[str, Any] | None:
