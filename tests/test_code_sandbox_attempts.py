@@ -77,6 +77,13 @@ def test_a_failed_submission_shows_a_public_failure_and_the_final_submission_alo
     assert second.info["turn_metrics"]["attempt_passed"] == 1.0 and second.info["attempt"] == 2
 
 
+def test_a_program_that_does_not_load_is_told_why(make):
+    env = make(attempts=2, max_turns=2)
+    env.reset(options={"task": _task()})
+    text = env.step(_submit("def solve(x):\n    return (\n")).observation[-1]["content"]
+    assert text.startswith("Submitted: not yet correct. the program failed to load: ") and "SyntaxError" in text
+
+
 def test_the_last_attempt_is_final_and_a_truncated_episode_keeps_its_last_submission(make):
     env = make(attempts=2, max_turns=3)
     task = _task()

@@ -69,6 +69,8 @@ COMPONENTS = ("correct", "format", "runs", "progress")
 DEFAULT_WEIGHTS = {"correct": 1.0, "format": 0.0, "runs": 0.0, "progress": 0.0}
 _TOOLS = (RUN_TOOL, SUBMIT_TOOL)
 _NUDGE = "Call run_python to test code, or call submit with your complete program."
+_STATUS_TEXT = {"load_error": "the program failed to load", "timeout": "the program ran out of time",
+                "crashed": "the program crashed", "tampered": "the program's report was tampered with"}  # fmt: skip
 
 
 def _resolve_tasks(tasks: str | GeneratorConfig | Sequence[CodeTask]) -> GeneratorConfig | list[CodeTask]:
@@ -86,21 +88,25 @@ def _resolve_tasks(tasks: str | GeneratorConfig | Sequence[CodeTask]) -> Generat
 
 
 DEFAULT_RUN: dict[str, Any] = {
-    # `agentrl train --env code-sandbox` with nothing else: the tiny model on a 2-core CPU, three submissions
-    # per episode. SFT on reference episodes (demonstrated phrasings only), half of them recovering from a
-    # slipped first submission; GRPO with turn-level credit on tasks that mostly use the other phrasings (where
-    # the SFT model is partly right); greedy pass@1 (all hidden tests) on held-out functions.
+    # `agentrl train --env code-sandbox` with nothing else: the tiny model on a 2-core CPU in 14 minutes, three
+    # submissions per episode. SFT on reference episodes (demonstrated phrasings only), half of them recovering
+    # from a slipped first submission; GRPO with turn-level credit on tasks that mostly use the other phrasings
+    # (where the SFT model is partly right); greedy pass@1 (all hidden tests) on held-out functions. SFT stops
+    # at its time budget on a slow machine and RL at what the run's budget leaves it.
     "threads": 2,
+    "budget_minutes": 14,
     "env_kwargs": {"tasks": "rl", "attempts": 3, "max_turns": 3},
     "sft": {
         "demos": 16000,
+        "cache": True,
         "env_kwargs": {"tasks": "sft", "attempts": 3, "max_turns": 3},
         "demo_options": {"check": False, "recover": 0.5},
-        "learner": {"max_steps": 500, "batch_size": 32, "lr": 2e-3, "warmup_steps": 30, "max_seq_len": 1024},
+        "learner": {"max_steps": 500, "max_seconds": 240, "batch_size": 32, "lr": 2e-3, "warmup_steps": 30,
+                    "max_seq_len": 1024},
     },
     "learner": {
-        "max_steps": 250, "max_seconds": 510, "prompts_per_step": 16, "group_size": 8, "max_new_tokens": 128,
-        "max_turns": 3, "advantage": "turn", "temperature": 1.0, "lr": 1e-4, "warmup_steps": 5,
+        "max_steps": 250, "max_seconds": 420, "prompts_per_step": 8, "group_size": 8, "max_new_tokens": 128,
+        "max_turns": 3, "advantage": "turn", "temperature": 1.0, "lr": 2e-4, "warmup_steps": 5,
         "dynamic_sampling": True,
     },
     "eval": {"tasks": 300, "env_kwargs": {"tasks": "eval", "attempts": 3, "max_turns": 3}, "pass_on": "correct",
@@ -355,7 +361,9 @@ class CodeSandboxEnv(Env):
             raise SandboxError(f"task {task.task_id}: the public tests could not be run: {public.detail}")
         if public.all_passed:
             return None
-        return public.detail if public.status == "graded" else f"the program {public.status}: {public.detail}"
+        if public.status == "graded":
+            return public.detail
+        return f"{_STATUS_TEXT.get(public.status, f'the program ended with status {public.status}')}: {public.detail}"
 
     # ---- reward --------------------------------------------------------------------------------------
     def _result(self, episode: _Episode, turn: _Turn) -> StepResult:
