@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -204,18 +205,32 @@ def test_sft_then_dpo_on_pairs_mined_from_a_runs_trajectories(tmp_path):
 
 
 def test_the_code_sandbox_recipe_runs_end_to_end_in_a_small_configuration(tmp_path):
-    # The env's own recipe (demonstrations that submit at once, the local sandbox, pass on all hidden tests),
-    # shrunk to seconds; the full default is `agentrl train --env code-sandbox`.
+    # The env's own multi-turn recipe (three submissions with public-test feedback, recovery demonstrations,
+    # turn-level credit, the local sandbox, pass on all hidden tests), shrunk to seconds; the learning figures
+    # belong to the full default, `agentrl train --env code-sandbox`.
     small = ["--set", "sft.demos=32", "--set", "sft.learner.max_steps=2", "--set", "sft.learner.warmup_steps=0",
              "--set", "learner.max_steps=2", "--set", "learner.prompts_per_step=2", "--set", "learner.group_size=4",
-             "--set", "learner.warmup_steps=0", "--set", "eval.tasks=4", "--threads", "1"]  # fmt: skip
-    done = agentrl("train", "--env", "code-sandbox", *small, "--output-dir", str(tmp_path / "run"))
+             "--set", "learner.warmup_steps=0", "--set", "eval.tasks=6", "--threads", "1"]  # fmt: skip
+    environ = {**os.environ, "AGENTRL_CACHE": str(tmp_path / "cache")}
+    done = agentrl("train", "--env", "code-sandbox", *small, "--output-dir", str(tmp_path / "run"), env=environ)
     assert done.returncode == 0, done.stderr[-3000:]
-    for stage in ("SFT", "RL"):  # the multi-turn form where the env grades attempts (see test_multiturn.py)
-        assert f"pass@1 after {stage}:" in done.stdout or f"after {stage}: final pass@1 " in done.stdout
-    assert (tmp_path / "run" / "report.html").is_file()
-    config = (tmp_path / "run" / "config.yaml").read_text()
-    assert "pass_on: correct" in config and "check: false" in config
+    share, ci = r"\d+\.\d%", r"\[\d+\.\d, \d+\.\d\]"
+    for stage in ("SFT", "RL"):  # the printed shape scripts read
+        line = rf"after {stage}: final pass@1 {share} {ci}, first-attempt pass@1 {share} {ci}, recovery "
+        assert re.search(line + rf"({share} {ci}|n/a) \(6 held-out tasks\)", done.stdout), done.stdout
+    run = tmp_path / "run"
+    config = (run / "config.yaml").read_text()
+    assert "pass_on: correct" in config and "recover: 0.5" in config and "advantage: turn" in config
+    results = json.loads((run / "eval" / "rl" / "results.json").read_text())["metrics"]["multi_turn"]
+    assert results["episodes"] == 6 and 1.0 <= results["turns_per_episode"] <= 3.0
+    assert 0.0 <= results["first_attempt_pass"]["value"] <= results["final_pass"]["value"] <= 1.0
+    assert results["tool_calls_per_turn"] >= 0.0 and 0.0 <= results["tool_error_rate"] <= 1.0
+    for record in rl_records(run):  # every RL step logs the multi-turn figures of its rollouts
+        assert {"mt/turns_per_episode", "mt/first_attempt_pass", "mt/final_pass"} <= set(record["metrics"])
+    report = (run / "report.html").read_text()
+    assert "mt_recovery.png" in report and "mt_turns.png" in report and "mt_tools.png" in report
+    (entry,) = (tmp_path / "cache" / "sft").iterdir()  # the recipe caches its SFT phase
+    assert (entry / "checkpoint").is_dir()
 
 
 def test_a_second_run_with_the_same_sft_phase_takes_it_from_the_cache(tmp_path):
@@ -234,6 +249,17 @@ def test_a_second_run_with_the_same_sft_phase_takes_it_from_the_cache(tmp_path):
     changed = agentrl("train", *sft_only, "--set", "sft.learner.lr=1e-3", "--output-dir", str(tmp_path / "c"), env=environ)
     assert changed.returncode == 0 and "took the finished phase" not in changed.stderr
     assert len(list((tmp_path / "cache" / "sft").iterdir())) == 2
+
+
+def test_rl_starts_from_the_checkpoint_an_sft_time_budget_left(tmp_path):
+    cut = [*TINY_RUN, "--set", "sft.learner.max_steps=50", "--set", "sft.learner.max_seconds=0.001",
+           "--set", "learner.max_steps=1", "--no-report", "--output-dir", str(tmp_path / "run")]  # fmt: skip
+    done = agentrl("train", *cut)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "[sft] stopped at step 1/50 by its time budget" in done.stderr
+    (rl,) = (tmp_path / "run" / "checkpoints" / "rl").iterdir()
+    started = json.loads((rl / "training_state.json").read_text())
+    assert "checkpoints/sft/step-000001" in json.dumps(started)
 
 
 def test_a_run_budget_leaves_rl_the_time_the_evaluation_after_it_needs():

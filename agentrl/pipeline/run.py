@@ -177,6 +177,7 @@ def _run_phases(resolved: Resolved, report: bool, stream: IO[str] | None) -> Run
     seconds: dict[str, float] = {}
     max_new = run.eval.max_new_tokens or int(getattr(resolved.learner, "max_new_tokens", 256))
     try:
+        sft_model = None
         if resolved.sft is not None:
             started = time.perf_counter()
             sft_model = _sft_phase(resolved, out, stream)
@@ -187,7 +188,7 @@ def _run_phases(resolved: Resolved, report: bool, stream: IO[str] | None) -> Run
         budget = rl_seconds(run.budget_minutes, time.perf_counter() - run_started, seconds.get("eval-sft"),
                             resolved.learner.max_seconds)  # fmt: skip
         started = time.perf_counter()
-        rl_model = _rl_phase(resolved, out, stream, budget_s=budget)
+        rl_model = _rl_phase(resolved, out, stream, start=sft_model, budget_s=budget)
         seconds["rl"] = time.perf_counter() - started
         evals["rl"] = _eval_phase("eval-rl", rl_model, resolved, out, max_new, stream)
         last = rl_model
@@ -393,17 +394,18 @@ def _rl_hooks(resolved: Resolved, phase: str) -> dict[str, Any]:
 
 def _rl_phase(resolved: Resolved, out: RunDir, stream: IO[str] | None, phase: str = "rl",
               start: Path | None = None, budget_s: float | None = None) -> Path | None:  # fmt: skip
-    """Train with the run's algorithm (``phase`` "rl", or the second stage "rl2" from ``start``, with
-    ``budget_s`` as its ``max_seconds`` when given); returns the final checkpoint."""
+    """Train with the run's algorithm (``phase`` "rl", or the second stage "rl2"), from ``start`` when given
+    (the model the stage before ended with), with ``budget_s`` as its ``max_seconds`` when given; returns the
+    final checkpoint."""
     from agentrl._plugins import load_object
     from agentrl.learners import checkpoints
     from agentrl.rewards.monitors import trajectory_monitors
 
-    config = resolved.learner
+    config = resolved.learner2 if phase == "rl2" else resolved.learner
+    if start is not None:  # the model the stage before ended with (a time budget can end it early)
+        config = config.model_copy(update={"model": str(start)})
     if budget_s is not None and budget_s != config.max_seconds:
         config = config.model_copy(update={"max_seconds": budget_s})
-    if phase == "rl2":
-        config = resolved.learner2.model_copy(update={"model": str(start)}) if start else resolved.learner2
     final = checkpoints.step_dir(config.output_dir, config.max_steps)
     if out.is_finished(phase):
         return _last_checkpoint(out, phase, final)

@@ -101,7 +101,7 @@ DEFAULT_RUN: dict[str, Any] = {
         "cache": True,
         "env_kwargs": {"tasks": "sft", "attempts": 3, "max_turns": 3},
         "demo_options": {"check": False, "recover": 0.5},
-        "learner": {"max_steps": 500, "max_seconds": 240, "batch_size": 32, "lr": 2e-3, "warmup_steps": 30,
+        "learner": {"max_steps": 600, "max_seconds": 240, "batch_size": 16, "lr": 2e-3, "warmup_steps": 30,
                     "max_seq_len": 1024},
     },
     "learner": {
