@@ -71,6 +71,7 @@ def test_a_failed_submission_shows_a_public_failure_and_the_final_submission_alo
     shown = re.search(r"solve\((.*)\) returned", text).group(1)
     assert shown in _inputs(task.feedback) and shown not in _inputs(task.tests)
     assert first.info["turn_metrics"] == {"attempt": 1.0, "attempt_passed": 0.0, "tool_calls": 1.0, "tool_errors": 0.0}
+    assert "grade" not in first.info  # turned back by a public test: never run on the hidden ones
     second = env.step(_submit(task.reference))
     assert second.terminated and second.reward == 1.0
     assert "5/5 hidden tests passed" in second.observation[-1]["content"]

@@ -29,7 +29,8 @@ Rewards (named components, weighted by ``weights``; ``info["reward_components"]`
   share reached. Costs a grading per such run, so it is computed only when its weight is not 0.
 
 Each step's ``info["turn_metrics"]`` says what the turn did, for multi-turn metrics: ``attempt`` (1 if it
-submitted), ``attempt_passed`` (1 if that submission passed every hidden test), ``tool_calls`` and
+submitted), ``attempt_passed`` (1 if that submission passed its public tests and every hidden test; a
+submission its public tests turn back is not run on the hidden ones), ``tool_calls`` and
 ``tool_errors`` (malformed or invalid calls, calls beyond ``max_runs``, sandbox failures).
 """
 
@@ -69,6 +70,7 @@ COMPONENTS = ("correct", "format", "runs", "progress")
 DEFAULT_WEIGHTS = {"correct": 1.0, "format": 0.0, "runs": 0.0, "progress": 0.0}
 _TOOLS = (RUN_TOOL, SUBMIT_TOOL)
 _NUDGE = "Call run_python to test code, or call submit with your complete program."
+_GATED = "nothing may follow the submission: submit with nothing after the call"
 _STATUS_TEXT = {"load_error": "the program failed to load", "timeout": "the program ran out of time",
                 "crashed": "the program crashed", "tampered": "the program's report was tampered with"}  # fmt: skip
 
@@ -122,7 +124,8 @@ class _Episode:
     best: float = 0.0
     done: bool = False
     submissions: int = 0
-    last: GradeResult | None = None  # the latest submission's hidden-test verdict
+    last: GradeResult | None = None  # the latest submission's hidden-test verdict, once graded
+    last_code: str | None = None
     last_gated: bool = False
 
 
@@ -269,6 +272,9 @@ class CodeSandboxEnv(Env):
         episode.turn += 1
         turn = await self._play_turn(episode, action)
         episode.done = turn.final or episode.turn >= self.max_turns
+        if episode.done and episode.last is None and episode.last_code is not None:
+            # Out of turns after a submission its public tests turned back: that one is final after all.
+            episode.last = self.last_grade = await self._grade_hidden(episode.task, episode.last_code)
         return self._result(episode, turn)
 
     # ---- one turn ------------------------------------------------------------------------------------
@@ -323,24 +329,26 @@ class CodeSandboxEnv(Env):
             episode.best = max(episode.best, graded.share)
 
     async def _submit(self, episode: _Episode, code: str, trailing: bool, turn: _Turn, call_id: str | None) -> None:
-        graded = await grade(episode.task, code, self.sandboxes, self.grading, hidden=self.attempts > 1)
-        if graded.status in ("sandbox_error", "task_error"):
-            # Not the policy's doing: the episode ends as an error (learners drop it, evaluations count it)
-            # instead of scoring 0 as if the program had failed its tests.
-            raise SandboxError(f"task {episode.task.task_id}: the submission could not be graded: {graded.detail}")
-        self.last_grade = graded
-        turn.submitted, turn.grade = True, graded
-        turn.gated = self.format_gate and trailing
-        turn.progress += max(0.0, graded.share - episode.best)
-        episode.best = max(episode.best, graded.share)
+        task, gated = episode.task, self.format_gate and trailing
         episode.submissions += 1
-        episode.last, episode.last_gated = graded, turn.gated
+        episode.last, episode.last_code, episode.last_gated = None, code, gated
         left = min(self.attempts - episode.submissions, self.max_turns - episode.turn)
-        failure = await self._public_failure(episode.task, code, graded, turn.gated) if left > 0 else None
-        turn.final = failure is None
+        # With public tests, a submission that fails one is not final and needs no hidden grading (what it
+        # would score never counts); the hidden tests run on final submissions, or for the progress reward.
+        failure = await self._public_failure(task, code, gated) if left > 0 and task.feedback is not None else None
+        graded = None
+        if failure is None or self.weights["progress"]:
+            graded = episode.last = await self._grade_hidden(task, code)
+            self.last_grade = graded
+            turn.progress += max(0.0, graded.share - episode.best)
+            episode.best = max(episode.best, graded.share)
+            if left > 0 and task.feedback is None and (gated or not graded.all_passed):
+                failure = _GATED if gated else f"{graded.passed}/{graded.total} hidden tests passed"
+        turn.submitted, turn.grade, turn.gated, turn.final = True, graded, gated, failure is None
         if failure is not None:
             text = retry_feedback(failure, left)
         else:
+            assert graded is not None
             text = f"Submitted: {graded.passed}/{graded.total} hidden tests passed ({graded.status})."
             if turn.gated:
                 text += " Scored 0: nothing may follow the submission."
@@ -349,18 +357,23 @@ class CodeSandboxEnv(Env):
             message["tool_call_id"] = call_id
         turn.obs.append(message)
 
-    async def _public_failure(self, task: CodeTask, code: str, graded: GradeResult, gated: bool) -> str | None:
-        """What the agent is told about a submission that may be retried, or None when it is final (its
-        public tests pass; with no public tests, its hidden tests pass)."""
+    async def _grade_hidden(self, task: CodeTask, code: str) -> GradeResult:
+        graded = await grade(task, code, self.sandboxes, self.grading, hidden=self.attempts > 1)
+        if graded.status in ("sandbox_error", "task_error"):
+            # Not the policy's doing: the episode ends as an error (learners drop it, evaluations count it)
+            # instead of scoring 0 as if the program had failed its tests.
+            raise SandboxError(f"task {task.task_id}: the submission could not be graded: {graded.detail}")
+        return graded
+
+    async def _public_failure(self, task: CodeTask, code: str, gated: bool) -> str | None:
+        """What the agent is told about a submission that may be retried, or None when its public tests pass."""
         if gated:
-            return "nothing may follow the submission: submit with nothing after the call"
+            return _GATED
         public = await grade_public(task, code, self.sandboxes, self.grading)
-        if public is None:
-            return None if graded.all_passed else f"{graded.passed}/{graded.total} hidden tests passed"
+        if public is None or public.all_passed:
+            return None
         if public.status in ("sandbox_error", "task_error"):
             raise SandboxError(f"task {task.task_id}: the public tests could not be run: {public.detail}")
-        if public.all_passed:
-            return None
         if public.status == "graded":
             return public.detail
         return f"{_STATUS_TEXT.get(public.status, f'the program ended with status {public.status}')}: {public.detail}"
