@@ -218,3 +218,20 @@ def test_slips_are_caught_by_the_public_tests_for_most_training_tasks():
             assert slip.program != task.reference and repr(slip.got) != repr(slip.expected)
     assert slipped(dataclasses.replace(tasks[0], feedback=None)) is None
     assert isinstance(GeneratorConfig().public_tests, int)
+
+
+def test_tasks_can_be_a_preset_with_fields_changed_and_bad_ones_are_named(make):
+    env = make({"preset": "rl", "alt_share": 0.5, "depths": [1]})
+    assert env.source == dataclasses.replace(PRESETS["rl"], alt_share=0.5, depths=(1,))
+    with pytest.raises(ConfigError, match=r"\['alt_shar'\] are not GeneratorConfig fields"):
+        CodeSandboxEnv({"preset": "rl", "alt_shar": 0.5})
+    with pytest.raises(ConfigError, match="unknown preset 'rll'"):
+        CodeSandboxEnv({"preset": "rll"})
+
+
+def test_with_several_attempts_the_submit_tool_says_a_failure_comes_back(make):
+    (one,) = [t for t in make().tool_schemas() if t["function"]["name"] == "submit"]
+    (several,) = [t for t in make(attempts=2).tool_schemas() if t["function"]["name"] == "submit"]
+    assert "episode ends" in one["function"]["description"]
+    assert "submit again" in several["function"]["description"]
+    assert one["function"]["parameters"] == several["function"]["parameters"]

@@ -37,6 +37,7 @@ submission its public tests turn back is not run on the hidden ones), ``tool_cal
 from __future__ import annotations
 
 import ast
+import dataclasses
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -54,6 +55,7 @@ from agentrl_envs.code_sandbox.datasets import load_humaneval, load_mbpp, load_t
 from agentrl_envs.code_sandbox.generator import PRESETS, GeneratorConfig, generate_task
 from agentrl_envs.code_sandbox.grading import GradeConfig, GradeResult, SandboxPair, grade, grade_public
 from agentrl_envs.code_sandbox.prompts import (
+    RESUBMIT_TOOL,
     RUN_TOOL,
     SUBMIT_TOOL,
     SYSTEM_PROMPT,
@@ -75,9 +77,22 @@ _STATUS_TEXT = {"load_error": "the program failed to load", "timeout": "the prog
                 "crashed": "the program crashed", "tampered": "the program's report was tampered with"}  # fmt: skip
 
 
-def _resolve_tasks(tasks: str | GeneratorConfig | Sequence[CodeTask]) -> GeneratorConfig | list[CodeTask]:
+def _resolve_tasks(
+    tasks: str | GeneratorConfig | Mapping[str, Any] | Sequence[CodeTask],
+) -> GeneratorConfig | list[CodeTask]:
     if isinstance(tasks, GeneratorConfig):
         return tasks
+    if isinstance(tasks, Mapping):  # a preset with some fields changed, e.g. {preset: rl, alt_share: 0.5}
+        fields = dict(tasks)
+        preset = fields.pop("preset", "rl")
+        if preset not in PRESETS:
+            raise ConfigError(f"tasks: unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+        unknown = set(fields) - {f.name for f in dataclasses.fields(GeneratorConfig)}
+        if unknown:
+            raise ConfigError(f"tasks: {sorted(unknown)} are not GeneratorConfig fields; use any of "
+                              f"{[f.name for f in dataclasses.fields(GeneratorConfig)]}")  # fmt: skip
+        lists = {k: tuple(v) for k, v in fields.items() if isinstance(v, list)}  # YAML lists -> tuples
+        return dataclasses.replace(PRESETS[preset], **{**fields, **lists})
     if isinstance(tasks, str):
         if tasks in PRESETS:
             return PRESETS[tasks]
@@ -85,33 +100,34 @@ def _resolve_tasks(tasks: str | GeneratorConfig | Sequence[CodeTask]) -> Generat
         return loaded() if loaded else load_tasks(tasks)
     listed = list(tasks)
     if not listed or not all(isinstance(t, CodeTask) for t in listed):
-        raise ConfigError("tasks must be a preset name, a GeneratorConfig, a data set path, or a list of CodeTask")
+        raise ConfigError("tasks must be a preset name, a mapping {preset: ..., <GeneratorConfig field>: ...}, a "
+                          "GeneratorConfig, a data set path, or a list of CodeTask")  # fmt: skip
     return listed
 
 
 DEFAULT_RUN: dict[str, Any] = {
-    # `agentrl train --env code-sandbox` with nothing else: the tiny model on a 2-core CPU in 14 minutes, three
+    # `agentrl train --env code-sandbox` with nothing else: the tiny model on a 2-core CPU in 14 minutes, two
     # submissions per episode. SFT on reference episodes (demonstrated phrasings only), half of them recovering
-    # from a slipped first submission; GRPO with turn-level credit on tasks that mostly use the other phrasings
-    # (where the SFT model is partly right); greedy pass@1 (all hidden tests) on held-out functions. SFT stops
-    # at its time budget on a slow machine and RL at what the run's budget leaves it.
+    # from a slipped first submission; GRPO with turn-level credit on tasks where half the clauses use the
+    # other phrasings (where the SFT model is partly right); greedy pass@1 (all hidden tests) on held-out
+    # functions. SFT stops at its time budget on a slow machine and RL at what the run's budget leaves it.
     "threads": 2,
     "budget_minutes": 14,
-    "env_kwargs": {"tasks": "rl", "attempts": 3, "max_turns": 3},
+    "env_kwargs": {"tasks": {"preset": "rl", "alt_share": 0.5}, "attempts": 2, "max_turns": 2},
     "sft": {
         "demos": 16000,
         "cache": True,
-        "env_kwargs": {"tasks": "sft", "attempts": 3, "max_turns": 3},
+        "env_kwargs": {"tasks": "sft", "attempts": 2, "max_turns": 2},
         "demo_options": {"check": False, "recover": 0.5},
         "learner": {"max_steps": 600, "max_seconds": 240, "batch_size": 16, "lr": 2e-3, "warmup_steps": 30,
                     "max_seq_len": 1024},
     },
     "learner": {
-        "max_steps": 250, "max_seconds": 420, "prompts_per_step": 8, "group_size": 8, "max_new_tokens": 128,
-        "max_turns": 3, "advantage": "turn", "temperature": 1.0, "lr": 2e-4, "warmup_steps": 5,
-        "dynamic_sampling": True,
+        "max_steps": 250, "max_seconds": 420, "prompts_per_step": 16, "group_size": 8, "max_new_tokens": 128,
+        "max_turns": 2, "advantage": "turn", "temperature": 1.0, "lr": 1e-4, "warmup_steps": 5,
+        "dynamic_sampling": True, "rollout_options": {"batch_window_s": 0.05},
     },
-    "eval": {"tasks": 300, "env_kwargs": {"tasks": "eval", "attempts": 3, "max_turns": 3}, "pass_on": "correct",
+    "eval": {"tasks": 300, "env_kwargs": {"tasks": "eval", "attempts": 2, "max_turns": 2}, "pass_on": "correct",
              "max_new_tokens": 160},
 }  # fmt: skip
 """The env's recipe for ``agentrl train`` (see :mod:`agentrl.pipeline.config`); any key can be overridden."""
@@ -133,7 +149,8 @@ class CodeSandboxEnv(Env):
     """Write a function with a ``run_python`` tool and ``submit`` it to hidden tests (see the module docstring).
 
     Args:
-        tasks: a generator preset (``"rl"``, ``"sft"``, ``"eval"``), a :class:`GeneratorConfig`, ``"humaneval"``
+        tasks: a generator preset (``"rl"``, ``"sft"``, ``"eval"``), a preset with fields changed
+            (``{"preset": "rl", "alt_share": 0.5}``), a :class:`GeneratorConfig`, ``"humaneval"``
             / ``"mbpp"`` (the files under ``$AGENTRL_DATASETS``), a path to such a file, or a list of tasks.
         sandbox: the sandbox backend's registered name.
         sandbox_limits: limits of every program; defaults to 5 s wall and CPU time, 512 MiB.
@@ -160,7 +177,7 @@ class CodeSandboxEnv(Env):
 
     def __init__(
         self,
-        tasks: str | GeneratorConfig | Sequence[CodeTask] = "rl",
+        tasks: str | GeneratorConfig | Mapping[str, Any] | Sequence[CodeTask] = "rl",
         *,
         sandbox: str = "local",
         sandbox_limits: SandboxLimits | None = None,
@@ -190,6 +207,8 @@ class CodeSandboxEnv(Env):
         self.sandboxes = SandboxPair(sandbox, self.limits, **dict(sandbox_options or {}))
         self.max_turns: int = max_turns
         self.attempts = attempts
+        if attempts > 1:  # the same tools; submit's description says a failed public test comes back
+            self.tools = (RUN_TOOL.schema(), RESUBMIT_TOOL.schema())
         self.orm, self.format_gate, self.output_chars, self.max_runs = orm, format_gate, output_chars, max_runs
         self.weights = {**DEFAULT_WEIGHTS, **parse_weights(weights, COMPONENTS)}
         self.grading = grading or GradeConfig()

@@ -6,6 +6,7 @@ would play (a test replays one and compares every message).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import re
 
@@ -15,6 +16,7 @@ from agentrl.types import Message, ToolCall
 from agentrl_envs.code_sandbox.tasks import CodeTask
 
 __all__ = [
+    "RESUBMIT_TOOL",
     "RUN_TOOL",
     "SUBMIT_TOOL",
     "SYSTEM_PROMPT",
@@ -50,6 +52,12 @@ def submit(code: str) -> str:
 
 RUN_TOOL = Tool.from_function(run_python)
 SUBMIT_TOOL = Tool.from_function(submit)
+RESUBMIT_TOOL = dataclasses.replace(
+    SUBMIT_TOOL,
+    description="Submit your program to the hidden tests; if it fails a public test you see how, and may fix it "
+    "and submit again.",
+)
+"""``submit`` as an env with several attempts describes it (same name and arguments)."""
 
 
 def _clip(text: str, limit: int, tail: bool = False) -> str:
