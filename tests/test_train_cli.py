@@ -228,7 +228,9 @@ def test_the_code_sandbox_recipe_runs_end_to_end_in_a_small_configuration(tmp_pa
     for record in rl_records(run):  # every RL step logs the multi-turn figures of its rollouts
         assert {"mt/turns_per_episode", "mt/first_attempt_pass", "mt/final_pass"} <= set(record["metrics"])
     report = (run / "report.html").read_text()
-    assert "mt_recovery.png" in report and "mt_turns.png" in report and "mt_tools.png" in report
+    for title in ("First attempts and recovery", "Turns per episode", "Tool calls per turn"):
+        assert title in report, title
+    assert all((run / "plots" / f"mt_{name}.png").is_file() for name in ("recovery", "turns", "tools"))
     (entry,) = (tmp_path / "cache" / "sft").iterdir()  # the recipe caches its SFT phase
     assert (entry / "checkpoint").is_dir()
 

@@ -5,7 +5,8 @@ The key covers the SFT settings (all but where checkpoints go), the demonstratio
 messages and tools, the starting model (its id, or a local directory's file sizes and times), and the source
 of the agentrl package itself, so an edit to the learner, the chat template code or the env's demonstrations
 makes a new key. The entry holds the final checkpoint and the phase's metric records (the report's SFT
-curve). Entries live under ``$AGENTRL_CACHE/sft`` (default ``$XDG_CACHE_HOME/agentrl`` or
+curve). A phase that its time budget (``max_seconds``) ended is kept as it ended: where it stopped depended
+on the machine that ran it, which the key does not name. Entries live under ``$AGENTRL_CACHE/sft`` (default ``$XDG_CACHE_HOME/agentrl`` or
 ``~/.cache/agentrl``); delete the directory to drop them.
 """
 

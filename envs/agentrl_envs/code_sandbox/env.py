@@ -124,7 +124,7 @@ DEFAULT_RUN: dict[str, Any] = {
     },
     "learner": {
         "max_steps": 250, "max_seconds": 420, "prompts_per_step": 16, "group_size": 8, "max_new_tokens": 128,
-        "max_turns": 2, "advantage": "turn", "temperature": 1.0, "lr": 1e-4, "warmup_steps": 5,
+        "max_turns": 2, "advantage": "turn", "temperature": 1.0, "lr": 3e-4, "warmup_steps": 5,
         "dynamic_sampling": True, "rollout_options": {"batch_window_s": 0.05},
     },
     "eval": {"tasks": 300, "env_kwargs": {"tasks": "eval", "attempts": 2, "max_turns": 2}, "pass_on": "correct",
