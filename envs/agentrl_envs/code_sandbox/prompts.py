@@ -13,6 +13,8 @@ import re
 from agentrl.sandbox import ExecResult
 from agentrl.tools import Tool, format_tool_calls
 from agentrl.types import Message, ToolCall
+from agentrl_envs.code_sandbox.grading import describe_failure
+from agentrl_envs.code_sandbox.slips import slipped
 from agentrl_envs.code_sandbox.tasks import CodeTask
 
 __all__ = [
@@ -139,9 +141,6 @@ def demonstration(
     Returns:
         The messages: system, user, then assistant tool calls and the tool results the env returns.
     """
-    from agentrl_envs.code_sandbox.grading import describe_failure
-    from agentrl_envs.code_sandbox.slips import slipped
-
     messages: list[Message] = [{"role": "system", "content": system_prompt}, {"role": "user", "content": task.prompt}]
     if check and task.example is not None:
         code = f"{task.reference.rstrip()}\n\nprint({task.example.text()})\n"
