@@ -64,6 +64,19 @@ def loopback_server(handler: type) -> Iterator[str]:
         server.server_close()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _own_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Runs that cache their SFT phase (``sft.cache``) keep it in the test session's own directory, not in the
+    user's ``~/.cache/agentrl``; a test that sets ``AGENTRL_CACHE`` itself still wins."""
+    before = os.environ.get("AGENTRL_CACHE")
+    os.environ["AGENTRL_CACHE"] = str(tmp_path_factory.mktemp("agentrl-cache"))
+    yield
+    if before is None:
+        os.environ.pop("AGENTRL_CACHE", None)
+    else:
+        os.environ["AGENTRL_CACHE"] = before
+
+
 @pytest.fixture
 def one_thread() -> Iterator[None]:
     """One torch thread for the test: small models are faster, and timings steadier, on a shared CPU. A module
