@@ -449,9 +449,11 @@ def _rl_phase(resolved: Resolved, out: RunDir, stream: IO[str] | None, phase: st
                 asyncio.run(hooks["rescore"].judge.aclose())
         last = result.history[-1].step if result.history else step
         if budget is not None and last < config.max_steps:
-            shrunk = budget_s is not None and budget_s != resolved.learner.max_seconds
-            why = "run.budget_minutes" if shrunk else "learner.max_seconds"
-            bar.stopped_early(last, f"its time budget ({budget:.0f} s from {why}; raise it to train on)")
+            if budget_s is not None and budget_s != resolved.learner.max_seconds:
+                why = f"{budget:.0f} s left by run.budget_minutes = {resolved.run.budget_minutes:g}"
+            else:
+                why = f"learner.max_seconds = {budget:g} s"
+            bar.stopped_early(last, f"its time budget ({why}; raise it to train on)")
     out.finish_phase(phase)
     return result.checkpoint or final
 
