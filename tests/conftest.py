@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -75,6 +76,23 @@ def _own_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
         os.environ.pop("AGENTRL_CACHE", None)
     else:
         os.environ["AGENTRL_CACHE"] = before
+
+
+@pytest.fixture
+def make() -> Iterator[Any]:
+    """Build ``code-sandbox`` envs (``CodeSandboxEnv(*args, **kwargs)``) that are closed after the test, also
+    when it fails (an unclosed sandbox outlives its loop)."""
+    from agentrl_envs.code_sandbox import CodeSandboxEnv
+
+    made: list[CodeSandboxEnv] = []
+
+    def build(*args: Any, **kwargs: Any) -> CodeSandboxEnv:
+        made.append(CodeSandboxEnv(*args, **kwargs))
+        return made[-1]
+
+    yield build
+    for env in made:
+        env.close()
 
 
 @pytest.fixture

@@ -47,20 +47,6 @@ def env():
     env.close()
 
 
-@pytest.fixture
-def make():
-    """Build envs that are closed after the test, also when it fails (an unclosed sandbox outlives its loop)."""
-    made: list[CodeSandboxEnv] = []
-
-    def build(*args, **kwargs) -> CodeSandboxEnv:
-        made.append(CodeSandboxEnv(*args, **kwargs))
-        return made[-1]
-
-    yield build
-    for env in made:
-        env.close()
-
-
 def play_demonstration(env: CodeSandboxEnv, task, check: bool = True) -> list:
     """Replay the task's demonstration as a scripted policy; every env message must equal the demonstration's."""
     demo = demonstration(task, check=check)

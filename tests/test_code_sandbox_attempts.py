@@ -25,19 +25,6 @@ def _run(code: str) -> str:
     return format_tool_calls([ToolCall("run_python", {"code": code})])
 
 
-@pytest.fixture
-def make():
-    made: list[CodeSandboxEnv] = []
-
-    def build(*args, **kwargs) -> CodeSandboxEnv:
-        made.append(CodeSandboxEnv(*args, **kwargs))
-        return made[-1]
-
-    yield build
-    for env in made:
-        env.close()
-
-
 def _task(seed: int = 3):
     return generate_tasks(1, seed, "rl")[0]
 
