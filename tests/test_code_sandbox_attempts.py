@@ -8,7 +8,7 @@ import re
 
 import numpy as np
 import pytest
-from agentrl_envs.code_sandbox import CodeSandboxEnv, GeneratorConfig, generate_tasks
+from agentrl_envs.code_sandbox import CodeSandboxEnv, generate_tasks
 from agentrl_envs.code_sandbox.generator import DOMAINS, PRESETS, generate_task
 from agentrl_envs.code_sandbox.slips import SLIPS, slipped
 
@@ -75,7 +75,6 @@ def test_a_program_that_does_not_load_is_told_why(make):
 def test_the_last_attempt_is_final_and_a_truncated_episode_keeps_its_last_submission(make):
     env = make(attempts=2, max_turns=3)
     task = _task()
-    half = task.reference + "\n" * 0
     env.reset(options={"task": task})
     assert not env.step(_submit("def solve(x):\n    return None\n")).terminated
     last = env.step(_submit("def solve(x):\n    return None\n"))
@@ -87,7 +86,6 @@ def test_the_last_attempt_is_final_and_a_truncated_episode_keeps_its_last_submis
     ended = env.step(_run("print(1)"))  # no submission in the last turn: truncated
     assert ended.truncated and not ended.terminated
     assert ended.info["reward_raw"]["correct"] == pytest.approx(env.last_grade.share)
-    assert half  # the reference is a full program
 
 
 def test_a_submission_that_passes_the_public_tests_is_final_even_when_hidden_tests_fail(make):
@@ -204,7 +202,6 @@ def test_slips_are_caught_by_the_public_tests_for_most_training_tasks():
         if slip is not None:
             assert slip.program != task.reference and repr(slip.got) != repr(slip.expected)
     assert slipped(dataclasses.replace(tasks[0], feedback=None)) is None
-    assert isinstance(GeneratorConfig().public_tests, int)
 
 
 def test_tasks_can_be_a_preset_with_fields_changed_and_bad_ones_are_named(make):
