@@ -215,12 +215,8 @@ def test_chat_template_exact_rendering(tokenizer):
     messages, tools = CONVERSATIONS["system_tools"]
     tools_json = json.dumps(CALCULATOR)
     assert _render(tokenizer, messages, tools) == (
-        "<|im_start|>system\nYou are a helpful assistant.\n\n# Tools\n\n"
-        "You may call one or more functions to assist with the user query.\n\n"
-        "You are provided with function signatures within <tools></tools> XML tags:\n"
-        f"<tools>\n{tools_json}\n</tools>\n\n"
-        "For each function call, return a json object with function name and arguments within "
-        "<tool_call></tool_call> XML tags:\n<tool_call>\n"
+        "<|im_start|>system\nYou are a helpful assistant.\n\n# Tools\n<tools>\n"
+        "calculator(expression): Evaluate an arithmetic expression.\n</tools>\nCall a tool as <tool_call>\n"
         '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call><|im_end|>\n'
         "<|im_start|>user\nWhat is 12 * 34?<|im_end|>\n"
         '<|im_start|>assistant\n<tool_call>\n{"name": "calculator", "arguments": {"expression": "12 * 34"}}\n'
@@ -243,7 +239,7 @@ def test_chat_template_content_verbatim_calls_and_separate_tool_turns(tokenizer)
         "<|im_start|>assistant\n"
     )
     with_tools = _render(tokenizer, messages[:1], tools)
-    assert with_tools.startswith("<|im_start|>system\n# Tools\n\n")  # no invented system prompt
+    assert with_tools.startswith("<|im_start|>system\n# Tools\n<tools>\n")  # no invented system prompt
     assert (
         _render(tokenizer, messages[:1], None)
         == "<|im_start|>user\nAdd the numbers in a.txt and b.txt.<|im_end|>\n"

@@ -62,6 +62,9 @@ _SPLIT_PATTERN = (
 # prompt is the opening of the next assistant turn. Unlike Qwen2.5, consecutive tool results are not
 # grouped into one user turn: the group's closing <|im_end|> would have to wait for the next message,
 # which breaks the prefix property; each tool result is its own user turn. Content is never trimmed.
+# Tools render as one signature line each, `name(arg, ...): description`, not as JSON schemas: a small
+# model learns its tools from demonstrations, and the schemas would be most of every prompt (the
+# code-sandbox tools: about 60 tokens instead of 320, and the context is what decoding pays for).
 CHATML_TEMPLATE = r"""{%- macro text(content) %}{%- if content is string %}{{- content }}{%- endif %}{%- endmacro %}
 {%- if messages and (tools or messages[0].role == 'system') %}
     {{- '<|im_start|>system\n' }}
@@ -70,14 +73,17 @@ CHATML_TEMPLATE = r"""{%- macro text(content) %}{%- if content is string %}{{- c
         {%- if tools %}{{- '\n\n' }}{%- endif %}
     {%- endif %}
     {%- if tools %}
-        {{- '# Tools\n\nYou may call one or more functions to assist with the user query.\n\n' }}
-        {{- 'You are provided with function signatures within <tools></tools> XML tags:\n<tools>' }}
+        {{- '# Tools\n<tools>' }}
         {%- for tool in tools %}
-            {{- '\n' }}{{- tool | tojson }}
+            {%- set fn = tool.function if tool.function is defined else tool %}
+            {{- '\n' + fn.name + '(' }}
+            {%- if fn.parameters is mapping and fn.parameters.properties is mapping %}
+                {{- fn.parameters.properties | list | join(', ') }}
+            {%- endif %}
+            {{- ')' }}
+            {%- if fn.description %}{{- ': ' + fn.description }}{%- endif %}
         {%- endfor %}
-        {{- '\n</tools>\n\nFor each function call, return a json object with function name and arguments ' }}
-        {{- 'within <tool_call></tool_call> XML tags:\n<tool_call>\n' }}
-        {{- '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>' }}
+        {{- '\n</tools>\nCall a tool as <tool_call>\n{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>' }}
     {%- endif %}
     {{- '<|im_end|>\n' }}
 {%- endif %}
