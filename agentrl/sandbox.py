@@ -49,6 +49,7 @@ __all__ = [
     "SandboxLimits",
     "SandboxNotFoundError",
     "SandboxUnavailableError",
+    "has_sandbox",
     "list_sandboxes",
     "open_sandbox",
     "register_sandbox",
@@ -352,15 +353,29 @@ def register_sandbox(name: str, factory: str | SandboxFactory, *, override: bool
     _REGISTRY[name] = factory
 
 
-def _entry_points() -> dict[str, str]:
-    from importlib.metadata import entry_points
+_ENTRY_POINTS: dict[str, str] | None = None
 
-    return {ep.name: ep.value for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+def _entry_points(*, reload: bool = False) -> dict[str, str]:
+    """The entry-point group, read once per process and again on ``reload``: reading it scans every
+    installed distribution (~10 ms), and an env opens its sandboxes once per episode."""
+    global _ENTRY_POINTS
+    if _ENTRY_POINTS is None or reload:
+        from importlib.metadata import entry_points
+
+        _ENTRY_POINTS = {ep.name: ep.value for ep in entry_points(group=ENTRY_POINT_GROUP)}
+    return _ENTRY_POINTS
 
 
 def list_sandboxes() -> list[str]:
     """Names of every backend, registered in-process or through entry points. Loads no backend code."""
     return sorted(set(_REGISTRY) | set(_entry_points()))
+
+
+def has_sandbox(name: str) -> bool:
+    """Whether a backend named ``name`` exists (entry points are read again before saying no, so a package
+    installed while this process runs is found)."""
+    return name in _REGISTRY or name in _entry_points() or name in _entry_points(reload=True)
 
 
 def _load(name: str, target: str | SandboxFactory) -> SandboxFactory:
@@ -374,9 +389,7 @@ def sandbox_class(name: str) -> SandboxFactory:
         SandboxNotFoundError: no backend by that name (the message suggests close names and how to install).
         PluginError: the backend's package failed to import.
     """
-    target = _REGISTRY.get(name)
-    if target is None:
-        target = _entry_points().get(name)
+    target = _REGISTRY.get(name) or _entry_points().get(name) or _entry_points(reload=True).get(name)
     if target is None:
         known = list_sandboxes()
         close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)

@@ -22,6 +22,9 @@ __all__ = ["Cgroup", "cgroup_of", "create_cgroup", "reap_stale_cgroups", "reap_s
 log = logging.getLogger(__name__)
 _CONTROLLERS = ("memory", "pids", "cpu")
 _NAME = re.compile(r"^agentrl-(\d+)-\d+$")  # agentrl-<owner pid>-<counter>
+REAP_INTERVAL = 30.0
+"""Seconds between two reaps of stale groups by :func:`create_cgroup`."""
+_last_reap = float("-inf")
 
 
 def _mounts() -> dict[str, Path]:
@@ -261,11 +264,15 @@ def cgroup_of(pid: int) -> Cgroup | None:
 def create_cgroup(name: str, *, memory: int, processes: int, cpus: float) -> Cgroup | None:
     """Create and configure the group ``name`` (``agentrl-<pid>-<n>``); None where no controller is usable.
 
-    Groups left behind by owners that died are reaped first.
+    Groups left behind by owners that died are reaped first, at most once per :data:`REAP_INTERVAL` seconds
+    (a reap lists every group, ours included: per sandbox it would cost what a whole run's crashes leave).
     """
+    global _last_reap
     try:
         mounts, own = _mounts(), _own_paths()
-        reap_stale_cgroups(_parents())
+        if time.monotonic() - _last_reap >= REAP_INTERVAL:
+            reap_stale_cgroups(_parents())
+            _last_reap = time.monotonic()
     except OSError:
         return None
     v1 = [c for c in _CONTROLLERS if c in mounts and c in own]

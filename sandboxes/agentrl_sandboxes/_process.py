@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import select
+import shutil
 import signal
 import struct
 import subprocess
@@ -96,13 +97,35 @@ def _parents() -> dict[int, int]:
     return parents
 
 
+@functools.cache
+def _children_files() -> bool:
+    """Whether the kernel lists each task's children (``/proc/<pid>/task/<tid>/children``, CONFIG_PROC_CHILDREN)."""
+    return os.path.exists(f"/proc/{os.getpid()}/task/{os.getpid()}/children")
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    with contextlib.suppress(OSError):
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{tid}/children", "rb") as f:
+                found += [int(child) for child in f.read().split()]
+    return found
+
+
 def descendants(root: int) -> list[int]:
-    """Pids of every live descendant of ``root`` (from ``/proc``)."""
-    parents = _parents()
-    found, frontier = set(), {root}
-    while frontier:
-        frontier = {p for p, pp in parents.items() if pp in frontier and p not in found}
-        found |= frontier
+    """Pids of every live descendant of ``root``: from each task's ``children`` list where the kernel keeps one
+    (a few reads), else from the parent pid of every process in ``/proc`` (a scan of the whole machine)."""
+    found: set[int] = set()
+    if _children_files():
+        frontier = [root]
+        while frontier:
+            frontier = [child for pid in frontier for child in _children(pid) if child not in found]
+            found.update(frontier)
+        return sorted(found)
+    parents, level = _parents(), {root}
+    while level:
+        level = {p for p, pp in parents.items() if pp in level and p not in found}
+        found |= level
     return sorted(found)
 
 
@@ -147,6 +170,25 @@ def bwrap_argv(
     ]
 
 
+@functools.cache
+def _setpriv() -> str | None:
+    return shutil.which("setpriv", path="/usr/bin:/bin:/usr/sbin:/sbin")
+
+
+def _privileges_dropped_by_exec(
+    make_argv: Callable[[int], list[str]], ids: dict[str, Any]
+) -> tuple[Callable[[int], list[str]], dict[str, Any]]:
+    """Drop to ``ids`` in util-linux's ``setpriv``, which then execs the command, instead of in the child of a
+    ``fork``: Python can start a child with ``vfork`` only when it changes no ids, and a ``fork`` copies the
+    page tables of this process (gigabytes with a model loaded), which costs more than the sandbox's start.
+    Without ``setpriv``, the ids travel to the ``fork`` unchanged."""
+    setpriv = _setpriv()
+    if not ids or setpriv is None or ids.get("extra_groups") not in (None, [], ()):
+        return make_argv, ids
+    drop = [setpriv, f"--reuid={int(ids['user'])}", f"--regid={int(ids['group'])}", "--clear-groups", "--"]
+    return (lambda fd: [*drop, *make_argv(fd)]), {}
+
+
 class ServerProcess:
     """One running fork-server and the channel to it.
 
@@ -177,6 +219,7 @@ class ServerProcess:
             ids: ``user``/``group``/``extra_groups`` to drop to before the exec (empty when not root).
             extra_fds: more descriptors the fork-server inherits under the same numbers.
         """
+        argv_of, ids = _privileges_dropped_by_exec(make_argv, ids)
         read_fd, write_fd = os.pipe()
         try:
             os.write(write_fd, seccomp)  # ~1 KB: fits in the pipe, no reader needed yet
@@ -184,7 +227,7 @@ class ServerProcess:
             os.close(write_fd)
         try:
             proc = await asyncio.create_subprocess_exec(
-                *make_argv(read_fd), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                *argv_of(read_fd), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE, pass_fds=(read_fd, *extra_fds), cwd=cwd, env={}, start_new_session=True, **ids,
             )
         finally:

@@ -48,7 +48,7 @@ import numpy as np
 from agentrl.core import Env, ResetResult, StepResult
 from agentrl.errors import ConfigError, ToolCallError
 from agentrl.rewards import compose, parse_weights
-from agentrl.sandbox import SandboxError, SandboxLimits, list_sandboxes
+from agentrl.sandbox import SandboxError, SandboxLimits, has_sandbox, list_sandboxes
 from agentrl.tools import parse_tool_calls, tool_error_message, validate_call
 from agentrl.types import Message, ToolCall
 from agentrl_envs.code_sandbox.datasets import load_humaneval, load_mbpp, load_tasks
@@ -200,7 +200,7 @@ class CodeSandboxEnv(Env):
             raise ConfigError(f"attempts must be a positive integer, got {attempts!r}")
         if not isinstance(max_runs, int) or max_runs < 1:
             raise ConfigError(f"max_runs must be a positive integer, got {max_runs!r}")
-        if sandbox not in list_sandboxes():
+        if not has_sandbox(sandbox):
             raise ConfigError(f"no sandbox backend {sandbox!r}; installed: {list_sandboxes()}")
         self.source = _resolve_tasks(tasks)
         self.limits = sandbox_limits or SandboxLimits(wall_time=5.0, cpu_time=5.0)
