@@ -97,5 +97,6 @@ def load_judge_config(source: str | Path | dict[str, Any], **defaults: Any) -> J
     try:
         return JudgeConfig(**{**defaults, **data})
     except ValidationError as error:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
-        raise ConfigError(f"invalid judge config: {problems}") from None
+        from agentrl.learners.config import explain
+
+        raise ConfigError(explain(JudgeConfig, error)) from None
