@@ -164,7 +164,9 @@ def closest_keys(key: str, valid: Sequence[str]) -> list[str]:
     return list(dict.fromkeys([*named, *best]))[:3]
 
 
-def unknown_key_message(path: str, valid: Sequence[str], documented: str, source: str = "") -> str:
+def unknown_key_message(
+    path: str, valid: Sequence[str], documented: str, source: str = "", level: str = ""
+) -> str:
     """The message for one unknown key, the same shape at every level of every config.
 
     Args:
@@ -173,13 +175,14 @@ def unknown_key_message(path: str, valid: Sequence[str], documented: str, source
         documented: what those keys are and where they are documented, e.g. ``"the fields of
             agentrl.learners.grpo.GRPOConfig, each documented at its field"``.
         source: where the key was set, e.g. ``"--set learner.max_step=3"`` or ``"in run.yaml"``.
+        level: names the level in the message; default ``"under <section>"`` (``"at the top level"``).
 
     Returns:
         e.g. ``unknown key 'learner.max_step' (--set learner.max_step=3): did you mean 'learner.max_steps'?
         The keys under learner are the fields of agentrl.learners.grpo.GRPOConfig, ...``
     """
     section, _, key = path.rpartition(".")
-    level = f"under {section}" if section else "at the top level"
+    level = level or (f"under {section}" if section else "at the top level")
     close = closest_keys(key, valid)
     if close:
         guess = f"did you mean {' or '.join(repr(section + '.' + k if section else k) for k in close)}?"

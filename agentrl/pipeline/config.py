@@ -287,7 +287,8 @@ def check_env_kwargs(env_id: str, kwargs: Mapping[str, Any], where: str) -> None
         dotted = not where.startswith("-")  # a setting (eval.env_kwargs), not a flag (--env-arg)
         documented = f"the constructor arguments of {env_spec.id} (see {target.__module__}.{target.__qualname__})"
         raise ConfigError("\n  ".join(
-            unknown_key_message(f"{where}.{k}" if dotted else k, takes, documented, "" if dotted else where)
+            unknown_key_message(f"{where}.{k}", takes, documented) if dotted
+            else unknown_key_message(k, takes, documented, where, f"of {where}")
             for k in unknown
         )) from None  # fmt: skip
 
