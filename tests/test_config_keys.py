@@ -11,8 +11,8 @@ from typing import Any, ClassVar
 import pytest
 
 import agentrl
+from agentrl._config_keys import closest_keys
 from agentrl.errors import ConfigError
-from agentrl.learners.config import closest_keys
 from agentrl.learners.grpo import GRPOConfig
 from agentrl.pipeline.config import RunConfig, build_run_config, check_env_kwargs, resolve
 from agentrl.testing import DigitsEnv
@@ -168,3 +168,23 @@ def test_the_train_cli_dry_run_reports_a_nested_typo_and_runs_nothing(tmp_path):
     assert done.returncode == 1 and not (tmp_path / "run").exists()
     assert "agentrl: error: unknown key 'learner.max_step' (--set learner.max_step=3): did you mean " \
         "'learner.max_steps'?" in done.stderr, done.stderr
+
+
+def test_the_offline_commands_name_an_unknown_set_field_the_same_way(tmp_path, capsys):
+    from agentrl.cli import main
+
+    code = main(["sft", "--env", "toy-digits", "--output-dir", str(tmp_path / "run"), "--dry-run",
+                 "--set", "lora.rank=4"])  # fmt: skip
+    assert code == 1 and not (tmp_path / "run").exists()
+    assert "agentrl: error: unknown key 'lora.rank' (--set lora.rank=4): did you mean 'lora.r'? The keys under lora " \
+        "are the fields of agentrl.learners.config.LoRAConfig" in capsys.readouterr().err
+
+
+def test_a_judge_config_file_names_an_unknown_key_the_same_way(tmp_path):
+    from agentrl.judge.config import load_judge_config
+
+    path = tmp_path / "judge.yaml"
+    path.write_text("model: tiny\nrubrik: be strict\n")
+    with pytest.raises(ConfigError, match=r"invalid judge config: unknown key 'rubrik': did you mean 'rubric'\? The "
+                                          r"keys at the top level are the fields of agentrl\.judge\.config\.JudgeConfig"):  # fmt: skip
+        load_judge_config(path)

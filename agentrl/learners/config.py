@@ -2,12 +2,11 @@
 pydantic base each learner's config extends. Invalid values raise :class:`~agentrl.errors.ConfigError`
 with one line per bad field naming the value, the problem and what the field expects; an unknown key, at
 any depth, is named by its dotted path with the closest keys of its level and where those are documented
-(:func:`unknown_key_message`, the one shape every config of the project uses).
+(:func:`~agentrl._config_keys.unknown_key_message`, the one shape every config of the project uses).
 """
 
 from __future__ import annotations
 
-import difflib
 import types
 import typing
 import warnings
@@ -17,6 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from agentrl._config_keys import model_keys, unknown_key_message
 from agentrl.errors import ConfigError
 
 __all__ = [
@@ -24,11 +24,8 @@ __all__ = [
     "LoRAConfig",
     "StrictConfig",
     "TrainConfig",
-    "closest_keys",
     "derived_warmup",
     "explain",
-    "model_keys",
-    "unknown_key_message",
     "unknown_keys",
 ]
 
@@ -139,65 +136,6 @@ def derived_warmup(default: int, max_steps: int) -> int:
     return default if default < max_steps else max_steps // 10
 
 
-_FAMILIAR = {
-    "learning_rate": "lr",
-    "num_generations": "group_size",
-    "max_completion_length": "max_new_tokens",
-    "max_grad_norm": "grad_clip",
-    "num_iterations": "mu",
-    "per_device_train_batch_size": "batch_size",
-    "rank": "r",
-}
-"""Names other trainers (TRL, verl, peft) give settings that agentrl names otherwise: suggested where they fit."""
-
-
-def closest_keys(key: str, valid: Sequence[str]) -> list[str]:
-    """The valid keys ``key`` most likely meant, best first (at most 3; ``[]`` when none is close).
-
-    Close spellings (``max_step`` -> ``max_steps``), a valid key that is one ``_``-separated word of ``key``
-    (``lr_rate`` -> ``lr``) and other trainers' names for a setting (``learning_rate`` -> ``lr``) count.
-    """
-    named = [k for k in (_FAMILIAR.get(key.lower(), ""), *key.lower().split("_")) if k in valid]
-    ratios = {k: difflib.SequenceMatcher(None, key, k).ratio() for k in valid}
-    spelled = sorted((k for k in valid if ratios[k] >= 0.6), key=lambda k: -ratios[k])
-    best = [k for k in spelled if ratios[k] >= ratios[spelled[0]] - 0.1] if spelled else []  # not the also-rans
-    return list(dict.fromkeys([*named, *best]))[:3]
-
-
-def unknown_key_message(
-    path: str, valid: Sequence[str], documented: str, source: str = "", level: str = ""
-) -> str:
-    """The message for one unknown key, the same shape at every level of every config.
-
-    Args:
-        path: the key's full dotted path, e.g. ``"learner.max_step"``.
-        valid: the keys its level takes.
-        documented: what those keys are and where they are documented, e.g. ``"the fields of
-            agentrl.learners.grpo.GRPOConfig, each documented at its field"``.
-        source: where the key was set, e.g. ``"--set learner.max_step=3"`` or ``"in run.yaml"``.
-        level: names the level in the message; default ``"under <section>"`` (``"at the top level"``).
-
-    Returns:
-        e.g. ``unknown key 'learner.max_step' (--set learner.max_step=3): did you mean 'learner.max_steps'?
-        The keys under learner are the fields of agentrl.learners.grpo.GRPOConfig, ...``
-    """
-    section, _, key = path.rpartition(".")
-    level = level or (f"under {section}" if section else "at the top level")
-    close = closest_keys(key, valid)
-    if close:
-        guess = f"did you mean {' or '.join(repr(section + '.' + k if section else k) for k in close)}?"
-    else:
-        guess = f"no key {level} is close."
-    listed = f" ({', '.join(valid)})" if not close and len(valid) <= 25 else ""
-    where = f" ({source})" if source else ""
-    return f"unknown key {path!r}{where}: {guess} The keys {level}{listed} are {documented}"
-
-
-def model_keys(cls: type[BaseModel]) -> str:
-    """Where the keys of ``cls`` are documented, for :func:`unknown_key_message`."""
-    return f"the fields of {cls.__module__}.{cls.__qualname__}, each documented at its field"
-
-
 def unknown_keys(
     data: Mapping[str, Any], cls: type[BaseModel], at: str = "", sections: Mapping[str, type[BaseModel]] | None = None
 ) -> list[tuple[str, type[BaseModel]]]:
@@ -209,7 +147,7 @@ def unknown_keys(
             ``{"learner": GRPOConfig}``; a mapping field neither a model nor listed here is not checked.
 
     Returns:
-        (dotted path, the model of its level) per unknown key, for :func:`unknown_key_message`.
+        (dotted path, the model of its level) per unknown key, for :func:`~agentrl._config_keys.unknown_key_message`.
     """
     found = []
     for key, value in data.items():
@@ -253,7 +191,7 @@ def _level(cls: type[BaseModel], loc: Sequence[Any]) -> tuple[type[BaseModel], s
 
 def explain(cls: type[BaseModel], exc: ValidationError) -> str:
     """One line per bad field: its value, what is wrong, and the field's documentation (the fix); an unknown
-    key, at any depth, as :func:`unknown_key_message`."""
+    key, at any depth, as :func:`~agentrl._config_keys.unknown_key_message`."""
     lines = []
     for error in exc.errors():
         name = ".".join(str(part) for part in error["loc"])

@@ -11,7 +11,7 @@ The YAML file is UTF-8 without aliases (``*name``): a few nested aliases could s
 
 An unknown key, at any depth and from any layer, fails before anything is built, named by its dotted path
 and where it was set, with the closest keys of its level and the class documenting them
-(:func:`~agentrl.learners.config.unknown_key_message`); ``env_kwargs`` keys are checked against the env's
+(:func:`~agentrl._config_keys.unknown_key_message`); ``env_kwargs`` keys are checked against the env's
 constructor (:func:`check_env_kwargs`).
 """
 
@@ -27,9 +27,10 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from agentrl._config_keys import model_keys, unknown_key_message
 from agentrl.cluster.config import ClusterConfig
 from agentrl.errors import ConfigError
-from agentrl.learners.config import StrictConfig, model_keys, unknown_key_message, unknown_keys
+from agentrl.learners.config import StrictConfig, unknown_keys
 
 __all__ = [
     "ALGOS",
@@ -48,7 +49,9 @@ __all__ = [
     "check_keys",
     "env_recipe",
     "load_yaml",
+    "raise_unknown_keys",
     "resolve",
+    "set_layers",
 ]
 
 ALGOS: dict[str, tuple[str, str, dict[str, Any]]] = {
@@ -261,7 +264,7 @@ def check_env_kwargs(env_id: str, kwargs: Mapping[str, Any], where: str) -> None
         where: the setting that holds them, for the message (``"eval.env_kwargs"``, ``"--env-kwargs"``).
 
     Raises:
-        ConfigError: an argument the env does not take, as :func:`~agentrl.learners.config.unknown_key_message`
+        ConfigError: an argument the env does not take, as :func:`~agentrl._config_keys.unknown_key_message`
             (``eval.env_kwargs.<key>``), or a required one missing, naming ``where`` and the env's arguments.
     """
     import inspect
@@ -391,7 +394,7 @@ def build_run_config(
         raise ConfigError("no environment: pass --env <id> (see `agentrl envs`) or set env: in the config file")
     recipe = env_recipe(str(data["env"]))
     merged = _merge(recipe, data)
-    layers = [(f"--set {item}", apply_overrides({}, [item])) for item in reversed(overrides)]
+    layers = set_layers(overrides)
     if config_file is not None:
         layers.append((f"in {config_file}", user))
     layers.append((f"in the default_run recipe of {data['env']}", recipe))
@@ -415,9 +418,19 @@ def check_keys(data: Mapping[str, Any], layers: Sequence[tuple[str, Mapping[str,
     sections = {
         path: _load_section(algo if target == "<algo>" else target, path)
         for path, target in SECTIONS.items()
-        if _holds(data, path) and (target != "<algo>" or algo in ALGOS)
+        if _holds(data, path) and (target != "<algo>" or (isinstance(algo, str) and algo in ALGOS))
     }
-    found = unknown_keys(data, RunConfig, sections=sections)
+    env = data.get("env", "<id>")
+    raise_unknown_keys(unknown_keys(data, RunConfig, sections=sections), layers,
+                       f"`agentrl train --env {env} --dry-run` prints every section's keys with their values")  # fmt: skip
+
+
+def raise_unknown_keys(
+    found: Sequence[tuple[str, Any]], layers: Sequence[tuple[str, Mapping[str, Any]]] = (), footer: str = ""
+) -> None:
+    """Raise one ConfigError for the unknown keys :func:`~agentrl.learners.config.unknown_keys` found (none:
+    return), each said to come from the first of ``layers`` (``(where, mapping)``, the winning one first) that
+    holds it, ``footer`` on a last line in parentheses."""
     if not found:
         return
     lines = [
@@ -425,9 +438,13 @@ def check_keys(data: Mapping[str, Any], layers: Sequence[tuple[str, Mapping[str,
                             next((where for where, layer in layers if _holds(layer, path)), ""))
         for path, cls in found
     ]  # fmt: skip
-    env = data.get("env", "<id>")
-    raise ConfigError(("\n  ".join(lines) if len(lines) == 1 else f"{len(lines)} unknown keys:\n  " + "\n  ".join(lines))
-                      + f"\n  (`agentrl train --env {env} --dry-run` prints every section's keys with their values)")  # fmt: skip
+    head = lines[0] if len(lines) == 1 else f"{len(lines)} unknown keys:\n  " + "\n  ".join(lines)
+    raise ConfigError(head + (f"\n  ({footer})" if footer else ""))
+
+
+def set_layers(overrides: Sequence[str]) -> list[tuple[str, dict[str, Any]]]:
+    """``--set`` overrides as :func:`raise_unknown_keys` layers, the last (winning) one first."""
+    return [(f"--set {item}", apply_overrides({}, [item])) for item in reversed(overrides)]
 
 
 def _load_section(target: str, path: str) -> Any:
