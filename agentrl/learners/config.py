@@ -147,7 +147,8 @@ def unknown_keys(
             ``{"learner": GRPOConfig}``; a mapping field neither a model nor listed here is not checked.
 
     Returns:
-        (dotted path, the model of its level) per unknown key, for :func:`~agentrl._config_keys.unknown_key_message`.
+        (dotted path, the model of its level) per unknown key, for
+        :func:`~agentrl._config_keys.unknown_key_message`.
     """
     found = []
     for key, value in data.items():
@@ -174,8 +175,8 @@ def _model_of(annotation: Any) -> type[BaseModel] | None:
 
 
 def _level(cls: type[BaseModel], loc: Sequence[Any]) -> tuple[type[BaseModel], str, Any]:
-    """Follow a validation error's ``loc`` down nested models: the model of its deepest level, and the deepest
-    field on the way with its name (``("", None)`` when the first key is not a field)."""
+    """Follow a validation error's ``loc`` down nested models: the model of its deepest level, and the name
+    and field of the deepest field on the way (``""`` and None when the first key is not a field)."""
     model, name, field = cls, "", None
     for part in loc:
         found = model.model_fields.get(str(part))

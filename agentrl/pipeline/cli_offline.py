@@ -137,7 +137,8 @@ def _config(cls: Any, args: argparse.Namespace, fixed: dict[str, Any]) -> Any:
     """The learner config from the flags, after checking the output directory and the input file.
 
     Raises:
-        ConfigError: a bad or unknown ``--set`` field, an output directory that cannot be written, a missing input file.
+        ConfigError: a bad or unknown ``--set`` field, an output directory that cannot be written, a missing
+            input file.
     """
     from agentrl.learners.config import unknown_keys
     from agentrl.pipeline.config import apply_overrides, raise_unknown_keys, set_layers

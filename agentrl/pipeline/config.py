@@ -422,7 +422,7 @@ def check_keys(data: Mapping[str, Any], layers: Sequence[tuple[str, Mapping[str,
     }
     env = data.get("env", "<id>")
     raise_unknown_keys(unknown_keys(data, RunConfig, sections=sections), layers,
-                       f"`agentrl train --env {env} --dry-run` prints every section's keys with their values")  # fmt: skip
+                       f"`agentrl train --env {env} --dry-run` prints the resolved config, every key with its value")  # fmt: skip
 
 
 def raise_unknown_keys(
