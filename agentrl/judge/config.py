@@ -97,5 +97,11 @@ def load_judge_config(source: str | Path | dict[str, Any], **defaults: Any) -> J
     try:
         return JudgeConfig(**{**defaults, **data})
     except ValidationError as error:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
-        raise ConfigError(f"invalid judge config: {problems}") from None
+        from agentrl._config_keys import model_keys, unknown_key_message
+
+        problems = [
+            unknown_key_message(".".join(map(str, e["loc"])), list(JudgeConfig.model_fields), model_keys(JudgeConfig))
+            if e["type"] == "extra_forbidden" else f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
+            for e in error.errors()
+        ]  # fmt: skip
+        raise ConfigError(f"invalid judge config: {'; '.join(problems)}") from None

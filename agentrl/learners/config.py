@@ -1,20 +1,33 @@
 """The settings every learner shares (model, optimizer, schedule, precision, LoRA, checkpoints), as one
 pydantic base each learner's config extends. Invalid values raise :class:`~agentrl.errors.ConfigError`
-with one line per bad field naming the value, the problem and what the field expects.
+with one line per bad field naming the value, the problem and what the field expects; an unknown key, at
+any depth, is named by its dotted path with the closest keys of its level and where those are documented
+(:func:`~agentrl._config_keys.unknown_key_message`, the one shape every config of the project uses).
 """
 
 from __future__ import annotations
 
-import difflib
+import types
+import typing
 import warnings
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from agentrl._config_keys import model_keys, unknown_key_message
 from agentrl.errors import ConfigError
 
-__all__ = ["ConfigNote", "LoRAConfig", "StrictConfig", "TrainConfig", "derived_warmup", "explain"]
+__all__ = [
+    "ConfigNote",
+    "LoRAConfig",
+    "StrictConfig",
+    "TrainConfig",
+    "derived_warmup",
+    "explain",
+    "unknown_keys",
+]
 
 
 class ConfigNote(UserWarning):
@@ -31,6 +44,11 @@ class StrictConfig(BaseModel):
             super().__init__(**data)
         except ValidationError as exc:
             raise ConfigError(explain(type(self), exc)) from None
+
+    # Marks this __init__ as pydantic's own, so a nested StrictConfig is validated inside its parent's
+    # validation (not by calling this method): its errors then keep their full location (``eval.taks``)
+    # instead of arriving as one opaque message of the nested model.
+    __init__.__pydantic_base_init__ = True  # type: ignore[attr-defined]
 
 
 class LoRAConfig(StrictConfig):
@@ -118,16 +136,71 @@ def derived_warmup(default: int, max_steps: int) -> int:
     return default if default < max_steps else max_steps // 10
 
 
+def unknown_keys(
+    data: Mapping[str, Any], cls: type[BaseModel], at: str = "", sections: Mapping[str, type[BaseModel]] | None = None
+) -> list[tuple[str, type[BaseModel]]]:
+    """Every key of ``data``, at any depth, that ``cls`` does not take: nothing is validated but the keys.
+
+    Args:
+        at: the dotted path of ``data`` itself (``""`` at the top).
+        sections: dotted paths of free-form mappings whose keys are the fields of a model, e.g.
+            ``{"learner": GRPOConfig}``; a mapping field neither a model nor listed here is not checked.
+
+    Returns:
+        (dotted path, the model of its level) per unknown key, for
+        :func:`~agentrl._config_keys.unknown_key_message`.
+    """
+    found = []
+    for key, value in data.items():
+        path = f"{at}.{key}" if at else str(key)
+        field = cls.model_fields.get(key)
+        if field is None:
+            if cls.model_config.get("extra") == "forbid":
+                found.append((path, cls))
+            continue
+        inner = (sections or {}).get(path) or _model_of(field.annotation)
+        if inner is not None and isinstance(value, Mapping):
+            found += unknown_keys(value, inner, path, sections)
+    return found
+
+
+def _model_of(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model a field holds (``LoRAConfig | None`` -> LoRAConfig), or None."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        models = [m for m in map(_model_of, typing.get_args(annotation)) if m is not None]
+        return models[0] if len(models) == 1 else None
+    return None
+
+
+def _level(cls: type[BaseModel], loc: Sequence[Any]) -> tuple[type[BaseModel], str, Any]:
+    """Follow a validation error's ``loc`` down nested models: the model of its deepest level, and the name
+    and field of the deepest field on the way (``""`` and None when the first key is not a field)."""
+    model, name, field = cls, "", None
+    for part in loc:
+        found = model.model_fields.get(str(part))
+        if found is None:  # an unknown key, a list index, a union member's tag
+            break
+        name, field = str(part), found
+        inner = _model_of(found.annotation)
+        if inner is None:
+            break
+        model = inner
+    return model, name, field
+
+
 def explain(cls: type[BaseModel], exc: ValidationError) -> str:
-    """One line per bad field: its value, what is wrong, and the field's documentation (the fix)."""
+    """One line per bad field: its value, what is wrong, and the field's documentation (the fix); an unknown
+    key, at any depth, as :func:`~agentrl._config_keys.unknown_key_message`."""
     lines = []
     for error in exc.errors():
         name = ".".join(str(part) for part in error["loc"])
-        field = cls.model_fields.get(str(error["loc"][0])) if error["loc"] else None
-        hint = f" ({name}: {field.description})" if field is not None and field.description else ""
-        if error["type"] == "extra_forbidden" and len(error["loc"]) == 1:
-            close = difflib.get_close_matches(str(error["loc"][-1]), list(cls.model_fields), n=1, cutoff=0.6)
-            hint = f"; did you mean {close[0]!r}?" if close else f"; the fields: {', '.join(cls.model_fields)}"
+        level, field_name, field = _level(cls, error["loc"])
+        if error["type"] == "extra_forbidden":
+            lines.append(unknown_key_message(name, list(level.model_fields), model_keys(level)))
+            continue
+        hint = f" ({field_name}: {field.description})" if field is not None and field.description else ""
         where = f"{cls.__name__}.{name}: got {error['input']!r};" if name else f"{cls.__name__}:"
         lines.append(f"{where} {error['msg'].removeprefix('Value error, ')}{hint}")
     return f"invalid {cls.__name__}:\n  " + "\n  ".join(lines)

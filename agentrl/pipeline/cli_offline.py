@@ -137,12 +137,15 @@ def _config(cls: Any, args: argparse.Namespace, fixed: dict[str, Any]) -> Any:
     """The learner config from the flags, after checking the output directory and the input file.
 
     Raises:
-        ConfigError: a bad ``--set``, an output directory that cannot be written, a missing input file.
+        ConfigError: a bad or unknown ``--set`` field, an output directory that cannot be written, a missing
+            input file.
     """
-    from agentrl.pipeline.config import apply_overrides
+    from agentrl.learners.config import unknown_keys
+    from agentrl.pipeline.config import apply_overrides, raise_unknown_keys, set_layers
 
     phase = "sft" if cls.__name__ == "SFTConfig" else "dpo"
     values = apply_overrides({"model": args.model, **fixed}, args.overrides)
+    raise_unknown_keys(unknown_keys(values, cls), set_layers(args.overrides))
     values["output_dir"] = Path(args.output_dir) / "checkpoints" / phase
     config = cls(**values)
     from agentrl.tracking import check_output_dir

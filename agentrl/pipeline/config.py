@@ -8,6 +8,11 @@ Defaults come in three layers, later ones winning: the built-in ones here, the e
 ``default_run`` mapping on the env class, e.g. which task sets SFT, RL and evaluation play, and the
 settings that make the tiny model learn on a CPU), then the user's YAML file and ``--set`` overrides.
 The YAML file is UTF-8 without aliases (``*name``): a few nested aliases could stand for billions of values.
+
+An unknown key, at any depth and from any layer, fails before anything is built, named by its dotted path
+and where it was set, with the closest keys of its level and the class documenting them
+(:func:`~agentrl._config_keys.unknown_key_message`); ``env_kwargs`` keys are checked against the env's
+constructor (:func:`check_env_kwargs`).
 """
 
 from __future__ import annotations
@@ -22,12 +27,14 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from agentrl._config_keys import model_keys, unknown_key_message
 from agentrl.cluster.config import ClusterConfig
 from agentrl.errors import ConfigError
-from agentrl.learners.config import StrictConfig
+from agentrl.learners.config import StrictConfig, unknown_keys
 
 __all__ = [
     "ALGOS",
+    "SECTIONS",
     "EvalSection",
     "GoldSection",
     "RejectionSection",
@@ -39,9 +46,12 @@ __all__ = [
     "apply_overrides",
     "build_run_config",
     "check_env_kwargs",
+    "check_keys",
     "env_recipe",
     "load_yaml",
+    "raise_unknown_keys",
     "resolve",
+    "set_layers",
 ]
 
 ALGOS: dict[str, tuple[str, str, dict[str, Any]]] = {
@@ -57,6 +67,17 @@ ALGOS: dict[str, tuple[str, str, dict[str, Any]]] = {
 """``--algo`` name -> (config class, train function, settings it implies). ``dpo`` is online DPO: the
 policy samples its own pairs from the env (offline DPO on a preference file is ``agentrl dpo``)."""
 
+
+SECTIONS: dict[str, str] = {
+    "sft.learner": "agentrl.learners.sft:SFTConfig",
+    "learner": "<algo>",
+    "rejection.sampling": "agentrl.learners.rl:RolloutConfig",
+    "rejection.learner": "agentrl.learners.sft:SFTConfig",
+    "rl2.learner": "<algo>",
+    "rl2.judge": "agentrl.judge.config:JudgeConfig",
+}
+"""The run config's free-form sections whose keys are the fields of a config class (``<algo>``: the
+algorithm's, from :data:`ALGOS`): their keys are checked with the run config's own."""
 
 _CHECKPOINTS = {"save_every": 25, "keep_last": 2}
 """Checkpoint cadence of both phases unless the config says otherwise: a crash loses at most 25 steps."""
@@ -243,17 +264,17 @@ def check_env_kwargs(env_id: str, kwargs: Mapping[str, Any], where: str) -> None
         where: the setting that holds them, for the message (``"eval.env_kwargs"``, ``"--env-kwargs"``).
 
     Raises:
-        ConfigError: an argument the env does not take (or a required one missing), naming ``where``, the
-            env's arguments and the closest match.
+        ConfigError: an argument the env does not take, as :func:`~agentrl._config_keys.unknown_key_message`
+            (``eval.env_kwargs.<key>``), or a required one missing, naming ``where`` and the env's arguments.
     """
-    import difflib
     import inspect
 
     from agentrl import registry
 
     env_spec = registry.spec(env_id)
+    target = env_spec.load()
     try:
-        signature = inspect.signature(env_spec.load())
+        signature = inspect.signature(target)
     except (TypeError, ValueError):
         return  # no readable signature (some C callables): building it will tell
     try:
@@ -261,11 +282,18 @@ def check_env_kwargs(env_id: str, kwargs: Mapping[str, Any], where: str) -> None
     except TypeError as exc:
         named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
         takes = [name for name, p in signature.parameters.items() if p.kind in named]
-        unknown = [k for k in kwargs if k not in takes]
-        close = difflib.get_close_matches(unknown[0], takes, n=1) if unknown else []
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ConfigError(f"{where}: {env_spec.id} cannot be made with {dict(kwargs)}: {exc}{hint}; it takes "
-                          f"{', '.join(takes) or 'no arguments'}. Drop or rename it in {where}") from None  # fmt: skip
+        open_ended = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values())
+        unknown = [] if open_ended else [str(k) for k in kwargs if k not in takes]
+        if not unknown:
+            raise ConfigError(f"{where}: {env_spec.id} cannot be made with {dict(kwargs)}: {exc}; it takes "
+                              f"{', '.join(takes) or 'no arguments'}. Fix it in {where}") from None  # fmt: skip
+        dotted = not where.startswith("-")  # a setting (eval.env_kwargs), not a flag (--env-arg)
+        documented = f"the constructor arguments of {env_spec.id} (see {target.__module__}.{target.__qualname__})"
+        raise ConfigError("\n  ".join(
+            unknown_key_message(f"{where}.{k}", takes, documented) if dotted
+            else unknown_key_message(k, takes, documented, where, f"of {where}")
+            for k in unknown
+        )) from None  # fmt: skip
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -364,7 +392,76 @@ def build_run_config(
     data = apply_overrides(data, overrides)
     if "env" not in data:
         raise ConfigError("no environment: pass --env <id> (see `agentrl envs`) or set env: in the config file")
-    return RunConfig(**_merge(env_recipe(str(data["env"])), data))
+    recipe = env_recipe(str(data["env"]))
+    merged = _merge(recipe, data)
+    layers = set_layers(overrides)
+    if config_file is not None:
+        layers.append((f"in {config_file}", user))
+    layers.append((f"in the default_run recipe of {data['env']}", recipe))
+    check_keys(merged, layers)
+    return RunConfig(**merged)
+
+
+def check_keys(data: Mapping[str, Any], layers: Sequence[tuple[str, Mapping[str, Any]]] = ()) -> None:
+    """Check every key of a run config mapping, at any depth (the sections of :data:`SECTIONS` included),
+    before any value is.
+
+    Args:
+        layers: (where, mapping) of the layers ``data`` was merged from, the one that wins first: an unknown
+            key is said to come from the first that holds it.
+
+    Raises:
+        ConfigError: one line per unknown key, each with its dotted path, where it was set, the closest keys
+            of its level and the class documenting them.
+    """
+    algo = data.get("algo", RunConfig.model_fields["algo"].default)
+    sections = {
+        path: _load_section(algo if target == "<algo>" else target, path)
+        for path, target in SECTIONS.items()
+        if _holds(data, path) and (target != "<algo>" or (isinstance(algo, str) and algo in ALGOS))
+    }
+    env = data.get("env", "<id>")
+    raise_unknown_keys(unknown_keys(data, RunConfig, sections=sections), layers,
+                       f"`agentrl train --env {env} --dry-run` prints the resolved config, every key with its value")  # fmt: skip
+
+
+def raise_unknown_keys(
+    found: Sequence[tuple[str, Any]], layers: Sequence[tuple[str, Mapping[str, Any]]] = (), footer: str = ""
+) -> None:
+    """Raise one ConfigError for the unknown keys :func:`~agentrl.learners.config.unknown_keys` found (none:
+    return), each said to come from the first of ``layers`` (``(where, mapping)``, the winning one first) that
+    holds it, ``footer`` on a last line in parentheses."""
+    if not found:
+        return
+    lines = [
+        unknown_key_message(path, list(cls.model_fields), model_keys(cls),
+                            next((where for where, layer in layers if _holds(layer, path)), ""))
+        for path, cls in found
+    ]  # fmt: skip
+    head = lines[0] if len(lines) == 1 else f"{len(lines)} unknown keys:\n  " + "\n  ".join(lines)
+    raise ConfigError(head + (f"\n  ({footer})" if footer else ""))
+
+
+def set_layers(overrides: Sequence[str]) -> list[tuple[str, dict[str, Any]]]:
+    """``--set`` overrides as :func:`raise_unknown_keys` layers, the last (winning) one first."""
+    return [(f"--set {item}", apply_overrides({}, [item])) for item in reversed(overrides)]
+
+
+def _load_section(target: str, path: str) -> Any:
+    """The config class of a :data:`SECTIONS` entry (``target`` an algo name or ``module:Class``)."""
+    from agentrl._plugins import load_object
+
+    return load_object(ALGOS[target][0] if target in ALGOS else target, f"the config class of {path}")
+
+
+def _holds(data: Mapping[str, Any], path: str) -> bool:
+    """Whether the nested mapping ``data`` has the dotted ``path``."""
+    node: Any = data
+    for part in path.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return False
+        node = node[part]
+    return True
 
 
 # ---- resolution -----------------------------------------------------------------------------------
@@ -386,11 +483,13 @@ def resolve(run: RunConfig, run_dir: Path | None = None) -> Resolved:
     """Build and validate every phase's learner config (no model is loaded, nothing is written).
 
     Raises:
-        ConfigError: a bad section value, its message prefixed with the section (``learner``, ``sft.learner``).
+        ConfigError: an unknown key of a section (as :func:`check_keys`), or a bad section value, its message
+            prefixed with the section (``learner``, ``sft.learner``).
     """
     from agentrl._plugins import load_object
     from agentrl.learners import checkpoints
 
+    check_keys(run.model_dump())
     run_dir = Path(run_dir or run.output_dir or default_run_dir(run))
     sft = None
     if run.sft.demos > 0 or run.sft.data is not None:
