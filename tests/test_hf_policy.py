@@ -12,6 +12,7 @@ from transformers import DynamicCache
 from agentrl.errors import ConfigError
 from agentrl.models.chat import ChatRenderer
 from agentrl.models.loading import load_model, load_tokenizer
+from agentrl.rollout._shared_prefill import prefix_groups
 from agentrl.rollout.hf import HFPolicy, _preallocated_cache, _RowSampler, sampling_logprobs
 from agentrl.rollout.policy import Policy, SamplingParams, make_policy
 
@@ -292,3 +293,50 @@ def test_the_preallocated_cache_grows_past_its_capacity(model, prompts):
     assert cache.get_seq_length() == reference_cache.get_seq_length() == len(prompt) + 4
     assert cache.layers[0].key_buffer.shape[-2] == 2 * (len(prompt) + 2)
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+
+
+# --- prefill of shared prefixes ---------------------------------------------------------------------
+
+
+def test_prefix_groups_cover_every_prompt_once_and_share_what_groups_have_in_common():
+    system = list(range(10, 60))  # 50 tokens every prompt opens with
+    tasks = [system + [100 + t] * 200 for t in range(3)]
+    second_turns = [task + [200 + t * 10 + g] * 20 + [7] for t, task in enumerate(tasks) for g in range(4)]
+    groups = prefix_groups(second_turns)
+    assert sorted(i for _, members in groups for i in members) == list(range(12))
+    for shared, members in groups:
+        prompts = [second_turns[i] for i in members]
+        assert all(p[:shared] == prompts[0][:shared] for p in prompts)
+        assert shared < min(len(p) for p in prompts)  # every row keeps its last token for its logits
+    assert sorted(shared for shared, _ in groups) == [250, 250, 250]  # one group per task, its prompt shared
+    short = prefix_groups([t[:60] + [9] * 20 + [g] for t in tasks for g in range(4)])  # tasks that differ a little
+    assert [shared for shared, _ in short] == [50]  # one call sharing the system part beats three
+    assert prefix_groups([[1, 2, 3]]) == [(0, [0])] and prefix_groups([]) == []
+    unrelated = prefix_groups([[1, 2], [3, 4], [5, 6]])
+    assert [shared for shared, _ in unrelated] == [0] and sorted(unrelated[0][1]) == [0, 1, 2]
+
+
+def test_shared_prefix_prefill_decodes_what_per_row_prefill_decodes(model, tokenizer):
+    system = {"role": "system", "content": "You write Python functions. " * 12}
+    tools = [{"type": "function", "function": {"name": "submit", "description": "Submit a program.",
+                                               "parameters": {"type": "object", "properties": {"code": {}}}}}]
+    renderer = ChatRenderer(tokenizer, tools)
+    rows = []
+    for task in ("Reverse a list.", "Sum the even numbers of a list, then add 3."):
+        for answer in ("def solve(xs): return xs", "def solve(xs):\n    return xs[::-1]", "no", "x" * 9):
+            messages = [system, {"role": "user", "content": task}, {"role": "assistant", "content": answer},
+                        {"role": "user", "content": "Not yet correct: try again."}]
+            rows.append(renderer.prompt_ids(messages))
+    rows += [rows[0], rows[5]]  # repeated prompts too
+    params = [SamplingParams(max_tokens=12, temperature=0) if i % 2 else
+              SamplingParams(max_tokens=12, temperature=1.0, seed=i) for i in range(len(rows))]
+    assert min(len(p) for p in rows) > 100 and len({tuple(p) for p in rows}) == 8
+    shared, plain = HFPolicy(model, tokenizer, max_batch=16), HFPolicy(model, tokenizer, share_prefix=False)
+    try:
+        ours, reference = generate_all(shared, rows, params), generate_all(plain, rows, params)
+    finally:
+        asyncio.run(shared.aclose())
+        asyncio.run(plain.aclose())
+    assert [g.token_ids for g in ours] == [g.token_ids for g in reference]
+    assert [lp for g in ours for lp in g.logprobs] == pytest.approx([lp for g in reference for lp in g.logprobs], abs=1e-4)
+    assert len({g.token_ids for g in ours}) > 4  # the rows really continue differently

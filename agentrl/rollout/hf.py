@@ -1,7 +1,8 @@
 """The ``hf`` backend: a transformers causal LM on CPU or GPU, with dynamic batching and a KV cache.
 
 Requests from concurrent episodes queue up; after a short window (or as soon as ``max_batch`` are waiting)
-they run as one batch: the prompts are left-padded and prefilled together, then decoded token by token
+they run as one batch: the prompts are prefilled together, a prefix several of them share (system prompt,
+tool schemas, a GRPO group's earlier turns) only once, then decoded token by token
 with a KV cache preallocated for the whole batch (each step writes in place; finished rows leave the batch
 once a quarter of it has finished). Each request keeps its own sampling parameters and random generator,
 so a seeded request samples the same tokens whatever it is batched with.
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from agentrl.errors import ConfigError
+from agentrl.rollout._shared_prefill import shared_prefill
 from agentrl.rollout.policy import FinishReason, Generation, SamplingParams
 
 if TYPE_CHECKING:
@@ -89,6 +91,9 @@ class HFPolicy:
         batch_window_s: how long the first waiting request waits for others to join its batch.
         max_context: the context window; defaults to the model's ``max_position_embeddings``.
         seed: seeds the generator of requests that carry no seed of their own.
+        share_prefix: prefill a prefix shared by several prompts once (system prompt, tool schemas, a GRPO
+            group's task and earlier turns; see :mod:`agentrl.rollout._shared_prefill`). Same tokens and
+            logprobs up to float rounding; models whose cache cannot be preallocated always prefill per row.
 
     Raises:
         ConfigError: the model cannot be loaded, or a setting is invalid.
@@ -107,6 +112,7 @@ class HFPolicy:
         batch_window_s: float = 0.002,
         max_context: int | None = None,
         seed: int = 0,
+        share_prefix: bool = True,
     ):
         import torch
 
@@ -130,7 +136,7 @@ class HFPolicy:
         # Prefill needs logits at the last position only; most models can skip the others.
         self._last_only = {"logits_to_keep": 1} if "logits_to_keep" in _parameters(model.forward) else {}
         self.pad_id = self.eos_token_ids[0] if self.eos_token_ids else 0
-        self.max_batch, self.batch_window_s = max_batch, batch_window_s
+        self.max_batch, self.batch_window_s, self.share_prefix = max_batch, batch_window_s, share_prefix
         self.version = 0
         self._rng = torch.Generator().manual_seed(seed)  # on CPU: the uniforms are drawn there
         self._executor: ThreadPoolExecutor | None = ThreadPoolExecutor(1, thread_name_prefix="agentrl-hf")
@@ -314,30 +320,37 @@ class HFPolicy:
 
         Returns:
             ``(logits_B_V, cache, attention_B_T, positions_B_1)``: the next-token logits of each row, the KV cache
-            (room for ``new_tokens`` more), the attention mask over the left-padded prompts followed by
+            (room for ``new_tokens`` more), the attention mask over the padded prompts followed by
             ``new_tokens`` ones (``T = width + new_tokens``), and each row's last prompt position.
         """
         import torch
 
         distinct: dict[tuple[int, ...], int] = {}
         row_prompt = torch.tensor([distinct.setdefault(tuple(p), len(distinct)) for p in prompts])
-        input_ids, attention, positions = self._left_pad([list(p) for p in distinct])
-        cache = _preallocated_cache(self.model, input_ids.shape[1] + new_tokens)
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=attention,
-            position_ids=positions,
-            past_key_values=cache,
-            use_cache=True,
-            **self._last_only,
-        )
-        cache, logits = out.past_key_values, out.logits[:, -1, :]
+        if self.share_prefix and len(distinct) > 1 and _preallocated_cache(self.model, 1) is not None:
+            make_cache = functools.partial(_preallocated_cache, self.model)
+            logits, cache, attention, positions = shared_prefill(
+                self.model, list(distinct), new_tokens, self.pad_id, make_cache, bool(self._last_only)
+            )
+        else:
+            input_ids, attention, positions = self._left_pad([list(p) for p in distinct])
+            cache = _preallocated_cache(self.model, input_ids.shape[1] + new_tokens)
+            out = self.model(
+                input_ids=input_ids,
+                attention_mask=attention,
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=True,
+                **self._last_only,
+            )
+            cache, logits = out.past_key_values, out.logits[:, -1, :]
+            attention = torch.cat([attention, attention.new_ones(len(distinct), new_tokens)], dim=1)
+            positions = positions[:, -1:]
         if len(distinct) < len(prompts):
             row_prompt = row_prompt.to(self.device)
             cache.batch_select_indices(row_prompt)
             logits, attention, positions = logits[row_prompt], attention[row_prompt], positions[row_prompt]
-        attention = torch.cat([attention, attention.new_ones(len(prompts), new_tokens)], dim=1)
-        return logits, cache, attention, positions[:, -1:]
+        return logits, cache, attention, positions
 
     def _left_pad(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(ids, attention_mask, position_ids)`` of shape ``(B, L)``, prompts right-aligned."""
