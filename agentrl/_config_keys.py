@@ -56,12 +56,14 @@ def unknown_key_message(
     section, _, key = path.rpartition(".")
     level = level or (f"under {section}" if section else "at the top level")
     close = closest_keys(key, valid)
+    where = f" ({source})" if source else ""
+    if not valid:
+        return f"unknown key {path!r}{where}: no key goes {level}: its keys would be {documented}, and there are none"
     if close:
         guess = f"did you mean {' or '.join(repr(section + '.' + k if section else k) for k in close)}?"
     else:
         guess = f"no key {level} is close."
     listed = f" ({', '.join(valid)})" if not close and len(valid) <= 25 else ""
-    where = f" ({source})" if source else ""
     return f"unknown key {path!r}{where}: {guess} The keys {level}{listed} are {documented}"
 
 

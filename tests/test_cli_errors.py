@@ -125,10 +125,11 @@ def test_offline_commands_name_a_missing_input_file_and_bad_env_kwargs(tmp_path,
 def test_an_unknown_env_kwarg_fails_at_dry_run_naming_the_section_and_the_env_arguments(tmp_path, capsys):
     err = fails(capsys, "train", "--env", "code-sandbox", "--set", "env_kwargs.taks=rl",
                 "--output-dir", str(tmp_path / "run"), "--dry-run")  # fmt: skip
-    assert "env_kwargs" in err and "'taks'" in err and "tasks" in err
+    assert "'env_kwargs.taks'" in err and "did you mean 'env_kwargs.tasks'" in err and "CodeSandboxEnv" in err
     err = fails(capsys, "train", "--env", "toy-digits", "--set", "eval.tasks=4", "--set", "eval.env_kwargs.split=x",
                 "--output-dir", str(tmp_path / "run"), "--dry-run")  # fmt: skip
-    assert "eval.env_kwargs" in err and "'split'" in err
+    assert "'eval.env_kwargs.split'" in err and "no key goes under eval.env_kwargs" in err
+    assert "toy-digits-v0" in err
     err = fails(capsys, "sft", "--env", "toy-digits", "--env-kwargs", '{"split": "x"}',
                 "--output-dir", str(tmp_path / "sft"), "--dry-run")  # fmt: skip
     assert "--env-kwargs" in err and "'split'" in err
