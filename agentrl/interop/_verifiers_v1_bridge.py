@@ -11,7 +11,9 @@ Protocol: one JSON object per line. The bridge first writes ``{"ok": true, "task
 ``{"ok": false, "error": ...}`` and exits). Then, for each line read: ``{"op": "reset", "task": i}`` and
 ``{"op": "step", "content": str, "tool_calls": [...]}`` answer with an event, ``{"event": "request",
 "messages": [...], "tools": [...]}`` (the next model call) or ``{"event": "done", ...}`` (the episode ended, scored);
-``{"op": "close"}`` ends the process. A failed op answers ``{"event": "error", "error": ...}``.
+``{"op": "close"}`` ends the process. A failed op answers ``{"event": "error", "error": ...}``. Each event
+echoes its op's ``"id"``; an op that arrives while another is in flight cancels that one (which then answers
+nothing).
 """
 
 from __future__ import annotations
@@ -97,7 +99,9 @@ def outcome(episode: Any) -> dict[str, Any]:
         "rewards": rewards,
         "metrics": metrics,
         "stop_condition": stop,
-        "truncated": bool(episode.is_timeout or (stop or "") in TRUNCATING or (stop or "").endswith("_timeout")),
+        "truncated": bool(
+            episode.is_timeout or (stop or "") in TRUNCATING or (stop or "").endswith("_timeout")
+        ),
         "ok": bool(episode.ok),
         "errors": errors,
     }
@@ -145,7 +149,9 @@ class Bridge:
         taskset = self.env.taskset
         limit = spec.get("limit")
         if not taskset.bounded and limit is None:
-            raise ValueError(f"taskset {config.taskset.id!r} is infinite; pass limit=N to play its first N tasks")
+            raise ValueError(
+                f"taskset {config.taskset.id!r} is infinite; pass limit=N to play its first N tasks"
+            )
         self.tasks = list(taskset.take(limit) if limit is not None else taskset)
         if not self.tasks:
             raise ValueError(f"taskset {config.taskset.id!r} has no tasks")
@@ -223,7 +229,9 @@ class Bridge:
     async def step(self, op: dict[str, Any]) -> dict[str, Any]:
         if self.parked is None:
             raise RuntimeError("step without a pending model request: reset first")
-        self.parked.set_result(completion(self.model, self.turn, op.get("content", ""), op.get("tool_calls") or []))
+        self.parked.set_result(
+            completion(self.model, self.turn, op.get("content", ""), op.get("tool_calls") or [])
+        )
         self.turn += 1
         return await self.next_event()
 
@@ -257,21 +265,41 @@ class Bridge:
                 await self.runner.cleanup()
 
     async def dispatch(self, reader: asyncio.StreamReader) -> None:
-        while line := await reader.readline():
-            op = json.loads(line)
-            if op["op"] == "close":
-                return
-            try:
-                event = await (self.reset(int(op["task"])) if op["op"] == "reset" else self.step(op))
-            except Exception as exc:  # reported to the env, which raises it from reset/step
-                event = {"event": "error", "error": f"{type(exc).__name__}: {exc}"}
-            self.send(event)
+        """Run each op as it arrives; a new op first cancels one still in flight (an op agentrl abandoned,
+        e.g. a step past its deadline), so a reset or close is never stuck behind it."""
+        current: asyncio.Task[None] | None = None
+        try:
+            while line := await reader.readline():
+                op = json.loads(line)
+                if current is not None and not current.done():
+                    current.cancel()
+                    await asyncio.gather(current, return_exceptions=True)
+                if op["op"] == "close":
+                    return
+                current = asyncio.ensure_future(self.run_op(op))
+        finally:
+            if current is not None and not current.done():
+                current.cancel()
+                await asyncio.gather(current, return_exceptions=True)
+
+    async def run_op(self, op: dict[str, Any]) -> None:
+        try:
+            event = await (self.reset(int(op["task"])) if op["op"] == "reset" else self.step(op))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # reported to the env, which raises it from reset/step
+            event = {"event": "error", "error": f"{type(exc).__name__}: {exc}"}
+        self.send({**event, "id": op.get("id")})
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     merged = dict(base)
     for key, value in extra.items():
-        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+        merged[key] = (
+            _merge(merged[key], value)
+            if isinstance(value, dict) and isinstance(merged.get(key), dict)
+            else value
+        )
     return merged
 
 
