@@ -181,7 +181,11 @@ class VerifiersV1Env(Env):
         hello = _read_hello(self._proc, start_timeout, self._log)
         if not hello.get("ok"):
             self.close()
-            raise ConfigError(f"verifiers environment {target!r} could not be loaded: {hello.get('error')}")
+            module = target.rsplit("/", 1)[-1].split("@", 1)[0].replace("-", "_").lower()
+            raise ConfigError(
+                f"verifiers environment {target!r} could not be loaded by {python}: {hello.get('error')}. "
+                f"Install its package where that interpreter sees it, so that `import {module}` works there."
+            )
         self.task_list: list[dict[str, Any]] = hello["tasks"]
         self.max_turns = hello.get("max_turns")
         self.description = f"verifiers v1 environment {hello['env_id']} (harness {hello['harness']}, {len(self.task_list)} tasks)"
