@@ -225,7 +225,8 @@ def test_hermes_tool_calls_reach_the_tasks_mcp_toolset(v1_site):
     assert not called.terminated and called.reward == pytest.approx(0.0)
     final = env.step("408")
     assert final.terminated and final.info["stop_condition"] == "agent_completed"
-    assert final.reward == pytest.approx(2.0) and final.info["reward_components"] == pytest.approx({"correct": 2.0})
+    assert final.reward == pytest.approx(2.0)
+    assert final.info["reward_components"] == pytest.approx({"correct": 2.0})
     assert final.info["metrics"] == pytest.approx({"tool_calls": 1.0})
     env.close()
 
