@@ -43,6 +43,7 @@ import verifiers.v1 as vf
 
 class GuessConfig(vf.TasksetConfig):
     secrets: list[int] = [3, 7]
+    broken: bool = False
 
 
 class GuessData(vf.TaskData):
@@ -63,6 +64,8 @@ class GuessEnv(vf.Env[GuessEnvConfig]):
         async with agents.player.interaction(task) as interaction:
             segment = await interaction.turn()
             while not segment.terminated:
+                if self.taskset.config.broken:
+                    raise RuntimeError("the referee crashed")
                 guesses += 1
                 found = re.search(r"\\d+", segment.last_reply)
                 guess = int(found.group()) if found else 0
@@ -244,6 +247,16 @@ def test_max_turns_truncates_and_taskset_fields_pass_through(v1_site):
     with pytest.raises(ConfigError, match="task 5"):
         env.reset(options={"task": 5})
     env.close()
+
+
+def test_an_episode_verifiers_marks_failed_is_an_error_trajectory_not_a_crash(v1_site, tokenizer):
+    [group] = rollout(
+        "verifiers:v1-guess", ScriptedPolicy(tokenizer, "5"), tokenizer, [Task(options={"task": 0})],
+        env_kwargs={"python": PYTHON, "harness": "null", "broken": True},
+    )  # fmt: skip
+    [trajectory] = group.trajectories
+    assert trajectory.stop_reason is StopReason.ERROR
+    assert "failed the episode" in trajectory.error and "the referee crashed" in trajectory.error
 
 
 def test_bad_ids_interpreters_and_unsafe_runtimes_are_refused_with_the_fix(v1_site, tmp_path):

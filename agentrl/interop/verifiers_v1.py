@@ -202,7 +202,10 @@ class VerifiersV1Env(Env):
         """Hand each event to the op waiting for it; events of an abandoned (cancelled) op are dropped."""
         assert self._proc.stdout is not None
         for line in self._proc.stdout:
-            event = json.loads(line)
+            try:
+                event = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # not the protocol's (the bridge keeps stray output off this pipe; never trust it)
             with self._lock:
                 waiter = self._waiter
             if waiter is not None and waiter[2] == event.get("id"):
