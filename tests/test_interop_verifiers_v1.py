@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 
 import agentrl
-from agentrl.errors import ConfigError
+from agentrl.checker import check_env
+from agentrl.errors import ConfigError, EnvServerError
 from agentrl.interop.verifiers import _has_module
 from agentrl.interop.verifiers_v1 import VerifiersV1Env
 from agentrl.models.loading import load_tokenizer
@@ -234,7 +235,7 @@ def test_hermes_tool_calls_reach_the_tasks_mcp_toolset(v1_site):
     env.close()
 
 
-def test_max_turns_truncates_and_taskset_fields_pass_through(v1_site):
+def test_the_env_checker_passes_max_turns_truncates_and_taskset_fields_pass_through(v1_site):
     env = agentrl.make("verifiers:v1-guess", python=PYTHON, harness="null", max_turns=2, secrets=[9])
     assert isinstance(env, VerifiersV1Env) and env.max_turns == 2 and len(env.task_list) == 1
     opening, info = env.reset(seed=0)
@@ -246,7 +247,9 @@ def test_max_turns_truncates_and_taskset_fields_pass_through(v1_site):
     assert last.info["reward_components"] == pytest.approx({"solved": 0.0, "guesses": -0.02})
     with pytest.raises(ConfigError, match="task 5"):
         env.reset(options={"task": 5})
-    env.close()
+    check_env(env)  # ours and gymnasium's checks, on episodes the bridge really plays; it closes the env
+    with pytest.raises(EnvServerError, match="closed"):
+        env.reset()
 
 
 def test_an_episode_verifiers_marks_failed_is_an_error_trajectory_not_a_crash(v1_site, tokenizer):

@@ -129,6 +129,9 @@ def _read_hello(proc: subprocess.Popen[str], timeout: float, log: IO[str]) -> di
 
 
 def _tail(log: IO[str], limit: int = 2000) -> str:
+    """The end of the bridge's stderr, where verifiers and the harness write why they failed."""
+    if log.closed:
+        return "(the env was closed)"
     log.flush()
     text = Path(log.name).read_text(errors="replace").strip()
     return text[-limit:] or "(no output)"
@@ -222,6 +225,8 @@ class VerifiersV1Env(Env):
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         with self._lock:
+            if self._log.closed:
+                raise EnvServerError(f"verifiers environment {self.target!r} is closed; make a new one")
             if self._proc.poll() is not None:
                 raise EnvServerError(f"the verifiers bridge has exited: {_tail(self._log)}")
             self._ids += 1
