@@ -17,6 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 
 import agentrl
@@ -223,6 +224,9 @@ def test_hermes_tool_calls_reach_the_tasks_mcp_toolset(v1_site):
     opening, info = env.reset(options={"task_index": 0})
     assert opening == [{"role": "user", "content": "Use the multiply tool: what is 12*34?"}]
     assert [t["function"]["name"] for t in info["tools"]] == ["multiply"]
+    # The parked request can be answered only through step: the endpoint refuses anyone without its key.
+    stranger = httpx.post(f"{env.endpoint}/chat/completions", json={"model": "m", "messages": []}, timeout=30)
+    assert stranger.status_code == 401
     called = env.step('<tool_call>\n{"name": "multiply", "arguments": {"a": 12, "b": 34}}\n</tool_call>')
     [result] = called.observation
     assert result["role"] == "tool" and result["content"] == "408"  # computed by the toolset's MCP server

@@ -22,11 +22,13 @@ import asyncio
 import contextlib
 import json
 import os
+import secrets
 import sys
 from typing import Any
 
 TRUNCATING = ("max_turns", "max_input_tokens", "max_output_tokens", "max_total_tokens")
 CHAT_ROUTE = "/v1/chat/completions"
+KEY_VAR = "AGENTRL_BRIDGE_KEY"
 
 
 def _text(content: Any) -> str:
@@ -117,6 +119,7 @@ class Bridge:
         self.episode: asyncio.Task[Any] | None = None
         self.parked: asyncio.Future[dict[str, Any]] | None = None
         self.turn = 0
+        self.key = secrets.token_urlsafe(16)
 
     def send(self, message: dict[str, Any]) -> None:
         self.out.write(json.dumps(message) + "\n")
@@ -189,6 +192,8 @@ class Bridge:
     async def handle_chat(self, request: Any) -> Any:
         from aiohttp import web
 
+        if request.headers.get("Authorization") != f"Bearer {self.key}":
+            return web.json_response({"error": {"message": "unauthorized"}}, status=401)
         body = await request.json()
         if self.episode is None or self.episode.done():
             return web.json_response({"error": {"message": "no episode in play"}}, status=409)
@@ -247,11 +252,13 @@ class Bridge:
         try:
             hello = self.load()
             base_url = await self.start_endpoint()
+            hello["endpoint"] = base_url
         except Exception as exc:  # any load failure goes back to agentrl as the reason, not a traceback
             self.send({"ok": False, "error": f"{type(exc).__name__}: {exc}"})
             return
-        os.environ.setdefault("AGENTRL_BRIDGE_KEY", "agentrl")
-        client = vf.EvalClientConfig(base_url=base_url, api_key_var="AGENTRL_BRIDGE_KEY")
+        # Only verifiers' own client may park a request: it reads this key from the environment.
+        os.environ[KEY_VAR] = self.key
+        client = vf.EvalClientConfig(base_url=base_url, api_key_var=KEY_VAR)
         self.ctx = vf.ModelContext(model=self.model, client=client)
         reader = asyncio.StreamReader()
         loop = asyncio.get_running_loop()

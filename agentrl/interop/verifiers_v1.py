@@ -191,6 +191,8 @@ class VerifiersV1Env(Env):
             )
         self.task_list: list[dict[str, Any]] = hello["tasks"]
         self.max_turns = hello.get("max_turns")
+        self.endpoint: str = hello["endpoint"]
+        """The bridge's loopback model endpoint (``.../v1``); it answers only verifiers' own client."""
         self.description = f"verifiers v1 environment {hello['env_id']} (harness {hello['harness']}, {len(self.task_list)} tasks)"
         self._lock = threading.Lock()
         self._waiter: tuple[Any, Any, int] | None = None
