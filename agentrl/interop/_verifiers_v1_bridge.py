@@ -9,8 +9,9 @@ agentrl's policy answers it through ``step``.
 
 Protocol: one JSON object per line. The bridge first writes ``{"ok": true, "tasks": [...], ...}`` (or
 ``{"ok": false, "error": ...}`` and exits). Then, for each line read: ``{"op": "reset", "task": i}`` and
-``{"op": "step", "content": str, "tool_calls": [...]}`` answer with an event, ``{"event": "request",
-"messages": [...], "tools": [...]}`` (the next model call) or ``{"event": "done", ...}`` (the episode ended, scored);
+``{"op": "step", "content": str, "tool_calls": [...]}`` answer with an event: ``{"event": "request",
+"messages": [...], "tools": [...]}`` (the next model call) or ``{"event": "done", ...}`` (the episode ended,
+scored);
 ``{"op": "close"}`` ends the process. A failed op answers ``{"event": "error", "error": ...}``. Each event
 echoes its op's ``"id"``; an op that arrives while another is in flight cancels that one (which then answers
 nothing).

@@ -184,16 +184,22 @@ class VerifiersV1Env(Env):
         hello = _read_hello(self._proc, start_timeout, self._log)
         if not hello.get("ok"):
             self.close()
+            error = str(hello.get("error"))
             module = target.rsplit("/", 1)[-1].split("@", 1)[0].replace("-", "_").lower()
+            hint = (
+                f" Install its package where that interpreter sees it, so that `import {module}` works there."
+                if error.startswith("ModuleNotFoundError")
+                else ""
+            )
             raise ConfigError(
-                f"verifiers environment {target!r} could not be loaded by {python}: {hello.get('error')}. "
-                f"Install its package where that interpreter sees it, so that `import {module}` works there."
+                f"verifiers environment {target!r} could not be loaded by {python}: {error}.{hint}"
             )
         self.task_list: list[dict[str, Any]] = hello["tasks"]
         self.max_turns = hello.get("max_turns")
         self.endpoint: str = hello["endpoint"]
         """The bridge's loopback model endpoint (``.../v1``); it answers only verifiers' own client."""
-        self.description = f"verifiers v1 environment {hello['env_id']} (harness {hello['harness']}, {len(self.task_list)} tasks)"
+        size = f"harness {hello['harness']}, {len(self.task_list)} tasks"
+        self.description = f"verifiers v1 environment {hello['env_id']} ({size})"
         self._lock = threading.Lock()
         self._waiter: tuple[Any, Any, int] | None = None
         self._ids = 0
@@ -296,8 +302,8 @@ class VerifiersV1Env(Env):
             _comparable(m) for m in self._seen
         ]:
             raise RolloutError(
-                f"verifiers environment {self.target!r} rewrote earlier messages of the conversation (a compacting "
-                "harness?); agentrl's token ledger needs each prompt to extend the last one"
+                f"verifiers environment {self.target!r} rewrote earlier messages of the conversation (a "
+                "compacting harness?); agentrl's token ledger needs each prompt to extend the last one"
             )
         self._seen = list(messages)
         return StepResult(messages[seen + 1 :], 0.0, False, False, {"reward_components": {}})
