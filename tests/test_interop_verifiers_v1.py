@@ -15,6 +15,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -22,7 +23,7 @@ import pytest
 
 import agentrl
 from agentrl.checker import check_env
-from agentrl.errors import ConfigError, EnvServerError
+from agentrl.errors import ConfigError, EnvServerError, RolloutError
 from agentrl.interop.verifiers import _has_module
 from agentrl.interop.verifiers_v1 import VerifiersV1Env
 from agentrl.models.loading import load_tokenizer
@@ -221,6 +222,8 @@ def test_a_multi_turn_v1_env_plays_through_the_runner_with_named_rewards_and_exa
 
 def test_hermes_tool_calls_reach_the_tasks_mcp_toolset(v1_site):
     env = agentrl.make("verifiers:v1-calc", python=PYTHON, harness="null")
+    # Abandoned while its first model call is parked: the next reset ends it.
+    env.reset(options={"task_index": 0})
     opening, info = env.reset(options={"task_index": 0})
     assert opening == [{"role": "user", "content": "Use the multiply tool: what is 12*34?"}]
     assert [t["function"]["name"] for t in info["tools"]] == ["multiply"]
@@ -236,7 +239,10 @@ def test_hermes_tool_calls_reach_the_tasks_mcp_toolset(v1_site):
     assert final.reward == pytest.approx(2.0)
     assert final.info["reward_components"] == pytest.approx({"correct": 2.0})
     assert final.info["metrics"] == pytest.approx({"tool_calls": 1.0})
-    env.close()
+    env.reset(options={"task_index": 0})
+    started = time.monotonic()
+    env.close()  # mid-episode: the parked call is failed, so verifiers' teardown does not wait on it
+    assert time.monotonic() - started < 25  # the bridge exits by itself (a hung one is killed after 30 s)
 
 
 def test_the_env_checker_passes_max_turns_truncates_and_taskset_fields_pass_through(v1_site):
@@ -264,6 +270,16 @@ def test_an_episode_verifiers_marks_failed_is_an_error_trajectory_not_a_crash(v1
     [trajectory] = group.trajectories
     assert trajectory.stop_reason is StopReason.ERROR
     assert "failed the episode" in trajectory.error and "the referee crashed" in trajectory.error
+
+
+def test_an_env_that_restarts_the_conversation_fails_the_step_naming_the_ledger(v1_site):
+    """verifiers' best-of-n env plays the seat twice in one episode: the second attempt's first request does not
+    extend what the policy has seen, which one token ledger cannot hold."""
+    env = agentrl.make("verifiers:v1-calc", python=PYTHON, harness="null", config={"id": "best-of-n", "n": 2})
+    env.reset(options={"task": 0})
+    with pytest.raises(RolloutError, match="token ledger"):
+        env.step("7")
+    env.close()
 
 
 def test_bad_ids_interpreters_and_unsafe_runtimes_are_refused_with_the_fix(v1_site, tmp_path):

@@ -121,6 +121,7 @@ class Bridge:
         self.parked: asyncio.Future[dict[str, Any]] | None = None
         self.turn = 0
         self.key = secrets.token_urlsafe(16)
+        self.replies: set[asyncio.Future[dict[str, Any]]] = set()
 
     def send(self, message: dict[str, Any]) -> None:
         self.out.write(json.dumps(message) + "\n")
@@ -199,8 +200,12 @@ class Bridge:
         if self.episode is None or self.episode.done():
             return web.json_response({"error": {"message": "no episode in play"}}, status=409)
         reply: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        await self.requests.put((body, reply))
-        full = await reply
+        self.replies.add(reply)
+        try:
+            await self.requests.put((body, reply))
+            full = await reply
+        finally:
+            self.replies.discard(reply)
         if not body.get("stream"):
             return web.json_response(full)
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
@@ -242,7 +247,11 @@ class Bridge:
         return await self.next_event()
 
     async def stop_episode(self) -> None:
+        """Abandon the episode in play: its parked model calls fail first (the harness program waiting on
+        them then exits), so verifiers' own teardown is not left waiting for a reply that never comes."""
         episode, self.episode, self.parked = self.episode, None, None
+        for reply in list(self.replies):
+            reply.cancel()
         if episode is not None and not episode.done():
             episode.cancel()
             await asyncio.gather(episode, return_exceptions=True)
