@@ -39,6 +39,7 @@ from __future__ import annotations
 import json
 import os
 import selectors
+import signal
 import subprocess
 import tempfile
 import threading
@@ -112,6 +113,16 @@ def _activated(python: str) -> dict[str, str]:
     }
 
 
+def _extends(messages: list[Message], seen: list[Message]) -> bool:
+    """Whether a request is the conversation seen so far, then the assistant's reply, then anything new."""
+    head = [_comparable(m) for m in messages[: len(seen)]]
+    return (
+        len(messages) > len(seen)
+        and head == [_comparable(m) for m in seen]
+        and messages[len(seen)]["role"] == "assistant"
+    )
+
+
 def _read_hello(proc: subprocess.Popen[str], timeout: float, log: IO[str]) -> dict[str, Any]:
     assert proc.stdout is not None
     with selectors.DefaultSelector() as selector:
@@ -139,15 +150,15 @@ def _tail(log: IO[str], limit: int = 2000) -> str:
 
 def _stop(proc: subprocess.Popen[str], log: IO[str]) -> None:
     """End the bridge and everything it started (its own process group), then drop its log."""
-    if proc.poll() is None:
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            try:
-                os.killpg(proc.pid, 9)
-            except ProcessLookupError:
-                pass
-            proc.wait()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # the bridge if it hung, and anything of its group it left behind
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.wait()
     log.close()
 
 
@@ -298,12 +309,11 @@ class VerifiersV1Env(Env):
             return self._finish(event)
         messages: list[Message] = event["messages"]
         seen = len(self._seen)
-        if len(messages) <= seen or [_comparable(m) for m in messages[:seen]] != [
-            _comparable(m) for m in self._seen
-        ]:
+        if not _extends(messages, self._seen):
             raise RolloutError(
-                f"verifiers environment {self.target!r} rewrote earlier messages of the conversation (a "
-                "compacting harness?); agentrl's token ledger needs each prompt to extend the last one"
+                f"verifiers environment {self.target!r} rewrote or restarted the conversation (a compacting "
+                "harness, or an env that plays the seat more than once, such as best-of-n?); agentrl's token "
+                "ledger needs each prompt to extend the last one by the assistant's reply"
             )
         self._seen = list(messages)
         return StepResult(messages[seen + 1 :], 0.0, False, False, {"reward_components": {}})
