@@ -30,8 +30,9 @@ The mapping:
   ``step`` (the runner records it).
 
 Only chat environments are supported (``message_type="completion"`` is refused). Tested with verifiers
-0.1.10, the newest release that installs beside ``mcp`` 2.3 (0.4's ``verifiers.v1`` taskset/harness format
-pins ``mcp==2.0.0``); the v1 format is not loaded yet.
+0.1.10, the newest release that installs beside ``mcp`` 2.3. verifiers 0.4's ``verifiers.v1`` taskset/harness
+format (which pins ``mcp==2.0.0``) loads under the same ``verifiers:`` scheme through
+:mod:`agentrl.interop.verifiers_v1`; :func:`load_verifiers_env` says which format an id gets.
 """
 
 from __future__ import annotations
@@ -64,16 +65,27 @@ def _import_verifiers() -> Any:
     return verifiers
 
 
-def load_verifiers_env(target: str, **kwargs: Any) -> VerifiersEnv:
-    """The ``verifiers:`` loader: ``target`` is the environment id given to ``vf.load_environment``.
+def load_verifiers_env(target: str, **kwargs: Any) -> Env:
+    """The ``verifiers:`` loader: ``target`` is an installed environment package's id.
 
-    Keyword arguments named by :class:`VerifiersEnv` (``split``, ``model``) configure the adapter; all others
-    are the environment's own ``load_environment`` arguments.
+    Two formats load under the one scheme. A v0 environment (``load_environment(**args)``, verifiers < 0.4)
+    becomes a :class:`VerifiersEnv` in this process: keyword arguments named by it (``split``, ``model``)
+    configure the adapter, all others go to ``load_environment``. A v1 taskset (verifiers >= 0.4) becomes a
+    :class:`~agentrl.interop.verifiers_v1.VerifiersV1Env` played in a bridge process run by a verifiers 0.4
+    interpreter (see that module for its options). The v1 format is chosen when ``python=`` names that
+    interpreter, when this interpreter's verifiers is 0.4 or newer, when the package imports ``verifiers.v1``,
+    or when the package is not importable here and ``AGENTRL_VERIFIERS_PYTHON`` names an interpreter.
 
     Raises:
-        MissingDependencyError: verifiers is not installed.
-        ConfigError: the environment package is not installed or its ``load_environment`` failed.
+        MissingDependencyError: verifiers is not installed (v0).
+        ConfigError: the environment package is not installed, its ``load_environment`` failed, or the v1
+            bridge refused it.
     """
+    python = _v1_interpreter(target, kwargs.pop("python", None))
+    if python is not None:
+        from agentrl.interop.verifiers_v1 import VerifiersV1Env
+
+        return VerifiersV1Env(target, python=python, **kwargs)
     vf = _import_verifiers()
     options = {key: kwargs.pop(key) for key in ("split", "model") if key in kwargs}
     try:
@@ -82,9 +94,54 @@ def load_verifiers_env(target: str, **kwargs: Any) -> VerifiersEnv:
         raise ConfigError(
             f"verifiers environment {target!r} could not be loaded: {exc}. Install its package (e.g. "
             f"`prime env install {target}` or `pip install <its wheel>`) so that "
-            f"`import {target.replace('-', '_').split('/')[-1]}` works."
+            f"`import {target.replace('-', '_').split('/')[-1]}` works. A verifiers v1 taskset (verifiers>=0.4) "
+            f"loads through an interpreter that has it: set {V1_PYTHON_VAR} or pass python=."
         ) from exc
     return VerifiersEnv(environment, env_id=target, **options)
+
+
+V1_PYTHON_VAR = "AGENTRL_VERIFIERS_PYTHON"
+"""The environment variable naming the interpreter (verifiers >= 0.4) that plays v1 tasksets."""
+
+
+def _v1_interpreter(target: str, python: str | None) -> str | None:
+    """The interpreter that plays ``target`` as a v1 taskset, or None where it loads as a v0 environment
+    (see :func:`load_verifiers_env` for the rule)."""
+    import importlib
+    import os
+    import sys
+
+    if python is not None:
+        return python
+    configured = os.environ.get(V1_PYTHON_VAR) or None
+    if _has_module("verifiers.v1"):
+        return configured or sys.executable
+    module = target.rsplit("/", 1)[-1].split("@", 1)[0].replace("-", "_").lower()
+    if not _has_module(module):
+        return configured
+    try:
+        importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").startswith("verifiers.v1"):
+            if configured is None:
+                raise ConfigError(
+                    f"verifiers environment {target!r} is a v1 taskset (it imports verifiers.v1), and this "
+                    f"interpreter's verifiers is older than 0.4: set {V1_PYTHON_VAR} (or pass python=) to the "
+                    "`python` of an environment that has verifiers>=0.4"
+                ) from exc
+            return configured
+    except Exception:  # a broken v0 package is reported by the v0 loader, with its reason
+        return None
+    return None
+
+
+def _has_module(name: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def installed_environments() -> list[str]:
