@@ -169,6 +169,8 @@ def test_train_tokenizer_is_deterministic_and_shipped_template_is_current(tmp_pa
     first, second = train_tokenizer(tmp_path / "a"), train_tokenizer(tmp_path / "b")
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         assert (first / name).read_bytes() == (second / name).read_bytes()
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        assert (first / name).read_bytes() == (TOKENIZER_DIR / name).read_bytes(), name  # the shipped files are its output
     shipped = json.loads((TOKENIZER_DIR / "tokenizer_config.json").read_text(encoding="utf-8"))
     assert shipped["chat_template"] == CHATML_TEMPLATE
 
@@ -213,7 +215,6 @@ def test_chat_template_prefix_stable_on_random_conversations(tokenizer):
 
 def test_chat_template_exact_rendering(tokenizer):
     messages, tools = CONVERSATIONS["system_tools"]
-    tools_json = json.dumps(CALCULATOR)
     assert _render(tokenizer, messages, tools) == (
         "<|im_start|>system\nYou are a helpful assistant.\n\n# Tools\n<tools>\n"
         "calculator(expression): Evaluate an arithmetic expression.\n</tools>\nCall a tool as <tool_call>\n"

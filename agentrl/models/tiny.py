@@ -64,28 +64,15 @@ _SPLIT_PATTERN = (
 # which breaks the prefix property; each tool result is its own user turn. Content is never trimmed.
 # Tools render as one signature line each, `name(arg, ...): description`, not as JSON schemas: a small
 # model learns its tools from demonstrations, and the schemas would be most of every prompt (the
-# code-sandbox tools: about 60 tokens instead of 320, and the context is what decoding pays for).
-CHATML_TEMPLATE = r"""{%- macro text(content) %}{%- if content is string %}{{- content }}{%- endif %}{%- endmacro %}
+# code-sandbox tools: 126 tokens instead of 320, and the context is what decoding pays for).
+_CHATML = r"""{%- macro text(content) %}{%- if content is string %}{{- content }}{%- endif %}{%- endmacro %}
 {%- if messages and (tools or messages[0].role == 'system') %}
     {{- '<|im_start|>system\n' }}
     {%- if messages[0].role == 'system' %}
         {{- text(messages[0].content) }}
         {%- if tools %}{{- '\n\n' }}{%- endif %}
     {%- endif %}
-    {%- if tools %}
-        {{- '# Tools\n<tools>' }}
-        {%- for tool in tools %}
-            {%- set fn = tool.function if tool.function is defined else tool %}
-            {{- '\n' + fn.name + '(' }}
-            {%- if fn.parameters is mapping and fn.parameters.properties is mapping %}
-                {{- fn.parameters.properties | list | join(', ') }}
-            {%- endif %}
-            {{- ')' }}
-            {%- if fn.description %}{{- ': ' + fn.description }}{%- endif %}
-        {%- endfor %}
-        {{- '\n</tools>\nCall a tool as <tool_call>\n{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>' }}
-    {%- endif %}
-    {{- '<|im_end|>\n' }}
+@TOOLS@    {{- '<|im_end|>\n' }}
 {%- endif %}
 {%- for message in messages %}
     {%- if message.role == 'system' and loop.first %}
@@ -108,6 +95,35 @@ CHATML_TEMPLATE = r"""{%- macro text(content) %}{%- if content is string %}{{- c
 {%- endfor %}
 {%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}
 """
+_TOOLS_LISTED = r"""    {%- if tools %}
+        {{- '# Tools\n<tools>' }}
+        {%- for tool in tools %}
+            {%- set fn = tool.function if tool.function is defined else tool %}
+            {{- '\n' + fn.name + '(' }}
+            {%- if fn.parameters is mapping and fn.parameters.properties is mapping %}
+                {{- fn.parameters.properties | list | join(', ') }}
+            {%- endif %}
+            {{- ')' }}
+            {%- if fn.description %}{{- ': ' + fn.description }}{%- endif %}
+        {%- endfor %}
+        {{- '\n</tools>\nCall a tool as <tool_call>\n{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>' }}
+    {%- endif %}
+"""
+_TOOLS_AS_SCHEMAS = r"""    {%- if tools %}
+        {{- '# Tools\n\nYou may call one or more functions to assist with the user query.\n\n' }}
+        {{- 'You are provided with function signatures within <tools></tools> XML tags:\n<tools>' }}
+        {%- for tool in tools %}
+            {{- '\n' }}{{- tool | tojson }}
+        {%- endfor %}
+        {{- '\n</tools>\n\nFor each function call, return a json object with function name and arguments ' }}
+        {{- 'within <tool_call></tool_call> XML tags:\n<tool_call>\n' }}
+        {{- '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>' }}
+    {%- endif %}
+"""
+CHATML_TEMPLATE = _CHATML.replace("@TOOLS@", _TOOLS_LISTED)
+# The tokenizer's training conversations render tools as JSON schemas, as large models' templates do: its
+# vocabulary serves the tool schemas and JSON results of real-model conversations too.
+_CORPUS_TEMPLATE = _CHATML.replace("@TOOLS@", _TOOLS_AS_SCHEMAS)
 
 # Fixed corpus: these standard-library files (those present), each cut to _FILE_CHARS characters.
 _STDLIB_FILES = (
@@ -120,12 +136,12 @@ _FILE_CHARS = 40_000
 
 
 def _renderer() -> Callable[..., str]:
-    """:data:`CHATML_TEMPLATE` compiled with the Jinja settings transformers uses (for the training corpus)."""
+    """The training corpus's template (:data:`CHATML_TEMPLATE` with tool schemas), compiled as transformers does."""
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     env.filters["tojson"] = lambda value: json.dumps(value, ensure_ascii=False)
-    return env.from_string(CHATML_TEMPLATE).render
+    return env.from_string(_CORPUS_TEMPLATE).render
 
 
 def _tool(name: str, description: str, arg: str) -> dict:
