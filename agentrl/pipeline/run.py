@@ -477,12 +477,12 @@ def _eval_phase(phase: str, checkpoint: Path | None, resolved: Resolved, out: Ru
     if not Path(checkpoint).is_dir():
         raise ConfigError(f"{phase}: the checkpoint {checkpoint} is missing; rerun the phase that writes it")
     out.start_phase(phase, total=1)
-    result = evaluate_checkpoint(checkpoint, resolved, where, max_new_tokens)
+    with Progress(phase, 1, stream=stream, interval_s=0) as bar:  # opened first: its time is the evaluation's
+        result = evaluate_checkpoint(checkpoint, resolved, where, max_new_tokens)
+        bar.update(1, result.metrics())
     from agentrl.models.card import write_model_card
 
     write_model_card(checkpoint, {f"held-out {k}": v for k, v in result.metrics().items()})
     out.log(phase, _trained_steps(checkpoint), result.metrics())  # at the step of the policy it measured
     out.finish_phase(phase)
-    with Progress(phase, 1, stream=stream, interval_s=0) as bar:
-        bar.update(1, result.metrics())
     return result
