@@ -24,7 +24,7 @@ import pytest
 import agentrl
 from agentrl.checker import check_env
 from agentrl.errors import ConfigError, EnvServerError, RolloutError
-from agentrl.interop.verifiers import _has_module
+from agentrl.interop.verifiers import _verifiers_version
 from agentrl.interop.verifiers_v1 import VerifiersV1Env
 from agentrl.models.loading import load_tokenizer
 from agentrl.registry import register_loader
@@ -292,10 +292,19 @@ def test_bad_ids_interpreters_and_unsafe_runtimes_are_refused_with_the_fix(v1_si
         agentrl.make("verifiers:v1-calc", python=PYTHON)
 
 
+def test_the_installed_release_decides_the_format(monkeypatch):
+    import importlib.metadata
+
+    for text, expected in (("0.1.10", (0, 1, 10)), ("0.3.1", (0, 3, 1)), ("0.4.0", (0, 4, 0)), ("1.0rc2", (1, 0))):
+        monkeypatch.setattr(importlib.metadata, "version", lambda name, text=text: text)
+        assert _verifiers_version() == expected
+    assert (0, 3, 1) < (0, 4) <= (0, 4, 0)  # 0.3's early verifiers.v1 stays on the v0 path
+
+
 def test_a_v1_package_importable_here_is_routed_by_what_it_imports(v1_site, monkeypatch):
     """This interpreter's verifiers is v0 (0.1.x): a package that imports verifiers.v1 goes to the bridge
     named by AGENTRL_VERIFIERS_PYTHON, and without one the error names that variable."""
-    if _has_module("verifiers.v1"):
+    if _verifiers_version() >= (0, 4):
         pytest.skip("this interpreter has verifiers>=0.4 itself: every id is played as v1")
     monkeypatch.syspath_prepend(str(v1_site))
     monkeypatch.delenv("AGENTRL_VERIFIERS_PYTHON", raising=False)

@@ -9,7 +9,9 @@ still found, and stale cgroups are still reaped.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -70,7 +72,9 @@ def test_descendants_from_children_lists_match_a_scan_of_proc(monkeypatch):
         assert len(fast) >= 3  # a sleep, the subshell and its sleeps (a shell may exec its last command)
         assert all(_process._parents()[pid] in (tree.pid, *fast) for pid in fast)
     finally:
-        subprocess.run(["pkill", "-KILL", "-P", str(tree.pid)], check=False)
+        for pid in _process.descendants(tree.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         tree.kill()
         tree.wait()
 

@@ -114,7 +114,7 @@ def _v1_interpreter(target: str, python: str | None) -> str | None:
     if python is not None:
         return python
     configured = os.environ.get(V1_PYTHON_VAR) or None
-    if _has_module("verifiers.v1"):
+    if _verifiers_version() >= (0, 4):  # 0.2 and 0.3 ship an early, different verifiers.v1: not this format
         return configured or sys.executable
     module = target.rsplit("/", 1)[-1].split("@", 1)[0].replace("-", "_").lower()
     if not _has_module(module):
@@ -133,6 +133,27 @@ def _v1_interpreter(target: str, python: str | None) -> str | None:
     except Exception:  # a broken v0 package is reported by the v0 loader, with its reason
         return None
     return None
+
+
+def _verifiers_version() -> tuple[int, ...]:
+    """This interpreter's verifiers release as numbers, ``()`` where it is not installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        text = version("verifiers")
+    except PackageNotFoundError:
+        return ()
+    import re
+
+    numbers = []
+    for part in text.split(".")[:3]:
+        leading = re.match(r"\d+", part)
+        if leading is None:
+            break
+        numbers.append(int(leading.group()))
+        if leading.end() < len(part):  # "0rc2": a pre-release of 1.0
+            break
+    return tuple(numbers)
 
 
 def _has_module(name: str) -> bool:
