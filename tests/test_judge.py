@@ -176,11 +176,15 @@ def test_the_judge_is_a_reward_in_a_weighted_reward(judge_dir):
     reward = WeightedReward([RewardSpec("judge", JudgeReward(judge), weight=2.0),
                              RewardSpec("short", lambda task, answer: -len(answer) / 100)])  # fmt: skip
     rng = random.Random(3)
-    good, bad = reward(TASKS[1], response(rng, "good")), reward(TASKS[1], response(rng, "bad"))
-    assert good.components["judge"] == pytest.approx(2 * 8 / 9) and bad.components["judge"] == pytest.approx(
-        2 / 9
-    )
-    assert good.info["judge"]["raw"] == "Score: 9"
+    alone = JudgeReward(judge)
+    # Against the judge's own verdicts, not the ones the fixture's training reaches here: a CPU with other
+    # vector instructions trains another judge from the same seed.
+    for text in (response(rng, "good"), response(rng, "bad")):
+        weighted, single = reward(TASKS[1], text), alone(TASKS[1], text)
+        assert weighted.components["judge"] == pytest.approx(2 * single.score)
+        assert weighted.components["short"] == pytest.approx(-len(text) / 100)
+        assert weighted.score == pytest.approx(sum(weighted.components.values()))
+        assert weighted.info["judge"]["raw"] == single.info["raw"] and single.info["raw"].startswith("Score: ")
 
 
 # ---- in real runs ---------------------------------------------------------------------------------------
@@ -288,12 +292,11 @@ def test_agentrl_eval_picks_best_of_n_by_a_judge_described_in_a_yaml_file(judge_
         )  # fmt: skip
     assert code == 0, stderr
     metrics = results_of(out)["metrics"]
-    assert metrics["best_of_n"]["4"]["value"] == pytest.approx(metrics["pass_at_k"]["4"]["value"])
-    assert metrics["pass_at_k"]["1"]["value"] < metrics["best_of_n"]["4"]["value"]
     cached = [json.loads(line) for line in (out / "judge-cache.jsonl").read_text().splitlines()]
     # One entry per distinct question (replies repeat within a task, and a repeat is not asked again).
-    assert len({c["key"] for c in cached}) == len(cached) <= 16 and {c["text"] for c in cached} == {
-        "Score: 9",
-        "Score: 2",
-    }
+    assert len({c["key"] for c in cached}) == len(cached) <= 16
+    assert metrics["best_of_n"]["4"]["value"] <= metrics["pass_at_k"]["4"]["value"] + 1e-9
+    if {c["text"] for c in cached} == {"Score: 9", "Score: 2"}:  # the judge the fixture trains on most CPUs:
+        assert metrics["best_of_n"]["4"]["value"] == pytest.approx(metrics["pass_at_k"]["4"]["value"])  # an oracle
+        assert metrics["pass_at_k"]["1"]["value"] < metrics["best_of_n"]["4"]["value"]
     assert "best-of-N (by judge:" in stdout
