@@ -3,10 +3,10 @@ loaded by id, checked, and played by the runner with the token ledger checked tu
 
 from __future__ import annotations
 
-import re
 import sys
 
 import pytest
+from _higher_lower import binary_search
 
 pytest.importorskip("verifiers")
 
@@ -130,15 +130,6 @@ def env_package(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tokenizer():
     return load_tokenizer("tiny")
-
-
-def binary_search(prompt: str) -> str:
-    low, high = 1, 10
-    guesses = [int(g) for g in re.findall(r"<\|im_start\|>assistant\n(\d+)", prompt)]
-    answers = re.findall(r"<\|im_start\|>user\n(higher|lower)", prompt)
-    for guess, answer in zip(guesses, answers, strict=False):
-        low, high = (guess + 1, high) if answer == "higher" else (low, guess - 1)
-    return str((low + high) // 2)
 
 
 def test_installed_environment_packages_are_discovered(env_package):

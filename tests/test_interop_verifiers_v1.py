@@ -11,7 +11,6 @@ unless ``AGENTRL_REQUIRE_VERIFIERS=1`` (CI), where they fail.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from _higher_lower import binary_search
 
 import agentrl
 from agentrl.checker import check_env
@@ -183,15 +183,6 @@ def v1_site(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tokenizer():
     return load_tokenizer("tiny")
-
-
-def binary_search(prompt: str) -> str:
-    low, high = 1, 10
-    guesses = [int(g) for g in re.findall(r"<\|im_start\|>assistant\n(\d+)", prompt)]
-    answers = re.findall(r"<\|im_start\|>user\n(higher|lower)", prompt)
-    for guess, answer in zip(guesses, answers, strict=False):
-        low, high = (guess + 1, high) if answer == "higher" else (low, guess - 1)
-    return str((low + high) // 2)
 
 
 def test_a_multi_turn_v1_env_plays_through_the_runner_with_named_rewards_and_exact_masks(v1_site, tokenizer):
