@@ -372,10 +372,15 @@ def list_sandboxes() -> list[str]:
     return sorted(set(_REGISTRY) | set(_entry_points()))
 
 
+def _target(name: str) -> str | SandboxFactory | None:
+    """What ``name`` is registered as; entry points are read again before saying None, so a package installed
+    while this process runs is found."""
+    return _REGISTRY.get(name) or _entry_points().get(name) or _entry_points(reload=True).get(name)
+
+
 def has_sandbox(name: str) -> bool:
-    """Whether a backend named ``name`` exists (entry points are read again before saying no, so a package
-    installed while this process runs is found)."""
-    return name in _REGISTRY or name in _entry_points() or name in _entry_points(reload=True)
+    """Whether a backend named ``name`` exists (registered in-process or through an entry point)."""
+    return _target(name) is not None
 
 
 def _load(name: str, target: str | SandboxFactory) -> SandboxFactory:
@@ -389,7 +394,7 @@ def sandbox_class(name: str) -> SandboxFactory:
         SandboxNotFoundError: no backend by that name (the message suggests close names and how to install).
         PluginError: the backend's package failed to import.
     """
-    target = _REGISTRY.get(name) or _entry_points().get(name) or _entry_points(reload=True).get(name)
+    target = _target(name)
     if target is None:
         known = list_sandboxes()
         close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
