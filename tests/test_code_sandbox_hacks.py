@@ -322,7 +322,10 @@ def test_a_correct_but_too_slow_answer_scores_zero_whatever_it_does_to_the_alarm
         slow = SLOW[how] + "def square(x):\n    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})\n" \
                            "    return slow(x)\n"
     reward, grade = _reward(strict_env, task, slow)
-    assert reward == 0.0 and ("Timeout" in grade["detail"] or "stopped the harness" in grade["detail"]), grade
+    # Which guard ends it depends on timing: the per-call alarm, the harness noticing its watchdog was stopped, or
+    # (a loaded machine, the watchdog stopped before it could say so) the host's wall limit for the whole program.
+    stopped = ("Timeout", "stopped the harness", "the program ran past")
+    assert reward == 0.0 and any(why in grade["detail"] for why in stopped), grade
 
 
 def test_after_a_killed_call_a_fresh_runner_goes_on_with_the_next_one(strict_env):
