@@ -153,7 +153,7 @@ async def _run(config: rl.RolloutConfig, learner: str, build: Callable[[], Onlin
     failed = silent = 0  # steps in a row: every episode an error / nothing learned
     checkpoint: Path | None = None
     try:
-        if config.rollout != "hf":
+        if config.rollout != "hf" and config.cluster is None:  # a cluster's engines got them as version 0
             await rl.sync_weights(runner, model)
         loop_started = time.perf_counter()
         while step < config.max_steps:
