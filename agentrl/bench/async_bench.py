@@ -14,6 +14,13 @@ Printed per mode, over the steps after the first (which pays for starting actors
 tokens/s, the learner's idle share (waiting for data), the reward curve, and the trained-vs-sampled means of
 length and reward (the bias an asynchronous mode can bring: slow episodes come back late). Ratios are against
 ``single``. Target: ``ray-pace`` >= 2x ``single`` episodes/s with the same reward curve.
+
+Two curves, because an asynchronous step trains samples of older weights: the *reward curve* (by step: the
+mean reward of what each step trained) lags by about ``max_staleness`` steps even when learning is unchanged;
+the curve *by the version that sampled it* (the oldest turn's) says how good the weights after ``v`` updates
+are, which is what "learns as well" means. With ``max_staleness`` 1 under pacing, a step can overlap one
+rollout with one update and no more: its period is at least ``max(rollout, update)``, so the speed-up over the
+synchronous ``rollout + update`` is at most 2x, reached only when the two take equal time.
 """
 
 from __future__ import annotations
@@ -67,8 +74,14 @@ def _measure(args: argparse.Namespace, mode: str) -> dict[str, Any]:
     """One run; figures over the steps after the first."""
     from agentrl.learners.grpo import train_grpo
 
+    by_version: dict[int, list[float]] = {}
+
+    def on_rollout(step: int, groups: Any) -> None:
+        for trajectory in (t for g in groups for t in g):
+            by_version.setdefault(trajectory.policy_version, []).append(trajectory.total_reward)
+
     started = time.perf_counter()
-    history = train_grpo(_config(args, mode)).history
+    history = train_grpo(_config(args, mode), on_rollout=on_rollout).history
     total = time.perf_counter() - started
     steady = history[1:] or history
     seconds = sum(log.seconds for log in steady)
@@ -77,6 +90,7 @@ def _measure(args: argparse.Namespace, mode: str) -> dict[str, Any]:
         "mode": mode, "episodes_per_s": episodes / seconds, "tokens_per_s": sum(log.sampled_tokens for log in steady) / seconds,
         "learner_idle": sum(log.rollout_seconds for log in steady) / seconds, "wall_s": total,
         "rewards": [round(log.reward_mean, 3) for log in history],
+        "by_version": [round(sum(r) / len(r), 3) for _, r in sorted(by_version.items())],
     }  # fmt: skip
     if steady[0].cluster:
         for key in ("sampled/length", "trained/length", "sampled/reward", "trained/reward"):
@@ -125,4 +139,5 @@ def _print_row(row: dict[str, Any], base: dict[str, Any]) -> None:
           f"reward sampled {row['sampled/reward']:6.3f} trained {row['trained/reward']:6.3f}"
           + (f"  dropped groups {row['dropped_groups']:.0f}  max staleness {row['staleness_max']:.0f}"
              if "dropped_groups" in row else ""))  # fmt: skip
-    print(f"          reward curve {row['rewards']}", flush=True)
+    print(f"          reward curve {row['rewards']}")
+    print(f"          reward by the version that sampled it {row['by_version']}", flush=True)
