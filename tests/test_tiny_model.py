@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import threading
 from pathlib import Path
 
@@ -318,3 +319,14 @@ def test_unknown_model_offline_is_config_error(loader, monkeypatch):
     message = str(info.value)
     assert "'tiny'" in message and "local model directory" in message
     assert isinstance(info.value, ValueError) and isinstance(info.value.__cause__, OSError)
+
+
+@pytest.mark.parametrize("loader", [load_model, load_tokenizer])
+def test_a_folder_of_checkpoints_names_the_newest(loader, model_dir, tmp_path):
+    checkpoints = tmp_path / "checkpoints" / "sft"
+    for step in ("step-000425", "step-000450"):
+        shutil.copytree(model_dir, checkpoints / step)
+    with pytest.raises(ConfigError, match="holds saved checkpoints") as info:
+        loader(checkpoints)
+    assert f"--model {checkpoints / 'step-000450'}" in str(info.value)
+    assert loader(checkpoints / "step-000450") is not None

@@ -28,7 +28,23 @@ def resolve_model(name_or_path: str | os.PathLike[str]) -> str:
         from agentrl.models.tiny import tiny_model_path
 
         return str(tiny_model_path())
+    _check_model_directory(name)
     return name
+
+
+def _check_model_directory(name: str) -> None:
+    """A local directory that holds checkpoints (``step-*`` folders) rather than a model gets an error naming
+    the newest, instead of a tokenizer library's complaint about missing files."""
+    path = Path(name)
+    if not path.is_dir() or (path / "config.json").exists():
+        return
+    saved = sorted(p for p in path.iterdir() if p.is_dir() and (p / "config.json").exists())
+    if saved:
+        names = ", ".join(p.name for p in saved[-3:])
+        raise ConfigError(
+            f"{name!r} holds saved checkpoints ({names}), not a model: pass one of them, e.g. the newest: "
+            f"--model {saved[-1]}"
+        )
 
 
 def load_tokenizer(name_or_path: str | os.PathLike[str], **kwargs: Any) -> PreTrainedTokenizerBase:
