@@ -183,9 +183,10 @@ def _draw_stacked(ax: Any, series: Sequence[Series]) -> None:
 
     colors = colormaps["viridis"]
     bottom = [0.0] * len(series[0].steps)
+    width = 0.8 if len(bottom) <= 60 else 1.0  # many steps: bars touch, as an area would
     for i, s in enumerate(series):
         color = colors(0.15 + 0.7 * i / max(1, len(series) - 1))
-        ax.bar(s.steps, s.values, bottom=bottom, width=0.8, color=color, lw=0, label=_mpl_text(s.label))
+        ax.bar(s.steps, s.values, bottom=bottom, width=width, color=color, lw=0, label=_mpl_text(s.label))
         bottom = [b + v for b, v in zip(bottom, s.values, strict=True)]
 
 
