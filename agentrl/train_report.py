@@ -11,7 +11,8 @@ reward (mean ± std), pass rate, reward components, KL, entropy, response length
 multi-turn figures (``mt/*``: first-attempt pass, recovery, turns per episode, tool calls per turn) and the
 evaluations. Where the evaluations graded attempts, their multi-turn figures stand side by side and the page
 shows a few transcripts of episodes of the last evaluation that recovered from a failed first attempt
-(:mod:`agentrl.train_report_turns`).
+(:mod:`agentrl.train_report_turns`). A run whose rollouts played on Ray gets a Cluster section
+(:mod:`agentrl.train_report_cluster`).
 
 Evaluations are phases named ``eval`` or ``eval-<label>`` (``eval-sft``: the policy after the ``sft``
 phase). Their records carry ``pass@<k>`` (optionally ``pass@<k>/ci_low`` and ``pass@<k>/ci_high``) and
@@ -407,10 +408,11 @@ def _eval_table(records: Sequence[MetricRecord]) -> str:
 
 def render_train_report(records: Sequence[MetricRecord], state: Mapping[str, Any], config: Mapping[str, Any],
                         charts: Sequence[Chart], images: Mapping[str, bytes], *, title: str,
-                        transcripts: str = "") -> str:  # fmt: skip
+                        transcripts: str = "", cluster: str = "") -> str:  # fmt: skip
     """The report page: headline cards, phases, evaluations (with their multi-turn figures side by side),
-    the charts drawn (``images``: PNG bytes by chart name, embedded), the charts without data, ``transcripts``
-    (HTML of :func:`agentrl.train_report_turns.recovered_transcripts`) and the config."""
+    the charts drawn (``images``: PNG bytes by chart name, embedded), the charts without data, ``cluster``
+    (HTML of :func:`agentrl.train_report_cluster.cluster_section`), ``transcripts`` (HTML of
+    :func:`agentrl.train_report_turns.recovered_transcripts`) and the config."""
     from agentrl.evaluation.report import CSS as TRANSCRIPT_CSS
     from agentrl.train_report_turns import multi_turn_eval_table
 
@@ -434,6 +436,7 @@ def render_train_report(records: Sequence[MetricRecord], state: Mapping[str, Any
         f"{_eval_table(records)}{multi_turn_eval_table(records)}"
         f'<h2>Plots</h2><div class="grid">{figures or "<p>No metrics logged yet.</p>"}</div>'
         + (f'<p class="sub">Not plotted (no data in the log):</p><ul class="sub">{missing}</ul>' if missing else "")
+        + cluster
         + transcripts
         + (f"<h2>Config</h2><table>{config_rows}</table>" if config_rows else "")
     )  # fmt: skip
@@ -476,10 +479,13 @@ def write_train_report(run_dir: str | Path, *, title: str | None = None) -> Path
         else:
             path.unlink(missing_ok=True)  # drawn by an earlier report, before a resume cut its data
     mapping = config if isinstance(config, Mapping) else {}
+    from agentrl.train_report_cluster import cluster_section
     from agentrl.train_report_turns import recovered_transcripts
 
     transcripts = recovered_transcripts(run, records)
-    page = render_train_report(records, state, mapping, charts, images, title=title, transcripts=transcripts)
+    cluster = cluster_section(run, records, mapping)
+    page = render_train_report(records, state, mapping, charts, images, title=title, transcripts=transcripts,
+                               cluster=cluster)  # fmt: skip
     atomic_write_text(run / REPORT_FILE, page)
     return run / REPORT_FILE
 
@@ -497,6 +503,6 @@ figure{margin:0;background:#fff;border:1px solid #dde1e6;border-radius:8px;paddi
 figure img{width:100%;height:auto} figcaption{color:#5b6573;font-size:13px;padding:2px 6px}
 table{border-collapse:collapse;background:#fff;border:1px solid #dde1e6;font-size:14px}
 th,td{padding:4px 10px;border-bottom:1px solid #eceff2;text-align:left;vertical-align:top}
-th{background:#eef1f4;font-weight:600} td.num{text-align:right;font-variant-numeric:tabular-nums}
+th{background:#eef1f4;font-weight:600} caption{text-align:left;padding:2px 0 6px} td.num{text-align:right;font-variant-numeric:tabular-nums}
 code{font:13px ui-monospace,Menlo,Consolas,monospace;white-space:pre-wrap;word-break:break-word}
 """
