@@ -44,6 +44,7 @@ FAULT_COUNTERS = (
         "engine_timeout",
         "generation requests that outlasted cluster.engine_timeout_s (retried on another engine)",
     ),
+    ("engine_unavailable", "episodes whose requests found no live engine after every retry (replayed)"),
     ("sandbox_lost", "episodes whose sandbox failed under them (replayed)"),
     ("replayed", "replays of episodes lost to the infrastructure, with the same seeds"),
     ("lost", "episodes still lost after cluster.episode_retries replays: left out of their group"),

@@ -10,8 +10,9 @@
 - ``sampled/<x>`` and ``trained/<x>`` for ``x`` in ``length`` (sampled tokens), ``turns``, ``reward``: means
   over every episode that came back during the step and over those the update trained on; their gap is the
   bias the asynchronous mode brings (slow, long episodes come back late);
-- the fault counters since the start: ``worker_lost``, ``engine_lost``, ``engine_timeout``, ``sandbox_lost``,
-  ``replayed``, ``lost`` (given up after the replays), ``dropped_groups`` (the dropping mode).
+- the fault counters since the start: ``worker_lost``, ``engine_lost`` and ``engine_timeout`` (generation
+  requests, retried on another engine), ``engine_unavailable`` (episodes whose requests found no engine),
+  ``sandbox_lost``, ``replayed``, ``lost`` (given up after the replays), ``dropped_groups`` (the dropping mode).
 """
 
 from __future__ import annotations

@@ -369,11 +369,16 @@ class ClusterRollout:
             "queue/episodes": float(sum(self._inflight)), "queue/requests": float(router.get("outstanding", 0)),
             "queue/groups_ready": float(len(self._ready)), "episodes_per_s": len(sampled) / seconds,
             "learner_idle": min(1.0, rollout_seconds / seconds),
-            **{name: float(n) for name, n in self.counts.items()},
+            # an episode whose requests found no engine is not the router's per-request ``engine_lost``
+            **{_EPISODE_COUNTER.get(name, name): float(n) for name, n in self.counts.items()},
             **{name: float(router.get(name, 0)) for name in ("engine_lost", "engine_timeout")},
         }  # fmt: skip
         self._last = (now, engine_busy, worker_busy)
         return out
+
+
+_EPISODE_COUNTER = {Infra.ENGINE_LOST.value: "engine_unavailable"}
+"""Episode counters logged under another name than their :class:`Infra` value, where a router counter has it."""
 
 
 def _group_id(group: _Group) -> str:
