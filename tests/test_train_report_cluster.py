@@ -136,7 +136,8 @@ def test_the_fault_table_shows_the_final_counts_and_that_infra_failures_are_no_z
     rows = fault_rows(page)
     assert list(rows) == [name for name, _ in FAULT_COUNTERS]
     assert {name: values[0] for name, values in rows.items()} == {
-        "worker_lost": "1", "engine_lost": "0", "engine_timeout": "2", "sandbox_lost": "0", "replayed": "1",
+        "worker_lost": "1", "engine_lost": "0", "engine_timeout": "2", "engine_unavailable": "0", "sandbox_lost": "0",
+        "replayed": "1",
         "lost": "0", "dropped_groups": "0", "duplicates": "0", "settled": "48",
     }  # fmt: skip
     caption = re.search(r'<caption class="sub">(.*?)</caption>', page).group(1)
