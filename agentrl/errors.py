@@ -19,6 +19,7 @@ __all__ = [
     "RolloutError",
     "TemplateError",
     "ToolCallError",
+    "WeightSyncError",
 ]
 
 
@@ -68,6 +69,10 @@ class TemplateError(AgentRLError, ValueError):
 
 class RolloutError(AgentRLError, RuntimeError):
     """Every episode of several training steps in a row failed: the env or the backend is broken."""
+
+
+class WeightSyncError(AgentRLError, RuntimeError):
+    """After a weight sync the rollout engine does not score like the learner: it samples with other weights."""
 
 
 class EnvCheckError(AgentRLError, AssertionError):

@@ -80,6 +80,7 @@ def test_every_version_reaches_the_vllm_engine(staleness: int | None):
     config = GRPOConfig(**RUN, max_staleness=staleness)
     history = train_grpo(config, on_rollout=record.on_rollout, monitor=record.monitor).history
     assert len(history) == 3 and all(log.cluster for log in history)
+    assert all(log.update["sync_gap"] < 1e-5 for log in history)  # the identity check ran on the engine
     versions = {v for ts in record.trained.values() for t in ts for v in t.turn_versions}
     assert versions >= {0, 1}, versions  # later versions were sampled: the sync reached the engine
     if staleness is None:

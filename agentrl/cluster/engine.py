@@ -111,6 +111,15 @@ class Engine:
             self._requests += 1
             return dataclasses.replace(generation, policy_version=self.version)
 
+    async def score(self, sequences: list[list[int]]) -> list[list[float]] | None:
+        """The backend's per-token logprobs of ``sequences`` under the weights of :attr:`version`; None for a
+        backend that cannot score."""
+        scorer = getattr(self.policy, "score", None)
+        if scorer is None:
+            return None
+        async with self._gate.shared():
+            return list(await scorer(sequences))
+
     async def load(self, weights: Mapping[str, Any], version: int) -> int:
         """Switch to ``weights`` (name -> tensor) between requests; later generations carry ``version``."""
         async with self._gate.exclusive():
@@ -179,6 +188,16 @@ class Router:
             finally:
                 self.outstanding[i] -= 1
         raise EngineUnavailable(f"no engine answered episode {key!r}: tried {len(failed)} times ({failed})")
+
+    async def score_engines(self, sequences: list[list[int]]) -> list[list[list[float]] | None]:
+        """Every engine's scoring of ``sequences`` with the latest weights (the identity check after a sync);
+        None for an engine whose backend cannot score."""
+
+        async def one(i: int) -> list[list[float]] | None:
+            await self._current(i)
+            return await self.engines[i].score.remote(sequences)
+
+        return list(await asyncio.gather(*(one(i) for i in range(len(self.engines)))))
 
     def release(self, key: str) -> None:
         """The episode ended: forget its engine."""

@@ -61,6 +61,11 @@ class ClusterPolicy:
         """Load ``(name, tensor)`` pairs into every engine as the next version, then admit what it allows."""
         await self._rollout.push_weights(named_tensors, self.version + 1)
 
+    async def score_engines(self, sequences: Any) -> list[list[list[float]] | None]:
+        """Every engine's per-token logprobs of ``sequences`` (see :meth:`Router.score_engines`)."""
+        rows = [[int(t) for t in row] for row in sequences]
+        return list(await self._rollout.router.score_engines.remote(rows))
+
     async def aclose(self) -> None:
         return None
 

@@ -41,7 +41,7 @@ from typing import Any
 from agentrl.data.buffer import TrajectoryGroup
 from agentrl.data.trajectory import Trajectory
 from agentrl.errors import RolloutError
-from agentrl.learners import checkpoints, optim, rl
+from agentrl.learners import checkpoints, optim, rl, sync_check
 from agentrl.learners.result import TrainResult
 from agentrl.types import StopReason
 
@@ -153,8 +153,11 @@ async def _run(config: rl.RolloutConfig, learner: str, build: Callable[[], Onlin
     failed = silent = 0  # steps in a row: every episode an error / nothing learned
     checkpoint: Path | None = None
     try:
-        if config.rollout != "hf" and config.cluster is None:  # a cluster's engines got them as version 0
-            await rl.sync_weights(runner, model)
+        probe = sync_check.probe_sequences(tokenizer) if config.sync_check else []
+        if config.cluster is not None:  # its engines got the weights as version 0: check they hold them
+            await rl.check_weights(runner, model, config, probe)
+        elif config.rollout != "hf":
+            await rl.sync_weights(runner, model, config, probe)
         loop_started = time.perf_counter()
         while step < config.max_steps:
             started = time.perf_counter()
@@ -171,10 +174,10 @@ async def _run(config: rl.RolloutConfig, learner: str, build: Callable[[], Onlin
             update = online.update(step, groups) if config.cluster is None else await asyncio.to_thread(
                 online.update, step, groups)  # fmt: skip
             step += 1
-            await rl.sync_weights(runner, model)
+            synced = await rl.sync_weights(runner, model, config, probe)
 
-            log = rl.step_log(step, groups, update.trained, update.dropped, lr, update.stats, rollout_s, started,
-                              runner)  # fmt: skip
+            log = rl.step_log(step, groups, update.trained, update.dropped, lr, {**update.stats, **synced}, rollout_s,
+                              started, runner)  # fmt: skip
             if config.cluster is not None:
                 log = dataclasses.replace(log, cluster=await runner.step_metrics(update.trained, rollout_s))
             if hooks.monitor is not None:

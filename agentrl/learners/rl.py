@@ -97,6 +97,16 @@ class RolloutConfig(TrainConfig):
         "None: synchronous",
     )  # fmt: skip
 
+    sync_check: bool = Field(
+        True,
+        description="after each weight sync, score a fixed probe on the rollout engines and the learner and stop "
+        "if they differ (see agentrl.learners.sync_check); backends sharing the learner's model are not checked",
+    )
+    sync_check_tolerance: float | None = Field(
+        None, gt=0,
+        description="the largest mean |logprob gap| per probe token, e.g. 2e-4; None: 2e-4 in fp32, 5e-2 in bf16",
+    )  # fmt: skip
+
     @model_validator(mode="after")
     def _async_on_a_cluster(self) -> RolloutConfig:
         if self.max_staleness is not None and self.cluster is None:
@@ -197,7 +207,8 @@ def make_runner(config: RolloutConfig, model: Any, tokenizer: Any) -> Runner:
         policy = make_policy("hf", model=model, tokenizer=tokenizer, device=config.device, seed=config.seed,
                              **options)  # fmt: skip
     else:
-        policy = make_policy("vllm", model=config.model, seed=config.seed, **options)
+        options.setdefault("model", config.model)  # e.g. a merged or converted copy for the engine to load
+        policy = make_policy("vllm", seed=config.seed, **options)
     limits = RolloutLimits(
         max_turns=config.max_turns, max_sampled_tokens=config.max_sampled_tokens,
         max_context=config.max_context, deadline_s=config.episode_deadline_s,
@@ -216,10 +227,43 @@ def stops_here(config: RolloutConfig, step: int, loop_started: float) -> bool:
     return step >= config.max_steps or over_time
 
 
-async def sync_weights(runner: Runner, model: Any) -> None:
-    """Hand the learner's weights to the sampler and bump its version (nothing to copy when it shares them)."""
+async def sync_weights(
+    runner: Runner, model: Any, config: RolloutConfig | None = None, probe: Sequence[Sequence[int]] = ()
+) -> dict[str, float]:
+    """Hand the learner's weights to the sampler and bump its version (nothing to copy when it shares them),
+    then, given a ``probe`` (:func:`~agentrl.learners.sync_check.probe_sequences`) and unless
+    ``config.sync_check`` is off, check that the sampler scores it like the learner
+    (:mod:`agentrl.learners.sync_check`).
+
+    Returns:
+        The check's figures (``sync_gap``, ``sync_gap_max``, ``sync_check_s``), or {} where none ran.
+
+    Raises:
+        WeightSyncError: the sampler does not hold the learner's weights after the sync.
+    """
     shared = getattr(runner.policy, "model", None) is model
     await runner.policy.update_weights(() if shared else export_weights(model))
+    return {} if shared or config is None else await check_weights(runner, model, config, probe)
+
+
+async def check_weights(
+    runner: Runner, model: Any, config: RolloutConfig, probe: Sequence[Sequence[int]]
+) -> dict[str, float]:
+    """The identity check alone (see :func:`sync_weights`); {} when ``config.sync_check`` is off, the probe is
+    empty, or the sampler cannot score.
+
+    Raises:
+        WeightSyncError: the sampler does not hold the learner's weights.
+    """
+    policy = runner.policy
+    if not probe or not config.sync_check or getattr(policy, "model", None) is model:
+        return {}
+    from agentrl.learners import sync_check
+
+    tolerance = config.sync_check_tolerance or sync_check.default_tolerance(
+        getattr(config, "precision", "fp32"), config.rollout_options.get("dtype"))  # fmt: skip
+    outcome = await sync_check.check_sync(policy, model, probe, tolerance, policy.version)
+    return {} if outcome is None else outcome.as_stats()
 
 
 # ---- filters ------------------------------------------------------------------------------------

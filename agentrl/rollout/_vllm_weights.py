@@ -9,7 +9,10 @@ from typing import Any
 
 from agentrl.errors import ConfigError
 
-__all__ = ["WorkerExtension", "check_weights", "checkpoint_dtype", "checkpoint_shapes", "pack_tensor", "unpack_tensor"]
+__all__ = [
+    "WorkerExtension", "check_weights", "checkpoint_dtype", "checkpoint_shapes", "pack_tensor", "score_prompts",
+    "unpack_tensor",
+]  # fmt: skip
 
 
 class WorkerExtension:
@@ -112,3 +115,22 @@ def checkpoint_dtype(resolved: str) -> str:
         return "auto"  # vLLM reports the loading problem itself
     dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     return str(dtype).removeprefix("torch.") if dtype is not None else "auto"
+
+
+def score_prompts(engine: Any, sequences: Sequence[Sequence[int]], prefix: str) -> list[list[float]]:
+    """Each token's untempered logprob given the ones before it (from the second on): vLLM's prompt logprobs,
+    run to completion on ``engine`` (an ``LLMEngine`` with no request of its own running)."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0)
+    keys = [f"{prefix}-{i}" for i in range(len(sequences))]
+    for key, row in zip(keys, sequences, strict=True):
+        engine.add_request(key, TokensPrompt(prompt_token_ids=list(row)), params)
+    finished: dict[str, Any] = {}
+    while len(finished) < len(keys):
+        finished.update({o.request_id: o for o in engine.step() if o.finished and o.request_id in keys})
+    return [
+        [float(entry[token].logprob) for entry, token in zip(finished[key].prompt_logprobs[1:], row[1:], strict=True)]
+        for key, row in zip(keys, sequences, strict=True)
+    ]

@@ -171,6 +171,23 @@ class HFPolicy:
         items = named_tensors.items() if hasattr(named_tensors, "items") else named_tensors
         await asyncio.get_running_loop().run_in_executor(self._worker(), self._load_weights, list(items))
 
+    async def score(self, sequences: Sequence[Sequence[int]]) -> list[list[float]]:
+        """Each token's untempered logprob given the ones before it (from the second on), under the weights of
+        :attr:`version` (between batches: the identity check after a sync)."""
+        rows = [[int(t) for t in row] for row in sequences]
+        return await asyncio.get_running_loop().run_in_executor(self._worker(), self._score, rows)
+
+    def _score(self, rows: list[list[int]]) -> list[list[float]]:
+        import torch
+
+        out = []
+        with torch.inference_mode():
+            for row in rows:
+                ids = torch.tensor([row], device=self.device)
+                logits = self.model(ids).logits[0, :-1].float()
+                out.append(torch.log_softmax(logits, -1).gather(-1, ids[0, 1:, None]).squeeze(-1).tolist())
+        return out
+
     async def aclose(self) -> None:
         """Stop the worker thread; pending requests fail. Idempotent."""
         executor, self._executor = self._executor, None

@@ -60,6 +60,7 @@ from agentrl.rollout._vllm_weights import (
     checkpoint_dtype,
     checkpoint_shapes,
     pack_tensor,
+    score_prompts,
     unpack_tensor,
 )
 from agentrl.rollout.policy import FinishReason, Generation, SamplingParams
@@ -98,6 +99,12 @@ class _Request:
 class _WeightUpdate:
     pairs: list[tuple[Any, ...]]
     done: Future[float]
+
+
+@dataclass
+class _Score:
+    sequences: list[list[int]]
+    done: Future[list[list[float]]]
 
 
 @dataclass
@@ -242,6 +249,13 @@ class VLLMPolicy:
         self._inbox.put(_WeightUpdate(payload, done))
         self.last_sync_s = await asyncio.wrap_future(done)
 
+    async def score(self, sequences: Sequence[Sequence[int]]) -> list[list[float]]:
+        """Each token's untempered logprob given the ones before it (from the second on), under the weights of
+        :attr:`version`; run between requests, like a weight update (the identity check after a sync)."""
+        done: Future[list[list[float]]] = Future()
+        self._inbox.put(_Score([[int(t) for t in row] for row in sequences], done))
+        return await asyncio.wrap_future(done)
+
     async def aclose(self) -> None:
         """Stop the engine thread and shut vLLM down; pending requests fail. Idempotent."""
         if self._closed:
@@ -288,13 +302,13 @@ class VLLMPolicy:
         engine = self._llm.llm_engine
         active: dict[str, _Request] = {}
         waiting: deque[_Request] = deque()
-        updates: deque[_WeightUpdate] = deque()
+        updates: deque[_WeightUpdate | _Score] = deque()
         while True:
             for item in self._take(block=not active and not waiting and not updates):
                 if item is _CLOSE:
                     _fail_all([*active.values(), *waiting], updates, VLLMError("the vllm policy was closed"))
                     return
-                if isinstance(item, _WeightUpdate):
+                if isinstance(item, _WeightUpdate | _Score):
                     updates.append(item)
                 elif isinstance(item, _Abort):
                     if item.request_id in active:
@@ -364,7 +378,13 @@ class VLLMPolicy:
             except Exception as exc:
                 _settle(request, exc=VLLMError(f"unreadable vLLM output: {type(exc).__name__}: {exc}"))
 
-    def _apply_update(self, update: _WeightUpdate) -> None:
+    def _apply_update(self, update: _WeightUpdate | _Score) -> None:
+        if isinstance(update, _Score):
+            try:
+                update.done.set_result(score_prompts(self._llm.llm_engine, update.sequences, f"score-{next(self._ids)}"))
+            except Exception as exc:
+                update.done.set_exception(VLLMError(f"vLLM could not score: {type(exc).__name__}: {exc}"))
+            return
         started = time.perf_counter()
         try:
             self._llm.collective_rpc("agentrl_reload_weights", args=(update.pairs,))
@@ -433,7 +453,7 @@ def _settle(request: _Request, result: Generation | None = None, exc: BaseExcept
         pass
 
 
-def _fail_all(requests: list[_Request], updates: deque[_WeightUpdate], error: VLLMError) -> None:
+def _fail_all(requests: list[_Request], updates: deque[_WeightUpdate | _Score], error: VLLMError) -> None:
     for request in requests:
         _settle(request, exc=error)
     for update in updates:
