@@ -67,12 +67,14 @@ def per_trajectory(
 
 def logprob_arrays(model: Any, trajectories: Sequence[Trajectory], pad_id: int, config: RLConfig,
                    reference: Any = None, use_reference: bool = False) -> list[np.ndarray]:  # fmt: skip
-    """Per-trajectory logprobs of ``model`` (or, with ``use_reference``, of the reference), no gradients."""
+    """Per-trajectory logprobs of ``model`` (or, with ``use_reference``, of the reference), no gradients, under
+    the sampler's truncation (top-k / top-p) like the update's."""
 
     def logprobs(batch: Batch) -> torch.Tensor:
         if use_reference:
-            return reference_logprobs(reference, model, batch, config.temperature)
-        return policy_logprobs(model, batch, config.temperature)[0]
+            return reference_logprobs(reference, model, batch, config.temperature, top_k=config.top_k,
+                                      top_p=config.top_p)  # fmt: skip
+        return policy_logprobs(model, batch, config.temperature, top_k=config.top_k, top_p=config.top_p)[0]
 
     return per_trajectory(logprobs, trajectories, pad_id, config)
 

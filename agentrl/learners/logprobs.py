@@ -11,9 +11,10 @@ from typing import Any
 
 import torch
 
+from agentrl.algos.sampling import is_truncated, sampling_logprobs
 from agentrl.learners.policy_model import is_lora
 
-__all__ = ["decoder_and_head", "policy_logprobs", "reference_logprobs"]
+__all__ = ["decoder_and_head", "policy_logprobs", "reference_logprobs", "token_distributions"]
 
 
 # Config fields of the models whose logits are more than head(hidden): soft-capped or scaled.
@@ -39,6 +40,8 @@ def policy_logprobs(
     batch: Any,
     temperature: float = 1.0,
     *,
+    top_k: int = 0,
+    top_p: float = 1.0,
     with_entropy: bool = False,
     entropy_grad: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -47,20 +50,38 @@ def policy_logprobs(
     other token, which no loss reads), and with ``with_entropy`` the entropy of the distribution each of
     them was drawn from (detached unless ``entropy_grad``, for an entropy bonus).
 
+    With ``top_k`` / ``top_p`` the distribution is the truncated one the sampler draws from with these
+    weights (:func:`agentrl.algos.sampling.sampling_logprobs`; the scored token always stays in it), so the
+    ratio to the sampler's logprobs is exactly 1 when the weights are the sampler's.
+
     Only the positions that predict a policy token go through the softmax, so a long prompt or tool
     result costs its forward pass and nothing more. Rows may be padded, packed or prompt-shared (see
     :meth:`~agentrl.data.batch.Batch.model_inputs`).
     """
-    scale = temperature if temperature > 0 else 1.0
     predicts_B_T = batch.loss_mask_B_T[:, 1:] != 0  # the logits at t predict token t + 1
-    logp_N_V = torch.log_softmax(_predicting_logits(model, batch, predicts_B_T).float() / scale, dim=-1)
+    logp_N_V = token_distributions(model, batch, temperature, top_k=top_k, top_p=top_p)
     picked_N = logp_N_V.gather(-1, batch.token_ids_B_T[:, 1:][predicts_B_T].unsqueeze(-1)).squeeze(-1)
     logprobs_B_T = _scatter(picked_N, predicts_B_T)
     entropy_B_T = None
     if with_entropy:
         with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-            entropy_B_T = _scatter(-(logp_N_V.exp() * logp_N_V).sum(-1), predicts_B_T)
+            terms_N_V = torch.where(torch.isfinite(logp_N_V), logp_N_V.exp() * logp_N_V, 0.0)
+            entropy_B_T = _scatter(-terms_N_V.sum(-1), predicts_B_T)
     return logprobs_B_T, entropy_B_T
+
+
+def token_distributions(
+    model: Any, batch: Any, temperature: float = 1.0, *, top_k: int = 0, top_p: float = 1.0
+) -> torch.Tensor:
+    """``(N, V)`` log-probabilities of the whole vocabulary at each of the ``N`` positions that predict a policy
+    token, in the ledger's order: the distributions :func:`policy_logprobs` reads its tokens from."""
+    scale = temperature if temperature > 0 else 1.0
+    predicts_B_T = batch.loss_mask_B_T[:, 1:] != 0
+    logits_N_V = _predicting_logits(model, batch, predicts_B_T).float()
+    if not is_truncated(top_k, top_p):
+        return torch.log_softmax(logits_N_V / scale, dim=-1)
+    targets_N = batch.token_ids_B_T[:, 1:][predicts_B_T]
+    return sampling_logprobs(logits_N_V, scale, top_k, top_p, keep=targets_N)
 
 
 def _scatter(values_N: torch.Tensor, predicts_B_T: torch.Tensor) -> torch.Tensor:
@@ -106,9 +127,13 @@ def _prefix_cache(decoder: Any, prefix_ids_1_P: torch.Tensor, rows: int) -> Any:
 
 
 @torch.no_grad()
-def reference_logprobs(reference: Any, model: Any, batch: Any, temperature: float = 1.0) -> torch.Tensor:
-    """Logprobs under the reference policy: ``reference`` when loaded, else ``model`` with adapters off."""
+def reference_logprobs(
+    reference: Any, model: Any, batch: Any, temperature: float = 1.0, *, top_k: int = 0, top_p: float = 1.0
+) -> torch.Tensor:
+    """Logprobs under the reference policy: ``reference`` when loaded, else ``model`` with adapters off (truncated
+    like the policy's, so a KL estimate compares like with like)."""
     context = model.disable_adapter() if reference is None else contextlib.nullcontext()
     with context:
-        logprobs_B_T, _ = policy_logprobs(reference if reference is not None else model, batch, temperature)
+        logprobs_B_T, _ = policy_logprobs(reference if reference is not None else model, batch, temperature,
+                                          top_k=top_k, top_p=top_p)  # fmt: skip
     return logprobs_B_T

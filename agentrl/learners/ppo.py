@@ -134,6 +134,8 @@ def update_actor_critic(
                         model,
                         batch,
                         config.temperature,
+                        top_k=config.top_k,
+                        top_p=config.top_p,
                         with_entropy=True,
                         entropy_grad=config.entropy_coef > 0,
                     )

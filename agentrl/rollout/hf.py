@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from agentrl.algos.sampling import sampling_logprobs
 from agentrl.errors import ConfigError
 from agentrl.rollout._shared_prefill import shared_prefill
 from agentrl.rollout.policy import FinishReason, Generation, SamplingParams
@@ -33,43 +34,6 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = ["HFPolicy", "sampling_logprobs"]
-
-
-def sampling_logprobs(logits: torch.Tensor, temperature: Any, top_k: Any = 0, top_p: Any = 1.0) -> torch.Tensor:
-    """Log-probabilities of the distribution a sampler draws from, for every token of the vocabulary.
-
-    ``logits / temperature``, then top-k (keep the k largest; ties at the k-th value are kept), then top-p
-    (drop the least likely tokens whose total probability is at most ``1 - top_p``; the most likely token
-    always stays), then ``log_softmax``. Filtered tokens get ``-inf``. A temperature of 0 means greedy and
-    is treated as 1 (the logprob of the argmax under the model's own distribution).
-
-    Args:
-        logits: ``(..., V)`` raw logits.
-        temperature, top_k, top_p: scalars, or tensors of shape ``logits.shape[:-1]`` (one per row).
-
-    Returns:
-        A float32 tensor shaped like ``logits``.
-    """
-    import torch
-
-    scores = logits.float()
-    shape = scores.shape[:-1]
-    temp = torch.as_tensor(temperature, dtype=scores.dtype, device=scores.device).expand(shape)
-    k = torch.as_tensor(top_k, dtype=torch.long, device=scores.device).expand(shape)
-    p = torch.as_tensor(top_p, dtype=scores.dtype, device=scores.device).expand(shape)
-    scores = scores / torch.where(temp > 0, temp, torch.ones_like(temp)).unsqueeze(-1)
-    if bool((k > 0).any()):
-        vocab = scores.shape[-1]
-        k = torch.where(k > 0, k.clamp(max=vocab), torch.full_like(k, vocab))
-        kth = scores.sort(dim=-1, descending=True).values.gather(-1, (k - 1).unsqueeze(-1))
-        scores = scores.masked_fill(scores < kth, float("-inf"))
-    if bool((p < 1).any()):
-        ascending, order = scores.sort(dim=-1)
-        cumulative = ascending.softmax(dim=-1).cumsum(dim=-1)
-        drop = cumulative <= (1 - p).unsqueeze(-1)
-        drop[..., -1] = False
-        scores = scores.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
-    return scores.log_softmax(dim=-1)
 
 
 @dataclass
