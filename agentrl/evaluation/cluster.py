@@ -17,7 +17,9 @@ What holds as in one process:
   counts it among the missing episodes (never a failed attempt with reward 0 in pass@k), and rerunning the
   same command plays it.
 
-The env probe runs in the driver before any actor starts, so the driver must be able to make the env
+Each env worker plays up to ``episodes_per_worker`` episodes at once (``--concurrency`` is the single
+process's figure; with ``--base-url`` it caps each worker's requests in flight). ``admission`` has no
+meaning here (there is no learner). The env probe runs in the driver before any actor starts, so the driver must be able to make the env
 (the modules in ``setup`` registered there too). With ``--base-url`` the variable named by ``--api-key-env``
 is passed to the workers' processes through Ray's runtime env.
 """
@@ -55,26 +57,34 @@ class EvalWorker:
         tokenizer: the tokenizer the runner renders with (engines only; with ``--base-url`` the worker
             builds the harness's endpoint policy and its tokenizer itself).
         router: the router actor; None with ``--base-url``.
-        max_context: the engines' context window (engines only).
+        max_context: ``[ref]``, the ObjectRef of the engines' context window (engines only), read before the
+            first episode: wrapped so this actor starts while the engines still load the model.
     """
 
-    def __init__(self, config: EvalConfig, tokenizer: Any, router: Any | None, max_context: int | None):
+    def __init__(self, config: EvalConfig, tokenizer: Any, router: Any | None, max_context: list[Any]):
         prepare_process(config.cluster.setup, config.cluster.threads)
         self.config, self.router = config, router
         if router is None:
             self.policy, self.tokenizer = build_policy(config)
         else:
-            self.policy, self.tokenizer = CheckpointPolicy(router, max_context or 0), tokenizer
+            self.policy, self.tokenizer = CheckpointPolicy(router, 0), tokenizer
+        self._max_context = max_context
         self._idle: list[_Slot] = []
 
     async def play(self, key: Key) -> Played:
         """Play episode ``key``; :attr:`~agentrl.cluster.worker.Played.infra` names an infrastructure failure
         (then the driver replays it)."""
+        if self._max_context:
+            self.policy.max_context = int(await self._max_context[0])
+            self._max_context = []
         name = f"eval/{key[0]}/{key[1]}"
         slot = self._idle.pop() if self._idle else _Slot(self.config, self.policy, self.tokenizer)
         try:
             with episode_context(name):
                 trajectory = await slot.play(key)
+        except BaseException:  # not an episode failure (those are trajectories): the slot's env is dropped
+            await slot.runner.aclose()
+            raise
         finally:
             if self.router is not None:
                 self.router.release.remote(name)
@@ -132,12 +142,13 @@ class _Actors:
         self.engines: list[Any] = []
         self.router: Any = None
         self.workers: list[Any] = []
+        self.max_context: list[Any] = []
 
     async def start(self) -> None:
         import ray
 
         config, cluster = self.config, self.config.cluster
-        tokenizer, max_context = None, None
+        tokenizer = None
         if config.backend != "openai":
             from agentrl.models.loading import load_tokenizer
 
@@ -153,12 +164,12 @@ class _Actors:
                 .options(num_cpus=0, max_restarts=-1, name=f"{self.tag}-router")
                 .remote(self.engines, cluster.request_retries, cluster.engine_timeout_s)
             )
-            max_context = int(await self.engines[0].max_context.remote())
+            self.max_context = [self.engines[0].max_context.remote()]  # held here while a worker may need it
         self.workers = [
             ray.remote(EvalWorker).options(name=f"{self.tag}-env-worker-{i}", num_cpus=cluster.worker_cpus,
                                            max_restarts=-1, max_concurrency=cluster.episodes_per_worker,
                                            runtime_env=_api_key_env(config))
-            .remote(config, tokenizer, self.router, max_context)
+            .remote(config, tokenizer, self.router, self.max_context)
             for i in range(cluster.env_workers)
         ]  # fmt: skip
 
@@ -210,25 +221,24 @@ class _Episodes:
         """Play ``pending`` to the end; returns the counters (``settled``, ``worker_lost``, ``replayed``,
         ``lost``, ...). A bug in a worker's own code (not an episode failure) is raised here."""
         queue: deque[tuple[Key, int, int | None]] = deque((key, 0, None) for key in pending)
-        running: dict[asyncio.Future[Any], tuple[Key, int, int]] = {}
+        running: dict[asyncio.Task[Any], tuple[Key, int, int]] = {}
         settled: set[Key] = set()
         try:
             while queue or running:
                 while queue and (worker := self._free(queue[0][2])) is not None:
                     key, attempt, _ = queue.popleft()
                     self.inflight[worker] += 1
-                    future = asyncio.ensure_future(_outcome(self.workers[worker].play.remote(key)))
-                    running[future] = (key, attempt, worker)
+                    task = asyncio.create_task(_outcome(self.workers[worker].play.remote(key)))
+                    running[task] = (key, attempt, worker)
                 done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
-                for future in done:
-                    key, attempt, worker = running.pop(future)
+                for finished in done:
+                    key, attempt, worker = running.pop(finished)
                     self.inflight[worker] -= 1
-                    retry = self._settle(key, attempt, future.result(), settled)
-                    if retry:
+                    if self._settle(key, attempt, finished.result(), settled):
                         queue.append((key, attempt + 1, worker))
         finally:
-            for future in running:
-                future.cancel()
+            for task in running:
+                task.cancel()
         return self.counts
 
     def _free(self, avoid: int | None) -> int | None:

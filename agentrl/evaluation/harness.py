@@ -289,8 +289,9 @@ class _Slot:
             ),
             limits=RolloutLimits(
                 max_turns=config.max_turns or spec(config.env).max_turns,
-                max_sampled_tokens=config.max_episode_tokens, deadline_s=config.episode_timeout_s,
-            ),  # fmt: skip
+                max_sampled_tokens=config.max_episode_tokens,
+                deadline_s=config.episode_timeout_s,
+            ),
             concurrency=1,
             seed=config.seed,
             template=config.template,
@@ -525,10 +526,10 @@ def evaluate(config: EvalConfig, *, echo: Echo = print, show_progress: bool = Tr
         trajectories = [store.episodes[key] for key in plan if key in store.episodes]  # all but lost ones
     played_keys = set(pending)
     played_now = [t for t in trajectories if episode_key(t) in played_keys]
-    timing = {"wall_s": time.monotonic() - started, "played": len(pending), "resumed": resumed}
+    timing = {"wall_s": time.monotonic() - started, "played": len(played_now), "resumed": resumed}
     results = _finish(config, trajectories, timing, echo)
     failed_all = bool(played_now) and all(t.stop_reason == StopReason.ERROR for t in played_now)
-    return EvalOutcome(results, out, len(pending), resumed, failed_all)
+    return EvalOutcome(results, out, len(played_now), resumed, failed_all)
 
 
 def report_only(
