@@ -173,3 +173,16 @@ def test_env_workers_call_an_openai_compatible_endpoint(tmp_path, monkeypatch):
     assert results["metrics"]["pass_at_k"]["1"]["value"] == pytest.approx(1.0)
     assert keys(saved(tmp_path / "served")) == Counter({(i, s): 1 for i in range(3) for s in range(2)})
     assert len(seen) == sum(s["turns"] for t in results["tasks"] for s in t["samples"])  # one request per turn
+
+
+# ---- without a cluster -----------------------------------------------------------------------------------------
+def test_an_eval_without_cluster_flags_imports_no_ray_and_no_cluster_module(tmp_path):
+    import subprocess
+    import sys
+
+    code = ("import sys; from agentrl.cli import main; "
+            f"main(['eval', *{DIGITS!r}, '--n', '1', '--k', '1', '--out', {str(tmp_path)!r}]); "
+            "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('agentrl.cluster')))")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+    assert json.loads((tmp_path / "run.json").read_text())["config"]["cluster"] is None
