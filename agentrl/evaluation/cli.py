@@ -182,26 +182,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     scoring.add_argument("--resamples", type=int, help="bootstrap resamples (default 1000)")
     scoring.add_argument("--confidence", type=float, help="interval coverage (default 0.95)")
-    ray = parser.add_argument_group(
+    on_ray = parser.add_argument_group(
         "cluster (Ray)",
         "play the episodes on Ray env workers, with the checkpoint on generation engines (or, with --base-url, "
         "each worker calling the endpoint); any of these turns it on. The keys are a training run's cluster "
         "section (agentrl.cluster.config.ClusterConfig)",
     )
-    ray.add_argument("--env-workers", type=int, metavar="N", help="env-worker actors (default 2)")
-    ray.add_argument("--engines", type=int, metavar="N", help="generation-engine actors (default 1)")
-    ray.add_argument(
+    on_ray.add_argument("--env-workers", type=int, metavar="N", help="env-worker actors (default 2)")
+    on_ray.add_argument("--engines", type=int, metavar="N", help="generation-engine actors (default 1)")
+    on_ray.add_argument(
         "--ray-address", metavar="ADDR", help="join this Ray cluster ('auto', 'ray://head:10001'); "
         "default: start a local instance for the run",
     )  # fmt: skip
-    ray.add_argument(
+    on_ray.add_argument(
         "--episodes-per-worker", type=int, metavar="N", help="episodes one env worker plays at once (default 64)"
     )
-    ray.add_argument(
+    on_ray.add_argument(
         "--cluster-setup", action="append", default=[], metavar="MODULE",
         help="module every actor (and this process) imports first, where your envs register themselves; repeatable",
     )  # fmt: skip
-    ray.add_argument(
+    on_ray.add_argument(
         "--cluster", type=env_arg, action="append", default=[], metavar="KEY=VALUE",
         help="any other cluster key, repeatable, e.g. engine_gpus=1, engine_device=cuda, episode_retries=3",
     )  # fmt: skip
