@@ -97,7 +97,9 @@ def test_the_cli_on_two_env_workers_plays_what_one_process_plays(tmp_path):
     one, on_ray = results_of(tmp_path / "one"), results_of(tmp_path / "ray")
     # Sampled at temperature 1 with per-request seeds: the same tokens, whichever worker and engine batch played.
     assert sample_table(on_ray) == sample_table(one)
-    assert on_ray["metrics"]["pass_at_k"]["1"]["value"] == pytest.approx(one["metrics"]["pass_at_k"]["1"]["value"])
+    assert on_ray["metrics"]["pass_at_k"]["1"]["value"] == pytest.approx(
+        one["metrics"]["pass_at_k"]["1"]["value"]
+    )
     assert tokens(tmp_path / "ray") == tokens(tmp_path / "one")
     assert keys(saved(tmp_path / "ray")) == Counter({(i, s): 1 for i in range(4) for s in range(2)})
     assert {e["policy_version"] for e in saved(tmp_path / "ray")} == {0}  # the checkpoint, as in one process
@@ -172,7 +174,9 @@ def test_env_workers_call_an_openai_compatible_endpoint(tmp_path, monkeypatch):
     results = results_of(tmp_path / "served")
     assert results["metrics"]["pass_at_k"]["1"]["value"] == pytest.approx(1.0)
     assert keys(saved(tmp_path / "served")) == Counter({(i, s): 1 for i in range(3) for s in range(2)})
-    assert len(seen) == sum(s["turns"] for t in results["tasks"] for s in t["samples"])  # one request per turn
+    assert len(seen) == sum(
+        s["turns"] for t in results["tasks"] for s in t["samples"]
+    )  # one request per turn
 
 
 # ---- without a cluster -----------------------------------------------------------------------------------------
@@ -183,6 +187,8 @@ def test_an_eval_without_cluster_flags_imports_no_ray_and_no_cluster_module(tmp_
     code = ("import sys; from agentrl.cli import main; "
             f"main(['eval', *{DIGITS!r}, '--n', '1', '--k', '1', '--out', {str(tmp_path)!r}]); "
             "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('agentrl.cluster')))")  # fmt: skip
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True
+    )
     assert out.stdout.strip().splitlines()[-1] == "[]"
     assert json.loads((tmp_path / "run.json").read_text())["config"]["cluster"] is None

@@ -19,9 +19,9 @@ What holds as in one process:
 
 Each env worker plays up to ``episodes_per_worker`` episodes at once (``--concurrency`` is the single
 process's figure; with ``--base-url`` it caps each worker's requests in flight). ``admission`` has no
-meaning here (there is no learner). The env probe runs in the driver before any actor starts, so the driver must be able to make the env
-(the modules in ``setup`` registered there too). With ``--base-url`` the variable named by ``--api-key-env``
-is passed to the workers' processes through Ray's runtime env.
+meaning here (there is no learner). The env probe runs in the driver before any actor starts, so the driver
+must be able to make the env (the modules in ``setup`` registered there too). With ``--base-url`` the
+variable named by ``--api-key-env`` is passed to the workers' processes through Ray's runtime env.
 """
 
 from __future__ import annotations
@@ -303,4 +303,6 @@ def _report(counts: Counter[str], pending: int, store: EpisodeStore, echo: Echo)
             f"{why}; nothing is left to score. Check the cluster (`ray status`, the env workers' logs) and "
             "rerun the same command"
         )
-    echo(f"{why}: they are not scored (the report lists them as missing); rerun the same command to play them")
+    echo(
+        f"{why}: they are not scored (the report lists them as missing); rerun the same command to play them"
+    )
