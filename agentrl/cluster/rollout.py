@@ -41,7 +41,7 @@ from agentrl.data.trajectory import Trajectory
 from agentrl.errors import ConfigError
 from agentrl.rollout.runner import RolloutLimits, Task
 
-__all__ = ["ClusterPolicy", "ClusterRollout"]
+__all__ = ["ClusterPolicy", "ClusterRollout", "connect"]
 
 
 class ClusterPolicy:
@@ -129,12 +129,7 @@ class ClusterRollout:
 
         ray = _import_ray()
         cluster = config.cluster
-        owns = not ray.is_initialized()
-        if owns:
-            local = cluster.address is None
-            store = cluster.object_store_mb * 2**20 if cluster.object_store_mb and local else None
-            ray.init(address=cluster.address, num_cpus=cluster.num_cpus if local else None,
-                     object_store_memory=store, include_dashboard=False)  # fmt: skip
+        owns = connect(cluster)
         tag = uuid.uuid4().hex[:8]
         engine_options = {"model": config.model, "seed": config.seed, **dict(config.rollout_options)}
         if config.rollout == "hf":
@@ -408,6 +403,24 @@ async def _quiet(ref: Any) -> None:
         await ref
     except Exception:  # closing a dead worker's envs: nothing left to close
         pass
+
+
+def connect(cluster: Any) -> bool:
+    """Join Ray as ``cluster`` (a :class:`~agentrl.cluster.config.ClusterConfig`) says, unless this process
+    already has: start a local instance (``address`` None) or join ``address``. True when this call connected
+    (the caller then shuts Ray down at its end); False when Ray was already initialized (left running).
+
+    Raises:
+        MissingDependencyError: Ray is not installed.
+    """
+    ray = _import_ray()
+    if ray.is_initialized():
+        return False
+    local = cluster.address is None
+    store = cluster.object_store_mb * 2**20 if cluster.object_store_mb and local else None
+    ray.init(address=cluster.address, num_cpus=cluster.num_cpus if local else None,
+             object_store_memory=store, include_dashboard=False)  # fmt: skip
+    return True
 
 
 def _import_ray() -> Any:

@@ -8,8 +8,9 @@ episode stays on one engine.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,10 +23,21 @@ from agentrl.rollout.policy import Generation, SamplingParams
 from agentrl.rollout.runner import RolloutLimits, Task
 from agentrl.types import Message, ToolSchema
 
-__all__ = ["EnvWorker", "EpisodeSpec", "Played", "RemotePolicy", "WorkerSpec"]
+__all__ = ["EnvWorker", "EpisodeSpec", "Played", "RemotePolicy", "WorkerSpec", "episode_context"]
 
 _EPISODE: contextvars.ContextVar[str] = contextvars.ContextVar("agentrl_cluster_episode")
 """The key of the episode whose task is running (each actor call is its own task with its own context)."""
+
+
+@contextlib.contextmanager
+def episode_context(key: str) -> Iterator[None]:
+    """Generation requests made inside (in this task) are episode ``key``'s: :class:`RemotePolicy` sends them
+    with it, so the router keeps them on one engine, and files an engine loss under it."""
+    token = _EPISODE.set(key)
+    try:
+        yield
+    finally:
+        _EPISODE.reset(token)
 
 
 @dataclass(frozen=True)

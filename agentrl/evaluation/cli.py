@@ -11,6 +11,9 @@ Examples::
         --api-key-env OPENAI_API_KEY --n 50
     agentrl eval --env math --task-option task --n 50 --k 8 --pass-on correct --maj-k --answer-format boxed \\
         --best-of-n-by rm:runs/rm/step-000200 --out runs/eval/math   # best-of-N and maj@k beside pass@k
+    agentrl eval --env code-sandbox --env-arg tasks=humaneval --task-option task_index --n 164 --k 10 \\
+        --model runs/<train run>/checkpoints/rl/step-NNNNNN --env-workers 4 --ray-address auto
+        # the same episodes on a Ray cluster: sandboxes on 4 env workers, the checkpoint on 1 engine
     agentrl eval --report-only --out runs/eval/he --pass-threshold 0.5   # rescore: no model needed
     agentrl eval --compare runs/eval/a runs/eval/b
 
@@ -179,6 +182,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     scoring.add_argument("--resamples", type=int, help="bootstrap resamples (default 1000)")
     scoring.add_argument("--confidence", type=float, help="interval coverage (default 0.95)")
+    on_ray = parser.add_argument_group(
+        "cluster (Ray)",
+        "play the episodes on Ray env workers, with the checkpoint on generation engines (or, with --base-url, "
+        "each worker calling the endpoint); any of these turns it on. The keys are a training run's cluster "
+        "section (agentrl.cluster.config.ClusterConfig)",
+    )
+    on_ray.add_argument("--env-workers", type=int, metavar="N", help="env-worker actors (default 2)")
+    on_ray.add_argument("--engines", type=int, metavar="N", help="generation-engine actors (default 1)")
+    on_ray.add_argument(
+        "--ray-address", metavar="ADDR", help="join this Ray cluster ('auto', 'ray://head:10001'); "
+        "default: start a local instance for the run",
+    )  # fmt: skip
+    on_ray.add_argument(
+        "--episodes-per-worker", type=int, metavar="N", help="episodes one env worker plays at once (default 64)"
+    )
+    on_ray.add_argument(
+        "--cluster-setup", action="append", default=[], metavar="MODULE",
+        help="module every actor (and this process) imports first, where your envs register themselves; repeatable",
+    )  # fmt: skip
+    on_ray.add_argument(
+        "--cluster", type=env_arg, action="append", default=[], metavar="KEY=VALUE",
+        help="any other cluster key, repeatable, e.g. engine_gpus=1, engine_device=cuda, episode_retries=3",
+    )  # fmt: skip
     output = parser.add_argument_group("output")
     output.add_argument(
         "--out",
@@ -223,6 +249,7 @@ def _config(args: argparse.Namespace) -> Any:
         raise ConfigError(
             "--env is required: a registered env id (`agentrl envs` lists them), e.g. --env toy-guess"
         )
+    cluster = _cluster(args)
     config = EvalConfig(
         env=args.env,
         env_kwargs=dict(args.env_arg),
@@ -260,12 +287,33 @@ def _config(args: argparse.Namespace) -> Any:
         confidence=args.confidence or 0.95,
         retry_errors=args.retry_errors,
         check_model=not args.no_model_check,
+        cluster=cluster,
         out=args.out,
     )
     from agentrl.tracking import check_output_dir
 
     check_output_dir(config.out_dir, "--out")
     return config
+
+
+def _cluster(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The cluster flags as ``EvalConfig.cluster`` (None: none given); imports the ``setup`` modules here too,
+    so ``--env`` resolves in this process as in the actors."""
+    import importlib
+
+    from agentrl.errors import ConfigError
+
+    named = {"env_workers": args.env_workers, "engines": args.engines, "address": args.ray_address,
+             "episodes_per_worker": args.episodes_per_worker, "setup": args.cluster_setup or None}  # fmt: skip
+    cluster = {**dict(args.cluster), **{key: value for key, value in named.items() if value is not None}}
+    if not cluster:
+        return None
+    for module in cluster.get("setup") or []:
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            raise ConfigError(f"--cluster-setup {module}: cannot import it here ({exc}); check the name") from exc
+    return cluster
 
 
 def _print_outcome(outcome: Any) -> None:

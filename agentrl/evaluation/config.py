@@ -90,6 +90,10 @@ class EvalConfig:
         retry_errors: play again the episodes that ended with an error in an earlier run.
         check_model: with ``base_url``, fail before playing when the server's ``/models`` list lacks ``model``
             (off for a server that takes names it does not list).
+        cluster: play the episodes on Ray env workers (:mod:`agentrl.evaluation.cluster`): a
+            :class:`~agentrl.cluster.config.ClusterConfig`, or a mapping of its keys (``env_workers``,
+            ``engines``, ``address``, ``setup``, ...); None: in this process, with no Ray. Not an identity
+            field: a run may resume on a cluster what it began in one process, and the other way round.
         out: the output directory (episodes, results, report); reruns resume from it.
     """
 
@@ -127,6 +131,7 @@ class EvalConfig:
     confidence: float = 0.95
     retry_errors: bool = False
     check_model: bool = True
+    cluster: Any = None
     out: Path | None = None
 
     def __post_init__(self) -> None:
@@ -189,6 +194,8 @@ class EvalConfig:
                 f"raise --k to {max(too_big)}, or drop {', '.join(map(str, too_big))} from --ks"
             )
         object.__setattr__(self, "ks", tuple(sorted(set(self.ks))))
+        if self.cluster is not None:
+            object.__setattr__(self, "cluster", _cluster_config(self.cluster))
         if self.out is None:
             object.__setattr__(self, "out", default_out_dir(self))
         object.__setattr__(self, "out", Path(self.out))  # type: ignore[arg-type]
@@ -237,6 +244,7 @@ class EvalConfig:
         data.update(self.identity())
         data["ks"] = list(self.ks)
         data["out"] = str(self.out)
+        data["cluster"] = self.cluster.model_dump() if self.cluster is not None else None
         data["pass_rule"] = {
             "on": self.pass_rule.on,
             "threshold": self.pass_rule.threshold,
@@ -253,6 +261,17 @@ def _positive(config: EvalConfig, names: tuple[str, ...], optional: bool = False
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             flag = "--" + name.replace("_", "-")
             raise ConfigError(f"{flag} must be a positive integer, got {value!r}")
+
+
+def _cluster_config(value: Any) -> Any:
+    """``cluster`` as a :class:`~agentrl.cluster.config.ClusterConfig` (a mapping is validated)."""
+    from agentrl.cluster.config import ClusterConfig
+
+    if isinstance(value, ClusterConfig):
+        return value
+    if isinstance(value, Mapping):
+        return ClusterConfig(**value)
+    raise ConfigError(f"cluster must be a mapping of cluster settings, e.g. {{'env_workers': 2}}; got {value!r}")
 
 
 def default_out_dir(config: EvalConfig) -> Path:

@@ -274,16 +274,24 @@ def _record(
 class _Slot:
     """One worker's runner, and the envs it made (the latest one played the latest episode)."""
 
-    def __init__(self, config: EvalConfig, policy: Any, tokenizer: Any, sampling: Any, limits: Any):
-        from agentrl.rollout.runner import Runner
+    def __init__(self, config: EvalConfig, policy: Any, tokenizer: Any):
+        from agentrl.registry import spec
+        from agentrl.rollout.policy import SamplingParams
+        from agentrl.rollout.runner import RolloutLimits, Runner
 
         self.envs: list[_RecordResetInfo] = []
         self.runner = Runner(
             self._make_env,
             policy,
             tokenizer,
-            sampling=sampling,
-            limits=limits,
+            sampling=SamplingParams(
+                max_tokens=config.max_new_tokens, temperature=config.temperature, top_p=config.top_p
+            ),
+            limits=RolloutLimits(
+                max_turns=config.max_turns or spec(config.env).max_turns,
+                max_sampled_tokens=config.max_episode_tokens,
+                deadline_s=config.episode_timeout_s,
+            ),
             concurrency=1,
             seed=config.seed,
             template=config.template,
@@ -317,24 +325,13 @@ async def play(
     Episode failures are trajectories; anything else (a template the runner refuses, a full disk) stops
     every worker before it is raised, so no episode is recorded against a closed policy.
     """
-    from agentrl.registry import spec
-    from agentrl.rollout.policy import SamplingParams
-    from agentrl.rollout.runner import RolloutLimits
+    if config.cluster is not None:  # on Ray env workers; an episode lost to the cluster is left unrecorded
+        from agentrl.evaluation.cluster import play_on_cluster
 
+        return await play_on_cluster(config, pending, store, echo, show_progress)
     policy, tokenizer = _quietly(build_policy, config)
     try:
-        sampling = SamplingParams(
-            max_tokens=config.max_new_tokens, temperature=config.temperature, top_p=config.top_p
-        )
-        limits = RolloutLimits(
-            max_turns=config.max_turns or spec(config.env).max_turns,
-            max_sampled_tokens=config.max_episode_tokens,
-            deadline_s=config.episode_timeout_s,
-        )
-        slots = [
-            _Slot(config, policy, tokenizer, sampling, limits)
-            for _ in range(min(config.concurrency, len(pending)))
-        ]
+        slots = [_Slot(config, policy, tokenizer) for _ in range(min(config.concurrency, len(pending)))]
         queue = deque(pending)
         progress = _Progress(len(pending), echo, show_progress)
 
@@ -525,13 +522,14 @@ def evaluate(config: EvalConfig, *, echo: Echo = print, show_progress: bool = Tr
             echo(f"resuming {out}: {resumed} of {config.n * config.k} episodes already played")
         if pending:
             asyncio.run(play(config, pending, store, echo, show_progress))
-        trajectories = [store.episodes[(i, s)] for i in range(config.n) for s in range(config.k)]
+        plan = [(i, s) for i in range(config.n) for s in range(config.k)]
+        trajectories = [store.episodes[key] for key in plan if key in store.episodes]  # all but lost ones
     played_keys = set(pending)
     played_now = [t for t in trajectories if episode_key(t) in played_keys]
-    timing = {"wall_s": time.monotonic() - started, "played": len(pending), "resumed": resumed}
+    timing = {"wall_s": time.monotonic() - started, "played": len(played_now), "resumed": resumed}
     results = _finish(config, trajectories, timing, echo)
     failed_all = bool(played_now) and all(t.stop_reason == StopReason.ERROR for t in played_now)
-    return EvalOutcome(results, out, len(pending), resumed, failed_all)
+    return EvalOutcome(results, out, len(played_now), resumed, failed_all)
 
 
 def report_only(
