@@ -309,7 +309,7 @@ def test_keep_last_prunes_old_checkpoints(tmp_path, demos):
         ({"batch_size": 0}, r"SFTConfig.batch_size: got 0;"),
         ({"min_lr_ratio": 1.5}, r"min_lr_ratio.*cosine floor"),
         ({"betas": (0.9, 1.0)}, r"betas \(0.9, 1.0\) must each be in \[0, 1\)"),
-        ({"precision": "fp16"}, r"SFTConfig.precision: got 'fp16'; Input should be 'fp32' or 'bf16'"),
+        ({"precision": "fp16"}, r"SFTConfig.precision: got 'fp16'; Input should be 'auto', 'fp32' or 'bf16'"),
         ({"save_every": 5}, r"save_every needs output_dir"),
         ({"learning_rate": 1e-3}, r"unknown key 'learning_rate': did you mean 'lr'\? .*agentrl.learners.sft.SFTConfig"),
     ],

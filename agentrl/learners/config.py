@@ -24,6 +24,8 @@ __all__ = [
     "LoRAConfig",
     "StrictConfig",
     "TrainConfig",
+    "default_device",
+    "default_precision",
     "derived_warmup",
     "explain",
     "unknown_keys",
@@ -83,14 +85,14 @@ class TrainConfig(StrictConfig):
     grad_clip: float | None = Field(
         1.0, gt=0, description="max global gradient norm, or None for no clipping"
     )
-    precision: Literal["fp32", "bf16"] = Field(
-        "fp32", description="'fp32', or 'bf16' autocast for the forward"
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="'fp32', or 'bf16' autocast for the forward; 'auto': bf16 on a GPU that has it, else fp32"
     )
     gradient_checkpointing: bool = Field(
         False, description="recompute activations in backward to save memory"
     )
     lora: LoRAConfig | None = Field(None, description="train LoRA adapters (peft) instead of all weights")
-    device: str = Field("cpu", description="torch device, e.g. 'cpu' or 'cuda:0'")
+    device: str = Field("auto", description="torch device, e.g. 'cpu' or 'cuda:0'; 'auto': cuda where a GPU is visible")
     seed: int = Field(0, description="seeds the data order, the sampling and the global generators")
     output_dir: Path | None = Field(None, description="where step-NNNNNN checkpoints go; None saves nothing")
     save_every: int | None = Field(
@@ -100,6 +102,17 @@ class TrainConfig(StrictConfig):
         None, ge=1, description="keep only the newest N checkpoints, or None for all"
     )
     resume_from: Path | None = Field(None, description="a step-NNNNNN checkpoint to resume (weights + state)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve_auto(cls, data: Any) -> Any:
+        """``device`` and ``precision`` left at ``auto`` become what this machine offers (never stay ``auto``)."""
+        if not isinstance(data, dict) or (data.get("device", "auto") != "auto" and data.get("precision", "auto") != "auto"):
+            return data
+        device = data.get("device", "auto")
+        device = default_device() if device == "auto" else device
+        precision = data.get("precision", "auto")
+        return {**data, "device": device, "precision": default_precision(device) if precision == "auto" else precision}
 
     @model_validator(mode="before")
     @classmethod
@@ -129,6 +142,22 @@ class TrainConfig(StrictConfig):
         if self.save_every is not None and self.output_dir is None:
             raise ValueError("save_every needs output_dir: set output_dir to where checkpoints should go")
         return self
+
+
+def default_device() -> str:
+    """``cuda`` where torch sees a GPU, else ``cpu``."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_precision(device: str) -> str:
+    """``bf16`` on a CUDA device that computes in it, else ``fp32``."""
+    if not str(device).startswith("cuda"):
+        return "fp32"
+    import torch
+
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
 
 
 def derived_warmup(default: int, max_steps: int) -> int:

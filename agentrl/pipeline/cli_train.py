@@ -74,6 +74,7 @@ def main(args: argparse.Namespace) -> int:
     from agentrl.pipeline.run import run_pipeline
 
     print(f"agentrl train: {run.env} with {run.algo}, run directory {resolved.run_dir}", file=sys.stderr)
+    print(device_line(resolved.learner.device, resolved.learner.precision), file=sys.stderr)
     started = time.perf_counter()
     summary = run_pipeline(resolved, report=not args.no_report)
     for stage, result in summary.evals.items():
@@ -84,6 +85,17 @@ def main(args: argparse.Namespace) -> int:
     if summary.report is not None:
         print(f"report: {summary.report}")
     return 0
+
+
+def device_line(device: str, precision: str) -> str:
+    """The start-up line saying where the learner trains and in which precision, and how to choose otherwise."""
+    if not device.startswith("cuda"):
+        return f"device: {device}, precision {precision} (no GPU visible; --set learner.device=cuda:0 picks one)"
+    import torch
+
+    name = torch.cuda.get_device_name(torch.device(device)) if torch.cuda.is_available() else "?"
+    return (f"device: {device} ({name}), precision {precision} (a GPU is visible; --set learner.device=cpu "
+            "--set learner.precision=fp32 keeps the CPU)")  # fmt: skip
 
 
 def eval_lines(stage: str, result: EvalResult) -> list[str]:
