@@ -11,6 +11,8 @@ BENCHES: dict[str, tuple[str, str]] = {
     "rollout": ("agentrl.bench.rollout", "runner overhead (turns/s) and hf vs vllm generation tokens/s"),
     "learner": ("agentrl.bench.learner",
                 "our GRPO or DPO (--algo) vs TRL's GRPOTrainer / DPOTrainer: CPU-s/step, tokens/s, peak RSS"),
+    "gpu": ("agentrl.bench.gpu",
+            "Qwen3-0.6B/1.7B-shaped models: decode and learner tokens/s, MFU, memory, weight sync, ratio at step 0"),
     "async": ("agentrl.bench.async_bench",
               "GRPO with long-tailed tool latency: one process vs Ray sync vs Ray async (pace, drop): episodes/s"),
 }
