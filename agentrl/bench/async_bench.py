@@ -51,6 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--num-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all)"
     )
+    parser.add_argument("--seed", type=int, default=0, help="the run seed of every mode (default 0)")
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES, help="which runs, in order")
 
 
@@ -60,7 +61,7 @@ def _config(args: argparse.Namespace, mode: str) -> Any:
     fields: dict[str, Any] = {
         "env": "bench-latency-v0", "env_kwargs": {"turns": args.turns, "p50_s": args.p50, "p99_s": args.p99},
         "prompts_per_step": args.tasks, "group_size": args.group, "max_new_tokens": 12, "max_steps": args.steps,
-        "warmup_steps": 0, "lr": 2e-2, "seed": 0, "episode_deadline_s": None,
+        "warmup_steps": 0, "lr": 2e-2, "seed": args.seed, "episode_deadline_s": None,
     }  # fmt: skip
     if mode != "single":
         fields["cluster"] = {"env_workers": args.env_workers, "engines": args.engines,
