@@ -62,6 +62,13 @@ def main(args: argparse.Namespace) -> int:
             output_dir=args.output_dir, seed=args.seed, threads=args.threads, tracking=report_to(args.report_to),
         )  # fmt: skip
     resolved = resolve(run)
+    from agentrl.learners import data_parallel
+
+    ranks = data_parallel.world()
+    if ranks.size > 1:  # under torchrun: rank 0 runs the pipeline, the others join its online learner's updates
+        data_parallel.init(resolved.learner.device)
+        if ranks.rank != 0:
+            return data_parallel.serve_runs()
     for note in phases_off(run):
         print(f"note: {note}", file=sys.stderr)
     from agentrl.tracking import check_output_dir
@@ -75,7 +82,10 @@ def main(args: argparse.Namespace) -> int:
 
     print(f"agentrl train: {run.env} with {run.algo}, run directory {resolved.run_dir}", file=sys.stderr)
     started = time.perf_counter()
-    summary = run_pipeline(resolved, report=not args.no_report)
+    try:
+        summary = run_pipeline(resolved, report=not args.no_report)
+    finally:
+        data_parallel.dismiss()
     for stage, result in summary.evals.items():
         if result is not None:
             print("\n".join(eval_lines(stage, result)))
