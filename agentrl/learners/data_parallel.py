@@ -297,10 +297,11 @@ def run_online(config: Any, learner: str, build: Callable[[], Any], shell: Calla
         online = _sharded_learner(build())
         _serve(online)
         return TrainResult(online.model, online.tokenizer, (), None, {})
-    try:
-        return shell(lambda: _driver(_sharded_learner_on_rank0(build)))
-    finally:
-        _send("stop")
+    result = shell(lambda: _driver(_sharded_learner_on_rank0(build)))
+    # Only a run that ended well says stop: after an error the others may sit in another collective, so rank 0
+    # leaves with the error instead, and torchrun ends the others.
+    _send("stop")
+    return result
 
 
 def _sharded_learner_on_rank0(build: Callable[[], Any]) -> tuple[Any, Any]:
@@ -376,8 +377,27 @@ class _Optimizer:
         from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
         _send("load_optimizer_state")
+        state = _by_name(state, self._online.model, self._online.optimizer)
         set_optimizer_state_dict(self._online.model, self._online.optimizer, dict(state),
                                  options=_full(broadcast=True))  # fmt: skip
+
+
+def _by_name(state: Mapping[str, Any], model: Any, optimizer: Any) -> Mapping[str, Any]:
+    """An optimizer state saved by one process (parameters by position) keyed by parameter name, as a
+    data-parallel run saves it; a state keyed by name already is returned as it is."""
+    groups = state["param_groups"]
+    if not any(isinstance(p, int) for g in groups for p in g["params"]):
+        return state
+    names = {id(p): n for n, p in model.named_parameters()}
+    if [len(g["params"]) for g in groups] != [len(g["params"]) for g in optimizer.param_groups]:
+        raise ConfigError("the checkpoint's optimizer state holds other parameters than this model; resume from "
+                          "a checkpoint of the same model and settings")  # fmt: skip
+    rename = {old: names[id(p)] for g, mine in zip(groups, optimizer.param_groups, strict=True)
+              for old, p in zip(g["params"], mine["params"], strict=True)}  # fmt: skip
+    return {
+        "state": {rename[k]: v for k, v in state["state"].items()},
+        "param_groups": [{**g, "params": [rename[p] for p in g["params"]]} for g in groups],
+    }
 
 
 class _Scheduler:

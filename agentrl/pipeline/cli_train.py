@@ -82,10 +82,8 @@ def main(args: argparse.Namespace) -> int:
 
     print(f"agentrl train: {run.env} with {run.algo}, run directory {resolved.run_dir}", file=sys.stderr)
     started = time.perf_counter()
-    try:
-        summary = run_pipeline(resolved, report=not args.no_report)
-    finally:
-        data_parallel.dismiss()
+    summary = run_pipeline(resolved, report=not args.no_report)
+    data_parallel.dismiss()  # after an error rank 0 leaves with it instead, and torchrun ends the others
     for stage, result in summary.evals.items():
         if result is not None:
             print("\n".join(eval_lines(stage, result)))
