@@ -137,6 +137,46 @@ def test_a_per_rank_token_mean_would_take_another_update(tmp_path):
     assert gap > 0.05  # a gradient off by more than 5% of its largest entry
 
 
+def test_learners_not_yet_data_parallel_stop_before_any_work(monkeypatch):
+    from agentrl.errors import ConfigError
+    from agentrl.learners.grpo import GRPOConfig, train_grpo
+    from agentrl.learners.ppo import PPOConfig, train_ppo
+
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it; nothing is joined before the check
+    with pytest.raises(ConfigError, match="ppo does not run data-parallel yet .*supported: grpo.*without torchrun"):
+        train_ppo(PPOConfig(env="toy-digits-v0"))
+    with pytest.raises(ConfigError, match="LoRA does not run data-parallel yet"):
+        train_grpo(GRPOConfig(env="toy-digits-v0", lora={"r": 4}))
+
+
+def _resume_rank(rank: int, size: int, port: int, out: str) -> None:
+    """A straight 2-step GRPO run and one resumed from its first checkpoint, both on ``size`` ranks."""
+    from agentrl.learners.grpo import GRPOConfig, train_grpo
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(size), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))  # fmt: skip
+    torch.set_num_threads(1)
+    fast = {"env": "toy-digits-v0", "prompts_per_step": 2, "group_size": 4, "max_new_tokens": 8, "warmup_steps": 0,
+            "lr": 1e-2, "max_steps": 2}  # fmt: skip
+    straight = train_grpo(GRPOConfig(**fast, output_dir=Path(out) / "a", save_every=1))
+    resumed = train_grpo(GRPOConfig(**fast, output_dir=Path(out) / "b", resume_from=Path(out) / "a" / "step-000001"))
+    if rank == 0:
+        torch.save({"straight": straight.model.state_dict(), "resumed": resumed.model.state_dict(),
+                    "steps": [log.step for log in resumed.history]}, Path(out) / "result.pt")  # fmt: skip
+
+
+def test_a_run_on_two_ranks_resumes_exactly_from_its_checkpoint(tmp_path):
+    """The checkpoint holds the whole optimizer state (gathered from the shards) and the resumed run scatters it
+    back: the resumed run ends on the straight run's weights."""
+    mp.spawn(_resume_rank, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    result = torch.load(tmp_path / "result.pt", weights_only=True)
+    assert result["steps"] == [2]
+    state = torch.load(tmp_path / "a" / "step-000001" / "training_state.pt", weights_only=True)
+    assert "model.embed_tokens.weight" in state["optimizer"]["state"]  # whole, by name
+    for name, tensor in result["straight"].items():
+        torch.testing.assert_close(result["resumed"][name], tensor, atol=0, rtol=0)
+
+
 def _start() -> dict[str, torch.Tensor]:
     from agentrl.models.loading import load_model
 
