@@ -58,7 +58,7 @@ def one_update(aggregation: str, naive: bool = False) -> dict[str, dict]:
         data_parallel.init("cpu")
         data_parallel.shard(model)
         if naive:  # what a per-rank mean does: each rank normalises by its own totals, gradients averaged
-            data_parallel.all_sum = lambda values: [float(v) for v in values]  # type: ignore[assignment]
+            monkeypatch_update_totals(grpo)
             data_parallel.divide_gradients(model, float(data_parallel.world().size))
     optimizer = optim.make_optimizer(model, config.lr)
     scheduler = optim.make_scheduler(optimizer, 0, 1, 1.0)
@@ -73,6 +73,20 @@ def one_update(aggregation: str, naive: bool = False) -> dict[str, dict]:
     stats = grpo.update_policy(model, optimizer, scheduler, data, advantages, config, pad_id=0, seed=0)
     weights = {k: v.detach().clone() for k, v in policy_model.export_weights(model)}
     return {"stats": data_parallel.reduce_stats(stats), "grads": grads, "weights": weights}
+
+
+def monkeypatch_update_totals(grpo: object) -> None:
+    """Make the update normalise by this rank's totals alone (the statistics are still summed over ranks)."""
+
+    class Local:
+        def __getattr__(self, name: str) -> object:
+            return getattr(data_parallel, name)
+
+        @staticmethod
+        def all_sum(values: list[float]) -> list[float]:
+            return [float(v) for v in values]
+
+    grpo.data_parallel = Local()  # type: ignore[attr-defined]
 
 
 def _rank(rank: int, size: int, port: int, out: str, aggregation: str, naive: bool) -> None:
