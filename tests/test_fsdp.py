@@ -173,7 +173,7 @@ def test_learners_not_yet_data_parallel_stop_before_any_work(monkeypatch):
     from agentrl.learners.ppo import PPOConfig, train_ppo
 
     monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it; nothing is joined before the check
-    with pytest.raises(ConfigError, match="ppo does not run data-parallel yet .*supported: grpo.*without torchrun"):
+    with pytest.raises(ConfigError, match=r"ppo does not run data-parallel yet .*supported: grpo.*without torchrun"):
         train_ppo(PPOConfig(env="toy-digits-v0"))
     with pytest.raises(ConfigError, match="LoRA does not run data-parallel yet"):
         train_grpo(GRPOConfig(env="toy-digits-v0", lora={"r": 4}))

@@ -8,8 +8,8 @@ processes joined in one process group (gloo on CPU, nccl on CUDA):
   rank 0 is a plain full copy of the policy, so the ``hf`` sampler, the identity check, the monitors,
   ``save_pretrained`` and :func:`~agentrl.learners.policy_model.export_weights` work on it unchanged. The other
   ranks serve: they wait for each step's trajectories and take part in the collectives.
-- **Every rank trains.** Each holds the policy sharded with ``fully_shard`` (each decoder layer, then the
-  root) and its shard of the optimizer state. Each update, rank 0 broadcasts the step's groups; every rank
+- **Every rank trains.** Each holds the policy sharded with ``fully_shard`` (see :func:`shard`) and its shard
+  of the optimizer state. Each update, rank 0 broadcasts the step's groups; every rank
   filters them and computes the advantages on all of them (the same numbers everywhere, group baselines
   intact), then trains on its share of the kept trajectories (:func:`local_share`: contiguous, in group
   order, the same count on every rank). After the update the full weights are gathered into rank 0's copy.
@@ -23,7 +23,12 @@ one-process run with the same seed plays: only the update is spread.
 each rank's loss is its part of the one-process loss and the parts add up to it: the token count (token-mean)
 and the sequence count (the sequence means) are summed over ranks (:func:`all_sum`) before any rank divides,
 and the gradients are summed, not averaged, over ranks. Dividing each rank's loss by its own token count
-would weigh a token on a rank with few tokens more than one on a rank with many: a biased gradient.
+would weigh a token on a rank with few tokens more than one on a rank with many: a biased gradient. With
+``minibatches`` 1 an update equals the one-process update up to float rounding (any ``mu``, any
+``micro_batch_size``); with more, the ranks' ``j``-th minibatches together are a minibatch of the same size,
+drawn otherwise than one process draws it. An update's statistics are summed over the ranks
+(:func:`reduce_stats`): the loss terms are the objective itself, the token means (clip fraction, ratio) the
+mean over micro-batches, weighted by samples.
 
 **The same number of forwards on every rank.** FSDP2's forwards and backwards are collectives, so every rank
 runs as many as the others: the shares have equal counts, a short one padded with *fillers* (a copy of a
@@ -48,7 +53,6 @@ import numpy as np
 from agentrl.data.buffer import TrajectoryGroup
 from agentrl.data.trajectory import Trajectory
 from agentrl.errors import ConfigError
-from agentrl.learners.optim import Joint
 
 __all__ = [
     "FILLER",
@@ -63,6 +67,7 @@ __all__ = [
     "is_filler",
     "is_sharded",
     "local_share",
+    "reduce_stats",
     "run_online",
     "serve_runs",
     "shard",
@@ -253,6 +258,8 @@ def _rebind(optimizer: Any, model: Any, names: Mapping[int, str]) -> None:
 
 def _sharded_learner(online: Any) -> Any:
     """Shard ``online.model`` and point its optimizer at the shards (every rank)."""
+    from agentrl.learners.optim import Joint
+
     if isinstance(online.optimizer, Joint) or online.saved:
         raise ConfigError("this learner trains several models; data-parallel training covers one policy")
     names = {id(p): n for n, p in online.model.named_parameters()}

@@ -65,7 +65,7 @@ def main(args: argparse.Namespace) -> int:
     from agentrl.learners import data_parallel
 
     ranks = data_parallel.world()
-    if ranks.size > 1:  # under torchrun: rank 0 runs the pipeline, the others join its online learner's updates
+    if ranks.size > 1 and not args.dry_run:  # under torchrun: rank 0 runs the pipeline, the others join its updates
         data_parallel.init(resolved.learner.device)
         if ranks.rank != 0:
             return data_parallel.serve_runs()
