@@ -57,9 +57,11 @@ from agentrl.errors import ConfigError
 __all__ = [
     "FILLER",
     "SUPPORTED",
+    "TRAINERS",
     "World",
     "all_sum",
     "announce",
+    "check",
     "dismiss",
     "divide_gradients",
     "full_state_dict",
@@ -76,6 +78,8 @@ __all__ = [
 
 SUPPORTED = frozenset({"grpo"})
 """Learners (their names in checkpoint metadata) that run data-parallel."""
+TRAINERS = {"agentrl.learners.grpo:train_grpo": "grpo"}
+"""The learner each supported ``train`` function (``module:function``, as ``agentrl train`` names it) runs."""
 FILLER = "data_parallel_filler"
 """The ``meta`` key that marks a filler trajectory (see the module docstring)."""
 TIMEOUT = datetime.timedelta(hours=24)
@@ -283,6 +287,19 @@ def _receive() -> tuple[Any, ...]:
     return tuple(box[0])
 
 
+def check(learner: str, config: Any) -> None:
+    """Fail before any work where ``learner`` (e.g. ``"grpo"``) with ``config`` cannot run data-parallel.
+
+    Raises:
+        ConfigError: a learner not in :data:`SUPPORTED`, or LoRA.
+    """
+    if learner not in SUPPORTED:
+        raise ConfigError(f"{learner} does not run data-parallel yet (supported: {', '.join(sorted(SUPPORTED))}); "
+                          "start it without torchrun")  # fmt: skip
+    if getattr(config, "lora", None) is not None:
+        raise ConfigError("LoRA does not run data-parallel yet; start it without torchrun, or drop lora")
+
+
 def run_online(config: Any, learner: str, build: Callable[[], Any], shell: Callable[[Callable[[], Any]], Any]) -> Any:
     """The online learner ``learner`` on every rank (see the module docstring): rank 0 runs ``shell(build)``
     (the one-process shell) with a driving learner; the others serve it until it ends.
@@ -290,11 +307,7 @@ def run_online(config: Any, learner: str, build: Callable[[], Any], shell: Calla
     Raises:
         ConfigError: ``learner`` does not run data-parallel (see :data:`SUPPORTED`), or LoRA is on.
     """
-    if learner not in SUPPORTED:
-        raise ConfigError(f"{learner} does not run data-parallel yet (supported: {', '.join(sorted(SUPPORTED))}); "
-                          "start it without torchrun")  # fmt: skip
-    if getattr(config, "lora", None) is not None:
-        raise ConfigError("LoRA does not run data-parallel yet; start it without torchrun, or drop lora")
+    check(learner, config)
     here = init(config.device)
     if here.rank != 0:
         from agentrl.learners import optim

@@ -66,6 +66,9 @@ def main(args: argparse.Namespace) -> int:
 
     ranks = data_parallel.world()
     if ranks.size > 1 and not args.dry_run:  # under torchrun: rank 0 runs the pipeline, the others join its updates
+        for config in (resolved.learner, resolved.learner2):
+            if config is not None:
+                data_parallel.check(data_parallel.TRAINERS.get(str(resolved.train), run.algo), config)
         data_parallel.init(resolved.learner.device)
         if ranks.rank != 0:
             return data_parallel.serve_runs()
