@@ -12,6 +12,7 @@ import torch
 
 from agentrl.data.batch import Batch, collate, collate_shared
 from agentrl.data.trajectory import Trajectory
+from agentrl.learners.data_parallel import is_filler
 from agentrl.learners.logprobs import policy_logprobs, reference_logprobs
 from agentrl.learners.optim import autocast
 from agentrl.learners.rl import RLConfig
@@ -80,14 +81,19 @@ def logprob_arrays(model: Any, trajectories: Sequence[Trajectory], pad_id: int, 
 
 
 def micro_scale(
-    config: RLConfig, micro_size: int, minibatch: Sequence[int], num_tokens: int
+    config: RLConfig, micro: Sequence[Trajectory], minibatch_rows: float, num_tokens: float
 ) -> tuple[float, float]:
     """``(weight, norm)`` that make the sum of a minibatch's micro-batch losses equal its whole loss: token-mean
     divides by the minibatch's tokens (``norm``), the sequence means weigh each micro-batch by its share of
-    the minibatch's sequences (Dr. GRPO's ``norm`` is the episode token budget)."""
+    the minibatch's sequences (Dr. GRPO's ``norm`` is the episode token budget).
+
+    ``minibatch_rows`` and ``num_tokens`` are the whole minibatch's, over every data-parallel rank; fillers
+    (:func:`~agentrl.learners.data_parallel.is_filler`) count in no total: the token-mean sequence mean skips
+    them, the token-sum one counts them as 0 among the micro-batch's rows."""
     if config.aggregation == "token-mean":
         return 1.0, float(num_tokens)
-    return micro_size / len(minibatch), float(config.max_episode_tokens)
+    rows = sum(not is_filler(t) for t in micro) if config.aggregation == "seq-mean-token-mean" else len(micro)
+    return rows / minibatch_rows, float(config.max_episode_tokens)
 
 
 def place(batch: Batch, values: Sequence[np.ndarray], dtype: torch.dtype = torch.float32) -> torch.Tensor:

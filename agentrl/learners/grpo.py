@@ -36,7 +36,7 @@ from agentrl import algos
 from agentrl.data.batch import collate
 from agentrl.data.buffer import TrajectoryGroup
 from agentrl.data.trajectory import Trajectory
-from agentrl.learners import batching, logprobs, loop, optim, policy_model, rl
+from agentrl.learners import batching, data_parallel, logprobs, loop, optim, policy_model, rl
 from agentrl.learners.result import TrainResult
 
 __all__ = ["PRESETS", "GRPOConfig", "sample_advantages", "train_grpo", "update_policy"]
@@ -120,7 +120,12 @@ def update_policy(
 
     Old logprobs are recomputed only when the policy moves between the first and a later minibatch
     (``mu * minibatches > 1``) or for the IS correction; otherwise they are the current ones, detached.
+
+    Under torchrun each rank trains on its share of ``trajectories`` (:mod:`~agentrl.learners.data_parallel`);
+    the minibatch totals that normalise the loss, and the statistics, are over all ranks.
     """
+    trajectories, advantages = data_parallel.local_share(trajectories, advantages)
+    (rows_total,) = data_parallel.all_sum([sum(not data_parallel.is_filler(t) for t in trajectories)])
     recompute_old = config.updates_per_step > 1 or config.tis_cap is not None
     old = batching.logprob_arrays(model, trajectories, pad_id, config) if recompute_old else None
     ref = (
@@ -132,8 +137,10 @@ def update_policy(
     for epoch in range(config.mu):
         for mini in batching.microbatches(trajectories, config, seed=seed * 1009 + epoch):
             optimizer.zero_grad(set_to_none=True)
-            rows = [i for micro in mini for i in micro]
-            n_tokens = sum(trajectories[i].num_sampled for i in rows)
+            rows = [trajectories[i] for micro in mini for i in micro]
+            n_rows, n_tokens = data_parallel.all_sum(
+                [sum(not data_parallel.is_filler(t) for t in rows), sum(t.num_sampled for t in rows)]
+            )
             for micro in mini:
                 batch = batching.to_batch([trajectories[i] for i in micro], pad_id, config)
                 with optim.autocast(config.precision, config.device):
@@ -154,7 +161,7 @@ def update_policy(
                     is_w_B_T = algos.truncated_is_weights(
                         old_B_T, batch.sampler_logprobs_B_T, config.tis_cap, mask_B_T
                     )
-                weight, norm = batching.micro_scale(config, len(micro), rows, n_tokens)
+                weight, norm = batching.micro_scale(config, [trajectories[i] for i in micro], n_rows, n_tokens)
                 out = algos.policy_loss(
                     logprobs_B_T, old_B_T, batching.place(batch, [advantages[i] for i in micro]), mask_B_T,
                     eps_low=config.eps_low, eps_high=config.eps_high, dual_clip=config.dual_clip,
@@ -165,10 +172,14 @@ def update_policy(
                 entropy = algos.aggregate(entropy_B_T, mask_B_T, config.aggregation, norm=norm,
                                           segment_ids_B_T=batch.segment_ids_B_T)  # fmt: skip
                 (weight * (out.loss - config.entropy_coef * entropy)).backward()
-                share = len(micro) / len(trajectories) / config.mu
-                for key, value in (("loss", out.loss), ("kl", out.kl), ("clip_fraction", out.clip_fraction),
-                                   ("ratio", out.ratio_mean), ("entropy", entropy)):  # fmt: skip
-                    stats[key] += float(value.detach()) * share
+                # Each rank's statistics are its part of the whole: the loss terms as the optimizer sees them
+                # (weighted), the token means by the micro-batch's share of the step's samples.
+                share = sum(not data_parallel.is_filler(trajectories[i]) for i in micro) / rows_total / config.mu
+                for key, value, part in (("loss", out.loss, weight / config.updates_per_step),
+                                         ("entropy", entropy, weight / config.updates_per_step),
+                                         ("kl", out.kl, share), ("clip_fraction", out.clip_fraction, share),
+                                         ("ratio", out.ratio_mean, share)):  # fmt: skip
+                    stats[key] += float(value.detach()) * part
             stats["grad_norm"] += (
                 optim.clip_and_step(model, optimizer, scheduler, config.grad_clip) / config.updates_per_step
             )

@@ -41,7 +41,7 @@ from typing import Any
 from agentrl.data.buffer import TrajectoryGroup
 from agentrl.data.trajectory import Trajectory
 from agentrl.errors import RolloutError
-from agentrl.learners import checkpoints, optim, rl, sync_check
+from agentrl.learners import checkpoints, data_parallel, optim, rl, sync_check
 from agentrl.learners.result import TrainResult
 from agentrl.types import StopReason
 
@@ -129,9 +129,14 @@ def run_online(config: rl.RolloutConfig, learner: str, build: Callable[[], Onlin
         build: loads the models and makes the optimizers; called after seeding, before any resume.
         hooks: the caller's.
 
+    Under torchrun (``WORLD_SIZE`` > 1) every rank calls this: rank 0 runs the shell, the others serve its
+    updates, and the policy is sharded over all of them (:mod:`agentrl.learners.data_parallel`).
+
     Raises:
         ConfigError: a setting the model, env or backend cannot honour (before any step runs).
     """
+    if data_parallel.world().size > 1:
+        return data_parallel.run_online(config, learner, build, lambda b: asyncio.run(_run(config, learner, b, hooks)))
     return asyncio.run(_run(config, learner, build, hooks))
 
 

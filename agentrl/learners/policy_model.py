@@ -91,7 +91,13 @@ def saveable(model: Any) -> tuple[Any, Any | None]:
 
 def export_weights(model: Any) -> Iterator[tuple[str, torch.Tensor]]:
     """``(name, tensor)`` pairs in the base model's naming, for a rollout backend's ``update_weights``
-    (LoRA adapters merged in)."""
+    (LoRA adapters merged in). A model sharded over data-parallel ranks gives its full tensors (gathered:
+    every rank calls this; rank 0 gets them, the others nothing)."""
+    from agentrl.learners import data_parallel
+
+    if data_parallel.is_sharded(model):
+        yield from data_parallel.full_state_dict(model).items()
+        return
     full, _ = saveable(model)
     yield from full.state_dict().items()
 

@@ -123,10 +123,10 @@ def update_actor_critic(
         for mini in batching.microbatches(trajectories, config, seed=seed * 1009 + epoch):
             for optimizer in optimizers:
                 optimizer.zero_grad(set_to_none=True)
-            rows = [i for micro in mini for i in micro]
-            n_tokens = sum(trajectories[i].num_sampled for i in rows)
+            n_tokens = sum(trajectories[i].num_sampled for micro in mini for i in micro)
             for micro in mini:
-                weight, norm = batching.micro_scale(config, len(micro), rows, n_tokens)
+                weight, norm = batching.micro_scale(config, [trajectories[i] for i in micro],
+                                                     sum(map(len, mini)), n_tokens)  # fmt: skip
                 batch = batching.to_batch([trajectories[i] for i in micro], pad_id, config)
                 mask_B_T = batch.loss_mask_B_T
                 with optim.autocast(config.precision, config.device):

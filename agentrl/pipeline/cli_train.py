@@ -62,6 +62,16 @@ def main(args: argparse.Namespace) -> int:
             output_dir=args.output_dir, seed=args.seed, threads=args.threads, tracking=report_to(args.report_to),
         )  # fmt: skip
     resolved = resolve(run)
+    from agentrl.learners import data_parallel
+
+    ranks = data_parallel.world()
+    if ranks.size > 1 and not args.dry_run:  # under torchrun: rank 0 runs the pipeline, the others join its updates
+        for config in (resolved.learner, resolved.learner2):
+            if config is not None:
+                data_parallel.check(data_parallel.TRAINERS.get(str(resolved.train), run.algo), config)
+        data_parallel.init(resolved.learner.device)
+        if ranks.rank != 0:
+            return data_parallel.serve_runs()
     for note in phases_off(run):
         print(f"note: {note}", file=sys.stderr)
     from agentrl.tracking import check_output_dir
@@ -77,6 +87,7 @@ def main(args: argparse.Namespace) -> int:
     print(device_line(resolved.learner.device, resolved.learner.precision), file=sys.stderr)
     started = time.perf_counter()
     summary = run_pipeline(resolved, report=not args.no_report)
+    data_parallel.dismiss()  # after an error rank 0 leaves with it instead, and torchrun ends the others
     for stage, result in summary.evals.items():
         if result is not None:
             print("\n".join(eval_lines(stage, result)))

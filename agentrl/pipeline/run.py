@@ -398,7 +398,7 @@ def _rl_phase(resolved: Resolved, out: RunDir, stream: IO[str] | None, phase: st
     (the model the stage before ended with), with ``budget_s`` as its ``max_seconds`` when given; returns the
     final checkpoint."""
     from agentrl._plugins import load_object
-    from agentrl.learners import checkpoints
+    from agentrl.learners import checkpoints, data_parallel
     from agentrl.rewards.monitors import trajectory_monitors
 
     config = resolved.learner2 if phase == "rl2" else resolved.learner
@@ -442,6 +442,7 @@ def _rl_phase(resolved: Resolved, out: RunDir, stream: IO[str] | None, phase: st
             bar.update(log.step, metrics)
 
         hooks = _rl_hooks(resolved, phase)
+        data_parallel.announce(resolved.train, config)  # under torchrun: the other ranks join this learner
         try:
             result = train(config, on_step=on_step, on_rollout=on_rollout, **hooks)
         finally:
