@@ -18,7 +18,7 @@ import torch.multiprocessing as mp
 from agentrl.data.trajectory import Trajectory, TurnSpan
 from agentrl.learners import data_parallel
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]  # restores torch's threads after each test
 
 ROOT = Path(__file__).resolve().parents[1]
 LR = 1e-3
@@ -49,7 +49,6 @@ def one_update(settings: dict, naive: bool = False) -> dict[str, dict]:
     full gradients before the optimizer step and the full weights after it (on rank 0)."""
     from agentrl.learners import grpo, optim, policy_model
 
-    torch.set_num_threads(1)
     config = grpo.GRPOConfig(**{"env": "toy-digits-v0", "lr": LR, "warmup_steps": 0, "share_prompt": False,
                                 "grad_clip": 1e9, **settings})  # fmt: skip
     optim.seed_everything(0)
@@ -93,6 +92,7 @@ def monkeypatch_update_totals(grpo: object) -> None:
 def _rank(rank: int, size: int, port: int, out: str, settings: dict, naive: bool) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(size), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))  # fmt: skip
+    torch.set_num_threads(1)
     result = one_update(settings, naive)
     if rank == 0:
         torch.save(result, out)
