@@ -177,3 +177,46 @@ def test_the_router_picks_the_least_loaded_engine_and_keeps_an_episode_on_it():
     assert router._pick("a", [1]) == 0 and router.pinned["a"] == 0  # its engine failed: re-pinned elsewhere
     router.release("a")
     assert "a" not in router.pinned
+
+
+class _Method:
+    """An actor method's ``.remote``: a coroutine answering ``fn`` (what awaiting a Ray ObjectRef gives)."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def remote(self, *args):
+        async def call():
+            return self.fn(*args)
+
+        return call()
+
+
+class _Handle:
+    """An engine handle for the router's logic: ``load`` and ``score``, or a dead actor's error."""
+
+    def __init__(self, logprob: float, error: Exception | None = None):
+        def answer(value):
+            if error is not None:
+                raise error
+            return value
+
+        self.load = _Method(lambda weights, version: answer(version))
+        self.score = _Method(lambda rows: answer([[logprob] * (len(r) - 1) for r in rows]))
+
+
+def test_the_identity_check_skips_a_dead_or_restarting_engine_instead_of_failing_the_run():
+    """A killed engine is restarted and gets the latest weights before it serves; the check after a sync must
+    not stop the run meanwhile (the next sync's check scores it). The real kill runs in test_cluster.py."""
+    ray = pytest.importorskip("ray")
+    from agentrl.cluster.engine import Router
+
+    restarting = ray.exceptions.ActorUnavailableError("The actor is restarting", b"\0" * 16)
+    router = Router([_Handle(-1.0), _Handle(-2.0, restarting), _Handle(-3.0, ray.exceptions.RayActorError())])
+
+    async def check():
+        await router.set_weights(["weights"], 1)
+        return await router.score_engines([[5, 6, 7]])
+
+    assert asyncio.run(check()) == [[[-1.0, -1.0]], None, None]
+    assert router.versions == [1, -1, -1]  # the two get the weights again before they next serve

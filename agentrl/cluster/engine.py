@@ -191,11 +191,17 @@ class Router:
 
     async def score_engines(self, sequences: list[list[int]]) -> list[list[list[float]] | None]:
         """Every engine's scoring of ``sequences`` with the latest weights (the identity check after a sync);
-        None for an engine whose backend cannot score."""
+        None for an engine whose backend cannot score, and for one that is dead or restarting (it gets the
+        latest weights before it serves again, and the next check scores it)."""
+        import ray
 
         async def one(i: int) -> list[list[float]] | None:
-            await self._current(i)
-            return await self.engines[i].score.remote(sequences)
+            try:
+                await self._current(i)
+                return await asyncio.wait_for(self.engines[i].score.remote(sequences), self.timeout_s)
+            except (ray.exceptions.RayActorError, asyncio.TimeoutError):
+                self.versions[i] = -1
+                return None
 
         return list(await asyncio.gather(*(one(i) for i in range(len(self.engines)))))
 
