@@ -45,6 +45,7 @@ __all__ = [
     "REPORT_FILE",
     "Chart",
     "Series",
+    "chart_axes",
     "charts_for",
     "draw_chart",
     "eval_rows",
@@ -253,17 +254,25 @@ def _smooth(values: Sequence[float]) -> list[float] | None:
     return [(sums[i + 1] - sums[max(0, i + 1 - window)]) / min(i + 1, window) for i in range(n)]
 
 
-def draw_chart(chart: Chart, path: Path) -> Path:
-    """Render ``chart`` to the PNG ``path`` (matplotlib's Agg canvas; pyplot's global state is untouched)."""
+def chart_axes(title: str) -> tuple[Any, Any]:
+    """A new figure and its axes in the report's look (size, title, spines, grid), on matplotlib's Agg canvas
+    (pyplot's global state is untouched)."""
     from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
 
     fig = Figure(figsize=(6.4, 3.6), dpi=110, layout="constrained")
     ax = fig.subplots()
-    ax.set_title(_mpl_text(chart.title), fontsize=11)
+    ax.set_title(_mpl_text(title), fontsize=11)
     ax.spines[["top", "right"]].set_visible(False)
     ax.grid(alpha=0.3)
     ax.set_axisbelow(True)
+    return fig, ax
+
+
+def draw_chart(chart: Chart, path: Path) -> Path:
+    """Render ``chart`` to the PNG ``path``."""
+    from matplotlib.ticker import MaxNLocator
+
+    fig, ax = chart_axes(chart.title)
     if chart.bars:
         labels = [_mpl_text(s.label) for s in chart.series]
         values = [s.values[0] for s in chart.series]

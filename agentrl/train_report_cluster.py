@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from agentrl.tracking import MetricRecord
-from agentrl.train_report import Series, _mpl_text, _number, _smooth, escape, is_eval_phase
+from agentrl.train_report import Series, _mpl_text, _number, _smooth, chart_axes, escape, is_eval_phase
 
 __all__ = [
     "FAULT_COUNTERS",
@@ -193,15 +193,9 @@ def _draw_stacked(ax: Any, series: Sequence[Series]) -> None:
 
 def draw_cluster_chart(chart: ClusterChart, path: Path) -> Path:
     """Render ``chart`` to the PNG ``path`` in the look of :func:`agentrl.train_report.draw_chart`."""
-    from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
-    fig = Figure(figsize=(6.4, 3.6), dpi=110, layout="constrained")
-    ax = fig.subplots()
-    ax.set_title(_mpl_text(chart.title), fontsize=11)
-    ax.spines[["top", "right"]].set_visible(False)
-    ax.grid(alpha=0.3)
-    ax.set_axisbelow(True)
+    fig, ax = chart_axes(chart.title)
     if chart.stacked and chart.left:
         _draw_stacked(ax, chart.left)
     else:
