@@ -261,7 +261,7 @@ async def check_weights(
     from agentrl.learners import sync_check
 
     tolerance = config.sync_check_tolerance or sync_check.default_tolerance(
-        getattr(config, "precision", "fp32"), config.rollout_options.get("dtype"))  # fmt: skip
+        config.precision, config.rollout_options.get("dtype"))  # fmt: skip
     outcome = await sync_check.check_sync(policy, model, probe, tolerance, policy.version)
     return {} if outcome is None else outcome.as_stats()
 

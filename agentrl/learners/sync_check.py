@@ -83,8 +83,8 @@ def gap(ours: Sequence[Sequence[float]], theirs: Sequence[Sequence[float]]) -> t
 def default_tolerance(precision: str, engine_dtype: str | None) -> float:
     """The mean-gap tolerance for a learner in ``precision`` and an engine in ``engine_dtype`` (None: the
     checkpoint's, taken as fp32)."""
-    half = precision != "fp32" or (engine_dtype is not None and "float32" not in engine_dtype and engine_dtype != "fp32")
-    return 5e-2 if half else 2e-4
+    engine_half = engine_dtype is not None and engine_dtype.removeprefix("torch.") not in ("float32", "float", "fp32")
+    return 5e-2 if precision != "fp32" or engine_half else 2e-4
 
 
 @dataclass(frozen=True)
