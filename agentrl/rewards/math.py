@@ -23,7 +23,6 @@ import atexit
 import functools
 import json
 import os
-import select
 import subprocess
 import sys
 import threading
@@ -34,6 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from agentrl._fd import readable
 from agentrl.errors import ConfigError, MissingDependencyError
 from agentrl.rewards._math_equiv import ANSWER_MODES
 from agentrl.rewards._math_extract import boxed_runs, chosen_letter, final_answer
@@ -131,7 +131,7 @@ class _Worker:
         fd = self.proc.stdout.fileno()
         while b"\n" not in self._buffer:
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
+            if remaining <= 0 or not readable(fd, remaining):
                 return None
             chunk = os.read(fd, 65536)
             if not chunk:

@@ -14,7 +14,6 @@ import functools
 import json
 import logging
 import os
-import select
 import shutil
 import signal
 import struct
@@ -24,6 +23,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+from agentrl._fd import readable
 from agentrl.sandbox import SandboxLimits
 
 __all__ = ["Channel", "ServerLost", "ServerProcess", "bwrap_argv", "descendants"]
@@ -254,7 +254,7 @@ class ServerProcess:
         """The fork-server exited, even if asyncio has not noticed yet."""
         if self.proc.returncode is not None:
             return True
-        return self._pidfd is not None and bool(select.select([self._pidfd], [], [], 0)[0])
+        return self._pidfd is not None and readable(self._pidfd)
 
     def host_pids(self) -> list[int]:
         """Host pids of every process in the sandbox (by pid namespace; by process tree when unsafe)."""

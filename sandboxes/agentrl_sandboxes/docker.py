@@ -34,7 +34,6 @@ import hashlib
 import json
 import logging
 import os
-import select
 import signal
 import socket
 import struct
@@ -44,6 +43,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from agentrl._fd import readable
 from agentrl.sandbox import SandboxLimits, SandboxUnavailableError
 from agentrl_sandboxes import _seccomp
 from agentrl_sandboxes._base import (
@@ -143,7 +143,7 @@ def container_pidfd(pid: int, container_id: str) -> int | None:
             len(nspid) >= 2 and nspid[-1] == "1"
             and os.readlink(f"/proc/{pid}/ns/pid") != os.readlink("/proc/self/ns/pid")
             and container_id in Path(f"/proc/{pid}/cgroup").read_text()
-            and not select.select([pidfd], [], [], 0)[0]  # still the same, live process
+            and not readable(pidfd)  # still the same, live process
         )
     except OSError:
         verified = False
@@ -246,7 +246,7 @@ class ContainerServer:
     def died(self) -> bool:
         if self._demux is not None and self._demux.eof:
             return True
-        return self._pidfd is not None and bool(select.select([self._pidfd], [], [], 0)[0])
+        return self._pidfd is not None and readable(self._pidfd)
 
     def host_pids(self) -> list[int]:
         """Host pids of every process in the container (by pid namespace; [] for a remote engine)."""
