@@ -132,9 +132,12 @@ def test_cluster_flags_become_the_cluster_section_and_bad_ones_name_the_key():
 def test_a_killed_env_worker_loses_no_episode_and_records_none_twice(tmp_path, latency_reference):
     out, said = tmp_path / "killed", []
     killer = kill_when_saved(out, 2)
-    evaluate(latency_config(out, CLUSTER), echo=said.append, show_progress=False)
+    outcome = evaluate(latency_config(out, CLUSTER), echo=said.append, show_progress=False)
     killer.join()
     lines = saved(out)
+    counted = outcome.results["timing"]["cluster"]  # in results.json, not only said
+    assert counted["settled"] == 16 and counted["replayed"] >= 1 and counted["worker_lost"] >= 1, counted
+    assert results_of(out)["timing"]["cluster"] == counted
     assert keys(lines) == Counter({(i, s): 1 for i in range(4) for s in range(4)})
     assert any(e["meta"].get("replays") for e in lines)  # some were in flight on the killed worker
     assert any("worker_lost" in line and "replayed" in line for line in said), said
@@ -154,6 +157,7 @@ def test_an_episode_that_stays_lost_is_missing_not_failed_and_a_rerun_plays_it(t
     assert any(f"{lost} of 16 episodes were lost to the cluster" in line for line in said), said
     # Scored over the episodes played, the lost ones listed nowhere (never as failed attempts with reward 0).
     assert outcome.results["metrics"]["episodes"] == 16 - lost
+    assert outcome.results["timing"]["cluster"]["lost"] == lost
     assert sum(len(t["samples"]) for t in outcome.results["tasks"]) == 16 - lost
     assert f"{lost} planned episodes are missing" in (out / "report.html").read_text()
     # The same directory, resumed in one process: only the lost ones are played, and the run is complete.

@@ -112,8 +112,9 @@ class CheckpointPolicy(RemotePolicy):
 # ---------------------------------------------------------------------------------------------- the driver
 async def play_on_cluster(
     config: EvalConfig, pending: Sequence[Key], store: EpisodeStore, echo: Echo, show_progress: bool
-) -> None:
-    """Play ``pending`` on the cluster of ``config.cluster``, appending each settled episode to ``store``.
+) -> dict[str, int]:
+    """Play ``pending`` on the cluster of ``config.cluster``, appending each settled episode to ``store``;
+    returns the counters (``settled``, ``replayed``, ``lost``, ``duplicates`` and each fault by kind).
 
     Raises:
         MissingDependencyError: Ray is not installed.
@@ -130,6 +131,7 @@ async def play_on_cluster(
         progress.close()
         await actors.stop(owns)
     _report(counts, len(pending), store, echo)
+    return dict(sorted(counts.items()))
 
 
 class _Actors:

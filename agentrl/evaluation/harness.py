@@ -319,8 +319,9 @@ async def play(
     store: EpisodeStore,
     echo: Echo,
     show_progress: bool,
-) -> None:
-    """Play the pending pairs with ``concurrency`` workers, appending each episode to the store.
+) -> dict[str, int] | None:
+    """Play the pending pairs with ``concurrency`` workers, appending each episode to the store; on a
+    cluster, return its counters (settled, replayed, lost, each fault by kind), else None.
 
     Episode failures are trajectories; anything else (a template the runner refuses, a full disk) stops
     every worker before it is raised, so no episode is recorded against a closed policy.
@@ -354,6 +355,7 @@ async def play(
             progress.close()
     finally:
         await policy.aclose()
+    return None
 
 
 class _Progress:
@@ -520,13 +522,14 @@ def evaluate(config: EvalConfig, *, echo: Echo = print, show_progress: bool = Tr
         resumed = config.n * config.k - len(pending)
         if resumed:
             echo(f"resuming {out}: {resumed} of {config.n * config.k} episodes already played")
-        if pending:
-            asyncio.run(play(config, pending, store, echo, show_progress))
+        cluster = asyncio.run(play(config, pending, store, echo, show_progress)) if pending else None
         plan = [(i, s) for i in range(config.n) for s in range(config.k)]
         trajectories = [store.episodes[key] for key in plan if key in store.episodes]  # all but lost ones
     played_keys = set(pending)
     played_now = [t for t in trajectories if episode_key(t) in played_keys]
-    timing = {"wall_s": time.monotonic() - started, "played": len(played_now), "resumed": resumed}
+    timing: dict[str, Any] = {"wall_s": time.monotonic() - started, "played": len(played_now), "resumed": resumed}
+    if cluster is not None:  # what the infrastructure cost this call, e.g. {"settled": 16, "worker_lost": 1}
+        timing["cluster"] = cluster
     results = _finish(config, trajectories, timing, echo)
     failed_all = bool(played_now) and all(t.stop_reason == StopReason.ERROR for t in played_now)
     return EvalOutcome(results, out, len(played_now), resumed, failed_all)
