@@ -163,8 +163,9 @@ def test_every_slip_is_a_line_of_the_generator_and_differs_from_it():
     assert all(SLIPS[k] != k for k in SLIPS)
 
 
-def test_recovery_demonstrations_replay_exactly_as_the_env_plays_them(make):
-    env = make("sft", attempts=3, max_turns=3)
+@pytest.mark.parametrize("answer", ["tool", "fenced"])
+def test_recovery_demonstrations_replay_exactly_as_the_env_plays_them(make, answer):
+    env = make("sft", attempts=3, max_turns=3, answer=answer)
     recovered = 0
 
     async def replay(seed: int) -> None:
@@ -175,6 +176,8 @@ def test_recovery_demonstrations_replay_exactly_as_the_env_plays_them(make):
         if len(said) > 1:
             recovered += 1
             assert said[0]["weight"] == 0
+        fenced = [m["content"].startswith("```python\n") and m["content"].endswith("\n```") for m in said]
+        assert all(fenced) if answer == "fenced" else not any(fenced)
         opening, _ = await env.areset(options={"task": seed})
         played = list(opening)
         for message in said:
@@ -219,3 +222,25 @@ def test_with_several_attempts_the_submit_tool_says_a_failure_comes_back(make):
     assert "episode ends" in one["function"]["description"]
     assert "submit again" in several["function"]["description"]
     assert one["function"]["parameters"] == several["function"]["parameters"]
+
+
+def test_fenced_answers_list_run_python_only_and_speak_of_the_block(make):
+    env = make(attempts=2, answer="fenced")
+    assert [t["function"]["name"] for t in env.tool_schemas()] == ["run_python"]
+    assert "```python block" in env.system_prompt and "submit tool" not in env.system_prompt
+    task = _task()
+
+    async def play() -> list:
+        try:
+            await env.areset(options={"task": task})
+            nudged = await env.astep("I would reverse it.")
+            gated = await env.astep(f"```python\n{task.reference}\n```\nDone!")
+            return [nudged, gated]
+        finally:
+            await env.aclose()
+
+    nudged, gated = asyncio.run(play())
+    assert "```python block" in nudged.observation[0]["content"] and nudged.info["reward_raw"]["format"] == -1.0
+    assert "closing ```" in gated.observation[0]["content"] and gated.reward == 0.0
+    with pytest.raises(ConfigError, match=r"answer must be 'tool'.*or 'fenced'.*got 'xml'"):
+        CodeSandboxEnv(answer="xml")

@@ -55,6 +55,7 @@ from agentrl_envs.code_sandbox.datasets import load_humaneval, load_mbpp, load_t
 from agentrl_envs.code_sandbox.generator import PRESETS, GeneratorConfig, generate_task
 from agentrl_envs.code_sandbox.grading import GradeConfig, GradeResult, SandboxPair, grade, grade_public
 from agentrl_envs.code_sandbox.prompts import (
+    FENCED_SYSTEM_PROMPT,
     RESUBMIT_TOOL,
     RUN_TOOL,
     SUBMIT_TOOL,
@@ -71,8 +72,10 @@ __all__ = ["COMPONENTS", "CodeSandboxEnv"]
 COMPONENTS = ("correct", "format", "runs", "progress")
 DEFAULT_WEIGHTS = {"correct": 1.0, "format": 0.0, "runs": 0.0, "progress": 0.0}
 _TOOLS = (RUN_TOOL, SUBMIT_TOOL)
-_NUDGE = "Call run_python to test code, or call submit with your complete program."
-_GATED = "nothing may follow the submission: submit with nothing after the call"
+_NUDGE = {"tool": "Call run_python to test code, or call submit with your complete program.",
+          "fenced": "Call run_python to test code, or answer with your complete program in a ```python block."}
+_GATED = {"tool": "nothing may follow the submission: submit with nothing after the call",
+          "fenced": "nothing may follow the submission: end your answer with the block's closing ```"}
 _STATUS_TEXT = {"load_error": "the program failed to load", "timeout": "the program ran out of time",
                 "crashed": "the program crashed", "tampered": "the program's report was tampered with"}  # fmt: skip
 
@@ -107,17 +110,18 @@ def _resolve_tasks(
 
 DEFAULT_RUN: dict[str, Any] = {
     # `agentrl train --env code-sandbox` with nothing else: the tiny model on a 2-core CPU in 14 minutes, two
-    # submissions per episode. SFT on reference episodes (demonstrated phrasings only), half of them recovering
-    # from a slipped first submission; GRPO with turn-level credit on tasks where half the clauses use the
-    # other phrasings (where the SFT model is partly right); greedy pass@1 (all hidden tests) on held-out
-    # functions. SFT stops at its time budget on a slow machine and RL at what the run's budget leaves it.
+    # submissions per episode, each a fenced python block (raw code: fewer tokens than a JSON string). SFT on
+    # reference episodes (demonstrated phrasings only), half of them recovering from a slipped first submission;
+    # GRPO with turn-level credit on tasks where half the clauses use the other phrasings (where the SFT model is
+    # partly right); greedy pass@1 (all hidden tests) on held-out functions. SFT stops at its time budget on a
+    # slow machine and RL at what the run's budget leaves it.
     "threads": 2,
     "budget_minutes": 14,
-    "env_kwargs": {"tasks": {"preset": "rl", "alt_share": 0.5}, "attempts": 2, "max_turns": 2},
+    "env_kwargs": {"tasks": {"preset": "rl", "alt_share": 0.5}, "attempts": 2, "max_turns": 2, "answer": "fenced"},
     "sft": {
         "demos": 16000,
         "cache": True,
-        "env_kwargs": {"tasks": "sft", "attempts": 2, "max_turns": 2},
+        "env_kwargs": {"tasks": "sft", "attempts": 2, "max_turns": 2, "answer": "fenced"},
         "demo_options": {"check": False, "recover": 0.5},
         "learner": {"max_steps": 600, "max_seconds": 240, "batch_size": 16, "lr": 2e-3, "warmup_steps": 30,
                     "max_seq_len": 1024},
@@ -127,7 +131,8 @@ DEFAULT_RUN: dict[str, Any] = {
         "max_turns": 2, "advantage": "turn", "temperature": 1.0, "lr": 3e-4, "warmup_steps": 5,
         "dynamic_sampling": True, "rollout_options": {"batch_window_s": 0.05},
     },
-    "eval": {"tasks": 300, "env_kwargs": {"tasks": "eval", "attempts": 2, "max_turns": 2}, "pass_on": "correct",
+    "eval": {"tasks": 300, "env_kwargs": {"tasks": "eval", "attempts": 2, "max_turns": 2, "answer": "fenced"},
+             "pass_on": "correct",
              "max_new_tokens": 160},
 }  # fmt: skip
 """The env's recipe for ``agentrl train`` (see :mod:`agentrl.pipeline.config`); any key can be overridden."""
@@ -165,7 +170,10 @@ class CodeSandboxEnv(Env):
         max_runs: ``run_python`` calls run per turn; each one beyond comes back as an error message, not run
             (a turn of runaway programs would otherwise hold the episode for ``max_runs`` x the wall time).
         grading: time limits of a grading.
-        system_prompt: the system message.
+        system_prompt: the system message; None: the one for ``answer``.
+        answer: how the model is asked to submit (both ways are always accepted): ``"tool"``, a ``submit``
+            call, or ``"fenced"``, a fenced python block (raw code: no JSON escapes, which one wrong token
+            breaks at sampling temperatures above 1); then only ``run_python`` is listed as a tool.
 
     Attributes:
         last_grade: the :class:`GradeResult` of the latest submission (with its wall time), or None.
@@ -190,7 +198,8 @@ class CodeSandboxEnv(Env):
         output_chars: int = 1000,
         max_runs: int = 4,
         grading: GradeConfig | None = None,
-        system_prompt: str = SYSTEM_PROMPT,
+        system_prompt: str | None = None,
+        answer: str = "tool",
     ):
         if orm not in ("share", "all_pass"):
             raise ConfigError(f"orm must be 'share' or 'all_pass', got {orm!r}")
@@ -200,6 +209,8 @@ class CodeSandboxEnv(Env):
             raise ConfigError(f"attempts must be a positive integer, got {attempts!r}")
         if not isinstance(max_runs, int) or max_runs < 1:
             raise ConfigError(f"max_runs must be a positive integer, got {max_runs!r}")
+        if answer not in ("tool", "fenced"):
+            raise ConfigError(f"answer must be 'tool' (a submit call) or 'fenced' (a ```python block), got {answer!r}")
         if not has_sandbox(sandbox):
             raise ConfigError(f"no sandbox backend {sandbox!r}; installed: {list_sandboxes()}")
         self.source = _resolve_tasks(tasks)
@@ -207,12 +218,15 @@ class CodeSandboxEnv(Env):
         self.sandboxes = SandboxPair(sandbox, self.limits, **dict(sandbox_options or {}))
         self.max_turns: int = max_turns
         self.attempts = attempts
-        if attempts > 1:  # the same tools; submit's description says a failed public test comes back
+        self.answer = answer
+        if answer == "fenced":
+            self.tools = (RUN_TOOL.schema(),)
+        elif attempts > 1:  # the same tools; submit's description says a failed public test comes back
             self.tools = (RUN_TOOL.schema(), RESUBMIT_TOOL.schema())
         self.orm, self.format_gate, self.output_chars, self.max_runs = orm, format_gate, output_chars, max_runs
         self.weights = {**DEFAULT_WEIGHTS, **parse_weights(weights, COMPONENTS)}
         self.grading = grading or GradeConfig()
-        self.system_prompt = system_prompt
+        self.system_prompt = system_prompt or (FENCED_SYSTEM_PROMPT if answer == "fenced" else SYSTEM_PROMPT)
         self.last_grade: GradeResult | None = None
         self._episode: _Episode | None = None
 
@@ -236,7 +250,8 @@ class CodeSandboxEnv(Env):
                 task = self.source[int(task)]
         if recover and self.attempts < 2:
             raise ConfigError("recovery demonstrations need attempts > 1: the env must allow a second submission")
-        return demonstration(task, self.system_prompt, check=check, recover=recover, attempts=self.attempts)
+        return demonstration(task, self.system_prompt, check=check, recover=recover, attempts=self.attempts,
+                             answer=self.answer)  # fmt: skip
 
     # ---- episode -------------------------------------------------------------------------------------
     def _pick(self, options: Mapping[str, Any]) -> CodeTask:
@@ -318,7 +333,7 @@ class CodeSandboxEnv(Env):
         if not parsed.calls and not parsed.errors:
             block = final_code_block(action)
             if block is None:
-                turn.obs.append({"role": "user", "content": _NUDGE})
+                turn.obs.append({"role": "user", "content": _NUDGE[self.answer]})
                 turn.malformed = True
             else:
                 await self._submit(episode, block[0], not block[1], turn, None)
@@ -362,7 +377,7 @@ class CodeSandboxEnv(Env):
             turn.progress += max(0.0, graded.share - episode.best)
             episode.best = max(episode.best, graded.share)
             if left > 0 and task.feedback is None and (gated or not graded.all_passed):
-                failure = _GATED if gated else f"{graded.passed}/{graded.total} hidden tests passed"
+                failure = _GATED[self.answer] if gated else f"{graded.passed}/{graded.total} hidden tests passed"
         turn.submitted, turn.grade, turn.gated, turn.final = True, graded, gated, failure is None
         if failure is not None:
             text = retry_feedback(failure, left)
@@ -387,7 +402,7 @@ class CodeSandboxEnv(Env):
     async def _public_failure(self, task: CodeTask, code: str, gated: bool) -> str | None:
         """What the agent is told about a submission that may be retried, or None when its public tests pass."""
         if gated:
-            return _GATED
+            return _GATED[self.answer]
         public = await grade_public(task, code, self.sandboxes, self.grading)
         if public is None or public.all_passed:
             return None

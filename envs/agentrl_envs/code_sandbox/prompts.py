@@ -18,6 +18,7 @@ from agentrl_envs.code_sandbox.slips import slipped
 from agentrl_envs.code_sandbox.tasks import CodeTask
 
 __all__ = [
+    "FENCED_SYSTEM_PROMPT",
     "RESUBMIT_TOOL",
     "RUN_TOOL",
     "SUBMIT_TOOL",
@@ -32,6 +33,11 @@ SYSTEM_PROMPT = (
     "You write Python functions. Test code with the run_python tool if you like; "
     "then call the submit tool with your complete program."
 )
+FENCED_SYSTEM_PROMPT = (
+    "You write Python functions. Test code with the run_python tool if you like; "
+    "then answer with your complete program in one ```python block, and nothing after it."
+)
+"""The system message of ``answer="fenced"``: the program is submitted as a fenced block, raw code."""
 
 
 def run_python(code: str) -> str:
@@ -114,16 +120,34 @@ def _assistant(call: ToolCall) -> Message:
     return {"role": "assistant", "content": format_tool_calls([call])}
 
 
+def fenced(code: str) -> str:
+    """A program as a fenced python block, the ``answer="fenced"`` submission."""
+    return f"```python\n{code.rstrip()}\n```"
+
+
+def _submission(code: str, answer: str, reply: str | None = None) -> list[Message]:
+    """The assistant's submission of ``code`` and, when ``reply`` is given, the env's answer to it."""
+    if answer == "fenced":  # no call, so the env's answer has no call id
+        said: Message = {"role": "assistant", "content": fenced(code)}
+        answered: Message = {"role": "tool", "content": reply or "", "name": "submit"}
+    else:
+        said = _assistant(ToolCall("submit", {"code": code}, "call_0"))
+        answered = {"role": "tool", "content": reply or "", "tool_call_id": "call_0", "name": "submit"}
+    return [said] if reply is None else [said, answered]
+
+
 def _recovers(task: CodeTask, share: float) -> bool:
     """Whether ``task``'s demonstration is a recovery: a stable ``share`` of task ids, by hash."""
     return int.from_bytes(hashlib.sha256(b"recover:" + task.task_id.encode()).digest()[:8], "big") / 2**64 < share
 
 
 def demonstration(
-    task: CodeTask, system_prompt: str = SYSTEM_PROMPT, check: bool = True, recover: float = 0.0, attempts: int = 1
+    task: CodeTask, system_prompt: str = SYSTEM_PROMPT, check: bool = True, recover: float = 0.0, attempts: int = 1,
+    answer: str = "tool",
 ) -> list[Message]:
     """A reference episode for SFT: a quick check of the reference solution with ``run_python`` (when
-    ``check`` and the task has an example), then ``submit`` of the reference.
+    ``check`` and the task has an example), then the submission of the reference (a ``submit`` call, or with
+    ``answer="fenced"`` a fenced python block).
 
     With ``recover``, that share of tasks first submits the reference with one plausible slip that the public
     tests catch (:func:`~agentrl_envs.code_sandbox.slips.slipped`), reads the env's feedback on it, and then
@@ -137,6 +161,7 @@ def demonstration(
             with about a third of the assistant tokens.
         recover: the share of tasks demonstrated as a recovery (chosen by a hash of the task id).
         attempts: the env's submissions per episode (the feedback says how many are left).
+        answer: how a program is submitted: ``"tool"`` (a ``submit`` call) or ``"fenced"``.
 
     Returns:
         The messages: system, user, then assistant tool calls and the tool results the env returns.
@@ -149,9 +174,8 @@ def demonstration(
         messages.append({"role": "tool", "content": format_run(ran), "tool_call_id": "call_0", "name": "run_python"})
     slip = slipped(task) if recover and attempts > 1 and _recovers(task, recover) else None
     if slip is not None:
-        first = {**_assistant(ToolCall("submit", {"code": slip.program}, "call_0")), "weight": 0}
         failure = describe_failure(slip.call, slip.expected, got=slip.got)
-        messages += [first, {"role": "tool", "content": retry_feedback(failure, attempts - 1), "tool_call_id": "call_0",
-                             "name": "submit"}]  # fmt: skip
-    messages.append(_assistant(ToolCall("submit", {"code": task.reference}, "call_0")))
+        first, feedback = _submission(slip.program, answer, retry_feedback(failure, attempts - 1))
+        messages += [{**first, "weight": 0}, feedback]
+    messages += _submission(task.reference, answer)
     return messages
