@@ -95,6 +95,17 @@ def make() -> Iterator[Any]:
         env.close()
 
 
+@pytest.fixture(scope="module")
+def local_ray() -> Iterator[None]:
+    """One small Ray instance for a module (2 CPUs, a 128 MiB object store): runs join it, and leave it running,
+    instead of starting their own. A module opts in with ``pytest.mark.usefixtures("local_ray")``."""
+    import ray
+
+    ray.init(num_cpus=2, object_store_memory=128 * 2**20, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
 @pytest.fixture
 def one_thread() -> Iterator[None]:
     """One torch thread for the test: small models are faster, and timings steadier, on a shared CPU. A module

@@ -8,7 +8,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pytest
@@ -20,21 +20,13 @@ from agentrl.types import StopReason
 
 ray = pytest.importorskip("ray")
 
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread", "local_ray")]
 
 DIGITS = {"env": "toy-digits-v0", "prompts_per_step": 4, "group_size": 8, "max_new_tokens": 16, "warmup_steps": 0,
           "lr": 2e-2, "seed": 0}  # fmt: skip
 LATENCY = {"env": "bench-latency-v0", "env_kwargs": {"turns": 2, "p50_s": 0.15, "p99_s": 0.6}, "prompts_per_step": 4,
            "group_size": 4, "max_new_tokens": 8, "warmup_steps": 0, "lr": 1e-2, "seed": 0}  # fmt: skip
 CLUSTER = {"env_workers": 2, "engines": 1, "setup": ["agentrl.bench.async_env"]}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def local_ray() -> Iterator[None]:
-    """One Ray instance for the module: runs join it (and leave it running) instead of starting their own."""
-    ray.init(num_cpus=2, object_store_memory=128 * 2**20, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 class Played:

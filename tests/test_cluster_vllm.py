@@ -8,7 +8,7 @@ own model gives it under the weights of the version that turn records. A sync th
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
@@ -23,18 +23,15 @@ from agentrl.rollout.hf import sampling_logprobs
 
 ray = pytest.importorskip("ray")
 
-pytestmark = [pytest.mark.slow, pytest.mark.vllm, pytest.mark.usefixtures("one_thread")]
+pytestmark = [pytest.mark.slow, pytest.mark.vllm, pytest.mark.usefixtures("one_thread", "local_ray")]
 
 RUN = {"env": "toy-digits-v0", "prompts_per_step": 4, "group_size": 4, "max_new_tokens": 12, "warmup_steps": 0,
        "lr": 2e-2, "seed": 0, "max_steps": 3, "rollout": "vllm", "cluster": {"env_workers": 1, "engines": 1}}  # fmt: skip
 
 
 @pytest.fixture(scope="module", autouse=True)
-def local_ray() -> Iterator[None]:
-    require_vllm()
-    ray.init(num_cpus=2, object_store_memory=128 * 2**20, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+def _vllm_present() -> None:
+    require_vllm()  # before the module's Ray instance starts
 
 
 class Record:

@@ -9,7 +9,6 @@ import json
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,21 +23,13 @@ from agentrl.evaluation.metrics import PassRule
 
 ray = pytest.importorskip("ray")
 
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread", "local_ray")]
 
 DIGITS = ["--env", "toy-digits-v0", "--n", "4", "--k", "2", "--max-new-tokens", "12", "--pass-threshold", "0.02",
           "--quiet"]  # fmt: skip
 LATENCY = {"env": "bench-latency-v0", "env_kwargs": {"turns": 2, "p50_s": 0.15, "p99_s": 0.6}, "n": 4, "k": 4,
            "max_new_tokens": 8, "pass_rule": PassRule("reward", 0.1)}  # fmt: skip
 CLUSTER = {"env_workers": 2, "episodes_per_worker": 4, "setup": ["agentrl.bench.async_env"]}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def local_ray() -> Iterator[None]:
-    """One Ray instance for the module: runs join it (and leave it running) instead of starting their own."""
-    ray.init(num_cpus=2, object_store_memory=128 * 2**20, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 def latency_config(out: Path, cluster: dict[str, Any] | None = None) -> EvalConfig:
