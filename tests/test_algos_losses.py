@@ -261,3 +261,17 @@ def test_sft_nll_by_hand_and_masked_targets_get_no_gradient() -> None:
     assert summed.item() == pytest.approx(-(math.log(0.75) - 2.0) / 4, rel=1e-6)
     with pytest.raises(ValueError, match="position 0"):
         sft_nll_loss(logprobs, t([[1, 1, 0, 0]], torch.int64))
+
+
+def test_weighted_sft_nll_is_the_weighted_mean_of_the_targets() -> None:
+    logprobs = t([[0.0, math.log(0.75), -float("inf"), -2.0]], torch.float32).requires_grad_(True)
+    mask = t([[0, 1, 0, 1]], torch.int64)  # a masked-out -inf stays out
+    weights = t([[7.0, 1.0, 9.0, 3.0]], torch.float32)  # only the targets' weights count: (1, 3)
+    loss = sft_nll_loss(logprobs, mask, weights_B_T=weights)
+    assert loss.item() == pytest.approx(-(math.log(0.75) + 3 * -2.0) / 4, rel=1e-6)
+    (grad,) = torch.autograd.grad(loss, logprobs)
+    torch.testing.assert_close(grad, t([[0.0, -0.25, 0.0, -0.75]], torch.float32))
+    ones = sft_nll_loss(logprobs, mask, weights_B_T=torch.ones(1, 4))
+    assert ones.item() == pytest.approx(sft_nll_loss(logprobs, mask).item(), rel=1e-6)
+    with pytest.raises(ValueError, match="token-mean"):
+        sft_nll_loss(logprobs, mask, "seq-mean-token-mean", weights_B_T=weights)

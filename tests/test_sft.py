@@ -18,6 +18,7 @@ from agentrl.learners.sft import (
     Demonstration,
     SFTConfig,
     _rows,
+    digit_token_ids,
     env_demonstrations,
     ledger_from_mask,
     read_messages_jsonl,
@@ -262,6 +263,28 @@ def test_short_sft_run_lowers_the_loss_and_the_checkpoint_reproduces_the_model(t
     assert load_tokenizer(result.checkpoint).encode("<tool_call>") == result.tokenizer.encode("<tool_call>")
 
 
+def test_digit_weight_weighs_the_digit_targets_in_the_loss(tokenizer, demos):
+    digits = digit_token_ids(tokenizer)
+    assert sorted(tokenizer.decode([i]).strip() for i in digits.tolist()) == list("0123456789")
+    model = load_model("tiny").eval()
+    num = den = digit_targets = 0.0
+    for demo in demos:  # the first step's loss, by hand: the initial model on every demonstration
+        ledger = demonstration_ledger(ChatRenderer(tokenizer, demo.tools), demo.messages)
+        ids = torch.tensor([ledger.token_ids])
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0, :-1].float()
+        nll = -torch.log_softmax(logits, -1).gather(1, ids[0, 1:, None])[:, 0]
+        target = torch.tensor(ledger.loss_mask[1:]) != 0
+        weight = torch.where(torch.isin(ids[0, 1:], digits), 5.0, 1.0) * target
+        digit_targets += float((weight == 5.0).sum())
+        num, den = num + float((nll * weight).sum()), den + float(weight.sum())
+    assert digit_targets > 0  # the worked answers have numbers
+    config = SFTConfig(max_steps=1, batch_size=len(demos), warmup_steps=0, digit_weight=5.0)
+    weighted, plain = train_sft(config, demos), train_sft(config.model_copy(update={"digit_weight": 1.0}), demos)
+    assert weighted.history[0].loss == pytest.approx(num / den, rel=1e-4)
+    assert plain.history[0].loss != pytest.approx(num / den, rel=1e-3)
+
+
 def test_a_time_budget_ends_the_phase_early_with_a_checkpoint_at_the_low_rate(tmp_path, demos):
     config = SFTConfig(max_steps=4000, batch_size=2, warmup_steps=0, lr=1e-3, max_seconds=6.0, output_dir=tmp_path)
     result = train_sft(config, demos)
@@ -307,6 +330,7 @@ def test_keep_last_prunes_old_checkpoints(tmp_path, demos):
         ),
         ({"max_steps": 10, "warmup_steps": 10}, r"warmup_steps \(10\) must be fewer than max_steps \(10\)"),
         ({"batch_size": 0}, r"SFTConfig.batch_size: got 0;"),
+        ({"digit_weight": 0}, r"SFTConfig.digit_weight: got 0;"),
         ({"min_lr_ratio": 1.5}, r"min_lr_ratio.*cosine floor"),
         ({"betas": (0.9, 1.0)}, r"betas \(0.9, 1.0\) must each be in \[0, 1\)"),
         ({"precision": "fp16"}, r"SFTConfig.precision: got 'fp16'; Input should be 'auto', 'fp32' or 'bf16'"),

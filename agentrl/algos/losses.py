@@ -354,15 +354,29 @@ def sft_nll_loss(
     mode: Aggregation = "token-mean",
     *,
     norm: float | None = None,
+    weights_B_T: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Masked negative log-likelihood: minus the ledger-aligned logprobs where ``mask`` is 1 (the assistant
     tokens), aggregated by :func:`aggregate`.
 
+    Args:
+        weights_B_T: per-token loss weights (``"token-mean"`` only): the weighted mean over the masked tokens,
+            ``sum(w * nll) / sum(w)``; None weighs every token 1.
+
     Raises:
-        ValueError: a masked-in token at position 0 (it has no context to be predicted from).
+        ValueError: a masked-in token at position 0 (it has no context to be predicted from), or weights with
+            a mode other than ``"token-mean"``.
     """
     if bool((mask_B_T[:, 0] != 0).any()):
         raise ValueError(
             "mask is 1 at position 0; the first token has no context, start the mask at 1 or later"
         )
-    return aggregate(-logprobs_B_T, mask_B_T, mode, norm=norm)
+    if weights_B_T is None:
+        return aggregate(-logprobs_B_T, mask_B_T, mode, norm=norm)
+    if mode != "token-mean":
+        raise ValueError(f"per-token weights need mode 'token-mean', got {mode!r}")
+    import torch
+
+    weights = torch.where(mask_B_T != 0, weights_B_T.to(logprobs_B_T.dtype), 0.0)
+    masked = torch.where(mask_B_T != 0, -logprobs_B_T, 0.0)  # where(): a masked-out inf stays out
+    return (masked * weights).sum() / weights.sum().clamp(min=1e-12)

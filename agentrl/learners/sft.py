@@ -40,6 +40,7 @@ __all__ = [
     "Demonstration",
     "SFTConfig",
     "SFTStepLog",
+    "digit_token_ids",
     "env_demonstrations",
     "ledger_from_mask",
     "read_messages",
@@ -62,6 +63,10 @@ class SFTConfig(TrainConfig):
         None, gt=0, description="stop (and checkpoint) after the step that ends this many seconds into the loop; "
         "the learning rate follows the time spent when it is further along than the steps, so a slow machine "
         "still ends the schedule, e.g. 240. None: run all max_steps",
+    )
+    digit_weight: float = Field(
+        1.0, gt=0, description="loss weight of target tokens that are digits, against 1 for the rest: a number "
+        "copied from the prompt or a math answer is a token or two among many the model learns first, e.g. 5",
     )
     share_prefix: bool = Field(
         True,
@@ -182,6 +187,13 @@ class SFTStepLog:
     """Tokens the forward ran over (padding included; a shared prefix once)."""
 
 
+def digit_token_ids(tokenizer: Any) -> torch.Tensor:
+    """The ids of the vocabulary's tokens that decode to digits only (surrounding spaces aside), e.g. ``"7"``,
+    ``" 42"``."""
+    ids = [i for i in range(len(tokenizer)) if (text := tokenizer.decode([i]).strip()) and text.isdecimal()]
+    return torch.tensor(ids, dtype=torch.long)
+
+
 def train_sft(
     config: SFTConfig,
     demonstrations: Sequence[Demonstration | Trajectory],
@@ -220,6 +232,7 @@ def train_sft(
             f"{config.max_seq_len}; raise max_seq_len or pass demonstrations with assistant turns"
         )
     pad_id = policy_model.pad_id(tokenizer)
+    digits = digit_token_ids(tokenizer).to(device) if config.digit_weight != 1.0 else None
 
     optimizer = optim.make_optimizer(model, config.lr, config.weight_decay, config.betas)
     scheduler = optim.make_scheduler(
@@ -241,7 +254,8 @@ def train_sft(
                         share_prefix=config.share_prefix).to_torch(device)  # fmt: skip
         with optim.autocast(config.precision, device):
             logprobs_B_T, _ = logprobs.policy_logprobs(model, batch)
-            loss = algos.sft_nll_loss(logprobs_B_T, batch.loss_mask_B_T)  # the token mean over the batch
+            weights = None if digits is None else torch.isin(batch.token_ids_B_T, digits) * (config.digit_weight - 1) + 1
+            loss = algos.sft_nll_loss(logprobs_B_T, batch.loss_mask_B_T, weights_B_T=weights)  # the token mean
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         lr = optimizer.param_groups[0]["lr"]

@@ -111,7 +111,8 @@ def _resolve_tasks(
 DEFAULT_RUN: dict[str, Any] = {
     # `agentrl train --env code-sandbox` with nothing else: the tiny model on a 2-core CPU in 14 minutes, two
     # submissions per episode, each a fenced python block (raw code: fewer tokens than a JSON string). SFT on
-    # reference episodes (demonstrated phrasings only), half of them recovering from a slipped first submission;
+    # reference episodes (demonstrated phrasings only), half of them recovering from a slipped first submission,
+    # the digits weighed 5x (the constants to copy from the prompt are what the tiny model learns last);
     # GRPO with turn-level credit on tasks where half the clauses use the other phrasings (where the SFT model is
     # partly right); greedy pass@1 (all hidden tests) on held-out functions. SFT stops at its time budget on a
     # slow machine and RL at what the run's budget leaves it.
@@ -124,7 +125,7 @@ DEFAULT_RUN: dict[str, Any] = {
         "env_kwargs": {"tasks": "sft", "attempts": 2, "max_turns": 2, "answer": "fenced"},
         "demo_options": {"check": False, "recover": 0.5},
         "learner": {"max_steps": 600, "max_seconds": 240, "batch_size": 16, "lr": 2e-3, "warmup_steps": 30,
-                    "max_seq_len": 1024},
+                    "max_seq_len": 1024, "digit_weight": 5.0},
     },
     "learner": {
         "max_steps": 250, "max_seconds": 420, "prompts_per_step": 16, "group_size": 8, "max_new_tokens": 128,
