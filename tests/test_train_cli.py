@@ -220,7 +220,7 @@ def test_the_code_sandbox_recipe_runs_end_to_end_in_a_small_configuration(tmp_pa
         assert re.search(line + rf"({share} {ci}|n/a) \(6 held-out tasks\)", done.stdout), done.stdout
     run = tmp_path / "run"
     config = (run / "config.yaml").read_text()
-    assert "pass_on: correct" in config and "recover: 0.5" in config and "advantage: turn" in config
+    assert "pass_on: correct" in config and "recover: 0.2" in config and "advantage: turn" in config
     results = json.loads((run / "eval" / "rl" / "results.json").read_text())["metrics"]["multi_turn"]
     assert results["episodes"] == 6 and 1.0 <= results["turns_per_episode"] <= 3.0
     assert 0.0 <= results["first_attempt_pass"]["value"] <= results["final_pass"]["value"] <= 1.0
