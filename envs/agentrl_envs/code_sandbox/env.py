@@ -115,8 +115,9 @@ DEFAULT_RUN: dict[str, Any] = {
     # (a retry copies most of its lines from the first attempt, so it teaches little about reading the task),
     # the digits weighed 5x (the constants to copy from the prompt are what the tiny model learns last);
     # GRPO with turn-level credit on tasks where half the clauses use the other phrasings (where the SFT model is
-    # partly right), at lr 1e-4 (3e-4 unlearned demonstrated clauses faster than it learned the new ones); greedy pass@1 (all hidden tests) on held-out functions. SFT stops at its time budget on a
-    # slow machine and RL at what the run's budget leaves it.
+    # partly right), at lr 1e-4 (3e-4 unlearned demonstrated clauses faster than it learned the new ones);
+    # greedy pass@1 (all hidden tests) on held-out functions. SFT stops at its time budget on a slow machine
+    # and RL at what the run's budget leaves it.
     "threads": 2,
     "budget_minutes": 14,
     "env_kwargs": {"tasks": {"preset": "rl", "alt_share": 0.5}, "attempts": 2, "max_turns": 2, "answer": "fenced"},
