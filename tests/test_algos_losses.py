@@ -275,3 +275,5 @@ def test_weighted_sft_nll_is_the_weighted_mean_of_the_targets() -> None:
     assert ones.item() == pytest.approx(sft_nll_loss(logprobs, mask).item(), rel=1e-6)
     with pytest.raises(ValueError, match="token-mean"):
         sft_nll_loss(logprobs, mask, "seq-mean-token-mean", weights_B_T=weights)
+    with pytest.raises(ValueError, match="no norm"):
+        sft_nll_loss(logprobs, mask, norm=4.0, weights_B_T=weights)

@@ -365,7 +365,7 @@ def sft_nll_loss(
 
     Raises:
         ValueError: a masked-in token at position 0 (it has no context to be predicted from), or weights with
-            a mode other than ``"token-mean"``.
+            a mode other than ``"token-mean"`` or with ``norm``.
     """
     if bool((mask_B_T[:, 0] != 0).any()):
         raise ValueError(
@@ -373,10 +373,7 @@ def sft_nll_loss(
         )
     if weights_B_T is None:
         return aggregate(-logprobs_B_T, mask_B_T, mode, norm=norm)
-    if mode != "token-mean":
-        raise ValueError(f"per-token weights need mode 'token-mean', got {mode!r}")
-    import torch
-
-    weights = torch.where(mask_B_T != 0, weights_B_T.to(logprobs_B_T.dtype), 0.0)
-    masked = torch.where(mask_B_T != 0, -logprobs_B_T, 0.0)  # where(): a masked-out inf stays out
-    return (masked * weights).sum() / weights.sum().clamp(min=1e-12)
+    if mode != "token-mean" or norm is not None:
+        raise ValueError(f"per-token weights need mode 'token-mean' and no norm, got {mode!r} and norm={norm}")
+    weights = weights_B_T.to(logprobs_B_T.dtype) * (mask_B_T != 0)
+    return aggregate(-logprobs_B_T * weights, mask_B_T, norm=max(float(weights.sum()), 1e-12))

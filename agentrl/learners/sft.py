@@ -254,7 +254,9 @@ def train_sft(
                         share_prefix=config.share_prefix).to_torch(device)  # fmt: skip
         with optim.autocast(config.precision, device):
             logprobs_B_T, _ = logprobs.policy_logprobs(model, batch)
-            weights = None if digits is None else torch.isin(batch.token_ids_B_T, digits) * (config.digit_weight - 1) + 1
+            weights = None  # digit targets weigh digit_weight, the rest 1
+            if digits is not None:
+                weights = torch.isin(batch.token_ids_B_T, digits) * (config.digit_weight - 1) + 1
             loss = algos.sft_nll_loss(logprobs_B_T, batch.loss_mask_B_T, weights_B_T=weights)  # the token mean
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
