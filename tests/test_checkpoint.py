@@ -156,6 +156,29 @@ def test_batches_depend_only_on_seed_and_step():
     assert sorted(i for b in first[:3] for i in b) == list(range(10))  # an epoch covers every row once
 
 
+def test_length_grouped_batches_pad_less_and_still_cover_every_row_once():
+    lengths = torch.randint(10, 400, (1000,), generator=torch.Generator().manual_seed(0)).tolist()
+    per_epoch = 1000 // 8
+
+    def epoch(batches):
+        return [next(batches) for _ in range(per_epoch)]
+
+    def padding(epoch_batches):
+        return sum(len(b) * max(lengths[i] for i in b) - sum(lengths[i] for i in b) for b in epoch_batches)
+
+    grouped = epoch(optim.iterate_batches(1000, 8, seed=3, lengths=lengths))
+    assert sorted(i for b in grouped for i in b) == list(range(1000))
+    assert padding(grouped) < 0.2 * padding(epoch(optim.iterate_batches(1000, 8, seed=3)))
+    # The batches of an epoch come in a shuffled order, not from the shortest up.
+    assert [max(lengths[i] for i in b) for b in grouped] != sorted(max(lengths[i] for i in b) for b in grouped)
+    straight = optim.iterate_batches(1000, 8, seed=3, lengths=lengths)
+    first = [next(straight) for _ in range(per_epoch + 5)]
+    resumed = optim.iterate_batches(1000, 8, seed=3, start_step=per_epoch - 2, lengths=lengths)
+    assert [next(resumed) for _ in range(7)] == first[per_epoch - 2 :]
+    with pytest.raises(ValueError, match="3 lengths for 1000 rows"):
+        next(optim.iterate_batches(1000, 8, seed=3, lengths=[1, 2, 3]))
+
+
 def test_autocast_rejects_an_unknown_precision():
     with pytest.raises(ConfigError, match="'fp32', 'bf16'"):
         optim.autocast("fp8", "cpu")

@@ -285,6 +285,13 @@ def test_digit_weight_weighs_the_digit_targets_in_the_loss(tokenizer, demos):
     assert plain.history[0].loss != pytest.approx(num / den, rel=1e-3)
 
 
+def test_grouping_by_length_computes_fewer_tokens_for_the_same_rows(demos):
+    config = SFTConfig(max_steps=len(demos) // 2, batch_size=2, warmup_steps=0, share_prefix=False)
+    plain, grouped = train_sft(config, demos), train_sft(config.model_copy(update={"group_by_length": True}), demos)
+    assert sum(log.tokens for log in grouped.history) == sum(log.tokens for log in plain.history)  # one epoch
+    assert sum(log.computed_tokens for log in grouped.history) < sum(log.computed_tokens for log in plain.history)
+
+
 def test_a_time_budget_ends_the_phase_early_with_a_checkpoint_at_the_low_rate(tmp_path, demos):
     config = SFTConfig(max_steps=4000, batch_size=2, warmup_steps=0, lr=1e-3, max_seconds=6.0, output_dir=tmp_path)
     result = train_sft(config, demos)

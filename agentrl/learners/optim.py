@@ -216,15 +216,44 @@ def clip_and_step(model: torch.nn.Module, optimizer: Any, scheduler: Any, grad_c
     return grad_norm
 
 
-def iterate_batches(num_rows: int, batch_size: int, seed: int, start_step: int = 0) -> Iterator[list[int]]:
+def iterate_batches(
+    num_rows: int, batch_size: int, seed: int, start_step: int = 0, lengths: Sequence[int] | None = None
+) -> Iterator[list[int]]:
     """Row indices of each batch from ``start_step`` on: a fresh seeded shuffle per epoch, last batch short.
+
+    With ``lengths`` (one per row), rows of similar length share a batch, so less of it is padding: the
+    epoch's shuffle is cut into windows of :data:`LENGTH_WINDOW` batches, each window is sorted by length and
+    cut into batches, and the epoch's batches are shuffled. Every row still comes once per epoch.
 
     The order depends only on ``(seed, step)``, so a resumed run sees the batches the straight run would.
     """
+    if lengths is not None and len(lengths) != num_rows:
+        raise ValueError(f"iterate_batches: {len(lengths)} lengths for {num_rows} rows")
     per_epoch = math.ceil(num_rows / batch_size)
-    step = start_step
+    step, shuffled = start_step, -1
     while True:
         epoch, k = divmod(step, per_epoch)
-        order = torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-        yield order[k * batch_size : (k + 1) * batch_size].tolist()
+        if epoch != shuffled:
+            generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+            order = torch.randperm(num_rows, generator=generator).tolist()
+            batches = ([order[i : i + batch_size] for i in range(0, num_rows, batch_size)] if lengths is None
+                       else _length_grouped(order, lengths, batch_size, generator))  # fmt: skip
+            shuffled = epoch
+        yield batches[k]
         step += 1
+
+
+LENGTH_WINDOW = 32
+"""Batches per window of :func:`iterate_batches` with ``lengths``: wider groups lengths closer, narrower
+keeps the batches of an epoch more mixed."""
+
+
+def _length_grouped(
+    order: list[int], lengths: Sequence[int], batch_size: int, generator: torch.Generator
+) -> list[list[int]]:
+    window = LENGTH_WINDOW * batch_size
+    batches: list[list[int]] = []
+    for start in range(0, len(order), window):
+        ranked = sorted(order[start : start + window], key=lambda i: lengths[i])
+        batches += [ranked[i : i + batch_size] for i in range(0, len(ranked), batch_size)]
+    return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]

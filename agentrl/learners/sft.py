@@ -59,6 +59,10 @@ class SFTConfig(TrainConfig):
         2048, ge=2, description="tokens per row; longer conversations are cut, e.g. 2048"
     )
     pack: bool = Field(False, description="pack several conversations into each row of max_seq_len tokens")
+    group_by_length: bool = Field(
+        False, description="batch rows of similar length together (each epoch still sees every row once, in "
+        "batches drawn in a seeded order), so less of a batch is padding: faster steps when lengths vary",
+    )
     max_seconds: float | None = Field(
         None, gt=0, description="stop (and checkpoint) after the step that ends this many seconds into the loop; "
         "the learning rate follows the time spent when it is further along than the steps, so a slow machine "
@@ -245,7 +249,8 @@ def train_sft(
 
     history: list[SFTStepLog] = []
     checkpoint: Path | None = None
-    batches = optim.iterate_batches(len(rows), config.batch_size, config.seed, start_step=step)
+    lengths = [sum(len(t.token_ids) for t in row) for row in rows] if config.group_by_length else None
+    batches = optim.iterate_batches(len(rows), config.batch_size, config.seed, start_step=step, lengths=lengths)
     loop_started, out_of_time = time.perf_counter(), False
     while step < config.max_steps and not out_of_time:
         started = time.perf_counter()
