@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import importlib.util
 import json
 import math
@@ -26,6 +27,7 @@ from agentrl_envs.code_sandbox import (
 )
 from agentrl_envs.code_sandbox.datasets import DATASETS_ENV, dataset_path
 from agentrl_envs.code_sandbox.generator import DOMAINS
+from agentrl_envs.code_sandbox.generator import _clause_untested as clause_untested
 from agentrl_envs.code_sandbox.grading import rewrite_asserts
 
 from agentrl.errors import ConfigError
@@ -81,7 +83,9 @@ def test_presets_set_phrasing_and_difficulty():
 
 
 def test_every_clause_appears_and_phrasings_differ():
-    tasks = generate_tasks(1500, seed=4, config=GeneratorConfig(depths=(1,), alt_share=0.5))
+    # Depth 2 as well: some clauses have no one-clause task whose tests check them ("convert it to uppercase,
+    # then return it" is an eval function, the other string finals do not see the case).
+    tasks = generate_tasks(1500, seed=4, config=GeneratorConfig(depths=(1, 2), alt_share=0.5))
     keys = {f"{t.task_id.split('/')[1]}/{part.rstrip('0123456789')}" for t in tasks
             for part in t.task_id.split("/")[2].split("-")}
     expected = {f"{d.name}/{c.key}" for d in DOMAINS for c in (*d.steps, *d.finals)}
@@ -91,13 +95,21 @@ def test_every_clause_appears_and_phrasings_differ():
             assert clause.phrasings[0] != clause.phrasings[1]
 
 
-def test_hidden_tests_are_the_reference_outputs_and_never_constant():
+def test_hidden_tests_are_the_reference_outputs_never_constant_and_check_every_clause():
     for task in generate_tasks(300, seed=5, config="eval"):
         namespace: dict = {}
         exec(task.reference, namespace)
         assert [namespace["solve"](*c.args) for c in task.tests.calls] == list(task.tests.expected)
         assert len({repr(v) for v in task.tests.expected}) > 1
         assert str(namespace["solve"](*task.example.args)) == task.example_stdout
+        head, *body = task.reference.splitlines()
+        for i in range(len(body) - 1):  # with any transformation clause left out, some hidden test fails
+            namespace = {}
+            exec("\n".join([head, *body[:i], *body[i + 1 :]]), namespace)
+            assert [namespace["solve"](*c.args) for c in task.tests.calls] != list(task.tests.expected)
+    # Without the check, many functions have a clause no test sees ("sort the list, then return the sum").
+    loose = generate_tasks(300, seed=5, config=dataclasses.replace(PRESETS["eval"], every_clause_tested=False))
+    assert sum(map(clause_untested, loose)) > 50
 
 
 def test_generator_config_errors_are_named():

@@ -3,7 +3,9 @@
 A task is a *domain* (a list of integers, an integer, or a string), a chain of 1–3 transformation clauses
 and a final clause, e.g. "keep only the even numbers, then add 3 to every number, then return the sum".
 The reference solution has one line per clause; the hidden tests are random inputs whose expected outputs
-come from running the reference (on the host: it is our own code).
+come from running the reference (on the host: it is our own code). A task whose tests would pass a constant
+function, or the program with one of its transformation clauses left out, is drawn again: every clause is
+one the tests check.
 
 Every clause has two phrasings. SFT demonstrations use only the first (``demonstrated``); RL prompts and
 evaluation mix in the second, so what RL adds cannot be had by training SFT longer. Difficulty is the
@@ -146,6 +148,10 @@ class GeneratorConfig:
             drawn from the task's own seed, so adding them changes no other draw.
         eval_share: the share of functions that belong to the eval split.
         domains: the domains to draw from.
+        every_clause_tested: draw again when the program with one transformation clause left out passes every
+            hidden test ("sort the list, then return the sum"; "add 4, then return whether it is positive" on
+            inputs none of which lies in -3..0): otherwise a policy is rewarded for skipping clauses, and
+            learns to skip them where they matter.
     """
 
     split: str = "train"
@@ -155,6 +161,7 @@ class GeneratorConfig:
     public_tests: int = 3
     eval_share: float = 0.2
     domains: tuple[str, ...] = ("list", "int", "str")
+    every_clause_tested: bool = True
 
     def __post_init__(self) -> None:
         if self.split not in ("train", "eval"):
@@ -205,23 +212,45 @@ def _reference(domain: Domain, lines: list[str]) -> str:
     return f"def {ENTRY}({domain.var}):\n{body}"
 
 
-def _run_reference(code: str, inputs: list[Any]) -> list[Any]:
+def _run_reference(code: str, inputs: Sequence[Any]) -> list[Any]:
     namespace: dict[str, Any] = {}
     exec(compile(code, "<reference>", "exec"), namespace)  # our own generated code, never a submission
     return [namespace[ENTRY](value) for value in inputs]
 
 
-def _draw_chain(config: GeneratorConfig, rng: np.random.Generator) -> tuple[Domain, list[tuple[Clause, dict, int]]]:
+def _clause_untested(task: CodeTask) -> bool:
+    """Whether the reference with one transformation line left out still passes every hidden test."""
+    if not isinstance(task.tests, IOTests):
+        return False
+    head, *body = task.reference.splitlines()
+    inputs = [call.args[0] for call in task.tests.calls]
+    for i in range(len(body) - 1):  # the last line is the final clause
+        shorter = "\n".join([head, *body[:i], *body[i + 1 :]]) + "\n"
+        try:
+            outputs = _run_reference(shorter, inputs)
+        except Exception:  # a program that raises fails the tests
+            continue
+        if repr(outputs) == repr(list(task.tests.expected)):
+            return True
+    return False
+
+
+def _draw_shape(config: GeneratorConfig, rng: np.random.Generator) -> tuple[Domain, int]:
     name = config.domains[int(rng.integers(len(config.domains)))]
     domain = next(d for d in DOMAINS if d.name == name)
-    depth = config.depths[int(rng.integers(len(config.depths)))]
+    return domain, config.depths[int(rng.integers(len(config.depths)))]
+
+
+def _draw_chain(
+    config: GeneratorConfig, rng: np.random.Generator, domain: Domain, depth: int
+) -> list[tuple[Clause, dict, int]]:
     chosen: list[tuple[Clause, dict, int]] = []
     while len(chosen) < depth:
         step = _draw_clause(domain.steps, rng, config.alt_share)
         if not chosen or chosen[-1][0].key != step[0].key:  # "reverse it, then reverse it" teaches nothing
             chosen.append(step)
     chosen.append(_draw_clause(domain.finals, rng, config.alt_share))
-    return domain, chosen
+    return chosen
 
 
 def _build(config: GeneratorConfig, rng: np.random.Generator, domain: Domain, chosen: list, semantic: str) -> CodeTask:
@@ -270,20 +299,23 @@ def _public_tests(domain: Domain, reference: str, task_id: str, hidden: list[Any
 
 
 def generate_task(config: GeneratorConfig, rng: np.random.Generator, max_tries: int = 1000) -> CodeTask:
-    """Draw one task of ``config.split`` (functions of the other split are drawn and skipped).
+    """Draw one task of ``config.split``: its domain and depth, then clauses until a function of the split
+    whose tests check every clause comes up (so rejected draws do not shift the mix of domains and depths).
 
     Raises:
         ConfigError: no task of the split came up in ``max_tries`` draws (an ``eval_share`` near 0 or 1).
     """
+    domain, depth = _draw_shape(config, rng)
     for _ in range(max_tries):
-        domain, chosen = _draw_chain(config, rng)
+        chosen = _draw_chain(config, rng, domain, depth)
         semantic = f"{domain.name}/" + "-".join(c.key + "".join(map(str, p.values())) for c, p, _ in chosen)
         if split_of(semantic, config.eval_share) != config.split:
             continue
         task = _build(config, rng, domain, chosen, semantic)
-        # One output for every hidden test would let a constant function pass: draw again.
+        # One output for every hidden test would let a constant function pass, and a clause the tests do not
+        # check would let a program that skips it pass: draw again.
         expected = task.tests.expected if isinstance(task.tests, IOTests) else ()
-        if len({repr(v) for v in expected}) > 1:
+        if len({repr(v) for v in expected}) > 1 and not (config.every_clause_tested and _clause_untested(task)):
             return task
     raise ConfigError(f"no {config.split!r} task in {max_tries} draws; check GeneratorConfig.eval_share")
 
